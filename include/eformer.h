@@ -1,0 +1,165 @@
+/*
+ * eformer.h - the only public header of eformer, efficient attention on the CPU.
+ *
+ * Conventions (they hold for every function below):
+ *   - Functions that can fail return an ef_status. On failure ef_last_error() returns a
+ *     thread-local message naming the bad value; the library never prints, exits or aborts.
+ *   - Tensors are fp32, row-major and contiguous. Attention tensors use PyTorch's B,H,N,D order:
+ *       q   [batch][heads][q_len][head_dim]
+ *       k   [batch][heads][kv_len][head_dim]
+ *       v   [batch][heads][kv_len][v_dim]
+ *       out [batch][heads][q_len][v_dim]
+ *   - Objects are opaque handles created by *_new and released by *_free; *_free(NULL) is a no-op.
+ *   - The caller owns every buffer it passes; the library keeps no pointer to them after a call.
+ */
+#ifndef EFORMER_H
+#define EFORMER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define EF_API
+#else
+#define EF_API __attribute__((visibility("default")))
+#endif
+
+#define EF_VERSION_MAJOR 0
+#define EF_VERSION_MINOR 1
+#define EF_VERSION_PATCH 0
+EF_API const char *ef_version(void); /* "0.1.0" */
+
+/* ---------------------------------------------------------------------------------------------
+ * Status and errors
+ * ------------------------------------------------------------------------------------------- */
+typedef enum ef_status {
+    EF_OK = 0,
+    EF_ERR_ARG,         /* a bad argument: NULL pointer, value out of range, bad spec value */
+    EF_ERR_SHAPE,       /* tensor sizes that do not fit together or the plan */
+    EF_ERR_NOMEM,       /* an allocation failed */
+    EF_ERR_IO,          /* a file could not be read or written */
+    EF_ERR_FORMAT,      /* malformed text or file (spec string syntax, checkpoint) */
+    EF_ERR_UNSUPPORTED, /* a valid request this build or mechanism cannot do; the message says why */
+    EF_ERR_NUMERIC      /* a non-finite value where a finite one is required */
+} ef_status;
+
+/* A short constant name for a status ("EF_ERR_ARG"); unknown values give "EF_ERR_UNKNOWN". */
+EF_API const char *ef_status_str(ef_status s);
+/* Detail of the last failure in the calling thread ("" if none). Valid until the next failing
+ * call in the same thread. */
+EF_API const char *ef_last_error(void);
+
+/* ---------------------------------------------------------------------------------------------
+ * Memory, threads, random numbers
+ * ------------------------------------------------------------------------------------------- */
+/* 64-byte-aligned allocation; ef_free(NULL) is a no-op. Returns NULL (and sets the error) on
+ * failure or when bytes == 0. */
+EF_API void *ef_malloc(size_t bytes);
+EF_API void ef_free(void *p);
+
+/* Threads used by every parallel loop of the library (and by the BLAS it calls). n <= 0 selects
+ * the machine default (the number of online processors, or OMP_NUM_THREADS when set). Results
+ * never depend on the thread count. */
+EF_API void ef_set_num_threads(int n);
+EF_API int ef_get_num_threads(void);
+
+/* Counter-based random numbers (Philox4x32-10). Element i of a draw depends only on
+ * (seed, stream, offset + i): any thread can regenerate any part of any draw, in any order.
+ * uniform: [0,1) with 24 random bits; normal: standard Gaussian (Box-Muller on pairs, so
+ * element i uses the uniform pair of index (offset + i) / 2). */
+EF_API void ef_rng_uniform(uint64_t seed, uint64_t stream, uint64_t offset, size_t n, float *out);
+EF_API void ef_rng_normal(uint64_t seed, uint64_t stream, uint64_t offset, size_t n, float *out);
+/* Four raw 32-bit words for counter `ctr`. */
+EF_API void ef_rng_raw(uint64_t seed, uint64_t stream, uint64_t ctr, uint32_t out[4]);
+
+/* ---------------------------------------------------------------------------------------------
+ * Dense products
+ * ------------------------------------------------------------------------------------------- */
+/* Row-major C[m][n] = alpha * op(A) * op(B) + beta * C, op(X) = X or X^T (trans_* = 0 or 1).
+ * op(A) is m x k, op(B) is k x n. Uses the fastest BLAS found at run time (see ef_blas_get_info),
+ * or the built-in portable kernel. beta == 0 ignores the previous content of C (NaN included). */
+EF_API ef_status ef_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
+                          int ldc);
+
+typedef struct ef_blas_info {
+    const char *name;   /* "openblas", "blis", "builtin", ... */
+    const char *kernel; /* the kernel family in use ("SkylakeX", "Haswell", "avx512", "generic") */
+    const char *detail; /* how it was chosen (library path, environment) */
+} ef_blas_info;
+EF_API void ef_blas_get_info(ef_blas_info *info);
+
+/* ---------------------------------------------------------------------------------------------
+ * Attention
+ *
+ * A mechanism is named by a spec string `name[:key=value,...]`, e.g. "flash:causal=1".
+ * Options every mechanism takes:
+ *   causal=0|1    query i sees key j only when j <= i (top-left aligned)          default 0
+ *   scale=auto|x  logit scale; auto = 1/sqrt(head_dim)                            default auto
+ *   seed=n        seed of every random draw the mechanism makes (0..2^64-1)      default 0
+ *   ref=0|1       run the mechanism's slow, obviously-correct reference path      default 0
+ * `eformer info --mechanisms` (or ef_attn_help) lists the mechanisms and their own options.
+ *
+ * Masking: key padding is io->kv_lens (keys j >= kv_lens[b] are invisible). A query row that
+ * sees no key outputs zeros and gets zero gradients.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct ef_attn_shape {
+    int batch, heads, q_len, kv_len, head_dim, v_dim;
+} ef_attn_shape;
+
+typedef struct ef_attn ef_attn; /* opaque plan */
+
+/* Parses `spec`, checks it against `shape`, allocates the plan's workspace and parameters.
+ * Errors: EF_ERR_ARG (unknown mechanism or key, bad value), EF_ERR_FORMAT (spec syntax),
+ * EF_ERR_SHAPE (a non-positive size), EF_ERR_UNSUPPORTED (a combination the mechanism cannot
+ * do), EF_ERR_NOMEM. *out is NULL on failure. */
+EF_API ef_status ef_attn_new(ef_attn **out, const char *spec, const ef_attn_shape *shape);
+EF_API void ef_attn_free(ef_attn *a);
+/* The canonical spec with every option filled in; parsing it gives the same plan. Owned by a. */
+EF_API const char *ef_attn_describe(const ef_attn *a);
+/* The shape the plan was made for. */
+EF_API ef_attn_shape ef_attn_get_shape(const ef_attn *a);
+
+typedef struct ef_attn_io {
+    const float *q, *k, *v;
+    const int32_t *kv_lens; /* [batch] valid keys per sequence (key padding), NULL = all */
+    float *out;
+} ef_attn_io;
+
+/* Bytes forward keeps for backward (the caller allocates `saved` of this size). */
+EF_API size_t ef_attn_saved_bytes(const ef_attn *a);
+/* Bytes the plan owns: its workspace (allocated by ef_attn_new, reused by every call) plus the
+ * storage of learned parameters and their gradients. */
+EF_API size_t ef_attn_workspace_bytes(const ef_attn *a);
+/* Analytic floating-point operation count of one forward (backward = 0) or forward+backward
+ * (backward = 1) pass, as `eformer bench` reports it. */
+EF_API double ef_attn_flops(const ef_attn *a, int backward);
+
+/* out = attention(q, k, v). `saved` = NULL for inference, else a buffer of
+ * ef_attn_saved_bytes(a) bytes that backward will read. */
+EF_API ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved);
+/* Gradients for the forward call that filled `saved` (same io, including io->out, which holds
+ * that call's output and is read, not written). dq, dk, dv are overwritten;
+ * gradients of learned parameters accumulate into ef_attn_param_grads. */
+EF_API ef_status ef_attn_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
+                                  const float *dout, float *dq, float *dk, float *dv);
+
+/* Learned parameters of the mechanism (none for exact attention: count 0, pointers NULL). */
+EF_API size_t ef_attn_param_count(const ef_attn *a);
+EF_API float *ef_attn_params(ef_attn *a);
+EF_API float *ef_attn_param_grads(ef_attn *a);
+
+/* The registry: mechanisms by index (0 .. ef_attn_count()-1); NULL past the end. */
+EF_API int ef_attn_count(void);
+EF_API const char *ef_attn_name(int i);
+/* A multi-line description of a mechanism and its options with defaults; NULL if unknown. */
+EF_API const char *ef_attn_help(const char *name);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* EFORMER_H */

@@ -1,0 +1,151 @@
+/*
+ * attn.h - what a mechanism implements to join the registry, and the plan it receives.
+ *
+ * A mechanism is one file that defines `const ef_attn_ops ef_attn_ops_NAME` and one line in
+ * registry.c. The core (attn.c) parses the spec string against the mechanism's option table,
+ * validates the shape and the common options, calls `init` to size workspace and parameters,
+ * and dispatches forward/backward to the fast or the reference path (`ref=1`).
+ *
+ * Families that follow hook in through optional members:
+ *   - block-sparse layouts: `visible` makes the pattern explicit for the dense reference;
+ *   - learned projections: `param_count` + `init` fill a->params (grads are zeroed by the core);
+ *   - random features / hashing: draw from a->seed with ef_rng_* (counter based), so a
+ *     recomputation (reversible layers) regenerates exactly the same draw;
+ *   - incremental decoding: `state_bytes` / `step` (left NULL by mechanisms without it).
+ */
+#ifndef EF_ATTN_H
+#define EF_ATTN_H
+
+#include "core/core.h"
+
+typedef enum ef_opt_type {
+    EF_OPT_INT,   /* integer in [min, max]; "auto" allowed when allow_auto */
+    EF_OPT_FLOAT, /* real in [min, max]; "auto" allowed when allow_auto */
+    EF_OPT_BOOL,  /* 0|1 (also false|true) */
+    EF_OPT_ENUM,  /* one of `choices`, "a|b|c" */
+    EF_OPT_LIST   /* ';'-separated integers in [min, max], e.g. "0;17;512" (may be empty) */
+} ef_opt_type;
+
+typedef struct ef_opt_desc {
+    const char *key;
+    ef_opt_type type;
+    const char *def; /* default, as it would be written in a spec */
+    double min, max; /* inclusive range (INT, FLOAT, LIST) */
+    const char *choices;
+    int allow_auto;
+    const char *help;
+} ef_opt_desc;
+
+#define EF_OPT_LIST_MAX 64
+typedef struct ef_opt_val {
+    int is_auto;
+    int64_t i;   /* INT, BOOL, ENUM (index into choices), LIST (count) */
+    double f;    /* FLOAT */
+    int64_t list[EF_OPT_LIST_MAX];
+} ef_opt_val;
+
+#define EF_MAX_OPTS 24
+
+/* The path a call runs: the fast kernels or the slow reference. */
+typedef struct ef_attn_ops {
+    const char *name;
+    const char *summary; /* one line */
+    const char *notes;   /* behaviour a user must know (what is saved, what is refused) */
+    const ef_opt_desc *opts;
+    int n_opts;
+
+    /* Checks mechanism options against the shape, resolves "auto" values, allocates a->impl
+     * (workspace) and fills a->params. Returns EF_ERR_UNSUPPORTED for combinations it cannot
+     * do. May be NULL. */
+    ef_status (*init)(ef_attn *a);
+    void (*destroy)(ef_attn *a);
+    size_t (*param_count)(const ef_attn *a);      /* NULL = none */
+    double (*flops)(const ef_attn *a, int backward); /* NULL = dense 4NMD / 14NMD formula */
+
+    /* The fast path. */
+    size_t (*saved_bytes)(const ef_attn *a);
+    ef_status (*forward)(ef_attn *a, const ef_attn_io *io, void *saved);
+    ef_status (*backward)(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
+                          float *dq, float *dk, float *dv);
+
+    /* The reference path (ref=1). NULL = the generic reference (reference.c), which honours
+     * causal, kv_lens, scale and `visible`. */
+    size_t (*ref_saved_bytes)(const ef_attn *a);
+    ef_status (*ref_forward)(ef_attn *a, const ef_attn_io *io, void *saved);
+    ef_status (*ref_backward)(ef_attn *a, const ef_attn_io *io, const void *saved,
+                              const float *dout, float *dq, float *dk, float *dv);
+
+    /* Optional extra visibility rule for the dense paths (block-sparse layouts): returns
+     * nonzero when query i of head h may see key j, before causal and padding are applied. */
+    int (*visible)(const ef_attn *a, int head, int i, int j);
+
+    /* Reserved for incremental decoding (causal linear mechanisms). */
+    size_t (*state_bytes)(const ef_attn *a);
+    ef_status (*step)(ef_attn *a, void *state, const float *q, const float *k, const float *v,
+                      float *out);
+} ef_attn_ops;
+
+struct ef_attn {
+    const ef_attn_ops *ops;
+    ef_attn_shape shape;
+    ef_opt_val opt[EF_MAX_OPTS]; /* mechanism options, in ops->opts order */
+    /* common options */
+    int causal;
+    int ref;
+    int scale_auto;
+    float scale;
+    uint64_t seed;
+    /* per-thread workspace slots the plan was sized for (clamps the thread count of a call) */
+    int slots;
+    size_t ws_bytes; /* workspace the mechanism allocated (reported by ef_attn_workspace_bytes) */
+    void *impl;      /* mechanism-private state */
+    size_t n_params;
+    float *params, *grads;
+    char *desc; /* canonical spec */
+    float *dense_ws; /* workspace of dense.c (ef_dense_init), freed by the core */
+    size_t dense_ws_bytes;
+    double *ref_ws; /* workspace of reference.c (ef_ref_init), freed by the core */
+    size_t ref_ws_bytes;
+};
+
+/* Registry (registry.c). */
+extern const ef_attn_ops *const ef_attn_registry[];
+extern const int ef_attn_registry_count;
+const ef_attn_ops *ef_attn_find(const char *name);
+
+/* Index of option `key` in a->ops->opts (a programming error if absent: returns -1). */
+int ef_attn_opt_index(const ef_attn_ops *ops, const char *key);
+static inline int64_t ef_opt_i(const ef_attn *a, int idx) { return a->opt[idx].i; }
+static inline double ef_opt_f(const ef_attn *a, int idx) { return a->opt[idx].f; }
+
+/* Threads a call of this plan may use. */
+static inline int ef_attn_threads(const ef_attn *a) { return EF_MIN(ef_threads(), a->slots); }
+
+/* Validates kv_lens (NULL ok) against the plan; names the bad batch entry. */
+ef_status ef_attn_check_kv_lens(const ef_attn *a, const int32_t *kv_lens);
+/* The number of keys query i of batch b may see before any pattern: min(kv_len_b, i+1 if
+ * causal). */
+static inline int ef_attn_row_limit(const ef_attn *a, int kv_valid, int i) {
+    return a->causal ? EF_MIN(kv_valid, i + 1) : kv_valid;
+}
+
+/* Dense attention with GEMMs (dense.c), the fast path of `full`: S = scale*Q K^T,
+ * P = softmax(S masked), O = P V per (batch, head), differentiated with saved P.
+ * saved layout: P [batch][heads][q_len][kv_len]. Workspace: one q_len x kv_len buffer
+ * (a->dense_ws), allocated by ef_dense_init. Honours causal, kv_lens, scale and `visible`. */
+ef_status ef_dense_init(ef_attn *a);
+size_t ef_dense_saved_bytes(const ef_attn *a);
+ef_status ef_dense_forward(ef_attn *a, const ef_attn_io *io, void *saved);
+ef_status ef_dense_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
+                            const float *dout, float *dq, float *dk, float *dv);
+
+/* The generic slow reference (reference.c): softmax attention written as plain loops in double
+ * precision, one query row at a time, with every mask explicit (causal, kv_lens, `visible`).
+ * Saves nothing; backward recomputes each row. The core uses it for ref=1 plans whose
+ * mechanism has no reference of its own; ef_ref_init allocates its workspace (a->ref_ws). */
+ef_status ef_ref_init(ef_attn *a);
+ef_status ef_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved);
+ef_status ef_ref_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
+                          float *dq, float *dk, float *dv);
+
+#endif

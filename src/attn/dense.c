@@ -1,0 +1,132 @@
+/*
+ * dense.c - dense attention with GEMMs: the fast path of `full` (the "naive attention"
+ * baseline every benchmark compares against). The slow reference is reference.c.
+ *
+ * For each (batch, head), with Q [N][D], K [M][D], V [M][Dv]:
+ *   S = scale * Q K^T                         (one GEMM, N x M)
+ *   S_ij = -inf where key j is invisible: j >= kv_lens[b], j > i when causal, or the
+ *          mechanism's `visible` rule says no
+ *   P = softmax_rows(S), a row with no visible key is all zeros
+ *   O = P V                                   (one GEMM)
+ * Backward (P saved):
+ *   dV = P^T dO,  dP = dO V^T,  delta_i = sum_j P_ij dP_ij,
+ *   dS = P o (dP - delta) * scale,  dQ = dS K,  dK = dS^T Q.
+ * Saved: P [batch][heads][N][M]. Workspace: one N x M buffer (a->dense_ws).
+ * Time O(B H N M (D + Dv)), memory O(B H N M) when training.
+ */
+#include "attn/attn.h"
+
+#include <math.h>
+#include <string.h>
+
+ef_status ef_dense_init(ef_attn *a) {
+    if (a->dense_ws) return EF_OK;
+    size_t n = (size_t)a->shape.q_len * a->shape.kv_len;
+    a->dense_ws = ef_malloc(n * sizeof(float));
+    if (!a->dense_ws)
+        return ef_error(EF_ERR_NOMEM, "%s: out of memory for the dense %d x %d score buffer (%.1f MB)",
+                        a->ops->name, a->shape.q_len, a->shape.kv_len, n * 4.0 / 1e6);
+    a->dense_ws_bytes = n * sizeof(float);
+    return EF_OK;
+}
+
+size_t ef_dense_saved_bytes(const ef_attn *a) {
+    const ef_attn_shape *s = &a->shape;
+    return (size_t)s->batch * s->heads * s->q_len * s->kv_len * sizeof(float);
+}
+
+typedef struct dense_rows {
+    const ef_attn *a;
+    int head, kv_valid;
+    float *p;              /* [N][M]: scores in, probabilities out (forward) */
+    const float *dp_p;     /* backward: P */
+    float *ds;             /* backward: dP in, dS out */
+} dense_rows;
+
+enum { DENSE_ROWS_PER_ITEM = 32 };
+
+static void softmax_rows(void *ctx, int64_t item, int tid) {
+    (void)tid;
+    const dense_rows *c = ctx;
+    const ef_attn *a = c->a;
+    int n = a->shape.q_len, m = a->shape.kv_len;
+    int i1 = (int)EF_MIN((int64_t)n, (item + 1) * DENSE_ROWS_PER_ITEM);
+    for (int i = (int)(item * DENSE_ROWS_PER_ITEM); i < i1; i++) {
+        float *row = c->p + (size_t)i * m;
+        int lim = ef_attn_row_limit(a, c->kv_valid, i);
+        float mx = -INFINITY;
+        for (int j = 0; j < m; j++) {
+            if (j >= lim || (a->ops->visible && !a->ops->visible(a, c->head, i, j))) row[j] = -INFINITY;
+            if (row[j] > mx) mx = row[j];
+        }
+        if (mx == -INFINITY) { /* nothing visible: zeros, and zero gradient downstream */
+            memset(row, 0, sizeof(float) * m);
+            continue;
+        }
+        for (int j = 0; j < m; j++) row[j] -= mx;
+        ef_vexp(row, row, (size_t)m);
+        double sum = 0;
+        for (int j = 0; j < m; j++) sum += row[j];
+        float inv = (float)(1.0 / sum);
+        for (int j = 0; j < m; j++) row[j] *= inv;
+    }
+}
+
+static void softmax_grad_rows(void *ctx, int64_t item, int tid) {
+    (void)tid;
+    const dense_rows *c = ctx;
+    const ef_attn *a = c->a;
+    int n = a->shape.q_len, m = a->shape.kv_len;
+    int i1 = (int)EF_MIN((int64_t)n, (item + 1) * DENSE_ROWS_PER_ITEM);
+    for (int i = (int)(item * DENSE_ROWS_PER_ITEM); i < i1; i++) {
+        const float *p = c->dp_p + (size_t)i * m;
+        float *ds = c->ds + (size_t)i * m;
+        double delta = 0;
+        for (int j = 0; j < m; j++) delta += (double)p[j] * ds[j];
+        for (int j = 0; j < m; j++) ds[j] = (float)(p[j] * (ds[j] - delta) * a->scale);
+    }
+}
+
+ef_status ef_dense_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+    const ef_attn_shape *s = &a->shape;
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
+    int64_t items = (n + DENSE_ROWS_PER_ITEM - 1) / DENSE_ROWS_PER_ITEM;
+    for (int b = 0; b < s->batch; b++) {
+        int kv_valid = io->kv_lens ? io->kv_lens[b] : m;
+        for (int h = 0; h < s->heads; h++) {
+            size_t bh = (size_t)b * s->heads + h;
+            const float *q = io->q + bh * n * d, *k = io->k + bh * m * d, *v = io->v + bh * m * dv;
+            float *p = saved ? (float *)saved + bh * n * m : a->dense_ws;
+            ef_status st = ef_sgemm(0, 1, n, m, d, a->scale, q, d, k, d, 0.0f, p, m);
+            if (st) return st;
+            dense_rows c = {a, h, kv_valid, p, NULL, NULL};
+            ef_parallel_for(items, ef_threads(), softmax_rows, &c);
+            st = ef_sgemm(0, 0, n, dv, m, 1.0f, p, m, v, dv, 0.0f, io->out + bh * n * dv, dv);
+            if (st) return st;
+        }
+    }
+    return EF_OK;
+}
+
+ef_status ef_dense_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
+                            const float *dout, float *dq, float *dk, float *dv_) {
+    const ef_attn_shape *s = &a->shape;
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
+    int64_t items = (n + DENSE_ROWS_PER_ITEM - 1) / DENSE_ROWS_PER_ITEM;
+    float *ds = a->dense_ws;
+    for (int b = 0; b < s->batch; b++) {
+        for (int h = 0; h < s->heads; h++) {
+            size_t bh = (size_t)b * s->heads + h;
+            const float *q = io->q + bh * n * d, *k = io->k + bh * m * d, *v = io->v + bh * m * dv;
+            const float *p = (const float *)saved + bh * n * m, *g = dout + bh * n * dv;
+            ef_status st;
+            if ((st = ef_sgemm(1, 0, m, dv, n, 1.0f, p, m, g, dv, 0.0f, dv_ + bh * m * dv, dv))) return st;
+            if ((st = ef_sgemm(0, 1, n, m, dv, 1.0f, g, dv, v, dv, 0.0f, ds, m))) return st;
+            dense_rows c = {a, h, 0, NULL, p, ds};
+            ef_parallel_for(items, ef_threads(), softmax_grad_rows, &c);
+            if ((st = ef_sgemm(0, 0, n, d, m, 1.0f, ds, m, k, d, 0.0f, dq + bh * n * d, d))) return st;
+            if ((st = ef_sgemm(1, 0, m, d, n, 1.0f, ds, m, q, d, 0.0f, dk + bh * m * d, d))) return st;
+        }
+    }
+    return EF_OK;
+}

@@ -1,0 +1,46 @@
+/*
+ * core.h - internal helpers shared by every module: errors, threads, vector math, the GEMM
+ * shim's private side. Not installed; nothing here is part of the public API.
+ */
+#ifndef EF_CORE_H
+#define EF_CORE_H
+
+#include "eformer.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define EF_PRINTF(a, b) __attribute__((format(printf, a, b)))
+#else
+#define EF_PRINTF(a, b)
+#endif
+
+/* Records a formatted message as the thread's last error and returns `s`, so that a failing
+ * path reads `return ef_error(EF_ERR_ARG, "heads=%d must be >= 1", h);`. */
+ef_status ef_error(ef_status s, const char *fmt, ...) EF_PRINTF(2, 3);
+/* Clears the thread's last error (called at the start of public entry points that succeed). */
+void ef_clear_error(void);
+
+/* Calls `body(ctx, i)` for i in [0, n) on up to `threads` threads (1 = in the caller). Work
+ * items are independent; the result must not depend on which thread runs which item.
+ * `tid` is in [0, threads) and names a per-thread workspace slot. */
+typedef void (*ef_parallel_fn)(void *ctx, int64_t i, int tid);
+void ef_parallel_for(int64_t n, int threads, ef_parallel_fn body, void *ctx);
+/* The thread count the library may use right now (>= 1). */
+int ef_threads(void);
+/* The largest thread count a plan made now may be asked to use (sizes per-thread workspace). */
+int ef_max_threads(void);
+
+/* y[i] = exp(x[i]) for n floats (in place allowed), with the kernels' vector exp: relative
+ * error < 2e-7; exp(-inf) = 0 (vec.h). ef_expf is the same function on one value. */
+void ef_vexp(const float *x, float *y, size_t n);
+float ef_expf(float x);
+
+/* Tells the BLAS in use how many threads it may use. */
+void ef_gemm_set_threads(int n);
+
+#define EF_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define EF_MAX(a, b) ((a) > (b) ? (a) : (b))
+
+#endif

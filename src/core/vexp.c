@@ -1,0 +1,20 @@
+/* vexp.c - exp over arrays with the kernels' vector exp (vec.h: method and accuracy). */
+#include "core/core.h"
+#include "core/vec.h"
+
+void ef_vexp(const float *x, float *y, size_t n) {
+    size_t i = 0;
+    for (; i + EF_VL <= n; i += EF_VL) v16_storeu(y + i, v16_exp(v16_loadu(x + i)));
+    if (i < n) {
+        float buf[EF_VL] __attribute__((aligned(64))) = {0};
+        memcpy(buf, x + i, (n - i) * sizeof(float));
+        v16_store(buf, v16_exp(v16_load(buf)));
+        memcpy(y + i, buf, (n - i) * sizeof(float));
+    }
+}
+
+float ef_expf(float x) {
+    float y;
+    ef_vexp(&x, &y, 1);
+    return y;
+}

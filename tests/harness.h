@@ -1,0 +1,35 @@
+/*
+ * harness.h - the tiny test harness every test executable uses.
+ *
+ * Each check prints one line: PASS/FAIL, its name, the measured value and the tolerance.
+ * ef_test_finish() prints "N passed, M failed" and returns the process exit status
+ * (non-zero when any check failed), so `return ef_test_finish();` ends main.
+ */
+#ifndef EF_HARNESS_H
+#define EF_HARNESS_H
+
+#include "eformer.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Passes when err <= tol (err NaN fails). */
+int ef_check_err(const char *name, double err, double tol);
+/* Passes when cond is true; `detail` says what was seen. */
+int ef_check(const char *name, int cond, const char *detail_fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+/* Passes when the status equals `want`; prints ef_last_error(). Also fails when a failing
+ * status leaves ef_last_error() empty. */
+int ef_check_status(const char *name, ef_status got, ef_status want);
+int ef_test_finish(void);
+
+/* Max |a-b| / (atol + rtol*|b|) style helpers: returns max_i |a_i - b_i|. */
+double ef_max_abs_diff(const float *a, const float *b, size_t n);
+/* max_i |a_i - b_i| / max(max_i |b_i|, 1e-2): error relative to the reference's scale (inputs
+ * of the tests are O(1), so an all-zero reference is compared absolutely at 1e-2). */
+double ef_max_rel_diff(const float *a, const float *b, size_t n);
+/* Gaussian N(0, sigma^2) buffer from the library's counter-based generator (malloc'd). */
+float *ef_test_randn(size_t n, uint64_t seed, float sigma);
+float *ef_test_zeros(size_t n);
+
+#endif

@@ -1,0 +1,283 @@
+/*
+ * test_flash.c - `flash` (fused, tiled, online softmax) against `full` (materialised scores),
+ * forward and backward, over shapes that stress the tiling: N = 1, odd N, N not a multiple of
+ * the 64-row tile, q_len != kv_len, head dims 1..256, causal, key padding, fully padded
+ * sequences, custom scales, logits of magnitude 1e4; plus thread-count bitwise equality.
+ *
+ * Tolerances: both paths accumulate in fp32 over M keys in different orders (flash rescales a
+ * running sum, full normalises once), so they differ by a few ulps per accumulated term. We
+ * measure max|flash - full| / max|full| and accept 2e-5 forward and 1e-4 backward (the
+ * backward chains three products and a subtraction of nearly equal terms, dP - delta). These
+ * are the fp32 tolerances of xformers' memory-efficient attention tests (ALGORITHMS.md b.1)
+ * made relative; a wrong mask or a wrong tile edge gives errors of order 1.
+ */
+#include "harness.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct bufs {
+    ef_attn_shape s;
+    size_t nq, nk, nv, no;
+    float *q, *k, *v, *g;
+    float *out, *dq, *dk, *dv;
+    void *saved;
+} bufs;
+
+static void bufs_alloc(bufs *b, ef_attn_shape s, uint64_t seed, float sigma) {
+    memset(b, 0, sizeof *b);
+    b->s = s;
+    size_t bh = (size_t)s.batch * s.heads;
+    b->nq = bh * s.q_len * s.head_dim, b->nk = bh * s.kv_len * s.head_dim;
+    b->nv = bh * s.kv_len * s.v_dim, b->no = bh * s.q_len * s.v_dim;
+    b->q = ef_test_randn(b->nq, seed, sigma);
+    b->k = ef_test_randn(b->nk, seed + 1, sigma);
+    b->v = ef_test_randn(b->nv, seed + 2, 1.0f);
+    b->g = ef_test_randn(b->no, seed + 3, 1.0f);
+}
+
+static void outs_alloc(bufs *o, const bufs *in) {
+    memset(o, 0, sizeof *o);
+    o->out = ef_test_zeros(in->no), o->dq = ef_test_zeros(in->nq);
+    o->dk = ef_test_zeros(in->nk), o->dv = ef_test_zeros(in->nv);
+}
+
+static void outs_free(bufs *o) {
+    free(o->out), free(o->dq), free(o->dk), free(o->dv), free(o->saved);
+}
+
+static void bufs_free(bufs *b) {
+    free(b->q), free(b->k), free(b->v), free(b->g);
+}
+
+/* Runs spec forward + backward into o; returns status. */
+static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, bufs *o) {
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, spec, &in->s);
+    if (st) return st;
+    size_t sb = ef_attn_saved_bytes(a);
+    o->saved = malloc(sb ? sb : 1);
+    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
+    st = ef_attn_forward(a, &io, o->saved);
+    if (!st) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
+    ef_attn_free(a);
+    return st;
+}
+
+static int any_nonfinite(const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 1;
+    return 0;
+}
+
+/* spec_fast vs spec_ref on one configuration, forward and backward. */
+static void compare_specs(const char *label, ef_attn_shape s, const char *spec_fast,
+                          const char *spec_ref, const int32_t *kv_lens, float sigma, double tol_f,
+                          double tol_b) {
+    char name[256];
+    bufs in, rf, fl;
+    bufs_alloc(&in, s, 1000 + (uint64_t)s.q_len * 7 + s.kv_len, sigma);
+    outs_alloc(&rf, &in), outs_alloc(&fl, &in);
+    ef_status st1 = run(spec_ref, &in, kv_lens, &rf), st2 = run(spec_fast, &in, kv_lens, &fl);
+    snprintf(name, sizeof name, "%s: both run", label);
+    if (ef_check(name, st1 == EF_OK && st2 == EF_OK, "%s %s, %s %s %s", spec_ref,
+                 ef_status_str(st1), spec_fast, ef_status_str(st2), ef_last_error())) {
+        int bad = any_nonfinite(fl.out, in.no) || any_nonfinite(fl.dq, in.nq) ||
+                  any_nonfinite(fl.dk, in.nk) || any_nonfinite(fl.dv, in.nv);
+        snprintf(name, sizeof name, "%s: outputs finite", label);
+        ef_check(name, !bad, "%s", bad ? "NaN or inf found" : "");
+        snprintf(name, sizeof name, "%s: out", label);
+        ef_check_err(name, ef_max_rel_diff(fl.out, rf.out, in.no), tol_f);
+        snprintf(name, sizeof name, "%s: dq", label);
+        ef_check_err(name, ef_max_rel_diff(fl.dq, rf.dq, in.nq), tol_b);
+        snprintf(name, sizeof name, "%s: dk", label);
+        ef_check_err(name, ef_max_rel_diff(fl.dk, rf.dk, in.nk), tol_b);
+        snprintf(name, sizeof name, "%s: dv", label);
+        ef_check_err(name, ef_max_rel_diff(fl.dv, rf.dv, in.nv), tol_b);
+    }
+    outs_free(&rf), outs_free(&fl), bufs_free(&in);
+}
+
+/* flash vs full; opts is appended to both names (e.g. ":causal=1"). */
+static void compare_tol(const char *label, ef_attn_shape s, const char *opts,
+                        const int32_t *kv_lens, float sigma, double tol_f, double tol_b) {
+    char s_full[256], s_flash[256];
+    snprintf(s_full, sizeof s_full, "full%s", opts);
+    snprintf(s_flash, sizeof s_flash, "flash%s", opts);
+    compare_specs(label, s, s_flash, s_full, kv_lens, sigma, tol_f, tol_b);
+}
+
+static void compare(const char *label, ef_attn_shape s, const char *opts, const int32_t *kv_lens,
+                    float sigma) {
+    compare_tol(label, s, opts, kv_lens, sigma, 2e-5, 1e-4);
+}
+
+/* flash and full against the slow double-precision reference path (ref=1). */
+static void versus_reference(void) {
+    ef_attn_shape s = {2, 2, 97, 83, 24, 40};
+    int32_t lens[2] = {83, 30};
+    const char *fast[] = {"flash", "flash:causal=1", "full", "full:causal=1,scale=0.5"};
+    const char *ref[] = {"flash:ref=1", "flash:causal=1,ref=1", "full:ref=1",
+                         "full:causal=1,scale=0.5,ref=1"};
+    for (int i = 0; i < 4; i++) {
+        char label[128];
+        snprintf(label, sizeof label, "%s vs %s (padded)", fast[i], ref[i]);
+        compare_specs(label, s, fast[i], ref[i], lens, 1.0f, 2e-5, 1e-4);
+    }
+}
+
+static void shapes(void) {
+    struct { int b, h, n, m, d, e; } cases[] = {
+        {1, 1, 1, 1, 1, 1},      {1, 1, 1, 5, 8, 8},       {2, 2, 7, 7, 3, 5},
+        {1, 2, 64, 64, 64, 64},  {1, 1, 65, 65, 16, 16},   {2, 1, 127, 129, 33, 17},
+        {1, 3, 200, 70, 64, 64}, {1, 1, 70, 200, 64, 64},  {1, 1, 130, 130, 128, 128},
+        {1, 1, 96, 80, 256, 256}, {1, 1, 50, 90, 100, 1},  {1, 1, 33, 260, 1, 48},
+    };
+    const char *optsets[] = {"", ":causal=1", ":scale=0.3", ":causal=1,scale=2"};
+    for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        ef_attn_shape s = {cases[c].b, cases[c].h, cases[c].n, cases[c].m, cases[c].d, cases[c].e};
+        for (size_t o = 0; o < sizeof optsets / sizeof optsets[0]; o++) {
+            char label[160];
+            snprintf(label, sizeof label, "B%d H%d N%d M%d D%d E%d %s", s.batch, s.heads, s.q_len,
+                     s.kv_len, s.head_dim, s.v_dim, optsets[o]);
+            compare(label, s, optsets[o], NULL, 1.0f);
+        }
+    }
+}
+
+static void padding(void) {
+    ef_attn_shape s = {4, 2, 77, 90, 24, 40};
+    int32_t lens[4] = {90, 45, 1, 0}; /* full, half, one key, fully padded */
+    compare("padding kv_lens={90,45,1,0}", s, "", lens, 1.0f);
+    compare("padding kv_lens={90,45,1,0} causal", s, ":causal=1", lens, 1.0f);
+    int32_t lens2[4] = {64, 65, 63, 128};
+    ef_attn_shape s2 = {4, 1, 130, 128, 64, 64};
+    compare("padding at tile edges {64,65,63,128} causal", s2, ":causal=1", lens2, 1.0f);
+}
+
+/* A fully padded sequence gives zero output and zero gradients, never NaN (both paths). */
+static void empty_rows(void) {
+    ef_attn_shape s = {2, 1, 9, 11, 8, 8};
+    int32_t lens[2] = {0, 11};
+    const char *specs[] = {"full", "flash"};
+    for (int i = 0; i < 2; i++) {
+        bufs in, o;
+        bufs_alloc(&in, s, 77, 1.0f);
+        outs_alloc(&o, &in);
+        ef_status st = run(specs[i], &in, lens, &o);
+        size_t half_o = in.no / 2, half_q = in.nq / 2, half_k = in.nk / 2, half_v = in.nv / 2;
+        double m = 0;
+        for (size_t j = 0; j < half_o; j++) m = fmax(m, fabs(o.out[j]));
+        for (size_t j = 0; j < half_q; j++) m = fmax(m, fabs(o.dq[j]));
+        for (size_t j = 0; j < half_k; j++) m = fmax(m, fabs(o.dk[j]));
+        for (size_t j = 0; j < half_v; j++) m = fmax(m, fabs(o.dv[j]));
+        char name[128];
+        snprintf(name, sizeof name, "%s: fully padded sequence -> zeros (max |value|)", specs[i]);
+        if (st) ef_check(name, 0, "%s", ef_last_error());
+        else ef_check_err(name, m, 0.0);
+        outs_free(&o), bufs_free(&in);
+    }
+    /* causal with kv_len < q_len is fine; causal row 0 with kv_lens = 0 sees nothing */
+}
+
+/* Logits of magnitude ~1e4: a naive exp overflows; both paths must stay finite and agree. */
+static void big_logits(void) {
+    ef_attn_shape s = {1, 2, 100, 100, 16, 16};
+    /* sigma 50 with scale 1/4: |logit| ~ 50*50*4/4 ~ 1e4. A logit of 1e4 carries an fp32
+     * rounding error of 1e4 * 2^-24 * (a few operations) ~ 1e-3 in either path (flash folds the
+     * scale into q, full applies it after the product), and a logit error e changes a
+     * probability by a relative e: so the paths can only agree to ~1e-3 here. The check that
+     * matters is that nothing overflows (finite outputs) and the answers still agree. */
+    compare_tol("logits ~1e4", s, "", NULL, 50.0f, 2e-3, 5e-3);
+    compare_tol("logits ~1e4 causal", s, ":causal=1", NULL, 50.0f, 2e-3, 5e-3);
+}
+
+/* Padded keys must not leak: changing them changes no output. */
+static void padding_invariance(void) {
+    ef_attn_shape s = {2, 1, 70, 70, 16, 16};
+    int32_t lens[2] = {30, 70};
+    bufs in, a, b;
+    bufs_alloc(&in, s, 5, 1.0f);
+    outs_alloc(&a, &in), outs_alloc(&b, &in);
+    ef_status st = run("flash", &in, lens, &a);
+    for (int j = 30; j < 70; j++) {
+        for (int t = 0; t < 16; t++) in.k[(size_t)j * 16 + t] = 1e4f, in.v[(size_t)j * 16 + t] = 1e9f;
+    }
+    if (!st) st = run("flash", &in, lens, &b);
+    ef_check_status("flash padding invariance runs", st, EF_OK);
+    ef_check_err("flash: padded keys/values set to 1e4/1e9 change no output", ef_max_abs_diff(a.out, b.out, in.no), 0.0);
+    ef_check_err("flash: ... and no dq", ef_max_abs_diff(a.dq, b.dq, in.nq), 0.0);
+    outs_free(&a), outs_free(&b), bufs_free(&in);
+}
+
+/* The result may not depend on the thread count: bitwise equality for 1 and 2 threads. */
+static void threads_bitwise(void) {
+    ef_attn_shape s = {2, 3, 150, 170, 40, 24};
+    const char *specs[] = {"flash", "flash:causal=1"};
+    int32_t lens[2] = {170, 99};
+    for (int i = 0; i < 2; i++) {
+        bufs in, a, b;
+        bufs_alloc(&in, s, 11, 1.0f);
+        outs_alloc(&a, &in), outs_alloc(&b, &in);
+        int old = ef_get_num_threads();
+        ef_set_num_threads(1);
+        ef_status st = run(specs[i], &in, lens, &a);
+        ef_set_num_threads(2);
+        if (!st) st = run(specs[i], &in, lens, &b);
+        ef_set_num_threads(old);
+        char name[128];
+        snprintf(name, sizeof name, "%s: 1 vs 2 threads bitwise (out, dq, dk, dv)", specs[i]);
+        int same = !st && !memcmp(a.out, b.out, in.no * 4) && !memcmp(a.dq, b.dq, in.nq * 4) &&
+                   !memcmp(a.dk, b.dk, in.nk * 4) && !memcmp(a.dv, b.dv, in.nv * 4);
+        ef_check(name, same, "%s", st ? ef_last_error() : (same ? "identical" : "differ"));
+        outs_free(&a), outs_free(&b), bufs_free(&in);
+    }
+}
+
+/* Causality: perturbing future keys leaves past outputs bit-identical. */
+static void causality(void) {
+    ef_attn_shape s = {1, 1, 100, 100, 8, 8};
+    bufs in, a, b;
+    bufs_alloc(&in, s, 21, 1.0f);
+    outs_alloc(&a, &in), outs_alloc(&b, &in);
+    ef_status st = run("flash:causal=1", &in, NULL, &a);
+    for (int j = 60; j < 100; j++)
+        for (int t = 0; t < 8; t++) in.k[j * 8 + t] += 3.0f, in.v[j * 8 + t] -= 5.0f;
+    if (!st) st = run("flash:causal=1", &in, NULL, &b);
+    ef_check_status("causality run", st, EF_OK);
+    ef_check_err("flash causal: outputs of rows < 60 unchanged by keys >= 60",
+                 ef_max_abs_diff(a.out, b.out, 60 * 8), 0.0);
+    outs_free(&a), outs_free(&b), bufs_free(&in);
+}
+
+/* saved = NULL (inference) gives the same output as a training forward. */
+static void inference_equals_training(void) {
+    ef_attn_shape s = {1, 2, 90, 90, 32, 32};
+    bufs in;
+    bufs_alloc(&in, s, 31, 1.0f);
+    float *o1 = ef_test_zeros(in.no), *o2 = ef_test_zeros(in.no);
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, "flash:causal=1", &s);
+    void *sv = malloc(ef_attn_saved_bytes(a));
+    ef_attn_io io1 = {in.q, in.k, in.v, NULL, o1}, io2 = {in.q, in.k, in.v, NULL, o2};
+    if (!st) st = ef_attn_forward(a, &io1, NULL);
+    if (!st) st = ef_attn_forward(a, &io2, sv);
+    ef_check_status("flash inference and training forward run", st, EF_OK);
+    ef_check_err("flash: inference forward == training forward", ef_max_abs_diff(o1, o2, in.no), 0.0);
+    ef_attn_free(a), free(sv), free(o1), free(o2), bufs_free(&in);
+}
+
+int main(void) {
+    versus_reference();
+    shapes();
+    padding();
+    empty_rows();
+    big_logits();
+    padding_invariance();
+    threads_bitwise();
+    causality();
+    inference_equals_training();
+    return ef_test_finish();
+}

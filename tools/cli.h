@@ -1,0 +1,83 @@
+/*
+ * cli.h - what the subcommands of the `eformer` tool share: option parsing with full
+ * validation, error reporting with hints, timing, memory figures and the SGEMM probe.
+ *
+ * Exit statuses of the tool: 0 success, 1 a run or a check failed, 2 a usage error.
+ * Everything here prints to stderr and returns a status; only main() ends the process.
+ */
+#ifndef EF_CLI_H
+#define EF_CLI_H
+
+#include "eformer.h"
+
+#include <stddef.h>
+#include <stdio.h>
+
+enum { CLI_OK = 0, CLI_FAIL = 1, CLI_USAGE = 2 };
+
+/* Usage text (eformer.c). `topic` NULL or "" = every subcommand. Returns 0 when the topic
+ * is known. */
+int cli_usage(FILE *f, const char *topic);
+
+/* Prints "eformer: <message>" and "eformer: hint: see `eformer help <topic>`" to stderr and
+ * returns CLI_USAGE. */
+int cli_usage_error(const char *topic, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* Prints "eformer: <ef_status_str>: <ef_last_error()>" and a hint suited to the status;
+ * `context` (may be NULL) says what was being done and is printed on the hint line. */
+void cli_lib_error(ef_status st, const char *context);
+
+/* ---------------------------------------------------------------------------------------------
+ * Options: `--name value`, `--name=value` or a flag `--name`. Each option may be given once.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct cli_opt {
+    const char *name;  /* without the leading "--" */
+    int has_value;     /* 1: takes a value; 0: a flag */
+    const char *value; /* the value, or "1" for a flag that was given; NULL when absent */
+} cli_opt;
+
+/* Fills opts[i].value from argv[first..argc). Unknown options, positional arguments, repeated
+ * options and missing values are usage errors (message printed, CLI_USAGE returned). */
+int cli_parse_opts(const char *cmd, int argc, char **argv, int first, cli_opt *opts, int n);
+/* The option named `name` (a programming error if absent: returns NULL). */
+const cli_opt *cli_find_opt(const cli_opt *opts, int n, const char *name);
+
+/* Integer in [min, max]: decimal digits only, nothing after them. Prints a usage error naming
+ * --`opt` and returns CLI_USAGE when `s` is malformed or out of range. */
+int cli_parse_int(const char *cmd, const char *opt, const char *s, long min, long max, int *out);
+/* Comma-separated list of such integers, at most `cap` of them; *count receives how many. */
+int cli_parse_int_list(const char *cmd, const char *opt, const char *s, long min, long max,
+                       int *out, int cap, int *count);
+
+/* ---------------------------------------------------------------------------------------------
+ * Measurement
+ * ------------------------------------------------------------------------------------------- */
+/* Seconds on CLOCK_MONOTONIC. */
+double cli_now(void);
+/* Median of n values (sorts them in place). */
+double cli_median(double *t, int n);
+
+/* The machine's SGEMM rate: ef_sgemm on n x n x n, one warm-up then the best of `tries`.
+ * Returns EF_OK and *gflops, or the library's failure (allocation, GEMM). */
+ef_status cli_sgemm_gflops(int n, int tries, double *gflops);
+
+/* Peak resident set of the process in bytes (getrusage ru_maxrss). */
+size_t cli_peak_rss(void);
+/* Lowers the peak-RSS mark to the current resident set (Linux /proc/self/clear_refs "5"),
+ * after returning freed heap memory to the system. Returns 1 when the kernel took it, so that
+ * cli_peak_rss() then measures what follows; 0 when it is the process peak so far. */
+int cli_reset_peak_rss(void);
+/* Memory the process could still get, in bytes: Linux MemAvailable, else the machine's
+ * physical memory, 0 if unknown. */
+size_t cli_avail_mem(void);
+
+/* Writes `s` as a JSON string literal (quotes and escapes included). */
+void cli_json_string(FILE *f, const char *s);
+
+/* ---------------------------------------------------------------------------------------------
+ * Subcommands
+ * ------------------------------------------------------------------------------------------- */
+int cli_bench(int argc, char **argv); /* argv[0] = "bench" */
+int cli_info(int argc, char **argv);  /* argv[0] = "info" */
+
+#endif
