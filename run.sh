@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # run.sh - the two set-up commands of the README, on a fresh Debian machine:
 #   ./run.sh bench            install missing packages, build, run the default benchmark sweep
-#   ./run.sh test [--sanitize] install missing packages, build, run every test (CTest);
-#                             --sanitize builds with AddressSanitizer + UBSan in build-asan/
+#   ./run.sh test [--sanitize|--portable]
+#                             install missing packages, build, run every test (CTest);
+#                             --sanitize builds with AddressSanitizer + UBSan in build-asan/,
+#                             --portable without -march=native (SSE2 vector code) in build-portable/
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -46,6 +48,12 @@ test)
         # built-in GEMM (which it thereby also covers)
         export EF_BLAS=builtin
         cd build-asan
+    elif [ "${2:-}" = "--portable" ]; then
+        build build-portable -DEF_NATIVE=OFF -DEF_WERROR=ON
+        cd build-portable
+    elif [ -n "${2:-}" ]; then
+        echo "run.sh: unknown option '${2}' (expected --sanitize or --portable)" >&2
+        exit 2
     else
         build build -DEF_WERROR=ON
         cd build
@@ -53,7 +61,7 @@ test)
     ctest --output-on-failure -j 2
     ;;
 *)
-    echo "usage: ./run.sh bench | ./run.sh test [--sanitize]" >&2
+    echo "usage: ./run.sh bench | ./run.sh test [--sanitize|--portable]" >&2
     exit 2
     ;;
 esac

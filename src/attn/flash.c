@@ -38,22 +38,36 @@ static int pad16(int x) { return (x + EF_VL - 1) / EF_VL * EF_VL; }
 /* ---------------------------------------------------------------------------------------------
  * The one micro-kernel: C[r][0:L] (+)= sum_t A(r, t) * B[t][0:L], with A(r, t) = A[r*ars + t*ats]
  * broadcast and the rows of B and C vectors (L a multiple of 16, B and C 64-byte aligned rows).
- * Register tile: RB rows x NV vectors.
+ * Register tile: up to MK_RB rows x MK_NV vectors, sized to the register file so that the
+ * accumulators never spill: AVX-512 has 32 zmm (6 x 4 = 24 accumulators, 64 lanes); AVX2 has
+ * 16 ymm (6 x 2 = 12, 16 lanes); NEON 32 q registers (6 x 4 = 24, 16 lanes); SSE 16 xmm
+ * (4 x 2 = 8, 8 lanes).
  * ------------------------------------------------------------------------------------------- */
+#if defined(__AVX512F__) || defined(__aarch64__)
+#define MK_RB 6
+#define MK_NV 4
+#elif defined(__AVX__)
+#define MK_RB 6
+#define MK_NV 2
+#else
+#define MK_RB 4
+#define MK_NV 2
+#endif
+
 EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t ars, ptrdiff_t ats,
                   const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
-    v16 c[6][4];
+    vf c[MK_RB][MK_NV];
 #pragma GCC unroll 6
     for (int r = 0; r < RB; r++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) c[r][v] = acc ? v16_load(C + r * ldc + v * EF_VL) : v16_set1(0);
+        for (int v = 0; v < NV; v++) c[r][v] = acc ? vf_load(C + r * ldc + v * EF_VL) : vf_set1(0);
     for (int t = 0; t < T; t++) {
-        v16 b[4];
+        vf b[MK_NV];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) b[v] = v16_load(B + t * ldb + v * EF_VL);
+        for (int v = 0; v < NV; v++) b[v] = vf_load(B + t * ldb + v * EF_VL);
 #pragma GCC unroll 6
         for (int r = 0; r < RB; r++) {
-            v16 a = v16_set1(A[r * ars + t * ats]);
+            vf a = vf_set1(A[r * ars + t * ats]);
 #pragma GCC unroll 4
             for (int v = 0; v < NV; v++) c[r][v] += a * b[v];
         }
@@ -61,29 +75,38 @@ EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t a
 #pragma GCC unroll 6
     for (int r = 0; r < RB; r++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) v16_store(C + r * ldc + v * EF_VL, c[r][v]);
+        for (int v = 0; v < NV; v++) vf_store(C + r * ldc + v * EF_VL, c[r][v]);
 }
 
-#define MK_CASE_NV(RB)                                                                              \
+/* Calls mk with compile-time RB (1..MK_RB) and NV (1..MK_NV). */
+#define MK_CALL(RB, NV) mk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc)
+#if MK_NV >= 4
+#define MK_CASE_34(RB) case 3: MK_CALL(RB, 3); break; case 4: MK_CALL(RB, 4); break;
+#else
+#define MK_CASE_34(RB)
+#endif
+#define MK_NV_SWITCH(RB)                                                                            \
     switch (nv) {                                                                                   \
-    case 1: mk(RB, 1, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc); break;  \
-    case 2: mk(RB, 2, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc); break;  \
-    case 3: mk(RB, 3, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc); break;  \
-    default: mk(RB, 4, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc); break; \
+    case 1: MK_CALL(RB, 1); break;                                                                  \
+    case 2: MK_CALL(RB, 2); break;                                                                  \
+    MK_CASE_34(RB)                                                                                  \
+    default: break;                                                                                 \
     }
 
 static void gemm_bcast(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats,
                        const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
-    for (int l0 = 0; l0 < L; l0 += 4 * EF_VL) {
-        int nv = EF_MIN(4, (L - l0) / EF_VL);
+    for (int l0 = 0; l0 < L; l0 += MK_NV * EF_VL) {
+        int nv = EF_MIN(MK_NV, (L - l0) / EF_VL);
         int r0 = 0;
-        for (; r0 + 6 <= R; r0 += 6) MK_CASE_NV(6)
+        for (; r0 + MK_RB <= R; r0 += MK_RB) MK_NV_SWITCH(MK_RB)
         switch (R - r0) {
-        case 5: MK_CASE_NV(5) break;
-        case 4: MK_CASE_NV(4) break;
-        case 3: MK_CASE_NV(3) break;
-        case 2: MK_CASE_NV(2) break;
-        case 1: MK_CASE_NV(1) break;
+#if MK_RB > 5
+        case 5: MK_NV_SWITCH(5) break;
+        case 4: MK_NV_SWITCH(4) break;
+#endif
+        case 3: MK_NV_SWITCH(3) break;
+        case 2: MK_NV_SWITCH(2) break;
+        case 1: MK_NV_SWITCH(1) break;
         default: break;
         }
     }
@@ -185,15 +208,15 @@ static void pack_qt(float *qt, const float *q, int d, int n, float scale) {
 
 /* S^T masked for causality: lanes (queries i0+l) with j > i0+l get -inf. */
 static void mask_causal(float *st, int rows, int j0, int i0) {
-    v16i iota = v16i_iota();
+    vi iota = vi_iota();
     for (int r = 0; r < rows; r++) {
         int j = j0 + r;
         if (j <= i0) continue;
         for (int v = 0; v < QV; v++) {
-            v16i qi = iota + (i0 + v * EF_VL);
-            v16i hide = qi < j;
+            vi qi = iota + (i0 + v * EF_VL);
+            vi hide = qi < j;
             float *p = st + (size_t)r * QT + v * EF_VL;
-            v16_store(p, v16_select(hide, v16_set1(-__builtin_inff()), v16_load(p)));
+            vf_store(p, vf_select(hide, vf_set1(-__builtin_inff()), vf_load(p)));
         }
     }
 }
@@ -225,26 +248,26 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     if (a->causal) kv_end = EF_MIN(kv_end, i0 + qn);
 
     pack_qt(w->qt, q, d, qn, a->scale);
-    v16 mx[QV], l[QV];
-    for (int u = 0; u < QV; u++) mx[u] = v16_set1(-__builtin_inff()), l[u] = v16_set1(0);
+    vf mx[QV], l[QV];
+    for (int u = 0; u < QV; u++) mx[u] = vf_set1(-__builtin_inff()), l[u] = vf_set1(0);
     memset(w->ot, 0, sizeof(float) * dv * QT);
 
     for (int j0 = 0; j0 < kv_end; j0 += KT) {
         int kn = EF_MIN(KT, kv_end - j0);
         gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
         if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
-        v16 alpha[QV];
+        vf alpha[QV];
         for (int u = 0; u < QV; u++) {
-            v16 tmax = mx[u];
-            for (int r = 0; r < kn; r++) tmax = v16_max(tmax, v16_load(w->st + r * QT + u * EF_VL));
+            vf tmax = mx[u];
+            for (int r = 0; r < kn; r++) tmax = vf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
             /* a lane that has seen only -inf subtracts 0, so exp(-inf - 0) = 0, never NaN */
-            v16 use = v16_select(tmax == -__builtin_inff(), v16_set1(0), tmax);
-            alpha[u] = v16_exp(mx[u] - use);
-            v16 sum = v16_set1(0);
+            vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
+            alpha[u] = vf_exp(mx[u] - use);
+            vf sum = vf_set1(0);
             for (int r = 0; r < kn; r++) {
                 float *ps = w->st + r * QT + u * EF_VL;
-                v16 e = v16_exp(v16_load(ps) - use);
-                v16_store(ps, e);
+                vf e = vf_exp(vf_load(ps) - use);
+                vf_store(ps, e);
                 sum += e;
             }
             l[u] = l[u] * alpha[u] + sum;
@@ -253,7 +276,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         for (int e = 0; e < dv; e++)
             for (int u = 0; u < QV; u++) {
                 float *po = w->ot + (size_t)e * QT + u * EF_VL;
-                v16_store(po, v16_load(po) * alpha[u]);
+                vf_store(po, vf_load(po) * alpha[u]);
             }
         /* O^T[e][i] += sum_j V[j][e] P^T[j][i] */
         gemm_bcast(dv, kn, QT, v + (size_t)j0 * dv, 1, dv, w->st, QT, w->ot, QT, 1);
@@ -261,8 +284,8 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
 
     float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));
     for (int u = 0; u < QV; u++) {
-        v16 has = v16_select(l[u] > 0, v16_set1(1), v16_set1(0));
-        v16_store(inv + u * EF_VL, has / v16_select(l[u] > 0, l[u], v16_set1(1)));
+        vf has = vf_select(l[u] > 0, vf_set1(1), vf_set1(0));
+        vf_store(inv + u * EF_VL, has / vf_select(l[u] > 0, l[u], vf_set1(1)));
         for (int t = 0; t < EF_VL; t++)
             lse[u * EF_VL + t] = l[u][t] > 0 ? mx[u][t] + logf(l[u][t]) : -__builtin_inff();
     }
@@ -338,7 +361,7 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
             for (int r = 0; r < kn; r++)
                 for (int u = 0; u < QV; u++) {
                     float *ps = w->st + r * QT + u * EF_VL;
-                    v16_store(ps, v16_exp(v16_load(ps) - v16_load(lse_use + u * EF_VL)));
+                    vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
                 }
             /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
             gemm_bcast(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)j0 * dvp, dvp, 1);
@@ -347,8 +370,8 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
             for (int r = 0; r < kn; r++)
                 for (int u = 0; u < QV; u++) {
                     float *pd = w->dpt + r * QT + u * EF_VL;
-                    v16 pp = v16_load(w->st + r * QT + u * EF_VL);
-                    v16_store(pd, pp * (v16_load(pd) - v16_load(dl + u * EF_VL)));
+                    vf pp = vf_load(w->st + r * QT + u * EF_VL);
+                    vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
                 }
             /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
             gemm_bcast(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)j0 * dp, dp, 1);

@@ -1,8 +1,10 @@
 /*
- * vec.h - a 16-float vector type (GCC/Clang vector extensions) and the math the kernels need.
+ * vec.h - the native float vector of the target (GCC/Clang vector extensions) and the math the
+ * kernels need, written once for every target.
  *
- * The same source compiles to one zmm register with AVX-512, two ymm with AVX2, four xmm with
- * SSE or NEON: the portable fallback is the same code. Files using it are compiled with
+ * EF_VL lanes: 16 with AVX-512 (one zmm), 8 with AVX/AVX2 (one ymm), 4 elsewhere (SSE, NEON,
+ * or scalar code the compiler splits). Wider-than-native vector types are avoided on purpose:
+ * GCC lowers them through the stack. Files using this header are compiled with
  * -ffp-contract=fast so that a*b+c becomes one fused multiply-add where the CPU has one.
  *
  * exp(x) = 2^n * p(r), n = round(x*log2 e), r = x - n*ln2 (Cody-Waite split), p the Cephes
@@ -15,44 +17,47 @@
 #include <stdint.h>
 #include <string.h>
 
+#if defined(__AVX512F__)
 #define EF_VL 16
-typedef float v16 __attribute__((vector_size(64), aligned(64)));
-typedef int32_t v16i __attribute__((vector_size(64), aligned(64)));
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));
+#elif defined(__AVX__)
+#define EF_VL 8
+#else
+#define EF_VL 4
+#endif
+typedef float vf __attribute__((vector_size(EF_VL * 4), aligned(EF_VL * 4)));
+typedef int32_t vi __attribute__((vector_size(EF_VL * 4), aligned(EF_VL * 4)));
+typedef float vfu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias));
 
 #define EF_INLINE static inline __attribute__((always_inline))
 
-EF_INLINE v16 v16_set1(float x) { return (v16){0} + x; }
-EF_INLINE v16 v16_load(const float *p) { return *(const v16 *)p; }   /* 64-byte aligned */
-EF_INLINE void v16_store(float *p, v16 x) { *(v16 *)p = x; }
-EF_INLINE v16 v16_loadu(const float *p) { return *(const v16u *)p; }
-EF_INLINE void v16_storeu(float *p, v16 x) { *(v16u *)p = x; }
-EF_INLINE v16 v16_select(v16i m, v16 a, v16 b) { /* m ? a : b, m lanes all-ones or zero */
-    return (v16)(((v16i)a & m) | ((v16i)b & ~m));
+EF_INLINE vf vf_set1(float x) { return (vf){0} + x; }
+EF_INLINE vf vf_load(const float *p) { return *(const vf *)p; } /* aligned to EF_VL floats */
+EF_INLINE void vf_store(float *p, vf x) { *(vf *)p = x; }
+EF_INLINE vf vf_loadu(const float *p) { return *(const vfu *)p; }
+EF_INLINE void vf_storeu(float *p, vf x) { *(vfu *)p = x; }
+EF_INLINE vf vf_select(vi m, vf a, vf b) { /* m ? a : b, m lanes all-ones or zero */
+    return (vf)(((vi)a & m) | ((vi)b & ~m));
 }
-EF_INLINE v16 v16_max(v16 a, v16 b) { return v16_select(a > b, a, b); }
-EF_INLINE float v16_hsum(v16 x) {
-    float s = 0;
-    for (int i = 0; i < EF_VL; i++) s += x[i];
-    return s;
-}
-EF_INLINE v16i v16i_iota(void) {
-    return (v16i){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+EF_INLINE vf vf_max(vf a, vf b) { return vf_select(a > b, a, b); }
+EF_INLINE vi vi_iota(void) {
+    vi r;
+    for (int i = 0; i < EF_VL; i++) r[i] = i;
+    return r;
 }
 
-EF_INLINE v16 v16_exp(v16 x) {
+EF_INLINE vf vf_exp(vf x) {
     const float lo = -87.3365479f, hi = 88.7228317f;
-    v16i small = ~(x >= lo); /* x < lo, or NaN */
-    v16i nan = x != x;
-    v16i big = x > hi;
-    v16 xc = v16_select(small, v16_set1(lo), v16_select(big, v16_set1(hi), x));
+    vi small = ~(x >= lo); /* x < lo, or NaN */
+    vi nan = x != x;
+    vi big = x > hi;
+    vf xc = vf_select(small, vf_set1(lo), vf_select(big, vf_set1(hi), x));
     /* round to nearest even with the 1.5*2^23 trick (|x*log2e| < 2^22 here) */
     const float magic = 12582912.0f;
-    v16 t = xc * 1.44269504088896341f + magic;
-    v16 n = t - magic;
-    v16 r = xc - n * 0.693359375f;
+    vf t = xc * 1.44269504088896341f + magic;
+    vf n = t - magic;
+    vf r = xc - n * 0.693359375f;
     r = r - n * -2.12194440e-4f;
-    v16 p = v16_set1(1.9875691500e-4f);
+    vf p = vf_set1(1.9875691500e-4f);
     p = p * r + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
@@ -62,14 +67,14 @@ EF_INLINE v16 v16_exp(v16 x) {
     p = p + 1.0f;
     /* 2^n from the exponent field; n = 128 (x in [88.38, 88.72]) is not a float: build 2^127
      * and double the result */
-    v16i ni = __builtin_convertvector(n, v16i);
-    v16i top = ni > 127;
-    v16i e = (ni + top + 127) << 23; /* top lanes are -1 */
-    v16 y = p * (v16)e;
-    y = v16_select(top, y + y, y);
-    y = v16_select(big, v16_set1(__builtin_inff()), y);
-    y = v16_select(small, v16_set1(0.0f), y);
-    return v16_select(nan, x, y);
+    vi ni = __builtin_convertvector(n, vi);
+    vi top = ni > 127;
+    vi e = (ni + top + 127) << 23; /* top lanes are -1 */
+    vf y = p * (vf)e;
+    y = vf_select(top, y + y, y);
+    y = vf_select(big, vf_set1(__builtin_inff()), y);
+    y = vf_select(small, vf_set1(0.0f), y);
+    return vf_select(nan, x, y);
 }
 
 #endif

@@ -4,11 +4,11 @@
 
 void ef_vexp(const float *x, float *y, size_t n) {
     size_t i = 0;
-    for (; i + EF_VL <= n; i += EF_VL) v16_storeu(y + i, v16_exp(v16_loadu(x + i)));
+    for (; i + EF_VL <= n; i += EF_VL) vf_storeu(y + i, vf_exp(vf_loadu(x + i)));
     if (i < n) {
         float buf[EF_VL] __attribute__((aligned(64))) = {0};
         memcpy(buf, x + i, (n - i) * sizeof(float));
-        v16_store(buf, v16_exp(v16_load(buf)));
+        vf_store(buf, vf_exp(vf_load(buf)));
         memcpy(y + i, buf, (n - i) * sizeof(float));
     }
 }
