@@ -57,7 +57,8 @@ double cli_now(void);
 /* Median of n values (sorts them in place). */
 double cli_median(double *t, int n);
 
-/* The machine's SGEMM rate: ef_sgemm on n x n x n, one warm-up then the best of `tries`.
+/* The machine's SGEMM rate: ef_sgemm on n x n x n, one warm-up then the best of at least `tries`
+ * runs and at least 0.2 s.
  * Returns EF_OK and *gflops, or the library's failure (allocation, GEMM). */
 ef_status cli_sgemm_gflops(int n, int tries, double *gflops);
 
