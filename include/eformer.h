@@ -136,8 +136,18 @@ EF_API size_t ef_attn_saved_bytes(const ef_attn *a);
  * storage of learned parameters and their gradients. */
 EF_API size_t ef_attn_workspace_bytes(const ef_attn *a);
 /* Analytic floating-point operation count of one forward (backward = 0) or forward+backward
- * (backward = 1) pass, as `eformer bench` reports it. */
+ * (backward = 1) pass, as `eformer bench` reports it: per visible pair 2(D+Dv) forward and
+ * 2(4D+3Dv) forward+backward (4NMD and 14NMD for dense attention with D = Dv). */
 EF_API double ef_attn_flops(const ef_attn *a, int backward);
+
+/* The pattern of a plan: 1 when query i of `head` may see key j (the mechanism's pattern and
+ * the causal rule; key padding is given per call and is not included), 0 when not, -1 (with the
+ * error set) for a NULL plan or an index out of range. Exact attention sees every pair (or the
+ * causal triangle). */
+EF_API int ef_attn_visible(const ef_attn *a, int head, int i, int j);
+/* Visible (query, key) pairs of one head over the q_len x kv_len grid; -1 on bad arguments.
+ * ef_attn_flops counts work on these pairs only. */
+EF_API int64_t ef_attn_visible_pairs(const ef_attn *a, int head);
 
 /* out = attention(q, k, v). `saved` = NULL for inference, else a buffer of
  * ef_attn_saved_bytes(a) bytes that backward will read. */

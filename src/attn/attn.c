@@ -398,22 +398,51 @@ size_t ef_attn_workspace_bytes(const ef_attn *a) {
     return a->ws_bytes + a->dense_ws_bytes + a->ref_ws_bytes + 2 * a->n_params * sizeof(float);
 }
 
+int ef_attn_visible(const ef_attn *a, int head, int i, int j) {
+    if (!a) {
+        ef_error(EF_ERR_ARG, "ef_attn_visible: plan is NULL");
+        return -1;
+    }
+    const ef_attn_shape *s = &a->shape;
+    if (head < 0 || head >= s->heads || i < 0 || i >= s->q_len || j < 0 || j >= s->kv_len) {
+        ef_error(EF_ERR_ARG, "ef_attn_visible: head=%d i=%d j=%d outside heads=%d q_len=%d kv_len=%d",
+                 head, i, j, s->heads, s->q_len, s->kv_len);
+        return -1;
+    }
+    if (a->causal && j > i) return 0;
+    return !a->ops->visible || a->ops->visible(a, head, i, j) ? 1 : 0;
+}
+
+/* Visible pairs of the top-left causal triangle of an n x m grid, or of the whole grid. */
+static int64_t dense_pairs(const ef_attn *a) {
+    int64_t n = a->shape.q_len, m = a->shape.kv_len;
+    if (!a->causal) return n * m;
+    return n <= m ? n * (n + 1) / 2 : m * (m + 1) / 2 + (n - m) * m;
+}
+
+int64_t ef_attn_visible_pairs(const ef_attn *a, int head) {
+    if (!a) {
+        ef_error(EF_ERR_ARG, "ef_attn_visible_pairs: plan is NULL");
+        return -1;
+    }
+    if (head < 0 || head >= a->shape.heads) {
+        ef_error(EF_ERR_ARG, "ef_attn_visible_pairs: head=%d outside [0, %d)", head, a->shape.heads);
+        return -1;
+    }
+    return a->ops->pairs ? a->ops->pairs(a, head) : dense_pairs(a);
+}
+
 double ef_attn_flops(const ef_attn *a, int backward) {
     if (!a) return 0;
     if (a->ops->flops) return a->ops->flops(a, backward);
     const ef_attn_shape *s = &a->shape;
-    /* QK^T and PV: 2*N*M*D + 2*N*M*Dv forward; backward adds recomputed S, dP, dV, dQ, dK.
-     * With D = Dv this is 4NMD forward and 14NMD forward+backward (FlashAttention's count). */
-    double nm = (double)s->batch * s->heads * s->q_len * s->kv_len;
+    /* per visible pair: QK^T and PV forward, 2(D+Dv); backward adds recomputed S, dP, dV, dQ, dK,
+     * 2(3D+2Dv). With D = Dv: 4NMD forward, 14NMD forward+backward (FlashAttention's count). */
+    double pairs = 0;
+    for (int h = 0; h < s->heads; h++) pairs += (double)ef_attn_visible_pairs(a, h);
+    pairs *= s->batch;
     double d = s->head_dim, dv = s->v_dim;
-    double f = backward ? nm * (2 * (3 * d + 2 * dv) + 2 * (d + dv)) : nm * 2 * (d + dv);
-    if (a->causal) {
-        /* visible pairs of a top-left causal mask over an N x M grid */
-        double n = s->q_len, m = s->kv_len;
-        double vis = n <= m ? n * (n + 1) / 2 : m * (m + 1) / 2 + (n - m) * m;
-        f *= vis / (n * m);
-    }
-    return f;
+    return backward ? pairs * (2 * (3 * d + 2 * dv) + 2 * (d + dv)) : pairs * 2 * (d + dv);
 }
 
 ef_status ef_attn_check_kv_lens(const ef_attn *a, const int32_t *kv_lens) {

@@ -78,6 +78,9 @@ typedef struct ef_attn_ops {
     /* Optional extra visibility rule for the dense paths (block-sparse layouts): returns
      * nonzero when query i of head h may see key j, before causal and padding are applied. */
     int (*visible)(const ef_attn *a, int head, int i, int j);
+    /* Visible (query, key) pairs of one head over the whole q_len x kv_len grid, causal rule
+     * included, padding not. NULL = every pair (or the causal triangle). */
+    int64_t (*pairs)(const ef_attn *a, int head);
 
     /* Reserved for incremental decoding (causal linear mechanisms). */
     size_t (*state_bytes)(const ef_attn *a);
@@ -147,5 +150,41 @@ ef_status ef_ref_init(ef_attn *a);
 ef_status ef_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved);
 ef_status ef_ref_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
                           float *dq, float *dk, float *dv);
+
+/* ---------------------------------------------------------------------------------------------
+ * The tiled engine (tiled.c): fused online-softmax attention over query tiles of EF_QT rows and
+ * key chunks of EF_KT keys, restricted to a pattern. `flash` is the pattern "everything";
+ * block-sparse layouts supply `classify` and `tile_mask`. At plan creation the engine asks
+ * `classify` about every (query tile, key chunk) pair of every head (of head 0 only unless
+ * per_head) and keeps the visible chunks as sorted spans; forward and backward then touch only
+ * those chunks, applying `tile_mask` to the partial ones. Causal masking and key padding are
+ * the engine's own. Work and memory are proportional to the visible chunks.
+ * ------------------------------------------------------------------------------------------- */
+enum { EF_QT = 64, EF_KT = 64 };
+enum { EF_CHUNK_NONE = 0, EF_CHUNK_ALL = 1, EF_CHUNK_PARTIAL = 2 };
+
+typedef struct ef_tiled_pattern {
+    int per_head; /* nonzero when heads have different layouts */
+    /* Queries [i0, i1) of `head` against keys [j0, j1), pattern only (no causal, no padding):
+     * EF_CHUNK_NONE when no pair is visible, EF_CHUNK_ALL when every pair is, else
+     * EF_CHUNK_PARTIAL (always a safe answer). */
+    int (*classify)(const ef_attn *a, int head, int i0, int i1, int j0, int j1);
+    /* For a partial chunk: st[r * EF_QT + l] = -inf where query i0 + l cannot see key j0 + r
+     * (r < kn, l < EF_QT; lanes past the last query may get any value). Must agree with the
+     * ops' `visible`. */
+    void (*tile_mask)(const ef_attn *a, int head, int i0, int j0, int kn, float *st);
+} ef_tiled_pattern;
+
+/* Builds the spans and the workspace. `user` (may be NULL) is the pattern's own data, handed
+ * back by ef_tiled_user and released with free() by ef_tiled_destroy. On failure `user` is
+ * still owned (and released) by the engine once ef_tiled_destroy runs. */
+ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user);
+void *ef_tiled_user(const ef_attn *a);
+void ef_tiled_destroy(ef_attn *a);
+size_t ef_tiled_saved_bytes(const ef_attn *a);
+int64_t ef_tiled_pairs(const ef_attn *a, int head);
+ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved);
+ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
+                            const float *dout, float *dq, float *dk, float *dv);
 
 #endif
