@@ -122,10 +122,10 @@ static int make_ref_spec(const char *spec, char *out, size_t cap) {
 }
 
 /* The check shape's lengths for a bench shape n x m; attempt 0 is odd (not a multiple of any
- * tile), later attempts are for mechanisms that need block-aligned lengths. Equal lengths stay
- * equal (some mechanisms require it), unequal ones keep their order. */
+ * tile), later attempts are for mechanisms that need block-aligned or longer sequences. Equal
+ * lengths stay equal (some mechanisms require it), unequal ones keep their order. */
 static void check_lengths(int n, int m, int attempt, int *nc, int *mc) {
-    static const int big[3] = {97, 128, 256}, small[3] = {83, 128, 256};
+    static const int big[4] = {97, 128, 256, 600}, small[4] = {83, 128, 256, 600};
     if (n == m) {
         *nc = *mc = MIN_I(n, big[attempt]);
         return;
@@ -227,7 +227,7 @@ static int check_spec(bench_run *R, const char *spec, const ef_attn_shape *bs, i
     sh.batch = 2;
     sh.heads = 2;
     char first_refusal[600] = "";
-    for (int attempt = 0; attempt < 3; attempt++) {
+    for (int attempt = 0; attempt < 4; attempt++) {
         int nc, mc;
         check_lengths(bs->q_len, bs->kv_len, attempt, &nc, &mc);
         if (attempt > 0 && nc == sh.q_len && mc == sh.kv_len) continue; /* tried already */
@@ -238,8 +238,9 @@ static int check_spec(bench_run *R, const char *spec, const ef_attn_shape *bs, i
             return 0;
         }
         st = check_run(spec, ref_spec, &sh, backward, &r);
-        /* a mechanism may want block-aligned lengths: try the next check shape */
-        if (st != EF_ERR_SHAPE && st != EF_ERR_UNSUPPORTED) break;
+        /* a mechanism may want block-aligned or longer sequences (bigbird's random blocks must
+         * fit, an EF_ERR_ARG): try the next check shape */
+        if (st != EF_ERR_SHAPE && st != EF_ERR_UNSUPPORTED && st != EF_ERR_ARG) break;
         if (!first_refusal[0])
             snprintf(first_refusal, sizeof first_refusal, "len=%d kv-len=%d: %s", nc, mc,
                      ef_last_error());

@@ -78,7 +78,8 @@ void cli_json_string(FILE *f, const char *s);
 /* ---------------------------------------------------------------------------------------------
  * Subcommands
  * ------------------------------------------------------------------------------------------- */
-int cli_bench(int argc, char **argv); /* argv[0] = "bench" */
-int cli_info(int argc, char **argv);  /* argv[0] = "info" */
+int cli_bench(int argc, char **argv);  /* argv[0] = "bench" */
+int cli_info(int argc, char **argv);   /* argv[0] = "info" */
+int cli_layout(int argc, char **argv); /* argv[0] = "layout" */
 
 #endif

@@ -3,6 +3,7 @@
  *
  *   eformer bench ...    time a mechanism after checking it against its reference (bench.c)
  *   eformer info ...     build, BLAS, CPU, threads, sgemm rate, mechanisms (info.c)
+ *   eformer layout ...   a mechanism's attention pattern: pairs, density, a PNG (layout.c)
  *   eformer help [cmd]   usage
  *
  * Subcommands return an exit status (cli.h: 0 ok, 1 failure, 2 usage); only main() exits.
@@ -18,6 +19,7 @@ static const char usage_main[] =
     "  bench     time an attention mechanism after checking it against its reference path\n"
     "  info      version, BLAS, CPU features, threads and the measured sgemm rate;\n"
     "            `eformer info --mechanisms` also lists every mechanism and its options\n"
+    "  layout    a mechanism's attention pattern: visible pairs and density per head, and a PNG\n"
     "  help      this text; `eformer help <command>` for a command's options\n"
     "  version   print the version\n";
 
@@ -72,6 +74,35 @@ static const char usage_info[] =
     "1024^3. --mechanisms also lists every registered mechanism with its options and defaults.\n"
     "Threads: OMP_NUM_THREADS, else every processor online.\n";
 
+static const char usage_layout[] =
+    "usage: eformer layout SPEC --len N [--kv-len M] [--heads H] [--png FILE] [--px P]\n"
+    "\n"
+    "Makes the plan of SPEC (the first argument) for batch 1, H heads, N queries, M keys and\n"
+    "head_dim 64, and prints its canonical spec, then per head the visible (query, key) pairs,\n"
+    "the density (pairs / (N*M)) and the mean visible keys per query, then the total. Key\n"
+    "padding is not part of a pattern; the causal rule is.\n"
+    "\n"
+    "  --len N       query length (required)\n"
+    "  --kv-len M    key length                                        default = len\n"
+    "  --heads H     attention heads                                   default 1\n"
+    "  --png FILE    draw the pattern as a greyscale PNG: the first 8 heads side by side\n"
+    "                (a grey column between them), queries down, keys across, visible pairs\n"
+    "                black, invisible white\n"
+    "  --px P        largest side of one head's picture in pixels      default 1024\n"
+    "                past it one pixel covers f x f pairs, f = ceil(max(N, M) / P), and its grey\n"
+    "                is the fraction visible: exact when N*M*(heads drawn) <= 64M pairs, else\n"
+    "                from a fixed 8 x 8 grid of pairs per pixel (said on stdout)\n"
+    "\n"
+    "When every pair was asked (ef_attn_visible), the count drawn must equal the count printed\n"
+    "(ef_attn_visible_pairs); a difference is reported as a library bug.\n"
+    "--png needs an eformer built with libpng (Debian libpng-dev).\n"
+    "Exit status: 0 ok; 1 the plan, the count or the PNG failed; 2 bad usage.\n"
+    "\n"
+    "examples:\n"
+    "  eformer layout flash:causal=1 --len 1024 --png causal.png\n"
+    "  eformer layout bigbird:block=16 --len 512 --heads 2 --png bb.png\n"
+    "  eformer layout full --len 256 --kv-len 1024 --heads 4\n";
+
 int cli_usage(FILE *f, const char *topic) {
     if (!topic || !*topic) {
         fputs(usage_main, f);
@@ -79,12 +110,16 @@ int cli_usage(FILE *f, const char *topic) {
         fputs(usage_bench, f);
         fputs("\n", f);
         fputs(usage_info, f);
+        fputs("\n", f);
+        fputs(usage_layout, f);
         return 0;
     }
     if (strcmp(topic, "bench") == 0)
         fputs(usage_bench, f);
     else if (strcmp(topic, "info") == 0)
         fputs(usage_info, f);
+    else if (strcmp(topic, "layout") == 0)
+        fputs(usage_layout, f);
     else if (strcmp(topic, "help") == 0 || strcmp(topic, "version") == 0)
         fputs(usage_main, f);
     else
@@ -112,6 +147,7 @@ int main(int argc, char **argv) {
     }
     if (strcmp(cmd, "bench") == 0) return cli_bench(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cli_info(argc - 1, argv + 1);
+    if (strcmp(cmd, "layout") == 0) return cli_layout(argc - 1, argv + 1);
     if (cmd[0] == '-')
         return cli_usage_error(NULL, "unknown option '%s' (expected a command first)", cmd);
     return cli_usage_error(NULL, "unknown command '%s'", cmd);

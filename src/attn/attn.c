@@ -68,7 +68,7 @@ static void describe_opt(char *buf, size_t cap, size_t *len, const ef_opt_desc *
         break;
     case EF_OPT_BOOL: append(buf, cap, len, "0|1 "); break;
     case EF_OPT_ENUM: append(buf, cap, len, "%s ", d->choices); break;
-    case EF_OPT_LIST: append(buf, cap, len, "list a;b;c in [%g..%g] ", d->min, d->max); break;
+    case EF_OPT_LIST: append(buf, cap, len, "list a;b;c in [%.0f..%.0f] ", d->min, d->max); break;
     }
     append(buf, cap, len, " %s\n", d->help);
 }
@@ -152,9 +152,11 @@ static ef_status parse_value(const char *mech, const ef_opt_desc *d, const char 
         const char *p = s;
         v->i = 0;
         if (*p == '\0') return EF_OK;
+        v->f = strchr(s, ';') != NULL; /* "5" and "5;" differ: a count or a one-item list */
         for (;;) {
             const char *semi = strchr(p, ';');
             size_t len = semi ? (size_t)(semi - p) : strlen(p);
+            if (len == 0 && !semi && v->i == 1) break; /* "17;": a single item */
             if (len == 0 || len >= sizeof item)
                 return ef_error(EF_ERR_ARG, "%s: option %s=%s has an empty or too long item",
                                 mech, d->key, s);
@@ -195,6 +197,7 @@ static void format_value(char *buf, size_t cap, size_t *len, const ef_opt_desc *
     case EF_OPT_LIST:
         for (int64_t idx = 0; idx < v->i; idx++)
             append(buf, cap, len, "%s%lld", idx ? ";" : "", (long long)v->list[idx]);
+        if (v->i == 1 && v->f) append(buf, cap, len, ";");
         break;
     }
 }

@@ -23,7 +23,8 @@ typedef enum ef_opt_type {
     EF_OPT_FLOAT, /* real in [min, max]; "auto" allowed when allow_auto */
     EF_OPT_BOOL,  /* 0|1 (also false|true) */
     EF_OPT_ENUM,  /* one of `choices`, "a|b|c" */
-    EF_OPT_LIST   /* ';'-separated integers in [min, max], e.g. "0;17;512" (may be empty) */
+    EF_OPT_LIST   /* ';'-separated integers in [min, max], e.g. "0;17;512" (may be empty);
+                   * val.f = 1 when a ';' was written, so "5" and "5;" can mean different things */
 } ef_opt_type;
 
 typedef struct ef_opt_desc {

@@ -1,0 +1,536 @@
+/*
+ * sparse.c - fixed and global attention patterns on the tiled engine (tiled.c): sliding
+ * windows, non-overlapping blocks, the Sparse Transformer's strided and fixed patterns
+ * (Child et al. 2019), Longformer (Beltagy et al. 2020) and BigBird ITC / ETC (Zaheer et al.
+ * 2020). docs/sparse.md defines each pattern; ALGORITHMS.md b.10-b.12 says how the reference
+ * implementations compute them and where they differ.
+ *
+ * Each pattern is three functions that must agree: `visible` (one pair; the reference path and
+ * the tests use it), `classify` (a query tile against a key chunk: none / all / partial; it
+ * decides which chunks the engine computes) and `tile_mask` (hides the invisible pairs of a
+ * partial chunk, vectorised over the 16 or so queries of a lane group). Causal masking and
+ * key padding are the engine's. Positions are aligned top-left (query i and key i are the
+ * same token) also when q_len != kv_len.
+ * Saved for backward: lse [batch][heads][q_len]. Work: visible chunks x 64 x 64 x (D + Dv).
+ */
+#include "attn/attn.h"
+#include "core/vec.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define NEG_INF (-__builtin_inff())
+
+/* Hides lanes where keep is false in row r of a transposed score tile. */
+EF_INLINE void hide_row(float *st, int r, int u, vi keep) {
+    float *p = st + (size_t)r * EF_QT + u * EF_VL;
+    vf_store(p, vf_select(keep, vf_load(p), vf_set1(NEG_INF)));
+}
+
+/* Lane query indices of lane group u of the tile starting at i0. */
+EF_INLINE vi lanes_of(int i0, int u) { return vi_iota() + (i0 + u * EF_VL); }
+
+/* The smallest and largest i - j over queries [i0, i1) and keys [j0, j1). */
+static void diff_range(int i0, int i1, int j0, int j1, int *lo, int *hi) {
+    *lo = i0 - (j1 - 1);
+    *hi = (i1 - 1) - j0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * local:window=W - query i sees |i - j| <= W/2; with causal=1, i - W < j <= i
+ * ------------------------------------------------------------------------------------------- */
+static const ef_opt_desc local_opts[] = {
+    {"window", EF_OPT_INT, "256", 1, 1 << 30, NULL, 0,
+     "window width in tokens: |i-j| <= window/2 (causal: the window keys up to i)"},
+};
+enum { LOCAL_WINDOW };
+
+/* Is i - j inside the window? (for causal the engine also requires j <= i) */
+static int local_in(const ef_attn *a, int64_t w, int diff) {
+    return a->causal ? diff < w : (diff <= w / 2 && -diff <= w / 2);
+}
+
+static int local_visible(const ef_attn *a, int head, int i, int j) {
+    (void)head;
+    return local_in(a, ef_opt_i(a, LOCAL_WINDOW), i - j);
+}
+
+static int local_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
+    (void)head;
+    int64_t w = ef_opt_i(a, LOCAL_WINDOW);
+    int lo, hi;
+    diff_range(i0, i1, j0, j1, &lo, &hi);
+    if (a->causal) /* pattern i - j < w; pairs with j > i are the engine's to hide */
+        return lo >= w ? EF_CHUNK_NONE : hi < w ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
+    int64_t h = w / 2;
+    if (lo > h || hi < -h) return EF_CHUNK_NONE;
+    return (lo >= -h && hi <= h) ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
+}
+
+static void local_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
+    (void)head;
+    int w = (int)ef_opt_i(a, LOCAL_WINDOW);
+    for (int r = 0; r < kn; r++)
+        for (int u = 0; u < EF_QT / EF_VL; u++) {
+            vi d = lanes_of(i0, u) - (j0 + r); /* i - j */
+            vi keep = a->causal ? d < w : (d <= w / 2) & (d >= -(w / 2));
+            hide_row(st, r, u, keep);
+        }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * blocklocal:block=B - query i sees the keys of its own block, floor(i/B) == floor(j/B)
+ * ------------------------------------------------------------------------------------------- */
+static const ef_opt_desc blocklocal_opts[] = {
+    {"block", EF_OPT_INT, "64", 1, 1 << 30, NULL, 0, "block length in tokens"},
+};
+enum { BL_BLOCK };
+
+static int blocklocal_visible(const ef_attn *a, int head, int i, int j) {
+    (void)head;
+    int64_t b = ef_opt_i(a, BL_BLOCK);
+    return i / b == j / b;
+}
+
+static int blocklocal_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
+    (void)head;
+    int64_t b = ef_opt_i(a, BL_BLOCK);
+    int64_t qa = i0 / b, qb = (i1 - 1) / b, ka = j0 / b, kb = (j1 - 1) / b;
+    if (qb < ka || kb < qa) return EF_CHUNK_NONE;
+    return qa == qb && ka == kb ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
+}
+
+static void blocklocal_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
+    (void)head;
+    int b = (int)ef_opt_i(a, BL_BLOCK);
+    for (int r = 0; r < kn; r++) {
+        int start = (j0 + r) / b * b;
+        for (int u = 0; u < EF_QT / EF_VL; u++) {
+            vi i = lanes_of(i0, u);
+            hide_row(st, r, u, (i >= start) & (i < start + b));
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * strided:block=B - Sparse Transformer strided: |i - j| < B or (i - j) mod B == 0
+ * (causal: i - j < B or B divides i - j, with j <= i)
+ * ------------------------------------------------------------------------------------------- */
+static const ef_opt_desc strided_opts[] = {
+    {"block", EF_OPT_INT, "128", 1, 1 << 30, NULL, 0,
+     "stride l: the previous l tokens and every l-th token before them"},
+};
+enum { ST_BLOCK };
+
+static int strided_visible(const ef_attn *a, int head, int i, int j) {
+    (void)head;
+    int64_t b = ef_opt_i(a, ST_BLOCK);
+    int d = i - j;
+    return (a->causal ? d < b : (d < b && -d < b)) || d % b == 0;
+}
+
+static int strided_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
+    (void)head;
+    int64_t b = ef_opt_i(a, ST_BLOCK);
+    int lo, hi;
+    diff_range(i0, i1, j0, j1, &lo, &hi);
+    int local_all = a->causal ? hi < b : (hi < b && -lo < b);
+    if (local_all || b == 1) return EF_CHUNK_ALL;
+    int local_none = a->causal ? lo >= b : (lo >= b || -hi >= b);
+    /* is there a multiple of b in [lo, hi]? */
+    int64_t first = lo >= 0 ? (lo + b - 1) / b * b : -((-lo) / b * b);
+    int stride_some = first <= hi;
+    return local_none && !stride_some ? EF_CHUNK_NONE : EF_CHUNK_PARTIAL;
+}
+
+/* Keeps, in row r, the lanes l (queries i0 + l) with i - j a multiple of `step` on top of
+ * `keep` (an array of QT lane flags): those are l = (j - i0) mod step, + step, ... */
+static void keep_multiples(int32_t *keep, int i0, int j, int step, int lo, int hi) {
+    int first = ((j - i0) % step + step) % step;
+    for (int l = first; l < EF_QT; l += step) {
+        int d = i0 + l - j; /* i - j */
+        if (d >= lo && d <= hi) keep[l] = -1;
+    }
+}
+
+static void apply_keep(float *st, int r, const int32_t *keep) {
+    for (int u = 0; u < EF_QT / EF_VL; u++) hide_row(st, r, u, *(const vi *)(keep + u * EF_VL));
+}
+
+static void strided_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
+    (void)head;
+    int b = (int)ef_opt_i(a, ST_BLOCK);
+    int32_t keep[EF_QT] __attribute__((aligned(64)));
+    for (int r = 0; r < kn; r++) {
+        int j = j0 + r;
+        for (int u = 0; u < EF_QT / EF_VL; u++) {
+            vi d = lanes_of(i0, u) - j;
+            *(vi *)(keep + u * EF_VL) = a->causal ? d < b : (d < b) & (-d < b);
+        }
+        keep_multiples(keep, i0, j, b, -(1 << 30), 1 << 30);
+        apply_keep(st, r, keep);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * fixed:block=B,summary=C - Sparse Transformer fixed: the own block (floor(i/B) == floor(j/B))
+ * or a summary key, j mod B >= B - C (the last C tokens of every block)
+ * ------------------------------------------------------------------------------------------- */
+static const ef_opt_desc fixed_opts[] = {
+    {"block", EF_OPT_INT, "128", 1, 1 << 30, NULL, 0, "block length l"},
+    {"summary", EF_OPT_INT, "32", 1, 1 << 30, NULL, 0,
+     "c: the last c tokens of every block are seen by every query (c <= block)"},
+};
+enum { FX_BLOCK, FX_SUMMARY };
+
+static int fixed_is_summary(const ef_attn *a, int64_t j) {
+    int64_t b = ef_opt_i(a, FX_BLOCK);
+    return j % b >= b - ef_opt_i(a, FX_SUMMARY);
+}
+
+static int fixed_visible(const ef_attn *a, int head, int i, int j) {
+    (void)head;
+    int64_t b = ef_opt_i(a, FX_BLOCK);
+    return i / b == j / b || fixed_is_summary(a, j);
+}
+
+static int fixed_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
+    (void)head;
+    int64_t b = ef_opt_i(a, FX_BLOCK);
+    int nsum = 0;
+    for (int j = j0; j < j1; j++) nsum += fixed_is_summary(a, j);
+    if (nsum == j1 - j0) return EF_CHUNK_ALL;
+    int64_t qa = i0 / b, qb = (i1 - 1) / b, ka = j0 / b, kb = (j1 - 1) / b;
+    int disjoint = qb < ka || kb < qa, same = qa == qb && ka == kb && qa == ka;
+    if (same) return EF_CHUNK_ALL;
+    if (disjoint && nsum == 0) return EF_CHUNK_NONE;
+    return EF_CHUNK_PARTIAL;
+}
+
+static void fixed_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
+    (void)head;
+    int b = (int)ef_opt_i(a, FX_BLOCK);
+    for (int r = 0; r < kn; r++) {
+        if (fixed_is_summary(a, j0 + r)) continue; /* a summary key is seen by every query */
+        int start = (j0 + r) / b * b;
+        for (int u = 0; u < EF_QT / EF_VL; u++) {
+            vi i = lanes_of(i0, u);
+            hide_row(st, r, u, (i >= start) & (i < start + b));
+        }
+    }
+}
+
+static ef_status fixed_check(ef_attn *a) {
+    if (ef_opt_i(a, FX_SUMMARY) > ef_opt_i(a, FX_BLOCK))
+        return ef_error(EF_ERR_ARG, "fixed: summary=%lld is larger than block=%lld",
+                        (long long)ef_opt_i(a, FX_SUMMARY), (long long)ef_opt_i(a, FX_BLOCK));
+    return EF_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * longformer:window=W,dilation=D,global=G - a (dilated) sliding window, i - j a multiple of D
+ * and |i - j| <= (W/2) D (causal: i - j < W D), plus global tokens that see and are seen by
+ * every token. global=G takes the first G positions; global=a;b;c (or p; for one) lists them.
+ * ------------------------------------------------------------------------------------------- */
+static const ef_opt_desc longformer_opts[] = {
+    {"window", EF_OPT_INT, "512", 1, 1 << 30, NULL, 0, "window width in (dilated) steps"},
+    {"dilation", EF_OPT_INT, "1", 1, 1 << 20, NULL, 0, "gap between window keys"},
+    {"global", EF_OPT_LIST, "1", 0, 1 << 30, NULL, 0,
+     "G = the first G positions are global; a;b;c (or p;) = these positions"},
+};
+enum { LF_WINDOW, LF_DILATION, LF_GLOBAL };
+
+typedef struct lf_data {
+    int n;         /* positions covered: max(q_len, kv_len) */
+    uint8_t *g;    /* [n] global flag */
+    int32_t *pre;  /* [n+1] prefix counts of g */
+} lf_data;
+
+static int lf_window(const ef_attn *a, int d) {
+    int64_t w = ef_opt_i(a, LF_WINDOW), dil = ef_opt_i(a, LF_DILATION);
+    if (d % dil) return 0;
+    return a->causal ? d < w * dil : (d <= w / 2 * dil && -d <= w / 2 * dil);
+}
+
+static int longformer_visible(const ef_attn *a, int head, int i, int j) {
+    (void)head;
+    const lf_data *g = ef_tiled_user(a);
+    return g->g[i] || g->g[j] || lf_window(a, i - j);
+}
+
+static int longformer_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
+    (void)head;
+    const lf_data *g = ef_tiled_user(a);
+    int64_t w = ef_opt_i(a, LF_WINDOW), dil = ef_opt_i(a, LF_DILATION);
+    int gq = g->pre[i1] - g->pre[i0], gk = g->pre[j1] - g->pre[j0];
+    if (gq == i1 - i0 || gk == j1 - j0) return EF_CHUNK_ALL;
+    int lo, hi, wc;
+    diff_range(i0, i1, j0, j1, &lo, &hi);
+    int64_t ext = a->causal ? w * dil - 1 : w / 2 * dil; /* |i - j| bound of the window */
+    if (a->causal ? lo > ext : (lo > ext || hi < -ext)) wc = EF_CHUNK_NONE;
+    else if (dil == 1 && (a->causal ? hi <= ext : (lo >= -ext && hi <= ext))) wc = EF_CHUNK_ALL;
+    else wc = EF_CHUNK_PARTIAL;
+    if (gq || gk) return wc == EF_CHUNK_ALL ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
+    return wc;
+}
+
+static void longformer_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
+    (void)head;
+    const lf_data *g = ef_tiled_user(a);
+    int w = (int)ef_opt_i(a, LF_WINDOW), dil = (int)ef_opt_i(a, LF_DILATION);
+    int ext = a->causal ? w * dil - 1 : w / 2 * dil;
+    int32_t gq[EF_QT] __attribute__((aligned(64))), keep[EF_QT] __attribute__((aligned(64)));
+    for (int l = 0; l < EF_QT; l++) gq[l] = i0 + l < g->n && g->g[i0 + l] ? -1 : 0;
+    for (int r = 0; r < kn; r++) {
+        int j = j0 + r;
+        if (g->g[j]) continue; /* a global key is seen by every query */
+        if (dil == 1) {
+            for (int u = 0; u < EF_QT / EF_VL; u++) {
+                vi d = lanes_of(i0, u) - j;
+                vi win = a->causal ? d <= ext : (d <= ext) & (d >= -ext);
+                hide_row(st, r, u, win | *(const vi *)(gq + u * EF_VL));
+            }
+        } else {
+            memcpy(keep, gq, sizeof keep);
+            keep_multiples(keep, i0, j, dil, a->causal ? -(1 << 30) : -ext, ext);
+            apply_keep(st, r, keep);
+        }
+    }
+}
+
+static ef_status longformer_init(ef_attn *a) {
+    const ef_attn_shape *s = &a->shape;
+    const ef_opt_val *gv = &a->opt[LF_GLOBAL];
+    int n = EF_MAX(s->q_len, s->kv_len), lim = EF_MIN(s->q_len, s->kv_len);
+    lf_data *g = calloc(1, sizeof *g + (size_t)n + sizeof(int32_t) * (size_t)(n + 1) + 8);
+    if (!g) return ef_error(EF_ERR_NOMEM, "longformer: out of memory");
+    g->n = n;
+    g->pre = (int32_t *)(g + 1);
+    g->g = (uint8_t *)(g->pre + n + 1);
+    if (!gv->f && gv->i == 1) { /* a count: the first G positions */
+        if (gv->list[0] > lim) {
+            free(g);
+            return ef_error(EF_ERR_ARG, "longformer: global=%lld asks for more global tokens than the "
+                            "sequence has (%d)", (long long)gv->list[0], lim);
+        }
+        memset(g->g, 1, (size_t)gv->list[0]);
+    } else {
+        for (int64_t x = 0; x < gv->i; x++) {
+            if (gv->list[x] >= lim) {
+                free(g);
+                return ef_error(EF_ERR_ARG, "longformer: global position %lld is outside the sequence "
+                                "(q_len=%d, kv_len=%d)", (long long)gv->list[x], s->q_len, s->kv_len);
+            }
+            g->g[gv->list[x]] = 1;
+        }
+    }
+    for (int p = 0; p < n; p++) g->pre[p + 1] = g->pre[p] + g->g[p];
+    static const ef_tiled_pattern pat = {0, longformer_classify, longformer_mask};
+    return ef_tiled_init(a, &pat, g);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * bigbird:block=64,window=3,random=3,global=2 - BigBird ITC on blocks of `block` tokens: each
+ * query block sees the `window` blocks around it, `random` other blocks drawn per head and per
+ * query block from the seed (distinct, outside the window and the global blocks), and the
+ * global blocks (the first ceil(global/2) and the last floor(global/2)), which also see every
+ * block. bigbird-etc adds `extra` global tokens in front of the blocks (ETC).
+ * ------------------------------------------------------------------------------------------- */
+static const ef_opt_desc bigbird_opts[] = {
+    {"block", EF_OPT_INT, "64", 1, 1 << 20, NULL, 0, "block length in tokens"},
+    {"window", EF_OPT_INT, "3", 1, 1 << 20, NULL, 0, "sliding window in blocks (odd)"},
+    {"random", EF_OPT_INT, "3", 0, 1 << 20, NULL, 0, "random key blocks per query block"},
+    {"global", EF_OPT_INT, "2", 0, 1 << 20, NULL, 0,
+     "global blocks: the first ceil(g/2) and the last floor(g/2)"},
+    {"extra", EF_OPT_INT, "16", 0, 1 << 20, NULL, 0,
+     "(bigbird-etc) global tokens in front of the blocked sequence"},
+};
+enum { BB_BLOCK, BB_WINDOW, BB_RANDOM, BB_GLOBAL, BB_EXTRA };
+
+typedef struct bb_data {
+    int bs, nb, w, r, g, extra;
+    int32_t *rand; /* [heads][nb][r] random key blocks, -1 for global query blocks */
+} bb_data;
+
+static int bb_global(const bb_data *d, int b) { return b < (d->g + 1) / 2 || b >= d->nb - d->g / 2; }
+
+static int bb_vis(const bb_data *d, int h, int qb, int kb) {
+    if (bb_global(d, qb) || bb_global(d, kb)) return 1;
+    int diff = qb - kb;
+    if (diff <= d->w / 2 && -diff <= d->w / 2) return 1;
+    const int32_t *r = d->rand + ((size_t)h * d->nb + qb) * d->r;
+    for (int x = 0; x < d->r; x++)
+        if (r[x] == kb) return 1;
+    return 0;
+}
+
+static int bigbird_visible(const ef_attn *a, int head, int i, int j) {
+    const bb_data *d = ef_tiled_user(a);
+    if (i < d->extra || j < d->extra) return 1;
+    return bb_vis(d, head, (i - d->extra) / d->bs, (j - d->extra) / d->bs);
+}
+
+static int bigbird_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
+    const bb_data *d = ef_tiled_user(a);
+    int e = d->extra;
+    int any = i0 < e || j0 < e; /* ETC rows see every key, ETC keys are seen by every row */
+    int all = 1;
+    if (i1 > e && j1 > e) { /* normal rows against normal keys: block by block */
+        int qa = (EF_MAX(i0, e) - e) / d->bs, qz = (i1 - 1 - e) / d->bs;
+        int ka = (EF_MAX(j0, e) - e) / d->bs, kz = (j1 - 1 - e) / d->bs;
+        for (int qb = qa; qb <= qz; qb++)
+            for (int kb = ka; kb <= kz; kb++) {
+                int v = bb_vis(d, head, qb, kb);
+                any |= v, all &= v;
+            }
+    }
+    return !any ? EF_CHUNK_NONE : all ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
+}
+
+static void bigbird_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
+    const bb_data *d = ef_tiled_user(a);
+    int n = a->shape.q_len;
+    for (int r = 0; r < kn; r++) {
+        int j = j0 + r;
+        if (j < d->extra) continue;
+        int kb = (j - d->extra) / d->bs;
+        for (int u = 0; u < EF_QT / EF_VL; u++) {
+            vi keep;
+            for (int t = 0; t < EF_VL; t++) {
+                int i = i0 + u * EF_VL + t;
+                keep[t] = i >= n || i < d->extra || bb_vis(d, head, (i - d->extra) / d->bs, kb) ? -1 : 0;
+            }
+            hide_row(st, r, u, keep);
+        }
+    }
+}
+
+static ef_status bigbird_init(ef_attn *a) {
+    const ef_attn_shape *s = &a->shape;
+    const char *name = a->ops->name;
+    int etc = ef_attn_opt_index(a->ops, "extra") >= 0;
+    int bs = (int)ef_opt_i(a, BB_BLOCK), w = (int)ef_opt_i(a, BB_WINDOW);
+    int r = (int)ef_opt_i(a, BB_RANDOM), g = (int)ef_opt_i(a, BB_GLOBAL);
+    int extra = etc ? (int)ef_opt_i(a, BB_EXTRA) : 0;
+    if (s->q_len != s->kv_len)
+        return ef_error(EF_ERR_UNSUPPORTED, "%s: q_len=%d != kv_len=%d; BigBird's block layout is "
+                        "defined for self-attention", name, s->q_len, s->kv_len);
+    if (w % 2 == 0)
+        return ef_error(EF_ERR_ARG, "%s: window=%d must be odd (the query block and w/2 on each side)",
+                        name, w);
+    if (extra >= s->q_len)
+        return ef_error(EF_ERR_ARG, "%s: extra=%d leaves no tokens for the blocks (q_len=%d)", name,
+                        extra, s->q_len);
+    int nb = (s->q_len - extra + bs - 1) / bs;
+    if (g > nb)
+        return ef_error(EF_ERR_ARG, "%s: global=%d blocks but the sequence has only %d blocks of %d",
+                        name, g, nb, bs);
+    /* the block with the fewest candidates for random blocks: window and global excluded */
+    int ng = g, worst = nb;
+    for (int qb = 0; qb < nb; qb++) {
+        int gq = qb < (g + 1) / 2 || qb >= nb - g / 2;
+        if (gq) continue;
+        int c = nb - ng;
+        for (int kb = EF_MAX(0, qb - w / 2); kb <= EF_MIN(nb - 1, qb + w / 2); kb++)
+            c -= !(kb < (g + 1) / 2 || kb >= nb - g / 2);
+        worst = EF_MIN(worst, c);
+    }
+    if (r > 0 && worst < r)
+        return ef_error(EF_ERR_ARG, "%s: random=%d does not fit: with %d blocks of %d tokens, window=%d "
+                        "and global=%d, a query block has only %d other blocks to draw from (use a "
+                        "longer sequence, a smaller block or fewer random blocks)",
+                        name, r, nb, bs, w, g, worst);
+    size_t nrand = (size_t)s->heads * nb * r;
+    bb_data *d = calloc(1, sizeof *d + sizeof(int32_t) * (nrand ? nrand : 1) + sizeof(int32_t) * nb);
+    if (!d) return ef_error(EF_ERR_NOMEM, "%s: out of memory", name);
+    *d = (bb_data){bs, nb, w, r, g, extra, (int32_t *)(d + 1)};
+    int32_t *cand = d->rand + (nrand ? nrand : 1);
+    for (int h = 0; h < s->heads; h++)
+        for (int qb = 0; qb < nb; qb++) {
+            int32_t *out = d->rand + ((size_t)h * nb + qb) * r;
+            if (bb_global(d, qb)) {
+                for (int x = 0; x < r; x++) out[x] = -1;
+                continue;
+            }
+            int c = 0;
+            for (int kb = 0; kb < nb; kb++) {
+                int diff = qb - kb;
+                if (!bb_global(d, kb) && (diff > w / 2 || -diff > w / 2)) cand[c++] = kb;
+            }
+            /* partial Fisher-Yates; draw x of (head, query block) is counter (qb << 20) + x of
+             * stream `head`, so the layout depends only on the seed */
+            for (int x = 0; x < r; x++) {
+                uint32_t word[4];
+                ef_rng_raw(a->seed, 0x6269676269726400ull + (uint64_t)h, ((uint64_t)qb << 20) + x, word);
+                int pick = x + (int)(((uint64_t)word[0] * (uint64_t)(c - x)) >> 32);
+                int32_t t = cand[x];
+                cand[x] = cand[pick], cand[pick] = t;
+                out[x] = cand[x];
+            }
+        }
+    static const ef_tiled_pattern pat = {1, bigbird_classify, bigbird_mask};
+    return ef_tiled_init(a, &pat, d);
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * The ops tables
+ * ------------------------------------------------------------------------------------------- */
+#define N_OPTS(o) ((int)(sizeof o / sizeof o[0]))
+
+static ef_status local_init(ef_attn *a) {
+    static const ef_tiled_pattern pat = {0, local_classify, local_mask};
+    return ef_tiled_init(a, &pat, NULL);
+}
+static ef_status blocklocal_init(ef_attn *a) {
+    static const ef_tiled_pattern pat = {0, blocklocal_classify, blocklocal_mask};
+    return ef_tiled_init(a, &pat, NULL);
+}
+static ef_status strided_init(ef_attn *a) {
+    static const ef_tiled_pattern pat = {0, strided_classify, strided_mask};
+    return ef_tiled_init(a, &pat, NULL);
+}
+static ef_status fixed_init(ef_attn *a) {
+    ef_status st = fixed_check(a);
+    if (st) return st;
+    static const ef_tiled_pattern pat = {0, fixed_classify, fixed_mask};
+    return ef_tiled_init(a, &pat, NULL);
+}
+
+#define SPARSE_OPS(NAME, SUMMARY, NOTES, OPTS, NOPTS, INIT, VISIBLE)                               \
+    {                                                                                              \
+        .name = NAME, .summary = SUMMARY, .notes = NOTES, .opts = OPTS, .n_opts = NOPTS,           \
+        .init = INIT, .destroy = ef_tiled_destroy, .saved_bytes = ef_tiled_saved_bytes,            \
+        .forward = ef_tiled_forward, .backward = ef_tiled_backward, .visible = VISIBLE,            \
+        .pairs = ef_tiled_pairs,                                                                   \
+    }
+
+#define SPARSE_NOTES "  saves the per-row log-sum-exp; computes only the visible 64x64 chunks."
+
+const ef_attn_ops ef_attn_ops_local =
+    SPARSE_OPS("local", "sliding-window attention: query i sees keys within window/2 of i",
+               SPARSE_NOTES "\n  causal=1: the window keys up to i (i-window < j <= i).",
+               local_opts, N_OPTS(local_opts), local_init, local_visible);
+const ef_attn_ops ef_attn_ops_blocklocal =
+    SPARSE_OPS("blocklocal", "non-overlapping blocks: query i sees the keys of its own block",
+               SPARSE_NOTES, blocklocal_opts, N_OPTS(blocklocal_opts), blocklocal_init,
+               blocklocal_visible);
+const ef_attn_ops ef_attn_ops_strided =
+    SPARSE_OPS("strided", "Sparse Transformer strided: the previous `block` keys and every block-th key",
+               SPARSE_NOTES "\n  the stride makes every chunk partial: the work is that of flash.",
+               strided_opts, N_OPTS(strided_opts), strided_init, strided_visible);
+const ef_attn_ops ef_attn_ops_fixed =
+    SPARSE_OPS("fixed", "Sparse Transformer fixed: the own block plus the last `summary` tokens of every block",
+               SPARSE_NOTES, fixed_opts, N_OPTS(fixed_opts), fixed_init, fixed_visible);
+const ef_attn_ops ef_attn_ops_longformer =
+    SPARSE_OPS("longformer", "Longformer: (dilated) sliding window plus global tokens",
+               SPARSE_NOTES "\n  global=G: the first G tokens; global=a;b;c (p; for one): these tokens.",
+               longformer_opts, N_OPTS(longformer_opts), longformer_init, longformer_visible);
+const ef_attn_ops ef_attn_ops_bigbird =
+    SPARSE_OPS("bigbird", "BigBird ITC: window, random and global blocks",
+               SPARSE_NOTES "\n  random blocks per head and query block come from the seed, the same in\n"
+               "  training and evaluation; needs q_len == kv_len.",
+               bigbird_opts, N_OPTS(bigbird_opts) - 1, bigbird_init, bigbird_visible);
+const ef_attn_ops ef_attn_ops_bigbird_etc =
+    SPARSE_OPS("bigbird-etc", "BigBird ETC: `extra` global tokens in front of the ITC block layout",
+               SPARSE_NOTES "\n  the blocks start after the extra tokens; needs q_len == kv_len.",
+               bigbird_opts, N_OPTS(bigbird_opts), bigbird_init, bigbird_visible);
