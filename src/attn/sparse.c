@@ -277,8 +277,10 @@ static int longformer_classify(const ef_attn *a, int head, int i0, int i1, int j
 static void longformer_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
     (void)head;
     const lf_data *g = ef_tiled_user(a);
-    int w = (int)ef_opt_i(a, LF_WINDOW), dil = (int)ef_opt_i(a, LF_DILATION);
-    int ext = a->causal ? w * dil - 1 : w / 2 * dil;
+    int64_t w = ef_opt_i(a, LF_WINDOW);
+    int dil = (int)ef_opt_i(a, LF_DILATION);
+    /* in 64 bits: window x dilation reaches 2^50; |i - j| < 2^31, so INT32_MAX means no bound */
+    int ext = (int)EF_MIN(a->causal ? w * dil - 1 : w / 2 * dil, (int64_t)INT32_MAX);
     int32_t gq[EF_QT] __attribute__((aligned(64))), keep[EF_QT] __attribute__((aligned(64)));
     for (int l = 0; l < EF_QT; l++) gq[l] = i0 + l < g->n && g->g[i0 + l] ? -1 : 0;
     for (int r = 0; r < kn; r++) {
