@@ -158,6 +158,21 @@ EF_API ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved);
 EF_API ef_status ef_attn_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
                                   const float *dout, float *dq, float *dk, float *dv);
 
+/* Incremental decoding for the causal kernel mechanisms (linear, performer with causal=1): a
+ * state holds what the prefix contributes (O(features x v_dim) per batch and head), and each
+ * ef_attn_step appends one position to every (batch, head) and returns its output, equal to
+ * row t of the causal forward on the whole sequence (up to rounding). Other mechanisms, and
+ * causal=0, give EF_ERR_UNSUPPORTED. Tensors: q [batch][heads][head_dim],
+ * k [batch][heads][head_dim], v [batch][heads][v_dim], out [batch][heads][v_dim]. The plan
+ * must outlive its states; a plan and its states are used from one thread at a time. */
+typedef struct ef_attn_state ef_attn_state;
+EF_API ef_status ef_attn_state_new(ef_attn_state **out, const ef_attn *a);
+EF_API void ef_attn_state_free(ef_attn_state *st);
+EF_API ef_status ef_attn_state_reset(ef_attn_state *st); /* back to the empty prefix */
+EF_API int64_t ef_attn_state_position(const ef_attn_state *st); /* positions consumed; -1 if NULL */
+EF_API ef_status ef_attn_step(ef_attn *a, ef_attn_state *st, const float *q, const float *k,
+                              const float *v, float *out);
+
 /* Learned parameters of the mechanism (none for exact attention: count 0, pointers NULL). */
 EF_API size_t ef_attn_param_count(const ef_attn *a);
 EF_API float *ef_attn_params(ef_attn *a);

@@ -498,3 +498,63 @@ ef_status ef_attn_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
 size_t ef_attn_param_count(const ef_attn *a) { return a ? a->n_params : 0; }
 float *ef_attn_params(ef_attn *a) { return a ? a->params : NULL; }
 float *ef_attn_param_grads(ef_attn *a) { return a ? a->grads : NULL; }
+
+/* ---------------------------------------------------------------------------------------------
+ * Incremental decoding
+ * ------------------------------------------------------------------------------------------- */
+struct ef_attn_state {
+    const ef_attn *a;
+    int64_t pos;
+    void *buf;
+};
+
+ef_status ef_attn_state_new(ef_attn_state **out, const ef_attn *a) {
+    if (!out) return ef_error(EF_ERR_ARG, "ef_attn_state_new: out is NULL");
+    *out = NULL;
+    if (!a) return ef_error(EF_ERR_ARG, "ef_attn_state_new: plan is NULL");
+    if (!a->ops->step)
+        return ef_error(EF_ERR_UNSUPPORTED, "%s has no incremental decoding (linear and performer "
+                        "with causal=1 have it)", a->ops->name);
+    if (!a->causal)
+        return ef_error(EF_ERR_UNSUPPORTED, "%s: incremental decoding needs causal=1 (a non-causal "
+                        "output depends on keys that have not arrived)", a->ops->name);
+    ef_attn_state *st = calloc(1, sizeof *st);
+    if (!st) return ef_error(EF_ERR_NOMEM, "out of memory for a decoding state");
+    st->a = a;
+    st->buf = ef_malloc(a->ops->state_bytes(a));
+    if (!st->buf) {
+        free(st);
+        return EF_ERR_NOMEM;
+    }
+    a->ops->state_init(a, st->buf);
+    ef_clear_error();
+    *out = st;
+    return EF_OK;
+}
+
+void ef_attn_state_free(ef_attn_state *st) {
+    if (!st) return;
+    ef_free(st->buf);
+    free(st);
+}
+
+ef_status ef_attn_state_reset(ef_attn_state *st) {
+    if (!st) return ef_error(EF_ERR_ARG, "ef_attn_state_reset: state is NULL");
+    st->a->ops->state_init(st->a, st->buf);
+    st->pos = 0;
+    return EF_OK;
+}
+
+int64_t ef_attn_state_position(const ef_attn_state *st) { return st ? st->pos : -1; }
+
+ef_status ef_attn_step(ef_attn *a, ef_attn_state *st, const float *q, const float *k,
+                       const float *v, float *out) {
+    if (!a) return ef_error(EF_ERR_ARG, "ef_attn_step: plan is NULL");
+    if (!st) return ef_error(EF_ERR_ARG, "ef_attn_step: state is NULL");
+    if (st->a != a) return ef_error(EF_ERR_ARG, "ef_attn_step: the state belongs to another plan");
+    if (!q || !k || !v || !out)
+        return ef_error(EF_ERR_ARG, "ef_attn_step: %s is NULL", !q ? "q" : !k ? "k" : !v ? "v" : "out");
+    ef_status s = a->ops->step(a, st->buf, q, k, v, out);
+    if (!s) st->pos++, ef_clear_error();
+    return s;
+}

@@ -83,8 +83,10 @@ typedef struct ef_attn_ops {
      * included, padding not. NULL = every pair (or the causal triangle). */
     int64_t (*pairs)(const ef_attn *a, int head);
 
-    /* Reserved for incremental decoding (causal linear mechanisms). */
+    /* Incremental decoding (causal kernel mechanisms; NULL elsewhere): a state of state_bytes,
+     * set up by state_init, advanced one position of every (batch, head) by step. */
     size_t (*state_bytes)(const ef_attn *a);
+    void (*state_init)(const ef_attn *a, void *state);
     ef_status (*step)(ef_attn *a, void *state, const float *q, const float *k, const float *v,
                       float *out);
 } ef_attn_ops;

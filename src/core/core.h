@@ -39,6 +39,11 @@ float ef_expf(float x);
 
 /* Tells the BLAS in use how many threads it may use. */
 void ef_gemm_set_threads(int n);
+/* Limits the ef_sgemm calls of the calling thread to n threads (0 = no limit); returns the
+ * previous limit. Kernels that split work themselves call GEMMs with n = 1 so that every
+ * product has the same summation order whatever the thread count (oneDNN and the built-in
+ * kernel honour it per thread; OpenBLAS and BLIS only globally). */
+int ef_gemm_local_threads(int n);
 
 #define EF_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define EF_MAX(a, b) ((a) > (b) ? (a) : (b))

@@ -270,6 +270,7 @@ static struct {
 } g_blas;
 static pthread_once_t g_blas_once = PTHREAD_ONCE_INIT;
 static atomic_int g_req_threads;     /* ef_gemm_set_threads; 0 = follow ef_threads() */
+static _Thread_local int g_local_threads; /* ef_gemm_local_threads; 0 = no limit */
 static atomic_int g_applied_threads; /* last count given to OpenBLAS/BLIS; 0 = none yet */
 static atomic_int g_loaded;          /* blas_load has finished */
 
@@ -443,6 +444,12 @@ void ef_gemm_set_threads(int n) {
     if (n > 0 && atomic_load(&g_loaded)) apply_threads(n);
 }
 
+int ef_gemm_local_threads(int n) {
+    int old = g_local_threads;
+    g_local_threads = n > 0 ? n : 0;
+    return old;
+}
+
 /* ------------------------------------------------------------------------------------------
  * ef_sgemm
  * ---------------------------------------------------------------------------------------- */
@@ -481,7 +488,7 @@ ef_status ef_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, c
 
     blas_init();
     const int req = atomic_load(&g_req_threads);
-    const int nt = req > 0 ? req : ef_threads();
+    const int nt = g_local_threads > 0 ? g_local_threads : req > 0 ? req : ef_threads();
     if (g_blas.lib == EF_LIB_DNNL) {
         int saved = 0;
         if (g_blas.omp_get && g_blas.omp_set) {
