@@ -183,9 +183,14 @@ static void fm_exp(const ef_attn *a, int n, int valid, const float *sh, const fl
             memset(o, 0, sizeof(float) * F);
             continue;
         }
-        if (p->kind == KM_ELU) {
-            for (int f = 0; f < F; f++) o[f] = o[f] > 1 ? o[f] : expf(o[f]);
-            /* o = v + 1 for v > 0 (> 1), else v: exp(v) */
+        if (p->kind == KM_ELU) { /* o = v + 1 for v > 0 (> 1), else v: exp(v) */
+            float e[1024];
+            for (int f0 = 0; f0 < F; f0 += 1024) {
+                int fn = EF_MIN(1024, F - f0);
+                for (int f = 0; f < fn; f++) e[f] = EF_MIN(o[f0 + f], 0.0f);
+                ef_vexp(e, e, (size_t)fn);
+                for (int f = 0; f < fn; f++) o[f0 + f] = o[f0 + f] > 1 ? o[f0 + f] : e[f];
+            }
             continue;
         }
         if (p->kind == KM_RELU) continue;
