@@ -38,6 +38,9 @@ typedef struct kwork {
     float *uq, *uk;     /* [KC][m] projections W x^ (performer) */
     float *nq, *nk;     /* [KC] |x^|^2 / 2 */
     float *shq;         /* [KC] per-row query shifts */
+    float *shk;         /* [KC] per-key own shifts (causal) */
+    float *pr, *rho;    /* [KC] per-row prefix key shift P_r, exp(c_prev - P_r) (causal) */
+    float *ksc;         /* [KC] per-key factor exp(s_j - c) (causal backward) */
     float *A;           /* [KC][KC] intra-chunk scores (causal) */
     float *num;         /* [KC][Dv] */
     float *S, *z;       /* [F][Dv], [F] */
@@ -278,6 +281,71 @@ static void map_queries(const ef_attn *a, kwork *w, const float *x, int n) {
     fm_exp(a, n, n, w->shq, w->uq, w->phq);
 }
 
+/* Causal chunks. A key is mapped at its own shift s_j (the largest exponent of its row), so no
+ * key of the chunk shrinks another; query row r then uses P_r = max(c_prev, max s_j over the
+ * keys j <= r of the chunk): the intra-chunk score of (r, j) carries exp(s_j - P_r) and the
+ * prefix terms exp(c_prev - P_r), both <= 1, and row r never depends on a later key.
+ * Returns the chunk's new running shift max(c_prev, max s_j). Non-exp maps (and stabilize=0)
+ * use s_j = 0, which makes every factor 1. */
+static float map_keys_own(const ef_attn *a, kwork *w, const float *x, int n, int valid) {
+    const kplan *p = a->impl;
+    fm_log(a, x, n, valid, w->uk, w->nk, w->phk);
+    int stab = fm_is_exp(p) && p->stabilize;
+    float mx = -INFINITY;
+    for (int r = 0; r < n; r++) {
+        float s = -INFINITY;
+        if (r < valid) {
+            s = 0;
+            if (stab) {
+                s = -INFINITY;
+                for (int f = 0; f < p->F; f++) s = EF_MAX(s, w->phk[(size_t)r * p->F + f]);
+            }
+        }
+        w->shk[r] = s;
+        mx = EF_MAX(mx, s);
+    }
+    fm_exp(a, n, valid, w->shk, w->uk, w->phk);
+    return mx;
+}
+
+static float chunk_prefix(kwork *w, int qn, int kval, float c_prev) {
+    float run = c_prev, cnew = c_prev;
+    for (int j = 0; j < kval; j++) cnew = EF_MAX(cnew, w->shk[j]);
+    for (int r = 0; r < qn; r++) {
+        if (r < kval) run = EF_MAX(run, w->shk[r]);
+        w->pr[r] = run;
+        w->rho[r] = c_prev == -INFINITY || run == -INFINITY ? 0 : expf(c_prev - run);
+    }
+    return cnew;
+}
+
+/* Multiplies A[r][j] by exp(s_j - P_r) for j <= r (0 elsewhere). */
+static void scale_intra(const kwork *w, float *A, int qn, int kn) {
+    for (int r = 0; r < qn; r++)
+        for (int j = 0; j < kn; j++) {
+            float *x = A + (size_t)r * KC + j;
+            *x = j > r || w->shk[j] == -INFINITY || w->pr[r] == -INFINITY ? 0 : *x * expf(w->shk[j] - w->pr[r]);
+        }
+}
+
+/* Adds the chunk to the state: S = S exp(c_prev - c_new) + sum_j phi_j exp(s_j - c_new) v_j^T. */
+static void state_add(const ef_attn *a, kwork *w, const float *v, int kn, float c_prev, float c_new) {
+    const kplan *p = a->impl;
+    int F = p->F, dv = a->shape.v_dim;
+    if (c_prev != c_new) {
+        float resc = c_prev == -INFINITY ? 0 : expf(c_prev - c_new);
+        for (int x = 0; x < F * dv; x++) w->S[x] *= resc;
+        for (int f = 0; f < F; f++) w->z[f] *= resc;
+    }
+    for (int r = 0; r < kn; r++) {
+        float e = w->shk[r] == -INFINITY ? 0 : expf(w->shk[r] - c_new);
+        for (int f = 0; f < F; f++) w->phk[(size_t)r * F + f] *= e;
+    }
+    ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v, dv, 1.0f, w->S, dv);
+    for (int r = 0; r < kn; r++)
+        for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Forward
  * ------------------------------------------------------------------------------------------- */
@@ -355,32 +423,26 @@ static void forward_head(void *ctx, int64_t bh, int tid) {
         for (int c0 = 0, ci = 0; c0 < npos; c0 += KC, ci++) {
             int kn = EF_MAX(0, EF_MIN(KC, m - c0)), kval = EF_MAX(0, EF_MIN(kn, L - c0));
             int qn = EF_MAX(0, EF_MIN(KC, n - c0));
-            if (kn > 0) {
-                float resc = map_keys(a, w, k + (size_t)c0 * d, kn, kval, &kshift);
-                if (resc != 1) {
-                    for (int x = 0; x < F * dv; x++) w->S[x] *= resc;
-                    for (int f = 0; f < F; f++) w->z[f] *= resc;
-                }
-            }
-            if (shifts && ci < p->nchunks) shifts[ci] = kshift;
+            if (kn > 0) map_keys_own(a, w, k + (size_t)c0 * d, kn, kval);
+            float cnew = chunk_prefix(w, qn, kval, kshift);
+            if (shifts && ci < p->nchunks) shifts[ci] = cnew;
             if (qn > 0) {
                 map_queries(a, w, q + (size_t)c0 * d, qn);
-                /* inter-chunk part */
+                /* prefix part, at each row's shift */
                 ef_sgemm(0, 0, qn, dv, F, 1.0f, w->phq, F, w->S, dv, 0.0f, w->num, dv);
                 float *den = shifts ? den_of(a, c->saved, bh) + c0 : dbuf;
                 for (int r = 0; r < qn; r++) {
                     double acc = 0;
                     for (int f = 0; f < F; f++) acc += (double)w->phq[(size_t)r * F + f] * w->z[f];
-                    den[r] = (float)acc;
+                    den[r] = (float)acc * w->rho[r];
+                    for (int e = 0; e < dv; e++) w->num[(size_t)r * dv + e] *= w->rho[r];
                 }
-                if (kn > 0) { /* intra-chunk: A = tril(Phi_q Phi_k^T), num += A V, den += A 1 */
+                if (kn > 0) { /* intra-chunk: A = tril(Phi_q Phi_k^T) exp(s_j - P_r) */
                     ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC);
+                    scale_intra(w, w->A, qn, kn);
                     for (int r = 0; r < qn; r++) {
                         double acc = 0;
-                        for (int j = 0; j < kn; j++) {
-                            if (j > r) w->A[(size_t)r * KC + j] = 0;
-                            acc += w->A[(size_t)r * KC + j];
-                        }
+                        for (int j = 0; j < kn; j++) acc += w->A[(size_t)r * KC + j];
                         den[r] += (float)acc;
                     }
                     ef_sgemm(0, 0, qn, dv, kn, 1.0f, w->A, KC, v + (size_t)c0 * dv, dv, 1.0f, w->num, dv);
@@ -391,11 +453,8 @@ static void forward_head(void *ctx, int64_t bh, int tid) {
                 }
                 finish_rows(a, w, qn, out + (size_t)c0 * dv, den);
             }
-            if (kn > 0) {
-                ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)c0 * dv, dv, 1.0f, w->S, dv);
-                for (int r = 0; r < kn; r++)
-                    for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
-            }
+            if (kn > 0) state_add(a, w, v + (size_t)c0 * dv, kn, kshift, cnew);
+            kshift = cnew;
         }
     }
     ef_gemm_local_threads(old);
@@ -452,6 +511,11 @@ static void key_grads(const ef_attn *a, kwork *w, const float *k, const float *v
     for (int r = 0; r < kn; r++)
         for (int f = 0; f < F; f++) w->dph[(size_t)r * F + f] += w->dz[f];
     ef_sgemm(0, 0, kn, dv, F, 1.0f, w->phk, F, w->dS, dv, 0.0f, dvo, dv);
+    if (intra) /* causal: key j entered the state at exp(s_j - c) */
+        for (int r = 0; r < kn; r++) {
+            for (int f = 0; f < F; f++) w->dph[(size_t)r * F + f] *= w->ksc[r];
+            for (int e = 0; e < dv; e++) dvo[(size_t)r * dv + e] *= w->ksc[r];
+        }
     if (intra && qn > 0) {
         ef_sgemm(1, 0, kn, F, qn, 1.0f, w->dA, KC, w->phq, F, 1.0f, w->dph, F);
         ef_sgemm(1, 0, kn, dv, qn, 1.0f, w->A, KC, w->G, dv, 1.0f, dvo, dv);
@@ -464,17 +528,17 @@ static void key_grads(const ef_attn *a, kwork *w, const float *k, const float *v
     (void)d;
 }
 
-/* A = tril(Phi_q Phi_k^T) and dA = tril(G V^T + dd 1^T) of one causal chunk. */
+/* A = tril(Phi_q Phi_k^T) and dA = tril(G V^T + dd 1^T), times exp(s_j - P_r), of one causal
+ * chunk (keys at their own shifts, see map_keys_own). */
 static void intra_scores(const ef_attn *a, kwork *w, const float *v, int qn, int kn) {
     const kplan *p = a->impl;
     int dv = a->shape.v_dim, F = p->F;
     ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC);
     ef_sgemm(0, 1, qn, kn, dv, 1.0f, w->G, dv, v, dv, 0.0f, w->dA, KC);
     for (int r = 0; r < qn; r++)
-        for (int j = 0; j < kn; j++) {
-            if (j > r) w->A[(size_t)r * KC + j] = 0, w->dA[(size_t)r * KC + j] = 0;
-            else w->dA[(size_t)r * KC + j] += w->dd[r];
-        }
+        for (int j = 0; j < kn; j++) w->dA[(size_t)r * KC + j] += w->dd[r];
+    scale_intra(w, w->A, qn, kn);
+    scale_intra(w, w->dA, qn, kn);
 }
 
 static void backward_head(void *ctx, int64_t bh, int tid) {
@@ -535,55 +599,55 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
     for (int c0 = 0; c0 < npos; c0 += KC) {
         int kn = EF_MAX(0, EF_MIN(KC, m - c0)), kval = EF_MAX(0, EF_MIN(kn, L - c0));
         int qn = EF_MAX(0, EF_MIN(KC, n - c0));
-        if (kn > 0) {
-            float resc = map_keys(a, w, k + (size_t)c0 * d, kn, kval, &kshift);
-            if (resc != 1) {
-                for (int x = 0; x < F * dv; x++) w->S[x] *= resc;
-                for (int f = 0; f < F; f++) w->z[f] *= resc;
-            }
-        }
+        if (kn > 0) map_keys_own(a, w, k + (size_t)c0 * d, kn, kval);
+        float cnew = chunk_prefix(w, qn, kval, kshift);
         if (qn > 0) {
             map_queries(a, w, q + (size_t)c0 * d, qn);
             grad_rows(a, w, g + (size_t)c0 * dv, out + (size_t)c0 * dv, den + c0, qn);
+            /* dPhi_q = rho (G S^T + dd z^T) + (dA o E) Phi_k */
             ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F);
             for (int r = 0; r < qn; r++)
-                for (int f = 0; f < F; f++) w->dph[(size_t)r * F + f] += w->dd[r] * w->z[f];
+                for (int f = 0; f < F; f++)
+                    w->dph[(size_t)r * F + f] = (w->dph[(size_t)r * F + f] + w->dd[r] * w->z[f]) * w->rho[r];
             if (kn > 0) {
                 intra_scores(a, w, v + (size_t)c0 * dv, qn, kn);
                 ef_sgemm(0, 0, qn, F, kn, 1.0f, w->dA, KC, w->phk, F, 1.0f, w->dph, F);
             }
             fm_backward(a, q + (size_t)c0 * d, qn, w->uq, w->phq, w->dph, w->tmp, dq + (size_t)c0 * d);
         }
-        if (kn > 0) {
-            ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)c0 * dv, dv, 1.0f, w->S, dv);
-            for (int r = 0; r < kn; r++)
-                for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
-        }
+        if (kn > 0) state_add(a, w, v + (size_t)c0 * dv, kn, kshift, cnew);
+        kshift = cnew;
     }
-    /* reverse sweep: dS, dz of the later chunks carried back at each chunk's key shift */
-    float later = -INFINITY;
+    /* reverse sweep: dS, dz = gradient wrt the state after chunk c (at its shift c_c), carried
+     * back to the state before it (at c_{c-1}) once the chunk's keys have used it */
     for (int ci = p->nchunks - 1; ci >= 0; ci--) {
         int c0 = ci * KC;
         int kn = EF_MAX(0, EF_MIN(KC, m - c0)), kval = EF_MAX(0, EF_MIN(kn, L - c0));
         int qn = EF_MAX(0, EF_MIN(KC, n - c0));
-        float sh = shifts[ci];
-        if (later != -INFINITY && sh != later) {
-            float resc = sh == -INFINITY ? 0 : expf(sh - later);
-            for (int x = 0; x < F * dv; x++) w->dS[x] *= resc;
-            for (int f = 0; f < F; f++) w->dz[f] *= resc;
-        }
-        later = sh;
+        float sh = shifts[ci], prev = ci > 0 ? shifts[ci - 1] : -INFINITY;
+        if (kn > 0) map_keys_own(a, w, k + (size_t)c0 * d, kn, kval);
+        chunk_prefix(w, qn, kval, prev);
         if (qn > 0) {
             map_queries(a, w, q + (size_t)c0 * d, qn);
             grad_rows(a, w, g + (size_t)c0 * dv, out + (size_t)c0 * dv, den + c0, qn);
         }
         if (kn > 0) {
-            map_keys_fixed(a, w, k + (size_t)c0 * d, kn, kval, sh);
             if (qn > 0) intra_scores(a, w, v + (size_t)c0 * dv, qn, kn);
+            for (int r = 0; r < kn; r++)
+                w->ksc[r] = w->shk[r] == -INFINITY || sh == -INFINITY ? 0 : expf(w->shk[r] - sh);
             key_grads(a, w, k + (size_t)c0 * d, v + (size_t)c0 * dv, kn, kval, dk + (size_t)c0 * d,
                       dvo + (size_t)c0 * dv, 1, qn);
         }
-        if (qn > 0) {
+        if (prev != sh) {
+            float resc = prev == -INFINITY ? 0 : expf(prev - sh);
+            for (int x = 0; x < F * dv; x++) w->dS[x] *= resc;
+            for (int f = 0; f < F; f++) w->dz[f] *= resc;
+        }
+        if (qn > 0) { /* this chunk's queries saw the state before it at exp(c_{c-1} - P_r) */
+            for (int r = 0; r < qn; r++) {
+                for (int e = 0; e < dv; e++) w->G[(size_t)r * dv + e] *= w->rho[r];
+                w->dd[r] *= w->rho[r];
+            }
             ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv);
             for (int r = 0; r < qn; r++)
                 for (int f = 0; f < F; f++) w->dz[f] += w->dd[r] * w->phq[(size_t)r * F + f];
@@ -595,7 +659,7 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
 static ef_status kernel_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
                                  const float *dout, float *dq, float *dk, float *dv) {
     kplan *p = a->impl;
-    int64_t epoch;
+    int64_t epoch, current = p->epoch;
     memcpy(&epoch, (const char *)saved + ef_attn_saved_bytes(a) - sizeof(int64_t), sizeof epoch);
     if (p->W && epoch != p->epoch) { /* features were redrawn since this forward: draw its set */
         p->epoch = epoch;
@@ -603,6 +667,10 @@ static ef_status kernel_backward(ef_attn *a, const ef_attn_io *io, const void *s
     }
     kcall c = {a, io, (float *)saved, dout, dq, dk, dv};
     ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), backward_head, &c);
+    if (p->W && p->epoch != current) { /* back to the features the next forward expects */
+        p->epoch = current;
+        draw_features(a);
+    }
     return EF_OK;
 }
 
@@ -612,14 +680,31 @@ static ef_status kernel_backward(ef_attn *a, const ef_attn_io *io, const void *s
  * in double, one (batch, head) at a time. Keys use one shift (the max over all valid keys),
  * queries one per row: both cancel exactly. Saved: the normaliser per row.
  * ------------------------------------------------------------------------------------------- */
+/* Key j is mapped at its own shift s_j (kept in ref_sk); row i then weighs it by
+ * exp(s_j - P_i), P_i = the largest s_j it sees (ref_row_shift): exact, and no key the row
+ * does not see can shrink the ones it does. */
+static float *ref_sk(const ef_attn *a) {
+    const kplan *p = a->impl;
+    int n = a->shape.q_len, mm = a->shape.kv_len, big = EF_MAX(n, mm);
+    return p->rtmp + (size_t)big * EF_MAX(EF_MAX(p->F, a->shape.head_dim), EF_MAX(p->m, 1));
+}
+
 static void ref_features(ef_attn *a, const float *q, const float *k, int L) {
     kplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, F = p->F;
-    float kmax = fm_log(a, k, m, L, p->ruk, p->rnk, p->rk);
-    float *sh = p->rtmp; /* n + m shifts */
-    for (int r = 0; r < m; r++) sh[r] = kmax;
-    fm_exp(a, m, L, sh, p->ruk, p->rk);
+    float *sk = ref_sk(a), *sh = sk + m;
+    int stab = fm_is_exp(p) && p->stabilize;
+    fm_log(a, k, m, L, p->ruk, p->rnk, p->rk);
+    for (int j = 0; j < m; j++) {
+        float mx = 0;
+        if (stab) {
+            mx = -INFINITY;
+            for (int f = 0; f < F; f++) mx = EF_MAX(mx, p->rk[(size_t)j * F + f]);
+        }
+        sk[j] = j < L ? mx : -INFINITY;
+    }
+    fm_exp(a, m, L, sk, p->ruk, p->rk);
     fm_log(a, q, n, n, p->ruq, p->rnq, p->rq);
     for (int r = 0; r < n; r++) {
         float mx = -INFINITY;
@@ -629,13 +714,21 @@ static void ref_features(ef_attn *a, const float *q, const float *k, int L) {
     fm_exp(a, n, n, sh, p->ruq, p->rq);
 }
 
-static double ref_a(const kplan *p, int i, int j) {
-    double acc = 0;
-    for (int f = 0; f < p->F; f++) acc += (double)p->rq[(size_t)i * p->F + f] * p->rk[(size_t)j * p->F + f];
-    return acc;
+static int ref_lim(const ef_attn *a, int L, int i) { return a->causal ? EF_MIN(L, i + 1) : L; }
+
+static double ref_row_shift(const ef_attn *a, int lim) {
+    const float *sk = ref_sk(a);
+    double mx = -INFINITY;
+    for (int j = 0; j < lim; j++) mx = sk[j] > mx ? sk[j] : mx;
+    return mx;
 }
 
-static int ref_lim(const ef_attn *a, int L, int i) { return a->causal ? EF_MIN(L, i + 1) : L; }
+static double ref_a(const ef_attn *a, int i, int j, double pi) {
+    const kplan *p = a->impl;
+    double acc = 0;
+    for (int f = 0; f < p->F; f++) acc += (double)p->rq[(size_t)i * p->F + f] * p->rk[(size_t)j * p->F + f];
+    return acc * exp(ref_sk(a)[j] - pi);
+}
 
 static ef_status kernel_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     kplan *p = a->impl;
@@ -647,13 +740,13 @@ static ef_status kernel_ref_forward(ef_attn *a, const ef_attn_io *io, void *save
         ref_features(a, io->q + (size_t)bh * n * d, io->k + (size_t)bh * m * d, L);
         for (int i = 0; i < n; i++) {
             int lim = ref_lim(a, L, i);
-            double den = 0, num[1024];
+            double pi = ref_row_shift(a, lim), den = 0, num[1024];
             for (int e0 = 0; e0 < dv; e0 += 1024) { /* v_dim is at most 1024 per block */
                 int en = EF_MIN(1024, dv - e0);
                 for (int e = 0; e < en; e++) num[e] = 0;
                 den = 0;
                 for (int j = 0; j < lim; j++) {
-                    double aij = ref_a(p, i, j);
+                    double aij = ref_a(a, i, j, pi);
                     den += aij;
                     for (int e = 0; e < en; e++) num[e] += aij * v[(size_t)j * dv + e0 + e];
                 }
@@ -687,15 +780,17 @@ static ef_status kernel_ref_backward(ef_attn *a, const ef_attn_io *io, const voi
             double dd = 0;
             for (int e = 0; e < e_; e++) dd -= (double)g[(size_t)i * e_ + e] * out[(size_t)i * e_ + e];
             dd /= den;
-            for (int j = 0; j < ref_lim(a, L, i); j++) {
-                double aij = ref_a(p, i, j), da = dd;
+            int lim = ref_lim(a, L, i);
+            double pi = ref_row_shift(a, lim);
+            for (int j = 0; j < lim; j++) {
+                double aij = ref_a(a, i, j, pi), da = dd, e = exp(ref_sk(a)[j] - pi);
                 for (int e = 0; e < e_; e++) {
                     da += g[(size_t)i * e_ + e] / den * v[(size_t)j * e_ + e];
                     dvo[(size_t)j * e_ + e] += (float)(aij * g[(size_t)i * e_ + e] / den);
                 }
-                for (int f = 0; f < F; f++) {
-                    p->rdq[(size_t)i * F + f] += (float)(da * p->rk[(size_t)j * F + f]);
-                    p->rdk[(size_t)j * F + f] += (float)(da * p->rq[(size_t)i * F + f]);
+                for (int f = 0; f < F; f++) { /* A_ij = phi_i.phi_j e: d/dphi carries e */
+                    p->rdq[(size_t)i * F + f] += (float)(da * e * p->rk[(size_t)j * F + f]);
+                    p->rdk[(size_t)j * F + f] += (float)(da * e * p->rq[(size_t)i * F + f]);
                 }
             }
         }
@@ -752,11 +847,12 @@ static ef_status kernel_init(ef_attn *a) {
     }
     p->nchunks = a->causal ? (EF_MAX(s->q_len, s->kv_len) + KC - 1) / KC : 1;
     int F = p->F, m = EF_MAX(p->m, 1), wide = EF_MAX(EF_MAX(F, d), m);
-    size_t sz[17] = {(size_t)KC * F, (size_t)KC * F, (size_t)KC * m, (size_t)KC * m, KC, KC, KC,
-                     (size_t)KC * KC, (size_t)KC * dv, (size_t)F * dv, (size_t)F, (size_t)F * dv,
-                     (size_t)F, (size_t)KC * dv, KC, (size_t)KC * F, (size_t)KC * KC};
+    enum { NWS = 21 };
+    size_t sz[NWS] = {(size_t)KC * F, (size_t)KC * F, (size_t)KC * m, (size_t)KC * m, KC, KC, KC,
+                      (size_t)KC * KC, (size_t)KC * dv, (size_t)F * dv, (size_t)F, (size_t)F * dv,
+                      (size_t)F, (size_t)KC * dv, KC, (size_t)KC * F, (size_t)KC * KC, KC, KC, KC, KC};
     size_t per = round16((size_t)KC * wide);
-    for (int i = 0; i < 17; i++) per += round16(sz[i]);
+    for (int i = 0; i < NWS; i++) per += round16(sz[i]);
     size_t extra = p->m ? round16((size_t)p->m * d) + round16((size_t)d) + 2 * round16((size_t)d * d) : 0;
     double total = (double)per * a->slots + extra;
     if (total * 4 > 1e12) return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total * 4 / 1e9);
@@ -768,15 +864,17 @@ static ef_status kernel_init(ef_attn *a) {
     float *cur = p->block;
     for (int t = 0; t < a->slots; t++) {
         kwork *w = &p->ws[t];
-        float **f[17] = {&w->phq, &w->phk, &w->uq, &w->uk, &w->nq, &w->nk, &w->shq, &w->A, &w->num,
-                         &w->S, &w->z, &w->dS, &w->dz, &w->G, &w->dd, &w->dph, &w->dA};
-        for (int i = 0; i < 17; i++) *f[i] = cur, cur += round16(sz[i]);
+        float **f[NWS] = {&w->phq, &w->phk, &w->uq, &w->uk, &w->nq, &w->nk, &w->shq,
+                          &w->A,   &w->num, &w->S,  &w->z,  &w->dS, &w->dz, &w->G,
+                          &w->dd,  &w->dph, &w->dA, &w->shk, &w->pr, &w->rho, &w->ksc};
+        for (int i = 0; i < NWS; i++) *f[i] = cur, cur += round16(sz[i]);
         w->tmp = cur, cur += round16((size_t)KC * wide);
     }
     if (a->ref) { /* the reference path maps whole sequences */
         int n = s->q_len, mm = s->kv_len, big = EF_MAX(n, mm);
         size_t rs[9] = {(size_t)n * F, (size_t)mm * F, (size_t)n * m, (size_t)mm * m, (size_t)n,
                         (size_t)mm, (size_t)n * F, (size_t)mm * F, (size_t)big * wide + n + mm};
+        /* rtmp: fm_backward's big x wide scratch, then key shifts (mm) and query shifts (n) */
         size_t rt = 0;
         for (int i = 0; i < 9; i++) rt += round16(rs[i]);
         float *rb = ef_malloc(rt * sizeof(float));
