@@ -84,3 +84,54 @@ float *ef_test_zeros(size_t n) {
     }
     return p;
 }
+
+void ef_test_inputs(ef_test_bufs *b, ef_attn_shape s, uint64_t seed, float sigma) {
+    memset(b, 0, sizeof *b);
+    b->s = s;
+    size_t bh = (size_t)s.batch * s.heads;
+    b->nq = bh * s.q_len * s.head_dim, b->nk = bh * s.kv_len * s.head_dim;
+    b->nv = bh * s.kv_len * s.v_dim, b->no = bh * s.q_len * s.v_dim;
+    b->q = ef_test_randn(b->nq, seed, sigma);
+    b->k = ef_test_randn(b->nk, seed + 1, sigma);
+    b->v = ef_test_randn(b->nv, seed + 2, 1.0f);
+    b->g = ef_test_randn(b->no, seed + 3, 1.0f);
+}
+
+void ef_test_free_inputs(ef_test_bufs *b) { free(b->q), free(b->k), free(b->v), free(b->g); }
+
+void ef_test_outputs(ef_test_bufs *o, const ef_test_bufs *in) {
+    memset(o, 0, sizeof *o);
+    o->out = ef_test_zeros(in->no), o->dq = ef_test_zeros(in->nq);
+    o->dk = ef_test_zeros(in->nk), o->dv = ef_test_zeros(in->nv);
+}
+
+void ef_test_free_outputs(ef_test_bufs *o) {
+    free(o->out), free(o->dq), free(o->dk), free(o->dv), free(o->saved);
+    o->out = o->dq = o->dk = o->dv = NULL, o->saved = NULL;
+}
+
+ef_status ef_test_run_plan(ef_attn *a, const ef_test_bufs *in, const int32_t *kv_lens,
+                           ef_test_bufs *o, int backward) {
+    size_t sb = ef_attn_saved_bytes(a);
+    free(o->saved);
+    o->saved = malloc(sb ? sb : 1);
+    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
+    ef_status st = ef_attn_forward(a, &io, backward ? o->saved : NULL);
+    if (!st && backward) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
+    return st;
+}
+
+ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *kv_lens,
+                      ef_test_bufs *o) {
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, spec, &in->s);
+    if (!st) st = ef_test_run_plan(a, in, kv_lens, o, 1);
+    ef_attn_free(a);
+    return st;
+}
+
+int ef_test_any_nonfinite(const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        if (!isfinite(x[i])) return 1;
+    return 0;
+}

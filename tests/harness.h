@@ -32,4 +32,27 @@ double ef_max_rel_diff(const float *a, const float *b, size_t n);
 float *ef_test_randn(size_t n, uint64_t seed, float sigma);
 float *ef_test_zeros(size_t n);
 
+
+/* Inputs and outputs of one attention problem, shared by the mechanism tests.
+ * Inputs are Gaussian: q and k with `sigma`, v and the output gradient g with sigma 1. */
+typedef struct ef_test_bufs {
+    ef_attn_shape s;
+    size_t nq, nk, nv, no; /* element counts of q, k, v, out */
+    float *q, *k, *v, *g;
+    float *out, *dq, *dk, *dv; /* outputs (ef_test_outputs: zero-filled) */
+    void *saved;
+} ef_test_bufs;
+void ef_test_inputs(ef_test_bufs *b, ef_attn_shape s, uint64_t seed, float sigma);
+void ef_test_free_inputs(ef_test_bufs *b);
+void ef_test_outputs(ef_test_bufs *o, const ef_test_bufs *in);
+void ef_test_free_outputs(ef_test_bufs *o); /* frees and clears the output pointers */
+/* Forward (saved buffer in o->saved) and, when backward, backward of plan a on in into o. */
+ef_status ef_test_run_plan(ef_attn *a, const ef_test_bufs *in, const int32_t *kv_lens,
+                           ef_test_bufs *o, int backward);
+/* Creates the plan of `spec` for in->s, runs forward and backward into o, frees the plan. */
+ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *kv_lens,
+                      ef_test_bufs *o);
+/* 1 when any of the n values is NaN or infinite. */
+int ef_test_any_nonfinite(const float *x, size_t n);
+
 #endif

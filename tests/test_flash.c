@@ -18,59 +18,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct bufs {
-    ef_attn_shape s;
-    size_t nq, nk, nv, no;
-    float *q, *k, *v, *g;
-    float *out, *dq, *dk, *dv;
-    void *saved;
-} bufs;
-
-static void bufs_alloc(bufs *b, ef_attn_shape s, uint64_t seed, float sigma) {
-    memset(b, 0, sizeof *b);
-    b->s = s;
-    size_t bh = (size_t)s.batch * s.heads;
-    b->nq = bh * s.q_len * s.head_dim, b->nk = bh * s.kv_len * s.head_dim;
-    b->nv = bh * s.kv_len * s.v_dim, b->no = bh * s.q_len * s.v_dim;
-    b->q = ef_test_randn(b->nq, seed, sigma);
-    b->k = ef_test_randn(b->nk, seed + 1, sigma);
-    b->v = ef_test_randn(b->nv, seed + 2, 1.0f);
-    b->g = ef_test_randn(b->no, seed + 3, 1.0f);
-}
-
-static void outs_alloc(bufs *o, const bufs *in) {
-    memset(o, 0, sizeof *o);
-    o->out = ef_test_zeros(in->no), o->dq = ef_test_zeros(in->nq);
-    o->dk = ef_test_zeros(in->nk), o->dv = ef_test_zeros(in->nv);
-}
-
-static void outs_free(bufs *o) {
-    free(o->out), free(o->dq), free(o->dk), free(o->dv), free(o->saved);
-}
-
-static void bufs_free(bufs *b) {
-    free(b->q), free(b->k), free(b->v), free(b->g);
-}
-
-/* Runs spec forward + backward into o; returns status. */
-static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, bufs *o) {
-    ef_attn *a = NULL;
-    ef_status st = ef_attn_new(&a, spec, &in->s);
-    if (st) return st;
-    size_t sb = ef_attn_saved_bytes(a);
-    o->saved = malloc(sb ? sb : 1);
-    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
-    st = ef_attn_forward(a, &io, o->saved);
-    if (!st) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
-    ef_attn_free(a);
-    return st;
-}
-
-static int any_nonfinite(const float *x, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) return 1;
-    return 0;
-}
+typedef ef_test_bufs bufs;
 
 /* spec_fast vs spec_ref on one configuration, forward and backward. */
 static void compare_specs(const char *label, ef_attn_shape s, const char *spec_fast,
@@ -78,14 +26,14 @@ static void compare_specs(const char *label, ef_attn_shape s, const char *spec_f
                           double tol_b) {
     char name[256];
     bufs in, rf, fl;
-    bufs_alloc(&in, s, 1000 + (uint64_t)s.q_len * 7 + s.kv_len, sigma);
-    outs_alloc(&rf, &in), outs_alloc(&fl, &in);
-    ef_status st1 = run(spec_ref, &in, kv_lens, &rf), st2 = run(spec_fast, &in, kv_lens, &fl);
+    ef_test_inputs(&in, s, 1000 + (uint64_t)s.q_len * 7 + s.kv_len, sigma);
+    ef_test_outputs(&rf, &in), ef_test_outputs(&fl, &in);
+    ef_status st1 = ef_test_run(spec_ref, &in, kv_lens, &rf), st2 = ef_test_run(spec_fast, &in, kv_lens, &fl);
     snprintf(name, sizeof name, "%s: both run", label);
     if (ef_check(name, st1 == EF_OK && st2 == EF_OK, "%s %s, %s %s %s", spec_ref,
                  ef_status_str(st1), spec_fast, ef_status_str(st2), ef_last_error())) {
-        int bad = any_nonfinite(fl.out, in.no) || any_nonfinite(fl.dq, in.nq) ||
-                  any_nonfinite(fl.dk, in.nk) || any_nonfinite(fl.dv, in.nv);
+        int bad = ef_test_any_nonfinite(fl.out, in.no) || ef_test_any_nonfinite(fl.dq, in.nq) ||
+                  ef_test_any_nonfinite(fl.dk, in.nk) || ef_test_any_nonfinite(fl.dv, in.nv);
         snprintf(name, sizeof name, "%s: outputs finite", label);
         ef_check(name, !bad, "%s", bad ? "NaN or inf found" : "");
         snprintf(name, sizeof name, "%s: out", label);
@@ -97,7 +45,7 @@ static void compare_specs(const char *label, ef_attn_shape s, const char *spec_f
         snprintf(name, sizeof name, "%s: dv", label);
         ef_check_err(name, ef_max_rel_diff(fl.dv, rf.dv, in.nv), tol_b);
     }
-    outs_free(&rf), outs_free(&fl), bufs_free(&in);
+    ef_test_free_outputs(&rf), ef_test_free_outputs(&fl), ef_test_free_inputs(&in);
 }
 
 /* flash vs full; opts is appended to both names (e.g. ":causal=1"). */
@@ -164,14 +112,14 @@ static void empty_rows(void) {
     const char *specs[] = {"full", "flash"};
     for (int i = 0; i < 2; i++) {
         bufs in, o;
-        bufs_alloc(&in, s, 77, 1.0f);
-        outs_alloc(&o, &in);
+        ef_test_inputs(&in, s, 77, 1.0f);
+        ef_test_outputs(&o, &in);
         /* NaN pre-fill: an output the mechanism never writes cannot pass as zero */
         for (size_t j = 0; j < in.no; j++) o.out[j] = NAN;
         for (size_t j = 0; j < in.nq; j++) o.dq[j] = NAN;
         for (size_t j = 0; j < in.nk; j++) o.dk[j] = NAN;
         for (size_t j = 0; j < in.nv; j++) o.dv[j] = NAN;
-        ef_status st = run(specs[i], &in, lens, &o);
+        ef_status st = ef_test_run(specs[i], &in, lens, &o);
         size_t half_o = in.no / 2, half_q = in.nq / 2, half_k = in.nk / 2, half_v = in.nv / 2;
         float zeros[1] = {0};
         double m = 0; /* max |value|, NaN-aware (ef_max_abs_diff returns inf on NaN) */
@@ -183,7 +131,7 @@ static void empty_rows(void) {
         snprintf(name, sizeof name, "%s: fully padded sequence -> zeros (max |value|)", specs[i]);
         if (st) ef_check(name, 0, "%s", ef_last_error());
         else ef_check_err(name, m, 0.0);
-        outs_free(&o), bufs_free(&in);
+        ef_test_free_outputs(&o), ef_test_free_inputs(&in);
     }
     /* causal with kv_len < q_len is fine; causal row 0 with kv_lens = 0 sees nothing */
 }
@@ -205,17 +153,17 @@ static void padding_invariance(void) {
     ef_attn_shape s = {2, 1, 70, 70, 16, 16};
     int32_t lens[2] = {30, 70};
     bufs in, a, b;
-    bufs_alloc(&in, s, 5, 1.0f);
-    outs_alloc(&a, &in), outs_alloc(&b, &in);
-    ef_status st = run("flash", &in, lens, &a);
+    ef_test_inputs(&in, s, 5, 1.0f);
+    ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
+    ef_status st = ef_test_run("flash", &in, lens, &a);
     for (int j = 30; j < 70; j++) {
         for (int t = 0; t < 16; t++) in.k[(size_t)j * 16 + t] = 1e4f, in.v[(size_t)j * 16 + t] = 1e9f;
     }
-    if (!st) st = run("flash", &in, lens, &b);
+    if (!st) st = ef_test_run("flash", &in, lens, &b);
     ef_check_status("flash padding invariance runs", st, EF_OK);
     ef_check_err("flash: padded keys/values set to 1e4/1e9 change no output", ef_max_abs_diff(a.out, b.out, in.no), 0.0);
     ef_check_err("flash: ... and no dq", ef_max_abs_diff(a.dq, b.dq, in.nq), 0.0);
-    outs_free(&a), outs_free(&b), bufs_free(&in);
+    ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
 }
 
 /* The result may not depend on the thread count: bitwise equality for 1 and 2 threads. */
@@ -225,20 +173,20 @@ static void threads_bitwise(void) {
     int32_t lens[2] = {170, 99};
     for (int i = 0; i < 2; i++) {
         bufs in, a, b;
-        bufs_alloc(&in, s, 11, 1.0f);
-        outs_alloc(&a, &in), outs_alloc(&b, &in);
+        ef_test_inputs(&in, s, 11, 1.0f);
+        ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
         int old = ef_get_num_threads();
         ef_set_num_threads(1);
-        ef_status st = run(specs[i], &in, lens, &a);
+        ef_status st = ef_test_run(specs[i], &in, lens, &a);
         ef_set_num_threads(2);
-        if (!st) st = run(specs[i], &in, lens, &b);
+        if (!st) st = ef_test_run(specs[i], &in, lens, &b);
         ef_set_num_threads(old);
         char name[128];
         snprintf(name, sizeof name, "%s: 1 vs 2 threads bitwise (out, dq, dk, dv)", specs[i]);
         int same = !st && !memcmp(a.out, b.out, in.no * 4) && !memcmp(a.dq, b.dq, in.nq * 4) &&
                    !memcmp(a.dk, b.dk, in.nk * 4) && !memcmp(a.dv, b.dv, in.nv * 4);
         ef_check(name, same, "%s", st ? ef_last_error() : (same ? "identical" : "differ"));
-        outs_free(&a), outs_free(&b), bufs_free(&in);
+        ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
     }
 }
 
@@ -246,23 +194,23 @@ static void threads_bitwise(void) {
 static void causality(void) {
     ef_attn_shape s = {1, 1, 100, 100, 8, 8};
     bufs in, a, b;
-    bufs_alloc(&in, s, 21, 1.0f);
-    outs_alloc(&a, &in), outs_alloc(&b, &in);
-    ef_status st = run("flash:causal=1", &in, NULL, &a);
+    ef_test_inputs(&in, s, 21, 1.0f);
+    ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
+    ef_status st = ef_test_run("flash:causal=1", &in, NULL, &a);
     for (int j = 60; j < 100; j++)
         for (int t = 0; t < 8; t++) in.k[j * 8 + t] += 3.0f, in.v[j * 8 + t] -= 5.0f;
-    if (!st) st = run("flash:causal=1", &in, NULL, &b);
+    if (!st) st = ef_test_run("flash:causal=1", &in, NULL, &b);
     ef_check_status("causality run", st, EF_OK);
     ef_check_err("flash causal: outputs of rows < 60 unchanged by keys >= 60",
                  ef_max_abs_diff(a.out, b.out, 60 * 8), 0.0);
-    outs_free(&a), outs_free(&b), bufs_free(&in);
+    ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
 }
 
 /* saved = NULL (inference) gives the same output as a training forward. */
 static void inference_equals_training(void) {
     ef_attn_shape s = {1, 2, 90, 90, 32, 32};
     bufs in;
-    bufs_alloc(&in, s, 31, 1.0f);
+    ef_test_inputs(&in, s, 31, 1.0f);
     float *o1 = ef_test_zeros(in.no), *o2 = ef_test_zeros(in.no);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, "flash:causal=1", &s);
@@ -272,7 +220,7 @@ static void inference_equals_training(void) {
     if (!st) st = ef_attn_forward(a, &io2, sv);
     ef_check_status("flash inference and training forward run", st, EF_OK);
     ef_check_err("flash: inference forward == training forward", ef_max_abs_diff(o1, o2, in.no), 0.0);
-    ef_attn_free(a), free(sv), free(o1), free(o2), bufs_free(&in);
+    ef_attn_free(a), free(sv), free(o1), free(o2), ef_test_free_inputs(&in);
 }
 
 int main(void) {

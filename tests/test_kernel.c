@@ -53,67 +53,11 @@ static int check_le(const char *name, double err, double tol, const char *why) {
 /* ---------------------------------------------------------------------------------------------
  * Buffers and runs (as test_sparse.c)
  * ------------------------------------------------------------------------------------------- */
-typedef struct bufs {
-    ef_attn_shape s;
-    size_t nq, nk, nv, no;
-    float *q, *k, *v, *g;
-    float *out, *dq, *dk, *dv;
-    void *saved;
-} bufs;
-
-static void bufs_alloc(bufs *b, ef_attn_shape s, uint64_t seed, float sigma) {
-    memset(b, 0, sizeof *b);
-    b->s = s;
-    size_t bh = (size_t)s.batch * s.heads;
-    b->nq = bh * s.q_len * s.head_dim, b->nk = bh * s.kv_len * s.head_dim;
-    b->nv = bh * s.kv_len * s.v_dim, b->no = bh * s.q_len * s.v_dim;
-    b->q = ef_test_randn(b->nq, seed, sigma);
-    b->k = ef_test_randn(b->nk, seed + 1, sigma);
-    b->v = ef_test_randn(b->nv, seed + 2, 1.0f);
-    b->g = ef_test_randn(b->no, seed + 3, 1.0f);
-}
-
-static void outs_alloc(bufs *o, const bufs *in) {
-    memset(o, 0, sizeof *o);
-    o->out = ef_test_zeros(in->no), o->dq = ef_test_zeros(in->nq);
-    o->dk = ef_test_zeros(in->nk), o->dv = ef_test_zeros(in->nv);
-}
-
-static void outs_free(bufs *o) {
-    free(o->out), free(o->dq), free(o->dk), free(o->dv), free(o->saved);
-    o->out = o->dq = o->dk = o->dv = NULL, o->saved = NULL;
-}
-
-static void bufs_free(bufs *b) { free(b->q), free(b->k), free(b->v), free(b->g); }
-
-/* Forward (+ backward when do_bwd) of plan a into o. */
-static ef_status run_plan(ef_attn *a, const bufs *in, const int32_t *kv_lens, bufs *o, int do_bwd) {
-    size_t sb = ef_attn_saved_bytes(a);
-    free(o->saved);
-    o->saved = malloc(sb ? sb : 1);
-    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
-    ef_status st = ef_attn_forward(a, &io, do_bwd ? o->saved : NULL);
-    if (!st && do_bwd) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
-    return st;
-}
-
-static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, bufs *o) {
-    ef_attn *a = NULL;
-    ef_status st = ef_attn_new(&a, spec, &in->s);
-    if (!st) st = run_plan(a, in, kv_lens, o, 1);
-    ef_attn_free(a);
-    return st;
-}
-
-static int any_nonfinite(const float *x, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) return 1;
-    return 0;
-}
+typedef ef_test_bufs bufs;
 
 static int outs_nonfinite(const bufs *in, const bufs *o) {
-    return any_nonfinite(o->out, in->no) || any_nonfinite(o->dq, in->nq) ||
-           any_nonfinite(o->dk, in->nk) || any_nonfinite(o->dv, in->nv);
+    return ef_test_any_nonfinite(o->out, in->no) || ef_test_any_nonfinite(o->dq, in->nq) ||
+           ef_test_any_nonfinite(o->dk, in->nk) || ef_test_any_nonfinite(o->dv, in->nv);
 }
 
 static int outs_identical(const bufs *in, const bufs *a, const bufs *b) {
@@ -176,16 +120,16 @@ static void fast_vs_ref_grow(const char *spec, ef_attn_shape s, const int32_t *l
         snprintf(label, sizeof label, "%s %s", spec, sh);
     snprintf(ref, sizeof ref, "%s,ref=1", spec);
     bufs in, fa, rf;
-    bufs_alloc(&in, s, input_seed(s), sigma);
+    ef_test_inputs(&in, s, input_seed(s), sigma);
     if (ks0 > 0) grow_keys(&in, ks0, ks1);
-    outs_alloc(&fa, &in), outs_alloc(&rf, &in);
-    ef_status st1 = run(spec, &in, lens, &fa);
-    ef_status st2 = st1 ? st1 : run(ref, &in, lens, &rf);
+    ef_test_outputs(&fa, &in), ef_test_outputs(&rf, &in);
+    ef_status st1 = ef_test_run(spec, &in, lens, &fa);
+    ef_status st2 = st1 ? st1 : ef_test_run(ref, &in, lens, &rf);
     char name[600];
     snprintf(name, sizeof name, "%s: fast and ref run", label);
     if (ef_check(name, !st1 && !st2, "%s %s", ef_status_str(st1 ? st1 : st2), ef_last_error()))
         compare_outs(label, &in, &fa, &rf, tol_f, tol_b);
-    outs_free(&fa), outs_free(&rf), bufs_free(&in);
+    ef_test_free_outputs(&fa), ef_test_free_outputs(&rf), ef_test_free_inputs(&in);
 }
 
 static void fast_vs_ref(const char *spec, ef_attn_shape s, const int32_t *lens, float sigma) {
@@ -295,7 +239,7 @@ static void test_linear_oracle(void) {
            "(fp32 sums of <= 50 positive terms)\n");
     ef_attn_shape s = {1, 1, 40, 50, 8, 4};
     bufs in;
-    bufs_alloc(&in, s, 4242, 1.0f);
+    ef_test_inputs(&in, s, 4242, 1.0f);
     /* entries near the elu kink: tiny positive (1 + x rounds to 1 in fp32), zero, tiny negative */
     const float kink[] = {1e-8f, 0.0f, -1e-8f, 3e-8f, 1e-30f};
     for (int i = 0; i < 5; i++) in.k[7 * i + 3] = kink[i], in.q[11 * i + 2] = kink[i];
@@ -315,7 +259,7 @@ static void test_linear_oracle(void) {
             check_le(name, ef_max_rel_diff(got, want, in.no), 1e-5, "fp32 vs double, 50 terms");
         ef_attn_free(a), free(want), free(got);
     }
-    bufs_free(&in);
+    ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -327,7 +271,7 @@ static void decode_case(const char *spec, ef_attn_shape s, float qsig, float ks0
                         double tol) {
     int n = s.q_len, d = s.head_dim, dv = s.v_dim, bh = s.batch * s.heads;
     bufs in;
-    bufs_alloc(&in, s, input_seed(s) + 77, 1.0f);
+    ef_test_inputs(&in, s, input_seed(s) + 77, 1.0f);
     for (size_t i = 0; i < in.nq; i++) in.q[i] *= qsig;
     grow_keys(&in, ks0, ks1);
     float *fwd = ef_test_zeros(in.no), *dec = ef_test_zeros(in.no);
@@ -380,7 +324,7 @@ static void decode_case(const char *spec, ef_attn_shape s, float qsig, float ks0
                  (long long)p0, e, r2 ? ef_last_error() : "");
     }
     ef_attn_state_free(st), ef_attn_free(a);
-    free(fwd), free(dec), free(qt), free(kt), free(vt), free(ot), bufs_free(&in);
+    free(fwd), free(dec), free(qt), free(kt), free(vt), free(ot), ef_test_free_inputs(&in);
 }
 
 static void test_decode(void) {
@@ -499,9 +443,9 @@ static void test_padding_invariance(void) {
     for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
         int perf = strncmp(specs[i], "performer", 9) == 0;
         bufs in, a, b;
-        bufs_alloc(&in, s, 4321, perf ? SIG_P : 1.0f);
-        outs_alloc(&a, &in), outs_alloc(&b, &in);
-        ef_status st = run(specs[i], &in, lens, &a);
+        ef_test_inputs(&in, s, 4321, perf ? SIG_P : 1.0f);
+        ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
+        ef_status st = ef_test_run(specs[i], &in, lens, &a);
         for (int x = 0; x < s.batch * s.heads; x++) {
             int L = lens[x / s.heads];
             for (int j = L; j < s.kv_len; j++) {
@@ -511,7 +455,7 @@ static void test_padding_invariance(void) {
                     in.v[((size_t)x * s.kv_len + j) * s.v_dim + t] = 1e9f;
             }
         }
-        if (!st) st = run(specs[i], &in, lens, &b);
+        if (!st) st = ef_test_run(specs[i], &in, lens, &b);
         char name[200];
         snprintf(name, sizeof name, "%s lens{131,70}: runs", specs[i]);
         if (ef_check(name, !st, "%s", st ? ef_last_error() : "")) {
@@ -531,7 +475,7 @@ static void test_padding_invariance(void) {
             snprintf(name, sizeof name, "%s: dk of padded keys is 0", specs[i]);
             check_le(name, pad, 0.0, "invisible keys get no gradient");
         }
-        outs_free(&a), outs_free(&b), bufs_free(&in);
+        ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
     }
 }
 
@@ -549,9 +493,9 @@ static void test_empty_rows(void) {
     int32_t lens[2] = {0, 140};
     for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
         bufs in, o;
-        bufs_alloc(&in, s, 77, strncmp(specs[i], "perf", 4) ? 1.0f : SIG_P);
-        outs_alloc(&o, &in);
-        ef_status st = run(specs[i], &in, lens, &o);
+        ef_test_inputs(&in, s, 77, strncmp(specs[i], "perf", 4) ? 1.0f : SIG_P);
+        ef_test_outputs(&o, &in);
+        ef_status st = ef_test_run(specs[i], &in, lens, &o);
         double m = 0; /* batch 0 is the first half of every tensor */
         for (size_t j = 0; j < in.no / 2; j++) m = fmax(m, fabs(o.out[j]));
         for (size_t j = 0; j < in.nq / 2; j++) m = fmax(m, fabs(o.dq[j]));
@@ -564,7 +508,7 @@ static void test_empty_rows(void) {
             ef_check(name, 0, "%s", st ? ef_last_error() : "NaN or inf");
         else
             check_le(name, m, 0.0, "a row that sees no key outputs 0 and gets 0 gradients");
-        outs_free(&o), bufs_free(&in);
+        ef_test_free_outputs(&o), ef_test_free_inputs(&in);
     }
 }
 
@@ -808,7 +752,7 @@ static void test_convergence(void) {
            "||perf - full||_F / ||full||_F\n");
     ef_attn_shape s = {1, 2, 64, 64, 16, 16};
     bufs in;
-    bufs_alloc(&in, s, 555, SIG_P);
+    ef_test_inputs(&in, s, 555, SIG_P);
     float *full = ef_test_zeros(in.no), *perf = ef_test_zeros(in.no);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, "full", &s);
@@ -850,7 +794,7 @@ static void test_convergence(void) {
         snprintf(name, sizeof name, "ortho=%d: err(m=1024) / err(m=16)", ortho);
         check_le(name, err[3] / err[0], 0.25, "1/sqrt(64) = 0.125 expected, 5 seeds");
     }
-    free(full), free(perf), bufs_free(&in);
+    free(full), free(perf), ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -877,10 +821,10 @@ static void test_trig(void) {
         char ref[128], name[200];
         snprintf(ref, sizeof ref, "%s,ref=1", sp[i]);
         bufs in, fa, rf;
-        bufs_alloc(&in, s, 9090, 1.0f);
-        outs_alloc(&fa, &in), outs_alloc(&rf, &in);
-        ef_status st = run(sp[i], &in, NULL, &fa);
-        if (!st) st = run(ref, &in, NULL, &rf);
+        ef_test_inputs(&in, s, 9090, 1.0f);
+        ef_test_outputs(&fa, &in), ef_test_outputs(&rf, &in);
+        ef_status st = ef_test_run(sp[i], &in, NULL, &fa);
+        if (!st) st = ef_test_run(ref, &in, NULL, &rf);
         int bad = st || outs_nonfinite(&in, &fa) || outs_nonfinite(&in, &rf);
         snprintf(name, sizeof name, "%s sigma 1 D64: fast and ref finite", sp[i]);
         ef_check(name, !bad,
@@ -888,7 +832,7 @@ static void test_trig(void) {
                  "normaliser)",
                  st ? ef_last_error() : "finite", ef_max_rel_diff(fa.out, rf.out, in.no),
                  ef_max_rel_diff(fa.dq, rf.dq, in.nq));
-        outs_free(&fa), outs_free(&rf), bufs_free(&in);
+        ef_test_free_outputs(&fa), ef_test_free_outputs(&rf), ef_test_free_inputs(&in);
     }
 }
 
@@ -899,17 +843,17 @@ static void test_determinism(void) {
     printf("# 6. determinism: seeds, redraw, threads\n");
     ef_attn_shape s = {2, 2, 90, 90, 16, 8};
     bufs in, a, b;
-    bufs_alloc(&in, s, 6060, SIG_P);
-    outs_alloc(&a, &in), outs_alloc(&b, &in);
-    ef_status st = run("performer:seed=7,features=64", &in, NULL, &a);
-    if (!st) st = run("performer:seed=7,features=64", &in, NULL, &b);
+    ef_test_inputs(&in, s, 6060, SIG_P);
+    ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
+    ef_status st = ef_test_run("performer:seed=7,features=64", &in, NULL, &a);
+    if (!st) st = ef_test_run("performer:seed=7,features=64", &in, NULL, &b);
     ef_check("same seed, two plans: identical out, dq, dk, dv", !st && outs_identical(&in, &a, &b),
              "%s (tol 0: counter-based draws)", st ? ef_last_error() : "");
-    if (!st) st = run("performer:seed=8,features=64", &in, NULL, &b);
+    if (!st) st = ef_test_run("performer:seed=8,features=64", &in, NULL, &b);
     double dseed = st ? 0 : ef_max_rel_diff(b.out, a.out, in.no);
     ef_check("different seed: outputs differ", !st && dseed > 10 * TOL_F,
              "rel. diff %.3e must exceed %.1e (another W: an O(0.1..1) change)", dseed, 10 * TOL_F);
-    outs_free(&a), outs_free(&b);
+    ef_test_free_outputs(&a), ef_test_free_outputs(&b);
 
     /* redraw=2: forwards A, B use draw 0; C (the third training forward) draws anew */
     const char *rspec = "performer:redraw=2,features=32,seed=3";
@@ -918,10 +862,10 @@ static void test_determinism(void) {
     if (!st) st = ef_attn_new(&fresh, rspec, &s);
     if (!ef_check("redraw plans created", !st, "%s", st ? ef_last_error() : "")) goto threads;
     bufs A, B, C, D, F;
-    outs_alloc(&A, &in), outs_alloc(&B, &in), outs_alloc(&C, &in), outs_alloc(&D, &in),
-        outs_alloc(&F, &in);
+    ef_test_outputs(&A, &in), ef_test_outputs(&B, &in), ef_test_outputs(&C, &in), ef_test_outputs(&D, &in),
+        ef_test_outputs(&F, &in);
     /* inference forwards (saved = NULL) never count */
-    for (int i = 0; i < 3 && !st; i++) st = run_plan(p, &in, NULL, &D, 0);
+    for (int i = 0; i < 3 && !st; i++) st = ef_test_run_plan(p, &in, NULL, &D, 0);
     A.saved = malloc(ef_attn_saved_bytes(p));
     ef_attn_io io = {in.q, in.k, in.v, NULL, A.out};
     if (!st) st = ef_attn_forward(p, &io, A.saved);
@@ -942,7 +886,7 @@ static void test_determinism(void) {
     /* backward of A after the redraw == backward of a fresh plan on A (its features) */
     io.out = A.out;
     if (!st) st = ef_attn_backward(p, &io, A.saved, in.g, A.dq, A.dk, A.dv);
-    if (!st) st = run_plan(fresh, &in, NULL, &F, 1);
+    if (!st) st = ef_test_run_plan(fresh, &in, NULL, &F, 1);
     ef_check("backward(saved of A) after a redraw == fresh plan's backward on A",
              !st && outs_identical(&in, &A, &F), "%s (tol 0: the same draw regenerated)",
              st ? ef_last_error() : "");
@@ -958,7 +902,7 @@ static void test_determinism(void) {
     if (!st) st = ef_attn_backward(p, &io, C.saved, in.g, C.dq, C.dk, C.dv);
     if (!st) {
         bufs C2;
-        outs_alloc(&C2, &in);
+        ef_test_outputs(&C2, &in);
         memcpy(C2.out, C.out, in.no * 4);
         ef_attn_io io2 = {in.q, in.k, in.v, NULL, C2.out};
         /* a reference for C's gradients: the same draw, reached by the same sequence */
@@ -969,9 +913,9 @@ static void test_determinism(void) {
         if (!s2) s2 = ef_attn_backward(p2, &io2, sv, in.g, C2.dq, C2.dk, C2.dv);
         ef_check("backward of C after backward of A == C's own gradients",
                  !s2 && outs_identical(&in, &C, &C2), "%s (tol 0)", s2 ? ef_last_error() : "");
-        free(sv), ef_attn_free(p2), outs_free(&C2);
+        free(sv), ef_attn_free(p2), ef_test_free_outputs(&C2);
     }
-    outs_free(&A), outs_free(&B), outs_free(&C), outs_free(&D), outs_free(&F);
+    ef_test_free_outputs(&A), ef_test_free_outputs(&B), ef_test_free_outputs(&C), ef_test_free_outputs(&D), ef_test_free_outputs(&F);
 threads:
     ef_attn_free(p), ef_attn_free(fresh);
     /* 1 vs 2 threads: (batch, head) items with single-threaded GEMMs -> bitwise equal */
@@ -982,22 +926,22 @@ threads:
                                "performer:causal=1,kernel=hyp,features=64"};
         for (int i = 0; i < 4; i++) {
             bufs tin, t1, t2;
-            bufs_alloc(&tin, t, 11, strncmp(specs[i], "perf", 4) ? 1.0f : SIG_P);
-            outs_alloc(&t1, &tin), outs_alloc(&t2, &tin);
+            ef_test_inputs(&tin, t, 11, strncmp(specs[i], "perf", 4) ? 1.0f : SIG_P);
+            ef_test_outputs(&t1, &tin), ef_test_outputs(&t2, &tin);
             int old = ef_get_num_threads();
             ef_set_num_threads(1);
-            ef_status r = run(specs[i], &tin, lens, &t1);
+            ef_status r = ef_test_run(specs[i], &tin, lens, &t1);
             ef_set_num_threads(2);
-            if (!r) r = run(specs[i], &tin, lens, &t2);
+            if (!r) r = ef_test_run(specs[i], &tin, lens, &t2);
             ef_set_num_threads(old);
             char name[160];
             snprintf(name, sizeof name, "%s: 1 vs 2 threads bitwise (out, dq, dk, dv)", specs[i]);
             int same = !r && outs_identical(&tin, &t1, &t2);
             ef_check(name, same, "%s (tol 0)", r ? ef_last_error() : same ? "identical" : "differ");
-            outs_free(&t1), outs_free(&t2), bufs_free(&tin);
+            ef_test_free_outputs(&t1), ef_test_free_outputs(&t2), ef_test_free_inputs(&tin);
         }
     }
-    bufs_free(&in);
+    ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------

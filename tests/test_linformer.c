@@ -22,31 +22,13 @@
 
 static const char *const shares[4] = {"none", "kv", "headwise", "layerwise"};
 
-typedef struct bufs {
-    ef_attn_shape s;
-    size_t nq, nk, nv, no;
-    float *q, *k, *v, *g;
-} bufs;
+typedef ef_test_bufs bufs; /* inputs only: the outputs live elsewhere here */
 
 typedef struct res {
     float *out, *dq, *dk, *dv;
     float *params, *grads; /* copies, np floats */
     size_t np;
 } res;
-
-static void bufs_alloc(bufs *b, ef_attn_shape s, uint64_t seed) {
-    memset(b, 0, sizeof *b);
-    b->s = s;
-    size_t bh = (size_t)s.batch * s.heads;
-    b->nq = bh * s.q_len * s.head_dim, b->nk = bh * s.kv_len * s.head_dim;
-    b->nv = bh * s.kv_len * s.v_dim, b->no = bh * s.q_len * s.v_dim;
-    b->q = ef_test_randn(b->nq, seed, 1.0f);
-    b->k = ef_test_randn(b->nk, seed + 1, 1.0f);
-    b->v = ef_test_randn(b->nv, seed + 2, 1.0f);
-    b->g = ef_test_randn(b->no, seed + 3, 1.0f);
-}
-
-static void bufs_free(bufs *b) { free(b->q), free(b->k), free(b->v), free(b->g); }
 
 /* Output buffers start as NaN: an element the library does not write fails every check. */
 static float *nans(size_t n) {
@@ -132,7 +114,7 @@ static void versus_reference(void) {
     int32_t lens[3] = {90, 45, 0};
     const int ks[] = {1, 16, 90, 300};
     bufs in;
-    bufs_alloc(&in, s, 100);
+    ef_test_inputs(&in, s, 100, 1.0f);
     for (int sh = 0; sh < 4; sh++)
         for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++) {
             char fast[128], ref[160], label[160];
@@ -158,7 +140,7 @@ static void versus_reference(void) {
             }
             res_free(&f), res_free(&r);
         }
-    bufs_free(&in);
+    ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -167,7 +149,7 @@ static void versus_reference(void) {
 static void identity_is_full(void) {
     ef_attn_shape s = {2, 2, 77, 90, 24, 40};
     bufs in;
-    bufs_alloc(&in, s, 200);
+    ef_test_inputs(&in, s, 200, 1.0f);
     res full;
     ef_status st = run("full", &in, NULL, NULL, &full);
     ef_check_status("full runs", st, EF_OK);
@@ -193,7 +175,7 @@ static void identity_is_full(void) {
         }
         res_free(&lin), free(eye);
     }
-    res_free(&full), bufs_free(&in);
+    res_free(&full), ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -205,7 +187,7 @@ static void padding_values_ignored(void) {
     int32_t lens[2] = {53, 90};
     for (int sh = 0; sh < 4; sh++) {
         bufs in;
-        bufs_alloc(&in, s, 300);
+        ef_test_inputs(&in, s, 300, 1.0f);
         char spec[128], name[160];
         snprintf(spec, sizeof spec, "linformer:k=16,share=%s", shares[sh]);
         res a, b;
@@ -233,7 +215,7 @@ static void padding_values_ignored(void) {
             snprintf(name, sizeof name, "share=%s: padded keys get zero dk, dv", shares[sh]);
             ef_check_err(name, pad, 0.0);
         }
-        res_free(&a), res_free(&b), bufs_free(&in);
+        res_free(&a), res_free(&b), ef_test_free_inputs(&in);
     }
 }
 
@@ -246,8 +228,8 @@ static void padding_equals_sliced_plan(void) {
     int32_t lens[1] = {L};
     for (int sh = 0; sh < 4; sh++) {
         bufs in, pre;
-        bufs_alloc(&in, big, 400);
-        bufs_alloc(&pre, small, 400);
+        ef_test_inputs(&in, big, 400, 1.0f);
+        ef_test_inputs(&pre, small, 400, 1.0f);
         memcpy(pre.q, in.q, in.nq * 4), memcpy(pre.g, in.g, in.no * 4);
         for (int h = 0; h < H; h++) {
             memcpy(pre.k + (size_t)h * L * D, in.k + (size_t)h * M * D, sizeof(float) * L * D);
@@ -308,7 +290,7 @@ static void padding_equals_sliced_plan(void) {
             ef_check(name, c.np == b.np && !memcmp(c.params, sliced, c.np * 4), "%zu params", c.np);
         }
         free(sliced);
-        res_free(&a), res_free(&b), res_free(&c), bufs_free(&in), bufs_free(&pre);
+        res_free(&a), res_free(&b), res_free(&c), ef_test_free_inputs(&in), ef_test_free_inputs(&pre);
     }
 }
 
@@ -317,7 +299,7 @@ static void empty_sequence(void) {
     ef_attn_shape s = {2, 2, 33, 40, 16, 8};
     int32_t lens[2] = {0, 40};
     bufs in;
-    bufs_alloc(&in, s, 500);
+    ef_test_inputs(&in, s, 500, 1.0f);
     const char *specs[] = {"linformer:k=8", "linformer:k=8,ref=1"};
     for (int i = 0; i < 2; i++) {
         res r;
@@ -338,7 +320,7 @@ static void empty_sequence(void) {
         }
         res_free(&r);
     }
-    bufs_free(&in);
+    ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -352,8 +334,8 @@ static void accumulate_and_saved(void) {
     int32_t lens[2] = {60, 31};
     for (int sh = 0; sh < 4; sh += 2) { /* none, headwise */
         bufs in, other;
-        bufs_alloc(&in, s, 600);
-        bufs_alloc(&other, s, 700);
+        ef_test_inputs(&in, s, 600, 1.0f);
+        ef_test_inputs(&other, s, 700, 1.0f);
         char spec[96], name[160];
         snprintf(spec, sizeof spec, "linformer:k=20,share=%s", shares[sh]);
         ef_attn *a = NULL;
@@ -388,7 +370,7 @@ static void accumulate_and_saved(void) {
             ef_check_err(name, ef_max_abs_diff(dq1, dq2, in.nq), 0.0);
         }
         free(saved), free(g1), free(out), free(out2), free(dq1), free(dq2), free(dk), free(dv);
-        ef_attn_free(a), bufs_free(&in), bufs_free(&other);
+        ef_attn_free(a), ef_test_free_inputs(&in), ef_test_free_inputs(&other);
     }
 }
 
@@ -424,7 +406,7 @@ static void finite_differences(void) {
     int32_t lens[2] = {5, 3};
     for (int sh = 0; sh < 4; sh++) {
         bufs in;
-        bufs_alloc(&in, s, 800);
+        ef_test_inputs(&in, s, 800, 1.0f);
         char spec[96], name[160];
         snprintf(spec, sizeof spec, "linformer:k=3,share=%s,ref=1,seed=5", shares[sh]);
         ef_attn *a = NULL;
@@ -459,7 +441,7 @@ static void finite_differences(void) {
             }
         }
         free(out), free(dq), free(dk), free(dv);
-        ef_attn_free(a), bufs_free(&in);
+        ef_attn_free(a), ef_test_free_inputs(&in);
     }
 }
 
@@ -580,7 +562,7 @@ static void describe(void) {
 static void saved_and_flops(void) {
     ef_attn_shape s = {2, 3, 41, 50, 16, 24};
     bufs in;
-    bufs_alloc(&in, s, 900);
+    ef_test_inputs(&in, s, 900, 1.0f);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, "linformer:k=12", &s);
     ef_check_status("plan", st, EF_OK);
@@ -603,7 +585,7 @@ static void saved_and_flops(void) {
                  "%.0f vs %.0f", ef_attn_flops(a, 1), fb);
         free(o1), free(o2), free(saved);
     }
-    ef_attn_free(a), bufs_free(&in);
+    ef_attn_free(a), ef_test_free_inputs(&in);
 }
 
 /* The result does not depend on the thread count (the products run in a fixed order). */
@@ -611,7 +593,7 @@ static void threads_bitwise(void) {
     ef_attn_shape s = {2, 3, 150, 170, 40, 24};
     int32_t lens[2] = {170, 99};
     bufs in;
-    bufs_alloc(&in, s, 1000);
+    ef_test_inputs(&in, s, 1000, 1.0f);
     res a, b;
     int old = ef_get_num_threads();
     ef_set_num_threads(1);
@@ -626,7 +608,7 @@ static void threads_bitwise(void) {
              st     ? ef_last_error()
              : same ? "identical"
                     : "differ");
-    res_free(&a), res_free(&b), bufs_free(&in);
+    res_free(&a), res_free(&b), ef_test_free_inputs(&in);
 }
 
 int main(void) {

@@ -24,29 +24,11 @@
 ef_status ef_nystrom_ref_head(ef_attn *a, int kv_valid, const double *q, const double *k,
                               const double *v, double *out);
 
-typedef struct bufs {
-    ef_attn_shape s;
-    size_t nq, nk, nv, no;
-    float *q, *k, *v, *g;
-} bufs;
+typedef ef_test_bufs bufs; /* inputs only: the outputs live elsewhere here */
 
 typedef struct outs {
     float *out, *dq, *dk, *dv;
 } outs;
-
-static void bufs_alloc(bufs *b, ef_attn_shape s, uint64_t seed, float sigma) {
-    memset(b, 0, sizeof *b);
-    b->s = s;
-    size_t bh = (size_t)s.batch * s.heads;
-    b->nq = bh * s.q_len * s.head_dim, b->nk = bh * s.kv_len * s.head_dim;
-    b->nv = bh * s.kv_len * s.v_dim, b->no = bh * s.q_len * s.v_dim;
-    b->q = ef_test_randn(b->nq, seed, sigma);
-    b->k = ef_test_randn(b->nk, seed + 1, sigma);
-    b->v = ef_test_randn(b->nv, seed + 2, 1.0f);
-    b->g = ef_test_randn(b->no, seed + 3, 1.0f);
-}
-
-static void bufs_free(bufs *b) { free(b->q), free(b->k), free(b->v), free(b->g); }
 
 static void outs_alloc(outs *o, const bufs *in) {
     o->out = ef_test_zeros(in->no), o->dq = ef_test_zeros(in->nq);
@@ -118,7 +100,7 @@ static void compare_ref(const char *label, ef_attn_shape s, const char *opts,
     snprintf(ref, sizeof ref, "nystrom:%s,ref=1", opts);
     bufs in;
     outs of, orf;
-    bufs_alloc(&in, s, 100 + (uint64_t)s.q_len * 3 + s.kv_len, 1.0f);
+    ef_test_inputs(&in, s, 100 + (uint64_t)s.q_len * 3 + s.kv_len, 1.0f);
     outs_alloc(&of, &in), outs_alloc(&orf, &in);
     ef_status st1 = run(fast, &in, kv_lens, &of, 1), st2 = run(ref, &in, kv_lens, &orf, 1);
     snprintf(name, sizeof name, "%s %s: both run", label, opts);
@@ -137,7 +119,7 @@ static void compare_ref(const char *label, ef_attn_shape s, const char *opts,
         snprintf(name, sizeof name, "%s %s: dv", label, opts);
         ef_check_err(name, ef_max_rel_diff(of.dv, orf.dv, in.nv), tol_b);
     }
-    outs_free(&of), outs_free(&orf), bufs_free(&in);
+    outs_free(&of), outs_free(&orf), ef_test_free_inputs(&in);
 }
 
 static void versus_reference(void) {
@@ -191,7 +173,7 @@ static void finite_differences(const char *label, ef_attn_shape s, const char *o
     snprintf(ref_spec, sizeof ref_spec, "nystrom:%s,ref=1", opts);
     snprintf(fast_spec, sizeof fast_spec, "nystrom:%s", opts);
     bufs in;
-    bufs_alloc(&in, s, 4242 + (uint64_t)L, 1.0f);
+    ef_test_inputs(&in, s, 4242 + (uint64_t)L, 1.0f);
     int32_t lens[1] = {L};
     outs rf, fs;
     outs_alloc(&rf, &in), outs_alloc(&fs, &in);
@@ -201,7 +183,7 @@ static void finite_differences(const char *label, ef_attn_shape s, const char *o
     if (!st) st = ef_attn_new(&a, ref_spec, &s);
     snprintf(name, sizeof name, "fd %s %s: runs", label, opts);
     if (!ef_check(name, !st, "%s", st ? ef_last_error() : "")) {
-        outs_free(&rf), outs_free(&fs), bufs_free(&in);
+        outs_free(&rf), outs_free(&fs), ef_test_free_inputs(&in);
         return;
     }
     size_t nx[3] = {in.nq, in.nk, in.nv}, tot = in.nq + in.nk + in.nv;
@@ -246,7 +228,7 @@ static void finite_differences(const char *label, ef_attn_shape s, const char *o
     ef_check_err(name, pad, 0.0);
     free(x), free(g), free(out), free(fd);
     ef_attn_free(a);
-    outs_free(&rf), outs_free(&fs), bufs_free(&in);
+    outs_free(&rf), outs_free(&fs), ef_test_free_inputs(&in);
 }
 
 static void gradients(void) {
@@ -269,7 +251,7 @@ static void gradients(void) {
 static double versus_full(ef_attn_shape s, const char *nys, const char *full,
                           const int32_t *kv_lens, float sigma, int identity_v, ef_status *st) {
     bufs in;
-    bufs_alloc(&in, s, 77, sigma);
+    ef_test_inputs(&in, s, 77, sigma);
     if (identity_v) /* V = I (v_dim = kv_len): out = K1 Z K3 itself, K2 Z K2 here */
         for (size_t i = 0; i < in.nv; i++) in.v[i] = (i / s.v_dim) % s.kv_len == i % s.v_dim;
     outs a, b;
@@ -277,7 +259,7 @@ static double versus_full(ef_attn_shape s, const char *nys, const char *full,
     *st = run(nys, &in, kv_lens, &a, 0);
     if (!*st) *st = run(full, &in, kv_lens, &b, 0);
     double e = *st ? INFINITY : ef_max_rel_diff(a.out, b.out, in.no);
-    outs_free(&a), outs_free(&b), bufs_free(&in);
+    outs_free(&a), outs_free(&b), ef_test_free_inputs(&in);
     return e;
 }
 
@@ -338,7 +320,7 @@ static void segments(void) {
         ef_attn_shape s = {1, 1, cases[c].n, cases[c].m, 32, 8};
         int lm = cases[c].lm, L = cases[c].len;
         bufs in;
-        bufs_alloc(&in, s, 900 + (uint64_t)c, 1.0f);
+        ef_test_inputs(&in, s, 900 + (uint64_t)c, 1.0f);
         float *tq = ef_test_randn((size_t)lm * 32, 950 + (uint64_t)c, 1.0f);
         float *tk = ef_test_randn((size_t)lm * 32, 960 + (uint64_t)c, 1.0f);
         /* query i (valid key j) := row r of a Gaussian table, r the segment holding it:
@@ -366,7 +348,7 @@ static void segments(void) {
             ef_check(name, 0, "%s", ef_last_error());
         else
             ef_check_err(name, ef_max_rel_diff(a.out, b.out, in.no), TOL_FULL);
-        free(tq), free(tk), outs_free(&a), outs_free(&b), bufs_free(&in);
+        free(tq), free(tk), outs_free(&a), outs_free(&b), ef_test_free_inputs(&in);
     }
 }
 
@@ -411,7 +393,7 @@ static void padding_invariance(void) {
     int32_t lens[2] = {30, 70};
     bufs in;
     outs a, b;
-    bufs_alloc(&in, s, 5, 1.0f);
+    ef_test_inputs(&in, s, 5, 1.0f);
     outs_alloc(&a, &in), outs_alloc(&b, &in);
     ef_status st = run("nystrom:landmarks=16", &in, lens, &a, 1);
     for (int h = 0; h < 2; h++) /* batch 0, both heads, keys 30..69 */
@@ -433,7 +415,7 @@ static void padding_invariance(void) {
         pad = fmax(pad, max_abs(b.dv + ((size_t)h * 70 + 30) * 16, 40 * 16));
     }
     ef_check_err("padded keys/values get zero gradient", pad, 0.0);
-    outs_free(&a), outs_free(&b), bufs_free(&in);
+    outs_free(&a), outs_free(&b), ef_test_free_inputs(&in);
 }
 
 /* kv_lens = 0: zero output and zero gradients (fast and reference), never NaN. */
@@ -444,7 +426,7 @@ static void empty_sequences(void) {
     for (int i = 0; i < 2; i++) {
         bufs in;
         outs o;
-        bufs_alloc(&in, s, 77, 1.0f);
+        ef_test_inputs(&in, s, 77, 1.0f);
         outs_alloc(&o, &in);
         ef_status st = run(specs[i], &in, lens, &o, 1);
         /* batch 0 is the first half of every tensor */
@@ -459,7 +441,7 @@ static void empty_sequences(void) {
             ef_check_err(name, m, 0.0);
         snprintf(name, sizeof name, "%s: ... while the other sequence is not zero", specs[i]);
         ef_check(name, !st && other > 0.01 && isfinite(other), "max %.3e", other);
-        outs_free(&o), bufs_free(&in);
+        outs_free(&o), ef_test_free_inputs(&in);
     }
 }
 
@@ -467,7 +449,7 @@ static void inference_equals_training(void) {
     ef_attn_shape s = {2, 2, 90, 70, 32, 24};
     int32_t lens[2] = {70, 41};
     bufs in;
-    bufs_alloc(&in, s, 31, 1.0f);
+    ef_test_inputs(&in, s, 31, 1.0f);
     float *o1 = ef_test_zeros(in.no), *o2 = ef_test_zeros(in.no);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, "nystrom:landmarks=16,pinv_iters=5", &s);
@@ -478,7 +460,7 @@ static void inference_equals_training(void) {
     ef_check_status("inference and training forward run", st, EF_OK);
     ef_check_err("inference forward == training forward (bitwise)", ef_max_abs_diff(o1, o2, in.no),
                  0.0);
-    ef_attn_free(a), free(sv), free(o1), free(o2), bufs_free(&in);
+    ef_attn_free(a), free(sv), free(o1), free(o2), ef_test_free_inputs(&in);
 }
 
 static void threads_bitwise(void) {
@@ -486,7 +468,7 @@ static void threads_bitwise(void) {
     int32_t lens[2] = {170, 99};
     bufs in;
     outs a, b;
-    bufs_alloc(&in, s, 11, 1.0f);
+    ef_test_inputs(&in, s, 11, 1.0f);
     outs_alloc(&a, &in), outs_alloc(&b, &in);
     int old = ef_get_num_threads();
     ef_set_num_threads(1);
@@ -500,7 +482,7 @@ static void threads_bitwise(void) {
              st     ? ef_last_error()
              : same ? "identical"
                     : "differ");
-    outs_free(&a), outs_free(&b), bufs_free(&in);
+    outs_free(&a), outs_free(&b), ef_test_free_inputs(&in);
 }
 
 static void options(void) {

@@ -39,61 +39,7 @@ static const double TOL_F = 2e-5, TOL_B = 1e-4;
 /* ---------------------------------------------------------------------------------------------
  * Buffers and runs (as test_flash.c)
  * ------------------------------------------------------------------------------------------- */
-typedef struct bufs {
-    ef_attn_shape s;
-    size_t nq, nk, nv, no;
-    float *q, *k, *v, *g;
-    float *out, *dq, *dk, *dv;
-    void *saved;
-} bufs;
-
-static void bufs_alloc(bufs *b, ef_attn_shape s, uint64_t seed, float sigma) {
-    memset(b, 0, sizeof *b);
-    b->s = s;
-    size_t bh = (size_t)s.batch * s.heads;
-    b->nq = bh * s.q_len * s.head_dim, b->nk = bh * s.kv_len * s.head_dim;
-    b->nv = bh * s.kv_len * s.v_dim, b->no = bh * s.q_len * s.v_dim;
-    b->q = ef_test_randn(b->nq, seed, sigma);
-    b->k = ef_test_randn(b->nk, seed + 1, sigma);
-    b->v = ef_test_randn(b->nv, seed + 2, 1.0f);
-    b->g = ef_test_randn(b->no, seed + 3, 1.0f);
-}
-
-static void outs_alloc(bufs *o, const bufs *in) {
-    memset(o, 0, sizeof *o);
-    o->out = ef_test_zeros(in->no), o->dq = ef_test_zeros(in->nq);
-    o->dk = ef_test_zeros(in->nk), o->dv = ef_test_zeros(in->nv);
-}
-
-static void outs_free(bufs *o) {
-    free(o->out), free(o->dq), free(o->dk), free(o->dv), free(o->saved);
-}
-
-static void bufs_free(bufs *b) { free(b->q), free(b->k), free(b->v), free(b->g); }
-
-/* Forward + backward of plan a into o. */
-static ef_status run_plan(ef_attn *a, const bufs *in, const int32_t *kv_lens, bufs *o) {
-    size_t sb = ef_attn_saved_bytes(a);
-    o->saved = malloc(sb ? sb : 1);
-    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
-    ef_status st = ef_attn_forward(a, &io, o->saved);
-    if (!st) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
-    return st;
-}
-
-static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, bufs *o) {
-    ef_attn *a = NULL;
-    ef_status st = ef_attn_new(&a, spec, &in->s);
-    if (!st) st = run_plan(a, in, kv_lens, o);
-    ef_attn_free(a);
-    return st;
-}
-
-static int any_nonfinite(const float *x, size_t n) {
-    for (size_t i = 0; i < n; i++)
-        if (!isfinite(x[i])) return 1;
-    return 0;
-}
+typedef ef_test_bufs bufs;
 
 static uint64_t input_seed(ef_attn_shape s) { return 1000 + (uint64_t)s.q_len * 7 + s.kv_len; }
 
@@ -118,8 +64,8 @@ static double rel_diff_floor(const float *a, const float *b, size_t n, double fl
 static void compare_outs(const char *label, const bufs *in, const bufs *fa, const bufs *rf,
                          double tol_f, double tol_b, double qk_floor) {
     char name[512];
-    int bad = any_nonfinite(fa->out, in->no) || any_nonfinite(fa->dq, in->nq) ||
-              any_nonfinite(fa->dk, in->nk) || any_nonfinite(fa->dv, in->nv);
+    int bad = ef_test_any_nonfinite(fa->out, in->no) || ef_test_any_nonfinite(fa->dq, in->nq) ||
+              ef_test_any_nonfinite(fa->dk, in->nk) || ef_test_any_nonfinite(fa->dv, in->nv);
     snprintf(name, sizeof name, "%s: outputs finite", label);
     ef_check(name, !bad, "%s", bad ? "NaN or inf found" : "all finite");
     snprintf(name, sizeof name, "%s: out", label);
@@ -137,15 +83,15 @@ static void compare_specs(const char *label, ef_attn_shape s, const char *spec_a
                           const char *spec_b, const int32_t *kv_lens) {
     char name[512];
     bufs in, ra, rb;
-    bufs_alloc(&in, s, input_seed(s), 1.0f);
-    outs_alloc(&ra, &in), outs_alloc(&rb, &in);
-    ef_status st1 = run(spec_a, &in, kv_lens, &ra);
-    ef_status st2 = st1 ? st1 : run(spec_b, &in, kv_lens, &rb);
+    ef_test_inputs(&in, s, input_seed(s), 1.0f);
+    ef_test_outputs(&ra, &in), ef_test_outputs(&rb, &in);
+    ef_status st1 = ef_test_run(spec_a, &in, kv_lens, &ra);
+    ef_status st2 = st1 ? st1 : ef_test_run(spec_b, &in, kv_lens, &rb);
     snprintf(name, sizeof name, "%s: both run", label);
     if (ef_check(name, st1 == EF_OK && st2 == EF_OK, "%s / %s: %s %s", spec_a, spec_b,
                  ef_status_str(st1 ? st1 : st2), ef_last_error()))
         compare_outs(label, &in, &ra, &rb, TOL_F, TOL_B, 1e-2);
-    outs_free(&ra), outs_free(&rb), bufs_free(&in);
+    ef_test_free_outputs(&ra), ef_test_free_outputs(&rb), ef_test_free_inputs(&in);
 }
 
 /* A near miss of a limit case: spec_a and spec_b differ in a few pairs, so their outputs must
@@ -153,14 +99,14 @@ static void compare_specs(const char *label, ef_attn_shape s, const char *spec_a
 static void must_differ(const char *label, ef_attn_shape s, const char *spec_a, const char *spec_b,
                         const int32_t *kv_lens) {
     bufs in, ra, rb;
-    bufs_alloc(&in, s, input_seed(s), 1.0f);
-    outs_alloc(&ra, &in), outs_alloc(&rb, &in);
-    ef_status st = run(spec_a, &in, kv_lens, &ra);
-    if (!st) st = run(spec_b, &in, kv_lens, &rb);
+    ef_test_inputs(&in, s, input_seed(s), 1.0f);
+    ef_test_outputs(&ra, &in), ef_test_outputs(&rb, &in);
+    ef_status st = ef_test_run(spec_a, &in, kv_lens, &ra);
+    if (!st) st = ef_test_run(spec_b, &in, kv_lens, &rb);
     double e = st ? 0 : ef_max_rel_diff(ra.out, rb.out, in.no);
     ef_check(label, !st && e > TOL_F, "%s vs %s: out differs by %.3e (must exceed %.1e) %s", spec_a,
              spec_b, e, TOL_F, st ? ef_last_error() : "");
-    outs_free(&ra), outs_free(&rb), bufs_free(&in);
+    ef_test_free_outputs(&ra), ef_test_free_outputs(&rb), ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -270,17 +216,17 @@ static void check_mech(const char *spec, ef_attn_shape s, const int32_t *lens, c
     snprintf(label, sizeof label, "%s %s", spec, shp);
     snprintf(ref_spec, sizeof ref_spec, "%s%sref=1", spec, strchr(spec, ':') ? "," : ":");
     bufs in, fa, rf;
-    bufs_alloc(&in, s, input_seed(s), 1.0f);
-    outs_alloc(&fa, &in), outs_alloc(&rf, &in);
+    ef_test_inputs(&in, s, input_seed(s), 1.0f);
+    ef_test_outputs(&fa, &in), ef_test_outputs(&rf, &in);
     ef_attn *a = NULL;
     ef_status st1 = ef_attn_new(&a, spec, &s), st2 = EF_OK;
     if (!st1) {
         check_pairs(label, a);
         if (c) check_pattern(label, a, c);
-        st1 = run_plan(a, &in, lens, &fa);
+        st1 = ef_test_run_plan(a, &in, lens, &fa, 1);
     }
     ef_attn_free(a);
-    if (!st1) st2 = run(ref_spec, &in, lens, &rf);
+    if (!st1) st2 = ef_test_run(ref_spec, &in, lens, &rf);
     char name[600];
     snprintf(name, sizeof name, "%s: fast and ref run", label);
     if (ef_check(name, st1 == EF_OK && st2 == EF_OK, "%s %s", ef_status_str(st1 ? st1 : st2),
@@ -294,7 +240,7 @@ static void check_mech(const char *spec, ef_attn_shape s, const int32_t *lens, c
         compare_outs(label, &in, &fa, &rf, TOL_F, TOL_B, single ? 1.0 : 1e-2);
         check_empty(label, &in, &fa, lens);
     }
-    outs_free(&fa), outs_free(&rf), bufs_free(&in);
+    ef_test_free_outputs(&fa), ef_test_free_outputs(&rf), ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -806,13 +752,13 @@ static void threads_bitwise(void) {
                            "longformer:window=31,dilation=2,global=0;50;77,causal=1"};
     for (size_t x = 0; x < sizeof specs / sizeof specs[0]; x++) {
         bufs in, a, b;
-        bufs_alloc(&in, s, 11, 1.0f);
-        outs_alloc(&a, &in), outs_alloc(&b, &in);
+        ef_test_inputs(&in, s, 11, 1.0f);
+        ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
         int old = ef_get_num_threads();
         ef_set_num_threads(1);
-        ef_status st = run(specs[x], &in, lens, &a);
+        ef_status st = ef_test_run(specs[x], &in, lens, &a);
         ef_set_num_threads(2);
-        if (!st) st = run(specs[x], &in, lens, &b);
+        if (!st) st = ef_test_run(specs[x], &in, lens, &b);
         ef_set_num_threads(old);
         char name[256];
         int fwd = !st && !memcmp(a.out, b.out, in.no * sizeof(float));
@@ -833,7 +779,7 @@ static void threads_bitwise(void) {
                   : "differ",
             fmax(ef_max_abs_diff(a.dq, b.dq, in.nq),
                  fmax(ef_max_abs_diff(a.dk, b.dk, in.nk), ef_max_abs_diff(a.dv, b.dv, in.nv))));
-        outs_free(&a), outs_free(&b), bufs_free(&in);
+        ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
     }
 }
 
@@ -846,16 +792,16 @@ static void padding_invariance(void) {
                            "bigbird:block=16,window=3,random=1,global=2,causal=1"};
     for (size_t x = 0; x < sizeof specs / sizeof specs[0]; x++) {
         bufs in, a, b;
-        bufs_alloc(&in, s, 5, 1.0f);
-        outs_alloc(&a, &in), outs_alloc(&b, &in);
-        ef_status st = run(specs[x], &in, lens, &a);
+        ef_test_inputs(&in, s, 5, 1.0f);
+        ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
+        ef_status st = ef_test_run(specs[x], &in, lens, &a);
         for (int h = 0; h < s.heads; h++) /* batch 1, keys 97.. */
             for (int j = lens[1]; j < s.kv_len; j++) {
                 size_t row = ((size_t)1 * s.heads + h) * s.kv_len + j;
                 for (int t = 0; t < s.head_dim; t++) in.k[row * s.head_dim + t] = 1e4f;
                 for (int t = 0; t < s.v_dim; t++) in.v[row * s.v_dim + t] = 1e9f;
             }
-        if (!st) st = run(specs[x], &in, lens, &b);
+        if (!st) st = ef_test_run(specs[x], &in, lens, &b);
         char name[256];
         snprintf(name, sizeof name, "%s: padded keys/values 1e4/1e9 change no out", specs[x]);
         if (st)
@@ -869,7 +815,7 @@ static void padding_invariance(void) {
                 fmax(ef_max_abs_diff(a.dq, b.dq, in.nq),
                      fmax(ef_max_abs_diff(a.dk, b.dk, in.nk), ef_max_abs_diff(a.dv, b.dv, in.nv))),
                 0.0);
-        outs_free(&a), outs_free(&b), bufs_free(&in);
+        ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
     }
 }
 
