@@ -11,6 +11,8 @@
  *       out [batch][heads][q_len][v_dim]
  *   - Objects are opaque handles created by *_new and released by *_free; *_free(NULL) is a no-op.
  *   - The caller owns every buffer it passes; the library keeps no pointer to them after a call.
+ *   - A plan owns its workspace, so one plan serves one call at a time; plans are independent
+ *     (use one plan per thread to run attention from several threads).
  */
 #ifndef EFORMER_H
 #define EFORMER_H
