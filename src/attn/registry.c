@@ -9,6 +9,7 @@ extern const ef_attn_ops ef_attn_ops_local, ef_attn_ops_blocklocal, ef_attn_ops_
 extern const ef_attn_ops ef_attn_ops_linformer;
 
 extern const ef_attn_ops ef_attn_ops_nystrom;
+extern const ef_attn_ops ef_attn_ops_clustered, ef_attn_ops_iclustered;
 
 const ef_attn_ops *const ef_attn_registry[] = {
     &ef_attn_ops_full,
@@ -24,5 +25,7 @@ const ef_attn_ops *const ef_attn_registry[] = {
     &ef_attn_ops_performer,
     &ef_attn_ops_linformer,
     &ef_attn_ops_nystrom,
+    &ef_attn_ops_clustered,
+    &ef_attn_ops_iclustered,
 };
 const int ef_attn_registry_count = (int)(sizeof ef_attn_registry / sizeof ef_attn_registry[0]);
