@@ -10,6 +10,7 @@ extern const ef_attn_ops ef_attn_ops_linformer;
 
 extern const ef_attn_ops ef_attn_ops_nystrom;
 extern const ef_attn_ops ef_attn_ops_clustered, ef_attn_ops_iclustered;
+extern const ef_attn_ops ef_attn_ops_lsh;
 
 const ef_attn_ops *const ef_attn_registry[] = {
     &ef_attn_ops_full,
@@ -27,5 +28,6 @@ const ef_attn_ops *const ef_attn_registry[] = {
     &ef_attn_ops_nystrom,
     &ef_attn_ops_clustered,
     &ef_attn_ops_iclustered,
+    &ef_attn_ops_lsh,
 };
 const int ef_attn_registry_count = (int)(sizeof ef_attn_registry / sizeof ef_attn_registry[0]);
