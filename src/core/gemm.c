@@ -174,9 +174,47 @@ static void pack_b(int tb, const float *b, size_t ldb, int p0, int kc, int j0, i
     }
 }
 
-static void *aligned_buf(size_t floats) {
+/* Packing buffers, one pair per calling thread, kept and grown as needed: after the first
+ * calls of a given size the built-in kernel allocates nothing (DESIGN: no allocation inside
+ * forward or backward). Released when the thread exits. */
+typedef struct gemm_bufs {
+    float *b, *a;
+    size_t bcap, acap; /* floats */
+} gemm_bufs;
+static pthread_key_t g_buf_key;
+static pthread_once_t g_buf_once = PTHREAD_ONCE_INIT;
+static void bufs_release(void *p) {
+    gemm_bufs *g = p;
+    free(g->b);
+    free(g->a);
+    free(g);
+}
+static void bufs_key_init(void) { (void)pthread_key_create(&g_buf_key, bufs_release); }
+
+static float *grow(float **buf, size_t *cap, size_t floats) {
+    if (floats <= *cap && *buf) return *buf;
     size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
-    return aligned_alloc(64, bytes ? bytes : 64);
+    float *nb = aligned_alloc(64, bytes ? bytes : 64);
+    if (!nb) return NULL;
+    free(*buf);
+    *buf = nb, *cap = floats;
+    return nb;
+}
+
+/* The calling thread's buffers of at least bfl and afl floats; 0 on failure. */
+static int thread_bufs(size_t bfl, size_t afl, float **bbuf, float **abuf) {
+    pthread_once(&g_buf_once, bufs_key_init);
+    gemm_bufs *g = pthread_getspecific(g_buf_key);
+    if (!g) {
+        g = calloc(1, sizeof *g);
+        if (!g || pthread_setspecific(g_buf_key, g) != 0) {
+            free(g);
+            return 0;
+        }
+    }
+    *bbuf = grow(&g->b, &g->bcap, bfl);
+    *abuf = grow(&g->a, &g->acap, afl);
+    return *bbuf && *abuf;
 }
 
 static ef_status builtin_sgemm(int ta, int tb, int m, int n, int k, float alpha, const float *a,
@@ -195,11 +233,8 @@ static ef_status builtin_sgemm(int ta, int tb, int m, int n, int k, float alpha,
         nslices = EF_MAX(1, EF_MIN((4 * nt + mblocks - 1) / mblocks, nc_pad / EF_NR));
     const int items = mblocks * nslices;
     if (nt > items) nt = items;
-    float *bbuf = aligned_buf((size_t)KC * nc_pad);
-    float *abuf = aligned_buf((size_t)nt * MC * KC);
-    if (!bbuf || !abuf) {
-        free(bbuf);
-        free(abuf);
+    float *bbuf = NULL, *abuf = NULL;
+    if (!thread_bufs((size_t)KC * nc_pad, (size_t)nt * MC * KC, &bbuf, &abuf)) {
         return ef_error(EF_ERR_NOMEM, "ef_sgemm: cannot allocate %zu bytes of packing buffers",
                         ((size_t)KC * nc_pad + (size_t)nt * MC * KC) * sizeof(float));
     }
@@ -243,8 +278,6 @@ static ef_status builtin_sgemm(int ta, int tb, int m, int n, int k, float alpha,
             }
         }
     }
-    free(bbuf);
-    free(abuf);
     return EF_OK;
 }
 
