@@ -28,7 +28,8 @@ static void compare_specs(const char *label, ef_attn_shape s, const char *spec_f
     bufs in, rf, fl;
     ef_test_inputs(&in, s, 1000 + (uint64_t)s.q_len * 7 + s.kv_len, sigma);
     ef_test_outputs(&rf, &in), ef_test_outputs(&fl, &in);
-    ef_status st1 = ef_test_run(spec_ref, &in, kv_lens, &rf), st2 = ef_test_run(spec_fast, &in, kv_lens, &fl);
+    ef_status st1 = ef_test_run(spec_ref, &in, kv_lens, &rf),
+              st2 = ef_test_run(spec_fast, &in, kv_lens, &fl);
     snprintf(name, sizeof name, "%s: both run", label);
     if (ef_check(name, st1 == EF_OK && st2 == EF_OK, "%s %s, %s %s %s", spec_ref,
                  ef_status_str(st1), spec_fast, ef_status_str(st2), ef_last_error())) {
@@ -77,10 +78,12 @@ static void versus_reference(void) {
 }
 
 static void shapes(void) {
-    struct { int b, h, n, m, d, e; } cases[] = {
-        {1, 1, 1, 1, 1, 1},      {1, 1, 1, 5, 8, 8},       {2, 2, 7, 7, 3, 5},
-        {1, 2, 64, 64, 64, 64},  {1, 1, 65, 65, 16, 16},   {2, 1, 127, 129, 33, 17},
-        {1, 3, 200, 70, 64, 64}, {1, 1, 70, 200, 64, 64},  {1, 1, 130, 130, 128, 128},
+    struct {
+        int b, h, n, m, d, e;
+    } cases[] = {
+        {1, 1, 1, 1, 1, 1},       {1, 1, 1, 5, 8, 8},      {2, 2, 7, 7, 3, 5},
+        {1, 2, 64, 64, 64, 64},   {1, 1, 65, 65, 16, 16},  {2, 1, 127, 129, 33, 17},
+        {1, 3, 200, 70, 64, 64},  {1, 1, 70, 200, 64, 64}, {1, 1, 130, 130, 128, 128},
         {1, 1, 96, 80, 256, 256}, {1, 1, 50, 90, 100, 1},  {1, 1, 33, 260, 1, 48},
     };
     const char *optsets[] = {"", ":causal=1", ":scale=0.3", ":causal=1,scale=2"};
@@ -129,8 +132,10 @@ static void empty_rows(void) {
         for (size_t j = 0; j < half_v; j++) m = fmax(m, ef_max_abs_diff(o.dv + j, zeros, 1));
         char name[128];
         snprintf(name, sizeof name, "%s: fully padded sequence -> zeros (max |value|)", specs[i]);
-        if (st) ef_check(name, 0, "%s", ef_last_error());
-        else ef_check_err(name, m, 0.0);
+        if (st)
+            ef_check(name, 0, "%s", ef_last_error());
+        else
+            ef_check_err(name, m, 0.0);
         ef_test_free_outputs(&o), ef_test_free_inputs(&in);
     }
     /* causal with kv_len < q_len is fine; causal row 0 with kv_lens = 0 sees nothing */
@@ -157,36 +162,43 @@ static void padding_invariance(void) {
     ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
     ef_status st = ef_test_run("flash", &in, lens, &a);
     for (int j = 30; j < 70; j++) {
-        for (int t = 0; t < 16; t++) in.k[(size_t)j * 16 + t] = 1e4f, in.v[(size_t)j * 16 + t] = 1e9f;
+        for (int t = 0; t < 16; t++)
+            in.k[(size_t)j * 16 + t] = 1e4f, in.v[(size_t)j * 16 + t] = 1e9f;
     }
     if (!st) st = ef_test_run("flash", &in, lens, &b);
     ef_check_status("flash padding invariance runs", st, EF_OK);
-    ef_check_err("flash: padded keys/values set to 1e4/1e9 change no output", ef_max_abs_diff(a.out, b.out, in.no), 0.0);
+    ef_check_err("flash: padded keys/values set to 1e4/1e9 change no output",
+                 ef_max_abs_diff(a.out, b.out, in.no), 0.0);
     ef_check_err("flash: ... and no dq", ef_max_abs_diff(a.dq, b.dq, in.nq), 0.0);
     ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
 }
 
 /* The result may not depend on the thread count: bitwise equality for 1 and 2 threads. */
 static void threads_bitwise(void) {
-    ef_attn_shape s = {2, 3, 150, 170, 40, 24};
-    const char *specs[] = {"flash", "flash:causal=1"};
-    int32_t lens[2] = {170, 99};
-    for (int i = 0; i < 2; i++) {
-        bufs in, a, b;
-        ef_test_inputs(&in, s, 11, 1.0f);
-        ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
-        int old = ef_get_num_threads();
-        ef_set_num_threads(1);
-        ef_status st = ef_test_run(specs[i], &in, lens, &a);
-        ef_set_num_threads(2);
-        if (!st) st = ef_test_run(specs[i], &in, lens, &b);
-        ef_set_num_threads(old);
-        char name[128];
-        snprintf(name, sizeof name, "%s: 1 vs 2 threads bitwise (out, dq, dk, dv)", specs[i]);
-        int same = !st && !memcmp(a.out, b.out, in.no * 4) && !memcmp(a.dq, b.dq, in.nq * 4) &&
-                   !memcmp(a.dk, b.dk, in.nk * 4) && !memcmp(a.dv, b.dv, in.nv * 4);
-        ef_check(name, same, "%s", st ? ef_last_error() : (same ? "identical" : "differ"));
-        ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
+    /* many heads (one thread per head in backward), then one head (backward splits its keys) */
+    for (int shape = 0; shape < 2; shape++) {
+        ef_attn_shape s = shape ? (ef_attn_shape){1, 1, 300, 280, 40, 24}
+                                : (ef_attn_shape){2, 3, 150, 170, 40, 24};
+        const char *specs[] = {"flash", "flash:causal=1"};
+        int32_t lens[2] = {shape ? 250 : 170, 99};
+        for (int i = 0; i < 2; i++) {
+            bufs in, a, b;
+            ef_test_inputs(&in, s, 11, 1.0f);
+            ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
+            int old = ef_get_num_threads();
+            ef_set_num_threads(1);
+            ef_status st = ef_test_run(specs[i], &in, lens, &a);
+            ef_set_num_threads(2);
+            if (!st) st = ef_test_run(specs[i], &in, lens, &b);
+            ef_set_num_threads(old);
+            char name[128];
+            snprintf(name, sizeof name, "%s B%d H%d: 1 vs 2 threads bitwise (out, dq, dk, dv)",
+                     specs[i], s.batch, s.heads);
+            int same = !st && !memcmp(a.out, b.out, in.no * 4) && !memcmp(a.dq, b.dq, in.nq * 4) &&
+                       !memcmp(a.dk, b.dk, in.nk * 4) && !memcmp(a.dv, b.dv, in.nv * 4);
+            ef_check(name, same, "%s", st ? ef_last_error() : (same ? "identical" : "differ"));
+            ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
+        }
     }
 }
 
@@ -219,7 +231,8 @@ static void inference_equals_training(void) {
     if (!st) st = ef_attn_forward(a, &io1, NULL);
     if (!st) st = ef_attn_forward(a, &io2, sv);
     ef_check_status("flash inference and training forward run", st, EF_OK);
-    ef_check_err("flash: inference forward == training forward", ef_max_abs_diff(o1, o2, in.no), 0.0);
+    ef_check_err("flash: inference forward == training forward", ef_max_abs_diff(o1, o2, in.no),
+                 0.0);
     ef_attn_free(a), free(sv), free(o1), free(o2), ef_test_free_inputs(&in);
 }
 

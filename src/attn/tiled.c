@@ -21,10 +21,12 @@
  * visible chunk j: recompute P^T = exp(S^T - lse); dV_j += P^T dO_i; dP^T = V_j dO_i^T;
  * dS^T = P^T o (dP^T - delta); dK_j += dS^T (scale Q_i); dQ_i^T += K_j^T dS^T. The query and dO
  * tiles are packed once per query tile; dK, dV accumulate over the head in per-thread buffers.
- * Work items are (b, h, query tile) forward and (b, h) backward, each done by one thread in a
- * fixed order: results are bitwise identical for any thread count.
- * Workspace: per thread, a few tiles plus, in backward, dK and dV of one head (kv_len x (D+Dv)),
- * for at most batch*heads threads; the spans: a few per query tile (per head if the pattern
+ * Work items are (b, h, query tile) forward and (b, h, key range) backward (one range per head
+ * unless there are fewer than two heads: then partial dQ of the ranges are summed in a fixed
+ * order), each done by one thread in a fixed order: results are bitwise identical for any
+ * thread count.
+ * Workspace: per thread, a few tiles plus, in backward, dK and dV of one key range (at most
+ * kv_len x (D+Dv)), and the partial dQ of the extra ranges; the spans: a few per query tile (per head if the pattern
  * differs between heads).
  * Time O(B H (visible chunks) QT KT D); memory O(B H N) saved + O(threads (N D + tiles)).
  */
@@ -139,7 +141,9 @@ typedef struct ef_span {
 
 typedef struct tiled_plan {
     int dp, dvp, ntiles; /* padded dims, query tiles */
-    int bwd_slots;       /* threads backward may use: heads are its work items */
+    int bwd_slots;       /* threads backward may use: (head, split) pairs are its work items */
+    int splits;          /* key ranges per head in backward (> 1 only when heads are few) */
+    float *dqpart;       /* [(splits-1)][B*H][N][D] partial dQ of splits 1.. (summed in order) */
     tiled_ws *ws;
     void *block;
     ef_tiled_pattern pat;
@@ -170,15 +174,27 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
                         a->ops->name, s->head_dim, s->v_dim, TILED_MAX_DIM);
     int d = s->head_dim, dv = s->v_dim;
     p->dp = pad16(d), p->dvp = pad16(dv), p->ntiles = (s->q_len + QT - 1) / QT;
-    p->bwd_slots = (int)EF_MIN((int64_t)a->slots, (int64_t)s->batch * s->heads);
+    /* Backward gives each thread a head; with fewer heads than EF_BWD_ITEMS it also splits each
+     * head's keys into ranges, whose partial dQ are summed in a fixed order. The split depends
+     * on the shape only, so results do not depend on the thread count. */
+    enum { EF_BWD_ITEMS = 2 };
+    int64_t bh = (int64_t)s->batch * s->heads;
+    int nch = (s->kv_len + KT - 1) / KT;
+    p->splits = bh >= EF_BWD_ITEMS ? 1 : (int)EF_MIN((int64_t)nch, (EF_BWD_ITEMS + bh - 1) / bh);
+    p->bwd_slots = (int)EF_MIN((int64_t)a->slots, bh * p->splits);
     enum { NSMALL = 8 };
     size_t small[NSMALL] = {(size_t)d * QT,  (size_t)KT * QT,       (size_t)dv * QT,
                             (size_t)QT * p->dp, (size_t)dv * QT,    (size_t)QT * p->dvp,
                             (size_t)KT * QT, (size_t)d * QT};
-    size_t big[2] = {(size_t)s->kv_len * p->dp, (size_t)s->kv_len * p->dvp};
+    /* a backward item accumulates dK, dV of its key range only: rows [klo, khi) */
+    size_t rows = p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * KT
+                                : (size_t)s->kv_len;
+    size_t big[2] = {rows * p->dp, rows * p->dvp};
     size_t total = 0;
     for (int i = 0; i < NSMALL; i++) total += round16(small[i]) * a->slots;
     for (int i = 0; i < 2; i++) total += round16(big[i]) * p->bwd_slots;
+    size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
+    total += round16(part);
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_malloc(total * sizeof(float));
     if (!p->ws || !p->block)
@@ -187,6 +203,8 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     a->ws_bytes = total * sizeof(float);
     memset(p->block, 0, a->ws_bytes); /* padding lanes and columns start (and stay) zero */
     float *cur = p->block;
+    p->dqpart = part ? cur : NULL;
+    cur += round16(part);
     for (int t = 0; t < a->slots; t++) {
         tiled_ws *w = &p->ws[t];
         float **f[NSMALL] = {&w->qt, &w->st, &w->ot, &w->qp, &w->dot, &w->dop, &w->dpt, &w->dqt};
@@ -383,27 +401,36 @@ ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
 /* ---------------------------------------------------------------------------------------------
  * Backward
  * ------------------------------------------------------------------------------------------- */
-static void backward_head(void *ctx, int64_t bh, int tid) {
+static void backward_head(void *ctx, int64_t item, int tid) {
     const tiled_call *c = ctx;
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
     tiled_plan *p = a->impl;
     tiled_ws *w = &p->ws[tid];
+    int64_t bh = item / p->splits;
+    int split = (int)(item % p->splits), nch = (s->kv_len + KT - 1) / KT;
+    /* this item's keys: chunks [split nch / splits, (split+1) nch / splits) */
+    int klo = (int)((int64_t)split * nch / p->splits) * KT;
+    int khi = EF_MIN(s->kv_len, (int)((int64_t)(split + 1) * nch / p->splits) * KT);
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, dp = p->dp, dvp = p->dvp;
     int b = (int)(bh / s->heads);
     const float *q = c->io->q + (size_t)bh * n * d, *k = c->io->k + (size_t)bh * m * d;
     const float *v = c->io->v + (size_t)bh * m * dv, *o = c->io->out + (size_t)bh * n * dv;
     const float *g = c->dout + (size_t)bh * n * dv, *lse = c->lse + (size_t)bh * n;
-    float *dq = c->dq + (size_t)bh * n * d, *dk = c->dk + (size_t)bh * m * d;
+    float *dq = split == 0 ? c->dq + (size_t)bh * n * d
+                           : p->dqpart + ((size_t)(split - 1) * s->batch * s->heads + bh) * n * d;
+    float *dk = c->dk + (size_t)bh * m * d;
     float *dvo = c->dv + (size_t)bh * m * dv;
     int kv_valid = kv_valid_of(a, c->io, b);
 
-    memset(w->dk, 0, sizeof(float) * (size_t)m * dp);
-    memset(w->dv, 0, sizeof(float) * (size_t)m * dvp);
+    /* w->dk, w->dv hold rows [klo, khi) of this head's dK, dV */
+    memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
+    memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
     for (int it = 0; it < p->ntiles; it++) {
         int i0 = it * QT, qn = EF_MIN(QT, n - i0);
         int kv_end = a->causal ? EF_MIN(kv_valid, i0 + qn) : kv_valid;
-        if (kv_end <= 0) { /* no query of this tile sees a key */
+        kv_end = EF_MIN(kv_end, khi);
+        if (kv_end <= klo) { /* no query of this tile sees a key of this range */
             memset(dq + (size_t)i0 * d, 0, sizeof(float) * (size_t)qn * d);
             continue;
         }
@@ -433,7 +460,7 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
         int nspans;
         const ef_span *sp = spans_of(p, (int)(bh % s->heads), it, &nspans);
         for (int x = 0; x < nspans; x++)
-        for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
+        for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
             int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
             /* P^T = exp(S^T - lse) */
             gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
@@ -445,7 +472,7 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
                     vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
                 }
             /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
-            gemm_bcast(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)j0 * dvp, dvp, 1);
+            gemm_bcast(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp, dvp, 1);
             /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
             gemm_bcast(kn, dv, QT, v + (size_t)j0 * dv, dv, 1, w->dot, QT, w->dpt, QT, 0);
             for (int r = 0; r < kn; r++)
@@ -455,16 +482,16 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
                     vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
                 }
             /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
-            gemm_bcast(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)j0 * dp, dp, 1);
+            gemm_bcast(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp, 1);
             /* dQ^T[t][i] += sum_j K[j][t] dS^T[j][i]   (times scale below) */
             gemm_bcast(d, kn, QT, k + (size_t)j0 * d, 1, d, w->dpt, QT, w->dqt, QT, 1);
         }
         for (int i = 0; i < qn; i++)
             for (int t = 0; t < d; t++) dq[(size_t)(i0 + i) * d + t] = w->dqt[(size_t)t * QT + i] * a->scale;
     }
-    for (int j = 0; j < m; j++) { /* keys past kv_valid stay at zero */
-        memcpy(dk + (size_t)j * d, w->dk + (size_t)j * dp, sizeof(float) * d);
-        memcpy(dvo + (size_t)j * dv, w->dv + (size_t)j * dvp, sizeof(float) * dv);
+    for (int j = klo; j < khi; j++) { /* keys past kv_valid stay at zero */
+        memcpy(dk + (size_t)j * d, w->dk + (size_t)(j - klo) * dp, sizeof(float) * d);
+        memcpy(dvo + (size_t)j * dv, w->dv + (size_t)(j - klo) * dvp, sizeof(float) * dv);
     }
 }
 
@@ -473,8 +500,15 @@ ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
     const ef_attn_shape *s = &a->shape;
     tiled_call c = {a, io, (float *)saved, dout, dq, dk, dv};
     tiled_plan *p = a->impl;
-    ef_parallel_for((int64_t)s->batch * s->heads, EF_MIN(ef_attn_threads(a), p->bwd_slots),
-                    backward_head, &c);
+    int64_t bh = (int64_t)s->batch * s->heads;
+    ef_parallel_for(bh * p->splits, EF_MIN(ef_attn_threads(a), p->bwd_slots), backward_head, &c);
+    size_t per = (size_t)s->q_len * s->head_dim;
+    for (int split = 1; split < p->splits; split++) /* fixed order: split 1, 2, ... */
+        for (int64_t h = 0; h < bh; h++) {
+            const float *src = p->dqpart + ((size_t)(split - 1) * bh + h) * per;
+            float *dst = dq + (size_t)h * per;
+            for (size_t x = 0; x < per; x++) dst[x] += src[x];
+        }
     return EF_OK;
 }
 
