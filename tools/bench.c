@@ -494,6 +494,8 @@ done:
 /* ---------------------------------------------------------------------------------------------
  * The command
  * ------------------------------------------------------------------------------------------- */
+/* The standard sweep: exact attention at three lengths, then every other registered mechanism
+ * with its defaults at 4096, so that a new mechanism shows up here without a change. */
 static void run_sweep(bench_run *R) {
     static const char *const specs[] = {"full", "flash", "flash:causal=1"};
     static const int lens[] = {1024, 2048, 4096};
@@ -503,6 +505,12 @@ static void run_sweep(bench_run *R) {
             ef_attn_shape sh = {1, 8, lens[l], lens[l], 64, 64};
             if (bench_shape(R, specs[s], sh, both)) break;
         }
+    for (int i = 0; i < ef_attn_count(); i++) {
+        const char *name = ef_attn_name(i);
+        if (strcmp(name, "full") == 0 || strcmp(name, "flash") == 0) continue;
+        ef_attn_shape sh = {1, 8, 4096, 4096, 64, 64};
+        bench_shape(R, name, sh, both);
+    }
 }
 
 int cli_bench(int argc, char **argv) {

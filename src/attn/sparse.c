@@ -389,21 +389,33 @@ static int bigbird_classify(const ef_attn *a, int head, int i0, int i1, int j0, 
     return !any ? EF_CHUNK_NONE : all ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
 }
 
+/* Lanes of the tile fall into a few query blocks (and the ETC tokens): visibility is decided
+ * once per (query block, key row) and written for the block's whole lane range. */
 static void bigbird_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
     const bb_data *d = ef_tiled_user(a);
     int n = a->shape.q_len;
+    int32_t keep[EF_QT] __attribute__((aligned(64)));
     for (int r = 0; r < kn; r++) {
         int j = j0 + r;
-        if (j < d->extra) continue;
+        if (j < d->extra) continue; /* an ETC key is seen by every query */
         int kb = (j - d->extra) / d->bs;
-        for (int u = 0; u < EF_QT / EF_VL; u++) {
-            vi keep;
-            for (int t = 0; t < EF_VL; t++) {
-                int i = i0 + u * EF_VL + t;
-                keep[t] = i >= n || i < d->extra || bb_vis(d, head, (i - d->extra) / d->bs, kb) ? -1 : 0;
+        for (int l = 0; l < EF_QT;) {
+            int i = i0 + l;
+            int run; /* lanes [l, l + run) share the decision */
+            int32_t k;
+            if (i >= n || i < d->extra) {
+                run = i >= n ? EF_QT - l : EF_MIN(EF_QT - l, d->extra - i);
+                k = -1; /* padding lanes, ETC rows */
+            } else {
+                int qb = (i - d->extra) / d->bs;
+                int end = d->extra + (qb + 1) * d->bs; /* first position of the next block */
+                run = EF_MIN(EF_QT - l, end - i);
+                k = bb_vis(d, head, qb, kb) ? -1 : 0;
             }
-            hide_row(st, r, u, keep);
+            for (int t = 0; t < run; t++) keep[l + t] = k;
+            l += run;
         }
+        apply_keep(st, r, keep);
     }
 }
 
