@@ -40,7 +40,8 @@ static double loss_double(const cfg *c, const double *q, const double *k, const 
                 double mx = -INFINITY;
                 for (int j = 0; j < lim; j++) {
                     double dot = 0;
-                    for (int t = 0; t < d; t++) dot += q[(bh * n + i) * d + t] * k[(bh * m + j) * d + t];
+                    for (int t = 0; t < d; t++)
+                        dot += q[(bh * n + i) * d + t] * k[(bh * m + j) * d + t];
                     w[j] = dot * scale;
                     if (w[j] > mx) mx = w[j];
                 }
@@ -83,10 +84,13 @@ static void check_cfg(const char *label, cfg c) {
     size_t nv = bh * s->kv_len * s->v_dim, no = bh * s->q_len * s->v_dim;
     float *q = ef_test_randn(nq, 1, 1.0f), *k = ef_test_randn(nk, 2, 1.0f);
     float *v = ef_test_randn(nv, 3, 1.0f), *g = ef_test_randn(no, 4, 1.0f);
-    float *out = ef_test_zeros(no), *dq = ef_test_zeros(nq), *dk = ef_test_zeros(nk), *dv = ef_test_zeros(nv);
+    float *out = ef_test_zeros(no), *dq = ef_test_zeros(nq), *dk = ef_test_zeros(nk),
+          *dv = ef_test_zeros(nv);
     char spec[128], name[200];
-    if (c.scale > 0) snprintf(spec, sizeof spec, "full:causal=%d,scale=%.17g", c.causal, c.scale);
-    else snprintf(spec, sizeof spec, "full:causal=%d", c.causal);
+    if (c.scale > 0)
+        snprintf(spec, sizeof spec, "full:causal=%d,scale=%.17g", c.causal, c.scale);
+    else
+        snprintf(spec, sizeof spec, "full:causal=%d", c.causal);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, spec, s);
     void *saved = st ? NULL : malloc(ef_attn_saved_bytes(a));
@@ -95,14 +99,19 @@ static void check_cfg(const char *label, cfg c) {
     if (!st) st = ef_attn_backward(a, &io, saved, g, dq, dk, dv);
     snprintf(name, sizeof name, "%s: full runs", label);
     if (ef_check_status(name, st, EF_OK)) {
-        double *qd = to_double(q, nq), *kd = to_double(k, nk), *vd = to_double(v, nv), *gd = to_double(g, no);
+        double *qd = to_double(q, nq), *kd = to_double(k, nk), *vd = to_double(v, nv),
+               *gd = to_double(g, no);
         double *od = malloc(sizeof(double) * no);
         loss_double(&c, qd, kd, vd, gd, od);
         snprintf(name, sizeof name, "%s: forward vs double", label);
         ef_check_err(name, max_rel_vs_double(out, od, no), 2e-6);
         const double h = 1e-4;
-        struct { const char *nm; double *x; size_t n; const float *grad; } t[3] = {
-            {"dq", qd, nq, dq}, {"dk", kd, nk, dk}, {"dv", vd, nv, dv}};
+        struct {
+            const char *nm;
+            double *x;
+            size_t n;
+            const float *grad;
+        } t[3] = {{"dq", qd, nq, dq}, {"dk", kd, nk, dk}, {"dv", vd, nv, dv}};
         for (int w = 0; w < 3; w++) {
             double *fd = malloc(sizeof(double) * t[w].n);
             for (size_t i = 0; i < t[w].n; i++) {
@@ -131,10 +140,10 @@ int main(void) {
         {{1, 1, 1, 1, 1, 1}, 0, 0, NULL},
         {{2, 2, 5, 7, 3, 4}, 0, 0, NULL},
         {{2, 2, 5, 7, 3, 4}, 1, 0, NULL},
-        {{1, 2, 8, 5, 4, 2}, 1, 0, NULL},         /* q_len > kv_len, causal */
-        {{2, 1, 6, 7, 5, 3}, 0, 0.7, lens},       /* custom scale, padding, an empty sequence */
-        {{2, 1, 6, 7, 5, 3}, 1, 0, lens2},        /* causal and padding */
-        {{1, 1, 9, 9, 2, 2}, 0, 3.0, NULL},       /* peaked softmax */
+        {{1, 2, 8, 5, 4, 2}, 1, 0, NULL},   /* q_len > kv_len, causal */
+        {{2, 1, 6, 7, 5, 3}, 0, 0.7, lens}, /* custom scale, padding, an empty sequence */
+        {{2, 1, 6, 7, 5, 3}, 1, 0, lens2},  /* causal and padding */
+        {{1, 1, 9, 9, 2, 2}, 0, 3.0, NULL}, /* peaked softmax */
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         char label[128];

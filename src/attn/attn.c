@@ -60,8 +60,11 @@ static void describe_opt(char *buf, size_t cap, size_t *len, const ef_opt_desc *
     append(buf, cap, len, "  %-10s default %-8s ", d->key, d->def);
     switch (d->type) {
     case EF_OPT_INT:
-        if (d->max >= 9e18) append(buf, cap, len, "[%.0f..2^64-1] ", d->min); /* the seed */
-        else append(buf, cap, len, "[%.0f..%.0f]%s ", d->min, d->max, d->allow_auto ? " or auto" : "");
+        if (d->max >= 9e18)
+            append(buf, cap, len, "[%.0f..2^64-1] ", d->min); /* the seed */
+        else
+            append(buf, cap, len, "[%.0f..%.0f]%s ", d->min, d->max,
+                   d->allow_auto ? " or auto" : "");
         break;
     case EF_OPT_FLOAT:
         append(buf, cap, len, "[%g..%g]%s ", d->min, d->max, d->allow_auto ? " or auto" : "");
@@ -104,8 +107,7 @@ static ef_status parse_int(const char *mech, const ef_opt_desc *d, const char *s
     return EF_OK;
 }
 
-static ef_status parse_value(const char *mech, const ef_opt_desc *d, const char *s,
-                             ef_opt_val *v) {
+static ef_status parse_value(const char *mech, const ef_opt_desc *d, const char *s, ef_opt_val *v) {
     memset(v, 0, sizeof *v);
     if (d->allow_auto && strcmp(s, "auto") == 0) {
         v->is_auto = 1;
@@ -128,9 +130,12 @@ static ef_status parse_value(const char *mech, const ef_opt_desc *d, const char 
         return EF_OK;
     }
     case EF_OPT_BOOL:
-        if (!strcmp(s, "1") || !strcmp(s, "true")) v->i = 1;
-        else if (!strcmp(s, "0") || !strcmp(s, "false")) v->i = 0;
-        else return ef_error(EF_ERR_ARG, "%s: option %s=%s must be 0 or 1", mech, d->key, s);
+        if (!strcmp(s, "1") || !strcmp(s, "true"))
+            v->i = 1;
+        else if (!strcmp(s, "0") || !strcmp(s, "false"))
+            v->i = 0;
+        else
+            return ef_error(EF_ERR_ARG, "%s: option %s=%s must be 0 or 1", mech, d->key, s);
         return EF_OK;
     case EF_OPT_ENUM: {
         size_t n = strlen(s);
@@ -158,8 +163,8 @@ static ef_status parse_value(const char *mech, const ef_opt_desc *d, const char 
             size_t len = semi ? (size_t)(semi - p) : strlen(p);
             if (len == 0 && !semi && v->i == 1) break; /* "17;": a single item */
             if (len == 0 || len >= sizeof item)
-                return ef_error(EF_ERR_ARG, "%s: option %s=%s has an empty or too long item",
-                                mech, d->key, s);
+                return ef_error(EF_ERR_ARG, "%s: option %s=%s has an empty or too long item", mech,
+                                d->key, s);
             if (v->i >= EF_OPT_LIST_MAX)
                 return ef_error(EF_ERR_ARG, "%s: option %s has more than %d items", mech, d->key,
                                 EF_OPT_LIST_MAX);
@@ -206,11 +211,14 @@ static void format_value(char *buf, size_t cap, size_t *len, const ef_opt_desc *
  * Plans
  * ------------------------------------------------------------------------------------------- */
 static ef_status check_shape(const ef_attn_shape *s) {
-    const struct { const char *name; int v; } f[] = {
-        {"batch", s->batch},       {"heads", s->heads},       {"q_len", s->q_len},
-        {"kv_len", s->kv_len},     {"head_dim", s->head_dim}, {"v_dim", s->v_dim}};
+    const struct {
+        const char *name;
+        int v;
+    } f[] = {{"batch", s->batch},   {"heads", s->heads},       {"q_len", s->q_len},
+             {"kv_len", s->kv_len}, {"head_dim", s->head_dim}, {"v_dim", s->v_dim}};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
-        if (f[i].v < 1) return ef_error(EF_ERR_SHAPE, "shape: %s=%d must be >= 1", f[i].name, f[i].v);
+        if (f[i].v < 1)
+            return ef_error(EF_ERR_SHAPE, "shape: %s=%d must be >= 1", f[i].name, f[i].v);
     /* every tensor (and the dense N x M scores) must be indexable with int64 and size_t */
     double bh = (double)s->batch * s->heads;
     double big = EF_MAX(EF_MAX(s->q_len, s->kv_len), 1) * (double)EF_MAX(s->head_dim, s->v_dim);
@@ -231,8 +239,10 @@ static ef_status build_desc(ef_attn *a) {
         append(buf, sizeof buf, &len, ",");
     }
     append(buf, sizeof buf, &len, "causal=%d,scale=", a->causal);
-    if (a->scale_auto) append(buf, sizeof buf, &len, "auto");
-    else append(buf, sizeof buf, &len, "%.9g", a->scale);
+    if (a->scale_auto)
+        append(buf, sizeof buf, &len, "auto");
+    else
+        append(buf, sizeof buf, &len, "%.9g", a->scale);
     append(buf, sizeof buf, &len, ",seed=%llu,ref=%d", (unsigned long long)a->seed, a->ref);
     a->desc = malloc(len + 1);
     if (!a->desc) return ef_error(EF_ERR_NOMEM, "out of memory for the plan description");
@@ -245,14 +255,16 @@ static ef_status parse_spec(ef_attn *a, const char *spec) {
     char buf[1024];
     size_t n = strlen(spec);
     if (n == 0) return ef_error(EF_ERR_FORMAT, "empty spec: expected name[:key=value,...]");
-    if (n >= sizeof buf) return ef_error(EF_ERR_FORMAT, "spec longer than %zu characters", sizeof buf - 1);
+    if (n >= sizeof buf)
+        return ef_error(EF_ERR_FORMAT, "spec longer than %zu characters", sizeof buf - 1);
     memcpy(buf, spec, n + 1);
     for (size_t i = 0; i < n; i++)
         if (buf[i] == ' ' || buf[i] == '\t' || buf[i] == '\n')
             return ef_error(EF_ERR_FORMAT, "spec '%s': white space at position %zu", spec, i);
     char *colon = strchr(buf, ':');
     if (colon) *colon = '\0';
-    if (buf[0] == '\0') return ef_error(EF_ERR_FORMAT, "spec '%s': no mechanism name before ':'", spec);
+    if (buf[0] == '\0')
+        return ef_error(EF_ERR_FORMAT, "spec '%s': no mechanism name before ':'", spec);
     a->ops = ef_attn_find(buf);
     if (!a->ops) {
         char names[512];
@@ -285,12 +297,16 @@ static ef_status parse_spec(ef_attn *a, const char *spec) {
             char *comma = strchr(p, ',');
             if (comma) *comma = '\0';
             char *eq = strchr(p, '=');
-            if (*p == '\0') return ef_error(EF_ERR_FORMAT, "spec '%s': empty option (stray ',')", spec);
-            if (!eq) return ef_error(EF_ERR_FORMAT, "spec '%s': option '%s' has no '=value'", spec, p);
+            if (*p == '\0')
+                return ef_error(EF_ERR_FORMAT, "spec '%s': empty option (stray ',')", spec);
+            if (!eq)
+                return ef_error(EF_ERR_FORMAT, "spec '%s': option '%s' has no '=value'", spec, p);
             *eq = '\0';
             const char *key = p, *val = eq + 1;
-            if (*key == '\0') return ef_error(EF_ERR_FORMAT, "spec '%s': '=%s' has no key", spec, val);
-            if (*val == '\0') return ef_error(EF_ERR_FORMAT, "spec '%s': option '%s=' has no value", spec, key);
+            if (*key == '\0')
+                return ef_error(EF_ERR_FORMAT, "spec '%s': '=%s' has no key", spec, val);
+            if (*val == '\0')
+                return ef_error(EF_ERR_FORMAT, "spec '%s': option '%s=' has no value", spec, key);
             int idx = ef_attn_opt_index(ops, key);
             const ef_opt_desc *d;
             ef_opt_val *dst;
@@ -304,23 +320,29 @@ static ef_status parse_spec(ef_attn *a, const char *spec) {
                     char keys[512];
                     size_t len = 0;
                     keys[0] = '\0';
-                    for (int i = 0; i < ops->n_opts; i++) append(keys, sizeof keys, &len, "%s, ", ops->opts[i].key);
+                    for (int i = 0; i < ops->n_opts; i++)
+                        append(keys, sizeof keys, &len, "%s, ", ops->opts[i].key);
                     for (int i = 0; i < N_COMMON; i++)
-                        append(keys, sizeof keys, &len, "%s%s", common_opts[i].key, i + 1 < N_COMMON ? ", " : "");
-                    return ef_error(EF_ERR_ARG, "%s: unknown option '%s' (known: %s)", ops->name, key, keys);
+                        append(keys, sizeof keys, &len, "%s%s", common_opts[i].key,
+                               i + 1 < N_COMMON ? ", " : "");
+                    return ef_error(EF_ERR_ARG, "%s: unknown option '%s' (known: %s)", ops->name,
+                                    key, keys);
                 }
                 d = &common_opts[c], dst = &common[c], slot = EF_MAX_OPTS + c;
             }
-            if (given[slot]) return ef_error(EF_ERR_ARG, "%s: option '%s' given twice", ops->name, key);
+            if (given[slot])
+                return ef_error(EF_ERR_ARG, "%s: option '%s' given twice", ops->name, key);
             given[slot] = 1;
             if (d == &common_opts[COMMON_SEED]) {
                 /* the seed is a full 64-bit unsigned value */
                 errno = 0;
                 char *end = NULL;
-                if (val[0] == '-') return ef_error(EF_ERR_ARG, "%s: option seed=%s must be >= 0", ops->name, val);
+                if (val[0] == '-')
+                    return ef_error(EF_ERR_ARG, "%s: option seed=%s must be >= 0", ops->name, val);
                 unsigned long long s = strtoull(val, &end, 10);
                 if (*end != '\0' || errno == ERANGE)
-                    return ef_error(EF_ERR_ARG, "%s: option seed=%s is not an integer in [0, 2^64)", ops->name, val);
+                    return ef_error(EF_ERR_ARG, "%s: option seed=%s is not an integer in [0, 2^64)",
+                                    ops->name, val);
                 memset(dst, 0, sizeof *dst);
                 dst->i = (int64_t)s;
             } else {
@@ -333,7 +355,8 @@ static ef_status parse_spec(ef_attn *a, const char *spec) {
     }
     a->causal = (int)common[COMMON_CAUSAL].i;
     a->scale_auto = common[COMMON_SCALE].is_auto;
-    a->scale = a->scale_auto ? 1.0f / sqrtf((float)a->shape.head_dim) : (float)common[COMMON_SCALE].f;
+    a->scale =
+        a->scale_auto ? 1.0f / sqrtf((float)a->shape.head_dim) : (float)common[COMMON_SCALE].f;
     a->seed = (uint64_t)common[COMMON_SEED].i;
     a->ref = (int)common[COMMON_REF].i;
     return EF_OK;
@@ -356,8 +379,11 @@ ef_status ef_attn_new(ef_attn **out, const char *spec, const ef_attn_shape *shap
         if (a->n_params) {
             a->params = ef_malloc(a->n_params * sizeof(float));
             a->grads = ef_malloc(a->n_params * sizeof(float));
-            if (!a->params || !a->grads) st = ef_error(EF_ERR_NOMEM, "out of memory for %zu parameters", a->n_params);
-            else memset(a->grads, 0, a->n_params * sizeof(float)), memset(a->params, 0, a->n_params * sizeof(float));
+            if (!a->params || !a->grads)
+                st = ef_error(EF_ERR_NOMEM, "out of memory for %zu parameters", a->n_params);
+            else
+                memset(a->grads, 0, a->n_params * sizeof(float)),
+                    memset(a->params, 0, a->n_params * sizeof(float));
         }
     }
     if (!st && a->ops->init) st = a->ops->init(a);
@@ -408,8 +434,9 @@ int ef_attn_visible(const ef_attn *a, int head, int i, int j) {
     }
     const ef_attn_shape *s = &a->shape;
     if (head < 0 || head >= s->heads || i < 0 || i >= s->q_len || j < 0 || j >= s->kv_len) {
-        ef_error(EF_ERR_ARG, "ef_attn_visible: head=%d i=%d j=%d outside heads=%d q_len=%d kv_len=%d",
-                 head, i, j, s->heads, s->q_len, s->kv_len);
+        ef_error(EF_ERR_ARG,
+                 "ef_attn_visible: head=%d i=%d j=%d outside heads=%d q_len=%d kv_len=%d", head, i,
+                 j, s->heads, s->q_len, s->kv_len);
         return -1;
     }
     if (a->causal && j > i) return 0;
@@ -429,7 +456,8 @@ int64_t ef_attn_visible_pairs(const ef_attn *a, int head) {
         return -1;
     }
     if (head < 0 || head >= a->shape.heads) {
-        ef_error(EF_ERR_ARG, "ef_attn_visible_pairs: head=%d outside [0, %d)", head, a->shape.heads);
+        ef_error(EF_ERR_ARG, "ef_attn_visible_pairs: head=%d outside [0, %d)", head,
+                 a->shape.heads);
         return -1;
     }
     return a->ops->pairs ? a->ops->pairs(a, head) : dense_pairs(a);
@@ -472,25 +500,30 @@ ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     if (!io->out) return ef_error(EF_ERR_ARG, "ef_attn_forward: io->out is NULL");
     if (a->ref)
         st = a->ops->ref_forward ? a->ops->ref_forward(a, io, saved) : ef_ref_forward(a, io, saved);
-    else st = a->ops->forward(a, io, saved);
+    else
+        st = a->ops->forward(a, io, saved);
     if (!st) ef_clear_error();
     return st;
 }
 
-ef_status ef_attn_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
-                           const float *dout, float *dq, float *dk, float *dv) {
+ef_status ef_attn_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
+                           float *dq, float *dk, float *dv) {
     ef_status st = check_io(a, io, "ef_attn_backward");
     if (st) return st;
     if (!saved && ef_attn_saved_bytes(a) > 0)
-        return ef_error(EF_ERR_ARG, "ef_attn_backward: saved is NULL (pass the buffer forward filled)");
+        return ef_error(EF_ERR_ARG,
+                        "ef_attn_backward: saved is NULL (pass the buffer forward filled)");
     if (!dout) return ef_error(EF_ERR_ARG, "ef_attn_backward: dout is NULL");
     if (!dq || !dk || !dv)
         return ef_error(EF_ERR_ARG, "ef_attn_backward: %s is NULL", !dq ? "dq" : !dk ? "dk" : "dv");
-    if (!io->out) return ef_error(EF_ERR_ARG, "ef_attn_backward: io->out is NULL (backward reads the forward output)");
+    if (!io->out)
+        return ef_error(EF_ERR_ARG,
+                        "ef_attn_backward: io->out is NULL (backward reads the forward output)");
     if (a->ref)
         st = a->ops->ref_backward ? a->ops->ref_backward(a, io, saved, dout, dq, dk, dv)
                                   : ef_ref_backward(a, io, saved, dout, dq, dk, dv);
-    else st = a->ops->backward(a, io, saved, dout, dq, dk, dv);
+    else
+        st = a->ops->backward(a, io, saved, dout, dq, dk, dv);
     if (!st) ef_clear_error();
     return st;
 }
@@ -513,11 +546,15 @@ ef_status ef_attn_state_new(ef_attn_state **out, const ef_attn *a) {
     *out = NULL;
     if (!a) return ef_error(EF_ERR_ARG, "ef_attn_state_new: plan is NULL");
     if (!a->ops->step)
-        return ef_error(EF_ERR_UNSUPPORTED, "%s has no incremental decoding (linear and performer "
-                        "with causal=1 have it)", a->ops->name);
+        return ef_error(EF_ERR_UNSUPPORTED,
+                        "%s has no incremental decoding (linear and performer "
+                        "with causal=1 have it)",
+                        a->ops->name);
     if (!a->causal)
-        return ef_error(EF_ERR_UNSUPPORTED, "%s: incremental decoding needs causal=1 (a non-causal "
-                        "output depends on keys that have not arrived)", a->ops->name);
+        return ef_error(EF_ERR_UNSUPPORTED,
+                        "%s: incremental decoding needs causal=1 (a non-causal "
+                        "output depends on keys that have not arrived)",
+                        a->ops->name);
     ef_attn_state *st = calloc(1, sizeof *st);
     if (!st) return ef_error(EF_ERR_NOMEM, "out of memory for a decoding state");
     st->a = a;
@@ -553,7 +590,11 @@ ef_status ef_attn_step(ef_attn *a, ef_attn_state *st, const float *q, const floa
     if (!st) return ef_error(EF_ERR_ARG, "ef_attn_step: state is NULL");
     if (st->a != a) return ef_error(EF_ERR_ARG, "ef_attn_step: the state belongs to another plan");
     if (!q || !k || !v || !out)
-        return ef_error(EF_ERR_ARG, "ef_attn_step: %s is NULL", !q ? "q" : !k ? "k" : !v ? "v" : "out");
+        return ef_error(EF_ERR_ARG, "ef_attn_step: %s is NULL",
+                        !q   ? "q"
+                        : !k ? "k"
+                        : !v ? "v"
+                             : "out");
     ef_status s = a->ops->step(a, st->buf, q, k, v, out);
     if (!s) st->pos++, ef_clear_error();
     return s;

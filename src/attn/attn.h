@@ -127,6 +127,10 @@ static inline double ef_opt_f(const ef_attn *a, int idx) { return a->opt[idx].f;
 /* Threads a call of this plan may use. */
 static inline int ef_attn_threads(const ef_attn *a) { return EF_MIN(ef_threads(), a->slots); }
 
+/* Valid keys of sequence b: kv_lens[b], or every key when kv_lens is NULL. */
+static inline int ef_attn_kv_valid(const ef_attn *a, const ef_attn_io *io, int b) {
+    return io->kv_lens ? io->kv_lens[b] : a->shape.kv_len;
+}
 /* Validates kv_lens (NULL ok) against the plan; names the bad batch entry. */
 ef_status ef_attn_check_kv_lens(const ef_attn *a, const int32_t *kv_lens);
 /* The number of keys query i of batch b may see before any pattern: min(kv_len_b, i+1 if

@@ -207,10 +207,6 @@ typedef struct cctx {
     float *dq, *dk, *dv;
 } cctx;
 
-static int kv_valid(const ef_attn *a, const ef_attn_io *io, int b) {
-    return io->kv_lens ? io->kv_lens[b] : a->shape.kv_len;
-}
-
 static int32_t *saved_asg(const ef_attn *a, void *saved, int64_t bh) {
     const cplan *p = a->impl;
     size_t per = (size_t)a->shape.q_len + (size_t)p->C * p->K;
@@ -322,7 +318,7 @@ static void forward_head(void *vctx, int64_t bh, int tid) {
     cwork *w = &p->ws[tid];
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C, K = p->K;
-    int mv = kv_valid(a, io, (int)(bh / s->heads));
+    int mv = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
     int kb = EF_MIN(p->topk, mv);
     const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d,
                 *v = io->v + (size_t)bh * m * dv;
@@ -449,7 +445,7 @@ static void backward_head(void *vctx, int64_t bh, int tid) {
     cwork *w = &p->ws[tid];
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C, K = p->K;
-    int mv = kv_valid(a, io, (int)(bh / s->heads));
+    int mv = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
     int kb = EF_MIN(p->topk, mv);
     const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d,
                 *v = io->v + (size_t)bh * m * dv, *g = cx->dout + (size_t)bh * n * dv;
@@ -586,7 +582,7 @@ static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *
     rws r = ref_views(a);
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim, C = p->C, K = p->K;
-    int mv = kv_valid(a, io, (int)(bh / s->heads)), kb = EF_MIN(p->topk, mv);
+    int mv = ef_attn_kv_valid(a, io, (int)(bh / s->heads)), kb = EF_MIN(p->topk, mv);
     int improved = p->improved, bottom = !(improved && a->causal);
     const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d,
                 *v = io->v + (size_t)bh * m * e;

@@ -24,7 +24,8 @@ ef_status ef_dense_init(ef_attn *a) {
     size_t n = (size_t)a->shape.q_len * a->shape.kv_len;
     a->dense_ws = ef_malloc(n * sizeof(float));
     if (!a->dense_ws)
-        return ef_error(EF_ERR_NOMEM, "%s: out of memory for the dense %d x %d score buffer (%.1f MB)",
+        return ef_error(EF_ERR_NOMEM,
+                        "%s: out of memory for the dense %d x %d score buffer (%.1f MB)",
                         a->ops->name, a->shape.q_len, a->shape.kv_len, n * 4.0 / 1e6);
     a->dense_ws_bytes = n * sizeof(float);
     return EF_OK;
@@ -38,9 +39,9 @@ size_t ef_dense_saved_bytes(const ef_attn *a) {
 typedef struct dense_rows {
     const ef_attn *a;
     int head, kv_valid;
-    float *p;              /* [N][M]: scores in, probabilities out (forward) */
-    const float *dp_p;     /* backward: P */
-    float *ds;             /* backward: dP in, dS out */
+    float *p;          /* [N][M]: scores in, probabilities out (forward) */
+    const float *dp_p; /* backward: P */
+    float *ds;         /* backward: dP in, dS out */
 } dense_rows;
 
 enum { DENSE_ROWS_PER_ITEM = 32 };
@@ -56,7 +57,8 @@ static void softmax_rows(void *ctx, int64_t item, int tid) {
         int lim = ef_attn_row_limit(a, c->kv_valid, i);
         float mx = -INFINITY;
         for (int j = 0; j < m; j++) {
-            if (j >= lim || (a->ops->visible && !a->ops->visible(a, c->head, i, j))) row[j] = -INFINITY;
+            if (j >= lim || (a->ops->visible && !a->ops->visible(a, c->head, i, j)))
+                row[j] = -INFINITY;
             if (row[j] > mx) mx = row[j];
         }
         if (mx == -INFINITY) { /* nothing visible: zeros, and zero gradient downstream */
@@ -92,7 +94,7 @@ ef_status ef_dense_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
     int64_t items = (n + DENSE_ROWS_PER_ITEM - 1) / DENSE_ROWS_PER_ITEM;
     for (int b = 0; b < s->batch; b++) {
-        int kv_valid = io->kv_lens ? io->kv_lens[b] : m;
+        int kv_valid = ef_attn_kv_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *q = io->q + bh * n * d, *k = io->k + bh * m * d, *v = io->v + bh * m * dv;
@@ -108,8 +110,8 @@ ef_status ef_dense_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     return EF_OK;
 }
 
-ef_status ef_dense_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
-                            const float *dout, float *dq, float *dk, float *dv_) {
+ef_status ef_dense_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
+                            float *dq, float *dk, float *dv_) {
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
     int64_t items = (n + DENSE_ROWS_PER_ITEM - 1) / DENSE_ROWS_PER_ITEM;
@@ -120,12 +122,15 @@ ef_status ef_dense_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
             const float *q = io->q + bh * n * d, *k = io->k + bh * m * d, *v = io->v + bh * m * dv;
             const float *p = (const float *)saved + bh * n * m, *g = dout + bh * n * dv;
             ef_status st;
-            if ((st = ef_sgemm(1, 0, m, dv, n, 1.0f, p, m, g, dv, 0.0f, dv_ + bh * m * dv, dv))) return st;
+            if ((st = ef_sgemm(1, 0, m, dv, n, 1.0f, p, m, g, dv, 0.0f, dv_ + bh * m * dv, dv)))
+                return st;
             if ((st = ef_sgemm(0, 1, n, m, dv, 1.0f, g, dv, v, dv, 0.0f, ds, m))) return st;
             dense_rows c = {a, h, 0, NULL, p, ds};
             ef_parallel_for(items, ef_threads(), softmax_grad_rows, &c);
-            if ((st = ef_sgemm(0, 0, n, d, m, 1.0f, ds, m, k, d, 0.0f, dq + bh * n * d, d))) return st;
-            if ((st = ef_sgemm(1, 0, m, d, n, 1.0f, ds, m, q, d, 0.0f, dk + bh * m * d, d))) return st;
+            if ((st = ef_sgemm(0, 0, n, d, m, 1.0f, ds, m, k, d, 0.0f, dq + bh * n * d, d)))
+                return st;
+            if ((st = ef_sgemm(1, 0, m, d, n, 1.0f, ds, m, q, d, 0.0f, dk + bh * m * d, d)))
+                return st;
         }
     }
     return EF_OK;

@@ -34,21 +34,21 @@ enum { KC = 128 };
 enum { KM_ELU, KM_SOFTMAX, KM_HYP, KM_TRIG, KM_RELU };
 
 typedef struct kwork {
-    float *phq, *phk;   /* [KC][F] features of a query / key chunk (log values before exp) */
-    float *uq, *uk;     /* [KC][m] projections W x^ (performer) */
-    float *nq, *nk;     /* [KC] |x^|^2 / 2 */
-    float *shq;         /* [KC] per-row query shifts */
-    float *shk;         /* [KC] per-key own shifts (causal) */
-    float *pr, *rho;    /* [KC] per-row prefix key shift P_r, exp(c_prev - P_r) (causal) */
-    float *ksc;         /* [KC] per-key factor exp(s_j - c) (causal backward) */
-    float *A;           /* [KC][KC] intra-chunk scores (causal) */
-    float *num;         /* [KC][Dv] */
-    float *S, *z;       /* [F][Dv], [F] */
-    float *dS, *dz;     /* [F][Dv], [F] */
-    float *G, *dd;      /* [KC][Dv] dO / den, [KC] -(dO . out) / den */
-    float *dph;         /* [KC][F] gradient wrt features */
-    float *dA;          /* [KC][KC] */
-    float *tmp;         /* [KC][max(F, D)] */
+    float *phq, *phk; /* [KC][F] features of a query / key chunk (log values before exp) */
+    float *uq, *uk;   /* [KC][m] projections W x^ (performer) */
+    float *nq, *nk;   /* [KC] |x^|^2 / 2 */
+    float *shq;       /* [KC] per-row query shifts */
+    float *shk;       /* [KC] per-key own shifts (causal) */
+    float *pr, *rho;  /* [KC] per-row prefix key shift P_r, exp(c_prev - P_r) (causal) */
+    float *ksc;       /* [KC] per-key factor exp(s_j - c) (causal backward) */
+    float *A;         /* [KC][KC] intra-chunk scores (causal) */
+    float *num;       /* [KC][Dv] */
+    float *S, *z;     /* [F][Dv], [F] */
+    float *dS, *dz;   /* [F][Dv], [F] */
+    float *G, *dd;    /* [KC][Dv] dO / den, [KC] -(dO . out) / den */
+    float *dph;       /* [KC][F] gradient wrt features */
+    float *dA;        /* [KC][KC] */
+    float *tmp;       /* [KC][max(F, D)] */
 } kwork;
 
 typedef struct kplan {
@@ -65,10 +65,6 @@ typedef struct kplan {
     float *rq, *rk, *ruq, *ruk, *rnq, *rnk, *rdq, *rdk, *rtmp; /* reference path (ref=1) */
     void *rblock;
 } kplan;
-
-static int kv_valid(const ef_attn *a, const ef_attn_io *io, int b) {
-    return io->kv_lens ? io->kv_lens[b] : a->shape.kv_len;
-}
 
 /* ---------------------------------------------------------------------------------------------
  * Random features: orthogonal blocks (Gram-Schmidt on Gaussian D x D blocks, rows rescaled to
@@ -90,7 +86,8 @@ static void draw_features(ef_attn *a) {
         /* Gram-Schmidt (twice, for stability) on the d x d Gaussian block starting at row b0;
          * the first `rows` orthonormal rows are kept */
         for (int i = 0; i < d; i++)
-            for (int t = 0; t < d; t++) q[i * d + t] = b0 + i < m ? p->W[(size_t)(b0 + i) * d + t] : 0;
+            for (int t = 0; t < d; t++)
+                q[i * d + t] = b0 + i < m ? p->W[(size_t)(b0 + i) * d + t] : 0;
         if (rows < d) { /* a truncated last block still starts from a full Gaussian block */
             float extra[1];
             for (int i = rows; i < d; i++)
@@ -118,7 +115,8 @@ static void draw_features(ef_attn *a) {
             double nrm = 0;
             for (int t = 0; t < d; t++) nrm += (double)g[t] * g[t];
             nrm = sqrt(nrm);
-            for (int t = 0; t < d; t++) p->W[(size_t)(b0 + i) * d + t] = (float)(q[i * d + t] * nrm);
+            for (int t = 0; t < d; t++)
+                p->W[(size_t)(b0 + i) * d + t] = (float)(q[i * d + t] * nrm);
         }
     }
 }
@@ -129,7 +127,9 @@ static void draw_features(ef_attn *a) {
  * exponent g, for the others the feature itself. fm_exp then turns row r into features with
  * shift sh[r] (exp(g - sh)), zeroes rows >= valid, and applies the trig factors.
  * ------------------------------------------------------------------------------------------- */
-static int fm_is_exp(const kplan *p) { return p->kind == KM_SOFTMAX || p->kind == KM_HYP || p->kind == KM_TRIG; }
+static int fm_is_exp(const kplan *p) {
+    return p->kind == KM_SOFTMAX || p->kind == KM_HYP || p->kind == KM_TRIG;
+}
 
 static float fm_log(const ef_attn *a, const float *x, int n, int valid, float *u, float *nrm,
                     float *ph) {
@@ -177,9 +177,10 @@ static float fm_log(const ef_attn *a, const float *x, int n, int valid, float *u
 static void fm_exp(const ef_attn *a, int n, int valid, const float *sh, const float *u, float *ph) {
     const kplan *p = a->impl;
     int F = p->F, m = p->m;
-    float norm = p->kind == KM_SOFTMAX ? 1 / sqrtf((float)m) : p->kind == KM_HYP || p->kind == KM_TRIG
-                                                                   ? 1 / sqrtf((float)(p->kind == KM_HYP ? 2 * m : m))
-                                                                   : 1;
+    float norm = p->kind == KM_SOFTMAX ? 1 / sqrtf((float)m)
+                 : p->kind == KM_HYP || p->kind == KM_TRIG
+                     ? 1 / sqrtf((float)(p->kind == KM_HYP ? 2 * m : m))
+                     : 1;
     for (int r = 0; r < n; r++) {
         float *o = ph + (size_t)r * F;
         if (r >= valid) {
@@ -255,7 +256,8 @@ static void fm_backward(const ef_attn *a, const float *x, int n, const float *u,
 
 /* Maps a chunk of n rows of x: keys with one shift (running, updated in *key_shift and the
  * rescale factor returned), queries with per-row shifts (into shq). */
-static float map_keys(const ef_attn *a, kwork *w, const float *x, int n, int valid, float *key_shift) {
+static float map_keys(const ef_attn *a, kwork *w, const float *x, int n, int valid,
+                      float *key_shift) {
     kplan *p = a->impl;
     float mx = fm_log(a, x, n, valid, w->uk, w->nk, w->phk);
     float resc = 1;
@@ -324,12 +326,15 @@ static void scale_intra(const kwork *w, float *A, int qn, int kn) {
     for (int r = 0; r < qn; r++)
         for (int j = 0; j < kn; j++) {
             float *x = A + (size_t)r * KC + j;
-            *x = j > r || w->shk[j] == -INFINITY || w->pr[r] == -INFINITY ? 0 : *x * expf(w->shk[j] - w->pr[r]);
+            *x = j > r || w->shk[j] == -INFINITY || w->pr[r] == -INFINITY
+                     ? 0
+                     : *x * expf(w->shk[j] - w->pr[r]);
         }
 }
 
 /* Adds the chunk to the state: S = S exp(c_prev - c_new) + sum_j phi_j exp(s_j - c_new) v_j^T. */
-static void state_add(const ef_attn *a, kwork *w, const float *v, int kn, float c_prev, float c_new) {
+static void state_add(const ef_attn *a, kwork *w, const float *v, int kn, float c_prev,
+                      float c_new) {
     const kplan *p = a->impl;
     int F = p->F, dv = a->shape.v_dim;
     if (c_prev != c_new) {
@@ -362,7 +367,8 @@ static float *den_of(const ef_attn *a, float *saved, int64_t bh) {
 }
 static float *shifts_of(const ef_attn *a, float *saved, int64_t bh) {
     const kplan *p = a->impl;
-    return saved + (size_t)a->shape.batch * a->shape.heads * a->shape.q_len + (size_t)bh * p->nchunks;
+    return saved + (size_t)a->shape.batch * a->shape.heads * a->shape.q_len +
+           (size_t)bh * p->nchunks;
 }
 
 /* out rows [c0, c0+n) from num and den; returns nothing, stores den if saved. */
@@ -382,7 +388,7 @@ static void forward_head(void *ctx, int64_t bh, int tid) {
     kplan *p = a->impl;
     kwork *w = &p->ws[tid];
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, F = p->F;
-    int b = (int)(bh / s->heads), L = kv_valid(a, c->io, b);
+    int b = (int)(bh / s->heads), L = ef_attn_kv_valid(a, c->io, b);
     const float *q = c->io->q + (size_t)bh * n * d, *k = c->io->k + (size_t)bh * m * d;
     const float *v = c->io->v + (size_t)bh * m * dv;
     float *out = c->io->out + (size_t)bh * n * dv;
@@ -445,7 +451,8 @@ static void forward_head(void *ctx, int64_t bh, int tid) {
                         for (int j = 0; j < kn; j++) acc += w->A[(size_t)r * KC + j];
                         den[r] += (float)acc;
                     }
-                    ef_sgemm(0, 0, qn, dv, kn, 1.0f, w->A, KC, v + (size_t)c0 * dv, dv, 1.0f, w->num, dv);
+                    ef_sgemm(0, 0, qn, dv, kn, 1.0f, w->A, KC, v + (size_t)c0 * dv, dv, 1.0f,
+                             w->num, dv);
                 }
                 for (int r = 0; r < qn; r++) {
                     int sees = EF_MIN(L, c0 + r + 1) > 0;
@@ -470,7 +477,9 @@ static ef_status kernel_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
         }
         p->calls++;
     }
-    if (saved) memcpy((char *)saved + ef_attn_saved_bytes(a) - sizeof(int64_t), &p->epoch, sizeof(int64_t));
+    if (saved)
+        memcpy((char *)saved + ef_attn_saved_bytes(a) - sizeof(int64_t), &p->epoch,
+               sizeof(int64_t));
     kcall c = {a, io, saved, NULL, NULL, NULL, NULL};
     ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), forward_head, &c);
     return EF_OK;
@@ -495,7 +504,8 @@ static void grad_rows(const ef_attn *a, kwork *w, const float *g, const float *o
 }
 
 /* Keys of a chunk mapped with a known shift (no running update). */
-static void map_keys_fixed(const ef_attn *a, kwork *w, const float *x, int n, int valid, float shift) {
+static void map_keys_fixed(const ef_attn *a, kwork *w, const float *x, int n, int valid,
+                           float shift) {
     fm_log(a, x, n, valid, w->uk, w->nk, w->phk);
     float sh[KC];
     for (int r = 0; r < n; r++) sh[r] = shift;
@@ -503,8 +513,8 @@ static void map_keys_fixed(const ef_attn *a, kwork *w, const float *x, int n, in
 }
 
 /* dPhi_k = V dS^T + 1 dz^T (+ intra), rows >= valid zeroed; dV = Phi_k dS (+ intra); dk. */
-static void key_grads(const ef_attn *a, kwork *w, const float *k, const float *v, int kn,
-                      int valid, float *dk, float *dvo, int intra, int qn) {
+static void key_grads(const ef_attn *a, kwork *w, const float *k, const float *v, int kn, int valid,
+                      float *dk, float *dvo, int intra, int qn) {
     const kplan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim, F = p->F;
     ef_sgemm(0, 1, kn, F, dv, 1.0f, v, dv, w->dS, dv, 0.0f, w->dph, F);
@@ -548,7 +558,7 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
     kplan *p = a->impl;
     kwork *w = &p->ws[tid];
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, F = p->F;
-    int b = (int)(bh / s->heads), L = kv_valid(a, c->io, b);
+    int b = (int)(bh / s->heads), L = ef_attn_kv_valid(a, c->io, b);
     const float *q = c->io->q + (size_t)bh * n * d, *k = c->io->k + (size_t)bh * m * d;
     const float *v = c->io->v + (size_t)bh * m * dv, *out = c->io->out + (size_t)bh * n * dv;
     const float *g = c->dout + (size_t)bh * n * dv;
@@ -582,7 +592,8 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
                     w->dz[f] += w->dd[r] * w->phq[(size_t)r * F + f];
                 }
             ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv);
-            fm_backward(a, q + (size_t)i0 * d, qn, w->uq, w->phq, w->dph, w->tmp, dq + (size_t)i0 * d);
+            fm_backward(a, q + (size_t)i0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
+                        dq + (size_t)i0 * d);
         }
         for (int j0 = 0; j0 < L; j0 += KC) {
             int kn = EF_MIN(KC, L - j0);
@@ -608,12 +619,14 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
             ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F);
             for (int r = 0; r < qn; r++)
                 for (int f = 0; f < F; f++)
-                    w->dph[(size_t)r * F + f] = (w->dph[(size_t)r * F + f] + w->dd[r] * w->z[f]) * w->rho[r];
+                    w->dph[(size_t)r * F + f] =
+                        (w->dph[(size_t)r * F + f] + w->dd[r] * w->z[f]) * w->rho[r];
             if (kn > 0) {
                 intra_scores(a, w, v + (size_t)c0 * dv, qn, kn);
                 ef_sgemm(0, 0, qn, F, kn, 1.0f, w->dA, KC, w->phk, F, 1.0f, w->dph, F);
             }
-            fm_backward(a, q + (size_t)c0 * d, qn, w->uq, w->phq, w->dph, w->tmp, dq + (size_t)c0 * d);
+            fm_backward(a, q + (size_t)c0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
+                        dq + (size_t)c0 * d);
         }
         if (kn > 0) state_add(a, w, v + (size_t)c0 * dv, kn, kshift, cnew);
         kshift = cnew;
@@ -666,7 +679,8 @@ static ef_status kernel_backward(ef_attn *a, const ef_attn_io *io, const void *s
         draw_features(a);
     }
     kcall c = {a, io, (float *)saved, dout, dq, dk, dv};
-    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), backward_head, &c);
+    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), backward_head,
+                    &c);
     if (p->W && p->epoch != current) { /* back to the features the next forward expects */
         p->epoch = current;
         draw_features(a);
@@ -726,7 +740,8 @@ static double ref_row_shift(const ef_attn *a, int lim) {
 static double ref_a(const ef_attn *a, int i, int j, double pi) {
     const kplan *p = a->impl;
     double acc = 0;
-    for (int f = 0; f < p->F; f++) acc += (double)p->rq[(size_t)i * p->F + f] * p->rk[(size_t)j * p->F + f];
+    for (int f = 0; f < p->F; f++)
+        acc += (double)p->rq[(size_t)i * p->F + f] * p->rk[(size_t)j * p->F + f];
     return acc * exp(ref_sk(a)[j] - pi);
 }
 
@@ -735,7 +750,7 @@ static ef_status kernel_ref_forward(ef_attn *a, const ef_attn_io *io, void *save
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
     for (int64_t bh = 0; bh < (int64_t)s->batch * s->heads; bh++) {
-        int L = kv_valid(a, io, (int)(bh / s->heads));
+        int L = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
         const float *v = io->v + (size_t)bh * m * dv;
         ref_features(a, io->q + (size_t)bh * n * d, io->k + (size_t)bh * m * d, L);
         for (int i = 0; i < n; i++) {
@@ -752,7 +767,8 @@ static ef_status kernel_ref_forward(ef_attn *a, const ef_attn_io *io, void *save
                 }
                 den = lim > 0 ? den + p->eps : 0;
                 for (int e = 0; e < en; e++)
-                    io->out[((size_t)bh * n + i) * dv + e0 + e] = den != 0 ? (float)(num[e] / den) : 0;
+                    io->out[((size_t)bh * n + i) * dv + e0 + e] =
+                        den != 0 ? (float)(num[e] / den) : 0;
             }
             if (saved) ((float *)saved)[(size_t)bh * n + i] = (float)den;
         }
@@ -766,7 +782,7 @@ static ef_status kernel_ref_backward(ef_attn *a, const ef_attn_io *io, const voi
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e_ = s->v_dim, F = p->F;
     for (int64_t bh = 0; bh < (int64_t)s->batch * s->heads; bh++) {
-        int L = kv_valid(a, io, (int)(bh / s->heads));
+        int L = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
         const float *v = io->v + (size_t)bh * m * e_, *out = io->out + (size_t)bh * n * e_;
         const float *g = dout + (size_t)bh * n * e_;
         float *dvo = dv + (size_t)bh * m * e_;
@@ -778,7 +794,8 @@ static ef_status kernel_ref_backward(ef_attn *a, const ef_attn_io *io, const voi
             double den = ((const float *)saved)[(size_t)bh * n + i];
             if (den == 0) continue;
             double dd = 0;
-            for (int e = 0; e < e_; e++) dd -= (double)g[(size_t)i * e_ + e] * out[(size_t)i * e_ + e];
+            for (int e = 0; e < e_; e++)
+                dd -= (double)g[(size_t)i * e_ + e] * out[(size_t)i * e_ + e];
             dd /= den;
             int lim = ref_lim(a, L, i);
             double pi = ref_row_shift(a, lim);
@@ -794,8 +811,10 @@ static ef_status kernel_ref_backward(ef_attn *a, const ef_attn_io *io, const voi
                 }
             }
         }
-        fm_backward(a, io->q + (size_t)bh * n * d, n, p->ruq, p->rq, p->rdq, p->rtmp, dq + (size_t)bh * n * d);
-        fm_backward(a, io->k + (size_t)bh * m * d, m, p->ruk, p->rk, p->rdk, p->rtmp, dk + (size_t)bh * m * d);
+        fm_backward(a, io->q + (size_t)bh * n * d, n, p->ruq, p->rq, p->rdq, p->rtmp,
+                    dq + (size_t)bh * n * d);
+        fm_backward(a, io->k + (size_t)bh * m * d, m, p->ruk, p->rk, p->rdk, p->rtmp,
+                    dk + (size_t)bh * m * d);
     }
     return EF_OK;
 }
@@ -848,40 +867,64 @@ static ef_status kernel_init(ef_attn *a) {
     p->nchunks = a->causal ? (EF_MAX(s->q_len, s->kv_len) + KC - 1) / KC : 1;
     int F = p->F, m = EF_MAX(p->m, 1), wide = EF_MAX(EF_MAX(F, d), m);
     enum { NWS = 21 };
-    size_t sz[NWS] = {(size_t)KC * F, (size_t)KC * F, (size_t)KC * m, (size_t)KC * m, KC, KC, KC,
-                      (size_t)KC * KC, (size_t)KC * dv, (size_t)F * dv, (size_t)F, (size_t)F * dv,
-                      (size_t)F, (size_t)KC * dv, KC, (size_t)KC * F, (size_t)KC * KC, KC, KC, KC, KC};
+    size_t sz[NWS] = {(size_t)KC * F,
+                      (size_t)KC * F,
+                      (size_t)KC * m,
+                      (size_t)KC * m,
+                      KC,
+                      KC,
+                      KC,
+                      (size_t)KC * KC,
+                      (size_t)KC * dv,
+                      (size_t)F * dv,
+                      (size_t)F,
+                      (size_t)F * dv,
+                      (size_t)F,
+                      (size_t)KC * dv,
+                      KC,
+                      (size_t)KC * F,
+                      (size_t)KC * KC,
+                      KC,
+                      KC,
+                      KC,
+                      KC};
     size_t per = round16((size_t)KC * wide);
     for (int i = 0; i < NWS; i++) per += round16(sz[i]);
-    size_t extra = p->m ? round16((size_t)p->m * d) + round16((size_t)d) + 2 * round16((size_t)d * d) : 0;
+    size_t extra =
+        p->m ? round16((size_t)p->m * d) + round16((size_t)d) + 2 * round16((size_t)d * d) : 0;
     double total = (double)per * a->slots + extra;
-    if (total * 4 > 1e12) return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total * 4 / 1e9);
+    if (total * 4 > 1e12)
+        return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total * 4 / 1e9);
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_malloc((size_t)total * sizeof(float));
     if (!p->ws || !p->block)
-        return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name, total * 4 / 1e6);
+        return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name,
+                        total * 4 / 1e6);
     a->ws_bytes = (size_t)total * sizeof(float);
     float *cur = p->block;
     for (int t = 0; t < a->slots; t++) {
         kwork *w = &p->ws[t];
-        float **f[NWS] = {&w->phq, &w->phk, &w->uq, &w->uk, &w->nq, &w->nk, &w->shq,
-                          &w->A,   &w->num, &w->S,  &w->z,  &w->dS, &w->dz, &w->G,
+        float **f[NWS] = {&w->phq, &w->phk, &w->uq, &w->uk,  &w->nq, &w->nk,  &w->shq,
+                          &w->A,   &w->num, &w->S,  &w->z,   &w->dS, &w->dz,  &w->G,
                           &w->dd,  &w->dph, &w->dA, &w->shk, &w->pr, &w->rho, &w->ksc};
         for (int i = 0; i < NWS; i++) *f[i] = cur, cur += round16(sz[i]);
         w->tmp = cur, cur += round16((size_t)KC * wide);
     }
     if (a->ref) { /* the reference path maps whole sequences */
         int n = s->q_len, mm = s->kv_len, big = EF_MAX(n, mm);
-        size_t rs[9] = {(size_t)n * F, (size_t)mm * F, (size_t)n * m, (size_t)mm * m, (size_t)n,
-                        (size_t)mm, (size_t)n * F, (size_t)mm * F, (size_t)big * wide + n + mm};
+        size_t rs[9] = {(size_t)n * F,  (size_t)mm * F, (size_t)n * m,
+                        (size_t)mm * m, (size_t)n,      (size_t)mm,
+                        (size_t)n * F,  (size_t)mm * F, (size_t)big * wide + n + mm};
         /* rtmp: fm_backward's big x wide scratch, then key shifts (mm) and query shifts (n) */
         size_t rt = 0;
         for (int i = 0; i < 9; i++) rt += round16(rs[i]);
         float *rb = ef_malloc(rt * sizeof(float));
-        if (!rb) return ef_error(EF_ERR_NOMEM, "%s: out of memory for the reference path", a->ops->name);
+        if (!rb)
+            return ef_error(EF_ERR_NOMEM, "%s: out of memory for the reference path", a->ops->name);
         p->rblock = rb;
         a->ws_bytes += rt * sizeof(float);
-        float **f[9] = {&p->rq, &p->rk, &p->ruq, &p->ruk, &p->rnq, &p->rnk, &p->rdq, &p->rdk, &p->rtmp};
+        float **f[9] = {&p->rq,  &p->rk,  &p->ruq, &p->ruk, &p->rnq,
+                        &p->rnk, &p->rdq, &p->rdk, &p->rtmp};
         for (int i = 0; i < 9; i++) *f[i] = rb, rb += round16(rs[i]);
     }
     if (p->m) {
@@ -919,8 +962,8 @@ static double kernel_flops(const ef_attn *a, int backward) {
     double maps = 2 * (n + m) * d * pm;
     double tri = a->causal ? n * KC * (F + dv) : 0;
     double fwd = maps + 2 * m * F * dv + 2 * n * F * (dv + 1) + tri;
-    double bwd = 2 * maps + maps /* map gradients */ + 2 * n * F * dv * 2 + 2 * m * F * dv * 3 +
-                 3 * tri;
+    double bwd =
+        2 * maps + maps /* map gradients */ + 2 * n * F * dv * 2 + 2 * m * F * dv * 3 + 3 * tri;
     return (double)s->batch * s->heads * (backward ? fwd + bwd : fwd);
 }
 
@@ -1002,9 +1045,10 @@ const ef_attn_ops ef_attn_ops_linear = {
 const ef_attn_ops ef_attn_ops_performer = {
     .name = "performer",
     .summary = "Performer FAVOR+: random features of the softmax kernel, O(N m (D + Dv))",
-    .notes = "  features from the seed (orthogonal blocks, rows rescaled to chi norms), shared by\n"
-             "  all heads; stabilised exponents (exact: the shifts cancel); causal=1 in chunks;\n"
-             "  incremental decoding with ef_attn_step; reference (ref=1): the explicit N x M form.",
+    .notes =
+        "  features from the seed (orthogonal blocks, rows rescaled to chi norms), shared by\n"
+        "  all heads; stabilised exponents (exact: the shifts cancel); causal=1 in chunks;\n"
+        "  incremental decoding with ef_attn_step; reference (ref=1): the explicit N x M form.",
     .opts = performer_opts,
     .n_opts = 6,
     .init = kernel_init,

@@ -200,10 +200,6 @@ static double lin_flops(const ef_attn *a, int backward) {
 /* ---------------------------------------------------------------------------------------------
  * Fast path: projections with ef_sgemm, attention with the inner flash plan
  * ------------------------------------------------------------------------------------------- */
-static int kv_valid_of(const ef_attn *a, const ef_attn_io *io, int b) {
-    return io->kv_lens ? io->kv_lens[b] : a->shape.kv_len;
-}
-
 /* Zeroes rows [b][*][0:n][0:w] of x for every b whose sequence has no key. */
 static void zero_empty(const ef_attn *a, const ef_attn_io *io, float *x, int n, int w) {
     if (!io->kv_lens) return;
@@ -243,7 +239,8 @@ static void project_head(void *ctx, int64_t bh, int tid) {
     const ef_attn *a = c->a;
     const lin_plan *p = a->impl;
     int m = a->shape.kv_len, d = a->shape.head_dim, dv = a->shape.v_dim, k = p->k;
-    int h = (int)(bh % a->shape.heads), l = kv_valid_of(a, c->io, (int)(bh / a->shape.heads));
+    int h = (int)(bh % a->shape.heads);
+    int l = ef_attn_kv_valid(a, c->io, (int)(bh / a->shape.heads));
     const float *e = a->params + h * p->lay.hstride, *f = e + p->lay.f_off;
     int old = ef_gemm_local_threads(1);
     fail(c, ef_sgemm(0, 0, k, d, l, 1.0f, e, m, c->io->k + bh * m * d, d, 0.0f, c->kp + bh * k * d,
@@ -276,7 +273,8 @@ static void key_grads(void *ctx, int64_t bh, int tid) {
     const ef_attn *a = c->a;
     const lin_plan *p = a->impl;
     int m = a->shape.kv_len, d = a->shape.head_dim, dv = a->shape.v_dim, k = p->k;
-    int h = (int)(bh % a->shape.heads), l = kv_valid_of(a, c->io, (int)(bh / a->shape.heads));
+    int h = (int)(bh % a->shape.heads);
+    int l = ef_attn_kv_valid(a, c->io, (int)(bh / a->shape.heads));
     const float *e = a->params + h * p->lay.hstride, *f = e + p->lay.f_off;
     float *dkb = c->dk + bh * m * d, *dvb = c->dv + bh * m * dv;
     int old = ef_gemm_local_threads(1);
@@ -305,7 +303,7 @@ static void param_grads(void *ctx, int64_t item, int tid) {
     float *gx = a->grads + x * p->lay.mat + j0;
     int old = ef_gemm_local_threads(1);
     for (int b = 0; b < s->batch; b++) {
-        int n = EF_MIN(j1, kv_valid_of(a, c->io, b)) - j0; /* keys of this block that exist */
+        int n = EF_MIN(j1, ef_attn_kv_valid(a, c->io, b)) - j0; /* keys of this block that exist */
         if (n <= 0) continue;
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h, off = h * p->lay.hstride;
@@ -381,7 +379,7 @@ static ef_status lin_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) 
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim, k = p->k;
     double *kp = p->rw, *vp = kp + (size_t)k * d, *pr = vp + (size_t)k * e;
     for (int b = 0; b < s->batch; b++) {
-        int l = kv_valid_of(a, io, b);
+        int l = ef_attn_kv_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             float *out = io->out + bh * n * e;
@@ -414,7 +412,7 @@ static ef_status lin_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
     double *kp = p->rw, *vp = kp + (size_t)k * d, *gkp = vp + (size_t)k * e;
     double *gvp = gkp + (size_t)k * d, *pr = gvp + (size_t)k * e, *gq = pr + k;
     for (int b = 0; b < s->batch; b++) {
-        int l = kv_valid_of(a, io, b);
+        int l = ef_attn_kv_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *q = io->q + bh * n * d, *g = dout + bh * n * e;

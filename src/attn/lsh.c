@@ -83,10 +83,6 @@ typedef struct lplan {
     void *rblock;
 } lplan;
 
-static int kv_valid(const ef_attn *a, const ef_attn_io *io, int b) {
-    return io->kv_lens ? io->kv_lens[b] : a->shape.kv_len;
-}
-
 /* ---------------------------------------------------------------------------------------------
  * Hashing, shared by both paths
  * ------------------------------------------------------------------------------------------- */
@@ -472,7 +468,7 @@ static void forward_head(void *ctx, int64_t item, int tid) {
     const ef_attn_shape *s = &a->shape;
     lwork *w = &p->ws[tid];
     int n = s->q_len, d = s->head_dim, dv = s->v_dim, b = (int)(item / s->heads),
-        h = (int)(item % s->heads), valid = kv_valid(a, j->io, b), W = p->W;
+        h = (int)(item % s->heads), valid = ef_attn_kv_valid(a, j->io, b), W = p->W;
     const float *q = j->io->q + (size_t)item * n * d, *v = j->io->v + (size_t)item * n * dv;
     float *out = j->io->out + (size_t)item * n * dv;
     int32_t *perm = j->perm ? j->perm + (size_t)item * p->R * n : w->perm;
@@ -548,7 +544,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     const ef_attn_shape *s = &a->shape;
     lwork *w = &p->ws[tid];
     int n = s->q_len, d = s->head_dim, dv = s->v_dim, b = (int)(item / s->heads),
-        h = (int)(item % s->heads), valid = kv_valid(a, j->io, b), W = p->W;
+        h = (int)(item % s->heads), valid = ef_attn_kv_valid(a, j->io, b), W = p->W;
     const float *q = j->io->q + (size_t)item * n * d, *v = j->io->v + (size_t)item * n * dv;
     const float *out = j->io->out + (size_t)item * n * dv, *g = j->dout + (size_t)item * n * dv;
     float *dq = j->dq + (size_t)item * n * d, *dvo = j->dv + (size_t)item * n * dv;
@@ -722,7 +718,7 @@ static ef_status lsh_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) 
     for (int b = 0; b < s->batch; b++)
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
-            int valid = kv_valid(a, io, b);
+            int valid = ef_attn_kv_valid(a, io, b);
             const float *q = io->q + bh * n * d, *v = io->v + bh * n * dv;
             int32_t *perm = saved ? (int32_t *)saved + bh * R * n : p->rperm;
             float *lse = saved ? (float *)((int32_t *)saved + bhrn) + bh * R * n : NULL;
@@ -769,7 +765,7 @@ static ef_status lsh_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
     for (int b = 0; b < s->batch; b++)
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
-            int valid = kv_valid(a, io, b);
+            int valid = ef_attn_kv_valid(a, io, b);
             const float *q = io->q + bh * n * d, *v = io->v + bh * n * e_;
             int32_t *perm = (int32_t *)saved + bh * R * n;
             double *nrmd = p->rlse + R; /* [N] after the R per-round lse values */

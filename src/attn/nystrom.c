@@ -479,7 +479,7 @@ static void forward_item(void *ctx, int64_t bh, int tid) {
     const ef_attn_shape *s = &a->shape;
     const nys_plan *p = a->impl;
     int b = (int)(bh / s->heads);
-    int L = j->io->kv_lens ? j->io->kv_lens[b] : s->kv_len;
+    int L = ef_attn_kv_valid(j->a, j->io, b);
     float *out = j->io->out + (size_t)bh * s->q_len * s->v_dim;
     if (L == 0) {
         memset(out, 0, sizeof(float) * s->q_len * s->v_dim);
@@ -505,7 +505,7 @@ static void backward_item(void *ctx, int64_t bh, int tid) {
     const ef_attn_shape *s = &a->shape;
     const nys_plan *p = a->impl;
     int b = (int)(bh / s->heads);
-    int L = j->io->kv_lens ? j->io->kv_lens[b] : s->kv_len;
+    int L = ef_attn_kv_valid(j->a, j->io, b);
     size_t oq = (size_t)bh * s->q_len * s->head_dim, ok = (size_t)bh * s->kv_len * s->head_dim;
     size_t ov = (size_t)bh * s->kv_len * s->v_dim;
     float *dq = j->dq + oq, *dk = j->dk + ok, *dv = j->dv + ov;
@@ -599,13 +599,17 @@ static size_t ref_layout(const ef_attn *a, double *base, nys_ref *R) {
     return off;
 }
 
-/* C [m][n] = A [m][k] B [k][n], every operand stored as written (no transposes). */
-static void ref_matmul(const double *A, const double *B, double *C, int m, int k, int n) {
+/* C [m][n] = alpha op(A) op(B) + beta C, op(A) m x k (A stored k x m when ta), op(B) k x n
+ * (B stored n x k when tb); beta = 0 overwrites C. Every product of the reference is one call. */
+static void ref_mm(int ta, int tb, int m, int n, int k, double alpha, const double *A,
+                   const double *B, double beta, double *C) {
     for (int i = 0; i < m; i++)
         for (int j = 0; j < n; j++) {
             double s = 0;
-            for (int t = 0; t < k; t++) s += A[(size_t)i * k + t] * B[(size_t)t * n + j];
-            C[(size_t)i * n + j] = s;
+            for (int t = 0; t < k; t++)
+                s += (ta ? A[(size_t)t * m + i] : A[(size_t)i * k + t]) *
+                     (tb ? B[(size_t)j * k + t] : B[(size_t)t * n + j]);
+            C[(size_t)i * n + j] = alpha * s + (beta != 0 ? beta * C[(size_t)i * n + j] : 0);
         }
 }
 
@@ -639,13 +643,13 @@ static void ref_softmax_scores(const double *X, const double *Y, int rows, int c
 
 /* The factors of one iteration in double (see pinv_factors). */
 static void ref_factors(const double *A, const double *Z, int mq, int mk, nys_ref *R) {
-    ref_matmul(A, Z, R->P, mq, mk, mq);
+    ref_mm(0, 0, mq, mq, mk, 1, A, Z, 0, R->P);
     for (int i = 0; i < mq; i++)
         for (int j = 0; j < mq; j++) R->T1[i * mq + j] = (i == j ? 7.0 : 0.0) - R->P[i * mq + j];
-    ref_matmul(R->P, R->T1, R->T2, mq, mq, mq);
+    ref_mm(0, 0, mq, mq, mq, 1, R->P, R->T1, 0, R->T2);
     for (int i = 0; i < mq; i++)
         for (int j = 0; j < mq; j++) R->T2[i * mq + j] = (i == j ? 15.0 : 0.0) - R->T2[i * mq + j];
-    ref_matmul(R->P, R->T2, R->T3, mq, mq, mq);
+    ref_mm(0, 0, mq, mq, mq, 1, R->P, R->T2, 0, R->T3);
     for (int i = 0; i < mq; i++)
         for (int j = 0; j < mq; j++) R->T3[i * mq + j] = (i == j ? 13.0 : 0.0) - R->T3[i * mq + j];
 }
@@ -685,7 +689,7 @@ static void ref_head_forward(const nys_dims *h, nys_ref *R) {
         const double *zp = R->z + (it - 1) * zz;
         double *z = R->z + it * zz;
         ref_factors(R->k2, zp, mq, mk, R);
-        ref_matmul(zp, R->T3, z, mk, mq, mq);
+        ref_mm(0, 0, mk, mq, mq, 1, zp, R->T3, 0, z);
         for (size_t x = 0; x < zz; x++) z[x] *= 0.25;
     }
     const double *z = R->z + h->iters * zz;
@@ -695,8 +699,8 @@ static void ref_head_forward(const nys_dims *h, nys_ref *R) {
             for (int j = 0; j < L; j++) s += R->k3[(size_t)i * L + j] * R->v[(size_t)j * e + x];
             R->w[(size_t)i * e + x] = s;
         }
-    ref_matmul(z, R->w, R->u, mk, mq, e);      /* U = Z W */
-    ref_matmul(R->k1, R->u, R->out, n, mk, e); /* out = K1 U */
+    ref_mm(0, 0, mk, e, mq, 1, z, R->w, 0, R->u);      /* U = Z W */
+    ref_mm(0, 0, n, e, mk, 1, R->k1, R->u, 0, R->out); /* out = K1 U */
 }
 
 /* dS = P o (dP - rowsum(P o dP)), in place on dP [rows][cols]. */
@@ -716,103 +720,34 @@ static void ref_head_backward(const nys_dims *h, nys_ref *R) {
     double tau = h->tau;
     size_t zz = (size_t)mk * mq;
     const double *A = R->k2, *zt = R->z + h->iters * zz;
-    /* out[i][x] = sum_r K1[i][r] U[r][x] */
-    for (int i = 0; i < n; i++)
-        for (int r = 0; r < mk; r++) {
-            double s = 0;
-            for (int x = 0; x < e; x++) s += R->g[(size_t)i * e + x] * R->u[(size_t)r * e + x];
-            R->dk1[(size_t)i * mk + r] = s;
-        }
-    for (int r = 0; r < mk; r++)
-        for (int x = 0; x < e; x++) {
-            double s = 0;
-            for (int i = 0; i < n; i++) s += R->k1[(size_t)i * mk + r] * R->g[(size_t)i * e + x];
-            R->du[(size_t)r * e + x] = s;
-        }
-    /* U[r][x] = sum_i Z[r][i] W[i][x] */
-    for (int r = 0; r < mk; r++)
-        for (int i = 0; i < mq; i++) {
-            double s = 0;
-            for (int x = 0; x < e; x++) s += R->du[(size_t)r * e + x] * R->w[(size_t)i * e + x];
-            R->dz[(size_t)r * mq + i] = s;
-        }
-    for (int i = 0; i < mq; i++)
-        for (int x = 0; x < e; x++) {
-            double s = 0;
-            for (int r = 0; r < mk; r++) s += zt[(size_t)r * mq + i] * R->du[(size_t)r * e + x];
-            R->dw[(size_t)i * e + x] = s;
-        }
-    /* W[i][x] = sum_j K3[i][j] V[j][x] */
-    for (int i = 0; i < mq; i++)
-        for (int j = 0; j < L; j++) {
-            double s = 0;
-            for (int x = 0; x < e; x++) s += R->dw[(size_t)i * e + x] * R->v[(size_t)j * e + x];
-            R->dk3[(size_t)i * L + j] = s;
-        }
-    for (int j = 0; j < L; j++)
-        for (int x = 0; x < e; x++) {
-            double s = 0;
-            for (int i = 0; i < mq; i++) s += R->k3[(size_t)i * L + j] * R->dw[(size_t)i * e + x];
-            R->dv[(size_t)j * e + x] = s;
-        }
+    /* out = K1 U: dK1 = G U^T, dU = K1^T G */
+    ref_mm(0, 1, n, mk, e, 1, R->g, R->u, 0, R->dk1);
+    ref_mm(1, 0, mk, e, n, 1, R->k1, R->g, 0, R->du);
+    /* U = Z W: dZ = dU W^T, dW = Z^T dU */
+    ref_mm(0, 1, mk, mq, e, 1, R->du, R->w, 0, R->dz);
+    ref_mm(1, 0, mq, e, mk, 1, zt, R->du, 0, R->dw);
+    /* W = K3 V: dK3 = dW V^T, dV = K3^T dW */
+    ref_mm(0, 1, mq, L, e, 1, R->dw, R->v, 0, R->dk3);
+    ref_mm(1, 0, L, e, mq, 1, R->k3, R->dw, 0, R->dv);
     /* iterations, last first: Z_t = 1/4 Z_{t-1} T3, T3 = 13I - P T2, T2 = 15I - P T1,
      * T1 = 7I - P, P = A Z_{t-1} (every matrix product X = Y W gives dY = dX W^T, dW = Y^T dX) */
     for (size_t x = 0; x < (size_t)mq * mk; x++) R->dk2[x] = 0;
     for (int it = h->iters; it >= 1; it--) {
         const double *zp = R->z + (it - 1) * zz;
         ref_factors(A, zp, mq, mk, R);
-        for (int r = 0; r < mk; r++) /* dZ_{t-1} = 1/4 dZ_t T3^T */
-            for (int i = 0; i < mq; i++) {
-                double s = 0;
-                for (int l = 0; l < mq; l++)
-                    s += R->dz[(size_t)r * mq + l] * R->T3[(size_t)i * mq + l];
-                R->dzp[(size_t)r * mq + i] = 0.25 * s;
-            }
-        for (int i = 0; i < mq; i++) /* dT3 = 1/4 Z_{t-1}^T dZ_t */
-            for (int l = 0; l < mq; l++) {
-                double s = 0;
-                for (int r = 0; r < mk; r++)
-                    s += zp[(size_t)r * mq + i] * R->dz[(size_t)r * mq + l];
-                R->dT3[(size_t)i * mq + l] = 0.25 * s;
-            }
+        ref_mm(0, 1, mk, mq, mq, 0.25, R->dz, R->T3, 0, R->dzp); /* dZ_{t-1} = 1/4 dZ_t T3^T */
+        ref_mm(1, 0, mq, mq, mk, 0.25, zp, R->dz, 0, R->dT3);    /* dT3 = 1/4 Z_{t-1}^T dZ_t */
         /* T3 = 13I - P T2: dP = -dT3 T2^T, dT2 = -P^T dT3 */
-        for (int i = 0; i < mq; i++)
-            for (int l = 0; l < mq; l++) {
-                double s1 = 0, s2 = 0;
-                for (int o = 0; o < mq; o++) {
-                    s1 += R->dT3[(size_t)i * mq + o] * R->T2[(size_t)l * mq + o];
-                    s2 += R->P[(size_t)o * mq + i] * R->dT3[(size_t)o * mq + l];
-                }
-                R->dP[(size_t)i * mq + l] = -s1;
-                R->dT2[(size_t)i * mq + l] = -s2;
-            }
+        ref_mm(0, 1, mq, mq, mq, -1, R->dT3, R->T2, 0, R->dP);
+        ref_mm(1, 0, mq, mq, mq, -1, R->P, R->dT3, 0, R->dT2);
         /* T2 = 15I - P T1: dP -= dT2 T1^T, dT1 = -P^T dT2 */
-        for (int i = 0; i < mq; i++)
-            for (int l = 0; l < mq; l++) {
-                double s1 = 0, s2 = 0;
-                for (int o = 0; o < mq; o++) {
-                    s1 += R->dT2[(size_t)i * mq + o] * R->T1[(size_t)l * mq + o];
-                    s2 += R->P[(size_t)o * mq + i] * R->dT2[(size_t)o * mq + l];
-                }
-                R->dP[(size_t)i * mq + l] -= s1;
-                R->dT1[(size_t)i * mq + l] = -s2;
-            }
+        ref_mm(0, 1, mq, mq, mq, -1, R->dT2, R->T1, 1, R->dP);
+        ref_mm(1, 0, mq, mq, mq, -1, R->P, R->dT2, 0, R->dT1);
         /* T1 = 7I - P */
         for (size_t x = 0; x < (size_t)mq * mq; x++) R->dP[x] -= R->dT1[x];
         /* P = A Z_{t-1}: dA += dP Z_{t-1}^T, dZ_{t-1} += A^T dP */
-        for (int i = 0; i < mq; i++)
-            for (int r = 0; r < mk; r++) {
-                double s = 0;
-                for (int l = 0; l < mq; l++)
-                    s += R->dP[(size_t)i * mq + l] * zp[(size_t)r * mq + l];
-                R->dk2[(size_t)i * mk + r] += s;
-            }
-        for (int r = 0; r < mk; r++)
-            for (int l = 0; l < mq; l++) {
-                double s = 0;
-                for (int i = 0; i < mq; i++) s += A[(size_t)i * mk + r] * R->dP[(size_t)i * mq + l];
-                R->dzp[(size_t)r * mq + l] += s;
-            }
+        ref_mm(0, 1, mq, mk, mq, 1, R->dP, zp, 1, R->dk2);
+        ref_mm(1, 0, mk, mq, mq, 1, A, R->dP, 1, R->dzp);
         double *sw = R->dz;
         R->dz = R->dzp, R->dzp = sw;
     }
@@ -832,32 +767,12 @@ static void ref_head_backward(const nys_dims *h, nys_ref *R) {
     ref_softmax_grad(A, R->dk2, mq, mk);
     ref_softmax_grad(R->k3, R->dk3, mq, L);
     /* S1 = tau Q Kl^T, S2 = tau Ql Kl^T, S3 = tau Ql K^T */
-    for (int i = 0; i < n; i++)
-        for (int t = 0; t < d; t++) {
-            double s = 0;
-            for (int r = 0; r < mk; r++) s += R->dk1[(size_t)i * mk + r] * R->kl[(size_t)r * d + t];
-            R->dq[(size_t)i * d + t] = tau * s;
-        }
-    for (int r = 0; r < mk; r++)
-        for (int t = 0; t < d; t++) {
-            double s = 0;
-            for (int i = 0; i < n; i++) s += R->dk1[(size_t)i * mk + r] * R->q[(size_t)i * d + t];
-            for (int i = 0; i < mq; i++) s += R->dk2[(size_t)i * mk + r] * R->ql[(size_t)i * d + t];
-            R->dkl[(size_t)r * d + t] = tau * s;
-        }
-    for (int i = 0; i < mq; i++)
-        for (int t = 0; t < d; t++) {
-            double s = 0;
-            for (int r = 0; r < mk; r++) s += R->dk2[(size_t)i * mk + r] * R->kl[(size_t)r * d + t];
-            for (int j = 0; j < L; j++) s += R->dk3[(size_t)i * L + j] * R->k[(size_t)j * d + t];
-            R->dql[(size_t)i * d + t] = tau * s;
-        }
-    for (int j = 0; j < L; j++)
-        for (int t = 0; t < d; t++) {
-            double s = 0;
-            for (int i = 0; i < mq; i++) s += R->dk3[(size_t)i * L + j] * R->ql[(size_t)i * d + t];
-            R->dk[(size_t)j * d + t] = tau * s;
-        }
+    ref_mm(0, 0, n, d, mk, tau, R->dk1, R->kl, 0, R->dq);
+    ref_mm(1, 0, mk, d, n, tau, R->dk1, R->q, 0, R->dkl);
+    ref_mm(1, 0, mk, d, mq, tau, R->dk2, R->ql, 1, R->dkl);
+    ref_mm(0, 0, mq, d, mk, tau, R->dk2, R->kl, 0, R->dql);
+    ref_mm(0, 0, mq, d, L, tau, R->dk3, R->k, 1, R->dql);
+    ref_mm(1, 0, L, d, mq, tau, R->dk3, R->ql, 0, R->dk);
     /* segment means: every row of a segment gets the segment's gradient / its length */
     for (int i = 0; i < n; i++) {
         int r = 0;
@@ -899,7 +814,7 @@ static ef_status nys_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) 
     nys_ref R;
     ref_layout(a, p->rws, &R);
     for (int b = 0; b < s->batch; b++) {
-        int L = io->kv_lens ? io->kv_lens[b] : s->kv_len;
+        int L = ef_attn_kv_valid(a, io, b);
         for (int hh = 0; hh < s->heads; hh++) {
             size_t bh = (size_t)b * s->heads + hh;
             float *out = io->out + bh * no;
@@ -926,7 +841,7 @@ static ef_status nys_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
     nys_ref R;
     ref_layout(a, p->rws, &R);
     for (int b = 0; b < s->batch; b++) {
-        int L = io->kv_lens ? io->kv_lens[b] : s->kv_len;
+        int L = ef_attn_kv_valid(a, io, b);
         for (int hh = 0; hh < s->heads; hh++) {
             size_t bh = (size_t)b * s->heads + hh;
             for (size_t x = 0; x < nq; x++) dq[bh * nq + x] = 0;

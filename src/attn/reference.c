@@ -64,7 +64,7 @@ ef_status ef_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim;
     double *p = a->ref_ws;
     for (int b = 0; b < s->batch; b++) {
-        int kv_valid = io->kv_lens ? io->kv_lens[b] : m;
+        int kv_valid = ef_attn_kv_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *k = io->k + bh * m * d, *v = io->v + bh * m * e;
@@ -89,7 +89,7 @@ ef_status ef_ref_backward(ef_attn *a, const ef_attn_io *io, const void *saved, c
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim;
     double *p = a->ref_ws, *gk = p + m, *gv = gk + (size_t)m * d, *gq = gv + (size_t)m * e;
     for (int b = 0; b < s->batch; b++) {
-        int kv_valid = io->kv_lens ? io->kv_lens[b] : m;
+        int kv_valid = ef_attn_kv_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *k = io->k + bh * m * d, *v = io->v + bh * m * e;

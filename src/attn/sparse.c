@@ -241,9 +241,9 @@ static const ef_opt_desc longformer_opts[] = {
 enum { LF_WINDOW, LF_DILATION, LF_GLOBAL };
 
 typedef struct lf_data {
-    int n;         /* positions covered: max(q_len, kv_len) */
-    uint8_t *g;    /* [n] global flag */
-    int32_t *pre;  /* [n+1] prefix counts of g */
+    int n;        /* positions covered: max(q_len, kv_len) */
+    uint8_t *g;   /* [n] global flag */
+    int32_t *pre; /* [n+1] prefix counts of g */
 } lf_data;
 
 static int lf_window(const ef_attn *a, int d) {
@@ -267,9 +267,12 @@ static int longformer_classify(const ef_attn *a, int head, int i0, int i1, int j
     int lo, hi, wc;
     diff_range(i0, i1, j0, j1, &lo, &hi);
     int64_t ext = a->causal ? w * dil - 1 : w / 2 * dil; /* |i - j| bound of the window */
-    if (a->causal ? lo > ext : (lo > ext || hi < -ext)) wc = EF_CHUNK_NONE;
-    else if (dil == 1 && (a->causal ? hi <= ext : (lo >= -ext && hi <= ext))) wc = EF_CHUNK_ALL;
-    else wc = EF_CHUNK_PARTIAL;
+    if (a->causal ? lo > ext : (lo > ext || hi < -ext))
+        wc = EF_CHUNK_NONE;
+    else if (dil == 1 && (a->causal ? hi <= ext : (lo >= -ext && hi <= ext)))
+        wc = EF_CHUNK_ALL;
+    else
+        wc = EF_CHUNK_PARTIAL;
     if (gq || gk) return wc == EF_CHUNK_ALL ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
     return wc;
 }
@@ -312,16 +315,20 @@ static ef_status longformer_init(ef_attn *a) {
     if (!gv->f && gv->i == 1) { /* a count: the first G positions */
         if (gv->list[0] > lim) {
             free(g);
-            return ef_error(EF_ERR_ARG, "longformer: global=%lld asks for more global tokens than the "
-                            "sequence has (%d)", (long long)gv->list[0], lim);
+            return ef_error(EF_ERR_ARG,
+                            "longformer: global=%lld asks for more global tokens than the "
+                            "sequence has (%d)",
+                            (long long)gv->list[0], lim);
         }
         memset(g->g, 1, (size_t)gv->list[0]);
     } else {
         for (int64_t x = 0; x < gv->i; x++) {
             if (gv->list[x] >= lim) {
                 free(g);
-                return ef_error(EF_ERR_ARG, "longformer: global position %lld is outside the sequence "
-                                "(q_len=%d, kv_len=%d)", (long long)gv->list[x], s->q_len, s->kv_len);
+                return ef_error(EF_ERR_ARG,
+                                "longformer: global position %lld is outside the sequence "
+                                "(q_len=%d, kv_len=%d)",
+                                (long long)gv->list[x], s->q_len, s->kv_len);
             }
             g->g[gv->list[x]] = 1;
         }
@@ -354,7 +361,9 @@ typedef struct bb_data {
     int32_t *rand; /* [heads][nb][r] random key blocks, -1 for global query blocks */
 } bb_data;
 
-static int bb_global(const bb_data *d, int b) { return b < (d->g + 1) / 2 || b >= d->nb - d->g / 2; }
+static int bb_global(const bb_data *d, int b) {
+    return b < (d->g + 1) / 2 || b >= d->nb - d->g / 2;
+}
 
 static int bb_vis(const bb_data *d, int h, int qb, int kb) {
     if (bb_global(d, qb) || bb_global(d, kb)) return 1;
@@ -427,18 +436,22 @@ static ef_status bigbird_init(ef_attn *a) {
     int r = (int)ef_opt_i(a, BB_RANDOM), g = (int)ef_opt_i(a, BB_GLOBAL);
     int extra = etc ? (int)ef_opt_i(a, BB_EXTRA) : 0;
     if (s->q_len != s->kv_len)
-        return ef_error(EF_ERR_UNSUPPORTED, "%s: q_len=%d != kv_len=%d; BigBird's block layout is "
-                        "defined for self-attention", name, s->q_len, s->kv_len);
+        return ef_error(EF_ERR_UNSUPPORTED,
+                        "%s: q_len=%d != kv_len=%d; BigBird's block layout is "
+                        "defined for self-attention",
+                        name, s->q_len, s->kv_len);
     if (w % 2 == 0)
-        return ef_error(EF_ERR_ARG, "%s: window=%d must be odd (the query block and w/2 on each side)",
-                        name, w);
+        return ef_error(EF_ERR_ARG,
+                        "%s: window=%d must be odd (the query block and w/2 on each side)", name,
+                        w);
     if (extra >= s->q_len)
         return ef_error(EF_ERR_ARG, "%s: extra=%d leaves no tokens for the blocks (q_len=%d)", name,
                         extra, s->q_len);
     int nb = (s->q_len - extra + bs - 1) / bs;
     if (g > nb)
-        return ef_error(EF_ERR_ARG, "%s: global=%d blocks but the sequence has only %d blocks of %d",
-                        name, g, nb, bs);
+        return ef_error(EF_ERR_ARG,
+                        "%s: global=%d blocks but the sequence has only %d blocks of %d", name, g,
+                        nb, bs);
     /* the block with the fewest candidates for random blocks: window and global excluded */
     int ng = g, worst = nb;
     for (int qb = 0; qb < nb; qb++) {
@@ -450,12 +463,14 @@ static ef_status bigbird_init(ef_attn *a) {
         worst = EF_MIN(worst, c);
     }
     if (r > 0 && worst < r)
-        return ef_error(EF_ERR_ARG, "%s: random=%d does not fit: with %d blocks of %d tokens, window=%d "
+        return ef_error(EF_ERR_ARG,
+                        "%s: random=%d does not fit: with %d blocks of %d tokens, window=%d "
                         "and global=%d, a query block has only %d other blocks to draw from (use a "
                         "longer sequence, a smaller block or fewer random blocks)",
                         name, r, nb, bs, w, g, worst);
     size_t nrand = (size_t)s->heads * nb * r;
-    bb_data *d = calloc(1, sizeof *d + sizeof(int32_t) * (nrand ? nrand : 1) + sizeof(int32_t) * nb);
+    bb_data *d =
+        calloc(1, sizeof *d + sizeof(int32_t) * (nrand ? nrand : 1) + sizeof(int32_t) * nb);
     if (!d) return ef_error(EF_ERR_NOMEM, "%s: out of memory", name);
     *d = (bb_data){bs, nb, w, r, g, extra, (int32_t *)(d + 1)};
     int32_t *cand = d->rand + (nrand ? nrand : 1);
@@ -475,7 +490,8 @@ static ef_status bigbird_init(ef_attn *a) {
              * stream `head`, so the layout depends only on the seed */
             for (int x = 0; x < r; x++) {
                 uint32_t word[4];
-                ef_rng_raw(a->seed, 0x6269676269726400ull + (uint64_t)h, ((uint64_t)qb << 20) + x, word);
+                ef_rng_raw(a->seed, 0x6269676269726400ull + (uint64_t)h, ((uint64_t)qb << 20) + x,
+                           word);
                 int pick = x + (int)(((uint64_t)word[0] * (uint64_t)(c - x)) >> 32);
                 int32_t t = cand[x];
                 cand[x] = cand[pick], cand[pick] = t;
@@ -524,26 +540,26 @@ const ef_attn_ops ef_attn_ops_local =
     SPARSE_OPS("local", "sliding-window attention: query i sees keys within window/2 of i",
                SPARSE_NOTES "\n  causal=1: the window keys up to i (i-window < j <= i).",
                local_opts, N_OPTS(local_opts), local_init, local_visible);
-const ef_attn_ops ef_attn_ops_blocklocal =
-    SPARSE_OPS("blocklocal", "non-overlapping blocks: query i sees the keys of its own block",
-               SPARSE_NOTES, blocklocal_opts, N_OPTS(blocklocal_opts), blocklocal_init,
-               blocklocal_visible);
-const ef_attn_ops ef_attn_ops_strided =
-    SPARSE_OPS("strided", "Sparse Transformer strided: the previous `block` keys and every block-th key",
-               SPARSE_NOTES "\n  the stride makes every chunk partial: the work is that of flash.",
-               strided_opts, N_OPTS(strided_opts), strided_init, strided_visible);
-const ef_attn_ops ef_attn_ops_fixed =
-    SPARSE_OPS("fixed", "Sparse Transformer fixed: the own block plus the last `summary` tokens of every block",
-               SPARSE_NOTES, fixed_opts, N_OPTS(fixed_opts), fixed_init, fixed_visible);
-const ef_attn_ops ef_attn_ops_longformer =
-    SPARSE_OPS("longformer", "Longformer: (dilated) sliding window plus global tokens",
-               SPARSE_NOTES "\n  global=G: the first G tokens; global=a;b;c (p; for one): these tokens.",
-               longformer_opts, N_OPTS(longformer_opts), longformer_init, longformer_visible);
-const ef_attn_ops ef_attn_ops_bigbird =
-    SPARSE_OPS("bigbird", "BigBird ITC: window, random and global blocks",
-               SPARSE_NOTES "\n  random blocks per head and query block come from the seed, the same in\n"
-               "  training and evaluation; needs q_len == kv_len.",
-               bigbird_opts, N_OPTS(bigbird_opts) - 1, bigbird_init, bigbird_visible);
+const ef_attn_ops ef_attn_ops_blocklocal = SPARSE_OPS(
+    "blocklocal", "non-overlapping blocks: query i sees the keys of its own block", SPARSE_NOTES,
+    blocklocal_opts, N_OPTS(blocklocal_opts), blocklocal_init, blocklocal_visible);
+const ef_attn_ops ef_attn_ops_strided = SPARSE_OPS(
+    "strided", "Sparse Transformer strided: the previous `block` keys and every block-th key",
+    SPARSE_NOTES "\n  the stride makes every chunk partial: the work is that of flash.",
+    strided_opts, N_OPTS(strided_opts), strided_init, strided_visible);
+const ef_attn_ops ef_attn_ops_fixed = SPARSE_OPS(
+    "fixed",
+    "Sparse Transformer fixed: the own block plus the last `summary` tokens of every block",
+    SPARSE_NOTES, fixed_opts, N_OPTS(fixed_opts), fixed_init, fixed_visible);
+const ef_attn_ops ef_attn_ops_longformer = SPARSE_OPS(
+    "longformer", "Longformer: (dilated) sliding window plus global tokens",
+    SPARSE_NOTES "\n  global=G: the first G tokens; global=a;b;c (p; for one): these tokens.",
+    longformer_opts, N_OPTS(longformer_opts), longformer_init, longformer_visible);
+const ef_attn_ops ef_attn_ops_bigbird = SPARSE_OPS(
+    "bigbird", "BigBird ITC: window, random and global blocks",
+    SPARSE_NOTES "\n  random blocks per head and query block come from the seed, the same in\n"
+                 "  training and evaluation; needs q_len == kv_len.",
+    bigbird_opts, N_OPTS(bigbird_opts) - 1, bigbird_init, bigbird_visible);
 const ef_attn_ops ef_attn_ops_bigbird_etc =
     SPARSE_OPS("bigbird-etc", "BigBird ETC: `extra` global tokens in front of the ITC block layout",
                SPARSE_NOTES "\n  the blocks start after the extra tokens; needs q_len == kv_len.",

@@ -26,9 +26,9 @@
  * order), each done by one thread in a fixed order: results are bitwise identical for any
  * thread count.
  * Workspace: per thread, a few tiles plus, in backward, dK and dV of one key range (at most
- * kv_len x (D+Dv)), and the partial dQ of the extra ranges; the spans: a few per query tile (per head if the pattern
- * differs between heads).
- * Time O(B H (visible chunks) QT KT D); memory O(B H N) saved + O(threads (N D + tiles)).
+ * kv_len x (D+Dv)), and the partial dQ of the extra ranges; the spans: a few per query tile (per
+ * head if the pattern differs between heads). Time O(B H (visible chunks) QT KT D); memory O(B H N)
+ * saved + O(threads (N D + tiles)).
  */
 #include "attn/attn.h"
 #include "core/vec.h"
@@ -85,18 +85,25 @@ EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t a
 }
 
 /* Calls mk with compile-time RB (1..MK_RB) and NV (1..MK_NV). */
-#define MK_CALL(RB, NV) mk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc)
+#define MK_CALL(RB, NV)                                                                            \
+    mk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc)
 #if MK_NV >= 4
-#define MK_CASE_34(RB) case 3: MK_CALL(RB, 3); break; case 4: MK_CALL(RB, 4); break;
+#define MK_CASE_34(RB)                                                                             \
+    case 3: MK_CALL(RB, 3); break;                                                                 \
+    case 4:                                                                                        \
+        MK_CALL(RB, 4);                                                                            \
+        break;
 #else
 #define MK_CASE_34(RB)
 #endif
-#define MK_NV_SWITCH(RB)                                                                            \
-    switch (nv) {                                                                                   \
-    case 1: MK_CALL(RB, 1); break;                                                                  \
-    case 2: MK_CALL(RB, 2); break;                                                                  \
-    MK_CASE_34(RB)                                                                                  \
-    default: break;                                                                                 \
+#define MK_NV_SWITCH(RB)                                                                           \
+    switch (nv) {                                                                                  \
+    case 1: MK_CALL(RB, 1); break;                                                                 \
+    case 2:                                                                                        \
+        MK_CALL(RB, 2);                                                                            \
+        break;                                                                                     \
+        MK_CASE_34(RB)                                                                             \
+    default: break;                                                                                \
     }
 
 static void gemm_bcast(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats,
@@ -122,16 +129,16 @@ static void gemm_bcast(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdi
  * Plan state
  * ------------------------------------------------------------------------------------------- */
 typedef struct tiled_ws { /* one per thread slot; every array 64-byte aligned */
-    float *qt;   /* [D][QT]   scaled, transposed query tile */
-    float *st;   /* [KT][QT]  scores / probabilities, transposed */
-    float *ot;   /* [Dv][QT]  output accumulator, transposed */
-    float *qp;   /* [QT][Dp]  scaled query tile, zero-padded rows (backward) */
-    float *dot;  /* [Dv][QT]  dO tile, transposed (backward) */
-    float *dop;  /* [QT][Dvp] dO tile, zero-padded rows (backward) */
-    float *dpt;  /* [KT][QT]  dP^T then dS^T (backward) */
-    float *dqt;  /* [D][QT]   dQ^T of one query tile (backward) */
-    float *dk;   /* [M][Dp]   dK accumulator of one head (backward; NULL past bwd_slots) */
-    float *dv;   /* [M][Dvp]  dV accumulator of one head (backward; NULL past bwd_slots) */
+    float *qt;            /* [D][QT]   scaled, transposed query tile */
+    float *st;            /* [KT][QT]  scores / probabilities, transposed */
+    float *ot;            /* [Dv][QT]  output accumulator, transposed */
+    float *qp;            /* [QT][Dp]  scaled query tile, zero-padded rows (backward) */
+    float *dot;           /* [Dv][QT]  dO tile, transposed (backward) */
+    float *dop;           /* [QT][Dvp] dO tile, zero-padded rows (backward) */
+    float *dpt;           /* [KT][QT]  dP^T then dS^T (backward) */
+    float *dqt;           /* [D][QT]   dQ^T of one query tile (backward) */
+    float *dk;            /* [M][Dp]   dK accumulator of one head (backward; NULL past bwd_slots) */
+    float *dv;            /* [M][Dvp]  dV accumulator of one head (backward; NULL past bwd_slots) */
 } tiled_ws;
 
 typedef struct ef_span {
@@ -183,12 +190,12 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     p->splits = bh >= EF_BWD_ITEMS ? 1 : (int)EF_MIN((int64_t)nch, (EF_BWD_ITEMS + bh - 1) / bh);
     p->bwd_slots = (int)EF_MIN((int64_t)a->slots, bh * p->splits);
     enum { NSMALL = 8 };
-    size_t small[NSMALL] = {(size_t)d * QT,  (size_t)KT * QT,       (size_t)dv * QT,
-                            (size_t)QT * p->dp, (size_t)dv * QT,    (size_t)QT * p->dvp,
-                            (size_t)KT * QT, (size_t)d * QT};
+    size_t small[NSMALL] = {(size_t)d * QT,     (size_t)KT * QT, (size_t)dv * QT,
+                            (size_t)QT * p->dp, (size_t)dv * QT, (size_t)QT * p->dvp,
+                            (size_t)KT * QT,    (size_t)d * QT};
     /* a backward item accumulates dK, dV of its key range only: rows [klo, khi) */
-    size_t rows = p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * KT
-                                : (size_t)s->kv_len;
+    size_t rows =
+        p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * KT : (size_t)s->kv_len;
     size_t big[2] = {rows * p->dp, rows * p->dvp};
     size_t total = 0;
     for (int i = 0; i < NSMALL; i++) total += round16(small[i]) * a->slots;
@@ -198,8 +205,8 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_malloc(total * sizeof(float));
     if (!p->ws || !p->block)
-        return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace",
-                        a->ops->name, total * 4.0 / 1e6);
+        return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name,
+                        total * 4.0 / 1e6);
     a->ws_bytes = total * sizeof(float);
     memset(p->block, 0, a->ws_bytes); /* padding lanes and columns start (and stay) zero */
     float *cur = p->block;
@@ -217,7 +224,9 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     return build_spans(a);
 }
 
-void *ef_tiled_user(const ef_attn *a) { return a->impl ? ((const tiled_plan *)a->impl)->user : NULL; }
+void *ef_tiled_user(const ef_attn *a) {
+    return a->impl ? ((const tiled_plan *)a->impl)->user : NULL;
+}
 
 /* Asks the pattern about every (query tile, key chunk) and keeps the visible chunks, merged
  * into spans of equal kind. Two passes: count, then fill. */
@@ -252,8 +261,9 @@ static ef_status build_spans(ef_attn *a) {
         p->off[cells] = n;
         if (!pass) {
             p->spans = malloc(sizeof(ef_span) * (size_t)(n ? n : 1));
-            if (!p->spans) return ef_error(EF_ERR_NOMEM, "%s: out of memory for %lld spans",
-                                           a->ops->name, (long long)n);
+            if (!p->spans)
+                return ef_error(EF_ERR_NOMEM, "%s: out of memory for %lld spans", a->ops->name,
+                                (long long)n);
             a->ws_bytes += sizeof(ef_span) * (size_t)n + sizeof(int64_t) * (size_t)(cells + 1);
         }
     }
@@ -281,11 +291,6 @@ void ef_tiled_destroy(ef_attn *a) {
 size_t ef_tiled_saved_bytes(const ef_attn *a) {
     const ef_attn_shape *s = &a->shape;
     return (size_t)s->batch * s->heads * s->q_len * sizeof(float);
-}
-
-/* Keys query i may see: [0, limit(i)). */
-static int kv_valid_of(const ef_attn *a, const ef_attn_io *io, int b) {
-    return io->kv_lens ? io->kv_lens[b] : a->shape.kv_len;
 }
 
 /* Transposed, scaled copy of query rows [i0, i0+n) into qt[D][QT]; lanes >= n are zero. */
@@ -318,7 +323,7 @@ static void mask_causal(float *st, int rows, int j0, int i0) {
 typedef struct tiled_call {
     ef_attn *a;
     const ef_attn_io *io;
-    float *lse;         /* saved, or NULL */
+    float *lse; /* saved, or NULL */
     const float *dout;
     float *dq, *dk, *dv;
 } tiled_call;
@@ -335,7 +340,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     int i0 = it * QT, qn = EF_MIN(QT, n - i0);
     const float *q = c->io->q + ((size_t)bh * n + i0) * d;
     const float *k = c->io->k + (size_t)bh * m * d, *v = c->io->v + (size_t)bh * m * dv;
-    int kv_end = kv_valid_of(a, c->io, b);
+    int kv_end = ef_attn_kv_valid(a, c->io, b);
     if (a->causal) kv_end = EF_MIN(kv_end, i0 + qn);
 
     pack_qt(w->qt, q, d, qn, a->scale);
@@ -346,36 +351,37 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     int h = (int)(bh % s->heads), nspans;
     const ef_span *sp = spans_of(p, h, it, &nspans);
     for (int x = 0; x < nspans; x++)
-    for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
-        int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
-        gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
-        if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
-        if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-        vf alpha[QV];
-        for (int u = 0; u < QV; u++) {
-            vf tmax = mx[u];
-            for (int r = 0; r < kn; r++) tmax = vf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
-            /* a lane that has seen only -inf subtracts 0, so exp(-inf - 0) = 0, never NaN */
-            vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
-            alpha[u] = vf_exp(mx[u] - use);
-            vf sum = vf_set1(0);
-            for (int r = 0; r < kn; r++) {
-                float *ps = w->st + r * QT + u * EF_VL;
-                vf e = vf_exp(vf_load(ps) - use);
-                vf_store(ps, e);
-                sum += e;
-            }
-            l[u] = l[u] * alpha[u] + sum;
-            mx[u] = tmax;
-        }
-        for (int e = 0; e < dv; e++)
+        for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
+            int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
+            gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
+            if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
+            vf alpha[QV];
             for (int u = 0; u < QV; u++) {
-                float *po = w->ot + (size_t)e * QT + u * EF_VL;
-                vf_store(po, vf_load(po) * alpha[u]);
+                vf tmax = mx[u];
+                for (int r = 0; r < kn; r++)
+                    tmax = vf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
+                /* a lane that has seen only -inf subtracts 0, so exp(-inf - 0) = 0, never NaN */
+                vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
+                alpha[u] = vf_exp(mx[u] - use);
+                vf sum = vf_set1(0);
+                for (int r = 0; r < kn; r++) {
+                    float *ps = w->st + r * QT + u * EF_VL;
+                    vf e = vf_exp(vf_load(ps) - use);
+                    vf_store(ps, e);
+                    sum += e;
+                }
+                l[u] = l[u] * alpha[u] + sum;
+                mx[u] = tmax;
             }
-        /* O^T[e][i] += sum_j V[j][e] P^T[j][i] */
-        gemm_bcast(dv, kn, QT, v + (size_t)j0 * dv, 1, dv, w->st, QT, w->ot, QT, 1);
-    }
+            for (int e = 0; e < dv; e++)
+                for (int u = 0; u < QV; u++) {
+                    float *po = w->ot + (size_t)e * QT + u * EF_VL;
+                    vf_store(po, vf_load(po) * alpha[u]);
+                }
+            /* O^T[e][i] += sum_j V[j][e] P^T[j][i] */
+            gemm_bcast(dv, kn, QT, v + (size_t)j0 * dv, 1, dv, w->st, QT, w->ot, QT, 1);
+        }
 
     float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));
     for (int u = 0; u < QV; u++) {
@@ -421,7 +427,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                            : p->dqpart + ((size_t)(split - 1) * s->batch * s->heads + bh) * n * d;
     float *dk = c->dk + (size_t)bh * m * d;
     float *dvo = c->dv + (size_t)bh * m * dv;
-    int kv_valid = kv_valid_of(a, c->io, b);
+    int kv_valid = ef_attn_kv_valid(a, c->io, b);
 
     /* w->dk, w->dv hold rows [klo, khi) of this head's dK, dV */
     memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
@@ -460,34 +466,37 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         int nspans;
         const ef_span *sp = spans_of(p, (int)(bh % s->heads), it, &nspans);
         for (int x = 0; x < nspans; x++)
-        for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
-            int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
-            /* P^T = exp(S^T - lse) */
-            gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
-            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
-            if (sp[x].masked) p->pat.tile_mask(a, (int)(bh % s->heads), i0, j0, kn, w->st);
-            for (int r = 0; r < kn; r++)
-                for (int u = 0; u < QV; u++) {
-                    float *ps = w->st + r * QT + u * EF_VL;
-                    vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
-                }
-            /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
-            gemm_bcast(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp, dvp, 1);
-            /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
-            gemm_bcast(kn, dv, QT, v + (size_t)j0 * dv, dv, 1, w->dot, QT, w->dpt, QT, 0);
-            for (int r = 0; r < kn; r++)
-                for (int u = 0; u < QV; u++) {
-                    float *pd = w->dpt + r * QT + u * EF_VL;
-                    vf pp = vf_load(w->st + r * QT + u * EF_VL);
-                    vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
-                }
-            /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
-            gemm_bcast(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp, 1);
-            /* dQ^T[t][i] += sum_j K[j][t] dS^T[j][i]   (times scale below) */
-            gemm_bcast(d, kn, QT, k + (size_t)j0 * d, 1, d, w->dpt, QT, w->dqt, QT, 1);
-        }
+            for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
+                int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
+                /* P^T = exp(S^T - lse) */
+                gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+                if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
+                if (sp[x].masked) p->pat.tile_mask(a, (int)(bh % s->heads), i0, j0, kn, w->st);
+                for (int r = 0; r < kn; r++)
+                    for (int u = 0; u < QV; u++) {
+                        float *ps = w->st + r * QT + u * EF_VL;
+                        vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
+                    }
+                /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
+                gemm_bcast(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
+                           dvp, 1);
+                /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
+                gemm_bcast(kn, dv, QT, v + (size_t)j0 * dv, dv, 1, w->dot, QT, w->dpt, QT, 0);
+                for (int r = 0; r < kn; r++)
+                    for (int u = 0; u < QV; u++) {
+                        float *pd = w->dpt + r * QT + u * EF_VL;
+                        vf pp = vf_load(w->st + r * QT + u * EF_VL);
+                        vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
+                    }
+                /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
+                gemm_bcast(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp,
+                           dp, 1);
+                /* dQ^T[t][i] += sum_j K[j][t] dS^T[j][i]   (times scale below) */
+                gemm_bcast(d, kn, QT, k + (size_t)j0 * d, 1, d, w->dpt, QT, w->dqt, QT, 1);
+            }
         for (int i = 0; i < qn; i++)
-            for (int t = 0; t < d; t++) dq[(size_t)(i0 + i) * d + t] = w->dqt[(size_t)t * QT + i] * a->scale;
+            for (int t = 0; t < d; t++)
+                dq[(size_t)(i0 + i) * d + t] = w->dqt[(size_t)t * QT + i] * a->scale;
     }
     for (int j = klo; j < khi; j++) { /* keys past kv_valid stay at zero */
         memcpy(dk + (size_t)j * d, w->dk + (size_t)(j - klo) * dp, sizeof(float) * d);
@@ -495,8 +504,8 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     }
 }
 
-ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
-                            const float *dout, float *dq, float *dk, float *dv) {
+ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
+                            float *dq, float *dk, float *dv) {
     const ef_attn_shape *s = &a->shape;
     tiled_call c = {a, io, (float *)saved, dout, dq, dk, dv};
     tiled_plan *p = a->impl;
