@@ -106,8 +106,21 @@ EF_API void ef_blas_get_info(ef_blas_info *info);
  *   ref=0|1       run the mechanism's slow, obviously-correct reference path      default 0
  * `eformer info --mechanisms` (or ef_attn_help) lists the mechanisms and their own options.
  *
- * Masking: key padding is io->kv_lens (keys j >= kv_lens[b] are invisible). A query row that
- * sees no key outputs zeros and gets zero gradients.
+ * The contract every mechanism keeps (tests/test_props.c checks it for every registered one):
+ *   - causal=1 is strict: no output row, and no gradient it produces, depends on a later
+ *     position through any route (hash buckets, chunk composition, clusters, landmarks). A
+ *     mechanism that cannot keep that refuses causal=1 at ef_attn_new with the reason.
+ *   - Key padding is io->kv_lens (keys j >= kv_lens[b] are invisible); query padding is
+ *     io->q_lens (rows i >= q_lens[b] output zeros, get zero gradients, and never influence
+ *     another row: landmarks, centroids, clusters and hash sorts exclude them). The content of
+ *     padded positions (q rows, k and v rows, dout rows) is never read into a valid result:
+ *     NaN or Inf there changes nothing. A query row that sees no key outputs zeros and gets
+ *     zero gradients.
+ *   - Where its discrete choices (hash buckets, clusters, top-k sets, made from the inputs)
+ *     are fixed, a mechanism's output is a smooth function of q, k, v and its parameters, and
+ *     backward is the exact derivative of that function.
+ *   - Results are bitwise identical for identical inputs, whatever the thread count.
+ * ef_attn_get_caps says which of the optional abilities a mechanism has.
  * ------------------------------------------------------------------------------------------- */
 typedef struct ef_attn_shape {
     int batch, heads, q_len, kv_len, head_dim, v_dim;
@@ -130,9 +143,29 @@ typedef struct ef_attn_io {
     const float *q, *k, *v;
     const int32_t *kv_lens; /* [batch] valid keys per sequence (key padding), NULL = all */
     float *out;
+    const int32_t *q_lens; /* [batch] valid queries per sequence (query padding), NULL = all */
 } ef_attn_io;
 
-/* Bytes forward keeps for backward (the caller allocates `saved` of this size). */
+/* What a mechanism can do, so that callers (the model, the arena, bindings) can ask instead of
+ * trying: each field is 1 or 0. */
+typedef struct ef_attn_caps {
+    int causal;        /* accepts causal=1 and keeps it strictly (see the contract above) */
+    int cross;         /* accepts q_len != kv_len */
+    int decode;        /* incremental decoding (ef_attn_state_new / ef_attn_step) with causal=1 */
+    int params;        /* has learned parameters (ef_attn_params) */
+    int exact;         /* computes exact softmax attention over the pairs ef_attn_visible names */
+    int random;        /* draws random numbers from its seed (features, rotations, blocks) */
+    int discrete;      /* makes discrete choices from q or k (hash buckets, clusters, top-k): its
+                        * output is smooth only where none of them flips */
+    int deterministic; /* bitwise identical results for identical inputs at any thread count */
+} ef_attn_caps;
+/* Fills *caps for mechanism `name`. EF_ERR_ARG for an unknown name or a NULL argument. */
+EF_API ef_status ef_attn_get_caps(const char *name, ef_attn_caps *caps);
+
+/* Bytes forward keeps for backward. The caller allocates `saved` of this size, aligned to
+ * EF_SAVED_ALIGN bytes (ef_malloc gives that); forward and backward refuse a misaligned buffer.
+ * Forward writes every byte of it. */
+#define EF_SAVED_ALIGN 64
 EF_API size_t ef_attn_saved_bytes(const ef_attn *a);
 /* Bytes the plan owns: its workspace (allocated by ef_attn_new, reused by every call) plus the
  * storage of learned parameters and their gradients. */

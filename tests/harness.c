@@ -106,15 +106,16 @@ void ef_test_outputs(ef_test_bufs *o, const ef_test_bufs *in) {
 }
 
 void ef_test_free_outputs(ef_test_bufs *o) {
-    free(o->out), free(o->dq), free(o->dk), free(o->dv), free(o->saved);
+    free(o->out), free(o->dq), free(o->dk), free(o->dv), ef_free(o->saved);
     o->out = o->dq = o->dk = o->dv = NULL, o->saved = NULL;
 }
 
 ef_status ef_test_run_plan(ef_attn *a, const ef_test_bufs *in, const int32_t *kv_lens,
                            ef_test_bufs *o, int backward) {
     size_t sb = ef_attn_saved_bytes(a);
-    free(o->saved);
-    o->saved = malloc(sb ? sb : 1);
+    (void)sb;
+    ef_free(o->saved);
+    o->saved = ef_test_saved(a);
     ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
     ef_status st = ef_attn_forward(a, &io, backward ? o->saved : NULL);
     if (!st && backward) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
@@ -128,6 +129,16 @@ ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *k
     if (!st) st = ef_test_run_plan(a, in, kv_lens, o, 1);
     ef_attn_free(a);
     return st;
+}
+
+void *ef_test_saved(const ef_attn *a) {
+    size_t sb = ef_attn_saved_bytes(a);
+    void *p = ef_malloc(sb > 64 ? sb : 64);
+    if (!p) {
+        fprintf(stderr, "out of memory for %zu saved bytes\n", sb);
+        exit(2);
+    }
+    return p;
 }
 
 int ef_test_any_nonfinite(const float *x, size_t n) {

@@ -54,5 +54,8 @@ ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *k
                       ef_test_bufs *o);
 /* 1 when any of the n values is NaN or infinite. */
 int ef_test_any_nonfinite(const float *x, size_t n);
+/* A `saved` buffer for plan a (ef_malloc: EF_SAVED_ALIGN-aligned; at least 64 bytes, so never
+ * NULL for a plan that saves nothing). Release with ef_free. */
+void *ef_test_saved(const ef_attn *a);
 
 #endif

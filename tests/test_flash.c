@@ -226,14 +226,14 @@ static void inference_equals_training(void) {
     float *o1 = ef_test_zeros(in.no), *o2 = ef_test_zeros(in.no);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, "flash:causal=1", &s);
-    void *sv = malloc(ef_attn_saved_bytes(a));
+    void *sv = ef_test_saved(a);
     ef_attn_io io1 = {in.q, in.k, in.v, NULL, o1}, io2 = {in.q, in.k, in.v, NULL, o2};
     if (!st) st = ef_attn_forward(a, &io1, NULL);
     if (!st) st = ef_attn_forward(a, &io2, sv);
     ef_check_status("flash inference and training forward run", st, EF_OK);
     ef_check_err("flash: inference forward == training forward", ef_max_abs_diff(o1, o2, in.no),
                  0.0);
-    ef_attn_free(a), free(sv), free(o1), free(o2), ef_test_free_inputs(&in);
+    ef_attn_free(a), ef_free(sv), free(o1), free(o2), ef_test_free_inputs(&in);
 }
 
 int main(void) {

@@ -93,7 +93,7 @@ static void check_cfg(const char *label, cfg c) {
         snprintf(spec, sizeof spec, "full:causal=%d", c.causal);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, spec, s);
-    void *saved = st ? NULL : malloc(ef_attn_saved_bytes(a));
+    void *saved = st ? NULL : ef_test_saved(a);
     ef_attn_io io = {q, k, v, c.kv_lens, out};
     if (!st) st = ef_attn_forward(a, &io, saved);
     if (!st) st = ef_attn_backward(a, &io, saved, g, dq, dk, dv);
@@ -130,7 +130,7 @@ static void check_cfg(const char *label, cfg c) {
         free(qd), free(kd), free(vd), free(gd), free(od);
     }
     ef_attn_free(a);
-    free(saved), free(q), free(k), free(v), free(g), free(out), free(dq), free(dk), free(dv);
+    ef_free(saved), free(q), free(k), free(v), free(g), free(out), free(dq), free(dk), free(dv);
 }
 
 int main(void) {

@@ -866,19 +866,19 @@ static void test_determinism(void) {
         ef_test_outputs(&F, &in);
     /* inference forwards (saved = NULL) never count */
     for (int i = 0; i < 3 && !st; i++) st = ef_test_run_plan(p, &in, NULL, &D, 0);
-    A.saved = malloc(ef_attn_saved_bytes(p));
+    A.saved = ef_test_saved(p);
     ef_attn_io io = {in.q, in.k, in.v, NULL, A.out};
     if (!st) st = ef_attn_forward(p, &io, A.saved);
     ef_check("3 inference forwards, then a training forward: same features",
              !st && !memcmp(A.out, D.out, in.no * 4), "%s",
              st ? ef_last_error() : "inference forwards do not advance the redraw count");
     io.out = B.out;
-    B.saved = malloc(ef_attn_saved_bytes(p));
+    B.saved = ef_test_saved(p);
     if (!st) st = ef_attn_forward(p, &io, B.saved);
     ef_check("redraw=2: 2nd training forward uses the same features",
              !st && !memcmp(A.out, B.out, in.no * 4), "%s", st ? ef_last_error() : "");
     io.out = C.out;
-    C.saved = malloc(ef_attn_saved_bytes(p));
+    C.saved = ef_test_saved(p);
     if (!st) st = ef_attn_forward(p, &io, C.saved);
     double dr = st ? 0 : ef_max_rel_diff(C.out, A.out, in.no);
     ef_check("redraw=2: 3rd training forward uses new features", !st && dr > 10 * TOL_F,
@@ -908,12 +908,12 @@ static void test_determinism(void) {
         /* a reference for C's gradients: the same draw, reached by the same sequence */
         ef_attn *p2 = NULL;
         ef_status s2 = ef_attn_new(&p2, rspec, &s);
-        void *sv = malloc(ef_attn_saved_bytes(fresh));
+        void *sv = ef_test_saved(fresh);
         for (int i = 0; i < 3 && !s2; i++) s2 = ef_attn_forward(p2, &io2, sv);
         if (!s2) s2 = ef_attn_backward(p2, &io2, sv, in.g, C2.dq, C2.dk, C2.dv);
         ef_check("backward of C after backward of A == C's own gradients",
                  !s2 && outs_identical(&in, &C, &C2), "%s (tol 0)", s2 ? ef_last_error() : "");
-        free(sv), ef_attn_free(p2), ef_test_free_outputs(&C2);
+        ef_free(sv), ef_attn_free(p2), ef_test_free_outputs(&C2);
     }
     ef_test_free_outputs(&A), ef_test_free_outputs(&B), ef_test_free_outputs(&C), ef_test_free_outputs(&D), ef_test_free_outputs(&F);
 threads:

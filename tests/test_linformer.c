@@ -54,8 +54,7 @@ static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, c
     r->np = ef_attn_param_count(a);
     r->params = ef_test_zeros(r->np), r->grads = ef_test_zeros(r->np);
     if (params && r->np) memcpy(ef_attn_params(a), params, r->np * sizeof(float));
-    size_t sb = ef_attn_saved_bytes(a);
-    void *saved = malloc(sb ? sb : 1);
+    void *saved = ef_test_saved(a);
     ef_attn_io io = {in->q, in->k, in->v, kv_lens, r->out};
     st = ef_attn_forward(a, &io, saved);
     if (!st) st = ef_attn_backward(a, &io, saved, in->g, r->dq, r->dk, r->dv);
@@ -63,7 +62,7 @@ static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, c
         memcpy(r->params, ef_attn_params(a), r->np * sizeof(float));
         memcpy(r->grads, ef_attn_param_grads(a), r->np * sizeof(float));
     }
-    free(saved);
+    ef_free(saved);
     ef_attn_free(a);
     return st;
 }
@@ -346,7 +345,7 @@ static void accumulate_and_saved(void) {
         float *g1 = ef_test_zeros(np), *out = ef_test_zeros(in.no), *out2 = ef_test_zeros(in.no);
         float *dq1 = ef_test_zeros(in.nq), *dq2 = ef_test_zeros(in.nq);
         float *dk = ef_test_zeros(in.nk), *dv = ef_test_zeros(in.nv);
-        void *saved = malloc(ef_attn_saved_bytes(a));
+        void *saved = ef_test_saved(a);
         snprintf(name, sizeof name, "share=%s: gradients start at zero", shares[sh]);
         ef_check_err(name, max_abs(ef_attn_param_grads(a), np), 0.0);
         ef_attn_io io = {in.q, in.k, in.v, lens, out};
@@ -369,7 +368,7 @@ static void accumulate_and_saved(void) {
             snprintf(name, sizeof name, "share=%s: dq overwritten, from saved only", shares[sh]);
             ef_check_err(name, ef_max_abs_diff(dq1, dq2, in.nq), 0.0);
         }
-        free(saved), free(g1), free(out), free(out2), free(dq1), free(dq2), free(dk), free(dv);
+        ef_free(saved), free(g1), free(out), free(out2), free(dq1), free(dq2), free(dk), free(dv);
         ef_attn_free(a), ef_test_free_inputs(&in), ef_test_free_inputs(&other);
     }
 }
@@ -571,7 +570,7 @@ static void saved_and_flops(void) {
         ef_check("saved bytes = lse + K' + V'", sb >= base && sb < base + 128, "%zu vs %zu", sb,
                  base);
         float *o1 = ef_test_zeros(in.no), *o2 = ef_test_zeros(in.no);
-        void *saved = malloc(sb);
+        void *saved = ef_test_saved(a);
         ef_attn_io io1 = {in.q, in.k, in.v, NULL, o1}, io2 = {in.q, in.k, in.v, NULL, o2};
         st = ef_attn_forward(a, &io1, NULL);
         if (!st) st = ef_attn_forward(a, &io2, saved);
@@ -583,7 +582,7 @@ static void saved_and_flops(void) {
                  ef_attn_flops(a, 0), f);
         ef_check("flops: fwd+bwd 6kM(D+Dv) + 2Nk(4D+3Dv)", ef_attn_flops(a, 1) == fb,
                  "%.0f vs %.0f", ef_attn_flops(a, 1), fb);
-        free(o1), free(o2), free(saved);
+        free(o1), free(o2), ef_free(saved);
     }
     ef_attn_free(a), ef_test_free_inputs(&in);
 }

@@ -191,8 +191,8 @@ static void buckets_exact(void) {
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, spec, &s);
     if (!st) {
-        free(o.saved);
-        o.saved = malloc(ef_attn_saved_bytes(a));
+        ef_free(o.saved);
+        o.saved = ef_test_saved(a);
         ef_attn_io io = {in.q, in.k, in.v, lens, o.out};
         st = ef_attn_forward(a, &io, o.saved);
     }

@@ -60,12 +60,11 @@ static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, o
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, spec, &in->s);
     if (st) return st;
-    size_t sb = ef_attn_saved_bytes(a);
-    void *saved = backward ? malloc(sb ? sb : 1) : NULL;
+    void *saved = backward ? ef_test_saved(a) : NULL;
     ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
     st = ef_attn_forward(a, &io, saved);
     if (!st && backward) st = ef_attn_backward(a, &io, saved, in->g, o->dq, o->dk, o->dv);
-    free(saved);
+    ef_free(saved);
     ef_attn_free(a);
     return st;
 }
@@ -453,14 +452,14 @@ static void inference_equals_training(void) {
     float *o1 = ef_test_zeros(in.no), *o2 = ef_test_zeros(in.no);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, "nystrom:landmarks=16,pinv_iters=5", &s);
-    void *sv = st ? NULL : malloc(ef_attn_saved_bytes(a));
+    void *sv = st ? NULL : ef_test_saved(a);
     ef_attn_io io1 = {in.q, in.k, in.v, lens, o1}, io2 = {in.q, in.k, in.v, lens, o2};
     if (!st) st = ef_attn_forward(a, &io1, NULL);
     if (!st) st = ef_attn_forward(a, &io2, sv);
     ef_check_status("inference and training forward run", st, EF_OK);
     ef_check_err("inference forward == training forward (bitwise)", ef_max_abs_diff(o1, o2, in.no),
                  0.0);
-    ef_attn_free(a), free(sv), free(o1), free(o2), ef_test_free_inputs(&in);
+    ef_attn_free(a), ef_free(sv), free(o1), free(o2), ef_test_free_inputs(&in);
 }
 
 static void threads_bitwise(void) {

@@ -165,7 +165,7 @@ static ef_status check_run(const char *spec, const char *ref_spec, const ef_attn
     /* the second sequence has a third of its keys padded away */
     r->kv_lens[0] = sh->kv_len;
     r->kv_lens[1] = sh->kv_len - sh->kv_len / 3;
-    ef_attn_io iof = {q, k, v, r->kv_lens, of}, ior = {q, k, v, r->kv_lens, orf};
+    ef_attn_io iof = {q, k, v, r->kv_lens, of, NULL}, ior = {q, k, v, r->kv_lens, orf, NULL};
     r->n = sh->q_len, r->m = sh->kv_len, r->bwd = -1;
 
     if ((st = ef_attn_forward(fast, &iof, NULL)) || (st = ef_attn_forward(ref, &ior, NULL)))
@@ -463,7 +463,7 @@ static int bench_shape(bench_run *R, const char *spec, ef_attn_shape sh, const i
     fill_normal(q, nq, 10);
     fill_normal(k, nk, 11);
     fill_normal(v, nv, 12);
-    ef_attn_io io = {q, k, v, NULL, out};
+    ef_attn_io io = {q, k, v, NULL, out, NULL};
 
     for (int pass = PASS_FWD; pass <= PASS_FWDBWD; pass++) {
         if (!want[pass]) continue;

@@ -40,6 +40,16 @@ const char *ef_attn_name(int i) {
     return i >= 0 && i < ef_attn_registry_count ? ef_attn_registry[i]->name : NULL;
 }
 
+ef_status ef_attn_get_caps(const char *name, ef_attn_caps *caps) {
+    if (!name) return ef_error(EF_ERR_ARG, "ef_attn_get_caps: name is NULL");
+    if (!caps) return ef_error(EF_ERR_ARG, "ef_attn_get_caps: caps is NULL");
+    const ef_attn_ops *ops = ef_attn_find(name);
+    if (!ops) return ef_error(EF_ERR_ARG, "ef_attn_get_caps: unknown mechanism '%s'", name);
+    *caps = ops->caps;
+    ef_clear_error();
+    return EF_OK;
+}
+
 int ef_attn_opt_index(const ef_attn_ops *ops, const char *key) {
     for (int i = 0; i < ops->n_opts; i++)
         if (strcmp(ops->opts[i].key, key) == 0) return i;
@@ -485,19 +495,38 @@ ef_status ef_attn_check_kv_lens(const ef_attn *a, const int32_t *kv_lens) {
     return EF_OK;
 }
 
+static ef_status check_q_lens(const ef_attn *a, const int32_t *q_lens) {
+    if (!q_lens) return EF_OK;
+    for (int b = 0; b < a->shape.batch; b++)
+        if (q_lens[b] < 0 || q_lens[b] > a->shape.q_len)
+            return ef_error(EF_ERR_ARG, "q_lens[%d]=%d is outside [0, q_len=%d]", b, q_lens[b],
+                            a->shape.q_len);
+    return EF_OK;
+}
+
+static ef_status check_saved(const void *saved, const char *fn) {
+    if (saved && (uintptr_t)saved % EF_SAVED_ALIGN != 0)
+        return ef_error(EF_ERR_ARG,
+                        "%s: saved=%p is not %d-byte aligned (allocate it with ef_malloc)", fn,
+                        saved, EF_SAVED_ALIGN);
+    return EF_OK;
+}
+
 static ef_status check_io(const ef_attn *a, const ef_attn_io *io, const char *fn) {
     if (!a) return ef_error(EF_ERR_ARG, "%s: plan is NULL", fn);
     if (!io) return ef_error(EF_ERR_ARG, "%s: io is NULL", fn);
     if (!io->q) return ef_error(EF_ERR_ARG, "%s: io->q is NULL", fn);
     if (!io->k) return ef_error(EF_ERR_ARG, "%s: io->k is NULL", fn);
     if (!io->v) return ef_error(EF_ERR_ARG, "%s: io->v is NULL", fn);
-    return ef_attn_check_kv_lens(a, io->kv_lens);
+    ef_status st = ef_attn_check_kv_lens(a, io->kv_lens);
+    return st ? st : check_q_lens(a, io->q_lens);
 }
 
 ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     ef_status st = check_io(a, io, "ef_attn_forward");
     if (st) return st;
     if (!io->out) return ef_error(EF_ERR_ARG, "ef_attn_forward: io->out is NULL");
+    if ((st = check_saved(saved, "ef_attn_forward"))) return st;
     if (a->ref)
         st = a->ops->ref_forward ? a->ops->ref_forward(a, io, saved) : ef_ref_forward(a, io, saved);
     else
@@ -513,6 +542,7 @@ ef_status ef_attn_backward(ef_attn *a, const ef_attn_io *io, const void *saved, 
     if (!saved && ef_attn_saved_bytes(a) > 0)
         return ef_error(EF_ERR_ARG,
                         "ef_attn_backward: saved is NULL (pass the buffer forward filled)");
+    if ((st = check_saved(saved, "ef_attn_backward"))) return st;
     if (!dout) return ef_error(EF_ERR_ARG, "ef_attn_backward: dout is NULL");
     if (!dq || !dk || !dv)
         return ef_error(EF_ERR_ARG, "ef_attn_backward: %s is NULL", !dq ? "dq" : !dk ? "dk" : "dv");

@@ -54,6 +54,7 @@ typedef struct ef_attn_ops {
     const char *notes;   /* behaviour a user must know (what is saved, what is refused) */
     const ef_opt_desc *opts;
     int n_opts;
+    ef_attn_caps caps; /* what ef_attn_get_caps reports (keep it true: test_props checks it) */
 
     /* Checks mechanism options against the shape, resolves "auto" values, allocates a->impl
      * (workspace) and fills a->params. Returns EF_ERR_UNSUPPORTED for combinations it cannot
@@ -130,6 +131,11 @@ static inline int ef_attn_threads(const ef_attn *a) { return EF_MIN(ef_threads()
 /* Valid keys of sequence b: kv_lens[b], or every key when kv_lens is NULL. */
 static inline int ef_attn_kv_valid(const ef_attn *a, const ef_attn_io *io, int b) {
     return io->kv_lens ? io->kv_lens[b] : a->shape.kv_len;
+}
+/* Valid queries of sequence b: q_lens[b], or every query when q_lens is NULL. Rows at or past
+ * it output zeros, get zero gradients and are never read into another row's result. */
+static inline int ef_attn_q_valid(const ef_attn *a, const ef_attn_io *io, int b) {
+    return io->q_lens ? io->q_lens[b] : a->shape.q_len;
 }
 /* Validates kv_lens (NULL ok) against the plan; names the bad batch entry. */
 ef_status ef_attn_check_kv_lens(const ef_attn *a, const int32_t *kv_lens);

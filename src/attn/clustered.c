@@ -847,6 +847,7 @@ static double clu_flops(const ef_attn *a, int backward) {
 }
 
 const ef_attn_ops ef_attn_ops_clustered = {
+    .caps = {.cross = 1, .random = 1, .discrete = 1, .deterministic = 1},
     .name = "clustered",
     .summary =
         "clustered attention: queries k-means-clustered on LSH codes, one softmax per cluster",
@@ -869,6 +870,7 @@ const ef_attn_ops ef_attn_ops_clustered = {
 };
 
 const ef_attn_ops ef_attn_ops_iclustered = {
+    .caps = {.cross = 1, .random = 1, .discrete = 1, .deterministic = 1},
     .name = "iclustered",
     .summary = "improved clustered attention: exact softmax on each cluster's top-k keys",
     .notes = "  clusters as `clustered`; per query: m_c * softmax over the centroid's top-k keys\n"

@@ -17,6 +17,7 @@ static ef_status flash_init(ef_attn *a) {
 }
 
 const ef_attn_ops ef_attn_ops_flash = {
+    .caps = {.causal = 1, .cross = 1, .exact = 1, .deterministic = 1},
     .name = "flash",
     .summary = "exact attention, fused and tiled with an online softmax (O(N) memory)",
     .notes = "  saves the per-row log-sum-exp (B*H*N floats); backward recomputes the\n"

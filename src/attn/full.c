@@ -13,6 +13,7 @@
 static ef_status full_init(ef_attn *a) { return ef_dense_init(a); }
 
 const ef_attn_ops ef_attn_ops_full = {
+    .caps = {.causal = 1, .cross = 1, .exact = 1, .deterministic = 1},
     .name = "full",
     .summary = "exact softmax attention, scores materialised with GEMMs (O(N*M) memory)",
     .notes = "  the naive baseline; saves the probabilities (B*H*N*M floats) for backward;\n"

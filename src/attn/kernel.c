@@ -1021,6 +1021,7 @@ static ef_status kernel_step(ef_attn *a, void *state, const float *q, const floa
 }
 
 const ef_attn_ops ef_attn_ops_linear = {
+    .caps = {.causal = 1, .cross = 1, .decode = 1, .deterministic = 1},
     .name = "linear",
     .summary = "Linear Transformer: phi(x) = elu(x)+1, O(N D Dv) time, O(D Dv) state",
     .notes = "  padded keys are zeroed after the feature map; causal=1 runs in chunks of 128\n"
@@ -1043,6 +1044,7 @@ const ef_attn_ops ef_attn_ops_linear = {
 };
 
 const ef_attn_ops ef_attn_ops_performer = {
+    .caps = {.causal = 1, .cross = 1, .decode = 1, .random = 1, .deterministic = 1},
     .name = "performer",
     .summary = "Performer FAVOR+: random features of the softmax kernel, O(N m (D + Dv))",
     .notes =

@@ -259,7 +259,7 @@ static ef_status lin_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     ef_parallel_for((int64_t)s->batch * s->heads, ef_attn_threads(a), project_head, &c);
     ef_status st = call_status(&c);
     if (st) return st;
-    ef_attn_io in = {io->q, c.kp, c.vp, NULL, io->out};
+    ef_attn_io in = {io->q, c.kp, c.vp, NULL, io->out, io->q_lens};
     st = ef_attn_forward(p->inner, &in, saved); /* its lse at the start of saved */
     if (st) return st;
     zero_empty(a, io, io->out, s->q_len, s->v_dim);
@@ -328,7 +328,7 @@ static ef_status lin_backward(ef_attn *a, const ef_attn_io *io, const void *save
     lin_plan *p = a->impl;
     const float *kp = (const float *)((const char *)saved + p->off_kp);
     const float *vp = (const float *)((const char *)saved + p->off_vp);
-    ef_attn_io in = {io->q, kp, vp, NULL, io->out};
+    ef_attn_io in = {io->q, kp, vp, NULL, io->out, io->q_lens};
     ef_status st = ef_attn_backward(p->inner, &in, saved, dout, dq, p->dkp, p->dvp);
     if (st) return st;
     zero_empty(a, io, dq, s->q_len, s->head_dim);
@@ -486,6 +486,7 @@ static ef_status lin_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
 }
 
 const ef_attn_ops ef_attn_ops_linformer = {
+    .caps = {.cross = 1, .params = 1, .random = 1, .deterministic = 1},
     .name = "linformer",
     .summary = "low-rank attention: keys and values projected to k rows by learned E, F "
                "(Wang et al. 2020)",

@@ -831,6 +831,7 @@ static const ef_opt_desc lsh_opts[] = {
 };
 
 const ef_attn_ops ef_attn_ops_lsh = {
+    .caps = {.causal = 1, .random = 1, .discrete = 1, .deterministic = 1},
     .name = "lsh",
     .summary = "Reformer LSH attention: shared QK, hashed buckets, sorted chunks, O(N R W D)",
     .notes = "  shared QK: keys are q/|q| (io->k is ignored and gets a zero gradient); needs\n"

@@ -958,6 +958,7 @@ static double nys_flops(const ef_attn *a, int backward) {
 }
 
 const ef_attn_ops ef_attn_ops_nystrom = {
+    .caps = {.cross = 1, .deterministic = 1},
     .name = "nystrom",
     .summary = "Nystromformer: softmax attention through m landmarks and an iterative pinv",
     .notes = "  landmarks are segment means of the queries and of the valid (unpadded) keys;\n"

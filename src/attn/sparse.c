@@ -526,41 +526,46 @@ static ef_status fixed_init(ef_attn *a) {
     return ef_tiled_init(a, &pat, NULL);
 }
 
-#define SPARSE_OPS(NAME, SUMMARY, NOTES, OPTS, NOPTS, INIT, VISIBLE)                               \
+#define SPARSE_OPS(NAME, SUMMARY, NOTES, OPTS, NOPTS, INIT, VISIBLE, CAPS)                         \
     {                                                                                              \
         .name = NAME, .summary = SUMMARY, .notes = NOTES, .opts = OPTS, .n_opts = NOPTS,           \
+        .caps = CAPS,                                                                              \
         .init = INIT, .destroy = ef_tiled_destroy, .saved_bytes = ef_tiled_saved_bytes,            \
         .forward = ef_tiled_forward, .backward = ef_tiled_backward, .visible = VISIBLE,            \
         .pairs = ef_tiled_pairs,                                                                   \
     }
+
+/* every layout is exact attention over its pattern; BigBird's random blocks need q_len == kv_len */
+#define SPARSE_CAPS {.causal = 1, .cross = 1, .exact = 1, .deterministic = 1}
+#define BIGBIRD_CAPS {.causal = 1, .exact = 1, .random = 1, .deterministic = 1}
 
 #define SPARSE_NOTES "  saves the per-row log-sum-exp; computes only the visible 64x64 chunks."
 
 const ef_attn_ops ef_attn_ops_local =
     SPARSE_OPS("local", "sliding-window attention: query i sees keys within window/2 of i",
                SPARSE_NOTES "\n  causal=1: the window keys up to i (i-window < j <= i).",
-               local_opts, N_OPTS(local_opts), local_init, local_visible);
+               local_opts, N_OPTS(local_opts), local_init, local_visible, SPARSE_CAPS);
 const ef_attn_ops ef_attn_ops_blocklocal = SPARSE_OPS(
     "blocklocal", "non-overlapping blocks: query i sees the keys of its own block", SPARSE_NOTES,
-    blocklocal_opts, N_OPTS(blocklocal_opts), blocklocal_init, blocklocal_visible);
+    blocklocal_opts, N_OPTS(blocklocal_opts), blocklocal_init, blocklocal_visible, SPARSE_CAPS);
 const ef_attn_ops ef_attn_ops_strided = SPARSE_OPS(
     "strided", "Sparse Transformer strided: the previous `block` keys and every block-th key",
     SPARSE_NOTES "\n  the stride makes every chunk partial: the work is that of flash.",
-    strided_opts, N_OPTS(strided_opts), strided_init, strided_visible);
+    strided_opts, N_OPTS(strided_opts), strided_init, strided_visible, SPARSE_CAPS);
 const ef_attn_ops ef_attn_ops_fixed = SPARSE_OPS(
     "fixed",
     "Sparse Transformer fixed: the own block plus the last `summary` tokens of every block",
-    SPARSE_NOTES, fixed_opts, N_OPTS(fixed_opts), fixed_init, fixed_visible);
+    SPARSE_NOTES, fixed_opts, N_OPTS(fixed_opts), fixed_init, fixed_visible, SPARSE_CAPS);
 const ef_attn_ops ef_attn_ops_longformer = SPARSE_OPS(
     "longformer", "Longformer: (dilated) sliding window plus global tokens",
     SPARSE_NOTES "\n  global=G: the first G tokens; global=a;b;c (p; for one): these tokens.",
-    longformer_opts, N_OPTS(longformer_opts), longformer_init, longformer_visible);
+    longformer_opts, N_OPTS(longformer_opts), longformer_init, longformer_visible, SPARSE_CAPS);
 const ef_attn_ops ef_attn_ops_bigbird = SPARSE_OPS(
     "bigbird", "BigBird ITC: window, random and global blocks",
     SPARSE_NOTES "\n  random blocks per head and query block come from the seed, the same in\n"
                  "  training and evaluation; needs q_len == kv_len.",
-    bigbird_opts, N_OPTS(bigbird_opts) - 1, bigbird_init, bigbird_visible);
+    bigbird_opts, N_OPTS(bigbird_opts) - 1, bigbird_init, bigbird_visible, BIGBIRD_CAPS);
 const ef_attn_ops ef_attn_ops_bigbird_etc =
     SPARSE_OPS("bigbird-etc", "BigBird ETC: `extra` global tokens in front of the ITC block layout",
                SPARSE_NOTES "\n  the blocks start after the extra tokens; needs q_len == kv_len.",
-               bigbird_opts, N_OPTS(bigbird_opts), bigbird_init, bigbird_visible);
+               bigbird_opts, N_OPTS(bigbird_opts), bigbird_init, bigbird_visible, BIGBIRD_CAPS);
