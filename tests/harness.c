@@ -112,11 +112,23 @@ void ef_test_free_outputs(ef_test_bufs *o) {
 
 ef_status ef_test_run_plan(ef_attn *a, const ef_test_bufs *in, const int32_t *kv_lens,
                            ef_test_bufs *o, int backward) {
-    size_t sb = ef_attn_saved_bytes(a);
-    (void)sb;
+    return ef_test_run_plan_lens(a, in, kv_lens, NULL, o, backward);
+}
+
+ef_status ef_test_run_lens(const char *spec, const ef_test_bufs *in, const int32_t *kv_lens,
+                           const int32_t *q_lens, ef_test_bufs *o) {
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, spec, &in->s);
+    if (!st) st = ef_test_run_plan_lens(a, in, kv_lens, q_lens, o, 1);
+    ef_attn_free(a);
+    return st;
+}
+
+ef_status ef_test_run_plan_lens(ef_attn *a, const ef_test_bufs *in, const int32_t *kv_lens,
+                                const int32_t *q_lens, ef_test_bufs *o, int backward) {
     ef_free(o->saved);
     o->saved = ef_test_saved(a);
-    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
+    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out, q_lens};
     ef_status st = ef_attn_forward(a, &io, backward ? o->saved : NULL);
     if (!st && backward) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
     return st;
@@ -124,11 +136,7 @@ ef_status ef_test_run_plan(ef_attn *a, const ef_test_bufs *in, const int32_t *kv
 
 ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *kv_lens,
                       ef_test_bufs *o) {
-    ef_attn *a = NULL;
-    ef_status st = ef_attn_new(&a, spec, &in->s);
-    if (!st) st = ef_test_run_plan(a, in, kv_lens, o, 1);
-    ef_attn_free(a);
-    return st;
+    return ef_test_run_lens(spec, in, kv_lens, NULL, o);
 }
 
 void *ef_test_saved(const ef_attn *a) {

@@ -52,6 +52,11 @@ ef_status ef_test_run_plan(ef_attn *a, const ef_test_bufs *in, const int32_t *kv
 /* Creates the plan of `spec` for in->s, runs forward and backward into o, frees the plan. */
 ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *kv_lens,
                       ef_test_bufs *o);
+/* The same with query padding too (q_lens may be NULL). */
+ef_status ef_test_run_plan_lens(ef_attn *a, const ef_test_bufs *in, const int32_t *kv_lens,
+                                const int32_t *q_lens, ef_test_bufs *o, int backward);
+ef_status ef_test_run_lens(const char *spec, const ef_test_bufs *in, const int32_t *kv_lens,
+                           const int32_t *q_lens, ef_test_bufs *o);
 /* 1 when any of the n values is NaN or infinite. */
 int ef_test_any_nonfinite(const float *x, size_t n);
 /* A `saved` buffer for plan a (ef_malloc: EF_SAVED_ALIGN-aligned; at least 64 bytes, so never

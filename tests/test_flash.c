@@ -21,15 +21,15 @@
 typedef ef_test_bufs bufs;
 
 /* spec_fast vs spec_ref on one configuration, forward and backward. */
-static void compare_specs(const char *label, ef_attn_shape s, const char *spec_fast,
-                          const char *spec_ref, const int32_t *kv_lens, float sigma, double tol_f,
-                          double tol_b) {
+static void compare_specs_q(const char *label, ef_attn_shape s, const char *spec_fast,
+                            const char *spec_ref, const int32_t *kv_lens, const int32_t *q_lens,
+                            float sigma, double tol_f, double tol_b) {
     char name[256];
     bufs in, rf, fl;
     ef_test_inputs(&in, s, 1000 + (uint64_t)s.q_len * 7 + s.kv_len, sigma);
     ef_test_outputs(&rf, &in), ef_test_outputs(&fl, &in);
-    ef_status st1 = ef_test_run(spec_ref, &in, kv_lens, &rf),
-              st2 = ef_test_run(spec_fast, &in, kv_lens, &fl);
+    ef_status st1 = ef_test_run_lens(spec_ref, &in, kv_lens, q_lens, &rf),
+              st2 = ef_test_run_lens(spec_fast, &in, kv_lens, q_lens, &fl);
     snprintf(name, sizeof name, "%s: both run", label);
     if (ef_check(name, st1 == EF_OK && st2 == EF_OK, "%s %s, %s %s %s", spec_ref,
                  ef_status_str(st1), spec_fast, ef_status_str(st2), ef_last_error())) {
@@ -47,6 +47,12 @@ static void compare_specs(const char *label, ef_attn_shape s, const char *spec_f
         ef_check_err(name, ef_max_rel_diff(fl.dv, rf.dv, in.nv), tol_b);
     }
     ef_test_free_outputs(&rf), ef_test_free_outputs(&fl), ef_test_free_inputs(&in);
+}
+
+static void compare_specs(const char *label, ef_attn_shape s, const char *spec_fast,
+                          const char *spec_ref, const int32_t *kv_lens, float sigma, double tol_f,
+                          double tol_b) {
+    compare_specs_q(label, s, spec_fast, spec_ref, kv_lens, NULL, sigma, tol_f, tol_b);
 }
 
 /* flash vs full; opts is appended to both names (e.g. ":causal=1"). */
@@ -74,6 +80,23 @@ static void versus_reference(void) {
         char label[128];
         snprintf(label, sizeof label, "%s vs %s (padded)", fast[i], ref[i]);
         compare_specs(label, s, fast[i], ref[i], lens, 1.0f, 2e-5, 1e-4);
+    }
+}
+
+/* Query padding (q_lens) at tile edges, with and without key padding: every path against the
+ * reference. (Invariance to the content of padded rows is tests/test_props.c's job.) */
+static void query_padding(void) {
+    ef_attn_shape s = {4, 2, 130, 97, 24, 40};
+    int32_t ql[4] = {130, 64, 1, 0}, kl[4] = {97, 30, 97, 97}, ql2[4] = {65, 63, 129, 77};
+    const char *fast[] = {"flash", "flash:causal=1", "full", "full:causal=1"};
+    const char *ref[] = {"flash:ref=1", "flash:causal=1,ref=1", "full:ref=1",
+                         "full:causal=1,ref=1"};
+    for (int i = 0; i < 4; i++) {
+        char label[128];
+        snprintf(label, sizeof label, "%s q_lens={130,64,1,0}", fast[i]);
+        compare_specs_q(label, s, fast[i], ref[i], NULL, ql, 1.0f, 2e-5, 1e-4);
+        snprintf(label, sizeof label, "%s q_lens={65,63,129,77} kv_lens={97,30,97,97}", fast[i]);
+        compare_specs_q(label, s, fast[i], ref[i], kl, ql2, 1.0f, 2e-5, 1e-4);
     }
 }
 
@@ -238,6 +261,7 @@ static void inference_equals_training(void) {
 
 int main(void) {
     versus_reference();
+    query_padding();
     shapes();
     padding();
     empty_rows();

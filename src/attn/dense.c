@@ -2,8 +2,10 @@
  * dense.c - dense attention with GEMMs: the fast path of `full` (the "naive attention"
  * baseline every benchmark compares against). The slow reference is reference.c.
  *
- * For each (batch, head), with Q [N][D], K [M][D], V [M][Dv]:
- *   S = scale * Q K^T                         (one GEMM, N x M)
+ * For each (batch, head), with Q [N][D], K [M][D], V [M][Dv], and only the valid rows
+ * (i < q_lens[b]) and keys (j < kv_lens[b]) entering any product, so that the content of padded
+ * positions (NaN included) never reaches a valid result:
+ *   S = scale * Q K^T                         (one GEMM, valid N x valid M)
  *   S_ij = -inf where key j is invisible: j >= kv_lens[b], j > i when causal, or the
  *          mechanism's `visible` rule says no
  *   P = softmax_rows(S), a row with no visible key is all zeros
@@ -11,6 +13,8 @@
  * Backward (P saved):
  *   dV = P^T dO,  dP = dO V^T,  delta_i = sum_j P_ij dP_ij,
  *   dS = P o (dP - delta) * scale,  dQ = dS K,  dK = dS^T Q.
+ * Padded rows output zeros and get dQ = 0; padded keys get dK = dV = 0; P is zero outside the
+ * valid block, so every saved byte is written.
  * Saved: P [batch][heads][N][M]. Workspace: one N x M buffer (a->dense_ws).
  * Time O(B H N M (D + Dv)), memory O(B H N M) when training.
  */
@@ -38,7 +42,7 @@ size_t ef_dense_saved_bytes(const ef_attn *a) {
 
 typedef struct dense_rows {
     const ef_attn *a;
-    int head, kv_valid;
+    int head, kv_valid, q_valid;
     float *p;          /* [N][M]: scores in, probabilities out (forward) */
     const float *dp_p; /* backward: P */
     float *ds;         /* backward: dP in, dS out */
@@ -54,23 +58,25 @@ static void softmax_rows(void *ctx, int64_t item, int tid) {
     int i1 = (int)EF_MIN((int64_t)n, (item + 1) * DENSE_ROWS_PER_ITEM);
     for (int i = (int)(item * DENSE_ROWS_PER_ITEM); i < i1; i++) {
         float *row = c->p + (size_t)i * m;
-        int lim = ef_attn_row_limit(a, c->kv_valid, i);
+        /* columns past the valid keys, and padded rows, were not computed: zero them */
+        int mv = i < c->q_valid ? c->kv_valid : 0, lim = ef_attn_row_limit(a, mv, i);
+        memset(row + mv, 0, sizeof(float) * (size_t)(m - mv));
         float mx = -INFINITY;
-        for (int j = 0; j < m; j++) {
+        for (int j = 0; j < mv; j++) {
             if (j >= lim || (a->ops->visible && !a->ops->visible(a, c->head, i, j)))
                 row[j] = -INFINITY;
             if (row[j] > mx) mx = row[j];
         }
         if (mx == -INFINITY) { /* nothing visible: zeros, and zero gradient downstream */
-            memset(row, 0, sizeof(float) * m);
+            memset(row, 0, sizeof(float) * mv);
             continue;
         }
-        for (int j = 0; j < m; j++) row[j] -= mx;
-        ef_vexp(row, row, (size_t)m);
+        for (int j = 0; j < mv; j++) row[j] -= mx;
+        ef_vexp(row, row, (size_t)mv);
         double sum = 0;
-        for (int j = 0; j < m; j++) sum += row[j];
+        for (int j = 0; j < mv; j++) sum += row[j];
         float inv = (float)(1.0 / sum);
-        for (int j = 0; j < m; j++) row[j] *= inv;
+        for (int j = 0; j < mv; j++) row[j] *= inv;
     }
 }
 
@@ -78,15 +84,20 @@ static void softmax_grad_rows(void *ctx, int64_t item, int tid) {
     (void)tid;
     const dense_rows *c = ctx;
     const ef_attn *a = c->a;
-    int n = a->shape.q_len, m = a->shape.kv_len;
-    int i1 = (int)EF_MIN((int64_t)n, (item + 1) * DENSE_ROWS_PER_ITEM);
+    int m = a->shape.kv_len, mv = c->kv_valid;
+    int i1 = (int)EF_MIN((int64_t)c->q_valid, (item + 1) * DENSE_ROWS_PER_ITEM);
     for (int i = (int)(item * DENSE_ROWS_PER_ITEM); i < i1; i++) {
         const float *p = c->dp_p + (size_t)i * m;
         float *ds = c->ds + (size_t)i * m;
         double delta = 0;
-        for (int j = 0; j < m; j++) delta += (double)p[j] * ds[j];
-        for (int j = 0; j < m; j++) ds[j] = (float)(p[j] * (ds[j] - delta) * a->scale);
+        for (int j = 0; j < mv; j++) delta += (double)p[j] * ds[j];
+        for (int j = 0; j < mv; j++) ds[j] = (float)(p[j] * (ds[j] - delta) * a->scale);
     }
+}
+
+/* Zeros rows [r0, r1) of a row-major matrix with `cols` columns. */
+static void zero_rows(float *x, int r0, int r1, int cols) {
+    if (r1 > r0) memset(x + (size_t)r0 * cols, 0, sizeof(float) * (size_t)(r1 - r0) * cols);
 }
 
 ef_status ef_dense_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
@@ -94,17 +105,20 @@ ef_status ef_dense_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
     int64_t items = (n + DENSE_ROWS_PER_ITEM - 1) / DENSE_ROWS_PER_ITEM;
     for (int b = 0; b < s->batch; b++) {
-        int kv_valid = ef_attn_kv_valid(a, io, b);
+        int mv = ef_attn_kv_valid(a, io, b), nv = ef_attn_q_valid(a, io, b);
+        if (mv == 0) nv = 0; /* no key: every row is zero */
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *q = io->q + bh * n * d, *k = io->k + bh * m * d, *v = io->v + bh * m * dv;
-            float *p = saved ? (float *)saved + bh * n * m : a->dense_ws;
-            ef_status st = ef_sgemm(0, 1, n, m, d, a->scale, q, d, k, d, 0.0f, p, m);
-            if (st) return st;
-            dense_rows c = {a, h, kv_valid, p, NULL, NULL};
+            float *p = saved ? (float *)saved + bh * n * m : a->dense_ws, *o = io->out + bh * n * dv;
+            ef_status st;
+            if (nv > 0 && (st = ef_sgemm(0, 1, nv, mv, d, a->scale, q, d, k, d, 0.0f, p, m)))
+                return st;
+            dense_rows c = {a, h, mv, nv, p, NULL, NULL};
             ef_parallel_for(items, ef_threads(), softmax_rows, &c);
-            st = ef_sgemm(0, 0, n, dv, m, 1.0f, p, m, v, dv, 0.0f, io->out + bh * n * dv, dv);
-            if (st) return st;
+            if (nv > 0 && (st = ef_sgemm(0, 0, nv, dv, mv, 1.0f, p, m, v, dv, 0.0f, o, dv)))
+                return st;
+            zero_rows(o, nv, n, dv);
         }
     }
     return EF_OK;
@@ -117,20 +131,26 @@ ef_status ef_dense_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
     int64_t items = (n + DENSE_ROWS_PER_ITEM - 1) / DENSE_ROWS_PER_ITEM;
     float *ds = a->dense_ws;
     for (int b = 0; b < s->batch; b++) {
+        int mv = ef_attn_kv_valid(a, io, b), nv = ef_attn_q_valid(a, io, b);
+        if (mv == 0) nv = 0;
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *q = io->q + bh * n * d, *k = io->k + bh * m * d, *v = io->v + bh * m * dv;
             const float *p = (const float *)saved + bh * n * m, *g = dout + bh * n * dv;
+            float *gq = dq + bh * n * d, *gk = dk + bh * m * d, *gv = dv_ + bh * m * dv;
+            zero_rows(gq, nv, n, d);
+            if (nv == 0) {
+                zero_rows(gk, 0, m, d), zero_rows(gv, 0, m, dv);
+                continue;
+            }
+            zero_rows(gk, mv, m, d), zero_rows(gv, mv, m, dv);
             ef_status st;
-            if ((st = ef_sgemm(1, 0, m, dv, n, 1.0f, p, m, g, dv, 0.0f, dv_ + bh * m * dv, dv)))
-                return st;
-            if ((st = ef_sgemm(0, 1, n, m, dv, 1.0f, g, dv, v, dv, 0.0f, ds, m))) return st;
-            dense_rows c = {a, h, 0, NULL, p, ds};
+            if ((st = ef_sgemm(1, 0, mv, dv, nv, 1.0f, p, m, g, dv, 0.0f, gv, dv))) return st;
+            if ((st = ef_sgemm(0, 1, nv, mv, dv, 1.0f, g, dv, v, dv, 0.0f, ds, m))) return st;
+            dense_rows c = {a, h, mv, nv, NULL, p, ds};
             ef_parallel_for(items, ef_threads(), softmax_grad_rows, &c);
-            if ((st = ef_sgemm(0, 0, n, d, m, 1.0f, ds, m, k, d, 0.0f, dq + bh * n * d, d)))
-                return st;
-            if ((st = ef_sgemm(1, 0, m, d, n, 1.0f, ds, m, q, d, 0.0f, dk + bh * m * d, d)))
-                return st;
+            if ((st = ef_sgemm(0, 0, nv, d, mv, 1.0f, ds, m, k, d, 0.0f, gq, d))) return st;
+            if ((st = ef_sgemm(1, 0, mv, d, nv, 1.0f, ds, m, q, d, 0.0f, gk, d))) return st;
         }
     }
     return EF_OK;

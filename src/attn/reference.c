@@ -4,7 +4,7 @@
  * Every mechanism whose result is "softmax attention restricted to a set of visible keys"
  * (full, flash, the block-sparse layouts) runs this with ref=1: no BLAS, no tiles, no
  * vectors, one query row at a time, every mask explicit. Per (batch, head, query i):
- *   visible(i, j) = j < kv_lens[b] && (!causal || j <= i) && ops->visible(h, i, j)
+ *   visible(i, j) = i < q_lens[b] && j < kv_lens[b] && (!causal || j <= i) && ops->visible(h, i, j)
  *   w_j = exp(scale q_i.k_j - max), p_j = w_j / sum w   (over visible j; none: row of zeros)
  *   out_i = sum_j p_j v_j
  * Backward recomputes p for each row (nothing is saved):
@@ -30,14 +30,15 @@ ef_status ef_ref_init(ef_attn *a) {
     return EF_OK;
 }
 
-/* p[j] for query row i of head (b, h); returns 0 when no key is visible (p all zero). */
-static int ref_row(const ef_attn *a, int h, int kv_valid, int i, const float *qi, const float *k,
-                   double *p) {
+/* p[j] for query row i of head (b, h); returns 0 when no key is visible (p all zero). Padded
+ * rows (i >= q_valid) and keys are never read. */
+static int ref_row(const ef_attn *a, int h, int q_valid, int kv_valid, int i, const float *qi,
+                   const float *k, double *p) {
     const ef_attn_shape *s = &a->shape;
     int m = s->kv_len, d = s->head_dim;
     double mx = -INFINITY;
     for (int j = 0; j < m; j++) {
-        int vis = j < kv_valid && (!a->causal || j <= i) &&
+        int vis = i < q_valid && j < kv_valid && (!a->causal || j <= i) &&
                   (!a->ops->visible || a->ops->visible(a, h, i, j));
         if (!vis) {
             p[j] = -INFINITY;
@@ -64,16 +65,17 @@ ef_status ef_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim;
     double *p = a->ref_ws;
     for (int b = 0; b < s->batch; b++) {
-        int kv_valid = ef_attn_kv_valid(a, io, b);
+        int kv_valid = ef_attn_kv_valid(a, io, b), q_valid = ef_attn_q_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *k = io->k + bh * m * d, *v = io->v + bh * m * e;
             for (int i = 0; i < n; i++) {
-                ref_row(a, h, kv_valid, i, io->q + (bh * n + i) * d, k, p);
+                ref_row(a, h, q_valid, kv_valid, i, io->q + (bh * n + i) * d, k, p);
                 float *out = io->out + (bh * n + i) * e;
                 for (int t = 0; t < e; t++) {
                     double o = 0;
-                    for (int j = 0; j < m; j++) o += p[j] * v[(size_t)j * e + t];
+                    for (int j = 0; j < m; j++)
+                        if (p[j] != 0) o += p[j] * v[(size_t)j * e + t];
                     out[t] = (float)o;
                 }
             }
@@ -89,7 +91,7 @@ ef_status ef_ref_backward(ef_attn *a, const ef_attn_io *io, const void *saved, c
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim;
     double *p = a->ref_ws, *gk = p + m, *gv = gk + (size_t)m * d, *gq = gv + (size_t)m * e;
     for (int b = 0; b < s->batch; b++) {
-        int kv_valid = ef_attn_kv_valid(a, io, b);
+        int kv_valid = ef_attn_kv_valid(a, io, b), q_valid = ef_attn_q_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *k = io->k + bh * m * d, *v = io->v + bh * m * e;
@@ -98,7 +100,10 @@ ef_status ef_ref_backward(ef_attn *a, const ef_attn_io *io, const void *saved, c
             for (int i = 0; i < n; i++) {
                 const float *qi = io->q + (bh * n + i) * d, *gi = dout + (bh * n + i) * e;
                 float *dqi = dq + (bh * n + i) * d;
-                ref_row(a, h, kv_valid, i, qi, k, p);
+                if (!ref_row(a, h, q_valid, kv_valid, i, qi, k, p)) { /* padded or sees nothing */
+                    for (int t = 0; t < d; t++) dqi[t] = 0;
+                    continue;
+                }
                 double delta = 0;
                 for (int j = 0; j < m; j++) {
                     if (p[j] == 0) continue;

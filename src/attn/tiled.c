@@ -338,12 +338,22 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     int64_t bh = item / p->ntiles;
     int it = (int)(item % p->ntiles), b = (int)(bh / s->heads);
     int i0 = it * QT, qn = EF_MIN(QT, n - i0);
+    float *out = c->io->out + ((size_t)bh * n + i0) * dv;
+    /* rows past q_lens[b] are padding: never read, output zeros, lse = -inf */
+    int qv = EF_MIN(qn, ef_attn_q_valid(a, c->io, b) - i0);
+    if (qv < qn) {
+        int from = EF_MAX(qv, 0);
+        memset(out + (size_t)from * dv, 0, sizeof(float) * (size_t)(qn - from) * dv);
+        if (c->lse)
+            for (int i = from; i < qn; i++) c->lse[(size_t)bh * n + i0 + i] = -__builtin_inff();
+        if (qv <= 0) return;
+    }
     const float *q = c->io->q + ((size_t)bh * n + i0) * d;
     const float *k = c->io->k + (size_t)bh * m * d, *v = c->io->v + (size_t)bh * m * dv;
     int kv_end = ef_attn_kv_valid(a, c->io, b);
-    if (a->causal) kv_end = EF_MIN(kv_end, i0 + qn);
+    if (a->causal) kv_end = EF_MIN(kv_end, i0 + qv);
 
-    pack_qt(w->qt, q, d, qn, a->scale);
+    pack_qt(w->qt, q, d, qv, a->scale);
     vf mx[QV], l[QV];
     for (int u = 0; u < QV; u++) mx[u] = vf_set1(-__builtin_inff()), l[u] = vf_set1(0);
     memset(w->ot, 0, sizeof(float) * dv * QT);
@@ -390,10 +400,9 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         for (int t = 0; t < EF_VL; t++)
             lse[u * EF_VL + t] = l[u][t] > 0 ? mx[u][t] + logf(l[u][t]) : -__builtin_inff();
     }
-    float *out = c->io->out + ((size_t)bh * n + i0) * dv;
-    for (int i = 0; i < qn; i++)
+    for (int i = 0; i < qv; i++)
         for (int e = 0; e < dv; e++) out[(size_t)i * dv + e] = w->ot[(size_t)e * QT + i] * inv[i];
-    if (c->lse) memcpy(c->lse + (size_t)bh * n + i0, lse, sizeof(float) * qn);
+    if (c->lse) memcpy(c->lse + (size_t)bh * n + i0, lse, sizeof(float) * qv);
 }
 
 ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
@@ -427,26 +436,28 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                            : p->dqpart + ((size_t)(split - 1) * s->batch * s->heads + bh) * n * d;
     float *dk = c->dk + (size_t)bh * m * d;
     float *dvo = c->dv + (size_t)bh * m * dv;
-    int kv_valid = ef_attn_kv_valid(a, c->io, b);
+    int kv_valid = ef_attn_kv_valid(a, c->io, b), q_valid = ef_attn_q_valid(a, c->io, b);
 
     /* w->dk, w->dv hold rows [klo, khi) of this head's dK, dV */
     memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
     memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
     for (int it = 0; it < p->ntiles; it++) {
         int i0 = it * QT, qn = EF_MIN(QT, n - i0);
-        int kv_end = a->causal ? EF_MIN(kv_valid, i0 + qn) : kv_valid;
+        /* rows past q_lens[b] are padding lanes: their q, dO and O are never read, dQ = 0 */
+        int qv = EF_MAX(0, EF_MIN(qn, q_valid - i0));
+        int kv_end = a->causal ? EF_MIN(kv_valid, i0 + qv) : kv_valid;
         kv_end = EF_MIN(kv_end, khi);
-        if (kv_end <= klo) { /* no query of this tile sees a key of this range */
+        if (qv == 0 || kv_end <= klo) { /* no query of this tile sees a key of this range */
             memset(dq + (size_t)i0 * d, 0, sizeof(float) * (size_t)qn * d);
             continue;
         }
         /* pack Q (transposed and row-padded, both scaled) and dO (both ways) */
-        pack_qt(w->qt, q + (size_t)i0 * d, d, qn, a->scale);
-        pack_qt(w->dot, g + (size_t)i0 * dv, dv, qn, 1.0f);
+        pack_qt(w->qt, q + (size_t)i0 * d, d, qv, a->scale);
+        pack_qt(w->dot, g + (size_t)i0 * dv, dv, qv, 1.0f);
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
         for (int i = 0; i < QT; i++) {
             float *qr = w->qp + (size_t)i * dp, *gr = w->dop + (size_t)i * dvp;
-            if (i < qn) {
+            if (i < qv) {
                 const float *qi = q + (size_t)(i0 + i) * d, *gi = g + (size_t)(i0 + i) * dv;
                 const float *oi = o + (size_t)(i0 + i) * dv;
                 for (int t = 0; t < d; t++) qr[t] = qi[t] * a->scale;

@@ -11,9 +11,10 @@
  *   unset (default)       x86-64: dnnl, openblas, blis, built-in; other CPUs: openblas, blis,
  *                         dnnl, built-in (oneDNN 2.x has no fast non-SVE ARM sgemm)
  * Built without EF_HAVE_BLAS, nothing is ever loaded and EF_BLAS is ignored.
- * Before loading OpenBLAS, if OPENBLAS_CORETYPE is unset and the CPU has AVX-512 F/BW/VL/DQ,
- * OPENBLAS_CORETYPE=SkylakeX is set (setenv, once): Debian's OpenBLAS 0.3.21 detects Sapphire
- * Rapids as "Prescott" (SSE3, 8x slower) and reads the variable only when it loads.
+ * When the library loads (a constructor), if OPENBLAS_CORETYPE is unset and the CPU has AVX-512
+ * F/BW/VL/DQ, OPENBLAS_CORETYPE=SkylakeX is set (setenv, once, before any GEMM thread exists):
+ * Debian's OpenBLAS 0.3.21 detects Sapphire Rapids as "Prescott" (SSE3, 8x slower) and reads
+ * the variable only when it loads.
  *
  * Measured (AMD EPYC Zen 4, 2 cores, KVM, Debian 12, gcc 12; GFLOP/s, 2 threads, best of 3 x
  * 0.3 s, three interleaved rounds, ranges over the rounds; the clock wanders, compare within
@@ -358,21 +359,40 @@ static int try_dnnl(void) {
     return 1;
 }
 
-static int try_openblas(void) {
-    static const char *const names[] = {"libopenblas.so.0", "libopenblasp.so.0", "libopenblaso.so.0",
-                                        "libopenblas.so", NULL};
-    int set_coretype = 0;
-    int loaded = 0;
-    for (int i = 0; names[i] && !loaded; i++) {
-        void *h = dlopen(names[i], RTLD_NOW | RTLD_NOLOAD);
-        if (h) loaded = 1, dlclose(h);
+static const char *const openblas_names[] = {"libopenblas.so.0", "libopenblasp.so.0",
+                                             "libopenblaso.so.0", "libopenblas.so", NULL};
+static int openblas_loaded(void) {
+    for (int i = 0; openblas_names[i]; i++) {
+        void *h = dlopen(openblas_names[i], RTLD_NOW | RTLD_NOLOAD);
+        if (h) return dlclose(h), 1;
     }
+    return 0;
+}
+
+/* 1 when the load-time constructor below set OPENBLAS_CORETYPE. */
+static int g_set_coretype;
+
+/* OpenBLAS reads OPENBLAS_CORETYPE only when it loads, and setenv races with getenv in other
+ * threads, so the variable is set here, once, when the library itself is loaded (before main
+ * for a linked program), never lazily from a GEMM call. Only when eformer may load OpenBLAS
+ * (EF_BLAS unset or "openblas"), the variable is unset, OpenBLAS is not loaded yet, and the CPU
+ * has AVX-512 F/BW/VL/DQ. */
+__attribute__((constructor)) static void openblas_coretype_at_load(void) {
 #if defined(__x86_64__) && defined(__GNUC__)
-    if (!loaded && !getenv("OPENBLAS_CORETYPE") && __builtin_cpu_supports("avx512f") &&
-        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq"))
-        set_coretype = setenv("OPENBLAS_CORETYPE", "SkylakeX", 0) == 0;
+    const char *env = getenv("EF_BLAS");
+    if (env && *env && strcmp(env, "openblas") != 0) return;
+    if (getenv("OPENBLAS_CORETYPE") || openblas_loaded()) return;
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+        g_set_coretype = setenv("OPENBLAS_CORETYPE", "SkylakeX", 0) == 0;
 #endif
+}
+
+static int try_openblas(void) {
+    const char *const *names = openblas_names;
+    int set_coretype = g_set_coretype;
+    int loaded = openblas_loaded();
     const char *which = NULL;
     void *h = open_first(names, &which);
     if (!h) return 0;
