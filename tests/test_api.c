@@ -185,6 +185,30 @@ static void test_call_args(const char *mech) {
                   NULL, want[i]);
     }
 
+    /* q_lens outside [0, q_len]: the message names the batch index and the value */
+    const int32_t badq[][2] = {{-3, 19}, {19, 20}};
+    const char *wantq[] = {"q_lens[0]=-3", "q_lens[1]=20"};
+    for (int i = 0; i < 2; i++) {
+        io = good, io.q_lens = badq[i];
+        snprintf(label, sizeof label, "%s: forward q_lens={%d,%d}", mech, badq[i][0], badq[i][1]);
+        check_err(label, ef_attn_forward(a, &io, saved), EF_ERR_ARG, NULL, wantq[i]);
+        snprintf(label, sizeof label, "%s: backward q_lens={%d,%d}", mech, badq[i][0],
+                 badq[i][1]);
+        check_err(label, ef_attn_backward(a, &io, saved, b.dout, b.dq, b.dk, b.dv), EF_ERR_ARG,
+                  NULL, wantq[i]);
+    }
+
+    /* saved must be EF_SAVED_ALIGN-aligned (a plan that saves nothing ignores saved) */
+    if (sbytes > 0) {
+        char *raw = ef_malloc(sbytes + EF_SAVED_ALIGN);
+        snprintf(label, sizeof label, "%s: forward with saved misaligned by 4 bytes", mech);
+        check_err(label, ef_attn_forward(a, &good, raw + 4), EF_ERR_ARG, NULL, "aligned");
+        snprintf(label, sizeof label, "%s: backward with saved misaligned by 4 bytes", mech);
+        check_err(label, ef_attn_backward(a, &good, raw + 4, b.dout, b.dq, b.dk, b.dv),
+                  EF_ERR_ARG, NULL, "aligned");
+        ef_free(raw);
+    }
+
     /* the argument errors above left a usable plan: a full forward + backward still works */
     st = ef_attn_forward(a, &good, saved);
     if (!st) st = ef_attn_backward(a, &good, saved, b.dout, b.dq, b.dk, b.dv);
@@ -337,8 +361,28 @@ static void test_queries(const char *mech) {
     }
 }
 
+/* ef_attn_get_caps: every registered name answers, with values 0 or 1; bad arguments fail. */
+static void test_caps(void) {
+    ef_attn_caps c;
+    for (int i = 0; i < ef_attn_count(); i++) {
+        const char *name = ef_attn_name(i);
+        memset(&c, 0x55, sizeof c);
+        ef_status st = ef_attn_get_caps(name, &c);
+        const int *f = (const int *)&c;
+        int ok = 1;
+        for (size_t x = 0; x < sizeof c / sizeof(int); x++) ok &= f[x] == 0 || f[x] == 1;
+        char label[128];
+        snprintf(label, sizeof label, "caps of %s: answered, every field 0 or 1", name);
+        ef_check(label, !st && ok, "%s", ef_status_str(st));
+    }
+    check_err("caps: unknown name", ef_attn_get_caps("nosuch", &c), EF_ERR_ARG, NULL, "nosuch");
+    check_err("caps: name NULL", ef_attn_get_caps(NULL, &c), EF_ERR_ARG, NULL, "name");
+    check_err("caps: caps NULL", ef_attn_get_caps("full", NULL), EF_ERR_ARG, NULL, "caps");
+}
+
 int main(void) {
     test_null_plan();
+    test_caps();
     for (int m = 0; m < NMECH; m++) {
         test_call_args(MECH[m]);
         test_inference(MECH[m], 0);
