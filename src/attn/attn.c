@@ -492,23 +492,21 @@ double ef_attn_flops(const ef_attn *a, int backward) {
     return backward ? pairs * (2 * (3 * d + 2 * dv) + 2 * (d + dv)) : pairs * 2 * (d + dv);
 }
 
-ef_status ef_attn_check_kv_lens(const ef_attn *a, const int32_t *kv_lens) {
-    if (!kv_lens) return EF_OK;
+/* lens[b] in [0, max] for every sequence b; the message names the array, index and value. */
+static ef_status check_lens(const ef_attn *a, const int32_t *lens, const char *what,
+                            const char *dim, int max) {
+    if (!lens) return EF_OK;
     for (int b = 0; b < a->shape.batch; b++)
-        if (kv_lens[b] < 0 || kv_lens[b] > a->shape.kv_len)
-            return ef_error(EF_ERR_ARG, "kv_lens[%d]=%d is outside [0, kv_len=%d]", b, kv_lens[b],
-                            a->shape.kv_len);
+        if (lens[b] < 0 || lens[b] > max)
+            return ef_error(EF_ERR_ARG, "%s[%d]=%d is outside [0, %s=%d]", what, b, lens[b], dim,
+                            max);
     return EF_OK;
 }
 
-static ef_status check_q_lens(const ef_attn *a, const int32_t *q_lens) {
-    if (!q_lens) return EF_OK;
-    for (int b = 0; b < a->shape.batch; b++)
-        if (q_lens[b] < 0 || q_lens[b] > a->shape.q_len)
-            return ef_error(EF_ERR_ARG, "q_lens[%d]=%d is outside [0, q_len=%d]", b, q_lens[b],
-                            a->shape.q_len);
-    return EF_OK;
+ef_status ef_attn_check_kv_lens(const ef_attn *a, const int32_t *kv_lens) {
+    return check_lens(a, kv_lens, "kv_lens", "kv_len", a->shape.kv_len);
 }
+
 
 static ef_status check_saved(const void *saved, const char *fn) {
     if (saved && (uintptr_t)saved % EF_SAVED_ALIGN != 0)
@@ -525,7 +523,7 @@ static ef_status check_io(const ef_attn *a, const ef_attn_io *io, const char *fn
     if (!io->k) return ef_error(EF_ERR_ARG, "%s: io->k is NULL", fn);
     if (!io->v) return ef_error(EF_ERR_ARG, "%s: io->v is NULL", fn);
     ef_status st = ef_attn_check_kv_lens(a, io->kv_lens);
-    return st ? st : check_q_lens(a, io->q_lens);
+    return st ? st : check_lens(a, io->q_lens, "q_lens", "q_len", a->shape.q_len);
 }
 
 ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
