@@ -43,9 +43,10 @@ static void res_free(res *r) {
 }
 
 /* Makes `spec` at in->s, overwrites its parameters with `params` when given, runs forward and
- * backward and copies everything into r. */
-static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, const float *params,
-                     res *r) {
+ * backward with query lengths q_lens and key lengths kv_lens (NULL: all) and copies everything
+ * into r. */
+static ef_status run_q(const char *spec, const bufs *in, const int32_t *q_lens,
+                       const int32_t *kv_lens, const float *params, res *r) {
     memset(r, 0, sizeof *r);
     r->out = nans(in->no), r->dq = nans(in->nq), r->dk = nans(in->nk), r->dv = nans(in->nv);
     ef_attn *a = NULL;
@@ -55,7 +56,7 @@ static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, c
     r->params = ef_test_zeros(r->np), r->grads = ef_test_zeros(r->np);
     if (params && r->np) memcpy(ef_attn_params(a), params, r->np * sizeof(float));
     void *saved = ef_test_saved(a);
-    ef_attn_io io = {in->q, in->k, in->v, kv_lens, r->out};
+    ef_attn_io io = {in->q, in->k, in->v, kv_lens, r->out, q_lens};
     st = ef_attn_forward(a, &io, saved);
     if (!st) st = ef_attn_backward(a, &io, saved, in->g, r->dq, r->dk, r->dv);
     if (!st && r->np) { /* `full` has none (NULL pointers) */
@@ -65,6 +66,11 @@ static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, c
     ef_free(saved);
     ef_attn_free(a);
     return st;
+}
+
+static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, const float *params,
+                     res *r) {
+    return run_q(spec, in, NULL, kv_lens, params, r);
 }
 
 static int any_nonfinite(const float *x, size_t n) {
@@ -137,6 +143,33 @@ static void versus_reference(void) {
                 double tol_qk = ks[ki] == 1 ? 2e-2 : 1e-4;
                 compare_res(label, &in, &f, &r, 2e-5, 1e-4, tol_qk);
             }
+            res_free(&f), res_free(&r);
+        }
+    ef_test_free_inputs(&in);
+}
+
+/* The same with query padding: q_lens (77, 40, 1) and (0, 33, 77) against kv_lens (90, 45, 0)
+ * and (17, 90, 90), odd sizes; the reference handles q_lens with its own loops. */
+static void versus_reference_q_lens(void) {
+    ef_attn_shape s = {3, 2, 77, 90, 24, 40};
+    int32_t ql[2][3] = {{77, 40, 1}, {0, 33, 77}}, kl[2][3] = {{90, 45, 0}, {17, 90, 90}};
+    bufs in;
+    ef_test_inputs(&in, s, 150, 1.0f);
+    for (int sh = 0; sh < 4; sh++)
+        for (int c = 0; c < 2; c++) {
+            char fast[128], ref[160], label[200], name[240];
+            int k = c ? 300 : 16;
+            snprintf(fast, sizeof fast, "linformer:k=%d,share=%s,seed=4", k, shares[sh]);
+            snprintf(ref, sizeof ref, "%s,ref=1", fast);
+            snprintf(label, sizeof label, "k=%d share=%s vs ref (q_lens %d,%d,%d kv_lens %d,%d,%d)",
+                     k, shares[sh], ql[c][0], ql[c][1], ql[c][2], kl[c][0], kl[c][1], kl[c][2]);
+            res f, r;
+            ef_status st1 = run_q(fast, &in, ql[c], kl[c], NULL, &f);
+            ef_status st2 = run_q(ref, &in, ql[c], kl[c], NULL, &r);
+            snprintf(name, sizeof name, "%s: both run", label);
+            if (ef_check(name, !st1 && !st2, "%s %s %s", ef_status_str(st1), ef_status_str(st2),
+                         ef_last_error()))
+                compare_res(label, &in, &f, &r, 2e-5, 1e-4, 1e-4);
             res_free(&f), res_free(&r);
         }
     ef_test_free_inputs(&in);
@@ -218,6 +251,121 @@ static void padding_values_ignored(void) {
     }
 }
 
+/* Sets rows i >= lens[b] of x [B][H][rows][w]: mode 0 redraws them (Gaussian, sigma 3), 1
+ * fills them with NaN, 2 with +Inf, 3 with -Inf. */
+static void spoil_padded(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens, int mode,
+                         uint64_t seed) {
+    float *r = ef_test_randn((size_t)rows * w, seed, 3.0f);
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < rows; i++)
+                for (int t = 0; t < w; t++) {
+                    float val = mode == 0   ? r[(size_t)i * w + t]
+                                : mode == 1 ? NAN
+                                : mode == 2 ? INFINITY
+                                            : -INFINITY;
+                    x[(((size_t)b * s.heads + h) * rows + i) * w + t] = val;
+                }
+    free(r);
+}
+
+/* max |x| over rows i >= lens[b] of x [B][H][rows][w]; infinite when one is NaN */
+static double padded_max(const float *x, ef_attn_shape s, int rows, int w, const int32_t *lens) {
+    double m = 0;
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < rows; i++)
+                for (int t = 0; t < w; t++) {
+                    float v = x[(((size_t)b * s.heads + h) * rows + i) * w + t];
+                    m = v != v ? INFINITY : fmax(m, fabs(v));
+                    if (isinf(m)) return m;
+                }
+    return m;
+}
+
+static int same_res(const res *a, const res *b, const bufs *in) {
+    return a->np == b->np && !memcmp(a->out, b->out, in->no * 4) &&
+           !memcmp(a->dq, b->dq, in->nq * 4) && !memcmp(a->dk, b->dk, in->nk * 4) &&
+           !memcmp(a->dv, b->dv, in->nv * 4) && !memcmp(a->grads, b->grads, a->np * 4);
+}
+
+/* Query and key padding (the contract in eformer.h), both paths, every share mode: redrawing
+ * the padded rows of q, dO, k and v, or filling them with NaN or +-Inf, leaves out, dq, dk, dv
+ * and the parameter gradients dE, dF bitwise unchanged; padded rows output zeros and get zero
+ * dq, dk, dv; a sequence without queries (q_lens = 0) gets zero dk, dv as well. */
+static void query_padding_invariance(void) {
+    ef_attn_shape s = {3, 2, 77, 90, 24, 40};
+    int32_t ql[3] = {50, 77, 0}, kl[3] = {53, 90, 20};
+    for (int sh = 0; sh < 4; sh++)
+        for (int path = 0; path < 2; path++) {
+            char spec[128], name[240];
+            snprintf(spec, sizeof spec, "linformer:k=16,share=%s%s", shares[sh],
+                     path ? ",ref=1" : "");
+            bufs in;
+            ef_test_inputs(&in, s, 1100 + (uint64_t)sh, 1.0f);
+            res base, o;
+            ef_status st = run_q(spec, &in, ql, kl, NULL, &base);
+            snprintf(name, sizeof name, "%s q_lens={50,77,0} kv_lens={53,90,20}: runs", spec);
+            if (!ef_check(name, !st, "%s", st ? ef_last_error() : "")) {
+                res_free(&base), ef_test_free_inputs(&in);
+                continue;
+            }
+            /* sequence 2 has no query: all of its dk, dv must be zero too */
+            int32_t kl2[3] = {kl[0], kl[1], 0};
+            double z = fmax(padded_max(base.out, s, s.q_len, s.v_dim, ql),
+                            padded_max(base.dq, s, s.q_len, s.head_dim, ql));
+            z = fmax(z, fmax(padded_max(base.dk, s, s.kv_len, s.head_dim, kl2),
+                             padded_max(base.dv, s, s.kv_len, s.v_dim, kl2)));
+            snprintf(name, sizeof name, "%s: padded rows output 0, padded dq dk dv are 0", spec);
+            ef_check_err(name, z, 0.0);
+            const char *what[4] = {"redrawn", "NaN", "+Inf", "-Inf"};
+            for (int mode = 0; mode < 4; mode++) {
+                spoil_padded(in.q, s, s.q_len, s.head_dim, ql, mode, 1150 + (uint64_t)mode);
+                spoil_padded(in.g, s, s.q_len, s.v_dim, ql, mode, 1160 + (uint64_t)mode);
+                spoil_padded(in.k, s, s.kv_len, s.head_dim, kl, mode, 1170 + (uint64_t)mode);
+                spoil_padded(in.v, s, s.kv_len, s.v_dim, kl, mode, 1180 + (uint64_t)mode);
+                st = run_q(spec, &in, ql, kl, NULL, &o);
+                int same = !st && same_res(&base, &o, &in);
+                snprintf(name, sizeof name,
+                         "%s: padded q, dO, k, v rows %s: out dq dk dv dE dF bitwise unchanged",
+                         spec, what[mode]);
+                ef_check(name, same, "%s", st ? ef_last_error() : same ? "identical" : "differ");
+                res_free(&o);
+            }
+            res_free(&base), ef_test_free_inputs(&in);
+        }
+}
+
+/* Forward writes every byte of `saved` (the inner plan's part, K', V' and the alignment gaps
+ * between them), with query and key padding and empty sequences: two forwards into buffers
+ * pre-filled with 0x00 and 0xFF bytes leave identical buffers. */
+static void saved_fully_written(void) {
+    ef_attn_shape s = {3, 2, 41, 50, 13, 7}; /* odd sizes: parts end off a 64-byte boundary */
+    int32_t ql[3] = {41, 0, 17}, kl[3] = {9, 50, 0};
+    bufs in;
+    ef_test_inputs(&in, s, 1250, 1.0f);
+    for (int sh = 0; sh < 4; sh += 3) {
+        char spec[96], name[160];
+        snprintf(spec, sizeof spec, "linformer:k=11,share=%s", shares[sh]);
+        ef_attn *a = NULL;
+        ef_status st = ef_attn_new(&a, spec, &s);
+        size_t sb = st ? 0 : ef_attn_saved_bytes(a);
+        void *s0 = st ? NULL : ef_test_saved(a), *s1 = st ? NULL : ef_test_saved(a);
+        float *out = ef_test_zeros(in.no);
+        ef_attn_io io = {in.q, in.k, in.v, kl, out, ql};
+        if (!st) memset(s0, 0x00, sb), memset(s1, 0xFF, sb);
+        if (!st) st = ef_attn_forward(a, &io, s0);
+        if (!st) st = ef_attn_forward(a, &io, s1);
+        snprintf(name, sizeof name, "%s: forward writes every byte of saved (%zu bytes)", spec, sb);
+        ef_check(name, !st && !memcmp(s0, s1, sb), "%s",
+                 st                   ? ef_last_error()
+                 : memcmp(s0, s1, sb) ? "differ"
+                                      : "identical");
+        ef_free(s0), ef_free(s1), free(out), ef_attn_free(a);
+    }
+    ef_test_free_inputs(&in);
+}
+
 /* kv_lens = L on a kv_len = M plan == a kv_len = L plan on the unpadded prefix with E[:, :L]
  * (fairseq's slicing for short inputs is our padding path). Also: the seeded init of the short
  * plan is exactly that slice. */
@@ -289,7 +437,8 @@ static void padding_equals_sliced_plan(void) {
             ef_check(name, c.np == b.np && !memcmp(c.params, sliced, c.np * 4), "%zu params", c.np);
         }
         free(sliced);
-        res_free(&a), res_free(&b), res_free(&c), ef_test_free_inputs(&in), ef_test_free_inputs(&pre);
+        res_free(&a), res_free(&b), res_free(&c), ef_test_free_inputs(&in),
+            ef_test_free_inputs(&pre);
     }
 }
 
@@ -374,8 +523,9 @@ static void accumulate_and_saved(void) {
 }
 
 /* Loss sum(g o out) of the reference path, in double. */
-static double ref_loss(ef_attn *a, const bufs *in, const int32_t *lens, float *out) {
-    ef_attn_io io = {in->q, in->k, in->v, lens, out};
+static double ref_loss(ef_attn *a, const bufs *in, const int32_t *q_lens, const int32_t *lens,
+                       float *out) {
+    ef_attn_io io = {in->q, in->k, in->v, lens, out, q_lens};
     if (ef_attn_forward(a, &io, NULL)) return NAN;
     double l = 0;
     for (size_t i = 0; i < in->no; i++) l += (double)in->g[i] * out[i];
@@ -383,14 +533,15 @@ static double ref_loss(ef_attn *a, const bufs *in, const int32_t *lens, float *o
 }
 
 /* Central difference of the loss along x[i]; the step actually taken is measured in float. */
-static double fd(ef_attn *a, const bufs *in, const int32_t *lens, float *out, float *x) {
+static double fd(ef_attn *a, const bufs *in, const int32_t *q_lens, const int32_t *lens, float *out,
+                 float *x) {
     const float h = 1e-2f, x0 = *x;
     *x = x0 + h;
     float up = *x;
-    double lp = ref_loss(a, in, lens, out);
+    double lp = ref_loss(a, in, q_lens, lens, out);
     *x = x0 - h;
     float dn = *x;
-    double lm = ref_loss(a, in, lens, out);
+    double lm = ref_loss(a, in, q_lens, lens, out);
     *x = x0;
     return (lp - lm) / ((double)up - dn);
 }
@@ -399,10 +550,13 @@ static double fd(ef_attn *a, const bufs *in, const int32_t *lens, float *out, fl
  * reference computes in double and rounds its outputs to fp32: a loss of ~24 terms of size ~1
  * carries ~3e-7 of rounding, over a step of 2e-2 that is ~2e-5; the truncation error of the
  * central difference is h^2/6 f''' ~ 2e-5 f''' (measured: about 1e-5 in all). We accept 2e-4
- * of the largest gradient; a wrong transpose, slice or factor gives order 1. */
-static void finite_differences(void) {
+ * of the largest gradient; a wrong transpose, slice or factor gives order 1. Run without and
+ * with query padding (q_lens = {2, 1} of 3: the padded entries of q must get 0, and so must
+ * their differences, since the forward never reads them). */
+static void finite_differences(const int32_t *q_lens) {
     ef_attn_shape s = {2, 2, 3, 5, 3, 2};
     int32_t lens[2] = {5, 3};
+    const char *qtag = q_lens ? " q_lens={2,1}" : "";
     for (int sh = 0; sh < 4; sh++) {
         bufs in;
         ef_test_inputs(&in, s, 800, 1.0f);
@@ -412,10 +566,10 @@ static void finite_differences(void) {
         ef_status st = ef_attn_new(&a, spec, &s);
         float *out = ef_test_zeros(in.no), *dq = ef_test_zeros(in.nq);
         float *dk = ef_test_zeros(in.nk), *dv = ef_test_zeros(in.nv);
-        ef_attn_io io = {in.q, in.k, in.v, lens, out};
+        ef_attn_io io = {in.q, in.k, in.v, lens, out, q_lens};
         if (!st) st = ef_attn_forward(a, &io, NULL);
         if (!st) st = ef_attn_backward(a, &io, NULL, in.g, dq, dk, dv);
-        snprintf(name, sizeof name, "FD share=%s: reference runs", shares[sh]);
+        snprintf(name, sizeof name, "FD share=%s%s: reference runs", shares[sh], qtag);
         if (ef_check(name, !st, "%s", ef_last_error())) {
             size_t np = ef_attn_param_count(a);
             float *p = ef_attn_params(a), *gp = ef_attn_param_grads(a);
@@ -430,11 +584,11 @@ static void finite_differences(void) {
             for (int t = 0; t < 4; t++) {
                 double err = 0, scale = 1e-2;
                 for (size_t i = 0; i < sets[t].n; i++) {
-                    double num = fd(a, &in, lens, out, &sets[t].x[i]);
+                    double num = fd(a, &in, q_lens, lens, out, &sets[t].x[i]);
                     err = fmax(err, fabs(num - sets[t].grad[i]));
                     scale = fmax(scale, fabs(sets[t].grad[i]));
                 }
-                snprintf(name, sizeof name, "FD share=%s: %s (%zu entries)", shares[sh],
+                snprintf(name, sizeof name, "FD share=%s%s: %s (%zu entries)", shares[sh], qtag,
                          sets[t].what, sets[t].n);
                 ef_check_err(name, err / scale, 2e-4);
             }
@@ -442,6 +596,87 @@ static void finite_differences(void) {
         free(out), free(dq), free(dk), free(dv);
         ef_attn_free(a), ef_test_free_inputs(&in);
     }
+}
+
+/* Loss sum(g o out) of plan a (any path), accumulated in double. */
+static double plan_loss(ef_attn *a, const bufs *in, const int32_t *q_lens, const int32_t *lens,
+                        float *out) {
+    ef_attn_io io = {in->q, in->k, in->v, lens, out, q_lens};
+    if (ef_attn_forward(a, &io, NULL)) return NAN;
+    double l = 0;
+    for (size_t i = 0; i < in->no; i++) l += (double)in->g[i] * out[i];
+    return l;
+}
+
+/* Directional derivatives of the fast path (and of the reference) with query and key padding:
+ * for a Gaussian direction u of q, of k, of v and of the parameters (E, F), the central
+ * difference D(h) = (loss(x + h u) - loss(x - h u)) / 2h, extrapolated as
+ * (4 D(h/2) - D(h)) / 3 with h = 1e-2, against <grad, u> from backward.
+ * Errors: the fp32 loss (312 terms of order 1) carries ~1e-6 of rounding, ~1e-4 after dividing
+ * by 2h = 1e-2 and extrapolating; the h^2 truncation term cancels (D(h) alone was off by 3e-3
+ * along E, F: u moves all ~700 parameters at once). Measured: <= 2.1e-4 of
+ * max(|<grad, u>|, 1); we accept 2e-3. A wrong gradient (a missed mask, transpose or factor)
+ * is off by order 1. */
+static void directional_derivatives(void) {
+    ef_attn_shape s = {2, 2, 13, 17, 8, 6};
+    int32_t ql[2] = {9, 13}, kl[2] = {17, 11};
+    for (int sh = 0; sh < 4; sh++)
+        for (int path = 0; path < 2; path++) {
+            char spec[96], name[200];
+            snprintf(spec, sizeof spec, "linformer:k=5,share=%s,seed=2%s", shares[sh],
+                     path ? ",ref=1" : "");
+            bufs in;
+            ef_test_inputs(&in, s, 1500 + (uint64_t)sh, 1.0f);
+            ef_attn *a = NULL;
+            ef_status st = ef_attn_new(&a, spec, &s);
+            float *out = ef_test_zeros(in.no), *dq = ef_test_zeros(in.nq);
+            float *dk = ef_test_zeros(in.nk), *dv = ef_test_zeros(in.nv);
+            void *saved = st ? NULL : ef_test_saved(a);
+            ef_attn_io io = {in.q, in.k, in.v, kl, out, ql};
+            if (!st) st = ef_attn_forward(a, &io, saved);
+            if (!st) st = ef_attn_backward(a, &io, saved, in.g, dq, dk, dv);
+            snprintf(name, sizeof name, "directional %s q_lens={9,13} kv_lens={17,11}: runs", spec);
+            if (ef_check(name, !st, "%s", st ? ef_last_error() : "")) {
+                size_t np = ef_attn_param_count(a);
+                float *gp = ef_test_zeros(np);
+                memcpy(gp, ef_attn_param_grads(a), np * sizeof(float));
+                struct {
+                    const char *what;
+                    float *x, *grad;
+                    size_t n;
+                } sets[4] = {{"q", in.q, dq, in.nq},
+                             {"k", in.k, dk, in.nk},
+                             {"v", in.v, dv, in.nv},
+                             {"E, F", ef_attn_params(a), gp, np}};
+                for (int t = 0; t < 4; t++) {
+                    size_t n = sets[t].n;
+                    float *u = ef_test_randn(n, 1600 + (uint64_t)t, 1.0f);
+                    float *x0 = ef_test_zeros(n);
+                    memcpy(x0, sets[t].x, n * sizeof(float));
+                    /* D(h) = (loss(x + h u) - loss(x - h u)) / 2h at h and h/2, combined
+                     * by Richardson: (4 D(h/2) - D(h)) / 3 cancels the h^2 term */
+                    double dh[2];
+                    for (int r = 0; r < 2; r++) {
+                        const float h = r ? 5e-3f : 1e-2f;
+                        for (size_t i = 0; i < n; i++) sets[t].x[i] = x0[i] + h * u[i];
+                        double lp = plan_loss(a, &in, ql, kl, out);
+                        for (size_t i = 0; i < n; i++) sets[t].x[i] = x0[i] - h * u[i];
+                        double lm = plan_loss(a, &in, ql, kl, out);
+                        dh[r] = (lp - lm) / (2.0 * h);
+                    }
+                    memcpy(sets[t].x, x0, n * sizeof(float));
+                    double num = (4 * dh[1] - dh[0]) / 3, an = 0;
+                    for (size_t i = 0; i < n; i++) an += (double)sets[t].grad[i] * u[i];
+                    snprintf(name, sizeof name, "directional %s: d/d%s (%.4g vs %.4g)", spec,
+                             sets[t].what, an, num);
+                    ef_check_err(name, fabs(num - an) / fmax(fabs(an), 1.0), 2e-3);
+                    free(u), free(x0);
+                }
+                free(gp);
+            }
+            free(out), free(dq), free(dk), free(dv), ef_free(saved);
+            ef_attn_free(a), ef_test_free_inputs(&in);
+        }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -590,20 +825,20 @@ static void saved_and_flops(void) {
 /* The result does not depend on the thread count (the products run in a fixed order). */
 static void threads_bitwise(void) {
     ef_attn_shape s = {2, 3, 150, 170, 40, 24};
-    int32_t lens[2] = {170, 99};
+    int32_t lens[2] = {170, 99}, qlens[2] = {150, 61};
     bufs in;
     ef_test_inputs(&in, s, 1000, 1.0f);
     res a, b;
     int old = ef_get_num_threads();
     ef_set_num_threads(1);
-    ef_status st = run("linformer:k=64,share=headwise", &in, lens, NULL, &a);
+    ef_status st = run_q("linformer:k=64,share=headwise", &in, qlens, lens, NULL, &a);
     ef_set_num_threads(2);
-    if (!st) st = run("linformer:k=64,share=headwise", &in, lens, NULL, &b);
+    if (!st) st = run_q("linformer:k=64,share=headwise", &in, qlens, lens, NULL, &b);
     ef_set_num_threads(old);
     int same = !st && !memcmp(a.out, b.out, in.no * 4) && !memcmp(a.dq, b.dq, in.nq * 4) &&
                !memcmp(a.dk, b.dk, in.nk * 4) && !memcmp(a.dv, b.dv, in.nv * 4) &&
                !memcmp(a.grads, b.grads, a.np * 4);
-    ef_check("1 vs 2 threads bitwise (out, dq, dk, dv, dE, dF)", same, "%s",
+    ef_check("1 vs 2 threads bitwise (out, dq, dk, dv, dE, dF; q_lens, kv_lens)", same, "%s",
              st     ? ef_last_error()
              : same ? "identical"
                     : "differ");
@@ -612,12 +847,18 @@ static void threads_bitwise(void) {
 
 int main(void) {
     versus_reference();
+    versus_reference_q_lens();
     identity_is_full();
     padding_values_ignored();
+    query_padding_invariance();
+    saved_fully_written();
     padding_equals_sliced_plan();
     empty_sequence();
     accumulate_and_saved();
-    finite_differences();
+    finite_differences(NULL);
+    int32_t fd_q_lens[2] = {2, 1};
+    finite_differences(fd_q_lens);
+    directional_derivatives();
     refusals();
     param_counts();
     init_determinism();

@@ -21,8 +21,8 @@
 
 /* Test hook of src/attn/nystrom.c (not part of the API): the reference forward of one head
  * entirely in double. Needs a nystrom plan with ref=1. */
-ef_status ef_nystrom_ref_head(ef_attn *a, int kv_valid, const double *q, const double *k,
-                              const double *v, double *out);
+ef_status ef_nystrom_ref_head(ef_attn *a, int q_valid, int kv_valid, const double *q,
+                              const double *k, const double *v, double *out);
 
 typedef ef_test_bufs bufs; /* inputs only: the outputs live elsewhere here */
 
@@ -51,22 +51,28 @@ static double max_abs(const float *x, size_t n) {
     return m;
 }
 
-/* Forward (+ backward) of `spec`; returns the status. The outputs are NaN before the call, so
- * an element the library forgets to write fails every comparison. */
-static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, outs *o,
-                     int backward) {
+/* Forward (+ backward) of `spec` with query lengths q_lens and key lengths kv_lens (NULL:
+ * all); returns the status. The outputs are NaN before the call, so an element the library
+ * forgets to write fails every comparison. */
+static ef_status run_q(const char *spec, const bufs *in, const int32_t *q_lens,
+                       const int32_t *kv_lens, outs *o, int backward) {
     fill_nan(o->out, in->no);
     if (backward) fill_nan(o->dq, in->nq), fill_nan(o->dk, in->nk), fill_nan(o->dv, in->nv);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, spec, &in->s);
     if (st) return st;
     void *saved = backward ? ef_test_saved(a) : NULL;
-    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out};
+    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out, q_lens};
     st = ef_attn_forward(a, &io, saved);
     if (!st && backward) st = ef_attn_backward(a, &io, saved, in->g, o->dq, o->dk, o->dv);
     ef_free(saved);
     ef_attn_free(a);
     return st;
+}
+
+static ef_status run(const char *spec, const bufs *in, const int32_t *kv_lens, outs *o,
+                     int backward) {
+    return run_q(spec, in, NULL, kv_lens, o, backward);
 }
 
 static int any_nonfinite(const float *x, size_t n) {
@@ -92,8 +98,9 @@ static int any_nonfinite(const float *x, size_t n) {
 #define TOL_FWD_LONG 1e-3
 #define TOL_BWD_LONG 5e-3
 
-static void compare_ref(const char *label, ef_attn_shape s, const char *opts,
-                        const int32_t *kv_lens, double tol_f, double tol_b) {
+static void compare_ref_q(const char *label, ef_attn_shape s, const char *opts,
+                          const int32_t *q_lens, const int32_t *kv_lens, double tol_f,
+                          double tol_b) {
     char name[256], fast[160], ref[160];
     snprintf(fast, sizeof fast, "nystrom:%s", opts);
     snprintf(ref, sizeof ref, "nystrom:%s,ref=1", opts);
@@ -101,7 +108,8 @@ static void compare_ref(const char *label, ef_attn_shape s, const char *opts,
     outs of, orf;
     ef_test_inputs(&in, s, 100 + (uint64_t)s.q_len * 3 + s.kv_len, 1.0f);
     outs_alloc(&of, &in), outs_alloc(&orf, &in);
-    ef_status st1 = run(fast, &in, kv_lens, &of, 1), st2 = run(ref, &in, kv_lens, &orf, 1);
+    ef_status st1 = run_q(fast, &in, q_lens, kv_lens, &of, 1);
+    ef_status st2 = run_q(ref, &in, q_lens, kv_lens, &orf, 1);
     snprintf(name, sizeof name, "%s %s: both run", label, opts);
     if (ef_check(name, !st1 && !st2, "%s / %s: %s", ef_status_str(st1), ef_status_str(st2),
                  ef_last_error())) {
@@ -119,6 +127,11 @@ static void compare_ref(const char *label, ef_attn_shape s, const char *opts,
         ef_check_err(name, ef_max_rel_diff(of.dv, orf.dv, in.nv), tol_b);
     }
     outs_free(&of), outs_free(&orf), ef_test_free_inputs(&in);
+}
+
+static void compare_ref(const char *label, ef_attn_shape s, const char *opts,
+                        const int32_t *kv_lens, double tol_f, double tol_b) {
+    compare_ref_q(label, s, opts, NULL, kv_lens, tol_f, tol_b);
 }
 
 static void versus_reference(void) {
@@ -146,6 +159,24 @@ static void versus_reference(void) {
     ef_attn_shape s4 = {2, 1, 13, 9, 8, 6};
     int32_t l4[2] = {9, 4};
     compare_ref("N13 M9 kv_lens={9,4}", s4, "landmarks=64", l4, TOL_FWD, TOL_BWD);
+    /* query padding: q_lens 77 (all), 40, 3 (fewer valid queries than 7, 16 landmarks: every
+     * valid query is its own landmark), 0 (no query), against kv_lens all / {77,0,33,5} /
+     * {70,33,0,5}, odd sizes; and self-attention lengths q_lens = kv_lens */
+    int32_t q1[4] = {77, 40, 3, 0}, q2[4] = {61, 1, 50, 90};
+    for (int i = 1; i < 3; i++) {
+        char opts[64];
+        snprintf(opts, sizeof opts, "landmarks=%d", lm[i]);
+        compare_ref_q("N77 M77 q_lens={77,40,3,0}", s1, opts, q1, NULL, TOL_FWD, TOL_BWD);
+        compare_ref_q("N77 M77 q_lens={77,40,3,0} kv_lens={77,0,33,5}", s1, opts, q1, l1, TOL_FWD,
+                      TOL_BWD);
+        compare_ref_q("N90 M70 q_lens={61,1,50,90} kv_lens={70,33,0,5}", s2, opts, q2, l2, TOL_FWD,
+                      TOL_BWD);
+    }
+    int32_t self[4] = {77, 33, 0, 5};
+    compare_ref_q("N77 M77 q_lens = kv_lens = {77,33,0,5}", s1, "landmarks=16", self, self, TOL_FWD,
+                  TOL_BWD);
+    compare_ref_q("N90 M70 q_lens={61,1,50,90} kv_lens={70,33,0,5}", s2, "landmarks=7,pinv_iters=0",
+                  q2, l2, TOL_FWD, TOL_BWD);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -153,9 +184,9 @@ static void versus_reference(void) {
  * ------------------------------------------------------------------------------------------- */
 
 /* loss = sum_ix g_ix out_ix of one head, in double through the reference forward. */
-static double fd_loss(ef_attn *a, int L, const double *q, const double *k, const double *v,
+static double fd_loss(ef_attn *a, int nq, int L, const double *q, const double *k, const double *v,
                       const double *g, double *out, size_t no) {
-    if (ef_nystrom_ref_head(a, L, q, k, v, out)) return NAN;
+    if (ef_nystrom_ref_head(a, nq, L, q, k, v, out)) return NAN;
     double s = 0;
     for (size_t x = 0; x < no; x++) s += g[x] * out[x];
     return s;
@@ -167,17 +198,18 @@ static double fd_loss(ef_attn *a, int L, const double *q, const double *k, const
  * 6e-8) must match to 1e-6 (measured 4e-8); the fast fp32 backward to 1e-5 (measured 4e-7: a
  * tiny, well-conditioned problem).
  * A sign or transpose error anywhere in the pinv backward is off by O(1). */
-static void finite_differences(const char *label, ef_attn_shape s, const char *opts, int L) {
+static void finite_differences(const char *label, ef_attn_shape s, const char *opts, int nq,
+                               int L) {
     char ref_spec[128], fast_spec[128], name[256];
     snprintf(ref_spec, sizeof ref_spec, "nystrom:%s,ref=1", opts);
     snprintf(fast_spec, sizeof fast_spec, "nystrom:%s", opts);
     bufs in;
-    ef_test_inputs(&in, s, 4242 + (uint64_t)L, 1.0f);
-    int32_t lens[1] = {L};
+    ef_test_inputs(&in, s, 4242 + (uint64_t)L + 100 * (uint64_t)nq, 1.0f);
+    int32_t lens[1] = {L}, qlens[1] = {nq};
     outs rf, fs;
     outs_alloc(&rf, &in), outs_alloc(&fs, &in);
-    ef_status st = run(ref_spec, &in, lens, &rf, 1);
-    if (!st) st = run(fast_spec, &in, lens, &fs, 1);
+    ef_status st = run_q(ref_spec, &in, qlens, lens, &rf, 1);
+    if (!st) st = run_q(fast_spec, &in, qlens, lens, &fs, 1);
     ef_attn *a = NULL;
     if (!st) st = ef_attn_new(&a, ref_spec, &s);
     snprintf(name, sizeof name, "fd %s %s: runs", label, opts);
@@ -196,9 +228,9 @@ static void finite_differences(const char *label, ef_attn_shape s, const char *o
     for (size_t i = 0; i < tot; i++) {
         double x0 = x[i];
         x[i] = x0 + h;
-        double fp = fd_loss(a, L, x, x + in.nq, x + in.nq + in.nk, g, out, in.no);
+        double fp = fd_loss(a, nq, L, x, x + in.nq, x + in.nq + in.nk, g, out, in.no);
         x[i] = x0 - h;
-        double fm = fd_loss(a, L, x, x + in.nq, x + in.nq + in.nk, g, out, in.no);
+        double fm = fd_loss(a, nq, L, x, x + in.nq, x + in.nq + in.nk, g, out, in.no);
         x[i] = x0;
         fd[i] = (fp - fm) / (2 * h);
     }
@@ -219,11 +251,12 @@ static void finite_differences(const char *label, ef_attn_shape s, const char *o
         ef_check_err(name, ef / scale, 1e-5);
         off += nx[t];
     }
-    /* the gradients of the padded keys and values are exactly zero (not differenced: padded
-     * inputs do not enter the forward, so their differences are zero too) */
+    /* the gradients of the padded queries, keys and values are exactly zero (their differences
+     * are zero too: padded inputs do not enter the forward) */
     double pad = fmax(max_abs(fs.dk + (size_t)L * s.head_dim, in.nk - (size_t)L * s.head_dim),
                       max_abs(fs.dv + (size_t)L * s.v_dim, in.nv - (size_t)L * s.v_dim));
-    snprintf(name, sizeof name, "fd %s %s: padded dk, dv are 0", label, opts);
+    pad = fmax(pad, max_abs(fs.dq + (size_t)nq * s.head_dim, in.nq - (size_t)nq * s.head_dim));
+    snprintf(name, sizeof name, "fd %s %s: padded dq, dk, dv are 0", label, opts);
     ef_check_err(name, pad, 0.0);
     free(x), free(g), free(out), free(fd);
     ef_attn_free(a);
@@ -233,13 +266,17 @@ static void finite_differences(const char *label, ef_attn_shape s, const char *o
 static void gradients(void) {
     ef_attn_shape s = {1, 1, 9, 11, 5, 3};
     /* uneven segments both sides (9 queries / 4, 10 keys / 4), one padded key */
-    finite_differences("N9 M11 L10", s, "landmarks=4,pinv_iters=3", 10);
+    finite_differences("N9 M11 L10", s, "landmarks=4,pinv_iters=3", 9, 10);
     /* K2 rectangular: mq = 6 query landmarks, m' = 4 key landmarks (L = 4 < 6) */
-    finite_differences("N9 M11 L4", s, "landmarks=6,pinv_iters=2", 4);
+    finite_differences("N9 M11 L4", s, "landmarks=6,pinv_iters=2", 9, 4);
     /* Z0 only: the gradient through the scale c = max col sum * max row sum */
-    finite_differences("N9 M11 L11", s, "landmarks=5,pinv_iters=0", 11);
+    finite_differences("N9 M11 L11", s, "landmarks=5,pinv_iters=0", 9, 11);
     /* the default iteration count, a custom scale */
-    finite_differences("N9 M11 L11", s, "landmarks=3,pinv_iters=6,scale=0.7", 11);
+    finite_differences("N9 M11 L11", s, "landmarks=3,pinv_iters=6,scale=0.7", 9, 11);
+    /* query padding: 7 of 9 queries valid (uneven query segments 7 / 3), 8 of 11 keys */
+    finite_differences("N9 M11 nq7 L8", s, "landmarks=3,pinv_iters=4", 7, 8);
+    /* 3 valid queries, 4 landmarks: every valid query is its own landmark, K2 is 3 x 4 */
+    finite_differences("N9 M11 nq3 L10", s, "landmarks=4,pinv_iters=3", 3, 10);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -444,6 +481,163 @@ static void empty_sequences(void) {
     }
 }
 
+/* Sets rows i >= lens[b] of x [B][H][rows][w]: mode 0 redraws them (Gaussian), 1 fills them
+ * with NaN, 2 with +Inf, 3 with -Inf. */
+static void spoil_padded(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens, int mode,
+                         uint64_t seed) {
+    float *r = ef_test_randn((size_t)rows * w, seed, 3.0f);
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < rows; i++)
+                for (int t = 0; t < w; t++) {
+                    float val = mode == 0   ? r[(size_t)i * w + t]
+                                : mode == 1 ? NAN
+                                : mode == 2 ? INFINITY
+                                            : -INFINITY;
+                    x[(((size_t)b * s.heads + h) * rows + i) * w + t] = val;
+                }
+    free(r);
+}
+
+static int same_bits(const outs *a, const outs *b, const bufs *in) {
+    return !memcmp(a->out, b->out, in->no * 4) && !memcmp(a->dq, b->dq, in->nq * 4) &&
+           !memcmp(a->dk, b->dk, in->nk * 4) && !memcmp(a->dv, b->dv, in->nv * 4);
+}
+
+/* max |x| over rows i >= lens[b] of x [B][H][rows][w] (infinite when any is NaN) */
+static double padded_max(const float *x, ef_attn_shape s, int rows, int w, const int32_t *lens) {
+    double m = 0;
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < rows; i++)
+                m = fmax(m, max_abs(x + (((size_t)b * s.heads + h) * rows + i) * w, (size_t)w));
+    return m;
+}
+
+/* Query and key padding (the contract in eformer.h): redrawing the padded rows of q, k, v and
+ * dO, or filling them with NaN or +-Inf, leaves every output and gradient bitwise unchanged
+ * (padded rows are never read: the landmarks, segment sizes and products cover the valid rows
+ * only), and padded rows output zeros and get zero gradients. First the probe of issue 8
+ * (B=2 H=2 N=320 D=32, self-attention with lengths {320, 243}: the query landmarks used to
+ * average the padded queries, 0.75 relative change), then cross-attention with different
+ * query and key lengths, an empty query set and fewer valid queries than landmarks. */
+static void query_padding_invariance(void) {
+    struct {
+        ef_attn_shape s;
+        int32_t ql[3], kl[3];
+        const char *opts;
+    } cases[] = {
+        {{2, 2, 320, 320, 32, 32}, {320, 243}, {320, 243}, "landmarks=64"},
+        {{3, 2, 150, 170, 24, 40}, {150, 97, 0}, {101, 170, 33}, "landmarks=32"},
+        {{3, 1, 90, 70, 16, 8}, {5, 61, 90}, {70, 3, 0}, "landmarks=16,pinv_iters=3"},
+    };
+    for (int c = 0; c < 3; c++) {
+        ef_attn_shape s = cases[c].s;
+        const int32_t *ql = cases[c].ql, *kl = cases[c].kl;
+        for (int path = 0; path < 2; path++) {
+            char spec[96], name[256];
+            snprintf(spec, sizeof spec, "nystrom:%s%s", cases[c].opts, path ? ",ref=1" : "");
+            bufs in;
+            ef_test_inputs(&in, s, 1200 + (uint64_t)c, 1.0f);
+            outs base, o;
+            outs_alloc(&base, &in), outs_alloc(&o, &in);
+            ef_status st = run_q(spec, &in, ql, kl, &base, 1);
+            snprintf(name, sizeof name, "%s N%d M%d q_lens={%d,%d,%d} kv_lens={%d,%d,%d}: runs",
+                     spec, s.q_len, s.kv_len, ql[0], ql[1], ql[2], kl[0], kl[1], kl[2]);
+            if (!ef_check(name, !st, "%s", st ? ef_last_error() : "")) {
+                outs_free(&base), outs_free(&o), ef_test_free_inputs(&in);
+                continue;
+            }
+            double z = fmax(padded_max(base.out, s, s.q_len, s.v_dim, ql),
+                            padded_max(base.dq, s, s.q_len, s.head_dim, ql));
+            z = fmax(z, fmax(padded_max(base.dk, s, s.kv_len, s.head_dim, kl),
+                             padded_max(base.dv, s, s.kv_len, s.v_dim, kl)));
+            snprintf(name, sizeof name, "%s N%d: padded rows output 0, padded dq dk dv are 0", spec,
+                     s.q_len);
+            ef_check_err(name, z, 0.0);
+            const char *what[4] = {"redrawn", "NaN", "+Inf", "-Inf"};
+            for (int mode = 0; mode < 4; mode++) {
+                spoil_padded(in.q, s, s.q_len, s.head_dim, ql, mode, 1300 + (uint64_t)mode);
+                spoil_padded(in.g, s, s.q_len, s.v_dim, ql, mode, 1310 + (uint64_t)mode);
+                spoil_padded(in.k, s, s.kv_len, s.head_dim, kl, mode, 1320 + (uint64_t)mode);
+                spoil_padded(in.v, s, s.kv_len, s.v_dim, kl, mode, 1330 + (uint64_t)mode);
+                st = run_q(spec, &in, ql, kl, &o, 1);
+                snprintf(name, sizeof name,
+                         "%s N%d: padded q, k, v, dO rows %s: out, dq, dk, dv bitwise unchanged",
+                         spec, s.q_len, what[mode]);
+                ef_check(name, !st && same_bits(&base, &o, &in), "%s",
+                         st                          ? ef_last_error()
+                         : same_bits(&base, &o, &in) ? "identical"
+                                                     : "differ");
+            }
+            outs_free(&base), outs_free(&o), ef_test_free_inputs(&in);
+        }
+    }
+}
+
+/* q_lens[b] = 0 (with or without keys) and kv_lens[b] = 0: zero output and zero gradients for
+ * the whole sequence; the other sequences are not zero. */
+static void empty_queries(void) {
+    ef_attn_shape s = {3, 2, 9, 11, 8, 8};
+    int32_t ql[3] = {0, 9, 4}, kl[3] = {11, 0, 11};
+    const char *specs[] = {"nystrom:landmarks=4", "nystrom:landmarks=4,ref=1"};
+    for (int i = 0; i < 2; i++) {
+        bufs in;
+        outs o;
+        ef_test_inputs(&in, s, 78, 1.0f);
+        outs_alloc(&o, &in);
+        ef_status st = run_q(specs[i], &in, ql, kl, &o, 1);
+        /* batches 0 and 1 are the first two thirds of every tensor */
+        double m = fmax(fmax(max_abs(o.out, in.no / 3 * 2), max_abs(o.dq, in.nq / 3 * 2)),
+                        fmax(max_abs(o.dk, in.nk / 3 * 2), max_abs(o.dv, in.nv / 3 * 2)));
+        double other = fmax(max_abs(o.out + in.no / 3 * 2, in.no / 3), 0);
+        double odk = max_abs(o.dk + in.nk / 3 * 2, in.nk / 3);
+        char name[160];
+        snprintf(name, sizeof name, "%s: q_lens = 0 or kv_lens = 0 -> zero output and gradients",
+                 specs[i]);
+        if (st)
+            ef_check(name, 0, "%s", ef_last_error());
+        else
+            ef_check_err(name, m, 0.0);
+        snprintf(name, sizeof name, "%s: ... while the third sequence (4 of 9 queries) is not",
+                 specs[i]);
+        ef_check(name, !st && other > 0.01 && isfinite(other) && odk > 0 && isfinite(odk),
+                 "max |out| %.3e |dk| %.3e", other, odk);
+        outs_free(&o), ef_test_free_inputs(&in);
+    }
+}
+
+/* Forward writes every byte of `saved`, with query and key padding and empty sequences
+ * (regions are sized for the full lengths, the matrices inside for the valid ones): two
+ * forwards into buffers pre-filled with 0x00 and 0xFF bytes leave identical buffers. */
+static void saved_fully_written(void) {
+    ef_attn_shape s = {3, 2, 90, 70, 24, 40};
+    int32_t ql[3] = {61, 0, 90}, kl[3] = {33, 70, 5};
+    bufs in;
+    ef_test_inputs(&in, s, 1400, 1.0f);
+    const char *specs[] = {"nystrom:landmarks=16", "nystrom:landmarks=64,pinv_iters=2"};
+    for (int i = 0; i < 2; i++) {
+        ef_attn *a = NULL;
+        ef_status st = ef_attn_new(&a, specs[i], &s);
+        size_t sb = st ? 0 : ef_attn_saved_bytes(a);
+        void *s0 = st ? NULL : ef_test_saved(a), *s1 = st ? NULL : ef_test_saved(a);
+        float *out = ef_test_zeros(in.no);
+        ef_attn_io io = {in.q, in.k, in.v, kl, out, ql};
+        if (!st) memset(s0, 0x00, sb), memset(s1, 0xFF, sb);
+        if (!st) st = ef_attn_forward(a, &io, s0);
+        if (!st) st = ef_attn_forward(a, &io, s1);
+        char name[160];
+        snprintf(name, sizeof name, "%s: forward writes every byte of saved (%zu bytes)", specs[i],
+                 sb);
+        ef_check(name, !st && !memcmp(s0, s1, sb), "%s",
+                 st                   ? ef_last_error()
+                 : memcmp(s0, s1, sb) ? "differ"
+                                      : "identical");
+        ef_free(s0), ef_free(s1), free(out), ef_attn_free(a);
+    }
+    ef_test_free_inputs(&in);
+}
+
 static void inference_equals_training(void) {
     ef_attn_shape s = {2, 2, 90, 70, 32, 24};
     int32_t lens[2] = {70, 41};
@@ -464,20 +658,20 @@ static void inference_equals_training(void) {
 
 static void threads_bitwise(void) {
     ef_attn_shape s = {2, 3, 150, 170, 40, 24};
-    int32_t lens[2] = {170, 99};
+    int32_t lens[2] = {170, 99}, qlens[2] = {77, 150};
     bufs in;
     outs a, b;
     ef_test_inputs(&in, s, 11, 1.0f);
     outs_alloc(&a, &in), outs_alloc(&b, &in);
     int old = ef_get_num_threads();
     ef_set_num_threads(1);
-    ef_status st = run("nystrom:landmarks=32", &in, lens, &a, 1);
+    ef_status st = run_q("nystrom:landmarks=32", &in, qlens, lens, &a, 1);
     ef_set_num_threads(2);
-    if (!st) st = run("nystrom:landmarks=32", &in, lens, &b, 1);
+    if (!st) st = run_q("nystrom:landmarks=32", &in, qlens, lens, &b, 1);
     ef_set_num_threads(old);
     int same = !st && !memcmp(a.out, b.out, in.no * 4) && !memcmp(a.dq, b.dq, in.nq * 4) &&
                !memcmp(a.dk, b.dk, in.nk * 4) && !memcmp(a.dv, b.dv, in.nv * 4);
-    ef_check("1 vs 2 threads bitwise (out, dq, dk, dv)", same, "%s",
+    ef_check("1 vs 2 threads bitwise (out, dq, dk, dv; q_lens, kv_lens)", same, "%s",
              st     ? ef_last_error()
              : same ? "identical"
                     : "differ");
@@ -548,6 +742,9 @@ int main(void) {
     convergence();
     padding_invariance();
     empty_sequences();
+    query_padding_invariance();
+    empty_queries();
+    saved_fully_written();
     inference_equals_training();
     threads_bitwise();
     return ef_test_finish();

@@ -8,7 +8,10 @@
  *   V' = F[:, :L] V[:L]          (k x Dv)   which is also fairseq's "slice for short inputs"
  *   O  = softmax(scale Q K'^T) V'           exact attention over all k projected keys (flash)
  * A sequence with L = 0 outputs zeros and gets zero gradients (K' = V' = 0 would already give
- * O = 0 and dQ = 0; both are also written explicitly).
+ * O = 0 and dQ = 0; both are also written explicitly). Query padding (q_lens) is the inner
+ * flash plan's: rows i >= q_lens[b] output zeros, get zero dq, and their q, dO rows are never
+ * read, so they do not reach dK', dV' and hence dK, dV, dE, dF. Padded keys (rows >= L of k and
+ * v) are never read either: every product is sized to the L valid rows.
  * Backward: the inner flash gives dQ, dK', dV'; then
  *   dK[:L] = E[:, :L]^T dK',  dK[L:] = 0,  dE[:, :L] += dK' K[:L]^T   (same for V, F)
  * and parameter gradients accumulate over batch (and over heads when shared).
@@ -27,12 +30,13 @@
  * Saved for backward: [lse of the inner flash: B*H*N floats][K': B*H*k*D][V': B*H*k*Dv]
  * (K' and V' are kept, not recomputed: k*(D+Dv) floats per head, independent of the sequence
  * length, 32 K floats at k = 256, D = Dv = 64; recomputing would repeat the forward
- * projections, 2kL(D+Dv) flops).
+ * projections, 2kL(D+Dv) flops). Each part starts on a 64-byte boundary; forward zeroes the
+ * gaps, so every byte of `saved` is written.
  * Workspace: the inner flash plan (kv_len = k), K', V' for inference and dK', dV' for backward.
  * Causal masking is refused: the projections mix all positions, every output would see the
  * future. Time O(B H k (M + N) (D + Dv)); memory O(B H (N + k (D + Dv))) saved.
  * The reference path (ref=1) is plain double-precision loops: explicit projection, explicit
- * softmax, no BLAS.
+ * softmax, its own handling of q_lens and kv_lens, no BLAS and no inner plan.
  */
 #include "attn/attn.h"
 
@@ -255,6 +259,13 @@ static ef_status lin_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     lin_plan *p = a->impl;
     float *kp = saved ? (float *)((char *)saved + p->off_kp) : p->kp;
     float *vp = saved ? (float *)((char *)saved + p->off_vp) : p->vp;
+    if (saved) { /* the alignment gaps after the inner plan's part and after K' */
+        size_t inner = ef_attn_saved_bytes(p->inner);
+        size_t nkp = (size_t)s->batch * s->heads * p->k * s->head_dim;
+        size_t kp_end = p->off_kp + nkp * sizeof(float);
+        memset((char *)saved + inner, 0, p->off_kp - inner);
+        memset((char *)saved + kp_end, 0, p->off_vp - kp_end);
+    }
     lin_call c = {a, io, kp, vp, NULL, NULL, EF_OK};
     ef_parallel_for((int64_t)s->batch * s->heads, ef_attn_threads(a), project_head, &c);
     ef_status st = call_status(&c);
@@ -379,18 +390,16 @@ static ef_status lin_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) 
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim, k = p->k;
     double *kp = p->rw, *vp = kp + (size_t)k * d, *pr = vp + (size_t)k * e;
     for (int b = 0; b < s->batch; b++) {
-        int l = ef_attn_kv_valid(a, io, b);
+        int l = ef_attn_kv_valid(a, io, b), nq = ef_attn_q_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             float *out = io->out + bh * n * e;
-            if (l == 0) { /* no key: zero output */
-                memset(out, 0, sizeof(float) * (size_t)n * e);
-                continue;
-            }
+            memset(out, 0, sizeof(float) * (size_t)n * e); /* padded query rows stay zero */
+            if (l == 0 || nq == 0) continue;               /* no key or no query: all zero */
             const float *ep = a->params + h * p->lay.hstride, *fp = ep + p->lay.f_off;
             ref_project(ep, m, k, l, io->k + bh * m * d, d, kp);
             ref_project(fp, m, k, l, io->v + bh * m * e, e, vp);
-            for (int i = 0; i < n; i++) {
+            for (int i = 0; i < nq; i++) { /* rows i >= nq are padding: not read */
                 ref_probs(a, io->q + (bh * n + i) * d, kp, k, pr);
                 for (int t = 0; t < e; t++) {
                     double o = 0;
@@ -412,7 +421,7 @@ static ef_status lin_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
     double *kp = p->rw, *vp = kp + (size_t)k * d, *gkp = vp + (size_t)k * e;
     double *gvp = gkp + (size_t)k * d, *pr = gvp + (size_t)k * e, *gq = pr + k;
     for (int b = 0; b < s->batch; b++) {
-        int l = ef_attn_kv_valid(a, io, b);
+        int l = ef_attn_kv_valid(a, io, b), nq = ef_attn_q_valid(a, io, b);
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *q = io->q + bh * n * d, *g = dout + bh * n * e;
@@ -420,10 +429,8 @@ static ef_status lin_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
             float *dqb = dq + bh * n * d, *dkb = dk + bh * m * d, *dvb = dv + bh * m * e;
             memset(dkb, 0, sizeof(float) * (size_t)m * d); /* padded keys: zero */
             memset(dvb, 0, sizeof(float) * (size_t)m * e);
-            if (l == 0) { /* no key: zero gradients, E and F get nothing */
-                memset(dqb, 0, sizeof(float) * (size_t)n * d);
-                continue;
-            }
+            memset(dqb, 0, sizeof(float) * (size_t)n * d); /* padded queries: zero */
+            if (l == 0 || nq == 0) continue; /* no key or no query: E and F get nothing */
             size_t off = h * p->lay.hstride;
             const float *ep = a->params + off, *fp = ep + p->lay.f_off;
             float *ge = a->grads + off, *gf = ge + p->lay.f_off;
@@ -431,7 +438,7 @@ static ef_status lin_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
             ref_project(fp, m, k, l, vb, e, vp);
             memset(gkp, 0, sizeof(double) * (size_t)k * d);
             memset(gvp, 0, sizeof(double) * (size_t)k * e);
-            for (int i = 0; i < n; i++) {
+            for (int i = 0; i < nq; i++) { /* rows i >= nq are padding: q, dO not read */
                 const float *qi = q + (size_t)i * d, *gi = g + (size_t)i * e;
                 ref_probs(a, qi, kp, k, pr);
                 /* dp_r = dO_i . V'_r;  delta = sum_r p_r dp_r;  ds_r = p_r (dp_r - delta) */
@@ -496,8 +503,9 @@ const ef_attn_ops ef_attn_ops_linformer = {
              "  (ef_attn_params; gradients accumulate), init U(-1/sqrt(k), 1/sqrt(k)) from the\n"
              "  seed (lucidrains; fairseq uses xavier). share=layerwise ties E = F over heads;\n"
              "  across layers, tie the parameter buffers of several plans. L = 0: zero output\n"
-             "  and gradients. causal=1 is refused (the projections mix all positions); head_dim\n"
-             "  and v_dim up to 256. Saves lse (B*H*N floats) and K', V' (B*H*k*(D+Dv)).",
+             "  and gradients. Query rows >= q_lens[b] output zeros and get zero gradients.\n"
+             "  causal=1 is refused (the projections mix all positions); head_dim and v_dim\n"
+             "  up to 256. Saves lse (B*H*N floats) and K', V' (B*H*k*(D+Dv)).",
     .opts = lin_opts,
     .n_opts = (int)(sizeof lin_opts / sizeof lin_opts[0]),
     .init = lin_init,

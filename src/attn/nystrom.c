@@ -4,24 +4,30 @@
  * docs/nystrom.md derives the forward, the backward (through the iterative pseudo-inverse) and
  * what is saved.
  *
- * For each (batch b, head h), with Q [N][D], K [M][D], V [M][Dv], tau the plan's scale and
- * L = kv_lens[b] valid keys (M without kv_lens):
- *   m' = min(m, L) key landmarks, mq = min(m, N) query landmarks (m = landmarks option)
- *   Kl [m'][D]  = segment means of K[0..L): landmark r averages keys [rL/m', (r+1)L/m')
- *   Ql [mq][D]  = segment means of all N queries, likewise
- *   K1 [N][m']  = softmax(tau Q Kl^T)
+ * For each (batch b, head h), with Q [N][D], K [M][D], V [M][Dv], tau the plan's scale,
+ * n = q_lens[b] valid queries (N without q_lens) and L = kv_lens[b] valid keys (M without
+ * kv_lens):
+ *   mq = min(m, n) query landmarks, m' = min(m, L) key landmarks (m = landmarks option)
+ *   Ql [mq][D]  = segment means of Q[0..n): landmark r averages queries [rn/mq, (r+1)n/mq)
+ *   Kl [m'][D]  = segment means of K[0..L), likewise
+ *   K1 [n][m']  = softmax(tau Q[0..n) Kl^T)
  *   K2 [mq][m'] = softmax(tau Ql Kl^T)
- *   K3 [mq][L]  = softmax(tau Ql K[0..L)^T)                 (padded keys never enter)
+ *   K3 [mq][L]  = softmax(tau Ql K[0..L)^T)
  *   Z  [m'][mq] = pinv(K2) by the Razavi iteration:
  *                 Z0 = K2^T / (max_j sum_i |K2_ij| * max_i sum_j |K2_ij|)
  *                 Z <- 1/4 Z (13I - K2 Z (15I - K2 Z (7I - K2 Z)))   pinv_iters times
- *   out [N][Dv] = K1 (Z (K3 V[0..L)))      (evaluated right to left: never N x L)
- * L = 0 gives zero output and zero gradients. Every product is one ef_sgemm call; the row
- * softmaxes and segment means are vectorised (vec.h) and sum in a fixed order, so results do
- * not depend on the thread count.
+ *   out[0..n)   = K1 (Z (K3 V[0..L)))      (evaluated right to left: never N x L)
+ * Padded rows (queries >= n, keys >= L) never enter a landmark, a segment size or a product:
+ * every product is sized to the valid rows, so NaN or Inf there changes nothing. Output rows
+ * >= n are zero and get zero dq; n = 0 or L = 0 gives zero output and zero gradients. With
+ * fewer valid queries (keys) than landmarks, each valid row is its own landmark. Every product
+ * is one ef_sgemm call (its status is checked and reported); the row softmaxes and segment
+ * means are vectorised (vec.h) and sum in a fixed order, so results do not depend on the
+ * thread count.
  *
- * Saved for backward, per (b, h), one record (sizes for m' = min(m, M), mq = min(m, N)):
- *   Ql [mq][D], Kl [m'][D], K1 [N][m'], K2 [mq][m'], K3 [mq][M], W = K3 V [mq][Dv],
+ * Saved for backward, per (b, h), one record (regions sized for m' = min(m, M), mq = min(m, N);
+ * the matrices inside are compact with the call's own sizes, and forward zeroes the rest):
+ *   Ql [mq][D], Kl [m'][D], K1 [n][m'], K2 [mq][m'], K3 [mq][L], W = K3 V [mq][Dv],
  *   U = Z W [m'][Dv], and the iterates Z_0 .. Z_T [T+1][m'][mq] (T = pinv_iters).
  * The backward recomputes each iteration's m x m products (K2 Z, the T matrices) from Z_t.
  * Workspace, per thread: four mq x mq pinv temporaries, plus the larger of an inference record
@@ -30,8 +36,9 @@
  * with fewer heads than threads the products themselves use the threads.
  * Time O(B H (N + M) m (D + Dv) + B H T m^3); memory O(B H (N + M) m) when training.
  *
- * Reference path (ref=1): the same steps as plain loops in double, one head at a time; it
- * saves nothing and its backward recomputes the forward, then runs reverse mode through it.
+ * Reference path (ref=1): the same steps as plain loops in double, one head at a time, with its
+ * own segment assignment, products and softmaxes; it saves nothing and its backward recomputes
+ * the forward, then runs reverse mode through it.
  */
 #include "attn/attn.h"
 #include "core/vec.h"
@@ -42,7 +49,7 @@
 
 static const ef_opt_desc nys_opts[] = {
     {"landmarks", EF_OPT_INT, "64", 1, 1 << 20, NULL, 0,
-     "landmarks m: segment means of the queries and of the valid keys"},
+     "landmarks m: segment means of the valid queries and of the valid keys"},
     {"pinv_iters", EF_OPT_INT, "6", 0, 100, NULL, 0,
      "iterations of the pseudo-inverse (0: the scaled transpose Z0)"},
 };
@@ -59,18 +66,20 @@ typedef struct nys_plan {
     double *rws;       /* reference path workspace */
 } nys_plan;
 
-/* The dimensions of one (b, h): L valid keys, mk = min(m, L) key and mq query landmarks. */
+/* The dimensions of one (b, h): n valid queries, L valid keys, mq = min(m, n) query and
+ * mk = min(m, L) key landmarks. Rows at or past n (queries) and L (keys) are padding: no
+ * product below reaches them. */
 typedef struct nys_dims {
     int n, L, mk, mq, d, e, iters;
     float tau;
 } nys_dims;
 
-static nys_dims head_dims(const ef_attn *a, int kv_valid) {
+static nys_dims head_dims(const ef_attn *a, int q_valid, int kv_valid) {
     const nys_plan *p = a->impl;
-    nys_dims h = {.n = a->shape.q_len,
+    nys_dims h = {.n = q_valid,
                   .L = kv_valid,
                   .mk = EF_MIN(p->m, kv_valid),
-                  .mq = p->mq,
+                  .mq = EF_MIN(p->m, q_valid),
                   .d = a->shape.head_dim,
                   .e = a->shape.v_dim,
                   .iters = p->iters,
@@ -96,24 +105,50 @@ typedef struct nys_rec {
     float *z;  /* [nz][mk][mq] iterates */
 } nys_rec;
 
-/* Floats of a record holding nz Z buffers; fills r from `base` when base is not NULL. */
-static size_t rec_layout(const ef_attn *a, int nz, float *base, nys_rec *r) {
+enum { REC_PARTS = 8 };
+
+/* Floats of each part of a record holding nz Z buffers: sized for the plan's largest landmark
+ * counts (fill) or for the matrices of one call with dimensions h (used). */
+static void rec_sizes(const ef_attn *a, int nz, const nys_dims *h, size_t sz[REC_PARTS]) {
     const nys_plan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    size_t mk = p->mk, mq = p->mq;
-    size_t sz[8] = {mq * s->head_dim, mk * s->head_dim, (size_t)s->q_len * mk, mq * mk,
-                    mq * s->kv_len,   mq * s->v_dim,    mk * s->v_dim,         nz * mk * mq};
-    float **dst[8] = {NULL};
+    size_t mk = h ? h->mk : p->mk, mq = h ? h->mq : p->mq, n = h ? h->n : s->q_len;
+    size_t m = h ? h->L : s->kv_len;
+    size_t part[REC_PARTS] = {mq * s->head_dim, mk * s->head_dim, n * mk,        mq * mk,
+                              mq * m,           mq * s->v_dim,    mk * s->v_dim, nz * mk * mq};
+    memcpy(sz, part, sizeof part);
+}
+
+/* Floats of a record holding nz Z buffers; fills r from `base` when base is not NULL. */
+static size_t rec_layout(const ef_attn *a, int nz, float *base, nys_rec *r) {
+    size_t sz[REC_PARTS];
+    rec_sizes(a, nz, NULL, sz);
+    float **dst[REC_PARTS] = {NULL};
     if (r) {
-        float **d[8] = {&r->ql, &r->kl, &r->k1, &r->k2, &r->k3, &r->w, &r->u, &r->z};
+        float **d[REC_PARTS] = {&r->ql, &r->kl, &r->k1, &r->k2, &r->k3, &r->w, &r->u, &r->z};
         memcpy(dst, d, sizeof d);
     }
     size_t off = 0;
-    for (int i = 0; i < 8; i++) {
+    for (int i = 0; i < REC_PARTS; i++) {
         if (base) *dst[i] = base + off;
         off += up16(sz[i]);
     }
     return off;
+}
+
+/* Zeroes what a call with dimensions h leaves unwritten in a record of `saved` at `base` (the
+ * matrices are compact, so each part has a tail past its used floats), or all of it when h is
+ * NULL: forward writes every byte of `saved`. */
+static void rec_zero_unused(const ef_attn *a, int nz, float *base, const nys_dims *h) {
+    size_t full[REC_PARTS], used[REC_PARTS] = {0};
+    rec_sizes(a, nz, NULL, full);
+    if (h) rec_sizes(a, nz, h, used);
+    size_t off = 0;
+    for (int i = 0; i < REC_PARTS; i++) {
+        size_t cap = up16(full[i]);
+        memset(base + off + used[i], 0, sizeof(float) * (cap - used[i]));
+        off += cap;
+    }
 }
 
 typedef struct nys_tmp {
@@ -479,24 +514,29 @@ static void forward_item(void *ctx, int64_t bh, int tid) {
     const ef_attn_shape *s = &a->shape;
     const nys_plan *p = a->impl;
     int b = (int)(bh / s->heads);
-    int L = ef_attn_kv_valid(j->a, j->io, b);
+    int L = ef_attn_kv_valid(a, j->io, b), nq = ef_attn_q_valid(a, j->io, b);
     float *out = j->io->out + (size_t)bh * s->q_len * s->v_dim;
-    if (L == 0) {
-        memset(out, 0, sizeof(float) * s->q_len * s->v_dim);
+    float *rec = j->saved ? j->saved + (size_t)bh * p->rec_floats : NULL;
+    /* padded query rows output zeros (all rows when the sequence has no query or no key) */
+    int rows = L == 0 ? 0 : nq;
+    memset(out + (size_t)rows * s->v_dim, 0, sizeof(float) * (s->q_len - rows) * s->v_dim);
+    if (rows == 0) {
+        if (rec) rec_zero_unused(a, p->iters + 1, rec, NULL);
         return;
     }
     nys_tmp t;
     nys_rec r;
     slot_layout(a, p->ws + (size_t)tid * p->slot_floats, &t);
-    if (j->saved)
-        rec_layout(a, p->iters + 1, j->saved + (size_t)bh * p->rec_floats, &r);
+    if (rec)
+        rec_layout(a, p->iters + 1, rec, &r);
     else
         rec_layout(a, EF_MIN(p->iters + 1, 2), t.rec, &r);
-    nys_dims h = head_dims(a, L);
+    nys_dims h = head_dims(a, nq, L);
     const float *q = j->io->q + (size_t)bh * s->q_len * s->head_dim;
     const float *k = j->io->k + (size_t)bh * s->kv_len * s->head_dim;
     const float *v = j->io->v + (size_t)bh * s->kv_len * s->v_dim;
-    note_status(a, tid, head_forward(&h, q, k, v, out, &r, j->saved != NULL, &t, j->inner_threads));
+    note_status(a, tid, head_forward(&h, q, k, v, out, &r, rec != NULL, &t, j->inner_threads));
+    if (rec) rec_zero_unused(a, p->iters + 1, rec, &h);
 }
 
 static void backward_item(void *ctx, int64_t bh, int tid) {
@@ -505,22 +545,22 @@ static void backward_item(void *ctx, int64_t bh, int tid) {
     const ef_attn_shape *s = &a->shape;
     const nys_plan *p = a->impl;
     int b = (int)(bh / s->heads);
-    int L = ef_attn_kv_valid(j->a, j->io, b);
+    int L = ef_attn_kv_valid(a, j->io, b), nq = ef_attn_q_valid(a, j->io, b);
+    if (nq == 0) L = 0; /* no query: no key receives a gradient either */
+    if (L == 0) nq = 0;
     size_t oq = (size_t)bh * s->q_len * s->head_dim, ok = (size_t)bh * s->kv_len * s->head_dim;
     size_t ov = (size_t)bh * s->kv_len * s->v_dim;
     float *dq = j->dq + oq, *dk = j->dk + ok, *dv = j->dv + ov;
-    /* padded keys and values get zero gradient (all of them when L = 0) */
+    /* padded queries, keys and values get zero gradient (all of them for an empty sequence) */
+    memset(dq + (size_t)nq * s->head_dim, 0, sizeof(float) * (s->q_len - nq) * s->head_dim);
     memset(dk + (size_t)L * s->head_dim, 0, sizeof(float) * (s->kv_len - L) * s->head_dim);
     memset(dv + (size_t)L * s->v_dim, 0, sizeof(float) * (s->kv_len - L) * s->v_dim);
-    if (L == 0) {
-        memset(dq, 0, sizeof(float) * s->q_len * s->head_dim);
-        return;
-    }
+    if (L == 0) return;
     nys_tmp t;
     nys_rec r;
     slot_layout(a, p->ws + (size_t)tid * p->slot_floats, &t);
     rec_layout(a, p->iters + 1, j->saved + (size_t)bh * p->rec_floats, &r);
-    nys_dims h = head_dims(a, L);
+    nys_dims h = head_dims(a, nq, L);
     note_status(a, tid,
                 head_backward(&h, j->io->q + oq, j->io->k + ok, j->io->v + ov,
                               j->dout + (size_t)bh * s->q_len * s->v_dim, dq, dk, dv, &r, &t,
@@ -613,15 +653,40 @@ static void ref_mm(int ta, int tb, int m, int n, int k, double alpha, const doub
         }
 }
 
-/* y [cnt][d] = segment means of x [len][d] */
+/* The segment of row i when `len` rows are split into `cnt` landmarks (len >= cnt), written
+ * from the other side of the definition (the fast path uses the boundaries
+ * floor(r len / cnt)): row i is in segment r iff floor(r len / cnt) <= i < floor((r+1) len / cnt),
+ * i.e. r len < (i + 1) cnt <= (r + 1) len, so r = ceil((i + 1) cnt / len) - 1. */
+static int ref_seg_of(int i, int len, int cnt) {
+    return (int)(((int64_t)(i + 1) * cnt + len - 1) / len) - 1;
+}
+
+/* Rows of segment r: counted, not computed from the boundaries. */
+static int ref_seg_count(int r, int len, int cnt) {
+    int c = 0;
+    for (int i = 0; i < len; i++) c += ref_seg_of(i, len, cnt) == r;
+    return c;
+}
+
+/* y [cnt][d] = segment means of the first len rows of x [.][d] (rows past len are padding and
+ * are not read) */
 static void ref_seg_mean(const double *x, int len, int cnt, int d, double *y) {
+    for (size_t t = 0; t < (size_t)cnt * d; t++) y[t] = 0;
+    for (int i = 0; i < len; i++) {
+        int r = ref_seg_of(i, len, cnt);
+        for (int t = 0; t < d; t++) y[(size_t)r * d + t] += x[(size_t)i * d + t];
+    }
     for (int r = 0; r < cnt; r++) {
-        int j0 = seg_lo(r, len, cnt), j1 = seg_lo(r + 1, len, cnt);
-        for (int t = 0; t < d; t++) {
-            double s = 0;
-            for (int j = j0; j < j1; j++) s += x[(size_t)j * d + t];
-            y[(size_t)r * d + t] = s / (j1 - j0);
-        }
+        int c = ref_seg_count(r, len, cnt);
+        for (int t = 0; t < d; t++) y[(size_t)r * d + t] /= c;
+    }
+}
+
+/* dx[i] += dy[seg(i)] / |seg(i)| for the first len rows: the transpose of ref_seg_mean. */
+static void ref_seg_mean_grad(const double *dy, int len, int cnt, int d, double *dx) {
+    for (int i = 0; i < len; i++) {
+        int r = ref_seg_of(i, len, cnt), c = ref_seg_count(r, len, cnt);
+        for (int t = 0; t < d; t++) dx[(size_t)i * d + t] += dy[(size_t)r * d + t] / c;
     }
 }
 
@@ -671,8 +736,8 @@ static double ref_z0_scale(const double *A, int mq, int mk, int *jc, int *ir, do
     return *cc * *cr;
 }
 
-/* Forward of one head from R->q, R->k, R->v (L >= 1 valid keys) into R->out and the
- * intermediates. */
+/* Forward of one head from R->q, R->k, R->v (h->n >= 1 valid queries, h->L >= 1 valid keys)
+ * into R->out (h->n rows) and the intermediates. */
 static void ref_head_forward(const nys_dims *h, nys_ref *R) {
     int n = h->n, L = h->L, mk = h->mk, mq = h->mq, d = h->d, e = h->e;
     size_t zz = (size_t)mk * mq;
@@ -774,18 +839,8 @@ static void ref_head_backward(const nys_dims *h, nys_ref *R) {
     ref_mm(0, 0, mq, d, L, tau, R->dk3, R->k, 1, R->dql);
     ref_mm(1, 0, L, d, mq, tau, R->dk3, R->ql, 0, R->dk);
     /* segment means: every row of a segment gets the segment's gradient / its length */
-    for (int i = 0; i < n; i++) {
-        int r = 0;
-        while (seg_lo(r + 1, n, mq) <= i) r++;
-        int len = seg_lo(r + 1, n, mq) - seg_lo(r, n, mq);
-        for (int t = 0; t < d; t++) R->dq[(size_t)i * d + t] += R->dql[(size_t)r * d + t] / len;
-    }
-    for (int j = 0; j < L; j++) {
-        int r = 0;
-        while (seg_lo(r + 1, L, mk) <= j) r++;
-        int len = seg_lo(r + 1, L, mk) - seg_lo(r, L, mk);
-        for (int t = 0; t < d; t++) R->dk[(size_t)j * d + t] += R->dkl[(size_t)r * d + t] / len;
-    }
+    ref_seg_mean_grad(R->dql, n, mq, d, R->dq);
+    ref_seg_mean_grad(R->dkl, L, mk, d, R->dk);
 }
 
 static size_t nys_ref_saved_bytes(const ef_attn *a) {
@@ -793,17 +848,19 @@ static size_t nys_ref_saved_bytes(const ef_attn *a) {
     return 0; /* the reference backward recomputes its forward */
 }
 
-/* Loads head bh of io (and dO) into R as doubles. */
-static void ref_load(const ef_attn *a, const ef_attn_io *io, const float *dout, size_t bh,
-                     nys_ref *R) {
+/* Loads the valid rows of head bh of io (nq queries and dO rows, L keys and values) into R as
+ * doubles; padded rows are not read. */
+static void ref_load(const ef_attn *a, const ef_attn_io *io, const float *dout, size_t bh, int nq,
+                     int L, nys_ref *R) {
     const ef_attn_shape *s = &a->shape;
-    size_t nq = (size_t)s->q_len * s->head_dim, nk = (size_t)s->kv_len * s->head_dim;
-    size_t nv = (size_t)s->kv_len * s->v_dim, no = (size_t)s->q_len * s->v_dim;
-    for (size_t x = 0; x < nq; x++) R->q[x] = io->q[bh * nq + x];
-    for (size_t x = 0; x < nk; x++) R->k[x] = io->k[bh * nk + x];
-    for (size_t x = 0; x < nv; x++) R->v[x] = io->v[bh * nv + x];
+    size_t d = s->head_dim, e = s->v_dim;
+    const float *q = io->q + bh * s->q_len * d, *k = io->k + bh * s->kv_len * d;
+    const float *v = io->v + bh * s->kv_len * e;
+    for (size_t x = 0; x < (size_t)nq * d; x++) R->q[x] = q[x];
+    for (size_t x = 0; x < (size_t)L * d; x++) R->k[x] = k[x];
+    for (size_t x = 0; x < (size_t)L * e; x++) R->v[x] = v[x];
     if (dout)
-        for (size_t x = 0; x < no; x++) R->g[x] = dout[bh * no + x];
+        for (size_t x = 0; x < (size_t)nq * e; x++) R->g[x] = dout[bh * s->q_len * e + x];
 }
 
 static ef_status nys_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
@@ -814,18 +871,16 @@ static ef_status nys_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) 
     nys_ref R;
     ref_layout(a, p->rws, &R);
     for (int b = 0; b < s->batch; b++) {
-        int L = ef_attn_kv_valid(a, io, b);
+        int L = ef_attn_kv_valid(a, io, b), nq = ef_attn_q_valid(a, io, b);
         for (int hh = 0; hh < s->heads; hh++) {
             size_t bh = (size_t)b * s->heads + hh;
             float *out = io->out + bh * no;
-            if (L == 0) {
-                for (size_t x = 0; x < no; x++) out[x] = 0;
-                continue;
-            }
-            nys_dims h = head_dims(a, L);
-            ref_load(a, io, NULL, bh, &R);
+            for (size_t x = 0; x < no; x++) out[x] = 0; /* padded rows stay zero */
+            if (L == 0 || nq == 0) continue;
+            nys_dims h = head_dims(a, nq, L);
+            ref_load(a, io, NULL, bh, nq, L, &R);
             ref_head_forward(&h, &R);
-            for (size_t x = 0; x < no; x++) out[x] = (float)R.out[x];
+            for (size_t x = 0; x < (size_t)nq * s->v_dim; x++) out[x] = (float)R.out[x];
         }
     }
     return EF_OK;
@@ -836,23 +891,23 @@ static ef_status nys_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
     (void)saved;
     nys_plan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    size_t nq = (size_t)s->q_len * s->head_dim, nk = (size_t)s->kv_len * s->head_dim;
+    size_t nq_ = (size_t)s->q_len * s->head_dim, nk = (size_t)s->kv_len * s->head_dim;
     size_t nv = (size_t)s->kv_len * s->v_dim;
     nys_ref R;
     ref_layout(a, p->rws, &R);
     for (int b = 0; b < s->batch; b++) {
-        int L = ef_attn_kv_valid(a, io, b);
+        int L = ef_attn_kv_valid(a, io, b), nq = ef_attn_q_valid(a, io, b);
         for (int hh = 0; hh < s->heads; hh++) {
             size_t bh = (size_t)b * s->heads + hh;
-            for (size_t x = 0; x < nq; x++) dq[bh * nq + x] = 0;
+            for (size_t x = 0; x < nq_; x++) dq[bh * nq_ + x] = 0;
             for (size_t x = 0; x < nk; x++) dk[bh * nk + x] = 0;
             for (size_t x = 0; x < nv; x++) dv[bh * nv + x] = 0;
-            if (L == 0) continue;
-            nys_dims h = head_dims(a, L);
-            ref_load(a, io, dout, bh, &R);
+            if (L == 0 || nq == 0) continue;
+            nys_dims h = head_dims(a, nq, L);
+            ref_load(a, io, dout, bh, nq, L, &R);
             ref_head_forward(&h, &R);
             ref_head_backward(&h, &R);
-            for (size_t x = 0; x < nq; x++) dq[bh * nq + x] = (float)R.dq[x];
+            for (size_t x = 0; x < (size_t)nq * s->head_dim; x++) dq[bh * nq_ + x] = (float)R.dq[x];
             for (size_t x = 0; x < (size_t)L * s->head_dim; x++) dk[bh * nk + x] = (float)R.dk[x];
             for (size_t x = 0; x < (size_t)L * s->v_dim; x++) dv[bh * nv + x] = (float)R.dv[x];
         }
@@ -862,32 +917,33 @@ static ef_status nys_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
 
 /* Test hook (tests/test_nystrom.c; not part of the API): the reference forward of one head
  * entirely in double, for finite differences that float outputs would drown in rounding.
- * q [q_len][head_dim], k [kv_len][head_dim] and v [kv_len][v_dim] of one head; keys from
- * kv_valid on are padding. The plan must have ref=1. */
-ef_status ef_nystrom_ref_head(ef_attn *a, int kv_valid, const double *q, const double *k,
-                              const double *v, double *out);
-ef_status ef_nystrom_ref_head(ef_attn *a, int kv_valid, const double *q, const double *k,
-                              const double *v, double *out) {
+ * q [q_len][head_dim], k [kv_len][head_dim] and v [kv_len][v_dim] of one head; queries from
+ * q_valid and keys from kv_valid on are padding (their rows of out are zero). The plan must
+ * have ref=1. */
+ef_status ef_nystrom_ref_head(ef_attn *a, int q_valid, int kv_valid, const double *q,
+                              const double *k, const double *v, double *out);
+ef_status ef_nystrom_ref_head(ef_attn *a, int q_valid, int kv_valid, const double *q,
+                              const double *k, const double *v, double *out) {
     if (!a || !a->ref || a->ops->ref_forward != nys_ref_forward)
         return ef_error(EF_ERR_ARG, "ef_nystrom_ref_head: needs a nystrom plan with ref=1");
     const ef_attn_shape *s = &a->shape;
-    if (kv_valid < 0 || kv_valid > s->kv_len)
-        return ef_error(EF_ERR_ARG, "ef_nystrom_ref_head: kv_valid=%d outside [0, %d]", kv_valid,
-                        s->kv_len);
+    if (kv_valid < 0 || kv_valid > s->kv_len || q_valid < 0 || q_valid > s->q_len)
+        return ef_error(EF_ERR_ARG,
+                        "ef_nystrom_ref_head: q_valid=%d outside [0, %d] or kv_valid=%d outside "
+                        "[0, %d]",
+                        q_valid, s->q_len, kv_valid, s->kv_len);
     size_t no = (size_t)s->q_len * s->v_dim;
-    if (kv_valid == 0) {
-        memset(out, 0, sizeof(double) * no);
-        return EF_OK;
-    }
+    memset(out, 0, sizeof(double) * no);
+    if (kv_valid == 0 || q_valid == 0) return EF_OK;
     nys_plan *p = a->impl;
     nys_ref R;
     ref_layout(a, p->rws, &R);
-    memcpy(R.q, q, sizeof(double) * s->q_len * s->head_dim);
-    memcpy(R.k, k, sizeof(double) * s->kv_len * s->head_dim);
-    memcpy(R.v, v, sizeof(double) * s->kv_len * s->v_dim);
-    nys_dims h = head_dims(a, kv_valid);
+    memcpy(R.q, q, sizeof(double) * q_valid * s->head_dim);
+    memcpy(R.k, k, sizeof(double) * kv_valid * s->head_dim);
+    memcpy(R.v, v, sizeof(double) * kv_valid * s->v_dim);
+    nys_dims h = head_dims(a, q_valid, kv_valid);
     ref_head_forward(&h, &R);
-    memcpy(out, R.out, sizeof(double) * no);
+    memcpy(out, R.out, sizeof(double) * q_valid * s->v_dim);
     return EF_OK;
 }
 
@@ -961,8 +1017,9 @@ const ef_attn_ops ef_attn_ops_nystrom = {
     .caps = {.cross = 1, .deterministic = 1},
     .name = "nystrom",
     .summary = "Nystromformer: softmax attention through m landmarks and an iterative pinv",
-    .notes = "  landmarks are segment means of the queries and of the valid (unpadded) keys;\n"
-             "  with fewer valid keys than landmarks, every valid key is its own landmark.\n"
+    .notes = "  landmarks are segment means of the valid queries (q_lens) and of the valid\n"
+             "  keys (kv_lens); with fewer valid rows than landmarks, every valid row is its own\n"
+             "  landmark. Padded rows are never read; they output zeros and get zero gradients.\n"
              "  causal=1 is refused (pooling mixes future tokens). Saves B*H*((N+M)*m + (T+2)*m*m\n"
              "  + m*(2D+2Dv)) floats (T = pinv_iters); any head_dim, v_dim.",
     .opts = nys_opts,
