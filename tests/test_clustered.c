@@ -1,11 +1,18 @@
 /*
  * test_clustered.c - `clustered` and `iclustered` (fast-transformers' clustered and improved
- * clustered attention): fast path against the double-precision reference (ref=1, same clusters),
- * forward and backward; the reference's backward against central differences; the limit cases
- * of ALGORITHMS.md (#4: identical queries make clustered == full; #3: topk >= keys makes
- * iclustered == full, with and without padding); Hamming k-means on two separable groups
- * (#17); key-padding invariance; thread-count independence; option errors and the causal
- * refusal.
+ * clustered attention):
+ *   - fast path against the reference (ref=1, an independent double-precision implementation
+ *     of hashing, k-means, top-k and attention), forward and backward, with key and query
+ *     padding and odd sizes;
+ *   - directional finite differences of <dout, out> for q, k and v, fast and reference paths,
+ *     at a step verified not to move any cluster or top-k set;
+ *   - padding: redrawing or NaN/Inf-filling padded q, k, v and dout rows changes no valid
+ *     result (bitwise), padded rows output zeros and get zero gradients, `saved` is fully
+ *     written (prefilled with different bytes, it comes out identical);
+ *   - the limit cases of ALGORITHMS.md (#4: identical queries make clustered == full; #3:
+ *     topk >= keys makes iclustered == full); Hamming k-means on separable groups (#17);
+ *   - thread-count independence, inference == training, kv_lens = 0, option errors, the
+ *     refusal of causal=1 (with its reason) and a foreign `saved` buffer.
  *
  * Inputs are Gaussian, sigma 1 (STYLE.md). Tolerances are stated where they are used.
  */
@@ -24,9 +31,41 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
 typedef ef_test_bufs bufs;
 
 static int run_ok(const char *label, ef_status st) {
-    char name[300];
+    char name[600];
     snprintf(name, sizeof name, "%s: runs", label);
     return ef_check(name, st == EF_OK, "%s %s", ef_status_str(st), ef_last_error());
+}
+
+static char *with_ref(char *buf, size_t cap, const char *spec) {
+    snprintf(buf, cap, "%s%sref=1", spec, strchr(spec, ':') ? "," : ":");
+    return buf;
+}
+
+/* Forward and backward of plan a on (q, k, v) with output gradient g and both length vectors,
+ * into o. Every output buffer is first filled with NaN bit patterns and `saved` with the byte
+ * `fill`, so that anything left unwritten, or read before being written, shows. */
+static ef_status run_io(ef_attn *a, const bufs *in, const float *q, const float *k, const float *v,
+                        const float *g, const int32_t *kv_lens, const int32_t *q_lens, bufs *o,
+                        int fill) {
+    ef_free(o->saved);
+    o->saved = ef_test_saved(a);
+    size_t sb = ef_attn_saved_bytes(a);
+    memset(o->saved, fill, sb > 64 ? sb : 64);
+    memset(o->out, 0xff, in->no * 4), memset(o->dq, 0xff, in->nq * 4);
+    memset(o->dk, 0xff, in->nk * 4), memset(o->dv, 0xff, in->nv * 4);
+    ef_attn_io io = {q, k, v, kv_lens, o->out, q_lens};
+    ef_status st = ef_attn_forward(a, &io, o->saved);
+    if (!st) st = ef_attn_backward(a, &io, o->saved, g, o->dq, o->dk, o->dv);
+    return st;
+}
+
+static ef_status run_spec(const char *spec, const bufs *in, const int32_t *kv_lens,
+                          const int32_t *q_lens, bufs *o) {
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, spec, &in->s);
+    if (!st) st = run_io(a, in, in->q, in->k, in->v, in->g, kv_lens, q_lens, o, 0);
+    ef_attn_free(a);
+    return st;
 }
 
 static void compare_all(const char *label, const bufs *in, const bufs *x, const bufs *y,
@@ -50,91 +89,210 @@ static void compare_all(const char *label, const bufs *in, const bufs *x, const 
 
 /* spec_a vs spec_b on the same inputs. */
 static void compare_specs(const char *label, const bufs *in, const char *spec_a, const char *spec_b,
-                          const int32_t *lens, double tol_f, double tol_b, int relative) {
+                          const int32_t *kv_lens, const int32_t *q_lens, double tol_f, double tol_b,
+                          int relative) {
     bufs x, y;
     ef_test_outputs(&x, in), ef_test_outputs(&y, in);
-    ef_status s1 = ef_test_run(spec_a, in, lens, &x), s2 = ef_test_run(spec_b, in, lens, &y);
-    if (run_ok(label, s1 != EF_OK ? s1 : s2))
-        compare_all(label, in, &x, &y, tol_f, tol_b, relative);
+    ef_status s1 = run_spec(spec_a, in, kv_lens, q_lens, &x);
+    ef_status s2 = s1 ? s1 : run_spec(spec_b, in, kv_lens, q_lens, &y);
+    if (run_ok(label, s2)) compare_all(label, in, &x, &y, tol_f, tol_b, relative);
     ef_test_free_outputs(&x), ef_test_free_outputs(&y);
 }
 
-/* Fast (fp32, GEMMs) vs reference (double loops), same clusters and top-k sets. The fast path
- * accumulates the centroid logits, softmax and products in fp32 over up to M = 83 keys: errors
- * of a few 1e-6 relative; the backward chains two softmax backwards (the centroid's and the
- * per-query top-k one), so 2e-5 / 1e-4 relative (max|diff| / max|ref|) leave a margin of ~40x
- * over the largest error measured (5e-7).
- * A wrong cluster, mask or top-k set gives errors of order 1. */
+/* Fast (fp32, GEMMs) vs reference (its own hashing, k-means, top-k and attention in double).
+ * Both make the same discrete choices (same draws, same tie rules; see clustered.c), so a
+ * wrong cluster, mask or top-k set gives errors of order 1. The fast path accumulates the
+ * centroid logits, softmax and products in fp32 over up to M = 83 keys: errors of a few 1e-7
+ * relative (max|diff| / max|ref|); the backward chains two softmax backwards (the centroid's and
+ * the per-query top-k one), so 2e-5 / 1e-4 leave a margin of ~40x over the largest error
+ * measured (5e-7). Length sets: none; keys only; queries and keys (q_lens below clusters=7 in
+ * one of them, and q_lens = 0 / kv_lens = 0 sequences). */
 static void fast_vs_ref(void) {
     ef_attn_shape s = {2, 2, 97, 83, 24, 40};
-    int32_t lens[2] = {83, 30};
+    const int32_t kv[3][2] = {{83, 30}, {83, 30}, {0, 59}};
+    const int32_t ql[3][2] = {{97, 97}, {60, 41}, {5, 0}};
     bufs in;
     ef_test_inputs(&in, s, 11, 1.0f);
-    const char *specs[] = {"clustered:clusters=7",
-                           "clustered",
-                           "iclustered:clusters=7,topk=9",
-                           "iclustered:clusters=5,topk=40,bits=20,iters=3",
-                           "iclustered:clusters=7,topk=9,causal=1",
-                           "iclustered:causal=1"};
-    for (int i = 0; i < 6; i++)
-        for (int pad = 0; pad < 2; pad++) {
+    const char *specs[] = {"clustered:clusters=7", "clustered", "iclustered:clusters=7,topk=9",
+                           "iclustered:clusters=5,topk=40,bits=20,iters=3", "iclustered"};
+    for (int i = 0; i < 5; i++)
+        for (int pad = 0; pad < 4; pad++) {
             char label[256], ref[256];
-            snprintf(ref, sizeof ref, "%s%sref=1", specs[i], strchr(specs[i], ':') ? "," : ":");
-            snprintf(label, sizeof label, "%s vs ref%s", specs[i], pad ? " (padded)" : "");
-            compare_specs(label, &in, specs[i], ref, pad ? lens : NULL, 2e-5, 1e-4, 1);
+            const char *what[4] = {"", " (kv_lens)", " (q_lens, kv_lens)", " (short q_lens)"};
+            snprintf(label, sizeof label, "%s vs ref%s", specs[i], what[pad]);
+            compare_specs(label, &in, specs[i], with_ref(ref, sizeof ref, specs[i]),
+                          pad ? kv[pad - 1] : NULL, pad > 1 ? ql[pad - 1] : NULL, 2e-5, 1e-4, 1);
         }
     ef_test_free_inputs(&in);
 }
 
-/* f(x) = sum g . out(x) in the reference path; its directional derivative along a random d
- * against the central difference (f(x + eps d) - f(x - eps d)) / 2 eps. Clusters and top-k
- * sets are piecewise constant in x: the step 1e-3 is small enough not to move them here (a
- * moved set would give an error of order 1). Inputs are fp32, so the difference quotient has a
- * rounding error of ~1e-7 |f| / eps: tolerance 2e-3 relative to the derivative's scale. */
-static double eval_f(ef_attn *a, const bufs *in, const float *q, const float *k, const float *v,
-                     const int32_t *lens, float *out) {
-    ef_attn_io io = {q, k, v, lens, out};
+/* f(x) = <g, out(x)>; its derivative along a random direction of one input (q, k or v) against
+ * the central difference (f(x + eps d) - f(x - eps d)) / 2 eps, with query and key padding.
+ * Clusters and top-k sets are piecewise constant in x; the check first verifies with the fast
+ * plan's `saved` (assignment and top-k sets) that neither moves at x +- eps d, so both sides
+ * see the same smooth function (the reference makes the same choices: fast_vs_ref). eps = 1e-3
+ * is small enough here (3e-3 already moves a hash bit for q); larger steps are refused by that
+ * check, not silently averaged over a jump. Outputs are fp32: the quotient carries a rounding
+ * error of ~6e-8 |out| sqrt(#out) / eps, up to 5e-4 measured, against derivatives of order
+ * 1..10: tolerance 2e-3 relative to max(|derivative|, 1). A wrong gradient term is off by O(1). */
+static double eval_f(ef_attn *a, const bufs *in, const float *const x[3], const int32_t *kv_lens,
+                     const int32_t *q_lens, float *out) {
+    ef_attn_io io = {x[0], x[1], x[2], kv_lens, out, q_lens};
     if (ef_attn_forward(a, &io, NULL) != EF_OK) return NAN;
     double f = 0;
-    for (size_t x = 0; x < in->no; x++) f += (double)in->g[x] * out[x];
+    for (size_t i = 0; i < in->no; i++) f += (double)in->g[i] * out[i];
     return f;
 }
 
-static void gradient_check(const char *spec, const int32_t *lens) {
-    ef_attn_shape s = {1, 2, 19, 23, 8, 6};
-    bufs in, o;
+/* Forward of the fast plan at x into a fresh `saved`: 1 when it equals `want` bitwise. */
+static int same_choices(ef_attn *fast, const float *const x[3], const int32_t *kv_lens,
+                        const int32_t *q_lens, const void *want, float *out) {
+    void *sv = ef_test_saved(fast);
+    ef_attn_io io = {x[0], x[1], x[2], kv_lens, out, q_lens};
+    int same =
+        ef_attn_forward(fast, &io, sv) == EF_OK && !memcmp(sv, want, ef_attn_saved_bytes(fast));
+    ef_free(sv);
+    return same;
+}
+
+static void gradient_check(const char *spec) {
+    ef_attn_shape s = {2, 2, 29, 23, 8, 6};
+    const int32_t kv_lens[2] = {23, 14}, q_lens[2] = {29, 17};
+    const double eps = 1e-3;
+    const char *names[3] = {"q", "k", "v"};
+    char refspec[256], label[300];
+    with_ref(refspec, sizeof refspec, spec);
+    snprintf(label, sizeof label, "%s: finite differences", spec);
+    bufs in, o[2];
     ef_test_inputs(&in, s, 21, 1.0f);
-    ef_test_outputs(&o, &in);
-    char label[256];
-    snprintf(label, sizeof label, "%s: directional derivative%s", spec, lens ? " (padded)" : "");
+    ef_test_outputs(&o[0], &in), ef_test_outputs(&o[1], &in);
+    ef_attn *a[2] = {NULL, NULL}; /* fast, reference */
+    ef_status st = ef_attn_new(&a[0], spec, &s);
+    if (!st) st = ef_attn_new(&a[1], refspec, &s);
+    for (int path = 0; path < 2 && !st; path++)
+        st = run_io(a[path], &in, in.q, in.k, in.v, in.g, kv_lens, q_lens, &o[path], 0);
+    if (run_ok(label, st)) {
+        float *out = malloc(in.no * sizeof(float));
+        const float *src[3] = {in.q, in.k, in.v};
+        const size_t cnt[3] = {in.nq, in.nk, in.nv};
+        for (int t = 0; t < 3; t++) {
+            float *dir = ef_test_randn(cnt[t], 22 + t, 1.0f);
+            float *xp = malloc(cnt[t] * sizeof(float)), *xm = malloc(cnt[t] * sizeof(float));
+            for (size_t x = 0; x < cnt[t]; x++) {
+                xp[x] = src[t][x] + (float)eps * dir[x];
+                xm[x] = src[t][x] - (float)eps * dir[x];
+            }
+            const float *P[3] = {in.q, in.k, in.v}, *M[3] = {in.q, in.k, in.v};
+            P[t] = xp, M[t] = xm;
+            int fixed = same_choices(a[0], P, kv_lens, q_lens, o[0].saved, out) &&
+                        same_choices(a[0], M, kv_lens, q_lens, o[0].saved, out);
+            snprintf(label, sizeof label, "%s: clusters and top-k fixed at x +- %g d%s", spec, eps,
+                     names[t]);
+            ef_check(label, fixed, "%s", fixed ? "same saved choices" : "a choice MOVED");
+            for (int path = 0; path < 2; path++) {
+                const float *grad[3] = {o[path].dq, o[path].dk, o[path].dv};
+                double an = 0;
+                for (size_t x = 0; x < cnt[t]; x++) an += (double)grad[t][x] * dir[x];
+                double num = (eval_f(a[path], &in, P, kv_lens, q_lens, out) -
+                              eval_f(a[path], &in, M, kv_lens, q_lens, out)) /
+                             (2 * eps);
+                snprintf(label, sizeof label, "%s: d/d%s along a direction", path ? refspec : spec,
+                         names[t]);
+                ef_check_err(label, fabs(num - an) / fmax(fabs(an), 1), 2e-3);
+            }
+            free(dir), free(xp), free(xm);
+        }
+        free(out);
+    }
+    ef_attn_free(a[0]), ef_attn_free(a[1]);
+    ef_test_free_outputs(&o[0]), ef_test_free_outputs(&o[1]), ef_test_free_inputs(&in);
+}
+
+/* Padding: rows i >= q_lens[b] and keys j >= kv_lens[b] never reach a valid result. Three runs
+ * of the same plan: the inputs as drawn; padded q, k, v and dout rows redrawn; the same rows
+ * filled with NaN (q, dout, k) and Inf (v). Every output (out, dq, dk, dv: padded entries
+ * must be exact zeros) and `saved` must be bitwise identical across the runs, with `saved`
+ * prefilled with a different byte each time and the plan used without padding before the
+ * second and third runs (so `saved` is fully written, and not from stale workspace). */
+static void fill_rows(float *x, ef_attn_shape s, int len, int dim, const int32_t *lens, int mode,
+                      uint64_t seed) {
+    float *z = ef_test_randn((size_t)s.batch * s.heads * len * dim, seed, 1.0f);
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < len; i++)
+                for (int t = 0; t < dim; t++) {
+                    size_t at = (((size_t)b * s.heads + h) * len + i) * dim + t;
+                    x[at] = mode == 1 ? z[at] : mode == 2 ? NAN : INFINITY;
+                }
+    free(z);
+}
+
+static int rows_zero(const float *x, ef_attn_shape s, int len, int dim, const int32_t *lens) {
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < len; i++)
+                for (int t = 0; t < dim; t++)
+                    if (x[(((size_t)b * s.heads + h) * len + i) * dim + t] != 0) return 0;
+    return 1;
+}
+
+static void padding_invariance(const char *spec, const int32_t *q_lens, const int32_t *kv_lens) {
+    ef_attn_shape s = {2, 2, 45, 50, 16, 8};
+    bufs in, x[3];
+    ef_test_inputs(&in, s, 51, 1.0f);
+    char label[300];
+    snprintf(label, sizeof label, "%s: q_lens {%d,%d} kv_lens {%d,%d}", spec, q_lens[0], q_lens[1],
+             kv_lens[0], kv_lens[1]);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, spec, &s);
-    if (st == EF_OK) st = ef_test_run_plan(a, &in, lens, &o, 1);
-    if (run_ok(label, st)) {
-        size_t nt = in.nq + in.nk + in.nv;
-        float *dir = ef_test_randn(nt, 22, 1.0f);
-        float *qp = malloc(nt * sizeof(float)), *qm = malloc(nt * sizeof(float));
-        float *out = malloc(in.no * sizeof(float));
-        double eps = 1e-3, an = 0;
-        const float *src[3] = {in.q, in.k, in.v};
-        const float *grad[3] = {o.dq, o.dk, o.dv};
-        size_t cnt[3] = {in.nq, in.nk, in.nv}, off = 0;
-        for (int t = 0; t < 3; t++) {
-            for (size_t x = 0; x < cnt[t]; x++) {
-                qp[off + x] = src[t][x] + (float)eps * dir[off + x];
-                qm[off + x] = src[t][x] - (float)eps * dir[off + x];
-                an += (double)grad[t][x] * dir[off + x];
-            }
-            off += cnt[t];
+    float *kd = malloc(in.nk * sizeof(float));
+    int old = ef_get_num_threads();
+    ef_set_num_threads(1); /* the heads run in order: leftovers of the last head reach the first */
+    for (int r = 0; r < 3; r++) {
+        ef_test_outputs(&x[r], &in);
+        if (r) { /* 1: redrawn, 2: NaN / Inf; each after a call without padding (on k, then
+                  * on -k: other top-k sets), whose leftovers in the workspace must not reach
+                  * `saved` */
+            for (size_t i = 0; i < in.nk; i++) kd[i] = r == 1 ? -in.k[i] : in.k[i];
+            if (!st) st = run_io(a, &in, in.q, kd, in.v, in.g, NULL, NULL, &x[r], 0x77);
+            int mode = r == 1 ? 1 : 2;
+            fill_rows(in.q, s, s.q_len, s.head_dim, q_lens, mode, 52);
+            fill_rows(in.g, s, s.q_len, s.v_dim, q_lens, mode, 53);
+            fill_rows(in.k, s, s.kv_len, s.head_dim, kv_lens, mode, 54);
+            fill_rows(in.v, s, s.kv_len, s.v_dim, kv_lens, r == 1 ? 1 : 3, 55);
         }
-        double fp = eval_f(a, &in, qp, qp + in.nq, qp + in.nq + in.nk, lens, out);
-        double fm = eval_f(a, &in, qm, qm + in.nq, qm + in.nq + in.nk, lens, out);
-        double num = (fp - fm) / (2 * eps);
-        ef_check_err(label, fabs(num - an) / fmax(fabs(an), 1), 2e-3);
-        free(dir), free(qp), free(qm), free(out);
+        if (!st) st = run_io(a, &in, in.q, in.k, in.v, in.g, kv_lens, q_lens, &x[r], 0x11 * r);
     }
+    if (run_ok(label, st)) {
+        size_t sb = ef_attn_saved_bytes(a);
+        int same = 1, saved_same = 1;
+        for (int r = 1; r < 3; r++) {
+            same = same && !memcmp(x[0].out, x[r].out, in.no * 4) &&
+                   !memcmp(x[0].dq, x[r].dq, in.nq * 4) && !memcmp(x[0].dk, x[r].dk, in.nk * 4) &&
+                   !memcmp(x[0].dv, x[r].dv, in.nv * 4);
+            saved_same = saved_same && !memcmp(x[0].saved, x[r].saved, sb);
+        }
+        char name[400];
+        snprintf(name, sizeof name, "%s: redrawn / NaN padding, results bitwise", label);
+        ef_check(name, same, "%s", same ? "identical" : "DIFFERENT");
+        snprintf(name, sizeof name, "%s: saved fully written", label);
+        ef_check(name, saved_same, "%zu bytes %s", sb, saved_same ? "identical" : "DIFFER");
+        int zero = rows_zero(x[2].out, s, s.q_len, s.v_dim, q_lens) &&
+                   rows_zero(x[2].dq, s, s.q_len, s.head_dim, q_lens) &&
+                   rows_zero(x[2].dk, s, s.kv_len, s.head_dim, kv_lens) &&
+                   rows_zero(x[2].dv, s, s.kv_len, s.v_dim, kv_lens);
+        int finite =
+            !ef_test_any_nonfinite(x[2].out, in.no) && !ef_test_any_nonfinite(x[2].dq, in.nq) &&
+            !ef_test_any_nonfinite(x[2].dk, in.nk) && !ef_test_any_nonfinite(x[2].dv, in.nv);
+        snprintf(name, sizeof name, "%s: padded rows/keys exactly zero", label);
+        ef_check(name, zero && finite, "zeros %s, %s", zero ? "yes" : "NO",
+                 finite ? "all finite" : "NON-FINITE values");
+    }
+    ef_set_num_threads(old);
+    for (int r = 0; r < 3; r++) ef_test_free_outputs(&x[r]);
+    free(kd);
     ef_attn_free(a);
-    ef_test_free_outputs(&o), ef_test_free_inputs(&in);
+    ef_test_free_inputs(&in);
 }
 
 /* ALGORITHMS #4: every query identical -> every code is the same -> one cluster whose centroid
@@ -147,8 +305,9 @@ static void identical_case(const char *label, const bufs *in, const char *spec, 
     const ef_attn_shape s = in->s;
     bufs x, y;
     ef_test_outputs(&x, in), ef_test_outputs(&y, in);
-    ef_status s1 = ef_test_run(spec, in, lens, &x), s2 = ef_test_run(full, in, lens, &y);
-    if (run_ok(label, s1 != EF_OK ? s1 : s2)) {
+    ef_status st = run_spec(spec, in, lens, NULL, &x);
+    if (!st) st = run_spec(full, in, lens, NULL, &y);
+    if (run_ok(label, st)) {
         for (int bh = 0; bh < s.batch * s.heads; bh++)
             for (int t = 0; t < s.head_dim; t++) {
                 double m = 0;
@@ -189,11 +348,11 @@ static void topk_equals_length(void) {
     bufs in;
     ef_test_inputs(&in, s, 41, 1.0f);
     compare_specs("iclustered topk=45 == full", &in, "iclustered:clusters=5,topk=45", "full", NULL,
-                  1e-4, 1e-4, 0);
+                  NULL, 1e-4, 1e-4, 0);
     compare_specs("iclustered topk=64 == full (padded)", &in, "iclustered:clusters=5,topk=64",
-                  "full", lens, 1e-4, 1e-4, 0);
-    compare_specs("iclustered topk=45 causal == full causal", &in,
-                  "iclustered:clusters=5,topk=45,causal=1", "full:causal=1", lens, 1e-4, 1e-4, 0);
+                  "full", lens, NULL, 1e-4, 1e-4, 0);
+    compare_specs("iclustered:ref=1 topk=64 == full:ref=1 (padded)", &in,
+                  "iclustered:clusters=5,topk=64,ref=1", "full:ref=1", lens, NULL, 1e-6, 1e-6, 0);
     ef_test_free_inputs(&in);
 }
 
@@ -231,41 +390,6 @@ static void kmeans_separable(void) {
              "counts %d %d %d", n3[0], n3[1], n3[2]);
 }
 
-/* Keys past kv_lens never matter: replacing padded k and v by huge values leaves out, dq and
- * the valid rows of dk, dv bit-identical, and the padded rows of dk, dv zero. */
-static void padding_invariance(const char *spec) {
-    ef_attn_shape s = {2, 2, 40, 50, 16, 8};
-    int32_t lens[2] = {50, 23};
-    bufs in, x, y;
-    ef_test_inputs(&in, s, 51, 1.0f);
-    ef_test_outputs(&x, &in), ef_test_outputs(&y, &in);
-    ef_status st = ef_test_run(spec, &in, lens, &x);
-    for (int h = 0; h < s.heads; h++)
-        for (int j = lens[1]; j < s.kv_len; j++) {
-            size_t r = (size_t)(s.heads + h) * s.kv_len + j;
-            for (int t = 0; t < s.head_dim; t++) in.k[r * s.head_dim + t] = 1e4f;
-            for (int t = 0; t < s.v_dim; t++) in.v[r * s.v_dim + t] = 1e9f;
-        }
-    if (st == EF_OK) st = ef_test_run(spec, &in, lens, &y);
-    char label[256];
-    snprintf(label, sizeof label, "%s: padded keys do not leak", spec);
-    if (run_ok(label, st)) {
-        int same = !memcmp(x.out, y.out, in.no * 4) && !memcmp(x.dq, y.dq, in.nq * 4) &&
-                   !memcmp(x.dk, y.dk, in.nk * 4) && !memcmp(x.dv, y.dv, in.nv * 4);
-        double pad = 0;
-        for (int h = 0; h < s.heads; h++)
-            for (int j = lens[1]; j < s.kv_len; j++) {
-                size_t r = (size_t)(s.heads + h) * s.kv_len + j;
-                for (int t = 0; t < s.head_dim; t++)
-                    pad = fmax(pad, fabs(y.dk[r * s.head_dim + t]));
-                for (int t = 0; t < s.v_dim; t++) pad = fmax(pad, fabs(y.dv[r * s.v_dim + t]));
-            }
-        ef_check(label, same && pad == 0, "bitwise %s, max |grad| on padded keys %g",
-                 same ? "equal" : "DIFFERENT", pad);
-    }
-    ef_test_free_outputs(&x), ef_test_free_outputs(&y), ef_test_free_inputs(&in);
-}
-
 /* kv_lens = 0: rows see no key -> zero outputs and gradients. */
 static void empty_rows(const char *spec) {
     ef_attn_shape s = {2, 1, 20, 30, 8, 8};
@@ -275,7 +399,7 @@ static void empty_rows(const char *spec) {
     ef_test_outputs(&x, &in);
     char label[256];
     snprintf(label, sizeof label, "%s: kv_lens=0 gives zeros", spec);
-    if (run_ok(label, ef_test_run(spec, &in, lens, &x))) {
+    if (run_ok(label, run_spec(spec, &in, lens, NULL, &x))) {
         double mx = 0;
         for (size_t i = 0; i < in.no / 2; i++) mx = fmax(mx, fabs(x.out[i]));
         for (size_t i = 0; i < in.nq / 2; i++) mx = fmax(mx, fabs(x.dq[i]));
@@ -287,15 +411,15 @@ static void empty_rows(const char *spec) {
 
 static void threads_bitwise(const char *spec) {
     ef_attn_shape s = {2, 3, 64, 70, 16, 16};
-    int32_t lens[2] = {70, 41};
+    int32_t kv_lens[2] = {70, 41}, q_lens[2] = {37, 64};
     bufs in, x, y;
     ef_test_inputs(&in, s, 71, 1.0f);
     ef_test_outputs(&x, &in), ef_test_outputs(&y, &in);
     int old = ef_get_num_threads();
     ef_set_num_threads(1);
-    ef_status st = ef_test_run(spec, &in, lens, &x);
+    ef_status st = run_spec(spec, &in, kv_lens, q_lens, &x);
     ef_set_num_threads(2);
-    if (st == EF_OK) st = ef_test_run(spec, &in, lens, &y);
+    if (st == EF_OK) st = run_spec(spec, &in, kv_lens, q_lens, &y);
     ef_set_num_threads(old);
     char label[256];
     snprintf(label, sizeof label, "%s: 1 vs 2 threads bitwise", spec);
@@ -309,15 +433,16 @@ static void threads_bitwise(const char *spec) {
 
 /* Inference (saved = NULL) gives the same output as a training forward. */
 static void inference_equals_training(const char *spec) {
-    ef_attn_shape s = {1, 2, 33, 40, 8, 8};
+    ef_attn_shape s = {2, 2, 33, 40, 8, 8};
+    int32_t kv_lens[2] = {40, 21}, q_lens[2] = {19, 33};
     bufs in, x;
     ef_test_inputs(&in, s, 81, 1.0f);
     ef_test_outputs(&x, &in);
     float *out = ef_test_zeros(in.no);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, spec, &s);
-    if (st == EF_OK) st = ef_test_run_plan(a, &in, NULL, &x, 0);
-    ef_attn_io io = {in.q, in.k, in.v, NULL, out};
+    if (st == EF_OK) st = run_io(a, &in, in.q, in.k, in.v, in.g, kv_lens, q_lens, &x, 0);
+    ef_attn_io io = {in.q, in.k, in.v, kv_lens, out, q_lens};
     if (st == EF_OK) st = ef_attn_forward(a, &io, NULL);
     char label[256];
     snprintf(label, sizeof label, "%s: inference == training forward", spec);
@@ -327,17 +452,42 @@ static void inference_equals_training(const char *spec) {
     ef_test_free_outputs(&x), ef_test_free_inputs(&in);
 }
 
+/* Backward given a `saved` that no forward of this plan wrote (all bytes 0xff: index -1) is
+ * refused rather than indexing out of range. */
+static void foreign_saved(const char *spec) {
+    ef_attn_shape s = {1, 2, 20, 24, 8, 8};
+    bufs in, x;
+    ef_test_inputs(&in, s, 91, 1.0f);
+    ef_test_outputs(&x, &in);
+    ef_attn *a = NULL;
+    char label[256];
+    snprintf(label, sizeof label, "%s: backward refuses a foreign saved", spec);
+    if (run_ok(label, ef_attn_new(&a, spec, &s))) {
+        void *sv = ef_test_saved(a);
+        memset(sv, 0xff, ef_attn_saved_bytes(a));
+        ef_attn_io io = {in.q, in.k, in.v, NULL, x.out, NULL};
+        ef_check_status(label, ef_attn_backward(a, &io, sv, in.g, x.dq, x.dk, x.dv), EF_ERR_ARG);
+        ef_free(sv);
+    }
+    ef_attn_free(a);
+    ef_test_free_outputs(&x), ef_test_free_inputs(&in);
+}
+
 static void errors(void) {
     ef_attn_shape s = {1, 1, 16, 16, 8, 8};
     struct {
         const char *spec;
         ef_status want;
     } cases[] = {
-        {"clustered:clusters=0", EF_ERR_ARG},  {"clustered:bits=64", EF_ERR_ARG},
-        {"clustered:bits=0", EF_ERR_ARG},      {"clustered:iters=-1", EF_ERR_ARG},
-        {"clustered:topk=4", EF_ERR_ARG},      {"iclustered:topk=0", EF_ERR_ARG},
-        {"iclustered:clusters=x", EF_ERR_ARG}, {"clustered:causal=1", EF_ERR_UNSUPPORTED},
-        {"iclustered:causal=1", EF_OK},        {"clustered:clusters=1000", EF_OK},
+        {"clustered:clusters=0", EF_ERR_ARG},
+        {"clustered:bits=64", EF_ERR_ARG},
+        {"clustered:bits=0", EF_ERR_ARG},
+        {"clustered:iters=-1", EF_ERR_ARG},
+        {"clustered:topk=4", EF_ERR_ARG},
+        {"iclustered:topk=0", EF_ERR_ARG},
+        {"iclustered:clusters=x", EF_ERR_ARG},
+        {"clustered:clusters=1000", EF_OK},
+        {"iclustered:clusters=1000,topk=1000", EF_OK},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         ef_attn *a = NULL;
@@ -345,6 +495,31 @@ static void errors(void) {
         snprintf(name, sizeof name, "spec %s", cases[i].spec);
         ef_check_status(name, ef_attn_new(&a, cases[i].spec, &s), cases[i].want);
         ef_attn_free(a);
+    }
+    /* causal=1 cannot be strict: clusters come from every query, future ones included. The
+     * refusal must say so (EF_ERR_UNSUPPORTED, a message naming causal=1 and the reason). */
+    const char *causal[] = {"clustered:causal=1", "iclustered:causal=1",
+                            "iclustered:clusters=4,topk=8,causal=1,ref=1"};
+    for (int i = 0; i < 3; i++) {
+        ef_attn *a = NULL;
+        char name[128];
+        snprintf(name, sizeof name, "spec %s refused", causal[i]);
+        ef_status st = ef_attn_new(&a, causal[i], &s);
+        const char *msg = ef_last_error();
+        ef_check_status(name, st, EF_ERR_UNSUPPORTED);
+        snprintf(name, sizeof name, "spec %s: the message says why", causal[i]);
+        int why = strstr(msg, "future") || strstr(msg, "later");
+        ef_check(name, a == NULL && strstr(msg, "causal=1") && why, "\"%s\"", msg);
+        ef_attn_free(a);
+    }
+    const char *names[2] = {"clustered", "iclustered"};
+    for (int i = 0; i < 2; i++) {
+        ef_attn_caps c;
+        ef_status st = ef_attn_get_caps(names[i], &c);
+        char name[128];
+        snprintf(name, sizeof name, "%s caps: causal 0, cross, discrete, deterministic", names[i]);
+        ef_check(name, !st && !c.causal && c.cross && c.discrete && c.deterministic && !c.exact,
+                 "%s", ef_status_str(st));
     }
     ef_attn *a = NULL;
     if (ef_attn_new(&a, "iclustered", &s) == EF_OK)
@@ -357,23 +532,21 @@ static void errors(void) {
 
 int main(void) {
     fast_vs_ref();
-    int32_t lens[1] = {15};
-    gradient_check("clustered:clusters=4,ref=1", NULL);
-    gradient_check("clustered:clusters=4,ref=1", lens);
-    gradient_check("iclustered:clusters=4,topk=5,ref=1", NULL);
-    gradient_check("iclustered:clusters=4,topk=5,ref=1", lens);
-    gradient_check("iclustered:clusters=4,topk=5,causal=1,ref=1", lens);
-    gradient_check("iclustered:clusters=4,topk=5", lens);
+    const char *fd[] = {"clustered:clusters=4", "iclustered:clusters=4,topk=5",
+                        "iclustered:clusters=3,topk=30,bits=16"};
+    for (int i = 0; i < 3; i++) gradient_check(fd[i]);
     identical_queries();
     topk_equals_length();
     kmeans_separable();
     const char *specs[] = {"clustered:clusters=6", "iclustered:clusters=6,topk=8",
-                           "iclustered:clusters=6,topk=8,causal=1"};
-    for (int i = 0; i < 3; i++) {
-        padding_invariance(specs[i]);
+                           "iclustered:clusters=6,topk=64", "clustered:clusters=6,ref=1",
+                           "iclustered:clusters=6,topk=8,ref=1"};
+    const int32_t ql[3][2] = {{45, 19}, {4, 0}, {45, 45}}, kv[3][2] = {{31, 50}, {50, 17}, {5, 0}};
+    for (int i = 0; i < 5; i++) {
+        for (int l = 0; l < 3; l++) padding_invariance(specs[i], ql[l], kv[l]);
         empty_rows(specs[i]);
-        threads_bitwise(specs[i]);
         inference_equals_training(specs[i]);
+        if (i < 3) threads_bitwise(specs[i]), foreign_saved(specs[i]);
     }
     errors();
     return ef_test_finish();

@@ -7,32 +7,40 @@
  * docs/clustered.md states the formulas, the random draws and the backward.
  *
  * Layouts: q [B][H][N][D], k [B][H][M][D], v [B][H][M][Dv], out [B][H][N][Dv].
- * Per (batch, head), C = min(clusters, N), K = min(topk, M); clustered refuses causal=1:
+ * Per (batch b, head h): n = q_lens[b] valid queries, m = kv_lens[b] valid keys,
+ * C_b = min(clusters, n), k_b = min(topk, m). Only valid rows take part in anything below;
+ * padded query rows output zeros and get zero gradients, padded keys get zero gradients.
  *   hash   h_i = sum_b 2^b [q_i . a_b > 0], a_b ~ N(0, I) rows of a bits x D matrix drawn per
  *          head from the seed (cosine LSH, no bias term: fast-transformers' hash_bias=False);
- *   k-means in Hamming space (ef_clustered_kmeans): initial centroids = codes of C distinct
- *          positions sampled from the seed; `iters` rounds of (assign: argmin popcount(h ^ c), ties
- * to the lowest id; update: per-bit majority, a tie gives 0, an empty cluster gets a random code);
- * then one final assignment, which is the one used; Qc     = mean of the member queries (C x D); S
- * = scale Qc K^T over the visible keys; A = softmax(S) (C x M). clustered:  out_i = (A V)[c(i)].
- *   iclustered: T_c = top-K logits of row c (K_b = min(topk, kv_lens[b]), ties to the lower
- *          key), m_c = sum_{j in T_c} A_cj, Vb_c = sum_{j not in T_c} A_cj v_j;
- *          out_i = m_c sum_{j in T_c} softmax_j(scale q_i.k_j) v_j + Vb_c.
- *          causal=1: out_i = sum_{j in T_c, j <= i} softmax_j(scale q_i.k_j) v_j only (no
- *          bottom part; a member that sees none of T_c outputs zeros).
- * Saved for backward: the assignment [B][H][N] (int32) and the top-k keys [B][H][C][K]
- * (int32, iclustered): O(N + C K) per head. Backward holds the clusters and the top-k sets
- * fixed; it recomputes Qc, A and the per-query top softmax.
+ *   k-means in Hamming space (ef_clustered_kmeans) of the n codes into C_b clusters: initial
+ *          centroids = codes of C_b distinct positions sampled from the seed; `iters` rounds of
+ *          (assign: argmin popcount(h ^ c), ties to the lowest id; update: per-bit majority, a
+ *          tie gives 0, an empty cluster gets a random code); then one final assignment, which
+ *          is the one used;
+ *   Qc = mean of the member queries (C_b x D); S = scale Qc K^T over the m keys; A = softmax(S).
+ *   clustered:  out_i = (A V)[c(i)].
+ *   iclustered: T_c = top-k_b logits of row c (ties to the lower key), m_c = sum_{j in T_c} A_cj,
+ *          Vb_c = sum_{j not in T_c} A_cj v_j; out_i = m_c sum_{j in T_c} softmax_j(scale
+ *          q_i.k_j) v_j + Vb_c.
+ * Both refuse causal=1: the clusters (and so every centroid and top-k set) come from all the
+ * queries of the sequence, future ones included.
+ * Saved for backward, per (batch, head), int32: the assignment [N] (-1 for padded rows), then
+ * for iclustered the top-k keys [C][K] (-1 past k_b and for clusters >= C_b): O(N + C K), every
+ * byte written. Backward holds the clusters and the top-k sets fixed; it recomputes Qc, A and
+ * the per-query top softmax.
  * Time O(N bits D + iters N C + C M (D + Dv) + N K (D + Dv)) per head; memory per thread
  * O(C M) for the centroid scores; the top part runs per cluster on blocks of RB members
- * with small GEMMs. Work items are (batch, head) pairs; their GEMMs run
- * single-threaded so results do not depend on the thread count.
+ * with small GEMMs. Work items are (batch, head) pairs; their GEMMs run single-threaded so
+ * results do not depend on the thread count.
  */
 #include "attn/attn.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+extern const ef_attn_ops ef_attn_ops_iclustered;
 
 enum { RB = 128 }; /* members of a cluster processed together in the top part */
 
@@ -55,18 +63,35 @@ typedef struct cwork {
     float *qm, *gm, *om;        /* [RB][D], [RB][Dv], [RB][max(D, Dv)] a block of members */
     float *P, *D1;              /* [RB][K] top probabilities, their gradient */
     double *row;                /* [M] one logit row for the top-k selection */
+    ef_status st;               /* first failure of a work item run in this slot */
+    char msg[256];              /* its message (ef_last_error is per thread) */
 } cwork;
 
+/* The reference path's own workspace (ref=1 plans), carved by ref_layout. */
+typedef struct rws {
+    double *planes;             /* [H][bits][D] the hyperplanes, from the same draw */
+    uint64_t *code, *cent;      /* [N], [C] */
+    int32_t *asg, *cnt, *perm;  /* [N], [C], [N] */
+    int32_t *tk;                /* [C][K] top-k keys */
+    char *top;                  /* [C][M] 1 when key j is in T_c */
+    double *qc, *lg, *A;        /* [C][D], [C][M] logits (reused for dA), [C][M] */
+    double *mass, *vb, *G, *dm; /* [C], [C][Dv], [C][Dv], [C] */
+    double *dqc, *gk, *gv, *gq; /* [C][D], [M][D], [M][Dv], [D] */
+    double *p, *dp;             /* [K] */
+} rws;
+
 typedef struct cplan {
-    int improved, C, K, bits, iters, topk;
-    float *planes; /* [H][D][bits] hyperplanes, transposed */
-    cwork *ws;
-    void *block;
-    double *rblock; /* reference path (ref=1) */
+    int improved;                /* iclustered: set from a->ops in clu_init, never inferred */
+    int C, K, bits, iters, topk; /* C = min(clusters, N), K = min(topk, M) (0 for clustered) */
+    float *planes;               /* [H][D][bits] hyperplanes, transposed (fast path) */
+    cwork *ws;                   /* [slots] (fast path) */
+    void *block;                 /* everything above (fast path) */
+    rws ref;                     /* the reference's own workspace (ref=1 plans only) */
+    void *rblock;                /* its storage */
 } cplan;
 
 /* ---------------------------------------------------------------------------------------------
- * Hashing and k-means (shared by the fast and the reference path, so both see the same clusters)
+ * Hashing and k-means of the fast path
  * ------------------------------------------------------------------------------------------- */
 /* planes_t is the head's hyperplane matrix transposed, [D][bits], so that the loop over bits is
  * the inner (vector) one; the dot products are accumulated in double over t in order. */
@@ -103,8 +128,8 @@ static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C,
 }
 
 /* Test hook (declared again in tests/test_clustered.c; not part of the API). Lloyd's k-means
- * of n codes of `bits` bits into C <= n clusters, draws from (seed, stream). Writes the final
- * assignment, the centroids and the member counts; work holds n + C * bits ints. */
+ * of n codes of `bits` bits into 1 <= C <= n clusters, draws from (seed, stream). Writes the
+ * final assignment, the centroids and the member counts; work holds n + C * bits ints. */
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work);
@@ -147,13 +172,13 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
     for (int i = 0; i < n; i++) cnt[asg[i]]++;
 }
 
-/* Clusters the queries of head (b, h): w->asg and w->cnt. */
-static void cluster_head(const ef_attn *a, cwork *w, const float *q, int64_t bh) {
+/* Clusters the nv valid queries of head (b, h) into C clusters: w->asg[0..nv), w->cnt. */
+static void cluster_head(const ef_attn *a, cwork *w, const float *q, int64_t bh, int nv, int C) {
     const cplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim, h = (int)(bh % a->shape.heads);
+    int d = a->shape.head_dim, h = (int)(bh % a->shape.heads);
     const float *planes = p->planes + (size_t)h * p->bits * d;
-    for (int i = 0; i < n; i++) w->hash[i] = hash_query(q + (size_t)i * d, planes, p->bits, d);
-    ef_clustered_kmeans(w->hash, n, p->bits, p->C, p->iters, a->seed, STREAM_KMEANS | (uint64_t)bh,
+    for (int i = 0; i < nv; i++) w->hash[i] = hash_query(q + (size_t)i * d, planes, p->bits, d);
+    ef_clustered_kmeans(w->hash, nv, p->bits, C, p->iters, a->seed, STREAM_KMEANS | (uint64_t)bh,
                         w->asg, w->cent, w->cnt, w->kw);
 }
 
@@ -207,39 +232,37 @@ typedef struct cctx {
     float *dq, *dk, *dv;
 } cctx;
 
-static int32_t *saved_asg(const ef_attn *a, void *saved, int64_t bh) {
+/* The saved block of head bh: assignment [N], then top-k keys [C][K]. */
+static int32_t *saved_head(const ef_attn *a, const void *saved, int64_t bh) {
     const cplan *p = a->impl;
     size_t per = (size_t)a->shape.q_len + (size_t)p->C * p->K;
     return (int32_t *)saved + (size_t)bh * per;
 }
 
-/* Qc = mean of members (rows of empty clusters are zero). */
-static void centroids(const ef_attn *a, cwork *w, const float *q) {
-    const cplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim;
-    memset(w->qc, 0, sizeof(float) * p->C * d);
-    for (int i = 0; i < n; i++) {
+/* Qc = mean of the members among the nv valid queries (rows of empty clusters are zero). */
+static void centroids(const ef_attn *a, cwork *w, const float *q, int nv, int C) {
+    int d = a->shape.head_dim;
+    memset(w->qc, 0, sizeof(float) * C * d);
+    for (int i = 0; i < nv; i++) {
         float *c = w->qc + (size_t)w->asg[i] * d;
         for (int t = 0; t < d; t++) c[t] += q[(size_t)i * d + t];
     }
-    for (int c = 0; c < p->C; c++) {
+    for (int c = 0; c < C; c++) {
         float inv = w->cnt[c] ? 1.0f / (float)w->cnt[c] : 0;
         for (int t = 0; t < d; t++) w->qc[(size_t)c * d + t] *= inv;
     }
 }
 
 /* S = scale Qc K^T over keys [0, mv) (C x mv, row stride M). */
-static void centroid_logits(const ef_attn *a, cwork *w, const float *k, int mv) {
-    const cplan *p = a->impl;
+static ef_status centroid_logits(const ef_attn *a, cwork *w, const float *k, int C, int mv) {
     int m = a->shape.kv_len, d = a->shape.head_dim;
-    ef_sgemm(0, 1, p->C, mv, d, a->scale, w->qc, d, k, d, 0, w->S, m);
+    return ef_sgemm(0, 1, C, mv, d, a->scale, w->qc, d, k, d, 0, w->S, m);
 }
 
 /* Row softmax of S in place: A. */
-static void centroid_softmax(const ef_attn *a, cwork *w, int mv) {
-    const cplan *p = a->impl;
+static void centroid_softmax(const ef_attn *a, cwork *w, int C, int mv) {
     int m = a->shape.kv_len;
-    for (int c = 0; c < p->C; c++) {
+    for (int c = 0; c < C; c++) {
         float *s = w->S + (size_t)c * m, mx = -INFINITY;
         for (int j = 0; j < mv; j++) mx = s[j] > mx ? s[j] : mx;
         for (int j = 0; j < mv; j++) s[j] -= mx;
@@ -251,25 +274,26 @@ static void centroid_softmax(const ef_attn *a, cwork *w, int mv) {
     }
 }
 
-/* Top-K of each centroid row (logits ordered as the probabilities) into w->tk. */
-static void select_topk(const ef_attn *a, cwork *w, int mv, int kb) {
+/* Top-kb of each centroid row (logits ordered as the probabilities) into w->tk; the slots of a
+ * row past kb are -1 (they go to `saved`, which is written in full). */
+static void select_topk(const ef_attn *a, cwork *w, int C, int mv, int kb) {
     const cplan *p = a->impl;
     int m = a->shape.kv_len;
-    for (int c = 0; c < p->C; c++) {
+    for (int c = 0; c < C; c++) {
         const float *s = w->S + (size_t)c * m;
+        int32_t *tk = w->tk + (size_t)c * p->K;
         for (int j = 0; j < mv; j++) w->row[j] = s[j];
-        topk_select(w->row, mv, kb, w->tk + (size_t)c * p->K);
+        topk_select(w->row, mv, kb, tk);
+        for (int x = kb; x < p->K; x++) tk[x] = -1;
     }
 }
 
 /* Members of every cluster in increasing query order: order[off[c] .. off[c+1]). */
-static void sort_members(const ef_attn *a, cwork *w) {
-    const cplan *p = a->impl;
-    int n = a->shape.q_len, C = p->C;
+static void sort_members(cwork *w, int nv, int C) {
     w->off[0] = 0;
     for (int c = 0; c < C; c++) w->off[c + 1] = w->off[c] + w->cnt[c];
     for (int c = 0; c < C; c++) w->cur[c] = w->off[c];
-    for (int i = 0; i < n; i++) w->order[w->cur[w->asg[i]]++] = i;
+    for (int i = 0; i < nv; i++) w->order[w->cur[w->asg[i]]++] = i;
 }
 
 /* Rows rows[0..nr) of x (stride ld) into dst (nr x ld). */
@@ -278,22 +302,14 @@ static void gather(float *dst, const float *x, const int32_t *rows, int nr, int 
         memcpy(dst + (size_t)r * ld, x + (size_t)rows[r] * ld, sizeof(float) * ld);
 }
 
-/* P (nr x kb) = row softmax of scale Qm KT^T over the top keys each query may see (causal: key
- * tk[x] <= query); a row that sees none is zero. */
-static void top_softmax(const ef_attn *a, cwork *w, const int32_t *rows, int nr, const int32_t *tk,
-                        int kb) {
+/* P (nr x kb) = row softmax of scale Qm KT^T. */
+static ef_status top_softmax(const ef_attn *a, cwork *w, int nr, int kb) {
     int d = a->shape.head_dim;
-    ef_sgemm(0, 1, nr, kb, d, a->scale, w->qm, d, w->kt, d, 0, w->P, kb);
+    ef_status st = ef_sgemm(0, 1, nr, kb, d, a->scale, w->qm, d, w->kt, d, 0, w->P, kb);
+    if (st) return st;
     for (int r = 0; r < nr; r++) {
         float *pr = w->P + (size_t)r * kb, mx = -INFINITY;
-        for (int x = 0; x < kb; x++) {
-            if (a->causal && tk[x] > rows[r]) pr[x] = -INFINITY;
-            mx = pr[x] > mx ? pr[x] : mx;
-        }
-        if (mx == -INFINITY) {
-            memset(pr, 0, sizeof(float) * kb);
-            continue;
-        }
+        for (int x = 0; x < kb; x++) mx = pr[x] > mx ? pr[x] : mx;
         for (int x = 0; x < kb; x++) pr[x] -= mx;
         ef_vexp(pr, pr, (size_t)kb);
         float sum = 0;
@@ -301,66 +317,61 @@ static void top_softmax(const ef_attn *a, cwork *w, const int32_t *rows, int nr,
         float inv = 1 / sum;
         for (int x = 0; x < kb; x++) pr[x] *= inv;
     }
+    return EF_OK;
 }
 
-/* Gathers the top keys and values of cluster c into kt (kb x D) and vt (kb x Dv). */
+/* Gathers the top keys and values of a cluster into kt (kb x D) and vt (kb x Dv). */
 static void gather_top(const ef_attn *a, cwork *w, const int32_t *tk, int kb, const float *k,
                        const float *v) {
     gather(w->kt, k, tk, kb, a->shape.head_dim);
     gather(w->vt, v, tk, kb, a->shape.v_dim);
 }
 
-static void forward_head(void *vctx, int64_t bh, int tid) {
-    cctx *cx = vctx;
+static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     ef_attn *a = cx->a;
     const ef_attn_io *io = cx->io;
-    cplan *p = a->impl;
-    cwork *w = &p->ws[tid];
+    const cplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C, K = p->K;
-    int mv = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
-    int kb = EF_MIN(p->topk, mv);
+    int b = (int)(bh / s->heads);
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, K = p->K;
+    int nv = ef_attn_q_valid(a, io, b), mv = ef_attn_kv_valid(a, io, b);
+    int C = EF_MIN(p->C, nv), kb = EF_MIN(p->topk, mv);
     const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d,
                 *v = io->v + (size_t)bh * m * dv;
     float *out = io->out + (size_t)bh * n * dv;
-    int old = ef_gemm_local_threads(1);
-    cluster_head(a, w, q, bh);
-    if (cx->saved) {
-        int32_t *sa = saved_asg(a, cx->saved, bh);
-        memcpy(sa, w->asg, sizeof(int32_t) * n);
-        memset(sa + n, 0, sizeof(int32_t) * C * K);
+    int32_t *sa = cx->saved ? saved_head(a, cx->saved, bh) : NULL;
+    ef_status st;
+    if (sa) /* padded rows, unused top-k slots and clusters >= C stay -1 */
+        for (size_t x = 0; x < (size_t)n + (size_t)p->C * K; x++) sa[x] = -1;
+    memset(out + (size_t)nv * dv, 0, sizeof(float) * (n - nv) * dv);
+    if (nv == 0 || mv == 0) {
+        memset(out, 0, sizeof(float) * nv * dv);
+        return EF_OK;
     }
-    if (mv == 0) {
-        memset(out, 0, sizeof(float) * n * dv);
-        ef_gemm_local_threads(old);
-        return;
-    }
-    centroids(a, w, q);
-    centroid_logits(a, w, k, mv);
-    if (p->improved) select_topk(a, w, mv, kb);
-    centroid_softmax(a, w, mv);
+    cluster_head(a, w, q, bh, nv, C);
+    if (sa) memcpy(sa, w->asg, sizeof(int32_t) * nv);
+    centroids(a, w, q, nv, C);
+    if ((st = centroid_logits(a, w, k, C, mv))) return st;
+    if (p->improved) select_topk(a, w, C, mv, kb);
+    centroid_softmax(a, w, C, mv);
     if (!p->improved) {
-        ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv);
-        for (int i = 0; i < n; i++)
+        if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
+        for (int i = 0; i < nv; i++)
             memcpy(out + (size_t)i * dv, w->vb + (size_t)w->asg[i] * dv, sizeof(float) * dv);
-        ef_gemm_local_threads(old);
-        return;
+        return EF_OK;
     }
-    if (cx->saved) memcpy(saved_asg(a, cx->saved, bh) + n, w->tk, sizeof(int32_t) * C * K);
+    if (sa) memcpy(sa + n, w->tk, sizeof(int32_t) * C * K);
     /* bottom part: mass of the top keys, then the centroid attention without them */
     for (int c = 0; c < C; c++) {
         float *r = w->S + (size_t)c * m;
         const int32_t *tk = w->tk + (size_t)c * K;
         double ms = 0;
         for (int x = 0; x < kb; x++) ms += r[tk[x]], r[tk[x]] = 0;
-        w->mass[c] = a->causal ? 1 : (float)ms;
+        w->mass[c] = (float)ms;
     }
-    if (a->causal)
-        memset(w->vb, 0, sizeof(float) * C * dv);
-    else
-        ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv);
+    if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
     /* top part, per cluster in blocks of RB members: out = m_c P V_T + Vb_c */
-    sort_members(a, w);
+    sort_members(w, nv, C);
     for (int c = 0; c < C; c++) {
         const int32_t *tk = w->tk + (size_t)c * K;
         if (!w->cnt[c]) continue;
@@ -369,8 +380,9 @@ static void forward_head(void *vctx, int64_t bh, int tid) {
             const int32_t *rows = w->order + r0;
             int nr = EF_MIN(RB, w->off[c + 1] - r0);
             gather(w->qm, q, rows, nr, d);
-            top_softmax(a, w, rows, nr, tk, kb);
-            ef_sgemm(0, 0, nr, dv, kb, w->mass[c], w->P, kb, w->vt, dv, 0, w->om, dv);
+            if ((st = top_softmax(a, w, nr, kb))) return st;
+            st = ef_sgemm(0, 0, nr, dv, kb, w->mass[c], w->P, kb, w->vt, dv, 0, w->om, dv);
+            if (st) return st;
             const float *vb = w->vb + (size_t)c * dv;
             for (int r = 0; r < nr; r++) {
                 float *o = out + (size_t)rows[r] * dv;
@@ -379,23 +391,57 @@ static void forward_head(void *vctx, int64_t bh, int tid) {
             }
         }
     }
+    return EF_OK;
+}
+
+/* Parallel loops over (batch, head): a failing item records its status and message in its
+ * thread's slot (the message is thread-local); the caller reports the first slot that failed. */
+static void slots_reset(ef_attn *a, int threads) {
+    cplan *p = a->impl;
+    for (int t = 0; t < threads; t++) p->ws[t].st = EF_OK, p->ws[t].msg[0] = 0;
+}
+
+static void slot_fail(cwork *w, ef_status st) {
+    if (w->st) return;
+    w->st = st;
+    snprintf(w->msg, sizeof w->msg, "%s", ef_last_error());
+}
+
+static ef_status slots_status(const ef_attn *a, int threads) {
+    const cplan *p = a->impl;
+    for (int t = 0; t < threads; t++)
+        if (p->ws[t].st) return ef_error(p->ws[t].st, "%s: %s", a->ops->name, p->ws[t].msg);
+    return EF_OK;
+}
+
+static void forward_item(void *vctx, int64_t bh, int tid) {
+    const cctx *cx = vctx;
+    cwork *w = &((cplan *)cx->a->impl)->ws[tid];
+    if (w->st) return;
+    int old = ef_gemm_local_threads(1);
+    ef_status st = forward_head(cx, w, bh);
     ef_gemm_local_threads(old);
+    if (st) slot_fail(w, st);
 }
 
 static ef_status clu_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     cctx c = {a, io, saved, NULL, NULL, NULL, NULL};
-    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), forward_head, &c);
-    return EF_OK;
+    int threads = ef_attn_threads(a);
+    slots_reset(a, threads);
+    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, threads, forward_item, &c);
+    return slots_status(a, threads);
 }
 
-/* Backward of the top part of iclustered, out_i += m_c sum_x P_ix v_x (m_c = 1 when causal):
+/* Backward of the top part of iclustered, out_i += m_c sum_x P_ix v_x:
  *   D1 = dO V_T^T;  dm_c += sum P o D1;  dP = m_c D1;  dS = P o (dP - rowsum(P o dP))
  *   dV_T += m_c P^T dO;  dq += scale dS K_T;  dK_T += scale dS^T Q  (scattered to the keys). */
-static void top_backward(const ef_attn *a, cwork *w, const float *q, const float *k, const float *v,
-                         const float *g, int kb, float *dq, float *dk, float *dvv) {
+static ef_status top_backward(const ef_attn *a, cwork *w, const float *q, const float *k,
+                              const float *v, const float *g, int nv, int C, int kb, float *dq,
+                              float *dk, float *dvv) {
     const cplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, C = p->C, K = p->K;
-    sort_members(a, w);
+    int d = a->shape.head_dim, dv = a->shape.v_dim, K = p->K;
+    ef_status st;
+    sort_members(w, nv, C);
     for (int c = 0; c < C; c++) {
         const int32_t *tk = w->tk + (size_t)c * K;
         w->dm[c] = 0;
@@ -408,8 +454,8 @@ static void top_backward(const ef_attn *a, cwork *w, const float *q, const float
             int nr = EF_MIN(RB, w->off[c + 1] - r0);
             gather(w->qm, q, rows, nr, d);
             gather(w->gm, g, rows, nr, dv);
-            top_softmax(a, w, rows, nr, tk, kb);
-            ef_sgemm(0, 1, nr, kb, dv, 1, w->gm, dv, w->vt, dv, 0, w->D1, kb);
+            if ((st = top_softmax(a, w, nr, kb))) return st;
+            if ((st = ef_sgemm(0, 1, nr, kb, dv, 1, w->gm, dv, w->vt, dv, 0, w->D1, kb))) return st;
             for (int r = 0; r < nr; r++) {
                 const float *pr = w->P + (size_t)r * kb;
                 float *ds = w->D1 + (size_t)r * kb, delta = 0;
@@ -417,10 +463,13 @@ static void top_backward(const ef_attn *a, cwork *w, const float *q, const float
                 dm += delta;
                 for (int x = 0; x < kb; x++) ds[x] = pr[x] * (ds[x] - delta) * mc;
             }
-            int first = r0 == w->off[c];
-            ef_sgemm(1, 0, kb, dv, nr, mc, w->P, kb, w->gm, dv, first ? 0 : 1, w->dvt, dv);
-            ef_sgemm(1, 0, kb, d, nr, a->scale, w->D1, kb, w->qm, d, first ? 0 : 1, w->dkt, d);
-            ef_sgemm(0, 0, nr, d, kb, a->scale, w->D1, kb, w->kt, d, 0, w->om, d);
+            float beta = r0 == w->off[c] ? 0 : 1;
+            if ((st = ef_sgemm(1, 0, kb, dv, nr, mc, w->P, kb, w->gm, dv, beta, w->dvt, dv)))
+                return st;
+            if ((st = ef_sgemm(1, 0, kb, d, nr, a->scale, w->D1, kb, w->qm, d, beta, w->dkt, d)))
+                return st;
+            if ((st = ef_sgemm(0, 0, nr, d, kb, a->scale, w->D1, kb, w->kt, d, 0, w->om, d)))
+                return st;
             for (int r = 0; r < nr; r++) {
                 float *dqi = dq + (size_t)rows[r] * d;
                 const float *src = w->om + (size_t)r * d;
@@ -435,278 +484,392 @@ static void top_backward(const ef_attn *a, cwork *w, const float *q, const float
             for (int e = 0; e < dv; e++) dvj[e] += a2[e];
         }
     }
+    return EF_OK;
 }
 
-static void backward_head(void *vctx, int64_t bh, int tid) {
-    cctx *cx = vctx;
+/* Reads head bh's assignment and top-k sets from `saved` into w (asg, cnt, tk), checking that
+ * they fit this call's lengths (a buffer from another plan or call would index out of range). */
+static ef_status load_saved(const ef_attn *a, cwork *w, const int32_t *sa, int nv, int C, int mv,
+                            int kb) {
+    const cplan *p = a->impl;
+    int n = a->shape.q_len, K = p->K;
+    int ok = 1;
+    memset(w->cnt, 0, sizeof(int32_t) * C);
+    for (int i = 0; i < nv && ok; i++)
+        if ((ok = sa[i] >= 0 && sa[i] < C)) w->asg[i] = sa[i], w->cnt[sa[i]]++;
+    if (p->improved) {
+        memcpy(w->tk, sa + n, sizeof(int32_t) * C * K);
+        for (int c = 0; c < C && ok; c++)
+            for (int x = 0; x < kb && ok; x++)
+                ok = w->tk[(size_t)c * K + x] >= 0 && w->tk[(size_t)c * K + x] < mv;
+    }
+    if (!ok)
+        return ef_error(EF_ERR_ARG, "saved does not hold this plan's forward of these inputs and "
+                                    "lengths (cluster or key index out of range)");
+    return EF_OK;
+}
+
+static ef_status backward_head(const cctx *cx, cwork *w, int64_t bh) {
     ef_attn *a = cx->a;
     const ef_attn_io *io = cx->io;
-    cplan *p = a->impl;
-    cwork *w = &p->ws[tid];
+    const cplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C, K = p->K;
-    int mv = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
-    int kb = EF_MIN(p->topk, mv);
+    int b = (int)(bh / s->heads);
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, K = p->K;
+    int nv = ef_attn_q_valid(a, io, b), mv = ef_attn_kv_valid(a, io, b);
+    int C = EF_MIN(p->C, nv), kb = EF_MIN(p->topk, mv);
     const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d,
                 *v = io->v + (size_t)bh * m * dv, *g = cx->dout + (size_t)bh * n * dv;
     float *dq = cx->dq + (size_t)bh * n * d, *dk = cx->dk + (size_t)bh * m * d,
           *dvv = cx->dv + (size_t)bh * m * dv;
+    ef_status st;
     memset(dq, 0, sizeof(float) * n * d);
     memset(dk, 0, sizeof(float) * m * d);
     memset(dvv, 0, sizeof(float) * m * dv);
-    if (mv == 0) return;
-    int old = ef_gemm_local_threads(1);
-    const int32_t *sa = saved_asg(a, (void *)cx->saved, bh);
-    memcpy(w->asg, sa, sizeof(int32_t) * n);
-    if (p->improved) memcpy(w->tk, sa + n, sizeof(int32_t) * C * K);
-    memset(w->cnt, 0, sizeof(int32_t) * C);
-    for (int i = 0; i < n; i++) w->cnt[w->asg[i]]++;
-    centroids(a, w, q);
-    int bottom = !(p->improved && a->causal);
-    if (bottom) { /* A, and the masses m_c of the top keys */
-        centroid_logits(a, w, k, mv);
-        centroid_softmax(a, w, mv);
-    }
+    if (nv == 0 || mv == 0) return EF_OK;
+    if ((st = load_saved(a, w, saved_head(a, cx->saved, bh), nv, C, mv, kb))) return st;
+    /* A, and the masses m_c of the top keys */
+    centroids(a, w, q, nv, C);
+    if ((st = centroid_logits(a, w, k, C, mv))) return st;
+    centroid_softmax(a, w, C, mv);
     if (p->improved) {
         for (int c = 0; c < C; c++) {
             const float *A = w->S + (size_t)c * m;
             const int32_t *tk = w->tk + (size_t)c * K;
             double ms = 0;
-            for (int x = 0; x < kb && bottom; x++) ms += A[tk[x]];
-            w->mass[c] = bottom ? (float)ms : 1;
+            for (int x = 0; x < kb; x++) ms += A[tk[x]];
+            w->mass[c] = (float)ms;
         }
-        top_backward(a, w, q, k, v, g, kb, dq, dk, dvv);
+        if ((st = top_backward(a, w, q, k, v, g, nv, C, kb, dq, dk, dvv))) return st;
     }
-    if (bottom) {
-        /* G_c = sum of member dO; dA = G V^T (top columns: dm_c); dS = A (dA - rowsum(A dA)) */
-        memset(w->G, 0, sizeof(float) * C * dv);
-        for (int i = 0; i < n; i++) {
-            float *gc = w->G + (size_t)w->asg[i] * dv;
-            for (int e = 0; e < dv; e++) gc[e] += g[(size_t)i * dv + e];
-        }
-        ef_sgemm(0, 1, C, mv, dv, 1, w->G, dv, v, dv, 0, w->dP, m);
-        for (int c = 0; c < C; c++) {
-            float *A = w->S + (size_t)c * m, *dA = w->dP + (size_t)c * m;
-            const int32_t *tk = w->tk + (size_t)c * K;
-            for (int x = 0; x < kb && p->improved; x++) dA[tk[x]] = w->dm[c];
-            double delta = 0;
-            for (int j = 0; j < mv; j++) delta += (double)A[j] * dA[j];
-            float dl = (float)delta;
-            for (int j = 0; j < mv; j++) dA[j] = A[j] * (dA[j] - dl);
-            /* V_bottom uses A without the top columns */
-            for (int x = 0; x < kb && p->improved; x++) A[tk[x]] = 0;
-        }
-        ef_sgemm(1, 0, mv, dv, C, 1, w->S, m, w->G, dv, 1, dvv, dv);
-        ef_sgemm(0, 0, C, d, mv, a->scale, w->dP, m, k, d, 0, w->dqc, d);
-        ef_sgemm(1, 0, mv, d, C, a->scale, w->dP, m, w->qc, d, 1, dk, d);
-        for (int i = 0; i < n; i++) {
-            int c = w->asg[i];
-            float inv = 1.0f / (float)w->cnt[c];
-            for (int t = 0; t < d; t++) dq[(size_t)i * d + t] += w->dqc[(size_t)c * d + t] * inv;
-        }
+    /* G_c = sum of member dO; dA = G V^T (top columns: dm_c); dS = A (dA - rowsum(A dA)) */
+    memset(w->G, 0, sizeof(float) * C * dv);
+    for (int i = 0; i < nv; i++) {
+        float *gc = w->G + (size_t)w->asg[i] * dv;
+        for (int e = 0; e < dv; e++) gc[e] += g[(size_t)i * dv + e];
     }
+    if ((st = ef_sgemm(0, 1, C, mv, dv, 1, w->G, dv, v, dv, 0, w->dP, m))) return st;
+    for (int c = 0; c < C; c++) {
+        float *A = w->S + (size_t)c * m, *dA = w->dP + (size_t)c * m;
+        const int32_t *tk = w->tk + (size_t)c * K;
+        for (int x = 0; x < kb && p->improved; x++) dA[tk[x]] = w->dm[c];
+        double delta = 0;
+        for (int j = 0; j < mv; j++) delta += (double)A[j] * dA[j];
+        float dl = (float)delta;
+        for (int j = 0; j < mv; j++) dA[j] = A[j] * (dA[j] - dl);
+        /* V_bottom uses A without the top columns */
+        for (int x = 0; x < kb && p->improved; x++) A[tk[x]] = 0;
+    }
+    if ((st = ef_sgemm(1, 0, mv, dv, C, 1, w->S, m, w->G, dv, 1, dvv, dv))) return st;
+    if ((st = ef_sgemm(0, 0, C, d, mv, a->scale, w->dP, m, k, d, 0, w->dqc, d))) return st;
+    if ((st = ef_sgemm(1, 0, mv, d, C, a->scale, w->dP, m, w->qc, d, 1, dk, d))) return st;
+    for (int i = 0; i < nv; i++) {
+        int c = w->asg[i];
+        float inv = 1.0f / (float)w->cnt[c];
+        for (int t = 0; t < d; t++) dq[(size_t)i * d + t] += w->dqc[(size_t)c * d + t] * inv;
+    }
+    return EF_OK;
+}
+
+static void backward_item(void *vctx, int64_t bh, int tid) {
+    const cctx *cx = vctx;
+    cwork *w = &((cplan *)cx->a->impl)->ws[tid];
+    if (w->st) return;
+    int old = ef_gemm_local_threads(1);
+    ef_status st = backward_head(cx, w, bh);
     ef_gemm_local_threads(old);
+    if (st) slot_fail(w, st);
 }
 
 static ef_status clu_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
                               const float *dout, float *dq, float *dk, float *dv) {
     cctx c = {a, io, (void *)saved, dout, dq, dk, dv};
-    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), backward_head,
-                    &c);
-    return EF_OK;
+    int threads = ef_attn_threads(a);
+    slots_reset(a, threads);
+    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, threads, backward_item, &c);
+    return slots_status(a, threads);
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Reference path (ref=1): the same clusters (ef_clustered_kmeans on the same codes), everything
- * else as explicit double loops, one (batch, head) at a time. Backward when dout != NULL.
+ * Reference path (ref=1): a scalar double-precision re-implementation with its own code and its
+ * own workspace (allocated by clu_init for ref=1 plans; the fast path's is not even allocated).
+ * It recomputes the codes, the Hamming k-means, the centroids, the top-k sets and the attention
+ * of each (batch, head), one at a time; backward (dout != NULL) recomputes all of it, so it
+ * saves nothing. What it shares with the fast path is the specification of the discrete
+ * choices, so that both make the same ones:
+ *   - the random draws: the hyperplanes (the same ef_rng_normal draw) and the k-means draws
+ *     (initial positions by a partial Fisher-Yates shuffle, codes of empty clusters), from the
+ *     same streams and counters;
+ *   - code bits: the sign of q.a summed in double in increasing t; the products of two floats
+ *     are exact in double, so both paths compute bitwise the same dot and the same bit;
+ *   - ties: the nearest centroid in Hamming distance is the lowest id; a majority tie gives 0;
+ *     among equal logits the top-k set prefers the lower key index.
+ * The top-k sets are the one choice that is not made on identical numbers: the reference ranks
+ * double-precision centroid logits, the fast path fp32 ones (differences ~1e-6 relative), so
+ * two keys whose logits are that close at the k-th place could be ranked differently. The
+ * tests would show it as an O(1) error; it does not occur in them.
  * ------------------------------------------------------------------------------------------- */
-typedef struct rws {
-    double *qc, *lg, *A, *G, *dqc, *gk, *gv, *gq, *p, *dp, *vb, *mass, *dm, *mark;
-} rws;
+static size_t align64(size_t n) { return (n + 63) / 64 * 64; }
 
-static rws ref_views(const ef_attn *a) {
+/* Carves the reference workspace out of base (NULL: only counts); returns its bytes. */
+static size_t ref_layout(const ef_attn *a, rws *r, char *base) {
     const cplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    size_t C = p->C, K = EF_MAX(p->K, 1), m = s->kv_len, d = s->head_dim, dv = s->v_dim;
-    rws r;
-    double *x = p->rblock;
-    r.qc = x, x += C * d;
-    r.lg = x, x += C * m;
-    r.A = x, x += C * m;
-    r.G = x, x += C * dv;
-    r.dqc = x, x += C * d;
-    r.gk = x, x += m * d;
-    r.gv = x, x += m * dv;
-    r.gq = x, x += d;
-    r.p = x, x += K;
-    r.dp = x, x += K;
-    r.vb = x, x += C * dv;
-    r.mass = x, x += C;
-    r.dm = x, x += C;
-    r.mark = x;
-    return r;
+    size_t C = p->C, K = EF_MAX(p->K, 1), n = s->q_len, m = s->kv_len, d = s->head_dim,
+           e = s->v_dim, off = 0;
+#define REF_PART(f, count)                                                                         \
+    (r->f = base ? (void *)(base + off) : NULL, off += align64(sizeof *r->f * (count)))
+    REF_PART(planes, (size_t)s->heads * p->bits * d);
+    REF_PART(code, n);
+    REF_PART(cent, C);
+    REF_PART(asg, n);
+    REF_PART(cnt, C);
+    REF_PART(perm, n);
+    REF_PART(tk, C * K);
+    REF_PART(top, C * m);
+    REF_PART(qc, C * d);
+    REF_PART(lg, C * m);
+    REF_PART(A, C * m);
+    REF_PART(mass, C);
+    REF_PART(vb, C * e);
+    REF_PART(G, C * e);
+    REF_PART(dm, C);
+    REF_PART(dqc, C * d);
+    REF_PART(gk, m * d);
+    REF_PART(gv, m * e);
+    REF_PART(gq, d);
+    REF_PART(p, K);
+    REF_PART(dp, K);
+#undef REF_PART
+    return off;
 }
 
-static size_t ref_doubles(const ef_attn *a) {
-    const cplan *p = a->impl;
-    const ef_attn_shape *s = &a->shape;
-    size_t C = p->C, K = EF_MAX(p->K, 1), m = s->kv_len, d = s->head_dim, dv = s->v_dim;
-    return 2 * C * d + 2 * C * m + 2 * C * dv + m * d + m * dv + d + 2 * K + 2 * C + m;
-}
-
-/* Softmax of scale q_i.k_j over the top keys query i may see (double); 0 when none. */
-static int ref_top(const ef_attn *a, const int32_t *tk, int kb, const float *qi, const float *k,
-                   int i, double *pr) {
-    int d = a->shape.head_dim, used = 0;
-    double mx = -INFINITY;
-    for (int x = 0; x < kb; x++) {
-        int j = tk[x];
-        pr[x] = -INFINITY;
-        if (a->causal && j > i) continue;
+static uint64_t ref_code(const double *planes, const float *qi, int bits, int d) {
+    uint64_t h = 0;
+    for (int b = 0; b < bits; b++) {
         double dot = 0;
-        for (int t = 0; t < d; t++) dot += (double)qi[t] * k[(size_t)j * d + t];
-        pr[x] = dot * a->scale;
-        if (pr[x] > mx) mx = pr[x];
-        used++;
+        for (int t = 0; t < d; t++) dot += (double)qi[t] * planes[(size_t)b * d + t];
+        if (dot > 0) h |= (uint64_t)1 << b;
     }
-    double sum = 0;
-    for (int x = 0; x < kb; x++) sum += pr[x] = used && pr[x] != -INFINITY ? exp(pr[x] - mx) : 0;
-    for (int x = 0; x < kb; x++) pr[x] = used ? pr[x] / sum : 0;
-    return used;
+    return h;
 }
 
+static int ref_hamming(uint64_t x, uint64_t y, int bits) {
+    int dist = 0;
+    for (int b = 0; b < bits; b++) dist += (int)(((x >> b) ^ (y >> b)) & 1);
+    return dist;
+}
+
+/* Nearest centroid of every code (lowest id on ties) and the member counts. */
+static void ref_assign(rws *r, int nv, int C, int bits) {
+    for (int c = 0; c < C; c++) r->cnt[c] = 0;
+    for (int i = 0; i < nv; i++) {
+        int best = 0;
+        for (int c = 1; c < C; c++)
+            if (ref_hamming(r->code[i], r->cent[c], bits) <
+                ref_hamming(r->code[i], r->cent[best], bits))
+                best = c;
+        r->asg[i] = best;
+        r->cnt[best]++;
+    }
+}
+
+/* Lloyd's k-means of r->code[0..nv) into C clusters: r->asg, r->cnt. */
+static void ref_kmeans(const ef_attn *a, rws *r, int64_t bh, int nv, int C) {
+    const cplan *p = a->impl;
+    uint64_t stream = STREAM_KMEANS | (uint64_t)bh, mask = ((uint64_t)1 << p->bits) - 1;
+    uint32_t u[4];
+    for (int i = 0; i < nv; i++) r->perm[i] = i;
+    for (int c = 0; c < C; c++) { /* draw c swaps position c with one of [c, nv) */
+        ef_rng_raw(a->seed, stream, (uint64_t)c, u);
+        int j = c + (int)(u[0] % (uint32_t)(nv - c)), t = r->perm[c];
+        r->perm[c] = r->perm[j], r->perm[j] = t;
+        r->cent[c] = r->code[r->perm[c]];
+    }
+    for (int it = 0;; it++) {
+        ref_assign(r, nv, C, p->bits);
+        if (it == p->iters) break; /* the final assignment is the one used */
+        for (int c = 0; c < C; c++) {
+            if (r->cnt[c] == 0) {
+                ef_rng_raw(a->seed, stream, (uint64_t)C * (1 + (uint64_t)it) + c, u);
+                r->cent[c] = ((uint64_t)u[0] | (uint64_t)u[1] << 32) & mask;
+                continue;
+            }
+            uint64_t h = 0;
+            for (int b = 0; b < p->bits; b++) {
+                int ones = 0;
+                for (int i = 0; i < nv; i++) ones += r->asg[i] == c && (r->code[i] >> b & 1);
+                if (2 * ones > r->cnt[c]) h |= (uint64_t)1 << b;
+            }
+            r->cent[c] = h;
+        }
+    }
+}
+
+/* p[x] = softmax over x < kb of scale q_i . k_{tk[x]} (double). */
+static void ref_top_softmax(const ef_attn *a, const int32_t *tk, int kb, const float *qi,
+                            const float *k, double *pr) {
+    int d = a->shape.head_dim;
+    double mx = -INFINITY, sum = 0;
+    for (int x = 0; x < kb; x++) {
+        double dot = 0;
+        for (int t = 0; t < d; t++) dot += (double)qi[t] * k[(size_t)tk[x] * d + t];
+        pr[x] = a->scale * dot;
+        mx = fmax(mx, pr[x]);
+    }
+    for (int x = 0; x < kb; x++) sum += pr[x] = exp(pr[x] - mx);
+    for (int x = 0; x < kb; x++) pr[x] /= sum;
+}
+
+/* Forward (dout == NULL) or backward of head bh. */
 static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *dout, float *dq,
                      float *dk, float *dv) {
     cplan *p = a->impl;
-    cwork *w = &p->ws[0];
-    rws r = ref_views(a);
+    rws *r = &p->ref;
     const ef_attn_shape *s = &a->shape;
-    int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim, C = p->C, K = p->K;
-    int mv = ef_attn_kv_valid(a, io, (int)(bh / s->heads)), kb = EF_MIN(p->topk, mv);
-    int improved = p->improved, bottom = !(improved && a->causal);
+    int b = (int)(bh / s->heads), h = (int)(bh % s->heads), improved = p->improved;
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, e = s->v_dim, K = EF_MAX(p->K, 1);
+    int nv = ef_attn_q_valid(a, io, b), mv = ef_attn_kv_valid(a, io, b);
+    int C = EF_MIN(p->C, nv), kb = improved ? EF_MIN(p->topk, mv) : 0;
+    double tau = a->scale;
     const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d,
                 *v = io->v + (size_t)bh * m * e;
-    cluster_head(a, w, q, bh);
-    /* centroids, their probabilities and top keys */
-    memset(r.qc, 0, sizeof(double) * C * d);
-    for (int i = 0; i < n; i++)
-        for (int t = 0; t < d; t++) r.qc[(size_t)w->asg[i] * d + t] += q[(size_t)i * d + t];
-    for (int c = 0; c < C; c++)
-        for (int t = 0; t < d; t++) r.qc[(size_t)c * d + t] /= w->cnt[c] ? w->cnt[c] : 1;
-    for (int j = 0; j < m; j++) r.mark[j] = -1;
-    for (int c = 0; c < C && mv > 0; c++) {
-        double *lg = r.lg + (size_t)c * m, *A = r.A + (size_t)c * m, mx = -INFINITY, sum = 0;
+    /* every output of the head starts at zero: padded rows and keys keep it */
+    if (!dout) memset(io->out + (size_t)bh * n * e, 0, sizeof(float) * n * e);
+    if (dout) {
+        memset(dq + (size_t)bh * n * d, 0, sizeof(float) * n * d);
+        memset(dk + (size_t)bh * m * d, 0, sizeof(float) * m * d);
+        memset(dv + (size_t)bh * m * e, 0, sizeof(float) * m * e);
+    }
+    if (nv == 0 || mv == 0) return;
+    /* clusters of the valid queries */
+    for (int i = 0; i < nv; i++)
+        r->code[i] = ref_code(r->planes + (size_t)h * p->bits * d, q + (size_t)i * d, p->bits, d);
+    ref_kmeans(a, r, bh, nv, C);
+    /* centroids, their attention A over the valid keys, top-k sets T_c, masses, bottom values */
+    for (int c = 0; c < C; c++) {
+        double *qc = r->qc + (size_t)c * d, *lg = r->lg + (size_t)c * m, *A = r->A + (size_t)c * m;
+        char *top = r->top + (size_t)c * m;
+        int32_t *tk = r->tk + (size_t)c * K;
+        for (int t = 0; t < d; t++) qc[t] = 0;
+        for (int i = 0; i < nv; i++)
+            if (r->asg[i] == c)
+                for (int t = 0; t < d; t++) qc[t] += q[(size_t)i * d + t];
+        for (int t = 0; t < d; t++) qc[t] /= r->cnt[c] ? r->cnt[c] : 1;
+        double mx = -INFINITY, sum = 0;
         for (int j = 0; j < mv; j++) {
             double dot = 0;
-            for (int t = 0; t < d; t++) dot += r.qc[(size_t)c * d + t] * k[(size_t)j * d + t];
-            lg[j] = dot * a->scale;
-            if (lg[j] > mx) mx = lg[j];
+            for (int t = 0; t < d; t++) dot += qc[t] * k[(size_t)j * d + t];
+            lg[j] = tau * dot;
+            mx = fmax(mx, lg[j]);
         }
         for (int j = 0; j < mv; j++) sum += A[j] = exp(lg[j] - mx);
         for (int j = 0; j < mv; j++) A[j] /= sum;
-        r.mass[c] = 1;
-        if (improved) {
-            topk_select(lg, mv, kb, w->tk + (size_t)c * K);
-            double ms = 0;
-            for (int x = 0; x < kb; x++) ms += A[w->tk[(size_t)c * K + x]];
-            if (!a->causal) r.mass[c] = ms;
+        /* T_c: kb times the largest logit not yet taken, the lowest index among equal ones */
+        memset(top, 0, (size_t)mv);
+        r->mass[c] = 0;
+        for (int x = 0; x < kb; x++) {
+            int best = -1;
+            for (int j = 0; j < mv; j++)
+                if (!top[j] && (best < 0 || lg[j] > lg[best])) best = j;
+            top[best] = 1, tk[x] = best;
+            r->mass[c] += A[best];
         }
-        /* vb_c = sum over the keys outside the top set (every key for plain clustered) */
-        for (int x = 0; x < kb && improved; x++) r.mark[w->tk[(size_t)c * K + x]] = c;
         for (int t = 0; t < e; t++) {
             double o = 0;
             for (int j = 0; j < mv; j++)
-                if (r.mark[j] != c) o += A[j] * v[(size_t)j * e + t];
-            r.vb[(size_t)c * e + t] = bottom ? o : 0;
+                if (!top[j]) o += A[j] * v[(size_t)j * e + t];
+            r->vb[(size_t)c * e + t] = o;
         }
     }
-    if (!dout) {
+    if (!dout) { /* out_i = Vb_c + m_c sum_x p_ix v_{T_c[x]} */
         float *out = io->out + (size_t)bh * n * e;
-        for (int i = 0; i < n; i++) {
-            int c = w->asg[i];
-            const int32_t *tk = w->tk + (size_t)c * K;
-            if (improved && mv > 0) ref_top(a, tk, kb, q + (size_t)i * d, k, i, r.p);
+        for (int i = 0; i < nv; i++) {
+            int c = r->asg[i];
+            const int32_t *tk = r->tk + (size_t)c * K;
+            ref_top_softmax(a, tk, kb, q + (size_t)i * d, k, r->p);
             for (int t = 0; t < e; t++) {
-                double o = mv > 0 ? r.vb[(size_t)c * e + t] : 0;
-                for (int x = 0; x < kb && improved; x++)
-                    o += r.mass[c] * r.p[x] * v[(size_t)tk[x] * e + t];
+                double o = r->vb[(size_t)c * e + t];
+                for (int x = 0; x < kb; x++) o += r->mass[c] * r->p[x] * v[(size_t)tk[x] * e + t];
                 out[(size_t)i * e + t] = (float)o;
             }
         }
         return;
     }
+    /* backward of f = sum_i g_i . out_i, clusters and top-k sets fixed */
     const float *g = dout + (size_t)bh * n * e;
-    memset(r.gk, 0, sizeof(double) * m * d);
-    memset(r.gv, 0, sizeof(double) * m * e);
-    memset(r.G, 0, sizeof(double) * C * e);
-    memset(r.dm, 0, sizeof(double) * C);
-    memset(r.dqc, 0, sizeof(double) * C * d);
-    for (int i = 0; i < n; i++)
-        for (int t = 0; t < e; t++) r.G[(size_t)w->asg[i] * e + t] += g[(size_t)i * e + t];
-    if (improved && mv > 0)
-        for (int i = 0; i < n; i++) { /* dm_c = sum_i dO_i . sum_x p_x v_x */
-            int c = w->asg[i];
-            const int32_t *tk = w->tk + (size_t)c * K;
-            ref_top(a, tk, kb, q + (size_t)i * d, k, i, r.p);
-            for (int x = 0; x < kb; x++)
-                for (int t = 0; t < e; t++)
-                    r.dm[c] += r.p[x] * g[(size_t)i * e + t] * v[(size_t)tk[x] * e + t];
-        }
-    for (int c = 0; c < C && bottom && mv > 0; c++) {
-        const double *A = r.A + (size_t)c * m;
-        for (int j = 0; j < m; j++) r.mark[j] = -1;
-        for (int x = 0; x < kb && improved; x++) r.mark[w->tk[(size_t)c * K + x]] = c;
-        double delta = 0;
-        for (int j = 0; j < mv; j++) { /* dA_cj = G_c . v_j, or dm_c on the top columns */
-            double da = 0;
-            if (r.mark[j] == c)
-                da = r.dm[c];
-            else
-                for (int t = 0; t < e; t++) da += r.G[(size_t)c * e + t] * v[(size_t)j * e + t];
-            r.lg[(size_t)c * m + j] = da;
-            delta += A[j] * da;
-        }
-        for (int j = 0; j < mv; j++) {
-            double ds = A[j] * (r.lg[(size_t)c * m + j] - delta) * a->scale;
-            for (int t = 0; t < d; t++) {
-                r.dqc[(size_t)c * d + t] += ds * k[(size_t)j * d + t];
-                r.gk[(size_t)j * d + t] += ds * r.qc[(size_t)c * d + t];
-            }
-            if (r.mark[j] != c)
-                for (int t = 0; t < e; t++)
-                    r.gv[(size_t)j * e + t] += A[j] * r.G[(size_t)c * e + t];
-        }
-    }
     float *dqh = dq + (size_t)bh * n * d;
-    for (int i = 0; i < n; i++) {
-        int c = w->asg[i];
-        const float *qi = q + (size_t)i * d, *gi = g + (size_t)i * e;
-        for (int t = 0; t < d; t++)
-            r.gq[t] = bottom && mv > 0 ? r.dqc[(size_t)c * d + t] / w->cnt[c] : 0;
-        if (improved && mv > 0) {
-            const int32_t *tk = w->tk + (size_t)c * K;
-            ref_top(a, tk, kb, qi, k, i, r.p);
-            double delta = 0;
-            for (int x = 0; x < kb; x++) {
-                double dot = 0;
-                for (int t = 0; t < e; t++) dot += (double)gi[t] * v[(size_t)tk[x] * e + t];
-                r.dp[x] = r.mass[c] * dot;
-                delta += r.p[x] * r.dp[x];
-            }
-            for (int x = 0; x < kb; x++) {
-                int j = tk[x];
-                double ds = r.p[x] * (r.dp[x] - delta) * a->scale;
-                for (int t = 0; t < d; t++) {
-                    r.gq[t] += ds * k[(size_t)j * d + t];
-                    r.gk[(size_t)j * d + t] += ds * qi[t];
-                }
-                for (int t = 0; t < e; t++) r.gv[(size_t)j * e + t] += r.mass[c] * r.p[x] * gi[t];
-            }
-        }
-        for (int t = 0; t < d; t++) dqh[(size_t)i * d + t] = (float)r.gq[t];
+    memset(r->gk, 0, sizeof(double) * mv * d);
+    memset(r->gv, 0, sizeof(double) * mv * e);
+    /* G_c = sum of the members' g_i; dm_c = sum_i sum_x p_ix g_i . v_{T_c[x]} */
+    for (int c = 0; c < C; c++) {
+        r->dm[c] = 0;
+        for (int t = 0; t < e; t++) r->G[(size_t)c * e + t] = 0;
     }
-    for (size_t x = 0; x < (size_t)m * d; x++) dk[(size_t)bh * m * d + x] = (float)r.gk[x];
-    for (size_t x = 0; x < (size_t)m * e; x++) dv[(size_t)bh * m * e + x] = (float)r.gv[x];
+    for (int i = 0; i < nv; i++) {
+        int c = r->asg[i];
+        const int32_t *tk = r->tk + (size_t)c * K;
+        for (int t = 0; t < e; t++) r->G[(size_t)c * e + t] += g[(size_t)i * e + t];
+        ref_top_softmax(a, tk, kb, q + (size_t)i * d, k, r->p);
+        for (int x = 0; x < kb; x++)
+            for (int t = 0; t < e; t++)
+                r->dm[c] += r->p[x] * g[(size_t)i * e + t] * v[(size_t)tk[x] * e + t];
+    }
+    /* centroid part: dA_cj = G_c . v_j off T_c, dm_c on T_c; dS = A (dA - sum_l A_l dA_l);
+     * dQc = tau dS K, dk_j += tau dS_cj Qc, dv_j += A_cj G_c off T_c */
+    for (int c = 0; c < C; c++) {
+        const double *A = r->A + (size_t)c * m, *qc = r->qc + (size_t)c * d;
+        const char *top = r->top + (size_t)c * m;
+        double *dA = r->lg + (size_t)c * m, delta = 0; /* the logits are no longer needed */
+        for (int j = 0; j < mv; j++) {
+            dA[j] = 0;
+            if (top[j])
+                dA[j] = r->dm[c];
+            else
+                for (int t = 0; t < e; t++) dA[j] += r->G[(size_t)c * e + t] * v[(size_t)j * e + t];
+            delta += A[j] * dA[j];
+        }
+        for (int t = 0; t < d; t++) r->dqc[(size_t)c * d + t] = 0;
+        for (int j = 0; j < mv; j++) {
+            double ds = tau * A[j] * (dA[j] - delta);
+            for (int t = 0; t < d; t++) {
+                r->dqc[(size_t)c * d + t] += ds * k[(size_t)j * d + t];
+                r->gk[(size_t)j * d + t] += ds * qc[t];
+            }
+            if (!top[j])
+                for (int t = 0; t < e; t++)
+                    r->gv[(size_t)j * e + t] += A[j] * r->G[(size_t)c * e + t];
+        }
+    }
+    /* per query: dq_i = dQc_c / |c| + the top part; dp_x = m_c g_i . v_x,
+     * ds_x = p_x (dp_x - sum_y p_y dp_y); dq_i += tau ds_x k_x, dk_x += tau ds_x q_i,
+     * dv_x += m_c p_x g_i */
+    for (int i = 0; i < nv; i++) {
+        int c = r->asg[i];
+        const int32_t *tk = r->tk + (size_t)c * K;
+        const float *qi = q + (size_t)i * d, *gi = g + (size_t)i * e;
+        for (int t = 0; t < d; t++) r->gq[t] = r->dqc[(size_t)c * d + t] / r->cnt[c];
+        ref_top_softmax(a, tk, kb, qi, k, r->p);
+        double delta = 0;
+        for (int x = 0; x < kb; x++) {
+            double dot = 0;
+            for (int t = 0; t < e; t++) dot += (double)gi[t] * v[(size_t)tk[x] * e + t];
+            r->dp[x] = r->mass[c] * dot;
+            delta += r->p[x] * r->dp[x];
+        }
+        for (int x = 0; x < kb; x++) {
+            int j = tk[x];
+            double ds = tau * r->p[x] * (r->dp[x] - delta);
+            for (int t = 0; t < d; t++) {
+                r->gq[t] += ds * k[(size_t)j * d + t];
+                r->gk[(size_t)j * d + t] += ds * qi[t];
+            }
+            for (int t = 0; t < e; t++) r->gv[(size_t)j * e + t] += r->mass[c] * r->p[x] * gi[t];
+        }
+        for (int t = 0; t < d; t++) dqh[(size_t)i * d + t] = (float)r->gq[t];
+    }
+    for (size_t x = 0; x < (size_t)mv * d; x++) dk[(size_t)bh * m * d + x] = (float)r->gk[x];
+    for (size_t x = 0; x < (size_t)mv * e; x++) dv[(size_t)bh * m * e + x] = (float)r->gv[x];
 }
 
 static size_t clu_ref_saved_bytes(const ef_attn *a) {
@@ -745,15 +908,42 @@ static const ef_opt_desc iclustered_opts[] = {
     {"iters", EF_OPT_INT, "10", 0, 1000, NULL, 0, "Lloyd iterations in Hamming space"},
 };
 
-static size_t align64(size_t n) { return (n + 63) / 64 * 64; }
+/* The reference's workspace and its copy of the hyperplanes, [H][bits][D] in double. */
+static ef_status ref_init(ef_attn *a) {
+    cplan *p = a->impl;
+    const ef_attn_shape *s = &a->shape;
+    size_t bytes = ref_layout(a, &p->ref, NULL), d = s->head_dim;
+    if ((double)bytes > 1e12)
+        return ef_error(EF_ERR_NOMEM, "%s: reference workspace of %.3g GB", a->ops->name,
+                        (double)bytes / 1e9);
+    p->rblock = ef_malloc(bytes);
+    if (!p->rblock)
+        return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of reference workspace",
+                        a->ops->name, (double)bytes / 1e6);
+    ref_layout(a, &p->ref, p->rblock);
+    a->ws_bytes = bytes;
+    for (int h = 0; h < s->heads; h++)
+        for (size_t x = 0; x < (size_t)p->bits * d; x++) {
+            float z;
+            ef_rng_normal(a->seed, STREAM_PLANES | (uint64_t)h, x, 1, &z);
+            p->ref.planes[(size_t)h * p->bits * d + x] = z;
+        }
+    return EF_OK;
+}
 
 static ef_status clu_init(ef_attn *a) {
     const ef_attn_shape *s = &a->shape;
-    int improved = a->ops->n_opts == 4;
-    if (!improved && a->causal)
+    int improved = a->ops == &ef_attn_ops_iclustered;
+    if (a->causal && !improved)
         return ef_error(EF_ERR_UNSUPPORTED,
-                        "clustered: causal=1 is not supported (a cluster mixes past and future "
-                        "queries); use iclustered:causal=1, which attends only to top-k keys");
+                        "clustered: causal=1 is not supported: the clusters come from k-means over "
+                        "all queries of a sequence, so a centroid (and every member's output) "
+                        "mixes past and future positions");
+    if (a->causal)
+        return ef_error(EF_ERR_UNSUPPORTED,
+                        "iclustered: causal=1 is not supported: the clusters, their centroids and "
+                        "each cluster's top-k keys come from k-means over all queries of a "
+                        "sequence, so every row would depend on later positions");
     cplan *p = calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "%s: out of memory", a->ops->name);
     a->impl = p;
@@ -763,6 +953,7 @@ static ef_status clu_init(ef_attn *a) {
     p->iters = (int)ef_opt_i(a, ef_attn_opt_index(a->ops, "iters"));
     p->topk = improved ? (int)ef_opt_i(a, ef_attn_opt_index(a->ops, "topk")) : 0;
     p->K = EF_MIN(p->topk, s->kv_len);
+    if (a->ref) return ref_init(a);
     size_t n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C;
     size_t K = EF_MAX(p->K, 1);
     size_t rb = RB, wd = EF_MAX(d, dv);
@@ -807,13 +998,6 @@ static ef_status clu_init(ef_attn *a) {
             for (size_t t = 0; t < d; t++)
                 ef_rng_normal(a->seed, STREAM_PLANES | (uint64_t)h, (uint64_t)b * d + t, 1,
                               p->planes + ((size_t)h * d + t) * p->bits + b);
-    if (a->ref) {
-        size_t nd = ref_doubles(a);
-        p->rblock = ef_malloc(nd * sizeof(double));
-        if (!p->rblock)
-            return ef_error(EF_ERR_NOMEM, "%s: out of memory for the reference path", a->ops->name);
-        a->ws_bytes += nd * sizeof(double);
-    }
     return EF_OK;
 }
 
@@ -852,10 +1036,12 @@ const ef_attn_ops ef_attn_ops_clustered = {
     .summary =
         "clustered attention: queries k-means-clustered on LSH codes, one softmax per cluster",
     .notes =
-        "  codes: bits random hyperplanes per head (sign of q.a, no bias); Hamming k-means from\n"
-        "  the seed; each cluster attends with the mean of its queries and every member gets\n"
-        "  that output. causal=1 is refused. saves the assignment (int32 per query);\n"
-        "  backward holds the clusters fixed. reference (ref=1): same clusters, double loops.",
+        "  codes: bits random hyperplanes per head (sign of q.a, no bias); Hamming k-means of\n"
+        "  the valid queries (q_lens) from the seed; each cluster attends with the mean of its\n"
+        "  queries and every member gets that output. causal=1 is refused (clusters mix past\n"
+        "  and future queries). saves the assignment (int32 per query); backward holds the\n"
+        "  clusters fixed. reference (ref=1): its own double-precision hashing, k-means and\n"
+        "  attention, from the same random draws and tie rules.",
     .opts = clustered_opts,
     .n_opts = 3,
     .init = clu_init,
@@ -875,9 +1061,10 @@ const ef_attn_ops ef_attn_ops_iclustered = {
     .summary = "improved clustered attention: exact softmax on each cluster's top-k keys",
     .notes = "  clusters as `clustered`; per query: m_c * softmax over the centroid's top-k keys\n"
              "  plus the centroid's attention on the other keys (m_c = its mass on the top-k).\n"
-             "  causal=1: only the top-k keys (taken over all visible keys), future ones masked\n"
-             "  per query, renormalised; none visible -> zeros. saves the assignment and the\n"
-             "  top-k keys; backward holds both fixed. reference (ref=1): double loops.",
+             "  causal=1 is refused: clusters, centroids and top-k sets depend on every query,\n"
+             "  future ones included. saves the assignment and the top-k keys; backward holds\n"
+             "  both fixed. reference (ref=1): its own double-precision hashing, k-means, top-k\n"
+             "  and attention (top-k ranked on double logits, the fast path's on fp32 ones).",
     .opts = iclustered_opts,
     .n_opts = 4,
     .init = clu_init,
