@@ -3,22 +3,32 @@
  * `performer` (FAVOR+ random features: softmax/positive, hyperbolic, trigonometric, relu).
  *
  *   1. fast path == reference path (the same spec with ref=1: the explicit N x M form
- *      phi(Q) phi(K)^T with the same features, in double), forward and backward, over kernels,
- *      causal, ortho, feature counts, odd sizes (N = 1, N = 129 across the 128-row chunk,
- *      q_len != kv_len), head dims, value dims, key padding (lengths 0 and 131) and key norms
+ *      phi(Q) phi(K)^T in double, with features computed by its own code from the plan's W),
+ *      forward and backward, over kernels, causal, ortho, feature counts, odd sizes (N = 1,
+ *      N = 129 across the 128-row chunk, q_len != kv_len), head dims, value dims, key padding
+ *      (lengths 0 and 131), query padding (q_lens, lengths 0, 1, 7, 97, ...) and key norms
  *      growing over three chunks (the per-chunk key shifts differ); `linear` also against
  *      elu+1 attention written out here (an oracle independent of kernel.c);
  *   2. causal forward == step-by-step decoding (ef_attn_step), also with growing key norms
- *      (the running key shift rises, S and z are rescaled), the decoding state API, and a
- *      row's output not depending on later keys of its chunk;
- *   3. padding invariance: padded keys/values set to 1e3/1e9 change no output or gradient;
+ *      (the running key shift rises, S and z are rescaled) and eps > 0, the decoding state API,
+ *      and a row's output not depending on later keys of its chunk;
+ *   3. padding: positions past kv_lens (k, v rows) and q_lens (q and dout rows) redrawn, or
+ *      filled with NaN and +-Inf, change no byte of out, dq, dk, dv (fast and ref, causal and
+ *      not, both mechanisms); padded query rows output exactly 0 and get dq = 0, padded keys
+ *      dk = dv = 0; `saved` is fully written by forward (its bytes do not depend on what the
+ *      buffer held before); kv_lens = 0 gives zeros;
+ *   3c. backward is the derivative of forward: directional central differences of <dout, out>
+ *      (Richardson-extrapolated) against dq, dk, dv for performer eps {0, 0.01} x stabilize
+ *      {0, 1} x kernel softmax/hyp/relu x causal {0, 1}, on the reference and on the fast
+ *      path, and for linear; the result does not depend on `stabilize` (eps is added to the
+ *      unshifted normaliser);
  *   4. the statistics of Performer's estimators over thousands of independent feature draws
  *      against the closed forms of the paper (ALGORITHMS.md, last section), orthogonal vs iid,
  *      and the softmax-approximation error falling as the features grow;
  *   5. trig features: fast == ref at small inputs; at sigma 1, D = 64 only finiteness (the
  *      trig normaliser cancels there, docs/kernel.md "Known limits");
  *   6. determinism: seeds, feature redraws (a backward uses its own forward's features and
- *      leaves the plan on its current draw), 1 vs 2 threads bitwise;
+ *      leaves the plan on its current draw), 1 vs 2 threads bitwise (with padding);
  *   7. bad specs and small things (head_dim 1, flops, visibility).
  *
  * Tolerances of the fast-vs-reference checks: the fast path sums phi(k) v^T and phi(q) S in
@@ -29,7 +39,7 @@
  * A wrong mask, chunk edge, shift or feature gives errors of order 1e-3..1.
  * Performer inputs have sigma 0.5 (values and output gradients sigma 1): the estimator's
  * variance grows like exp(|q^ + k^|^2) (ALGORITHMS.md b.3, measured pitfall), so only small
- * norms give softmax-like attention. Fast and ref use the same features and agree as well at
+ * norms give softmax-like attention. Fast and ref use the same W and agree as well at
  * sigma 1 and 1.5 (measured <= 3e-6): the choice hides nothing, and two cases of part 1 run
  * at sigma 1 to show it. `linear` uses sigma 1 (STYLE.md).
  */
@@ -71,12 +81,38 @@ static uint64_t input_seed(ef_attn_shape s) {
     return 1000 + (uint64_t)s.q_len * 7 + (uint64_t)s.kv_len * 3 + (uint64_t)s.head_dim;
 }
 
-static void shape_str(char *buf, size_t cap, ef_attn_shape s, const int32_t *lens) {
+static void shape_str(char *buf, size_t cap, ef_attn_shape s, const int32_t *lens,
+                      const int32_t *qlens) {
     int n = snprintf(buf, cap, "B%d H%d %dx%d D%d/%d", s.batch, s.heads, s.q_len, s.kv_len,
                      s.head_dim, s.v_dim);
     for (int b = 0; lens && b < s.batch && n > 0 && (size_t)n < cap; b++)
         n += snprintf(buf + n, cap - (size_t)n, "%s%d%s", b ? "," : " lens{", lens[b],
                       b + 1 == s.batch ? "}" : "");
+    for (int b = 0; qlens && b < s.batch && n > 0 && (size_t)n < cap; b++)
+        n += snprintf(buf + n, cap - (size_t)n, "%s%d%s", b ? "," : " qlens{", qlens[b],
+                      b + 1 == s.batch ? "}" : "");
+}
+
+/* Forward (with a saved buffer in o->saved when backward) and backward of plan a, with key
+ * padding kv_lens and query padding q_lens (either may be NULL). */
+static ef_status run_pad(ef_attn *a, const bufs *in, const int32_t *kv_lens, const int32_t *q_lens,
+                         bufs *o, int backward) {
+    ef_free(o->saved);
+    o->saved = ef_test_saved(a);
+    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out, q_lens};
+    ef_status st = ef_attn_forward(a, &io, backward ? o->saved : NULL);
+    if (!st && backward) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
+    return st;
+}
+
+/* Creates the plan of `spec`, runs forward and backward with padding into o, frees it. */
+static ef_status run_spec_pad(const char *spec, const bufs *in, const int32_t *kv_lens,
+                              const int32_t *q_lens, bufs *o) {
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, spec, &in->s);
+    if (!st) st = run_pad(a, in, kv_lens, q_lens, o, 1);
+    ef_attn_free(a);
+    return st;
 }
 
 /* fast vs ref outputs: finite, then out against TOL_F and dq, dk, dv against TOL_B. */
@@ -110,10 +146,11 @@ static void grow_keys(bufs *b, float ks0, float ks1) {
 
 /* spec (fast) against spec + ",ref=1" on one configuration; keys scaled by grow_keys when
  * ks0 > 0. */
-static void fast_vs_ref_grow(const char *spec, ef_attn_shape s, const int32_t *lens, float sigma,
-                             float ks0, float ks1, double tol_f, double tol_b) {
-    char label[512], sh[128], ref[300];
-    shape_str(sh, sizeof sh, s, lens);
+static void fast_vs_ref_grow(const char *spec, ef_attn_shape s, const int32_t *lens,
+                             const int32_t *qlens, float sigma, float ks0, float ks1, double tol_f,
+                             double tol_b) {
+    char label[512], sh[160], ref[300];
+    shape_str(sh, sizeof sh, s, lens, qlens);
     if (ks0 > 0)
         snprintf(label, sizeof label, "%s %s keys x%.2g..%.2g", spec, sh, ks0, ks1);
     else
@@ -123,8 +160,8 @@ static void fast_vs_ref_grow(const char *spec, ef_attn_shape s, const int32_t *l
     ef_test_inputs(&in, s, input_seed(s), sigma);
     if (ks0 > 0) grow_keys(&in, ks0, ks1);
     ef_test_outputs(&fa, &in), ef_test_outputs(&rf, &in);
-    ef_status st1 = ef_test_run(spec, &in, lens, &fa);
-    ef_status st2 = st1 ? st1 : ef_test_run(ref, &in, lens, &rf);
+    ef_status st1 = run_spec_pad(spec, &in, lens, qlens, &fa);
+    ef_status st2 = st1 ? st1 : run_spec_pad(ref, &in, lens, qlens, &rf);
     char name[600];
     snprintf(name, sizeof name, "%s: fast and ref run", label);
     if (ef_check(name, !st1 && !st2, "%s %s", ef_status_str(st1 ? st1 : st2), ef_last_error()))
@@ -133,7 +170,7 @@ static void fast_vs_ref_grow(const char *spec, ef_attn_shape s, const int32_t *l
 }
 
 static void fast_vs_ref(const char *spec, ef_attn_shape s, const int32_t *lens, float sigma) {
-    fast_vs_ref_grow(spec, s, lens, sigma, 0, 0, TOL_F, TOL_B);
+    fast_vs_ref_grow(spec, s, lens, NULL, sigma, 0, 0, TOL_F, TOL_B);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -143,7 +180,8 @@ typedef struct kcase {
     const char *kernel; /* NULL: linear */
     int causal, ortho, features;
     int n, m, d, dv;
-    int lens[2]; /* lens[0] < 0: no padding (kv_lens = NULL) */
+    int lens[2];  /* lens[0] < 0: no key padding (kv_lens = NULL) */
+    int qlens[2]; /* {0, 0} (entries that leave it out): no query padding (q_lens = NULL) */
 } kcase;
 
 static void run_kcase(const kcase *c) {
@@ -154,8 +192,10 @@ static void run_kcase(const kcase *c) {
     else
         snprintf(spec, sizeof spec, "linear:causal=%d", c->causal);
     ef_attn_shape s = {2, 2, c->n, c->m, c->d, c->dv};
-    int32_t lens[2] = {c->lens[0], c->lens[1]};
-    fast_vs_ref(spec, s, c->lens[0] < 0 ? NULL : lens, c->kernel ? SIG_P : 1.0f);
+    int32_t lens[2] = {c->lens[0], c->lens[1]}, qlens[2] = {c->qlens[0], c->qlens[1]};
+    int has_q = c->qlens[0] || c->qlens[1];
+    fast_vs_ref_grow(spec, s, c->lens[0] < 0 ? NULL : lens, has_q ? qlens : NULL,
+                     c->kernel ? SIG_P : 1.0f, 0, 0, TOL_F, TOL_B);
 }
 
 static void test_fast_vs_ref(void) {
@@ -196,6 +236,21 @@ static void test_fast_vs_ref(void) {
         {"relu", 1, 0, 256, 200, 150, 24, 5, {133, 150}},
         {"relu", 1, 1, 64, 1, 77, 64, 40, {0, 77}},
         {"relu", 0, 0, 16, 200, 150, 8, 40, {150, 1}},
+        /* query padding (q_lens): lengths 0, 1, 7, 97, 128, 129, 133 (chunk edges and odd
+         * values), with and without key
+         * padding, q_len != kv_len both ways; with causal=1 and q_lens < kv_lens the keys past
+         * q_lens are seen by no valid query (dk = dv = 0 for them) */
+        {NULL, 0, 0, 0, 150, 200, 24, 5, {200, 131}, {97, 150}},
+        {NULL, 1, 0, 0, 150, 200, 8, 40, {131, 200}, {150, 7}},
+        {NULL, 1, 0, 0, 200, 150, 64, 5, {-1, 0}, {133, 1}},
+        {NULL, 0, 0, 0, 129, 129, 8, 40, {-1, 0}, {128, 129}},
+        {"softmax", 1, 1, 64, 129, 129, 24, 40, {129, 100}, {1, 128}},
+        {"softmax", 0, 0, 64, 150, 200, 8, 5, {0, 131}, {97, 1}},
+        {"softmax", 1, 0, 16, 200, 150, 64, 5, {150, 133}, {7, 200}},
+        {"hyp", 0, 1, 64, 200, 150, 24, 40, {-1, 0}, {133, 0}},
+        {"hyp", 1, 0, 16, 150, 200, 8, 5, {200, 40}, {129, 97}},
+        {"relu", 1, 1, 64, 129, 129, 8, 40, {100, 129}, {129, 7}},
+        {"relu", 0, 1, 16, 1, 77, 24, 5, {77, 40}, {1, 0}},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) run_kcase(&cases[i]);
     /* key norms growing over 3 chunks (|k^| ~0.2 -> ~2.6 at D = 16): the per-chunk key shifts
@@ -203,10 +258,18 @@ static void test_fast_vs_ref(void) {
      * chunks is exercised at full strength (sigma 0.5 keys scaled by 0.2 .. 2.6) */
     ef_attn_shape g = {2, 2, 300, 300, 16, 8};
     int32_t glens[2] = {300, 250};
-    fast_vs_ref_grow("performer:causal=1,features=64", g, glens, SIG_P, 0.2f, 2.6f, TOL_F, TOL_B);
-    fast_vs_ref_grow("performer:causal=1,kernel=hyp,features=32,ortho=0", g, NULL, SIG_P, 0.2f,
+    int32_t gq[2] = {280, 300};
+    fast_vs_ref_grow("performer:causal=1,features=64", g, glens, NULL, SIG_P, 0.2f, 2.6f, TOL_F,
+                     TOL_B);
+    fast_vs_ref_grow("performer:causal=1,kernel=hyp,features=32,ortho=0", g, NULL, gq, SIG_P, 0.2f,
                      2.6f, TOL_F, TOL_B);
-    fast_vs_ref_grow("performer:features=64", g, glens, SIG_P, 0.2f, 2.6f, TOL_F, TOL_B);
+    fast_vs_ref_grow("performer:features=64", g, glens, NULL, SIG_P, 0.2f, 2.6f, TOL_F, TOL_B);
+    /* eps > 0 with growing keys: eps is scaled by exp(-(query shift + key shift)) on the fast
+     * path (the shifts rise over the chunks) and never shifted in the reference */
+    fast_vs_ref_grow("performer:causal=1,features=64,eps=0.01", g, glens, gq, SIG_P, 0.2f, 2.6f,
+                     TOL_F, TOL_B);
+    fast_vs_ref_grow("performer:features=64,eps=0.01,kernel=hyp", g, glens, gq, SIG_P, 0.2f, 2.6f,
+                     TOL_F, TOL_B);
     /* sigma 1 (STYLE.md): the estimate is far from softmax there, but fast and ref must agree */
     ef_attn_shape s1 = {2, 2, 150, 200, 64, 40};
     int32_t lens1[2] = {200, 131};
@@ -296,7 +359,7 @@ static void decode_case(const char *spec, ef_attn_shape s, float qsig, float ks0
         pos_ok &= ef_attn_state_position(st) == t + 1;
     }
     char name[300], sh[128];
-    shape_str(sh, sizeof sh, s, NULL);
+    shape_str(sh, sizeof sh, s, NULL, NULL);
     snprintf(name, sizeof name, "%s %s key sigma %.2g..%.2g: decode runs, position counts", spec,
              sh, ks0, ks1);
     if (ef_check(name, !rc && pos_ok, "%s position %lld after %d steps", rc ? ef_last_error() : "",
@@ -340,6 +403,11 @@ static void test_decode(void) {
     decode_case("performer:causal=1,kernel=hyp,features=64,ortho=0", s, SIG_P, 0.1f, 1.3f, 1e-4);
     decode_case("performer:causal=1,kernel=relu,features=64", s, SIG_P, 0.1f, 1.3f, 1e-4);
     decode_case("performer:causal=1,kernel=trig,features=64", s, 0.2f, 0.2f, 0.2f, 1e-4);
+    /* eps > 0: the step scales eps by exp(-(query shift + running key shift)) as the chunked
+     * forward does by exp(-(query shift + P_r)); both equal eps on the unshifted normaliser */
+    decode_case("performer:causal=1,eps=0.01", s, SIG_P, 0.1f, 1.3f, 1e-4);
+    decode_case("performer:causal=1,kernel=hyp,features=64,eps=0.5", s, SIG_P, 0.1f, 1.3f, 1e-4);
+    decode_case("performer:causal=1,stabilize=0,eps=0.01", s, SIG_P, 0.1f, 1.3f, 1e-4);
 }
 
 /* A row's output may not depend on keys after it. Within a 128-position chunk the fast causal
@@ -431,85 +499,353 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------------
- * 3. Padding invariance
+ * 3. Padding: what lies past kv_lens and q_lens is never read
  * ------------------------------------------------------------------------------------------- */
-static void test_padding_invariance(void) {
-    printf("# 3. padded keys/values set to 1e3/1e9 change nothing (tol 0: padded features are "
-           "zeroed before any sum, so the arithmetic is identical)\n");
-    const char *specs[] = {"linear", "linear:causal=1", "performer", "performer:causal=1",
-                           "performer:kernel=hyp,features=64,causal=1"};
-    ef_attn_shape s = {2, 2, 150, 150, 16, 8};
-    int32_t lens[2] = {131, 70}; /* padding inside the second chunk and across both */
-    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
-        int perf = strncmp(specs[i], "performer", 9) == 0;
-        bufs in, a, b;
-        ef_test_inputs(&in, s, 4321, perf ? SIG_P : 1.0f);
-        ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
-        ef_status st = ef_test_run(specs[i], &in, lens, &a);
-        for (int x = 0; x < s.batch * s.heads; x++) {
-            int L = lens[x / s.heads];
-            for (int j = L; j < s.kv_len; j++) {
-                for (int t = 0; t < s.head_dim; t++)
-                    in.k[((size_t)x * s.kv_len + j) * s.head_dim + t] = 1e3f;
-                for (int t = 0; t < s.v_dim; t++)
-                    in.v[((size_t)x * s.kv_len + j) * s.v_dim + t] = 1e9f;
-            }
+/* One value for a padded position: mode 1 a fresh Gaussian draw (sigma 3), mode 2 NaN, +Inf
+ * and -Inf in turn. */
+static float pad_value(int mode, uint64_t seed, size_t *cnt) {
+    static const float special[3] = {NAN, INFINITY, -INFINITY};
+    float r;
+    if (mode == 2) return special[(*cnt)++ % 3];
+    ef_rng_normal(seed, 5, (*cnt)++, 1, &r);
+    return 3 * r;
+}
+
+/* Overwrites the padded positions of in: k and v rows j >= kv_lens[b], q and dout rows
+ * i >= q_lens[b] (NULL lengths: nothing padded). */
+static void fill_padding(bufs *in, const int32_t *kv, const int32_t *ql, int mode, uint64_t seed) {
+    ef_attn_shape s = in->s;
+    int n = s.q_len, m = s.kv_len, d = s.head_dim, dv = s.v_dim;
+    size_t cnt = 0;
+    for (int x = 0; x < s.batch * s.heads; x++) {
+        int L = kv ? kv[x / s.heads] : m, Q = ql ? ql[x / s.heads] : n;
+        for (int j = L; j < m; j++) {
+            for (int t = 0; t < d; t++)
+                in->k[((size_t)x * m + j) * d + t] = pad_value(mode, seed, &cnt);
+            for (int t = 0; t < dv; t++)
+                in->v[((size_t)x * m + j) * dv + t] = pad_value(mode, seed, &cnt);
         }
-        if (!st) st = ef_test_run(specs[i], &in, lens, &b);
-        char name[200];
-        snprintf(name, sizeof name, "%s lens{131,70}: runs", specs[i]);
-        if (ef_check(name, !st, "%s", st ? ef_last_error() : "")) {
-            snprintf(name, sizeof name, "%s: padding changes no out", specs[i]);
-            check_le(name, ef_max_abs_diff(a.out, b.out, in.no), 0.0, "phi zeroed after the map");
-            snprintf(name, sizeof name, "%s: ... no dq", specs[i]);
-            check_le(name, ef_max_abs_diff(a.dq, b.dq, in.nq), 0.0, "phi zeroed after the map");
-            snprintf(name, sizeof name, "%s: ... no dk, dv (padded rows 0)", specs[i]);
-            check_le(name,
-                     fmax(ef_max_abs_diff(a.dk, b.dk, in.nk), ef_max_abs_diff(a.dv, b.dv, in.nv)),
-                     0.0, "phi zeroed after the map");
-            double pad = 0;
-            for (int x = 0; x < s.batch * s.heads; x++)
-                for (int j = lens[x / s.heads]; j < s.kv_len; j++)
-                    for (int t = 0; t < s.head_dim; t++)
-                        pad = fmax(pad, fabs(b.dk[((size_t)x * s.kv_len + j) * s.head_dim + t]));
-            snprintf(name, sizeof name, "%s: dk of padded keys is 0", specs[i]);
-            check_le(name, pad, 0.0, "invisible keys get no gradient");
+        for (int i = Q; i < n; i++) {
+            for (int t = 0; t < d; t++)
+                in->q[((size_t)x * n + i) * d + t] = pad_value(mode, seed, &cnt);
+            for (int t = 0; t < dv; t++)
+                in->g[((size_t)x * n + i) * dv + t] = pad_value(mode, seed, &cnt);
         }
-        ef_test_free_outputs(&a), ef_test_free_outputs(&b), ef_test_free_inputs(&in);
     }
 }
 
-/* A fully padded sequence (kv_lens = 0): every row sees nothing -> exactly zero output and
- * gradients (the documented rule), never NaN from 0/0. */
+/* Largest |value| of out and dq over padded query rows and of dk, dv over padded keys. */
+static double padded_max(const bufs *in, const bufs *o, const int32_t *kv, const int32_t *ql) {
+    ef_attn_shape s = in->s;
+    int n = s.q_len, m = s.kv_len, d = s.head_dim, dv = s.v_dim;
+    double mx = 0;
+    for (int x = 0; x < s.batch * s.heads; x++) {
+        int L = kv ? kv[x / s.heads] : m, Q = ql ? ql[x / s.heads] : n;
+        for (size_t i = ((size_t)x * n + Q) * dv; i < (size_t)(x + 1) * n * dv; i++)
+            mx = fmax(mx, fabs(o->out[i]));
+        for (size_t i = ((size_t)x * n + Q) * d; i < (size_t)(x + 1) * n * d; i++)
+            mx = fmax(mx, fabs(o->dq[i]));
+        for (size_t i = ((size_t)x * m + L) * d; i < (size_t)(x + 1) * m * d; i++)
+            mx = fmax(mx, fabs(o->dk[i]));
+        for (size_t i = ((size_t)x * m + L) * dv; i < (size_t)(x + 1) * m * dv; i++)
+            mx = fmax(mx, fabs(o->dv[i]));
+    }
+    return mx;
+}
+
+static void test_padding_never_read(void) {
+    printf("# 3. padded k, v (past kv_lens) and q, dout (past q_lens) redrawn, or set to NaN/+-Inf:"
+           " out, dq, dk, dv bitwise unchanged (tol 0: padded positions are outside every loop "
+           "and GEMM); padded rows and keys exactly 0\n");
+    const char *specs[] = {"linear",
+                           "linear:causal=1",
+                           "performer:features=64",
+                           "performer:causal=1,features=64",
+                           "performer:kernel=hyp,features=32,causal=1,eps=0.01",
+                           "performer:kernel=relu,features=32",
+                           "performer:kernel=trig,features=32,causal=1",
+                           "performer:stabilize=0,eps=0.01,features=32",
+                           "linear:causal=1,ref=1",
+                           "performer:features=32,ref=1",
+                           "performer:causal=1,kernel=hyp,features=16,eps=0.01,ref=1"};
+    /* batch 0: 131 keys, 140 queries (rows 131..139 see every valid key); batch 1: 70 keys, 45
+     * queries (causal: keys 45..69 are valid but seen by no valid query). Both cross the
+     * 128-position chunk or end inside the first one. */
+    ef_attn_shape s = {2, 2, 150, 150, 16, 8};
+    int32_t kv[2] = {131, 70}, ql[2] = {140, 45};
+    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+        int perf = strncmp(specs[i], "performer", 9) == 0;
+        float sig = strstr(specs[i], "trig") ? 0.2f : perf ? SIG_P : 1.0f;
+        bufs in, base, o;
+        ef_test_inputs(&in, s, 4321, sig);
+        ef_test_outputs(&base, &in), ef_test_outputs(&o, &in);
+        ef_status st = run_spec_pad(specs[i], &in, kv, ql, &base);
+        char name[200];
+        snprintf(name, sizeof name, "%s lens{131,70} qlens{140,45}: runs", specs[i]);
+        if (!ef_check(name, !st, "%s", st ? ef_last_error() : "")) goto next;
+        snprintf(name, sizeof name, "%s: padded rows out = dq = 0, padded keys dk = dv = 0",
+                 specs[i]);
+        check_le(name, padded_max(&in, &base, kv, ql), 0.0, "skipped, written as zeros");
+        for (int mode = 1; mode <= 2; mode++) {
+            fill_padding(&in, kv, ql, mode, 77 + (uint64_t)i);
+            st = run_spec_pad(specs[i], &in, kv, ql, &o);
+            int same = !st && outs_identical(&in, &base, &o);
+            snprintf(name, sizeof name, "%s: padding %s: out, dq, dk, dv bitwise unchanged",
+                     specs[i], mode == 1 ? "redrawn" : "NaN/+-Inf");
+            ef_check(name, same, "%s (tol 0)",
+                     st     ? ef_last_error()
+                     : same ? "identical"
+                            : "differ");
+        }
+    next:
+        ef_test_free_outputs(&base), ef_test_free_outputs(&o), ef_test_free_inputs(&in);
+    }
+}
+
+/* Forward writes every byte of `saved`: buffers that held 0x00 and 0xFF bytes (NaN as floats)
+ * before the forward hold the same bytes after it, and backward gives the same gradients. */
+static void test_saved_written(void) {
+    printf("# 3a. saved is fully written: prefilled with 0x00 vs 0xFF bytes -> identical saved "
+           "bytes and gradients (tol 0)\n");
+    const char *specs[] = {"linear:causal=1", "performer:features=32",
+                           "performer:causal=1,kernel=hyp,features=16",
+                           "performer:causal=1,features=16,ref=1"};
+    ef_attn_shape s = {2, 2, 300, 260, 8, 4}; /* causal: 3 query chunks, the last one partial */
+    int32_t kv[2] = {200, 0}, ql[2] = {133, 300};
+    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+        bufs in, o[2];
+        ef_test_inputs(&in, s, 99, SIG_P);
+        ef_attn *a = NULL;
+        ef_status st = ef_attn_new(&a, specs[i], &s);
+        size_t sb = st ? 0 : ef_attn_saved_bytes(a);
+        for (int r = 0; r < 2; r++) {
+            ef_test_outputs(&o[r], &in);
+            if (st) continue;
+            o[r].saved = ef_test_saved(a);
+            memset(o[r].saved, r ? 0xFF : 0x00, sb);
+            ef_attn_io io = {in.q, in.k, in.v, kv, o[r].out, ql};
+            st = ef_attn_forward(a, &io, o[r].saved);
+            if (!st) st = ef_attn_backward(a, &io, o[r].saved, in.g, o[r].dq, o[r].dk, o[r].dv);
+        }
+        int same = !st && !memcmp(o[0].saved, o[1].saved, sb) && outs_identical(&in, &o[0], &o[1]);
+        char name[200];
+        snprintf(name, sizeof name, "%s: %zu saved bytes fully written", specs[i], sb);
+        ef_check(name, same, "%s", st ? ef_last_error() : same ? "identical" : "differ");
+        ef_test_free_outputs(&o[0]), ef_test_free_outputs(&o[1]), ef_test_free_inputs(&in);
+        ef_attn_free(a);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * 3c. Backward is the derivative of forward
+ *
+ * L(q, k, v) = <dout, out>. Along a random direction e (Gaussian, sigma 1) of one input X at a
+ * time, backward's derivative sum(dX . e) is compared with central differences of L, summed in
+ * double from the plan's own forward:
+ *   C(h) = (L(X + h e) - L(X - h e)) / 2h,   R = (4 C(h/2) - C(h)) / 3
+ * (Richardson: truncation O(h^4)). err = |R - sum(dX . e)| / |dX|_2, i.e. relative to the
+ * typical size of a directional derivative (|dX|_2 sigma_e). Inputs: q, k sigma 0.5, B = 2,
+ * H = 1, N = M = 24, D = 8, Dv = 4, 16 features, kv_lens {24, 15}, q_lens {24, 19}.
+ * Steps and tolerances (each check line prints its error; the largest is printed at the end):
+ *   - ref=1 (double inside, out rounded once to fp32): h = 1e-2; the rounding of out costs
+ *     ~6e-8 |out| / h ~ 1e-5 in R, and elu's second derivative jumps at 0 (linear), which
+ *     limits the extrapolation; measured <= 7e-5, tolerance 2e-4.
+ *   - fast path (fp32 chunked GEMMs, rounding noise ~1e-6 of |out|): h = 3e-2, noise up to
+ *     ~1e-4; measured <= 2e-4, tolerance 1e-3.
+ *   - relu features have kinks (u_f = 0): a step that crosses one changes C by up to
+ *     ~h |dL/du_f| (one feature of one row: ~1/(m N) of the total), so plain central
+ *     differences (extrapolation would amplify a kink) with h = 1e-3, where ~1 kink of the
+ *     16 x 43 features falls in the window; measured <= 8e-5, tolerance 5e-4.
+ * The old defect (eps added to the shifted normaliser while backward treated the shifts as
+ * constants) gives errors of 0.04..0.26 here at eps = 0.01 with stabilize=1 (measured on the
+ * previous kernel.c); a missing eps term in the gradient would give ~eps / den ~ 1e-3..1e-2 on
+ * the rows that see few keys.
+ * ------------------------------------------------------------------------------------------- */
+static double fd_loss(ef_attn *a, const bufs *in, const int32_t *kv, const int32_t *ql, int which,
+                      const float *e, double h, float *x, float *out) {
+    const float *src = which == 0 ? in->q : which == 1 ? in->k : in->v;
+    size_t n = which == 0 ? in->nq : which == 1 ? in->nk : in->nv;
+    for (size_t i = 0; i < n; i++) x[i] = (float)(src[i] + h * e[i]);
+    ef_attn_io io = {
+        which == 0 ? x : in->q, which == 1 ? x : in->k, which == 2 ? x : in->v, kv, out, ql};
+    if (ef_attn_forward(a, &io, NULL)) return NAN;
+    double L = 0;
+    for (size_t i = 0; i < in->no; i++) L += (double)in->g[i] * out[i];
+    return L;
+}
+
+static double fd_worst = 0; /* largest error of the last fd_case (printed per check) */
+
+static void fd_case(const char *spec, int fast, double h, int richardson, double tol,
+                    const char *why) {
+    ef_attn_shape s = {2, 1, 24, 24, 8, 4};
+    int32_t kv[2] = {24, 15}, ql[2] = {24, 19};
+    int lin = strncmp(spec, "linear", 6) == 0;
+    char full[256];
+    snprintf(full, sizeof full, "%s%s", spec, fast ? "" : strchr(spec, ':') ? ",ref=1" : ":ref=1");
+    bufs in, o;
+    ef_test_inputs(&in, s, 3131, lin ? 1.0f : SIG_P);
+    ef_test_outputs(&o, &in);
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, full, &s);
+    if (!st) st = run_pad(a, &in, kv, ql, &o, 1);
+    char name[320];
+    snprintf(name, sizeof name, "FD %s: forward and backward run", full);
+    if (st) {
+        ef_check(name, 0, "%s", ef_last_error());
+        goto done;
+    }
+    size_t big = in.nq > in.nk ? in.nq : in.nk;
+    big = big > in.nv ? big : in.nv;
+    float *x = ef_test_zeros(big), *out = ef_test_zeros(in.no);
+    static const char *nm[3] = {"dq", "dk", "dv"};
+    const float *grad[3] = {o.dq, o.dk, o.dv};
+    size_t cnt[3] = {in.nq, in.nk, in.nv};
+    for (int w = 0; w < 3; w++) {
+        float *e = ef_test_randn(cnt[w], 500 + (uint64_t)w, 1.0f);
+        double an = 0, gn = 0;
+        for (size_t i = 0; i < cnt[w]; i++) an += (double)grad[w][i] * e[i];
+        for (size_t i = 0; i < cnt[w]; i++) gn += (double)grad[w][i] * grad[w][i];
+        double c1 =
+            (fd_loss(a, &in, kv, ql, w, e, h, x, out) - fd_loss(a, &in, kv, ql, w, e, -h, x, out)) /
+            (2 * h);
+        double r = c1;
+        if (richardson) {
+            double c2 = (fd_loss(a, &in, kv, ql, w, e, h / 2, x, out) -
+                         fd_loss(a, &in, kv, ql, w, e, -h / 2, x, out)) /
+                        h;
+            r = (4 * c2 - c1) / 3;
+        }
+        double err = fabs(r - an) / fmax(sqrt(gn), 1e-30);
+        fd_worst = fmax(fd_worst, err);
+        snprintf(name, sizeof name, "FD %s: %s.e vs differences", full, nm[w]);
+        ef_check(name, err <= tol, "err %.2e  tol %.0e  (%s; d/de %.4f, h %.0e)", err, tol, why, an,
+                 h);
+        free(e);
+    }
+    free(x), free(out);
+done:
+    ef_attn_free(a), ef_test_free_outputs(&o), ef_test_free_inputs(&in);
+}
+
+static void test_finite_differences(void) {
+    printf("# 3c. directional finite differences of <dout, out> vs backward (see the comment "
+           "above fd_loss for steps and tolerances)\n");
+    static const char *kernels[3] = {"softmax", "hyp", "relu"};
+    static const char *epss[2] = {"0", "0.01"};
+    for (int fast = 0; fast < 2; fast++)
+        for (int causal = 0; causal < 2; causal++) {
+            for (int kk = 0; kk < 3; kk++)
+                for (int ei = 0; ei < 2; ei++)
+                    for (int stab = 0; stab < 2; stab++) {
+                        char spec[160];
+                        snprintf(spec, sizeof spec,
+                                 "performer:kernel=%s,features=16,eps=%s,stabilize=%d,causal=%d",
+                                 kernels[kk], epss[ei], stab, causal);
+                        int relu = kk == 2;
+                        double h = relu ? 1e-3 : fast ? 3e-2 : 1e-2;
+                        double tol = relu ? 5e-4 : fast ? 1e-3 : 2e-4;
+                        fd_case(spec, fast, h, !relu, tol,
+                                relu   ? "relu kinks, plain central difference"
+                                : fast ? "fp32 forward noise / h"
+                                       : "fp32 rounding of out / h");
+                    }
+            fd_case(causal ? "linear:causal=1" : "linear", fast, fast ? 3e-2 : 1e-2, 1,
+                    fast ? 1e-3 : 2e-4,
+                    fast ? "fp32 forward noise / h" : "fp32 rounding of out / h");
+            fd_case(causal ? "performer:kernel=trig,features=16,eps=0.01,causal=1"
+                           : "performer:kernel=trig,features=16,eps=0.01",
+                    fast, fast ? 3e-2 : 1e-2, 1, fast ? 1e-3 : 2e-4,
+                    fast ? "fp32 forward noise / h" : "fp32 rounding of out / h");
+        }
+    printf("#   largest FD error: %.2e\n", fd_worst);
+}
+
+/* eps is added to the unshifted normaliser, so `stabilize` changes rounding only: fast paths
+ * with stabilize=0 and 1 agree (fp32 rounding: 1e-5 forward, 1e-4 backward, relative), and eps
+ * does change the result (else the check would prove nothing): out with eps against out with
+ * eps = 0 must differ by more than 10x the forward tolerance. */
+static void test_eps_stabilize(void) {
+    printf("# 3d. eps > 0: stabilize=0 == stabilize=1 (tol 1e-5 fwd, 1e-4 bwd relative: fp32 "
+           "rounding of exp(g) vs exp(g - c) exp(c)); eps visibly changes out\n");
+    ef_attn_shape s = {2, 2, 150, 150, 16, 8};
+    int32_t kv[2] = {150, 100}, ql[2] = {133, 150};
+    static const struct {
+        const char *opts, *eps;
+    } var[] = {{"features=64,causal=1", "0.01"},
+               {"features=64", "0.5"},
+               {"features=64,causal=1", "1"},
+               {"kernel=hyp,features=32", "0.5"},
+               {"kernel=trig,features=32,causal=1", "0.01"}};
+    for (size_t i = 0; i < sizeof var / sizeof var[0]; i++) {
+        bufs in, o[3];
+        ef_test_inputs(&in, s, 4545, strstr(var[i].opts, "trig") ? 0.2f : SIG_P);
+        char spec[3][160];
+        for (int r = 0; r < 3; r++)
+            snprintf(spec[r], sizeof spec[r], "performer:%s,eps=%s,stabilize=%d", var[i].opts,
+                     r < 2 ? var[i].eps : "0", r == 1);
+        ef_status st = EF_OK;
+        for (int r = 0; r < 3; r++) {
+            ef_test_outputs(&o[r], &in);
+            if (!st) st = run_spec_pad(spec[r], &in, kv, ql, &o[r]);
+        }
+        char name[240];
+        snprintf(name, sizeof name, "performer:%s,eps=%s: runs", var[i].opts, var[i].eps);
+        if (!ef_check(name, !st, "%s", st ? ef_last_error() : "")) goto next;
+        snprintf(name, sizeof name, "performer:%s,eps=%s: stabilize 0 vs 1 out", var[i].opts,
+                 var[i].eps);
+        check_le(name, ef_max_rel_diff(o[1].out, o[0].out, in.no), 1e-5, "fp32 rounding");
+        snprintf(name, sizeof name, "performer:%s,eps=%s: stabilize 0 vs 1 dq, dk, dv", var[i].opts,
+                 var[i].eps);
+        check_le(name,
+                 fmax(ef_max_rel_diff(o[1].dq, o[0].dq, in.nq),
+                      fmax(ef_max_rel_diff(o[1].dk, o[0].dk, in.nk),
+                           ef_max_rel_diff(o[1].dv, o[0].dv, in.nv))),
+                 1e-4, "fp32 rounding");
+        double eff = ef_max_rel_diff(o[1].out, o[2].out, in.no);
+        snprintf(name, sizeof name, "performer:%s,eps=%s: eps changes out", var[i].opts,
+                 var[i].eps);
+        ef_check(name, eff > 1e-4, "rel. change %.2e must exceed 1e-4", eff);
+    next:
+        for (int r = 0; r < 3; r++) ef_test_free_outputs(&o[r]);
+        ef_test_free_inputs(&in);
+    }
+}
+
+/* A fully padded sequence (kv_lens = 0, or q_lens = 0): every row sees nothing, or there is no
+ * row -> exactly zero output and gradients (the documented rule), never NaN from 0/0. */
 static void test_empty_rows(void) {
-    printf("# 3b. kv_lens = 0: zero output and gradients, exactly\n");
+    printf("# 3b. kv_lens = 0 or q_lens = 0: zero output and gradients, exactly\n");
     const char *specs[] = {"linear",
                            "linear:causal=1",
                            "performer",
                            "performer:causal=1,kernel=hyp",
                            "performer:kernel=relu",
-                           "performer:kernel=trig,causal=1"};
+                           "performer:kernel=trig,causal=1",
+                           "performer:causal=1,eps=0.01,ref=1"};
     ef_attn_shape s = {2, 2, 130, 140, 8, 8};
-    int32_t lens[2] = {0, 140};
-    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
-        bufs in, o;
-        ef_test_inputs(&in, s, 77, strncmp(specs[i], "perf", 4) ? 1.0f : SIG_P);
-        ef_test_outputs(&o, &in);
-        ef_status st = ef_test_run(specs[i], &in, lens, &o);
-        double m = 0; /* batch 0 is the first half of every tensor */
-        for (size_t j = 0; j < in.no / 2; j++) m = fmax(m, fabs(o.out[j]));
-        for (size_t j = 0; j < in.nq / 2; j++) m = fmax(m, fabs(o.dq[j]));
-        for (size_t j = 0; j < in.nk / 2; j++) m = fmax(m, fabs(o.dk[j]));
-        for (size_t j = 0; j < in.nv / 2; j++) m = fmax(m, fabs(o.dv[j]));
-        int bad = outs_nonfinite(&in, &o);
-        char name[160];
-        snprintf(name, sizeof name, "%s: kv_len 0 -> out, dq, dk, dv max|value|", specs[i]);
-        if (st || bad)
-            ef_check(name, 0, "%s", st ? ef_last_error() : "NaN or inf");
-        else
-            check_le(name, m, 0.0, "a row that sees no key outputs 0 and gets 0 gradients");
-        ef_test_free_outputs(&o), ef_test_free_inputs(&in);
-    }
+    int32_t lens[2] = {0, 140}, qlens[2] = {0, 130};
+    for (int qpad = 0; qpad < 2; qpad++)
+        for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+            bufs in, o;
+            ef_test_inputs(&in, s, 77, strncmp(specs[i], "perf", 4) ? 1.0f : SIG_P);
+            ef_test_outputs(&o, &in);
+            ef_status st = run_spec_pad(specs[i], &in, qpad ? NULL : lens, qpad ? qlens : NULL, &o);
+            double m = 0; /* batch 0 is the first half of every tensor */
+            for (size_t j = 0; j < in.no / 2; j++) m = fmax(m, fabs(o.out[j]));
+            for (size_t j = 0; j < in.nq / 2; j++) m = fmax(m, fabs(o.dq[j]));
+            for (size_t j = 0; j < in.nk / 2; j++) m = fmax(m, fabs(o.dk[j]));
+            for (size_t j = 0; j < in.nv / 2; j++) m = fmax(m, fabs(o.dv[j]));
+            int bad = outs_nonfinite(&in, &o);
+            char name[160];
+            snprintf(name, sizeof name, "%s: %s 0 -> out, dq, dk, dv max|value|", specs[i],
+                     qpad ? "q_len" : "kv_len");
+            if (st || bad)
+                ef_check(name, 0, "%s", st ? ef_last_error() : "NaN or inf");
+            else
+                check_le(name, m, 0.0, "no row sees a key / no row: zeros, zero gradients");
+            ef_test_free_outputs(&o), ef_test_free_inputs(&in);
+        }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -862,8 +1198,8 @@ static void test_determinism(void) {
     if (!st) st = ef_attn_new(&fresh, rspec, &s);
     if (!ef_check("redraw plans created", !st, "%s", st ? ef_last_error() : "")) goto threads;
     bufs A, B, C, D, F;
-    ef_test_outputs(&A, &in), ef_test_outputs(&B, &in), ef_test_outputs(&C, &in), ef_test_outputs(&D, &in),
-        ef_test_outputs(&F, &in);
+    ef_test_outputs(&A, &in), ef_test_outputs(&B, &in), ef_test_outputs(&C, &in),
+        ef_test_outputs(&D, &in), ef_test_outputs(&F, &in);
     /* inference forwards (saved = NULL) never count */
     for (int i = 0; i < 3 && !st; i++) st = ef_test_run_plan(p, &in, NULL, &D, 0);
     A.saved = ef_test_saved(p);
@@ -915,13 +1251,15 @@ static void test_determinism(void) {
                  !s2 && outs_identical(&in, &C, &C2), "%s (tol 0)", s2 ? ef_last_error() : "");
         ef_free(sv), ef_attn_free(p2), ef_test_free_outputs(&C2);
     }
-    ef_test_free_outputs(&A), ef_test_free_outputs(&B), ef_test_free_outputs(&C), ef_test_free_outputs(&D), ef_test_free_outputs(&F);
+    ef_test_free_outputs(&A), ef_test_free_outputs(&B), ef_test_free_outputs(&C),
+        ef_test_free_outputs(&D), ef_test_free_outputs(&F);
 threads:
     ef_attn_free(p), ef_attn_free(fresh);
-    /* 1 vs 2 threads: (batch, head) items with single-threaded GEMMs -> bitwise equal */
+    /* 1 vs 2 threads: (batch, head) items with single-threaded GEMMs -> bitwise equal (with key
+     * and query padding) */
     {
         ef_attn_shape t = {2, 3, 150, 170, 24, 16};
-        int32_t lens[2] = {170, 99};
+        int32_t lens[2] = {170, 99}, qlens[2] = {131, 150};
         const char *specs[] = {"linear", "linear:causal=1", "performer:features=64",
                                "performer:causal=1,kernel=hyp,features=64"};
         for (int i = 0; i < 4; i++) {
@@ -930,9 +1268,9 @@ threads:
             ef_test_outputs(&t1, &tin), ef_test_outputs(&t2, &tin);
             int old = ef_get_num_threads();
             ef_set_num_threads(1);
-            ef_status r = ef_test_run(specs[i], &tin, lens, &t1);
+            ef_status r = run_spec_pad(specs[i], &tin, lens, qlens, &t1);
             ef_set_num_threads(2);
-            if (!r) r = ef_test_run(specs[i], &tin, lens, &t2);
+            if (!r) r = run_spec_pad(specs[i], &tin, lens, qlens, &t2);
             ef_set_num_threads(old);
             char name[160];
             snprintf(name, sizeof name, "%s: 1 vs 2 threads bitwise (out, dq, dk, dv)", specs[i]);
@@ -1001,8 +1339,11 @@ int main(void) {
     test_decode();
     test_state_api();
     test_causal_future_key();
-    test_padding_invariance();
+    test_padding_never_read();
+    test_saved_written();
     test_empty_rows();
+    test_finite_differences();
+    test_eps_stabilize();
     test_estimators();
     test_convergence();
     test_trig();

@@ -1,6 +1,7 @@
 /*
- * kernel.c - kernelised attention: out_i = phi(q_i) S / phi(q_i) z with S = sum_j phi(k_j) v_j^T
- * and z = sum_j phi(k_j), in O(N F (D + Dv)) time and O(F Dv) state. Two mechanisms share it:
+ * kernel.c - kernelised attention: out_i = phi(q_i) S / (phi(q_i) z + eps) with
+ * S = sum_j phi(k_j) v_j^T and z = sum_j phi(k_j), in O(N F (D + Dv)) time and O(F Dv) state.
+ * Two mechanisms share it (the plan's kind is set from a->ops in kernel_init):
  *   linear     Linear Transformer (Katharopoulos et al. 2020): phi(x) = elu(x) + 1, F = D
  *   performer  Performer FAVOR+ (Choromanski et al. 2021): random features of the softmax
  *              kernel, phi(x) ~ exp(W x^ - |x^|^2/2) / sqrt(m), x^ = x sqrt(scale)
@@ -11,33 +12,52 @@
  *     num = Phi_q S, den = Phi_q z (+ eps), out = num / den;
  *   causal: one pass; chunk c adds the intra-chunk part A = tril(Phi_q,c Phi_k,c^T):
  *     num = Phi_q,c S_<c + A V_c, den = Phi_q,c z_<c + A 1, then S += Phi_k,c^T V_c, z += ...
- * Padded keys (j >= kv_lens[b]) get phi = 0 *after* the feature map, so they vanish from the
- * numerator and the normaliser alike (elu(0)+1 != 0: masking V alone would leak them).
+ * Padding: only valid positions are ever read. Keys j >= kv_lens[b] and query rows
+ * i >= q_lens[b] are outside every loop and every GEMM size (NaN there changes nothing);
+ * padded query rows output 0 and get dq = 0, padded keys get dk = dv = 0. With causal=1 the
+ * keys j >= q_lens[b] are seen by no valid query and are skipped as well.
  * Stabilisation (performer, stabilize=1): exponent features are computed as exp(g - c) with
- * c = the row's max for a query (cancels in num / den) and, for keys, a running max over the
- * chunks seen so far; when it grows, S and z are rescaled by exp(c_old - c_new), as an online
- * softmax does, so the causal result never depends on future keys and never overflows.
- * Saved for backward: den [B][H][N] and the key shift of every chunk [B][H][chunks].
+ * c = the row's max for a query and, for keys, a running max over the chunks seen so far;
+ * when it grows, S and z are rescaled by exp(c_old - c_new), as an online softmax does, so the
+ * causal result never depends on future keys and never overflows. The result is defined with
+ * eps added to the *unshifted* normaliser, so eps is scaled by exp(-(c_q + c_k)) (eps_at):
+ * stabilize changes rounding only, and backward may treat the shifts as constants.
+ * Saved for backward: den [B][H][N] (normaliser with eps; 0 on padded rows), the key shift of
+ * every chunk [B][H][chunks] and the feature epoch (int64, last 8 bytes); all written.
  * Backward: causal = a forward sweep for dq (S, z rebuilt) and a reverse sweep for dk, dv
  * (dS, dz of the later chunks carried back, rescaled by the saved shifts); non-causal = the
  * same without the triangle. Nothing per position is stored beyond den.
  * Work items are (batch, head) pairs; their GEMMs run single-threaded so results do not
- * depend on the thread count.
+ * depend on the thread count. Every ef_sgemm status is checked; a failure inside the parallel
+ * loop is kept (the first one, with its message) and returned by forward / backward.
+ * The reference (ref=1, bottom of the file) shares no code with the fast path.
  */
 #include "attn/attn.h"
 
+#include <float.h>
 #include <math.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 enum { KC = 128 };
 enum { KM_ELU, KM_SOFTMAX, KM_HYP, KM_TRIG, KM_RELU };
 
+extern const ef_attn_ops ef_attn_ops_linear, ef_attn_ops_performer;
+
+/* Returns the status of `expr` from the enclosing function when it is not EF_OK. */
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        ef_status try_st_ = (expr);                                                                \
+        if (try_st_ != EF_OK) return try_st_;                                                      \
+    } while (0)
+
 typedef struct kwork {
     float *phq, *phk; /* [KC][F] features of a query / key chunk (log values before exp) */
     float *uq, *uk;   /* [KC][m] projections W x^ (performer) */
     float *nq, *nk;   /* [KC] |x^|^2 / 2 */
-    float *shq;       /* [KC] per-row query shifts */
+    float *shq;       /* [KC] per-row query shifts (0 without stabilisation) */
     float *shk;       /* [KC] per-key own shifts (causal) */
     float *pr, *rho;  /* [KC] per-row prefix key shift P_r, exp(c_prev - P_r) (causal) */
     float *ksc;       /* [KC] per-key factor exp(s_j - c) (causal backward) */
@@ -54,15 +74,17 @@ typedef struct kwork {
 typedef struct kplan {
     int kind, F, m; /* feature map, features, random projections */
     float xs;       /* x^ = x * xs */
-    float eps;      /* added to the denominator */
-    int stabilize, redraw, nchunks;
+    float eps;      /* added to the (unshifted) normaliser */
+    int stabilize, ortho, redraw, nchunks;
     int64_t epoch, calls; /* feature draw in use; training forwards since the last draw */
     float *W;             /* [m][D] random projections (performer) */
     double *qr;           /* QR workspace (D x D doubles) */
     float *gtmp;          /* [D] Gaussian draws for the row norms */
     kwork *ws;
     void *block;
-    float *rq, *rk, *ruq, *ruk, *rnq, *rnk, *rdq, *rdk, *rtmp; /* reference path (ref=1) */
+    /* reference path (ref=1), doubles, one (batch, head): features and projections of q and k,
+     * their shifts, gradients wrt the features, dV accumulators, one row of scratch */
+    double *rfq, *rfk, *ruq, *ruk, *rsq, *rsk, *rgq, *rgk, *rdv, *rrow;
     void *rblock;
 } kplan;
 
@@ -71,15 +93,12 @@ typedef struct kplan {
  * the norms of fresh Gaussian vectors: the paper's "scaling 0") or iid Gaussian rows.
  * Draw number `epoch` of the plan's seed; stream per purpose, counter per element.
  * ------------------------------------------------------------------------------------------- */
-enum { OPT_P_FEATURES, OPT_P_KERNEL, OPT_P_ORTHO, OPT_P_REDRAW, OPT_P_STABILIZE };
-
 static void draw_features(ef_attn *a) {
     kplan *p = a->impl;
     int d = a->shape.head_dim, m = p->m;
-    int ortho = (int)ef_opt_i(a, OPT_P_ORTHO);
     uint64_t stream = 0x70657266ull << 32 | (uint64_t)p->epoch;
     ef_rng_normal(a->seed, stream, 0, (size_t)m * d, p->W);
-    if (!ortho) return;
+    if (!p->ortho) return;
     double *q = p->qr;
     for (int b0 = 0; b0 < m; b0 += d) {
         int rows = EF_MIN(d, m - b0);
@@ -122,35 +141,38 @@ static void draw_features(ef_attn *a) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Feature maps. fm_log writes, for rows [0, n) of x, the features in "log form" into ph and
- * returns the largest log value over rows < valid (-inf if none): for exp-type maps the
- * exponent g, for the others the feature itself. fm_exp then turns row r into features with
- * shift sh[r] (exp(g - sh)), zeroes rows >= valid, and applies the trig factors.
+ * Feature maps (fast path). fm_log writes, for the n rows of x (all valid positions), the
+ * features in "log form" into ph and the largest log value into *mx: for exp-type maps the
+ * exponent g, for the others the feature itself (*mx = -inf). fm_exp then turns row r into
+ * features with shift sh[r] (exp(g - sh)) and applies the trig factors.
  * ------------------------------------------------------------------------------------------- */
 static int fm_is_exp(const kplan *p) {
     return p->kind == KM_SOFTMAX || p->kind == KM_HYP || p->kind == KM_TRIG;
 }
+/* Exponent features are shifted (stabilize=1 on an exp-type map). */
+static int fm_stab(const kplan *p) { return fm_is_exp(p) && p->stabilize; }
 
-static float fm_log(const ef_attn *a, const float *x, int n, int valid, float *u, float *nrm,
-                    float *ph) {
+static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float *nrm, float *ph,
+                        float *mx_out) {
     const kplan *p = a->impl;
     int d = a->shape.head_dim, m = p->m, F = p->F;
+    float mx = -INFINITY;
     if (p->kind == KM_ELU) {
         for (int r = 0; r < n; r++)
             for (int t = 0; t < d; t++) {
                 float v = x[(size_t)r * d + t];
                 ph[(size_t)r * F + t] = v > 0 ? v + 1 : v; /* exp applied in fm_exp */
             }
-        return 0;
+        *mx_out = mx;
+        return EF_OK;
     }
     /* u = x^ W^T with x^ = xs x */
-    ef_sgemm(0, 1, n, m, d, p->xs, x, d, p->W, d, 0.0f, u, m);
+    TRY(ef_sgemm(0, 1, n, m, d, p->xs, x, d, p->W, d, 0.0f, u, m));
     for (int r = 0; r < n; r++) {
         double s = 0;
         for (int t = 0; t < d; t++) s += (double)x[(size_t)r * d + t] * x[(size_t)r * d + t];
         nrm[r] = (float)(s * p->xs * p->xs * 0.5);
     }
-    float mx = -INFINITY;
     for (int r = 0; r < n; r++) {
         float *o = ph + (size_t)r * F;
         const float *ur = u + (size_t)r * m;
@@ -168,13 +190,14 @@ static float fm_log(const ef_attn *a, const float *x, int n, int valid, float *u
             for (int f = 0; f < F; f++) o[f] = nrm[r];
             break;
         }
-        if (r < valid && fm_is_exp(p))
+        if (fm_is_exp(p))
             for (int f = 0; f < F; f++) mx = o[f] > mx ? o[f] : mx;
     }
-    return mx;
+    *mx_out = mx;
+    return EF_OK;
 }
 
-static void fm_exp(const ef_attn *a, int n, int valid, const float *sh, const float *u, float *ph) {
+static void fm_exp(const ef_attn *a, int n, const float *sh, const float *u, float *ph) {
     const kplan *p = a->impl;
     int F = p->F, m = p->m;
     float norm = p->kind == KM_SOFTMAX ? 1 / sqrtf((float)m)
@@ -183,10 +206,6 @@ static void fm_exp(const ef_attn *a, int n, int valid, const float *sh, const fl
                      : 1;
     for (int r = 0; r < n; r++) {
         float *o = ph + (size_t)r * F;
-        if (r >= valid) {
-            memset(o, 0, sizeof(float) * F);
-            continue;
-        }
         if (p->kind == KM_ELU) { /* o = v + 1 for v > 0 (> 1), else v: exp(v) */
             float e[1024];
             for (int f0 = 0; f0 < F; f0 += 1024) {
@@ -209,9 +228,10 @@ static void fm_exp(const ef_attn *a, int n, int valid, const float *sh, const fl
     }
 }
 
-/* dx (n x D, overwritten) from dph (n x F) for features ph of x. */
-static void fm_backward(const ef_attn *a, const float *x, int n, const float *u, const float *ph,
-                        const float *dph, float *tmp, float *dx) {
+/* dx (n x D, overwritten) from dph (n x F) for features ph of x (shifts held constant: they
+ * cancel, see eps_at). */
+static ef_status fm_backward(const ef_attn *a, const float *x, int n, const float *u,
+                             const float *ph, const float *dph, float *tmp, float *dx) {
     const kplan *p = a->impl;
     int d = a->shape.head_dim, m = p->m, F = p->F;
     if (p->kind == KM_ELU) {
@@ -220,7 +240,7 @@ static void fm_backward(const ef_attn *a, const float *x, int n, const float *u,
                 size_t i = (size_t)r * d + t;
                 dx[i] = dph[(size_t)r * F + t] * (x[i] > 0 ? 1.0f : ph[(size_t)r * F + t]);
             }
-        return;
+        return EF_OK;
     }
     /* du (n x m) into tmp; c_r = coefficient of x^ in dx^ */
     for (int r = 0; r < n; r++) {
@@ -251,65 +271,66 @@ static void fm_backward(const ef_attn *a, const float *x, int n, const float *u,
         float cx = (float)c * p->xs * p->xs;
         for (int t = 0; t < d; t++) dx[(size_t)r * d + t] = cx * x[(size_t)r * d + t];
     }
-    ef_sgemm(0, 0, n, d, m, p->xs, tmp, m, p->W, d, 1.0f, dx, d);
+    return ef_sgemm(0, 0, n, d, m, p->xs, tmp, m, p->W, d, 1.0f, dx, d);
 }
 
-/* Maps a chunk of n rows of x: keys with one shift (running, updated in *key_shift and the
- * rescale factor returned), queries with per-row shifts (into shq). */
-static float map_keys(const ef_attn *a, kwork *w, const float *x, int n, int valid,
-                      float *key_shift) {
+/* Maps a chunk of n keys with one shift (running: updated in *key_shift, the rescale factor
+ * of what was summed before in *resc). */
+static ef_status map_keys(const ef_attn *a, kwork *w, const float *x, int n, float *key_shift,
+                          float *resc) {
     kplan *p = a->impl;
-    float mx = fm_log(a, x, n, valid, w->uk, w->nk, w->phk);
-    float resc = 1;
-    if (fm_is_exp(p) && p->stabilize && mx > *key_shift) {
-        resc = *key_shift == -INFINITY ? 0 : expf(*key_shift - mx);
+    float mx;
+    TRY(fm_log(a, x, n, w->uk, w->nk, w->phk, &mx));
+    *resc = 1;
+    if (fm_stab(p) && mx > *key_shift) {
+        *resc = *key_shift == -INFINITY ? 0 : expf(*key_shift - mx);
         *key_shift = mx;
     }
     float sh[KC];
     for (int r = 0; r < n; r++) sh[r] = *key_shift;
-    fm_exp(a, n, valid, sh, w->uk, w->phk);
-    return resc;
+    fm_exp(a, n, sh, w->uk, w->phk);
+    return EF_OK;
 }
 
-static void map_queries(const ef_attn *a, kwork *w, const float *x, int n) {
+/* Maps n query rows, each at its own shift (its largest exponent; 0 without stabilisation),
+ * kept in shq. */
+static ef_status map_queries(const ef_attn *a, kwork *w, const float *x, int n) {
     const kplan *p = a->impl;
-    fm_log(a, x, n, n, w->uq, w->nq, w->phq);
-    if (fm_is_exp(p) && p->stabilize)
-        for (int r = 0; r < n; r++) {
-            float mx = -INFINITY;
-            for (int f = 0; f < p->F; f++) mx = EF_MAX(mx, w->phq[(size_t)r * p->F + f]);
-            w->shq[r] = mx;
-        }
-    fm_exp(a, n, n, w->shq, w->uq, w->phq);
+    float mx;
+    TRY(fm_log(a, x, n, w->uq, w->nq, w->phq, &mx));
+    for (int r = 0; r < n; r++) {
+        float s = fm_stab(p) ? -INFINITY : 0;
+        if (fm_stab(p))
+            for (int f = 0; f < p->F; f++) s = EF_MAX(s, w->phq[(size_t)r * p->F + f]);
+        w->shq[r] = s;
+    }
+    fm_exp(a, n, w->shq, w->uq, w->phq);
+    return EF_OK;
 }
 
 /* Causal chunks. A key is mapped at its own shift s_j (the largest exponent of its row), so no
  * key of the chunk shrinks another; query row r then uses P_r = max(c_prev, max s_j over the
  * keys j <= r of the chunk): the intra-chunk score of (r, j) carries exp(s_j - P_r) and the
  * prefix terms exp(c_prev - P_r), both <= 1, and row r never depends on a later key.
- * Returns the chunk's new running shift max(c_prev, max s_j). Non-exp maps (and stabilize=0)
- * use s_j = 0, which makes every factor 1. */
-static float map_keys_own(const ef_attn *a, kwork *w, const float *x, int n, int valid) {
+ * Non-exp maps (and stabilize=0) use s_j = 0, which makes every factor 1. All n keys are valid. */
+static ef_status map_keys_own(const ef_attn *a, kwork *w, const float *x, int n) {
     const kplan *p = a->impl;
-    fm_log(a, x, n, valid, w->uk, w->nk, w->phk);
-    int stab = fm_is_exp(p) && p->stabilize;
-    float mx = -INFINITY;
+    float mx;
+    TRY(fm_log(a, x, n, w->uk, w->nk, w->phk, &mx));
     for (int r = 0; r < n; r++) {
-        float s = -INFINITY;
-        if (r < valid) {
-            s = 0;
-            if (stab) {
-                s = -INFINITY;
-                for (int f = 0; f < p->F; f++) s = EF_MAX(s, w->phk[(size_t)r * p->F + f]);
-            }
+        float s = 0;
+        if (fm_stab(p)) {
+            s = -INFINITY;
+            for (int f = 0; f < p->F; f++) s = EF_MAX(s, w->phk[(size_t)r * p->F + f]);
         }
         w->shk[r] = s;
-        mx = EF_MAX(mx, s);
     }
-    fm_exp(a, n, valid, w->shk, w->uk, w->phk);
-    return mx;
+    fm_exp(a, n, w->shk, w->uk, w->phk);
+    return EF_OK;
 }
 
+/* Per-row prefix shifts P_r and factors rho_r = exp(c_prev - P_r) of a causal chunk with qn
+ * query rows and kval keys; returns the chunk's new running shift max(c_prev, max s_j). */
 static float chunk_prefix(kwork *w, int qn, int kval, float c_prev) {
     float run = c_prev, cnew = c_prev;
     for (int j = 0; j < kval; j++) cnew = EF_MAX(cnew, w->shk[j]);
@@ -321,7 +342,8 @@ static float chunk_prefix(kwork *w, int qn, int kval, float c_prev) {
     return cnew;
 }
 
-/* Multiplies A[r][j] by exp(s_j - P_r) for j <= r (0 elsewhere). */
+/* Multiplies A[r][j] by exp(s_j - P_r) for j <= r and sets it to 0 for j > r (assigned, never
+ * multiplied: a later key's score cannot leak). */
 static void scale_intra(const kwork *w, float *A, int qn, int kn) {
     for (int r = 0; r < qn; r++)
         for (int j = 0; j < kn; j++) {
@@ -332,9 +354,10 @@ static void scale_intra(const kwork *w, float *A, int qn, int kn) {
         }
 }
 
-/* Adds the chunk to the state: S = S exp(c_prev - c_new) + sum_j phi_j exp(s_j - c_new) v_j^T. */
-static void state_add(const ef_attn *a, kwork *w, const float *v, int kn, float c_prev,
-                      float c_new) {
+/* Adds the chunk's kn (valid) keys to the state:
+ * S = S exp(c_prev - c_new) + sum_j phi_j exp(s_j - c_new) v_j^T. */
+static ef_status state_add(const ef_attn *a, kwork *w, const float *v, int kn, float c_prev,
+                           float c_new) {
     const kplan *p = a->impl;
     int F = p->F, dv = a->shape.v_dim;
     if (c_prev != c_new) {
@@ -346,9 +369,28 @@ static void state_add(const ef_attn *a, kwork *w, const float *v, int kn, float 
         float e = w->shk[r] == -INFINITY ? 0 : expf(w->shk[r] - c_new);
         for (int f = 0; f < F; f++) w->phk[(size_t)r * F + f] *= e;
     }
-    ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v, dv, 1.0f, w->S, dv);
+    TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v, dv, 1.0f, w->S, dv));
     for (int r = 0; r < kn; r++)
         for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
+    return EF_OK;
+}
+
+/* The normaliser of a row is defined as phi(q).sum phi(k) + eps with the *unshifted*
+ * features, whatever `stabilize` is. The fast path holds the normaliser in shifted units
+ * (query features at exp(-c_q), key features at exp(-c_k)), so eps enters as
+ * eps exp(-(c_q + c_k)): the shifts cancel exactly in out = num / den, and backward may treat
+ * them as constants. (Adding eps to the shifted normaliser instead would make the result
+ * depend on the maxima, non-smoothly, and on keys the row does not see.) */
+static double eps_at(const kplan *p, double shift) {
+    if (p->eps == 0) return 0;
+    return fm_stab(p) ? p->eps * exp(-shift) : p->eps;
+}
+
+/* den + eps in shifted units, as fp32; +inf when eps dominates beyond fp32 (the true output
+ * is then below fp32's range: out = 0, gradients 0). */
+static float den_total(const kplan *p, double den, double shift) {
+    double t = den + eps_at(p, shift);
+    return t > FLT_MAX ? INFINITY : (float)t;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -360,7 +402,33 @@ typedef struct kcall {
     float *saved;
     const float *dout;
     float *dq, *dk, *dv;
+    atomic_int failed; /* 0 until a work item fails; the first failure is kept below */
+    ef_status st;
+    char msg[256];
 } kcall;
+
+static void kcall_init(kcall *c, ef_attn *a, const ef_attn_io *io, float *saved, const float *dout,
+                       float *dq, float *dk, float *dv) {
+    c->a = a, c->io = io, c->saved = saved, c->dout = dout, c->dq = dq, c->dk = dk, c->dv = dv;
+    atomic_init(&c->failed, 0);
+    c->st = EF_OK;
+    c->msg[0] = 0;
+}
+
+/* Records the first failing status of a work item with its (thread-local) message. */
+static void kcall_fail(kcall *c, ef_status st) {
+    int expected = 0;
+    if (atomic_compare_exchange_strong(&c->failed, &expected, 1)) {
+        c->st = st;
+        snprintf(c->msg, sizeof c->msg, "%s", ef_last_error());
+    }
+}
+
+/* After the parallel loop: the kept failure, re-raised in the calling thread. */
+static ef_status kcall_status(const kcall *c) {
+    if (c->st == EF_OK) return EF_OK;
+    return ef_error(c->st, "%s: %s", c->a->ops->name, c->msg);
+}
 
 static float *den_of(const ef_attn *a, float *saved, int64_t bh) {
     return saved + (size_t)bh * a->shape.q_len;
@@ -371,106 +439,127 @@ static float *shifts_of(const ef_attn *a, float *saved, int64_t bh) {
            (size_t)bh * p->nchunks;
 }
 
-/* out rows [c0, c0+n) from num and den; returns nothing, stores den if saved. */
-static void finish_rows(const ef_attn *a, kwork *w, int n, float *out, float *den_out) {
+/* out rows [0, n) of a chunk from num and den (a row whose normaliser is 0 or inf: zeros). */
+static void finish_rows(const ef_attn *a, kwork *w, int n, float *out, const float *den) {
     int dv = a->shape.v_dim;
     for (int r = 0; r < n; r++) {
-        float den = den_out[r];
-        float inv = den != 0 ? 1 / den : 0; /* a row that sees nothing (den = 0): zeros */
+        float inv = den[r] != 0 ? 1 / den[r] : 0;
         for (int e = 0; e < dv; e++) out[(size_t)r * dv + e] = w->num[(size_t)r * dv + e] * inv;
     }
 }
 
-static void forward_head(void *ctx, int64_t bh, int tid) {
-    const kcall *c = ctx;
+static ef_status forward_one(kcall *c, int64_t bh, kwork *w) {
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
     kplan *p = a->impl;
-    kwork *w = &p->ws[tid];
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, F = p->F;
-    int b = (int)(bh / s->heads), L = ef_attn_kv_valid(a, c->io, b);
+    int b = (int)(bh / s->heads);
+    int L = ef_attn_kv_valid(a, c->io, b), Q = ef_attn_q_valid(a, c->io, b);
     const float *q = c->io->q + (size_t)bh * n * d, *k = c->io->k + (size_t)bh * m * d;
     const float *v = c->io->v + (size_t)bh * m * dv;
     float *out = c->io->out + (size_t)bh * n * dv;
+    float *den_all = c->saved ? den_of(a, c->saved, bh) : NULL;
     float *shifts = c->saved ? shifts_of(a, c->saved, bh) : NULL;
     float dbuf[KC];
-    int old = ef_gemm_local_threads(1);
+    /* padded query rows: zeros; saved fully written (chunks no query reaches: -inf) */
+    memset(out + (size_t)Q * dv, 0, sizeof(float) * (size_t)(n - Q) * dv);
+    if (den_all)
+        for (int i = Q; i < n; i++) den_all[i] = 0;
+    if (shifts)
+        for (int ci = 0; ci < p->nchunks; ci++) shifts[ci] = -INFINITY;
+    if (L == 0) { /* no query sees a key */
+        memset(out, 0, sizeof(float) * (size_t)Q * dv);
+        if (den_all)
+            for (int i = 0; i < Q; i++) den_all[i] = 0;
+        return EF_OK;
+    }
     memset(w->S, 0, sizeof(float) * F * dv);
     memset(w->z, 0, sizeof(float) * F);
     float kshift = -INFINITY;
     if (!a->causal) {
-        for (int j0 = 0; j0 < L; j0 += KC) {
+        for (int j0 = 0; j0 < L && Q > 0; j0 += KC) {
             int kn = EF_MIN(KC, L - j0);
-            float resc = map_keys(a, w, k + (size_t)j0 * d, kn, kn, &kshift);
+            float resc;
+            TRY(map_keys(a, w, k + (size_t)j0 * d, kn, &kshift, &resc));
             if (resc != 1) {
                 for (int x = 0; x < F * dv; x++) w->S[x] *= resc;
                 for (int f = 0; f < F; f++) w->z[f] *= resc;
             }
-            ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S, dv);
+            TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S,
+                         dv));
             for (int r = 0; r < kn; r++)
                 for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
         }
         if (shifts) shifts[0] = kshift;
-        for (int i0 = 0; i0 < n; i0 += KC) {
-            int qn = EF_MIN(KC, n - i0);
-            map_queries(a, w, q + (size_t)i0 * d, qn);
-            ef_sgemm(0, 0, qn, dv, F, 1.0f, w->phq, F, w->S, dv, 0.0f, w->num, dv);
-            float *den = shifts ? den_of(a, c->saved, bh) + i0 : dbuf;
+        for (int i0 = 0; i0 < Q; i0 += KC) {
+            int qn = EF_MIN(KC, Q - i0);
+            TRY(map_queries(a, w, q + (size_t)i0 * d, qn));
+            TRY(ef_sgemm(0, 0, qn, dv, F, 1.0f, w->phq, F, w->S, dv, 0.0f, w->num, dv));
+            float *den = den_all ? den_all + i0 : dbuf;
             for (int r = 0; r < qn; r++) {
                 double acc = 0;
                 for (int f = 0; f < F; f++) acc += (double)w->phq[(size_t)r * F + f] * w->z[f];
-                den[r] = L > 0 ? (float)acc + p->eps : 0;
+                den[r] = den_total(p, acc, (double)w->shq[r] + kshift);
             }
             finish_rows(a, w, qn, out + (size_t)i0 * dv, den);
         }
-    } else {
-        /* causal: position chunks [c0, c0+KC) of queries and keys together (top-left) */
-        int npos = EF_MAX(n, m);
-        for (int c0 = 0, ci = 0; c0 < npos; c0 += KC, ci++) {
-            int kn = EF_MAX(0, EF_MIN(KC, m - c0)), kval = EF_MAX(0, EF_MIN(kn, L - c0));
-            int qn = EF_MAX(0, EF_MIN(KC, n - c0));
-            if (kn > 0) map_keys_own(a, w, k + (size_t)c0 * d, kn, kval);
-            float cnew = chunk_prefix(w, qn, kval, kshift);
-            if (shifts && ci < p->nchunks) shifts[ci] = cnew;
-            if (qn > 0) {
-                map_queries(a, w, q + (size_t)c0 * d, qn);
-                /* prefix part, at each row's shift */
-                ef_sgemm(0, 0, qn, dv, F, 1.0f, w->phq, F, w->S, dv, 0.0f, w->num, dv);
-                float *den = shifts ? den_of(a, c->saved, bh) + c0 : dbuf;
-                for (int r = 0; r < qn; r++) {
-                    double acc = 0;
-                    for (int f = 0; f < F; f++) acc += (double)w->phq[(size_t)r * F + f] * w->z[f];
-                    den[r] = (float)acc * w->rho[r];
-                    for (int e = 0; e < dv; e++) w->num[(size_t)r * dv + e] *= w->rho[r];
-                }
-                if (kn > 0) { /* intra-chunk: A = tril(Phi_q Phi_k^T) exp(s_j - P_r) */
-                    ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC);
-                    scale_intra(w, w->A, qn, kn);
-                    for (int r = 0; r < qn; r++) {
-                        double acc = 0;
-                        for (int j = 0; j < kn; j++) acc += w->A[(size_t)r * KC + j];
-                        den[r] += (float)acc;
-                    }
-                    ef_sgemm(0, 0, qn, dv, kn, 1.0f, w->A, KC, v + (size_t)c0 * dv, dv, 1.0f,
-                             w->num, dv);
-                }
-                for (int r = 0; r < qn; r++) {
-                    int sees = EF_MIN(L, c0 + r + 1) > 0;
-                    den[r] = sees ? den[r] + p->eps : 0;
-                }
-                finish_rows(a, w, qn, out + (size_t)c0 * dv, den);
-            }
-            if (kn > 0) state_add(a, w, v + (size_t)c0 * dv, kn, kshift, cnew);
-            kshift = cnew;
-        }
+        return EF_OK;
     }
-    ef_gemm_local_threads(old);
+    /* causal: position chunks [c0, c0+KC) of queries and keys together (top-left); only
+     * queries < Q and keys < min(L, Q) take part */
+    int Lc = EF_MIN(L, Q);
+    for (int c0 = 0, ci = 0; c0 < Q; c0 += KC, ci++) {
+        int kn = EF_MAX(0, EF_MIN(KC, Lc - c0)), qn = EF_MIN(KC, Q - c0);
+        if (kn > 0) TRY(map_keys_own(a, w, k + (size_t)c0 * d, kn));
+        float cnew = chunk_prefix(w, qn, kn, kshift);
+        if (shifts) shifts[ci] = cnew;
+        TRY(map_queries(a, w, q + (size_t)c0 * d, qn));
+        /* prefix part, at each row's shift */
+        TRY(ef_sgemm(0, 0, qn, dv, F, 1.0f, w->phq, F, w->S, dv, 0.0f, w->num, dv));
+        float *den = den_all ? den_all + c0 : dbuf;
+        for (int r = 0; r < qn; r++) {
+            double acc = 0;
+            for (int f = 0; f < F; f++) acc += (double)w->phq[(size_t)r * F + f] * w->z[f];
+            den[r] = (float)acc * w->rho[r];
+            for (int e = 0; e < dv; e++) w->num[(size_t)r * dv + e] *= w->rho[r];
+        }
+        if (kn > 0) { /* intra-chunk: A = tril(Phi_q Phi_k^T) exp(s_j - P_r) */
+            TRY(ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC));
+            scale_intra(w, w->A, qn, kn);
+            for (int r = 0; r < qn; r++) {
+                double acc = 0;
+                for (int j = 0; j < kn; j++) acc += w->A[(size_t)r * KC + j];
+                den[r] += (float)acc;
+            }
+            TRY(ef_sgemm(0, 0, qn, dv, kn, 1.0f, w->A, KC, v + (size_t)c0 * dv, dv, 1.0f, w->num,
+                         dv));
+        }
+        for (int r = 0; r < qn; r++) {
+            int sees = EF_MIN(L, c0 + r + 1) > 0;
+            den[r] = sees ? den_total(p, den[r], (double)w->shq[r] + w->pr[r]) : 0;
+        }
+        finish_rows(a, w, qn, out + (size_t)c0 * dv, den);
+        if (kn > 0 && c0 + KC < Q) TRY(state_add(a, w, v + (size_t)c0 * dv, kn, kshift, cnew));
+        kshift = cnew;
+    }
+    return EF_OK;
 }
 
-static ef_status kernel_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+static void forward_head(void *ctx, int64_t bh, int tid) {
+    kcall *c = ctx;
+    kplan *p = c->a->impl;
+    int old = ef_gemm_local_threads(1);
+    ef_status st = forward_one(c, bh, &p->ws[tid]);
+    ef_gemm_local_threads(old);
+    if (st) kcall_fail(c, st);
+}
+
+/* Feature redraws: a training forward (saved != NULL) counts towards `redraw` and stores its
+ * feature epoch in the last 8 bytes of saved; a backward regenerates that draw if the plan has
+ * moved on, and restores the current one afterwards. Fast and reference paths alike. */
+static void epoch_forward(ef_attn *a, void *saved) {
     kplan *p = a->impl;
     if (saved && p->redraw > 0 && p->W) {
-        /* a training forward: redraw the features every `redraw` calls */
         if (p->calls >= p->redraw) {
             p->epoch++, p->calls = 0;
             draw_features(a);
@@ -480,15 +569,39 @@ static ef_status kernel_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     if (saved)
         memcpy((char *)saved + ef_attn_saved_bytes(a) - sizeof(int64_t), &p->epoch,
                sizeof(int64_t));
-    kcall c = {a, io, saved, NULL, NULL, NULL, NULL};
+}
+
+static int64_t epoch_backward_begin(ef_attn *a, const void *saved) {
+    kplan *p = a->impl;
+    int64_t epoch, current = p->epoch;
+    memcpy(&epoch, (const char *)saved + ef_attn_saved_bytes(a) - sizeof(int64_t), sizeof epoch);
+    if (p->W && epoch != p->epoch) { /* features were redrawn since this forward: draw its set */
+        p->epoch = epoch;
+        draw_features(a);
+    }
+    return current;
+}
+
+static void epoch_backward_end(ef_attn *a, int64_t current) {
+    kplan *p = a->impl;
+    if (p->W && p->epoch != current) { /* back to the features the next forward expects */
+        p->epoch = current;
+        draw_features(a);
+    }
+}
+
+static ef_status kernel_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+    epoch_forward(a, saved);
+    kcall c;
+    kcall_init(&c, a, io, saved, NULL, NULL, NULL, NULL);
     ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), forward_head, &c);
-    return EF_OK;
+    return kcall_status(&c);
 }
 
 /* ---------------------------------------------------------------------------------------------
  * Backward
  * ------------------------------------------------------------------------------------------- */
-/* G = dO / den and dd = -(dO . out) / den for query rows [r0, r0+qn). */
+/* G = dO / den and dd = -(dO . out) / den for the qn query rows of a chunk. */
 static void grad_rows(const ef_attn *a, kwork *w, const float *g, const float *out,
                       const float *den, int qn) {
     int dv = a->shape.v_dim;
@@ -504,273 +617,335 @@ static void grad_rows(const ef_attn *a, kwork *w, const float *g, const float *o
 }
 
 /* Keys of a chunk mapped with a known shift (no running update). */
-static void map_keys_fixed(const ef_attn *a, kwork *w, const float *x, int n, int valid,
-                           float shift) {
-    fm_log(a, x, n, valid, w->uk, w->nk, w->phk);
-    float sh[KC];
+static ef_status map_keys_fixed(const ef_attn *a, kwork *w, const float *x, int n, float shift) {
+    float mx, sh[KC];
+    TRY(fm_log(a, x, n, w->uk, w->nk, w->phk, &mx));
     for (int r = 0; r < n; r++) sh[r] = shift;
-    fm_exp(a, n, valid, sh, w->uk, w->phk);
+    fm_exp(a, n, sh, w->uk, w->phk);
+    return EF_OK;
 }
 
-/* dPhi_k = V dS^T + 1 dz^T (+ intra), rows >= valid zeroed; dV = Phi_k dS (+ intra); dk. */
-static void key_grads(const ef_attn *a, kwork *w, const float *k, const float *v, int kn, int valid,
-                      float *dk, float *dvo, int intra, int qn) {
+/* For kn valid keys: dPhi_k = V dS^T + 1 dz^T (+ intra); dV = Phi_k dS (+ intra); dk. */
+static ef_status key_grads(const ef_attn *a, kwork *w, const float *k, const float *v, int kn,
+                           float *dk, float *dvo, int intra, int qn) {
     const kplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, F = p->F;
-    ef_sgemm(0, 1, kn, F, dv, 1.0f, v, dv, w->dS, dv, 0.0f, w->dph, F);
+    int dv = a->shape.v_dim, F = p->F;
+    TRY(ef_sgemm(0, 1, kn, F, dv, 1.0f, v, dv, w->dS, dv, 0.0f, w->dph, F));
     for (int r = 0; r < kn; r++)
         for (int f = 0; f < F; f++) w->dph[(size_t)r * F + f] += w->dz[f];
-    ef_sgemm(0, 0, kn, dv, F, 1.0f, w->phk, F, w->dS, dv, 0.0f, dvo, dv);
+    TRY(ef_sgemm(0, 0, kn, dv, F, 1.0f, w->phk, F, w->dS, dv, 0.0f, dvo, dv));
     if (intra) /* causal: key j entered the state at exp(s_j - c) */
         for (int r = 0; r < kn; r++) {
             for (int f = 0; f < F; f++) w->dph[(size_t)r * F + f] *= w->ksc[r];
             for (int e = 0; e < dv; e++) dvo[(size_t)r * dv + e] *= w->ksc[r];
         }
     if (intra && qn > 0) {
-        ef_sgemm(1, 0, kn, F, qn, 1.0f, w->dA, KC, w->phq, F, 1.0f, w->dph, F);
-        ef_sgemm(1, 0, kn, dv, qn, 1.0f, w->A, KC, w->G, dv, 1.0f, dvo, dv);
+        TRY(ef_sgemm(1, 0, kn, F, qn, 1.0f, w->dA, KC, w->phq, F, 1.0f, w->dph, F));
+        TRY(ef_sgemm(1, 0, kn, dv, qn, 1.0f, w->A, KC, w->G, dv, 1.0f, dvo, dv));
     }
-    for (int r = valid; r < kn; r++) {
-        memset(w->dph + (size_t)r * F, 0, sizeof(float) * F);
-        memset(dvo + (size_t)r * dv, 0, sizeof(float) * dv);
-    }
-    fm_backward(a, k, kn, w->uk, w->phk, w->dph, w->tmp, dk);
-    (void)d;
+    return fm_backward(a, k, kn, w->uk, w->phk, w->dph, w->tmp, dk);
 }
 
 /* A = tril(Phi_q Phi_k^T) and dA = tril(G V^T + dd 1^T), times exp(s_j - P_r), of one causal
  * chunk (keys at their own shifts, see map_keys_own). */
-static void intra_scores(const ef_attn *a, kwork *w, const float *v, int qn, int kn) {
+static ef_status intra_scores(const ef_attn *a, kwork *w, const float *v, int qn, int kn) {
     const kplan *p = a->impl;
     int dv = a->shape.v_dim, F = p->F;
-    ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC);
-    ef_sgemm(0, 1, qn, kn, dv, 1.0f, w->G, dv, v, dv, 0.0f, w->dA, KC);
+    TRY(ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC));
+    TRY(ef_sgemm(0, 1, qn, kn, dv, 1.0f, w->G, dv, v, dv, 0.0f, w->dA, KC));
     for (int r = 0; r < qn; r++)
         for (int j = 0; j < kn; j++) w->dA[(size_t)r * KC + j] += w->dd[r];
     scale_intra(w, w->A, qn, kn);
     scale_intra(w, w->dA, qn, kn);
+    return EF_OK;
 }
 
-static void backward_head(void *ctx, int64_t bh, int tid) {
-    const kcall *c = ctx;
+static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
     kplan *p = a->impl;
-    kwork *w = &p->ws[tid];
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, F = p->F;
-    int b = (int)(bh / s->heads), L = ef_attn_kv_valid(a, c->io, b);
+    int b = (int)(bh / s->heads);
+    int L = ef_attn_kv_valid(a, c->io, b), Q = ef_attn_q_valid(a, c->io, b);
     const float *q = c->io->q + (size_t)bh * n * d, *k = c->io->k + (size_t)bh * m * d;
     const float *v = c->io->v + (size_t)bh * m * dv, *out = c->io->out + (size_t)bh * n * dv;
     const float *g = c->dout + (size_t)bh * n * dv;
     float *dq = c->dq + (size_t)bh * n * d, *dk = c->dk + (size_t)bh * m * d;
     float *dvo = c->dv + (size_t)bh * m * dv;
     const float *den = den_of(a, c->saved, bh), *shifts = shifts_of(a, c->saved, bh);
-    int old = ef_gemm_local_threads(1);
+    /* rows and keys no loop below reaches keep these zeros */
+    memset(dq + (size_t)Q * d, 0, sizeof(float) * (size_t)(n - Q) * d);
+    memset(dk, 0, sizeof(float) * (size_t)m * d);
+    memset(dvo, 0, sizeof(float) * (size_t)m * dv);
+    if (L == 0 || Q == 0) {
+        memset(dq, 0, sizeof(float) * (size_t)Q * d);
+        return EF_OK;
+    }
     memset(w->S, 0, sizeof(float) * F * dv);
     memset(w->z, 0, sizeof(float) * F);
     memset(w->dS, 0, sizeof(float) * F * dv);
     memset(w->dz, 0, sizeof(float) * F);
-    memset(dk, 0, sizeof(float) * (size_t)m * d);
-    memset(dvo, 0, sizeof(float) * (size_t)m * dv);
     if (!a->causal) {
         for (int j0 = 0; j0 < L; j0 += KC) { /* S, z again, with the saved shift */
             int kn = EF_MIN(KC, L - j0);
-            map_keys_fixed(a, w, k + (size_t)j0 * d, kn, kn, shifts[0]);
-            ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S, dv);
+            TRY(map_keys_fixed(a, w, k + (size_t)j0 * d, kn, shifts[0]));
+            TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S,
+                         dv));
             for (int r = 0; r < kn; r++)
                 for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
         }
-        for (int i0 = 0; i0 < n; i0 += KC) {
-            int qn = EF_MIN(KC, n - i0);
-            map_queries(a, w, q + (size_t)i0 * d, qn);
+        for (int i0 = 0; i0 < Q; i0 += KC) {
+            int qn = EF_MIN(KC, Q - i0);
+            TRY(map_queries(a, w, q + (size_t)i0 * d, qn));
             grad_rows(a, w, g + (size_t)i0 * dv, out + (size_t)i0 * dv, den + i0, qn);
             /* dPhi_q = G S^T + dd z^T;  dS += Phi_q^T G;  dz += Phi_q^T dd */
-            ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F);
+            TRY(ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F));
             for (int r = 0; r < qn; r++)
                 for (int f = 0; f < F; f++) {
                     w->dph[(size_t)r * F + f] += w->dd[r] * w->z[f];
                     w->dz[f] += w->dd[r] * w->phq[(size_t)r * F + f];
                 }
-            ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv);
-            fm_backward(a, q + (size_t)i0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
-                        dq + (size_t)i0 * d);
+            TRY(ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv));
+            TRY(fm_backward(a, q + (size_t)i0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
+                            dq + (size_t)i0 * d));
         }
         for (int j0 = 0; j0 < L; j0 += KC) {
             int kn = EF_MIN(KC, L - j0);
-            map_keys_fixed(a, w, k + (size_t)j0 * d, kn, kn, shifts[0]);
-            key_grads(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, kn, dk + (size_t)j0 * d,
-                      dvo + (size_t)j0 * dv, 0, 0);
+            TRY(map_keys_fixed(a, w, k + (size_t)j0 * d, kn, shifts[0]));
+            TRY(key_grads(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, dk + (size_t)j0 * d,
+                          dvo + (size_t)j0 * dv, 0, 0));
         }
-        ef_gemm_local_threads(old);
-        return;
+        return EF_OK;
     }
     /* causal, forward sweep: S, z rebuilt chunk by chunk; dq */
-    int npos = EF_MAX(n, m);
+    int Lc = EF_MIN(L, Q), nch = (Q + KC - 1) / KC;
     float kshift = -INFINITY;
-    for (int c0 = 0; c0 < npos; c0 += KC) {
-        int kn = EF_MAX(0, EF_MIN(KC, m - c0)), kval = EF_MAX(0, EF_MIN(kn, L - c0));
-        int qn = EF_MAX(0, EF_MIN(KC, n - c0));
-        if (kn > 0) map_keys_own(a, w, k + (size_t)c0 * d, kn, kval);
-        float cnew = chunk_prefix(w, qn, kval, kshift);
-        if (qn > 0) {
-            map_queries(a, w, q + (size_t)c0 * d, qn);
-            grad_rows(a, w, g + (size_t)c0 * dv, out + (size_t)c0 * dv, den + c0, qn);
-            /* dPhi_q = rho (G S^T + dd z^T) + (dA o E) Phi_k */
-            ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F);
-            for (int r = 0; r < qn; r++)
-                for (int f = 0; f < F; f++)
-                    w->dph[(size_t)r * F + f] =
-                        (w->dph[(size_t)r * F + f] + w->dd[r] * w->z[f]) * w->rho[r];
-            if (kn > 0) {
-                intra_scores(a, w, v + (size_t)c0 * dv, qn, kn);
-                ef_sgemm(0, 0, qn, F, kn, 1.0f, w->dA, KC, w->phk, F, 1.0f, w->dph, F);
-            }
-            fm_backward(a, q + (size_t)c0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
-                        dq + (size_t)c0 * d);
+    for (int c0 = 0; c0 < Q; c0 += KC) {
+        int kn = EF_MAX(0, EF_MIN(KC, Lc - c0)), qn = EF_MIN(KC, Q - c0);
+        if (kn > 0) TRY(map_keys_own(a, w, k + (size_t)c0 * d, kn));
+        float cnew = chunk_prefix(w, qn, kn, kshift);
+        TRY(map_queries(a, w, q + (size_t)c0 * d, qn));
+        grad_rows(a, w, g + (size_t)c0 * dv, out + (size_t)c0 * dv, den + c0, qn);
+        /* dPhi_q = rho (G S^T + dd z^T) + (dA o E) Phi_k */
+        TRY(ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F));
+        for (int r = 0; r < qn; r++)
+            for (int f = 0; f < F; f++)
+                w->dph[(size_t)r * F + f] =
+                    (w->dph[(size_t)r * F + f] + w->dd[r] * w->z[f]) * w->rho[r];
+        if (kn > 0) {
+            TRY(intra_scores(a, w, v + (size_t)c0 * dv, qn, kn));
+            TRY(ef_sgemm(0, 0, qn, F, kn, 1.0f, w->dA, KC, w->phk, F, 1.0f, w->dph, F));
         }
-        if (kn > 0) state_add(a, w, v + (size_t)c0 * dv, kn, kshift, cnew);
+        TRY(fm_backward(a, q + (size_t)c0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
+                        dq + (size_t)c0 * d));
+        if (kn > 0 && c0 + KC < Q) TRY(state_add(a, w, v + (size_t)c0 * dv, kn, kshift, cnew));
         kshift = cnew;
     }
     /* reverse sweep: dS, dz = gradient wrt the state after chunk c (at its shift c_c), carried
      * back to the state before it (at c_{c-1}) once the chunk's keys have used it */
-    for (int ci = p->nchunks - 1; ci >= 0; ci--) {
+    for (int ci = nch - 1; ci >= 0; ci--) {
         int c0 = ci * KC;
-        int kn = EF_MAX(0, EF_MIN(KC, m - c0)), kval = EF_MAX(0, EF_MIN(kn, L - c0));
-        int qn = EF_MAX(0, EF_MIN(KC, n - c0));
+        int kn = EF_MAX(0, EF_MIN(KC, Lc - c0)), qn = EF_MIN(KC, Q - c0);
         float sh = shifts[ci], prev = ci > 0 ? shifts[ci - 1] : -INFINITY;
-        if (kn > 0) map_keys_own(a, w, k + (size_t)c0 * d, kn, kval);
-        chunk_prefix(w, qn, kval, prev);
-        if (qn > 0) {
-            map_queries(a, w, q + (size_t)c0 * d, qn);
-            grad_rows(a, w, g + (size_t)c0 * dv, out + (size_t)c0 * dv, den + c0, qn);
-        }
+        if (kn > 0) TRY(map_keys_own(a, w, k + (size_t)c0 * d, kn));
+        chunk_prefix(w, qn, kn, prev);
+        TRY(map_queries(a, w, q + (size_t)c0 * d, qn));
+        grad_rows(a, w, g + (size_t)c0 * dv, out + (size_t)c0 * dv, den + c0, qn);
         if (kn > 0) {
-            if (qn > 0) intra_scores(a, w, v + (size_t)c0 * dv, qn, kn);
+            TRY(intra_scores(a, w, v + (size_t)c0 * dv, qn, kn));
             for (int r = 0; r < kn; r++)
                 w->ksc[r] = w->shk[r] == -INFINITY || sh == -INFINITY ? 0 : expf(w->shk[r] - sh);
-            key_grads(a, w, k + (size_t)c0 * d, v + (size_t)c0 * dv, kn, kval, dk + (size_t)c0 * d,
-                      dvo + (size_t)c0 * dv, 1, qn);
+            TRY(key_grads(a, w, k + (size_t)c0 * d, v + (size_t)c0 * dv, kn, dk + (size_t)c0 * d,
+                          dvo + (size_t)c0 * dv, 1, qn));
         }
+        if (ci == 0) break; /* no earlier keys to carry dS, dz to */
         if (prev != sh) {
             float resc = prev == -INFINITY ? 0 : expf(prev - sh);
             for (int x = 0; x < F * dv; x++) w->dS[x] *= resc;
             for (int f = 0; f < F; f++) w->dz[f] *= resc;
         }
-        if (qn > 0) { /* this chunk's queries saw the state before it at exp(c_{c-1} - P_r) */
-            for (int r = 0; r < qn; r++) {
-                for (int e = 0; e < dv; e++) w->G[(size_t)r * dv + e] *= w->rho[r];
-                w->dd[r] *= w->rho[r];
-            }
-            ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv);
-            for (int r = 0; r < qn; r++)
-                for (int f = 0; f < F; f++) w->dz[f] += w->dd[r] * w->phq[(size_t)r * F + f];
+        /* this chunk's queries saw the state before it at exp(c_{c-1} - P_r) */
+        for (int r = 0; r < qn; r++) {
+            for (int e = 0; e < dv; e++) w->G[(size_t)r * dv + e] *= w->rho[r];
+            w->dd[r] *= w->rho[r];
         }
-    }
-    ef_gemm_local_threads(old);
-}
-
-static ef_status kernel_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
-                                 const float *dout, float *dq, float *dk, float *dv) {
-    kplan *p = a->impl;
-    int64_t epoch, current = p->epoch;
-    memcpy(&epoch, (const char *)saved + ef_attn_saved_bytes(a) - sizeof(int64_t), sizeof epoch);
-    if (p->W && epoch != p->epoch) { /* features were redrawn since this forward: draw its set */
-        p->epoch = epoch;
-        draw_features(a);
-    }
-    kcall c = {a, io, (float *)saved, dout, dq, dk, dv};
-    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), backward_head,
-                    &c);
-    if (p->W && p->epoch != current) { /* back to the features the next forward expects */
-        p->epoch = current;
-        draw_features(a);
+        TRY(ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv));
+        for (int r = 0; r < qn; r++)
+            for (int f = 0; f < F; f++) w->dz[f] += w->dd[r] * w->phq[(size_t)r * F + f];
     }
     return EF_OK;
 }
 
+static void backward_head(void *ctx, int64_t bh, int tid) {
+    kcall *c = ctx;
+    kplan *p = c->a->impl;
+    int old = ef_gemm_local_threads(1);
+    ef_status st = backward_one(c, bh, &p->ws[tid]);
+    ef_gemm_local_threads(old);
+    if (st) kcall_fail(c, st);
+}
+
+static ef_status kernel_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
+                                 const float *dout, float *dq, float *dk, float *dv) {
+    int64_t current = epoch_backward_begin(a, saved);
+    kcall c;
+    kcall_init(&c, a, io, (float *)saved, dout, dq, dk, dv);
+    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), backward_head,
+                    &c);
+    epoch_backward_end(a, current);
+    return kcall_status(&c);
+}
+
 /* ---------------------------------------------------------------------------------------------
- * Reference (ref=1): the explicit N x M form with the same feature maps,
- *   A_ij = phi(q_i).phi(k_j) over visible pairs, out_i = sum_j A_ij v_j / (sum_j A_ij + eps),
- * in double, one (batch, head) at a time. Keys use one shift (the max over all valid keys),
- * queries one per row: both cancel exactly. Saved: the normaliser per row.
+ * Reference (ref=1): the explicit N x M form, written apart from the fast path above (it calls
+ * none of its feature-map, shift, chunk or GEMM helpers), in double:
+ *   A_ij = phi(q_i).phi(k_j) for the visible pairs: i < q_lens[b], j < kv_lens[b] and, with
+ *          causal=1, j <= i;
+ *   out_i = sum_j A_ij v_j / (sum_j A_ij + eps);  a row that sees no key (or a padded row): 0.
+ * The features are computed here from their definitions (docs/kernel.md) with the plan's
+ * projection matrix W. W is the one thing shared with the fast path: it is the mechanism's
+ * random draw (the "reported" matrix of the plan's seed and epoch), not a computation.
+ * Exponent features are held as exp(g_f - s) with s the row's own largest exponent, so
+ * A_ij = exp(s_i + s_j) phi^_i.phi^_j; row i is then scaled by exp(-(s_i + B_i)), B_i the
+ * largest s_j it sees, and eps by the same factor: exactly the function above, for any input
+ * size, whatever `stabilize` says (double does not need the option; the result does not
+ * depend on it). Backward recomputes everything in double (nothing is saved but the feature
+ * epoch), differentiates the quotient pair by pair (shifts held constant: they cancel), then
+ * the feature maps row by row. Time O(B H N M F), one thread.
  * ------------------------------------------------------------------------------------------- */
-/* Key j is mapped at its own shift s_j (kept in ref_sk); row i then weighs it by
- * exp(s_j - P_i), P_i = the largest s_j it sees (ref_row_shift): exact, and no key the row
- * does not see can shrink the ones it does. */
-static float *ref_sk(const ef_attn *a) {
+/* phi(x) of one row in double: phi[f] = fac_f exp(lg_f - s) with s = max_f lg_f for exp-type
+ * maps (the return value), s = 0 for elu+1 and relu; u = W x^ (performer). */
+static double ref_map_row(const ef_attn *a, const float *x, double *u, double *phi) {
     const kplan *p = a->impl;
-    int n = a->shape.q_len, mm = a->shape.kv_len, big = EF_MAX(n, mm);
-    return p->rtmp + (size_t)big * EF_MAX(EF_MAX(p->F, a->shape.head_dim), EF_MAX(p->m, 1));
-}
-
-static void ref_features(ef_attn *a, const float *q, const float *k, int L) {
-    kplan *p = a->impl;
-    const ef_attn_shape *s = &a->shape;
-    int n = s->q_len, m = s->kv_len, F = p->F;
-    float *sk = ref_sk(a), *sh = sk + m;
-    int stab = fm_is_exp(p) && p->stabilize;
-    fm_log(a, k, m, L, p->ruk, p->rnk, p->rk);
-    for (int j = 0; j < m; j++) {
-        float mx = 0;
-        if (stab) {
-            mx = -INFINITY;
-            for (int f = 0; f < F; f++) mx = EF_MAX(mx, p->rk[(size_t)j * F + f]);
+    int d = a->shape.head_dim, m = p->m;
+    if (p->kind == KM_ELU) {
+        for (int t = 0; t < d; t++) phi[t] = x[t] > 0 ? (double)x[t] + 1.0 : exp((double)x[t]);
+        return 0;
+    }
+    double xs = sqrt((double)a->scale), h = 0;
+    for (int t = 0; t < d; t++) h += (double)x[t] * x[t];
+    h *= xs * xs / 2; /* |x^|^2 / 2 */
+    for (int f = 0; f < m; f++) {
+        double acc = 0;
+        for (int t = 0; t < d; t++) acc += (double)p->W[(size_t)f * d + t] * x[t];
+        u[f] = acc * xs;
+    }
+    double s = -INFINITY;
+    switch (p->kind) {
+    case KM_RELU: /* relu(u) + 1e-3 */
+        for (int f = 0; f < m; f++) phi[f] = (u[f] > 0 ? u[f] : 0) + 1e-3;
+        return 0;
+    case KM_SOFTMAX: /* exp(u - h) / sqrt(m) */
+        for (int f = 0; f < m; f++) s = fmax(s, u[f] - h);
+        for (int f = 0; f < m; f++) phi[f] = exp(u[f] - h - s) / sqrt((double)m);
+        return s;
+    case KM_HYP: /* [exp(u - h), exp(-u - h)] / sqrt(2m) */
+        for (int f = 0; f < m; f++) s = fmax(s, fabs(u[f]) - h);
+        for (int f = 0; f < m; f++) {
+            phi[f] = exp(u[f] - h - s) / sqrt(2.0 * m);
+            phi[m + f] = exp(-u[f] - h - s) / sqrt(2.0 * m);
         }
-        sk[j] = j < L ? mx : -INFINITY;
+        return s;
+    default: /* KM_TRIG: exp(h) [cos u, sin u] / sqrt(m); every exponent is h */
+        for (int f = 0; f < m; f++) {
+            phi[f] = cos(u[f]) / sqrt((double)m);
+            phi[m + f] = sin(u[f]) / sqrt((double)m);
+        }
+        return h;
     }
-    fm_exp(a, m, L, sk, p->ruk, p->rk);
-    fm_log(a, q, n, n, p->ruq, p->rnq, p->rq);
-    for (int r = 0; r < n; r++) {
-        float mx = -INFINITY;
-        for (int f = 0; f < F; f++) mx = EF_MAX(mx, p->rq[(size_t)r * F + f]);
-        sh[r] = mx;
-    }
-    fm_exp(a, n, n, sh, p->ruq, p->rq);
 }
 
-static int ref_lim(const ef_attn *a, int L, int i) { return a->causal ? EF_MIN(L, i + 1) : L; }
-
-static double ref_row_shift(const ef_attn *a, int lim) {
-    const float *sk = ref_sk(a);
-    double mx = -INFINITY;
-    for (int j = 0; j < lim; j++) mx = sk[j] > mx ? sk[j] : mx;
-    return mx;
-}
-
-static double ref_a(const ef_attn *a, int i, int j, double pi) {
+/* dx (D floats) of one row from g = dL/dphi (phi, u as ref_map_row gave them; the row's shift
+ * is a constant). du: m doubles of scratch. */
+static void ref_back_row(const ef_attn *a, const float *x, const double *u, const double *phi,
+                         const double *g, double *du, float *dx) {
     const kplan *p = a->impl;
+    int d = a->shape.head_dim, m = p->m;
+    if (p->kind == KM_ELU) { /* d(elu(x)+1)/dx = 1 for x > 0, else exp(x) = phi */
+        for (int t = 0; t < d; t++) dx[t] = (float)(g[t] * (x[t] > 0 ? 1.0 : phi[t]));
+        return;
+    }
+    /* phi depends on x^ through u = W x^ (du) and through h = |x^|^2/2 (coefficient c of x^) */
+    double c = 0;
+    for (int f = 0; f < m; f++) {
+        switch (p->kind) {
+        case KM_RELU: du[f] = u[f] > 0 ? g[f] : 0; break;
+        case KM_SOFTMAX: du[f] = g[f] * phi[f], c -= g[f] * phi[f]; break;
+        case KM_HYP:
+            du[f] = g[f] * phi[f] - g[m + f] * phi[m + f];
+            c -= g[f] * phi[f] + g[m + f] * phi[m + f];
+            break;
+        default: /* trig: dphi_f/du_f = -phi_{m+f}, dphi_{m+f}/du_f = phi_f; d/dh = phi */
+            du[f] = -g[f] * phi[m + f] + g[m + f] * phi[f];
+            c += g[f] * phi[f] + g[m + f] * phi[m + f];
+        }
+    }
+    double xs = sqrt((double)a->scale);
+    for (int t = 0; t < d; t++) { /* dx = xs (W^T du + c x^) */
+        double acc = 0;
+        for (int f = 0; f < m; f++) acc += du[f] * p->W[(size_t)f * d + t];
+        dx[t] = (float)(xs * (acc + c * xs * x[t]));
+    }
+}
+
+/* Features of the Q valid queries and L valid keys of one (batch, head). */
+static void ref_features(ef_attn *a, const float *q, const float *k, int Q, int L) {
+    kplan *p = a->impl;
+    int d = a->shape.head_dim, F = p->F, mm = EF_MAX(p->m, 1);
+    for (int i = 0; i < Q; i++)
+        p->rsq[i] =
+            ref_map_row(a, q + (size_t)i * d, p->ruq + (size_t)i * mm, p->rfq + (size_t)i * F);
+    for (int j = 0; j < L; j++)
+        p->rsk[j] =
+            ref_map_row(a, k + (size_t)j * d, p->ruk + (size_t)j * mm, p->rfk + (size_t)j * F);
+}
+
+/* Keys row i sees. */
+static int ref_visible(const ef_attn *a, int L, int i) { return a->causal ? EF_MIN(L, i + 1) : L; }
+
+/* A_ij exp(-(s_i + B)) = phi^_i.phi^_j exp(s_j - B). */
+static double ref_a(const kplan *p, int i, int j, double B) {
     double acc = 0;
     for (int f = 0; f < p->F; f++)
-        acc += (double)p->rq[(size_t)i * p->F + f] * p->rk[(size_t)j * p->F + f];
-    return acc * exp(ref_sk(a)[j] - pi);
+        acc += p->rfq[(size_t)i * p->F + f] * p->rfk[(size_t)j * p->F + f];
+    return acc * exp(p->rsk[j] - B);
+}
+
+/* Row i (valid, lim > 0 visible keys): num [Dv] and den (with eps), both times
+ * exp(-(s_i + B)); returns B. */
+static double ref_row(const ef_attn *a, int i, int lim, const float *v, double *num, double *den) {
+    const kplan *p = a->impl;
+    int dv = a->shape.v_dim;
+    double B = -INFINITY, acc = 0;
+    for (int j = 0; j < lim; j++) B = fmax(B, p->rsk[j]);
+    for (int e = 0; e < dv; e++) num[e] = 0;
+    for (int j = 0; j < lim; j++) {
+        double aij = ref_a(p, i, j, B);
+        acc += aij;
+        for (int e = 0; e < dv; e++) num[e] += aij * v[(size_t)j * dv + e];
+    }
+    *den = acc + (p->eps > 0 ? p->eps * exp(-(p->rsq[i] + B)) : 0);
+    return B;
 }
 
 static ef_status kernel_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     kplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
+    epoch_forward(a, saved);
+    double *num = p->rrow;
     for (int64_t bh = 0; bh < (int64_t)s->batch * s->heads; bh++) {
-        int L = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
+        int b = (int)(bh / s->heads);
+        int L = ef_attn_kv_valid(a, io, b), Q = ef_attn_q_valid(a, io, b);
         const float *v = io->v + (size_t)bh * m * dv;
-        ref_features(a, io->q + (size_t)bh * n * d, io->k + (size_t)bh * m * d, L);
+        float *out = io->out + (size_t)bh * n * dv;
+        ref_features(a, io->q + (size_t)bh * n * d, io->k + (size_t)bh * m * d, Q, L);
         for (int i = 0; i < n; i++) {
-            int lim = ref_lim(a, L, i);
-            double pi = ref_row_shift(a, lim), den = 0, num[1024];
-            for (int e0 = 0; e0 < dv; e0 += 1024) { /* v_dim is at most 1024 per block */
-                int en = EF_MIN(1024, dv - e0);
-                for (int e = 0; e < en; e++) num[e] = 0;
-                den = 0;
-                for (int j = 0; j < lim; j++) {
-                    double aij = ref_a(a, i, j, pi);
-                    den += aij;
-                    for (int e = 0; e < en; e++) num[e] += aij * v[(size_t)j * dv + e0 + e];
-                }
-                den = lim > 0 ? den + p->eps : 0;
-                for (int e = 0; e < en; e++)
-                    io->out[((size_t)bh * n + i) * dv + e0 + e] =
-                        den != 0 ? (float)(num[e] / den) : 0;
-            }
-            if (saved) ((float *)saved)[(size_t)bh * n + i] = (float)den;
+            int lim = i < Q ? ref_visible(a, L, i) : 0;
+            double den = 0;
+            if (lim > 0) ref_row(a, i, lim, v, num, &den);
+            for (int e = 0; e < dv; e++)
+                out[(size_t)i * dv + e] = lim > 0 && den != 0 ? (float)(num[e] / den) : 0;
         }
     }
     return EF_OK;
@@ -781,46 +956,72 @@ static ef_status kernel_ref_backward(ef_attn *a, const ef_attn_io *io, const voi
     kplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, e_ = s->v_dim, F = p->F;
+    int mm = EF_MAX(p->m, 1);
+    int64_t current = epoch_backward_begin(a, saved);
+    double *num = p->rrow, *G = num + e_, *du = G + e_;
     for (int64_t bh = 0; bh < (int64_t)s->batch * s->heads; bh++) {
-        int L = ef_attn_kv_valid(a, io, (int)(bh / s->heads));
-        const float *v = io->v + (size_t)bh * m * e_, *out = io->out + (size_t)bh * n * e_;
-        const float *g = dout + (size_t)bh * n * e_;
+        int b = (int)(bh / s->heads);
+        int L = ef_attn_kv_valid(a, io, b), Q = ef_attn_q_valid(a, io, b);
+        const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d;
+        const float *v = io->v + (size_t)bh * m * e_, *g = dout + (size_t)bh * n * e_;
+        float *dqo = dq + (size_t)bh * n * d, *dko = dk + (size_t)bh * m * d;
         float *dvo = dv + (size_t)bh * m * e_;
-        ref_features(a, io->q + (size_t)bh * n * d, io->k + (size_t)bh * m * d, L);
-        memset(p->rdq, 0, sizeof(float) * (size_t)n * F);
-        memset(p->rdk, 0, sizeof(float) * (size_t)m * F);
-        memset(dvo, 0, sizeof(float) * (size_t)m * e_);
-        for (int i = 0; i < n; i++) {
-            double den = ((const float *)saved)[(size_t)bh * n + i];
-            if (den == 0) continue;
+        ref_features(a, q, k, Q, L);
+        memset(p->rgq, 0, sizeof(double) * (size_t)Q * F);
+        memset(p->rgk, 0, sizeof(double) * (size_t)L * F);
+        memset(p->rdv, 0, sizeof(double) * (size_t)L * e_);
+        for (int i = 0; i < Q; i++) {
+            int lim = ref_visible(a, L, i);
+            double den;
+            if (lim == 0) continue;
+            double B = ref_row(a, i, lim, v, num, &den);
+            if (den == 0) continue; /* out_i = 0 is constant there */
+            /* out = num / den: dnum = dO / den (G), dden = -(dO . out) / den (dd) */
             double dd = 0;
-            for (int e = 0; e < e_; e++)
-                dd -= (double)g[(size_t)i * e_ + e] * out[(size_t)i * e_ + e];
-            dd /= den;
-            int lim = ref_lim(a, L, i);
-            double pi = ref_row_shift(a, lim);
+            for (int e = 0; e < e_; e++) {
+                G[e] = g[(size_t)i * e_ + e] / den;
+                dd -= G[e] * (num[e] / den);
+            }
             for (int j = 0; j < lim; j++) {
-                double aij = ref_a(a, i, j, pi), da = dd, e = exp(ref_sk(a)[j] - pi);
+                double ej = exp(p->rsk[j] - B), aij = ref_a(p, i, j, B), da = dd;
                 for (int e = 0; e < e_; e++) {
-                    da += g[(size_t)i * e_ + e] / den * v[(size_t)j * e_ + e];
-                    dvo[(size_t)j * e_ + e] += (float)(aij * g[(size_t)i * e_ + e] / den);
+                    da += G[e] * v[(size_t)j * e_ + e];
+                    p->rdv[(size_t)j * e_ + e] += aij * G[e];
                 }
-                for (int f = 0; f < F; f++) { /* A_ij = phi_i.phi_j e: d/dphi carries e */
-                    p->rdq[(size_t)i * F + f] += (float)(da * e * p->rk[(size_t)j * F + f]);
-                    p->rdk[(size_t)j * F + f] += (float)(da * e * p->rq[(size_t)i * F + f]);
+                for (int f = 0; f < F; f++) { /* A_ij = phi^_i.phi^_j e_j */
+                    p->rgq[(size_t)i * F + f] += da * ej * p->rfk[(size_t)j * F + f];
+                    p->rgk[(size_t)j * F + f] += da * ej * p->rfq[(size_t)i * F + f];
                 }
             }
         }
-        fm_backward(a, io->q + (size_t)bh * n * d, n, p->ruq, p->rq, p->rdq, p->rtmp,
-                    dq + (size_t)bh * n * d);
-        fm_backward(a, io->k + (size_t)bh * m * d, m, p->ruk, p->rk, p->rdk, p->rtmp,
-                    dk + (size_t)bh * m * d);
+        for (int i = 0; i < n; i++) {
+            if (i >= Q) {
+                memset(dqo + (size_t)i * d, 0, sizeof(float) * d);
+                continue;
+            }
+            ref_back_row(a, q + (size_t)i * d, p->ruq + (size_t)i * mm, p->rfq + (size_t)i * F,
+                         p->rgq + (size_t)i * F, du, dqo + (size_t)i * d);
+        }
+        for (int j = 0; j < m; j++) {
+            if (j >= L) {
+                memset(dko + (size_t)j * d, 0, sizeof(float) * d);
+                memset(dvo + (size_t)j * e_, 0, sizeof(float) * e_);
+                continue;
+            }
+            ref_back_row(a, k + (size_t)j * d, p->ruk + (size_t)j * mm, p->rfk + (size_t)j * F,
+                         p->rgk + (size_t)j * F, du, dko + (size_t)j * d);
+            for (int e = 0; e < e_; e++)
+                dvo[(size_t)j * e_ + e] = (float)p->rdv[(size_t)j * e_ + e];
+        }
     }
+    epoch_backward_end(a, current);
     return EF_OK;
 }
 
+/* The reference saves only the feature epoch (backward recomputes in double). */
 static size_t kernel_ref_saved_bytes(const ef_attn *a) {
-    return (size_t)a->shape.batch * a->shape.heads * a->shape.q_len * sizeof(float);
+    (void)a;
+    return sizeof(int64_t);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -839,10 +1040,11 @@ static const ef_opt_desc performer_opts[] = {
     {"redraw", EF_OPT_INT, "0", 0, 1 << 30, NULL, 0,
      "draw new features every n training forwards (0 = never)"},
     {"stabilize", EF_OPT_BOOL, "1", 0, 1, NULL, 0,
-     "exponents shifted by row / running maxima (exact; prevents overflow)"},
-    {"eps", EF_OPT_FLOAT, "0", 0, 1, NULL, 0, "added to the normaliser"},
+     "exponents shifted by row / running maxima, eps rescaled to match (same result up to "
+     "rounding; prevents overflow)"},
+    {"eps", EF_OPT_FLOAT, "0", 0, 1, NULL, 0,
+     "added to the unshifted normaliser phi(q).sum phi(k)"},
 };
-enum { OPT_L_EPS = 0, OPT_P_EPS = 5 };
 
 static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
@@ -852,19 +1054,25 @@ static ef_status kernel_init(ef_attn *a) {
     if (!p) return ef_error(EF_ERR_NOMEM, "%s: out of memory", a->ops->name);
     a->impl = p;
     int d = s->head_dim, dv = s->v_dim;
-    if (a->ops->n_opts == 1) { /* linear */
-        p->kind = KM_ELU, p->F = d, p->m = 0, p->eps = (float)ef_opt_f(a, OPT_L_EPS);
-    } else {
+    const ef_attn_ops *ops = a->ops;
+    if (ops == &ef_attn_ops_linear) {
+        p->kind = KM_ELU, p->F = d, p->m = 0;
+        p->eps = (float)ef_opt_f(a, ef_attn_opt_index(ops, "eps"));
+    } else if (ops == &ef_attn_ops_performer) {
         static const int kinds[] = {KM_SOFTMAX, KM_HYP, KM_TRIG, KM_RELU};
-        p->kind = kinds[ef_opt_i(a, OPT_P_KERNEL)];
-        p->m = (int)ef_opt_i(a, OPT_P_FEATURES);
+        p->kind = kinds[ef_opt_i(a, ef_attn_opt_index(ops, "kernel"))];
+        p->m = (int)ef_opt_i(a, ef_attn_opt_index(ops, "features"));
         p->F = p->kind == KM_HYP || p->kind == KM_TRIG ? 2 * p->m : p->m;
-        p->redraw = (int)ef_opt_i(a, OPT_P_REDRAW);
-        p->stabilize = (int)ef_opt_i(a, OPT_P_STABILIZE);
-        p->eps = (float)ef_opt_f(a, OPT_P_EPS);
+        p->ortho = (int)ef_opt_i(a, ef_attn_opt_index(ops, "ortho"));
+        p->redraw = (int)ef_opt_i(a, ef_attn_opt_index(ops, "redraw"));
+        p->stabilize = (int)ef_opt_i(a, ef_attn_opt_index(ops, "stabilize"));
+        p->eps = (float)ef_opt_f(a, ef_attn_opt_index(ops, "eps"));
         p->xs = sqrtf(a->scale); /* phi(q).phi(k) ~ exp(scale q.k) */
+    } else {
+        return ef_error(EF_ERR_ARG, "kernel.c: %s is not a kernel mechanism", ops->name);
     }
-    p->nchunks = a->causal ? (EF_MAX(s->q_len, s->kv_len) + KC - 1) / KC : 1;
+    /* causal chunks: only query positions start one (keys past q_len are seen by no query) */
+    p->nchunks = a->causal ? (s->q_len + KC - 1) / KC : 1;
     int F = p->F, m = EF_MAX(p->m, 1), wide = EF_MAX(EF_MAX(F, d), m);
     enum { NWS = 21 };
     size_t sz[NWS] = {(size_t)KC * F,
@@ -910,22 +1118,25 @@ static ef_status kernel_init(ef_attn *a) {
         for (int i = 0; i < NWS; i++) *f[i] = cur, cur += round16(sz[i]);
         w->tmp = cur, cur += round16((size_t)KC * wide);
     }
-    if (a->ref) { /* the reference path maps whole sequences */
-        int n = s->q_len, mm = s->kv_len, big = EF_MAX(n, mm);
-        size_t rs[9] = {(size_t)n * F,  (size_t)mm * F, (size_t)n * m,
-                        (size_t)mm * m, (size_t)n,      (size_t)mm,
-                        (size_t)n * F,  (size_t)mm * F, (size_t)big * wide + n + mm};
-        /* rtmp: fm_backward's big x wide scratch, then key shifts (mm) and query shifts (n) */
-        size_t rt = 0;
-        for (int i = 0; i < 9; i++) rt += round16(rs[i]);
-        float *rb = ef_malloc(rt * sizeof(float));
+    if (a->ref) { /* the reference path holds one (batch, head) in double */
+        size_t n = (size_t)s->q_len, mk = (size_t)s->kv_len;
+        enum { NR = 10 };
+        size_t rs[NR] = {n * F, mk * F, n * m,  mk * m,  n,
+                         mk,    n * F,  mk * F, mk * dv, 2 * (size_t)dv + (size_t)m};
+        double tot = 0;
+        for (int i = 0; i < NR; i++) tot += (double)round16(rs[i]);
+        if (tot * 8 > 1e12)
+            return ef_error(EF_ERR_NOMEM, "%s: reference workspace of %.3g GB", a->ops->name,
+                            tot * 8 / 1e9);
+        double *rb = ef_malloc((size_t)tot * sizeof(double));
         if (!rb)
-            return ef_error(EF_ERR_NOMEM, "%s: out of memory for the reference path", a->ops->name);
+            return ef_error(EF_ERR_NOMEM, "%s: out of memory for the reference path (%.1f MB)",
+                            a->ops->name, tot * 8 / 1e6);
         p->rblock = rb;
-        a->ws_bytes += rt * sizeof(float);
-        float **f[9] = {&p->rq,  &p->rk,  &p->ruq, &p->ruk, &p->rnq,
-                        &p->rnk, &p->rdq, &p->rdk, &p->rtmp};
-        for (int i = 0; i < 9; i++) *f[i] = rb, rb += round16(rs[i]);
+        a->ws_bytes += (size_t)tot * sizeof(double);
+        double **f[NR] = {&p->rfq, &p->rfk, &p->ruq, &p->ruk, &p->rsq,
+                          &p->rsk, &p->rgq, &p->rgk, &p->rdv, &p->rrow};
+        for (int i = 0; i < NR; i++) *f[i] = rb, rb += round16(rs[i]);
     }
     if (p->m) {
         p->W = cur, cur += round16((size_t)p->m * d);
@@ -968,7 +1179,8 @@ static double kernel_flops(const ef_attn *a, int backward) {
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Incremental decoding: per (batch, head) the state S [F][Dv], z [F] and the key shift.
+ * Incremental decoding: per (batch, head) the state S [F][Dv], z [F] and the key shift, the
+ * same running-shift rule and eps convention as the causal forward.
  * ------------------------------------------------------------------------------------------- */
 static size_t kernel_state_bytes(const ef_attn *a) {
     const kplan *p = a->impl;
@@ -986,49 +1198,58 @@ static void kernel_state_init(const ef_attn *a, void *state) {
     }
 }
 
+static ef_status step_one(ef_attn *a, kwork *w, float *S, const float *q, const float *k,
+                          const float *v, float *out) {
+    kplan *p = a->impl;
+    int dv = a->shape.v_dim, F = p->F;
+    float *z = S + (size_t)F * dv, *shift = z + F, resc;
+    TRY(map_keys(a, w, k, 1, shift, &resc));
+    if (resc != 1) {
+        for (size_t x = 0; x < (size_t)F * dv; x++) S[x] *= resc;
+        for (int f = 0; f < F; f++) z[f] *= resc;
+    }
+    for (int f = 0; f < F; f++) {
+        float pk = w->phk[f];
+        z[f] += pk;
+        for (int e = 0; e < dv; e++) S[(size_t)f * dv + e] += pk * v[e];
+    }
+    TRY(map_queries(a, w, q, 1));
+    double den = 0;
+    for (int f = 0; f < F; f++) den += (double)w->phq[f] * z[f];
+    float dn = den_total(p, den, (double)w->shq[0] + *shift), inv = dn != 0 ? 1 / dn : 0;
+    for (int e = 0; e < dv; e++) {
+        double acc = 0;
+        for (int f = 0; f < F; f++) acc += (double)w->phq[f] * S[(size_t)f * dv + e];
+        out[e] = (float)acc * inv;
+    }
+    return EF_OK;
+}
+
 static ef_status kernel_step(ef_attn *a, void *state, const float *q, const float *k,
                              const float *v, float *out) {
     kplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    int d = s->head_dim, dv = s->v_dim, F = p->F;
-    size_t per = (size_t)F * dv + F + 1;
-    kwork *w = &p->ws[0];
+    int d = s->head_dim, dv = s->v_dim;
+    size_t per = (size_t)p->F * dv + p->F + 1;
     int old = ef_gemm_local_threads(1);
-    for (int64_t bh = 0; bh < (int64_t)s->batch * s->heads; bh++) {
-        float *S = (float *)state + bh * per, *z = S + (size_t)F * dv, *shift = z + F;
-        float resc = map_keys(a, w, k + bh * d, 1, 1, shift);
-        if (resc != 1) {
-            for (size_t x = 0; x < (size_t)F * dv; x++) S[x] *= resc;
-            for (int f = 0; f < F; f++) z[f] *= resc;
-        }
-        for (int f = 0; f < F; f++) {
-            float pk = w->phk[f];
-            z[f] += pk;
-            for (int e = 0; e < dv; e++) S[(size_t)f * dv + e] += pk * v[bh * dv + e];
-        }
-        map_queries(a, w, q + bh * d, 1);
-        double den = 0;
-        for (int f = 0; f < F; f++) den += (double)w->phq[f] * z[f];
-        float dn = (float)den + p->eps, inv = dn != 0 ? 1 / dn : 0;
-        for (int e = 0; e < dv; e++) {
-            double acc = 0;
-            for (int f = 0; f < F; f++) acc += (double)w->phq[f] * S[(size_t)f * dv + e];
-            out[bh * dv + e] = (float)acc * inv;
-        }
-    }
+    ef_status st = EF_OK;
+    for (int64_t bh = 0; bh < (int64_t)s->batch * s->heads && !st; bh++)
+        st = step_one(a, &p->ws[0], (float *)state + bh * per, q + bh * d, k + bh * d, v + bh * dv,
+                      out + bh * dv);
     ef_gemm_local_threads(old);
-    return EF_OK;
+    return st;
 }
 
 const ef_attn_ops ef_attn_ops_linear = {
     .caps = {.causal = 1, .cross = 1, .decode = 1, .deterministic = 1},
     .name = "linear",
     .summary = "Linear Transformer: phi(x) = elu(x)+1, O(N D Dv) time, O(D Dv) state",
-    .notes = "  padded keys are zeroed after the feature map; causal=1 runs in chunks of 128\n"
-             "  (prefix sums at matrix speed); incremental decoding with ef_attn_step.\n"
-             "  saves the normaliser per row; reference (ref=1): the explicit N x M form.",
+    .notes = "  padded keys (kv_lens) and queries (q_lens) are skipped, never read; causal=1 runs\n"
+             "  in chunks of 128 (prefix sums at matrix speed); incremental decoding with\n"
+             "  ef_attn_step. saves the normaliser per row; reference (ref=1): the explicit\n"
+             "  N x M form in double, with its own feature map.",
     .opts = linear_opts,
-    .n_opts = 1,
+    .n_opts = (int)(sizeof linear_opts / sizeof linear_opts[0]),
     .init = kernel_init,
     .destroy = kernel_destroy,
     .flops = kernel_flops,
@@ -1049,10 +1270,20 @@ const ef_attn_ops ef_attn_ops_performer = {
     .summary = "Performer FAVOR+: random features of the softmax kernel, O(N m (D + Dv))",
     .notes =
         "  features from the seed (orthogonal blocks, rows rescaled to chi norms), shared by\n"
-        "  all heads; stabilised exponents (exact: the shifts cancel); causal=1 in chunks;\n"
-        "  incremental decoding with ef_attn_step; reference (ref=1): the explicit N x M form.",
+        "  all heads; causal=1 in chunks; incremental decoding with ef_attn_step; padded keys\n"
+        "  and queries are skipped, never read.\n"
+        "  eps is added to the unshifted normaliser phi(q).sum phi(k), so the result does not\n"
+        "  depend on stabilize. stabilize=1 computes exponent features as exp(g - c) (c: the\n"
+        "  query row's max, the keys' running max) and scales eps by exp(-(c_q + c_k)) to\n"
+        "  match: the shifts cancel exactly and only rounding differs. Where it is not exact:\n"
+        "  fp32 underflow: a product phi_q,f phi_k,f below about exp(c_q + c_k - 87) counts\n"
+        "  as 0 (a row whose every product is that small outputs 0). stabilize=0\n"
+        "  computes exp(g) as is: it overflows to inf/NaN above g ~ 88 and underflows below\n"
+        "  g ~ -87 (large |q|, |k|).\n"
+        "  reference (ref=1): the explicit N x M form in double, its own features from the\n"
+        "  plan's W.",
     .opts = performer_opts,
-    .n_opts = 6,
+    .n_opts = (int)(sizeof performer_opts / sizeof performer_opts[0]),
     .init = kernel_init,
     .destroy = kernel_destroy,
     .flops = kernel_flops,
