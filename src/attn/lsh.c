@@ -4,90 +4,128 @@
  *
  * Shared QK: the keys are the unit-normalised queries, k_j = q_j / |q_j| (io->k is ignored,
  * q_len must equal kv_len). Logits are scale * q_i . k_j (HF/trax use no scale; see the docs).
- * Per (batch b, head h, round r):
+ * Per (batch b, head h) only the first L = min(kv_lens[b], q_lens[b]) positions exist: later
+ * ones are never hashed, sorted or read, output zeros and get zero gradients. Per round r:
  *   hashing  x = q / |q| (fp32, computed in double and rounded), R = rotation [D][nb/2] drawn
  *            with ef_rng_normal(seed, LSH_STREAM | (h * hashes + r)), bucket = first argmax of
  *            [xR, -xR] with xR in double; the fast path projects with an fp32 GEMM and redoes
- *            near-ties in double, so both paths hash identically; positions >= kv_lens[b] go
- *            to an extra bucket nb (sorted last);
- *   sorting  stable counting sort by (bucket, position): perm[s] = position at sorted index s;
- *   chunks   sorted indices [c C, (c+1) C), the last one shorter when C does not divide N;
- *            chunk c attends to the *set* of chunks {(c + o) mod nc : -before <= o <= after};
- *   masks    key j is attended by query i in round r when j is in the window, j < kv_lens[b],
- *            (!causal || j <= i) and j != i; when no such key exists and i < kv_lens[b], i
- *            attends to itself alone (the self-mask of HF, without a finite sentinel);
- *   dedup    c_ij = number of rounds in which (i, j) is attended; logits get -log c_ij, so
- *            every distinct key counts once (reformer-pytorch allow_duplicate_attention=False);
- *   per round lse_r(i) = logsumexp_j s'_ij, o_r(i) = sum_j exp(s'_ij - lse_r) v_j;
- *   combine  out_i = sum_r softmax_r(lse_r(i)) o_r(i) (online, over the rounds).
- * The combination is one softmax over the (round, key) entries of row i with logits s'_rij:
- * out_i = sum_rj P_rij v_j, P_rij = exp(s'_rij - L_i), L_i = logsumexp_r lse_r(i). Backward is
- * therefore the usual softmax backward over those entries with the hashing held fixed:
+ *            near-ties in double, so the result is the double definition's, bit for bit;
+ *   sorting  stable counting sort of positions [0, L) by (bucket, position);
+ *   visible  causal=0 (and causal=1,reformer_causal=1): Reformer's sorted chunks - sorted
+ *            indices cut into chunks of C, chunk c sees the set of chunks
+ *            {(c + o) mod nc : -before <= o <= after}, nc = ceil(L / C); key j visible to
+ *            query i when in the window, j != i (and j <= i with reformer_causal=1: NOT
+ *            strictly causal, the chunk edges move with later positions' buckets);
+ *            causal=1 (strict): within each bucket, positions in position order, rank =
+ *            number of earlier positions of the bucket, chunk = rank / C; query i sees the
+ *            keys j < i of its bucket whose rank is >= (chunk(i) - before) C (its own chunk
+ *            and the `before` previous chunks of the bucket). Every quantity a row uses is a
+ *            function of positions <= i only;
+ *            in every mode a query sees itself only when it sees nothing else (HF's self-mask,
+ *            by exclusion rather than a finite sentinel);
+ *   dedup    c_ij = rounds in which i sees j; logits get -log c_ij, so every distinct key
+ *            counts once (reformer-pytorch allow_duplicate_attention=False);
+ *   combine  lse_r(i) = logsumexp_j s'_rij, out_i = sum_r softmax_r(lse_r(i)) o_r(i).
+ * The combination is one softmax over the (round, key) entries of row i: out_i = sum P_rij v_j,
+ * P_rij = exp(s'_rij - L_i), L_i = logsumexp_r lse_r(i). Backward is the softmax backward over
+ * those entries with the hashing held fixed (read from saved):
  *   delta_i = dO_i . out_i;  dS_rij = P_rij (dO_i . v_j - delta_i)
  *   dq_i += scale sum dS_rij k_j;  dk_j += scale dS_rij q_i;  dv_j += P_rij dO_i
- * and the key gradient flows back into q through k = q/|q|: dq_j += (I - k_j k_j^T) dk_j / |q_j|.
- * io->k gets a zero gradient. A query with |q| = 0 has k = 0 and no gradient through its key.
+ *   dq_j += (I - k_j k_j^T) dk_j / |q_j| (nothing when q_j = 0); io->k gets a zero gradient.
  *
- * Saved for backward (bytes = B H R N (4 + 4)):
- *   perm [B][H][R][N] int32   sorted index -> position, per round
- *   lse  [B][H][R][N] float   per-row, per-round log-sum-exp (-inf: the row saw nothing)
- * Work: (batch, head) items in parallel, one workspace slot per thread, GEMMs single-threaded.
- * Per chunk: C x W scores, W = C * |window| keys. Time O(B H R (N D nb/2 + N W (D + Dv))),
- * memory O(B H R N) saved + per thread O(N (D + Dv) + C W); no N x N buffer.
- * Reference (ref=1): the attended (round, key) sets built per query by plain loops over all
- * N keys from the same permutations, in double.
+ * Saved for backward (bytes = B H R N (4 + 4), every byte written by forward):
+ *   bucket [B][H][R][N] int32   bucket of each position per round (-1: position >= L)
+ *   lse    [B][H][R][N] float   per-row, per-round log-sum-exp (-inf: row >= L)
+ * Work: (batch, head) items in parallel, one workspace slot per thread, GEMMs single-threaded,
+ * every failure of a product reported. Sorted modes: per chunk C x W scores, W = C |window|.
+ * Strict mode: per bucket, per chunk, products of QB query rows against the chunk's keys up to
+ * the block's last rank; their shapes depend only on (chunk, block, L), never on how many later
+ * positions share the bucket, so earlier rows are computed bit for bit the same whatever
+ * (finite) values come later: later entries enter only as exact zeros (missing rows and keys
+ * are zero-filled). Time O(B H R (N D nb/2 + N W (D + Dv))),
+ * memory O(B H R N) saved + per thread O(N (D + Dv + R) + C W); no N x N buffer.
+ * Reference (ref=1): its own double hashing, sort, windows and per-query visible sets, written
+ * out by loops over all positions (lsh_ref_* below; no code or workspace shared).
  */
 #include "attn/attn.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { HB = 64 }; /* rows per fp32 projection block */
-enum { OPT_HASHES, OPT_BUCKETS, OPT_CHUNK, OPT_BEFORE, OPT_AFTER, OPT_DEDUP };
+enum { HB = 64 };   /* rows per fp32 projection block */
+enum { QB = 32 };   /* query rows per product in strict causal mode */
+enum { MSG = 256 }; /* bytes of a worker's error message */
+enum { OPT_HASHES, OPT_BUCKETS, OPT_CHUNK, OPT_BEFORE, OPT_AFTER, OPT_DEDUP, OPT_REFORMER };
+/* causal=0; causal=1 (strict); causal=1,reformer_causal=1 (sorted chunks, j <= i) */
+enum { LSH_BIDIR, LSH_STRICT, LSH_SORTED };
 #define LSH_STREAM (0x4c534800ull << 32)
+#define TRY(x)                                                                                     \
+    do {                                                                                           \
+        ef_status st_ = (x);                                                                       \
+        if (st_) return st_;                                                                       \
+    } while (0)
 
 typedef struct lwork {
-    float *xn;           /* [N][D] normalised queries (the keys) */
-    float *nrm;          /* [N] |q| */
-    float *dkn;          /* [N][D] gradient wrt the normalised keys (backward) */
-    int32_t *perm;       /* [R][N] when forward saves nothing */
-    float *lse;          /* [R][N] when forward saves nothing */
-    int32_t *inv;        /* [R][N] position -> sorted index */
-    int32_t *chk;        /* [N][R] position -> chunk, per round (dedup counts) */
-    int32_t *selfc;      /* [N] rounds in which the row attends only to itself */
-    int32_t *cnt;        /* [nb + 2] counting sort */
-    int32_t *bucket;     /* [N] */
-    double *y;           /* [nb/2] projections */
-    float *yb;           /* [HB][nb/2] projections of a block of rows (fp32 GEMM) */
-    float *m, *sw;       /* [N] online combination: running max, running weight sum */
-    float *delta;        /* [N] dO . out */
-    int32_t *kpos;       /* [W] positions of the window's keys */
-    float *Q, *K, *V;    /* [C][D], [W][D], [W][Dv] */
-    float *S, *dP;       /* [C][W] */
-    float *O, *dO;       /* [C][Dv] */
-    float *dQ, *dK, *dV; /* [C][D], [W][D], [W][Dv] */
+    float *xn;          /* [N][D] normalised queries (the keys), rows < L */
+    float *nrm;         /* [N] |q| */
+    float *dkn;         /* [N][D] gradient wrt the normalised keys (backward) */
+    int32_t *bkt;       /* [R][N] buckets when forward saves nothing */
+    float *lse;         /* [R][N] when forward saves nothing */
+    int32_t *perm;      /* [R][N] sorted index -> position */
+    int32_t *inv;       /* [R][N] position -> sorted index */
+    int32_t *kb;        /* [N][R] bucket (strict dedup) */
+    int32_t *kr;        /* [N][R] rank in the bucket (strict) or chunk (sorted modes) */
+    int32_t *kl;        /* [N][R] lowest visible rank (strict) */
+    int32_t *selfc;     /* [N] rounds in which the row sees only itself */
+    int32_t *cnt;       /* [nb + 1] counting sort */
+    double *y;          /* [nb/2] projections */
+    float *yb;          /* [HB][nb/2] projections of a block of rows (fp32 GEMM) */
+    float *m, *sw;      /* [N] online combination: running max, running weight sum */
+    float *delta;       /* [N] dO . out */
+    int32_t *qpos;      /* [Cq] positions of the gathered rows (-1: zero-filled) */
+    int32_t *kpos;      /* [Wk] positions of the gathered keys (-1: zero-filled) */
+    float *Q, *K, *V;   /* [Cq][D], [Wk][D], [Wk][Dv] */
+    float *S, *dP;      /* [Sr][Wk] */
+    float *O, *dO, *dQ; /* [Sr][Dv], [Sr][Dv], [Sr][D] */
+    float *dK, *dV;     /* [Wk][D], [Wk][Dv] */
 } lwork;
 
 typedef struct lplan {
-    int R, nb, C, before, after, dedup, nc, nwin, W;
+    int mode, R, nb, C, before, after, dedup;
+    int nwin;       /* distinct window chunks (sorted modes, nc = ceil(N / C)) */
+    int Cq, Wk, Sr; /* rows gathered, keys gathered, rows per product */
     float *rot;     /* [H][R][D][nb/2] */
     float *rmax;    /* [H][R] max |rot| (error bound of the fp32 projections) */
     float logc[65]; /* log(count), count = 0..R */
     lwork *ws;
     void *block;
-    /* reference path */
-    double *rk, *rs, *rgq, *rgk, *rgv, *rlse, *ro;
-    int32_t *rperm, *rinv, *rcount;
-    unsigned char *ratt;
+    ef_status *status; /* [slots] first failure of each worker */
+    char *msg;         /* [slots][MSG] its message (ef_last_error is per thread) */
+    /* reference path (ref=1): nothing above is allocated or used */
+    float *rrot;             /* [H][R][D][nb/2], its own copy of the draw */
+    double *rk, *rn;         /* [N][D] keys in double, [N] |q| */
+    double *rdot;            /* [N] q_i . k_j of the current row */
+    double *rgq, *rgk, *rgv; /* [N][D], [N][D], [N][Dv] gradients */
+    double *ry;              /* [nb/2] */
+    int32_t *rbk;            /* [R][N] buckets (forward without saved) */
+    int32_t *rord;           /* [R][N] sorted index (sorted modes) or rank in bucket (strict) */
+    int32_t *rcnt;           /* [N] rounds in which the current row sees key j */
+    unsigned char *rvis;     /* [R][N] visible keys of the current row */
+    float *rx;               /* [D] the hash input of one row */
     void *rblock;
 } lplan;
 
+static int lsh_valid(const ef_attn *a, const ef_attn_io *io, int b) {
+    return EF_MIN(ef_attn_kv_valid(a, io, b), ef_attn_q_valid(a, io, b));
+}
+
 /* ---------------------------------------------------------------------------------------------
- * Hashing, shared by both paths
+ * Hashing and sorting (fast path)
  * ------------------------------------------------------------------------------------------- */
-/* x = q / |q| in fp32 (double arithmetic: every product below is of two floats, exact in
- * double, so the result does not depend on FMA contraction); nrm = |q| (0 gives x = 0). */
+/* x = q / |q| in fp32 for rows [0, n) (double arithmetic: every product below is of two floats,
+ * exact in double, so the result does not depend on FMA contraction); nrm = |q| (0: x = 0). */
 static void normalise(const float *q, int n, int d, float *x, float *nrm) {
     for (int i = 0; i < n; i++) {
         double ss = 0;
@@ -99,7 +137,8 @@ static void normalise(const float *q, int n, int d, float *x, float *nrm) {
     }
 }
 
-/* The bucket of one normalised row: first argmax of [xR, -xR], xR in double (exact products). */
+/* The bucket of one normalised row: first argmax of [xR, -xR], xR in double (exact products,
+ * summed in the order t = 0..D-1). */
 static int exact_bucket(const float *x, const float *rot, int d, int half, double *y) {
     for (int c = 0; c < half; c++) y[c] = 0;
     for (int t = 0; t < d; t++) {
@@ -118,16 +157,18 @@ static int exact_bucket(const float *x, const float *rot, int d, int half, doubl
 /* The same buckets from fp32 GEMM projections of HB rows at a time: a row whose best value
  * beats the runner-up by more than twice the rounding bound of a D-term fp32 dot product
  * (D 2^-23 sum|x_t| max|R|, any summation order) has the same argmax as exact_bucket; the
- * others (near-ties) are recomputed by exact_bucket. Results are identical, only faster. */
-static void fast_buckets(const ef_attn *a, lwork *w, int h, int r, int valid, const float *x,
-                         int32_t *bucket) {
+ * others (near-ties) are recomputed by exact_bucket. Results are identical, only faster. Row
+ * i's bucket depends on row i alone. */
+static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int r, int valid, const float *x,
+                              int32_t *bucket) {
     const lplan *p = a->impl;
     int d = a->shape.head_dim, half = p->nb / 2;
     const float *rot = p->rot + ((size_t)h * p->R + r) * d * half;
     double rmax = p->rmax[h * p->R + r];
     for (int i0 = 0; i0 < valid; i0 += HB) {
         int rows = EF_MIN(HB, valid - i0);
-        ef_sgemm(0, 0, rows, half, d, 1.0f, x + (size_t)i0 * d, d, rot, half, 0.0f, w->yb, half);
+        TRY(ef_sgemm(0, 0, rows, half, d, 1.0f, x + (size_t)i0 * d, d, rot, half, 0.0f, w->yb,
+                     half));
         for (int l = 0; l < rows; l++) {
             const float *y = w->yb + (size_t)l * half, *xi = x + (size_t)(i0 + l) * d;
             float b1 = -INFINITY, b2 = -INFINITY;
@@ -146,58 +187,377 @@ static void fast_buckets(const ef_attn *a, lwork *w, int h, int r, int valid, co
                 (double)b1 - b2 > 2 * bound ? best : exact_bucket(xi, rot, d, half, w->y);
         }
     }
+    return EF_OK;
 }
 
-/* perm[s] (sorted index -> position) and inv for one round from bucket[] (positions >= valid
- * get bucket nb here); buckets computed exactly unless `known`. */
-static void hash_round(const ef_attn *a, int h, int r, int valid, const float *x, double *y,
-                       int32_t *bucket, int32_t *cnt, int32_t *perm, int32_t *inv, int known) {
-    const lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim, half = p->nb / 2;
-    const float *rot = p->rot + ((size_t)h * p->R + r) * d * half;
-    if (known)
-        for (int i = valid; i < n; i++) bucket[i] = p->nb;
-    else
-        for (int i = 0; i < n; i++)
-            bucket[i] = i < valid ? exact_bucket(x + (size_t)i * d, rot, d, half, y) : p->nb;
-    for (int c = 0; c <= p->nb + 1; c++) cnt[c] = 0;
-    for (int i = 0; i < n; i++) cnt[bucket[i] + 1]++;
-    for (int c = 1; c <= p->nb + 1; c++) cnt[c] += cnt[c - 1];
-    for (int i = 0; i < n; i++) {
+/* Stable counting sort of positions [0, valid) by bucket: perm (sorted index -> position), inv
+ * (position -> sorted index); afterwards cnt[c] = the end of bucket c in sorted order. */
+static void sort_round(const lplan *p, int valid, const int32_t *bucket, int32_t *cnt,
+                       int32_t *perm, int32_t *inv) {
+    memset(cnt, 0, sizeof(int32_t) * (p->nb + 1));
+    for (int i = 0; i < valid; i++) cnt[bucket[i] + 1]++;
+    for (int c = 1; c <= p->nb; c++) cnt[c] += cnt[c - 1];
+    for (int i = 0; i < valid; i++) {
         int s = cnt[bucket[i]]++;
         perm[s] = i;
         inv[i] = s;
     }
 }
 
-/* 1 when chunk cj is in the window of chunk ci (a set: each chunk at most once). */
-static int in_window(const lplan *p, int ci, int cj) {
-    int dd = ((cj - ci) % p->nc + p->nc) % p->nc;
-    return dd <= p->after || p->nc - dd <= p->before;
-}
-
-/* Number of rounds in which query i attends key j != i (the pair's masks do not depend on
- * the round, only the window does); chk = [N][R] chunk of each position in each round. */
-static int pair_count(const lplan *p, const int32_t *chk, int i, int j) {
-    const int32_t *ci = chk + (size_t)i * p->R, *cj = chk + (size_t)j * p->R;
-    int c = 0;
-    for (int r = 0; r < p->R; r++) {
-        int dd = cj[r] - ci[r];
-        dd += dd < 0 ? p->nc : 0;
-        c += dd <= p->after || p->nc - dd <= p->before;
-    }
-    return c;
-}
-
-/* The distinct chunks of the window of chunk c, in offset order -before..after. */
-static int window_chunks(const lplan *p, int c, int *out) {
+/* The distinct chunks of the window of chunk c among nc, in offset order -before..after. */
+static int window_chunks(const lplan *p, int nc, int c, int *out) {
     int m = 0;
     for (int o = -p->before; o <= p->after; o++) {
-        int cc = ((c + o) % p->nc + p->nc) % p->nc, dup = 0;
+        int cc = ((c + o) % nc + nc) % nc, dup = 0;
         for (int t = 0; t < m; t++) dup |= out[t] == cc;
         if (!dup) out[m++] = cc;
     }
     return m;
+}
+
+/* Lowest rank a query of rank rho sees in strict mode (its chunk minus `before` chunks). */
+static int strict_lo(const lplan *p, int rho) { return EF_MAX(0, (rho / p->C - p->before) * p->C); }
+
+/* Sorted modes: rounds in which query i sees key j != i (the key's masks do not depend on the
+ * round, only the window does); kr = [N][R] chunk of each position. */
+static int pair_count_sorted(const lplan *p, int nc, const int32_t *kr, int i, int j) {
+    const int32_t *ci = kr + (size_t)i * p->R, *cj = kr + (size_t)j * p->R;
+    int c = 0;
+    for (int r = 0; r < p->R; r++) {
+        int dd = cj[r] - ci[r];
+        dd += dd < 0 ? nc : 0;
+        c += dd <= p->after || nc - dd <= p->before;
+    }
+    return c;
+}
+
+/* Strict mode: rounds in which query i sees key j < i: same bucket, rank >= i's lowest. */
+static int pair_count_strict(const lplan *p, const lwork *w, int i, int j) {
+    const int32_t *bi = w->kb + (size_t)i * p->R, *bj = w->kb + (size_t)j * p->R;
+    const int32_t *rj = w->kr + (size_t)j * p->R, *li = w->kl + (size_t)i * p->R;
+    int c = 0;
+    for (int r = 0; r < p->R; r++) c += bi[r] == bj[r] && rj[r] >= li[r];
+    return c;
+}
+
+/* Sorted modes: rounds in which each row has no visible key but itself. */
+static void self_counts_sorted(const ef_attn *a, lwork *w, int valid, int nc) {
+    const lplan *p = a->impl;
+    int n = a->shape.q_len, chunks[130];
+    int causal = p->mode == LSH_SORTED;
+    memset(w->selfc, 0, sizeof(int32_t) * valid);
+    for (int r = 0; r < p->R; r++) {
+        const int32_t *pr = w->perm + (size_t)r * n;
+        for (int c = 0; c < nc; c++) {
+            int m = window_chunks(p, nc, c, chunks);
+            for (int sq = c * p->C; sq < EF_MIN(valid, (c + 1) * p->C); sq++) {
+                int i = pr[sq], any = 0;
+                for (int t = 0; t < m && !any; t++)
+                    for (int sk = chunks[t] * p->C; sk < EF_MIN(valid, (chunks[t] + 1) * p->C);
+                         sk++) {
+                        int j = pr[sk];
+                        if ((!causal || j <= i) && j != i) {
+                            any = 1;
+                            break;
+                        }
+                    }
+                w->selfc[i] += !any;
+            }
+        }
+    }
+}
+
+/* Normalised keys of rows [0, valid); per round the buckets (hashed into bkt, or read from it),
+ * the sort, and what the dedup counts need. Positions >= valid get bucket -1 and are not
+ * sorted. */
+static ef_status prepare(const ef_attn *a, lwork *w, const float *q, int h, int valid, int32_t *bkt,
+                         int rehash) {
+    const lplan *p = a->impl;
+    int n = a->shape.q_len, d = a->shape.head_dim, R = p->R;
+    normalise(q, valid, d, w->xn, w->nrm);
+    for (int r = 0; r < R; r++) {
+        int32_t *br = bkt + (size_t)r * n, *pr = w->perm + (size_t)r * n;
+        int32_t *ir = w->inv + (size_t)r * n;
+        if (rehash) {
+            TRY(fast_buckets(a, w, h, r, valid, w->xn, br));
+            for (int i = valid; i < n; i++) br[i] = -1;
+        } else
+            for (int i = 0; i < valid; i++)
+                if (br[i] < 0 || br[i] >= p->nb)
+                    return ef_error(EF_ERR_ARG,
+                                    "lsh: saved holds bucket %d at position %d of round %d "
+                                    "(not written by this plan's forward with this io?)",
+                                    (int)br[i], i, r);
+        sort_round(p, valid, br, w->cnt, pr, ir);
+        if (!(p->dedup && R > 1)) continue;
+        for (int i = 0; i < valid; i++) {
+            if (p->mode == LSH_STRICT) {
+                int c = br[i], rho = ir[i] - (c ? w->cnt[c - 1] : 0);
+                w->kb[(size_t)i * R + r] = c;
+                w->kr[(size_t)i * R + r] = rho;
+                w->kl[(size_t)i * R + r] = strict_lo(p, rho);
+            } else
+                w->kr[(size_t)i * R + r] = ir[i] / p->C;
+        }
+    }
+    if (!(p->dedup && R > 1)) return EF_OK;
+    if (p->mode == LSH_STRICT)
+        for (int i = 0; i < valid; i++) {
+            int c = 0;
+            for (int r = 0; r < R; r++) c += w->kr[(size_t)i * R + r] == w->kl[(size_t)i * R + r];
+            w->selfc[i] = c;
+        }
+    else
+        self_counts_sorted(a, w, valid, (valid + p->C - 1) / p->C);
+    return EF_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Blocks of rows against gathered keys
+ * ------------------------------------------------------------------------------------------- */
+/* S = scale Qb K^T for nq rows and nk keys (row stride Wk). */
+static ef_status scores(const ef_attn *a, lwork *w, const float *Qb, int nq, int nk) {
+    const lplan *p = a->impl;
+    int d = a->shape.head_dim;
+    return ef_sgemm(0, 1, nq, nk, d, a->scale, Qb, d, w->K, d, 0.0f, w->S, p->Wk);
+}
+
+/* Sorted modes: masks and dedup of a chunk's scores; the key of row l itself is at self_base+l. */
+static void mask_sorted(const ef_attn *a, lwork *w, const int32_t *qp, int nq, int nk,
+                        int self_base, int nc) {
+    const lplan *p = a->impl;
+    int causal = p->mode == LSH_SORTED, dd = p->dedup && p->R > 1;
+    for (int l = 0; l < nq; l++) {
+        int i = qp[l], any = 0;
+        float *srow = w->S + (size_t)l * p->Wk, selfv = srow[self_base + l];
+        for (int x = 0; x < nk; x++) {
+            int j = w->kpos[x];
+            if ((causal && j > i) || j == i) {
+                srow[x] = -INFINITY;
+                continue;
+            }
+            any = 1;
+            if (dd) srow[x] -= p->logc[pair_count_sorted(p, nc, w->kr, i, j)];
+        }
+        if (!any) /* the self-mask: itself only when nothing else is visible */
+            srow[self_base + l] = selfv - (dd ? p->logc[w->selfc[i]] : 0.0f);
+    }
+}
+
+/* Strict mode: rows of ranks rho0 + l, keys of ranks lo + x. Row of rank rho sees the keys of
+ * ranks [lo, rho) (x < rho - lo), or itself (x = 0) when that range is empty. Zero-filled rows
+ * (qp = -1) are left for the callers to skip. */
+static void mask_strict(const ef_attn *a, lwork *w, const int32_t *qp, int nq, int nk, int rho0,
+                        int lo) {
+    const lplan *p = a->impl;
+    int dd = p->dedup && p->R > 1;
+    for (int l = 0; l < nq; l++) {
+        int i = qp[l], nvis = rho0 + l - lo;
+        if (i < 0) continue;
+        float *srow = w->S + (size_t)l * p->Wk;
+        if (nvis == 0) {
+            srow[0] -= dd ? p->logc[w->selfc[i]] : 0.0f;
+            nvis = 1;
+        } else if (dd)
+            for (int x = 0; x < nvis; x++)
+                srow[x] -= p->logc[pair_count_strict(p, w, i, w->kpos[x])];
+        for (int x = nvis; x < nk; x++) srow[x] = -INFINITY;
+    }
+}
+
+/* Forward of a masked block of round r: per-row softmax (lse_r), O = P V, and the online
+ * combination into out over the rounds. Rows with qp = -1 are skipped. */
+static ef_status forward_rows(const ef_attn *a, lwork *w, int r, const int32_t *qp, int nq, int nk,
+                              float *out, float *lse) {
+    const lplan *p = a->impl;
+    int n = a->shape.q_len, dv = a->shape.v_dim, W = p->Wk;
+    for (int l = 0; l < nq; l++) {
+        float *srow = w->S + (size_t)l * W, mx = -INFINITY;
+        int i = qp[l];
+        if (i >= 0)
+            for (int x = 0; x < nk; x++) mx = srow[x] > mx ? srow[x] : mx;
+        if (mx == -INFINITY) {
+            for (int x = 0; x < nk; x++) srow[x] = 0;
+            if (i >= 0) lse[(size_t)r * n + i] = -INFINITY;
+            continue;
+        }
+        for (int x = 0; x < nk; x++) srow[x] -= mx;
+        ef_vexp(srow, srow, (size_t)nk);
+        double sum = 0;
+        for (int x = 0; x < nk; x++) sum += srow[x];
+        float inv = (float)(1.0 / sum);
+        for (int x = 0; x < nk; x++) srow[x] *= inv;
+        lse[(size_t)r * n + i] = mx + (float)log(sum);
+    }
+    TRY(ef_sgemm(0, 0, nq, dv, nk, 1.0f, w->S, W, w->V, dv, 0.0f, w->O, dv));
+    for (int l = 0; l < nq; l++) { /* online combination over the rounds */
+        int i = qp[l];
+        if (i < 0) continue;
+        float lr = lse[(size_t)r * n + i];
+        if (lr == -INFINITY) continue;
+        float mnew = lr > w->m[i] ? lr : w->m[i];
+        float fo = w->m[i] == -INFINITY ? 0.0f : expf(w->m[i] - mnew), fr = expf(lr - mnew);
+        float *o = out + (size_t)i * dv;
+        for (int e = 0; e < dv; e++) o[e] = o[e] * fo + w->O[(size_t)l * dv + e] * fr;
+        w->sw[i] = w->sw[i] * fo + fr;
+        w->m[i] = mnew;
+    }
+    return EF_OK;
+}
+
+/* Backward of a masked block: P = exp(S - L_i) (L_i in w->m), dP = dO V^T,
+ * dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, scattered to the rows'
+ * and keys' positions (zero-filled rows and keys, qp or kpos = -1, are skipped). */
+static ef_status backward_rows(const ef_attn *a, lwork *w, const float *Qb, const int32_t *qp,
+                               int nq, int nk, const float *g, float *dq, float *dvo) {
+    const lplan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim, W = p->Wk;
+    for (int l = 0; l < nq; l++) {
+        int i = qp[l];
+        float *srow = w->S + (size_t)l * W;
+        if (i < 0 || w->m[i] == -INFINITY) {
+            for (int x = 0; x < nk; x++) srow[x] = 0;
+            memset(w->dO + (size_t)l * dv, 0, sizeof(float) * dv);
+            continue;
+        }
+        memcpy(w->dO + (size_t)l * dv, g + (size_t)i * dv, sizeof(float) * dv);
+        float L = w->m[i];
+        for (int x = 0; x < nk; x++) srow[x] -= L;
+        ef_vexp(srow, srow, (size_t)nk);
+    }
+    TRY(ef_sgemm(0, 1, nq, nk, dv, 1.0f, w->dO, dv, w->V, dv, 0.0f, w->dP, W));
+    for (int l = 0; l < nq; l++) {
+        float *pp = w->S + (size_t)l * W, *dp = w->dP + (size_t)l * W;
+        float de = qp[l] >= 0 ? w->delta[qp[l]] : 0.0f;
+        for (int x = 0; x < nk; x++) dp[x] = pp[x] * (dp[x] - de);
+    }
+    TRY(ef_sgemm(0, 0, nq, d, nk, a->scale, w->dP, W, w->K, d, 0.0f, w->dQ, d));
+    TRY(ef_sgemm(1, 0, nk, d, nq, a->scale, w->dP, W, Qb, d, 0.0f, w->dK, d));
+    TRY(ef_sgemm(1, 0, nk, dv, nq, 1.0f, w->S, W, w->dO, dv, 0.0f, w->dV, dv));
+    for (int l = 0; l < nq; l++) {
+        if (qp[l] < 0) continue;
+        float *dst = dq + (size_t)qp[l] * d;
+        for (int t = 0; t < d; t++) dst[t] += w->dQ[(size_t)l * d + t];
+    }
+    for (int x = 0; x < nk; x++) {
+        int jj = w->kpos[x];
+        if (jj < 0) continue;
+        float *dk = w->dkn + (size_t)jj * d, *dvv = dvo + (size_t)jj * dv;
+        for (int t = 0; t < d; t++) dk[t] += w->dK[(size_t)x * d + t];
+        for (int e = 0; e < dv; e++) dvv[e] += w->dV[(size_t)x * dv + e];
+    }
+    return EF_OK;
+}
+
+/* Sorted modes: gathers chunk c of a round (sorted indices [cC, min(L, (c+1)C))) into Q and its
+ * window's keys into K, V. Returns the number of keys; *nq the rows, *self_base the index of
+ * the chunk's own first key. */
+static int gather_sorted(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
+                         int nc, const int32_t *pr, int c, int *nq, int *self_base) {
+    const lplan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim, chunks[130], nk = 0;
+    int m = window_chunks(p, nc, c, chunks);
+    for (int t = 0; t < m; t++) {
+        int s0 = chunks[t] * p->C, s1 = EF_MIN(valid, s0 + p->C);
+        if (chunks[t] == c) *self_base = nk;
+        for (int sidx = s0; sidx < s1; sidx++, nk++) {
+            int j = pr[sidx];
+            w->kpos[nk] = j;
+            memcpy(w->K + (size_t)nk * d, w->xn + (size_t)j * d, sizeof(float) * d);
+            memcpy(w->V + (size_t)nk * dv, v + (size_t)j * dv, sizeof(float) * dv);
+        }
+    }
+    int s0 = c * p->C;
+    *nq = EF_MIN(valid, s0 + p->C) - s0;
+    for (int l = 0; l < *nq; l++) {
+        w->qpos[l] = pr[s0 + l];
+        memcpy(w->Q + (size_t)l * d, q + (size_t)w->qpos[l] * d, sizeof(float) * d);
+    }
+    return nk;
+}
+
+/* Strict mode: gathers chunk kap of the bucket whose members are pm[0..m) (position order):
+ * rows of ranks [kap C, hi) into Q, keys of ranks [lo, hi) into K, V; ranks >= m are
+ * zero-filled (position -1), so that every block has the shape its (kap, block, L) gives. */
+static void gather_strict(const ef_attn *a, lwork *w, const float *q, const float *v,
+                          const int32_t *pm, int m, int kap, int lo, int hi) {
+    const lplan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim, q0 = kap * p->C;
+    for (int rho = lo; rho < hi; rho++) {
+        int x = rho - lo;
+        if (rho < m) {
+            int j = pm[rho];
+            w->kpos[x] = j;
+            memcpy(w->K + (size_t)x * d, w->xn + (size_t)j * d, sizeof(float) * d);
+            memcpy(w->V + (size_t)x * dv, v + (size_t)j * dv, sizeof(float) * dv);
+        } else {
+            w->kpos[x] = -1;
+            memset(w->K + (size_t)x * d, 0, sizeof(float) * d);
+            memset(w->V + (size_t)x * dv, 0, sizeof(float) * dv);
+        }
+    }
+    for (int rho = q0; rho < hi; rho++) {
+        int l = rho - q0;
+        if (rho < m) {
+            w->qpos[l] = pm[rho];
+            memcpy(w->Q + (size_t)l * d, q + (size_t)pm[rho] * d, sizeof(float) * d);
+        } else {
+            w->qpos[l] = -1;
+            memset(w->Q + (size_t)l * d, 0, sizeof(float) * d);
+        }
+    }
+}
+
+/* One head's attention over every round and block: forward (g == NULL: softmax, products and
+ * the combination into out, lse) or backward (g = dout: gradients into dq, dvo, w->dkn). */
+static ef_status run_blocks(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
+                            const int32_t *bkt, const float *g, float *out, float *lse, float *dq,
+                            float *dvo) {
+    const lplan *p = a->impl;
+    int n = a->shape.q_len, d = a->shape.head_dim, C = p->C;
+    int nc = (valid + C - 1) / C;
+    for (int r = 0; r < p->R; r++) {
+        const int32_t *pr = w->perm + (size_t)r * n, *br = bkt + (size_t)r * n;
+        if (p->mode != LSH_STRICT) {
+            for (int c = 0; c < nc; c++) {
+                int nq, self_base = 0;
+                int nk = gather_sorted(a, w, q, v, valid, nc, pr, c, &nq, &self_base);
+                TRY(scores(a, w, w->Q, nq, nk));
+                mask_sorted(a, w, w->qpos, nq, nk, self_base, nc);
+                if (g)
+                    TRY(backward_rows(a, w, w->Q, w->qpos, nq, nk, g, dq, dvo));
+                else
+                    TRY(forward_rows(a, w, r, w->qpos, nq, nk, out, lse));
+            }
+            continue;
+        }
+        /* strict: each bucket is a run of the sorted order, its members in position order */
+        for (int s0 = 0, s1; s0 < valid; s0 = s1) {
+            int bucket = br[pr[s0]];
+            for (s1 = s0 + 1; s1 < valid && br[pr[s1]] == bucket;) s1++;
+            const int32_t *pm = pr + s0;
+            int m = s1 - s0;
+            for (int kap = 0; kap < (m + C - 1) / C; kap++) {
+                int q0 = kap * C, lo = strict_lo(p, q0);
+                int hi = (int)EF_MIN((int64_t)valid, (int64_t)q0 + C);
+                /* the blocks that exist use ranks below `used` (zero-filled past m) */
+                int used = (int)EF_MIN((int64_t)hi, q0 + ((int64_t)m - q0 + QB - 1) / QB * QB);
+                gather_strict(a, w, q, v, pm, m, kap, lo, used);
+                for (int rho0 = q0; rho0 < EF_MIN(m, hi); rho0 += QB) {
+                    int nrow = EF_MIN(QB, hi - rho0), nk = rho0 + nrow - lo;
+                    const float *Qb = w->Q + (size_t)(rho0 - q0) * d;
+                    const int32_t *qp = w->qpos + (rho0 - q0);
+                    TRY(scores(a, w, Qb, nrow, nk));
+                    mask_strict(a, w, qp, nrow, nk, rho0, lo);
+                    if (g)
+                        TRY(backward_rows(a, w, Qb, qp, nrow, nk, g, dq, dvo));
+                    else
+                        TRY(forward_rows(a, w, r, qp, nrow, nk, out, lse));
+                }
+            }
+        }
+    }
+    return EF_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -210,27 +570,81 @@ static void lsh_destroy(ef_attn *a) {
     free(p->rmax);
     ef_free(p->block);
     ef_free(p->rblock);
+    ef_free(p->rrot);
     free(p->ws);
+    free(p->status);
+    free(p->msg);
     free(p);
     a->impl = NULL;
 }
+
+/* Carves one slot's workspace from base (NULL: only measures); returns its bytes. */
+static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
+    const lplan *p = a->impl;
+    const ef_attn_shape *s = &a->shape;
+    size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, half = p->nb / 2;
+    size_t Cq = p->Cq, Wk = p->Wk, Sr = p->Sr, off = 0;
+#define TAKE(ptr, cnt)                                                                             \
+    do {                                                                                           \
+        ptr = (void *)(base ? base + off : NULL);                                                  \
+        off += ((size_t)(cnt) * sizeof *(ptr) + 63) / 64 * 64;                                     \
+    } while (0)
+    TAKE(w->y, half);
+    TAKE(w->yb, (size_t)HB * half);
+    TAKE(w->xn, n * d);
+    TAKE(w->dkn, n * d);
+    TAKE(w->nrm, n);
+    TAKE(w->m, n);
+    TAKE(w->sw, n);
+    TAKE(w->delta, n);
+    TAKE(w->lse, R * n);
+    TAKE(w->bkt, R * n);
+    TAKE(w->perm, R * n);
+    TAKE(w->inv, R * n);
+    TAKE(w->kb, R * n);
+    TAKE(w->kr, R * n);
+    TAKE(w->kl, R * n);
+    TAKE(w->selfc, n);
+    TAKE(w->cnt, (size_t)p->nb + 1);
+    TAKE(w->qpos, Cq);
+    TAKE(w->kpos, Wk);
+    TAKE(w->Q, Cq * d);
+    TAKE(w->K, Wk * d);
+    TAKE(w->V, Wk * dv);
+    TAKE(w->dK, Wk * d);
+    TAKE(w->dV, Wk * dv);
+    TAKE(w->S, Sr * Wk);
+    TAKE(w->dP, Sr * Wk);
+    TAKE(w->O, Sr * dv);
+    TAKE(w->dO, Sr * dv);
+    TAKE(w->dQ, Sr * d);
+#undef TAKE
+    return off;
+}
+
+static ef_status ref_init(ef_attn *a);
 
 static ef_status lsh_init(ef_attn *a) {
     const ef_attn_shape *s = &a->shape;
     if (s->q_len != s->kv_len)
         return ef_error(EF_ERR_UNSUPPORTED,
-                        "lsh: shared-QK attention needs q_len == kv_len "
-                        "(got %d and %d)",
-                        s->q_len, s->kv_len);
+                        "lsh: shared-QK attention needs q_len == kv_len (got %d and %d)", s->q_len,
+                        s->kv_len);
     lplan *p = calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the plan");
     a->impl = p;
-    int n = s->q_len, d = s->head_dim, dv = s->v_dim;
+    int n = s->q_len, d = s->head_dim;
     p->R = (int)ef_opt_i(a, OPT_HASHES);
     p->C = (int)ef_opt_i(a, OPT_CHUNK);
     p->before = (int)ef_opt_i(a, OPT_BEFORE);
     p->after = (int)ef_opt_i(a, OPT_AFTER);
     p->dedup = (int)ef_opt_i(a, OPT_DEDUP);
+    int reformer = (int)ef_opt_i(a, OPT_REFORMER);
+    if (reformer && !a->causal)
+        return ef_error(EF_ERR_ARG,
+                        "lsh: reformer_causal=1 chooses the causal rule of causal=1; it means "
+                        "nothing with causal=0");
+    p->mode = !a->causal ? LSH_BIDIR : reformer ? LSH_SORTED : LSH_STRICT;
     if (a->opt[OPT_BUCKETS].is_auto) {
         p->nb = 2; /* 2^floor(log2(2N / chunk)), at least 2 */
         while ((double)p->nb * 2 <= 2.0 * n / p->C) p->nb *= 2;
@@ -240,13 +654,20 @@ static ef_status lsh_init(ef_attn *a) {
             return ef_error(EF_ERR_ARG, "lsh: buckets=%d must be even (argmax over [xR, -xR])",
                             p->nb);
     }
-    p->nc = (n + p->C - 1) / p->C;
     for (int c = 1; c <= p->R; c++) p->logc[c] = logf((float)c);
     int tmp[130];
-    p->nwin = window_chunks(p, 0, tmp);
-    p->W = EF_MIN(n, p->nwin * p->C);
-    int half = p->nb / 2, C = EF_MIN(p->C, n), W = p->W, R = p->R;
+    p->nwin = window_chunks(p, (n + p->C - 1) / p->C, 0, tmp);
+    if (a->ref) return ref_init(a);
 
+    int half = p->nb / 2, R = p->R;
+    p->Cq = EF_MIN(p->C, n);
+    if (p->mode == LSH_STRICT) {
+        p->Wk = (int)EF_MIN((int64_t)n, (int64_t)(p->before + 1) * p->C);
+        p->Sr = EF_MIN(QB, p->Cq);
+    } else {
+        p->Wk = (int)EF_MIN((int64_t)n, (int64_t)p->nwin * p->C);
+        p->Sr = p->Cq;
+    }
     size_t nrot = (size_t)s->heads * R * d * half;
     p->rot = ef_malloc(nrot * sizeof(float));
     p->rmax = malloc(sizeof(float) * s->heads * R);
@@ -259,75 +680,16 @@ static ef_status lsh_init(ef_attn *a) {
                 mx = fabsf(rot[x]) > mx ? fabsf(rot[x]) : mx;
             p->rmax[h * R + r] = mx;
         }
-
-    if (a->ref) {
-        size_t no = (size_t)EF_MAX(R * dv, half);
-        size_t nd = (size_t)n * d * 3 + (size_t)n * dv + (size_t)R * n + (size_t)(R + n) + no;
-        size_t ni = (size_t)R * n * 2 + (size_t)n * 2 + (size_t)p->nb + 2;
-        size_t bytes = nd * sizeof(double) + ni * sizeof(int32_t) + (size_t)R * n;
-        p->rblock = ef_malloc(bytes);
-        if (!p->rblock) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the reference");
-        a->ws_bytes = bytes + nrot * sizeof(float);
-        double *x = p->rblock;
-        p->rk = x, x += (size_t)n * d;
-        p->rgq = x, x += (size_t)n * d;
-        p->rgk = x, x += (size_t)n * d;
-        p->rgv = x, x += (size_t)n * dv;
-        p->rs = x, x += (size_t)R * n;
-        p->rlse = x, x += (size_t)(R + n);
-        p->ro = x, x += no;
-        int32_t *iw = (int32_t *)x;
-        p->rperm = iw, iw += (size_t)R * n;
-        p->rinv = iw, iw += (size_t)R * n;
-        p->rcount = iw, iw += (size_t)n * 2 + p->nb + 2;
-        p->ratt = (unsigned char *)iw;
-        return EF_OK;
-    }
-    size_t f = (size_t)n * d * 2 + (size_t)n * 5 + (size_t)R * n + (size_t)C * d * 2 +
-               (size_t)W * d * 2 + (size_t)W * dv * 2 + (size_t)C * W * 2 + (size_t)C * dv * 2;
-    size_t ni = (size_t)R * n * 3 + (size_t)n * 2 + (size_t)p->nb + 2 + (size_t)W;
-    size_t per =
-        ((f * 4 + ni * 4 + (size_t)half * 8 + (size_t)HB * half * 4) + 63) / 64 * 64 + 64 * 32;
+    lwork probe;
+    size_t per = slot_layout(a, NULL, &probe);
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
+    p->status = calloc((size_t)a->slots, sizeof *p->status);
+    p->msg = calloc((size_t)a->slots, MSG);
     p->block = ef_malloc(per * a->slots);
-    if (!p->ws || !p->block) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for workspace");
+    if (!p->ws || !p->status || !p->msg || !p->block)
+        return ef_error(EF_ERR_NOMEM, "lsh: out of memory for workspace");
     a->ws_bytes = per * a->slots + nrot * sizeof(float);
-    for (int t = 0; t < a->slots; t++) {
-        char *c = (char *)p->block + per * t;
-#define TAKE(ptr, cnt)                                                                             \
-    do {                                                                                           \
-        ptr = (void *)c;                                                                           \
-        c += ((cnt) * sizeof *(ptr) + 63) / 64 * 64;                                               \
-    } while (0)
-        lwork *w = &p->ws[t];
-        TAKE(w->y, (size_t)half);
-        TAKE(w->yb, (size_t)HB * half);
-        TAKE(w->xn, (size_t)n * d);
-        TAKE(w->dkn, (size_t)n * d);
-        TAKE(w->nrm, (size_t)n);
-        TAKE(w->m, (size_t)n);
-        TAKE(w->sw, (size_t)n);
-        TAKE(w->delta, (size_t)n);
-        TAKE(w->lse, (size_t)R * n);
-        TAKE(w->Q, (size_t)C * d);
-        TAKE(w->dQ, (size_t)C * d);
-        TAKE(w->K, (size_t)W * d);
-        TAKE(w->dK, (size_t)W * d);
-        TAKE(w->V, (size_t)W * dv);
-        TAKE(w->dV, (size_t)W * dv);
-        TAKE(w->S, (size_t)C * W);
-        TAKE(w->dP, (size_t)C * W);
-        TAKE(w->O, (size_t)C * dv);
-        TAKE(w->dO, (size_t)C * dv);
-        TAKE(w->perm, (size_t)R * n);
-        TAKE(w->inv, (size_t)R * n);
-        TAKE(w->chk, (size_t)R * n);
-        TAKE(w->selfc, (size_t)n);
-        TAKE(w->bucket, (size_t)n);
-        TAKE(w->cnt, (size_t)p->nb + 2);
-        TAKE(w->kpos, (size_t)W);
-#undef TAKE
-    }
+    for (int t = 0; t < a->slots; t++) slot_layout(a, (char *)p->block + per * t, &p->ws[t]);
     return EF_OK;
 }
 
@@ -337,18 +699,61 @@ static size_t lsh_saved_bytes(const ef_attn *a) {
            (sizeof(int32_t) + sizeof(float));
 }
 
+/* Strict mode: (query, key) products of one bucket of m members (fast path's block shapes). */
+static double strict_bucket_products(const lplan *p, int n, int m) {
+    double t = 0;
+    for (int kap = 0; (int64_t)kap * p->C < m; kap++) {
+        int q0 = kap * p->C, lo = strict_lo(p, q0);
+        int hi = (int)EF_MIN((int64_t)n, (int64_t)q0 + p->C);
+        for (int rho0 = q0; rho0 < EF_MIN(m, hi); rho0 += QB) {
+            int nrow = EF_MIN(QB, hi - rho0);
+            t += (double)nrow * (rho0 + nrow - lo);
+        }
+    }
+    return t;
+}
+
+/* (query, key) products one round of one head computes on the fast path: every chunk times
+ * its window in the sorted modes; in strict mode (data-dependent) the blocks of buckets of
+ * equal size, as near as integers allow. */
+static double round_products(const lplan *p, int n) {
+    if (p->mode == LSH_STRICT) {
+        int nbe = EF_MIN(p->nb, n), small = n / nbe, extra = n % nbe;
+        return extra * strict_bucket_products(p, n, small + 1) +
+               (double)(nbe - extra) * strict_bucket_products(p, n, small);
+    }
+    int nc = (n + p->C - 1) / p->C, ch[130];
+    double t = 0;
+    for (int c = 0; c < nc; c++) {
+        int m = window_chunks(p, nc, c, ch);
+        double keys = 0;
+        for (int x = 0; x < m; x++) keys += EF_MIN(p->C, n - ch[x] * p->C);
+        t += EF_MIN(p->C, n - c * p->C) * keys;
+    }
+    return t;
+}
+
+/* Distinct visible pairs can only be bounded from the plan (they depend on the hashes): query
+ * i sees, per round, at most `per` keys (its window's other members, or itself alone), so over
+ * R rounds at most min(R per, keys the causal rule allows) distinct keys. */
 static int64_t lsh_pairs(const ef_attn *a, int head) {
     (void)head;
     const lplan *p = a->impl;
-    return (int64_t)p->R * a->shape.q_len * p->W;
+    int64_t n = a->shape.q_len;
+    int64_t win = p->mode == LSH_STRICT ? (int64_t)(p->before + 1) * p->C : (int64_t)p->nwin * p->C;
+    int64_t per = EF_MAX(1, EF_MIN(n, win) - 1), cap = p->R * per, tot = 0;
+    if (p->mode == LSH_BIDIR) return n * EF_MIN(n, cap);
+    for (int64_t i = 0; i < n; i++) tot += EF_MIN(i + 1, cap);
+    return tot;
 }
 
 static double lsh_flops(const ef_attn *a, int backward) {
     const lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    double pairs = (double)s->batch * s->heads * lsh_pairs(a, 0), d = s->head_dim, dv = s->v_dim;
-    double hash = (double)s->batch * s->heads * p->R * s->q_len * d * p->nb;
-    return hash + (backward ? pairs * (2 * (3 * d + 2 * dv) + 2 * (d + dv)) : pairs * 2 * (d + dv));
+    double bh = (double)s->batch * s->heads, d = s->head_dim, dv = s->v_dim;
+    double prod = bh * p->R * round_products(p, s->q_len);
+    double hash = bh * p->R * s->q_len * d * p->nb;
+    return hash + (backward ? prod * (2 * (3 * d + 2 * dv) + 2 * (d + dv)) : prod * 2 * (d + dv));
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -357,203 +762,53 @@ static double lsh_flops(const ef_attn *a, int backward) {
 typedef struct ljob {
     ef_attn *a;
     const ef_attn_io *io;
-    int32_t *perm; /* saved (or NULL) */
+    int32_t *bkt; /* saved (or NULL) */
     float *lse;
     const float *dout;
     float *dq, *dv;
 } ljob;
 
-/* Rows of one round's chunk c: gathers Q, K, V, computes the masked, deduplicated logits into
- * w->S (C x nk, row stride W). Returns the number of keys nk; *nq gets the rows. */
-static int chunk_scores(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
-                        const int32_t *perm, int c, int *nq_out, int32_t *qpos) {
-    const lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim, dv = a->shape.v_dim, W = p->W;
-    int chunks[130];
-    int m = window_chunks(p, c, chunks), nk = 0, self_base = -1;
-    for (int t = 0; t < m; t++) {
-        int s0 = chunks[t] * p->C, s1 = EF_MIN(n, s0 + p->C);
-        if (chunks[t] == c) self_base = nk;
-        for (int sidx = s0; sidx < s1; sidx++, nk++) {
-            int j = perm[sidx];
-            w->kpos[nk] = j;
-            memcpy(w->K + (size_t)nk * d, w->xn + (size_t)j * d, sizeof(float) * d);
-            memcpy(w->V + (size_t)nk * dv, v + (size_t)j * dv, sizeof(float) * dv);
-        }
-    }
-    int s0 = c * p->C, nq = EF_MIN(n, s0 + p->C) - s0;
-    for (int l = 0; l < nq; l++) {
-        qpos[l] = perm[s0 + l];
-        memcpy(w->Q + (size_t)l * d, q + (size_t)qpos[l] * d, sizeof(float) * d);
-    }
-    ef_sgemm(0, 1, nq, nk, d, a->scale, w->Q, d, w->K, d, 0.0f, w->S, W);
-    for (int l = 0; l < nq; l++) {
-        int i = qpos[l], any = 0;
-        float *srow = w->S + (size_t)l * W, selfv = srow[self_base + l];
-        for (int x = 0; x < nk; x++) {
-            int j = w->kpos[x];
-            if (j >= valid || (a->causal && j > i) || j == i) {
-                srow[x] = -INFINITY;
-                continue;
-            }
-            any = 1;
-            if (p->dedup && p->R > 1) {
-                int cn = pair_count(p, w->chk, i, j);
-                srow[x] -= p->logc[cn];
-            }
-        }
-        if (!any && i < valid) { /* the self-mask: itself only when nothing else is visible */
-            srow[self_base + l] = selfv;
-            if (p->dedup && p->R > 1) srow[self_base + l] -= p->logc[w->selfc[i]];
-        }
-    }
-    *nq_out = nq;
-    return nk;
-}
-
-/* Rounds in which each valid row has no visible key but itself (needed by dedup counts). */
-static void self_counts(const ef_attn *a, lwork *w, const int32_t *perm, int valid) {
-    const lplan *p = a->impl;
-    int n = a->shape.q_len;
-    memset(w->selfc, 0, sizeof(int32_t) * n);
-    int chunks[130];
-    for (int r = 0; r < p->R; r++) {
-        const int32_t *pr = perm + (size_t)r * n;
-        for (int c = 0; c < p->nc; c++) {
-            int m = window_chunks(p, c, chunks);
-            for (int sq = c * p->C; sq < EF_MIN(n, (c + 1) * p->C); sq++) {
-                int i = pr[sq], any = 0;
-                if (i >= valid) continue;
-                for (int t = 0; t < m && !any; t++)
-                    for (int sk = chunks[t] * p->C; sk < EF_MIN(n, (chunks[t] + 1) * p->C); sk++) {
-                        int j = pr[sk];
-                        if (j < valid && (!a->causal || j <= i) && j != i) {
-                            any = 1;
-                            break;
-                        }
-                    }
-                w->selfc[i] += !any;
-            }
-        }
-    }
-}
-
-/* Normalised keys, permutations (hashed, or read from saved), inverse permutations, self counts. */
-static void prepare(const ef_attn *a, lwork *w, const float *q, int h, int valid, int32_t *perm,
-                    int rehash) {
-    const lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim;
-    normalise(q, n, d, w->xn, w->nrm);
-    for (int r = 0; r < p->R; r++) {
-        int32_t *pr = perm + (size_t)r * n, *ir = w->inv + (size_t)r * n;
-        if (rehash) {
-            fast_buckets(a, w, h, r, valid, w->xn, w->bucket);
-            hash_round(a, h, r, valid, w->xn, w->y, w->bucket, w->cnt, pr, ir, 1);
-        } else
-            for (int s = 0; s < n; s++) ir[pr[s]] = s;
-    }
-    if (p->dedup && p->R > 1) {
-        for (int r = 0; r < p->R; r++)
-            for (int i = 0; i < n; i++)
-                w->chk[(size_t)i * p->R + r] = w->inv[(size_t)r * n + i] / p->C;
-        self_counts(a, w, perm, valid);
-    } else
-        for (int i = 0; i < n; i++) w->selfc[i] = 1;
-}
-
-static void forward_head(void *ctx, int64_t item, int tid) {
-    ljob *j = ctx;
+static ef_status forward_one(ljob *j, int64_t item, lwork *w) {
     ef_attn *a = j->a;
     const lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    lwork *w = &p->ws[tid];
     int n = s->q_len, d = s->head_dim, dv = s->v_dim, b = (int)(item / s->heads),
-        h = (int)(item % s->heads), valid = ef_attn_kv_valid(a, j->io, b), W = p->W;
+        h = (int)(item % s->heads), valid = lsh_valid(a, j->io, b);
     const float *q = j->io->q + (size_t)item * n * d, *v = j->io->v + (size_t)item * n * dv;
     float *out = j->io->out + (size_t)item * n * dv;
-    int32_t *perm = j->perm ? j->perm + (size_t)item * p->R * n : w->perm;
+    int32_t *bkt = j->bkt ? j->bkt + (size_t)item * p->R * n : w->bkt;
     float *lse = j->lse ? j->lse + (size_t)item * p->R * n : w->lse;
-    int old = ef_gemm_local_threads(1);
-    prepare(a, w, q, h, valid, perm, 1);
     memset(out, 0, sizeof(float) * n * dv);
-    for (int i = 0; i < n; i++) w->m[i] = -INFINITY, w->sw[i] = 0;
-    for (int r = 0; r < p->R; r++) {
-        const int32_t *pr = perm + (size_t)r * n;
-        for (int c = 0; c < p->nc; c++) {
-            int nq;
-            int32_t *rows = w->bucket; /* [N] scratch, free once hashed */
-            int nk = chunk_scores(a, w, q, v, valid, pr, c, &nq, rows);
-            for (int l = 0; l < nq; l++) {
-                float *srow = w->S + (size_t)l * W, mx = -INFINITY;
-                for (int x = 0; x < nk; x++) mx = srow[x] > mx ? srow[x] : mx;
-                int i = rows[l];
-                if (mx == -INFINITY) {
-                    for (int x = 0; x < nk; x++) srow[x] = 0;
-                    lse[(size_t)r * n + i] = -INFINITY;
-                    continue;
-                }
-                for (int x = 0; x < nk; x++) srow[x] -= mx;
-                ef_vexp(srow, srow, (size_t)nk);
-                double sum = 0;
-                for (int x = 0; x < nk; x++) sum += srow[x];
-                float inv = (float)(1.0 / sum);
-                for (int x = 0; x < nk; x++) srow[x] *= inv;
-                lse[(size_t)r * n + i] = mx + (float)log(sum);
-            }
-            ef_sgemm(0, 0, nq, dv, nk, 1.0f, w->S, W, w->V, dv, 0.0f, w->O, dv);
-            for (int l = 0; l < nq; l++) { /* online combination over the rounds */
-                int i = rows[l];
-                float lr = lse[(size_t)r * n + i];
-                if (lr == -INFINITY) continue;
-                float mnew = lr > w->m[i] ? lr : w->m[i];
-                float fo = w->m[i] == -INFINITY ? 0.0f : expf(w->m[i] - mnew), fr = expf(lr - mnew);
-                float *o = out + (size_t)i * dv;
-                for (int e = 0; e < dv; e++) o[e] = o[e] * fo + w->O[(size_t)l * dv + e] * fr;
-                w->sw[i] = w->sw[i] * fo + fr;
-                w->m[i] = mnew;
-            }
-        }
-    }
-    for (int i = 0; i < n; i++) {
+    for (int r = 0; r < p->R; r++)
+        for (int i = valid; i < n; i++) lse[(size_t)r * n + i] = -INFINITY;
+    TRY(prepare(a, w, q, h, valid, bkt, 1));
+    for (int i = 0; i < valid; i++) w->m[i] = -INFINITY, w->sw[i] = 0;
+    TRY(run_blocks(a, w, q, v, valid, bkt, NULL, out, lse, NULL, NULL));
+    for (int i = 0; i < valid; i++) {
         if (w->sw[i] == 0) continue;
         float inv = 1.0f / w->sw[i];
         for (int e = 0; e < dv; e++) out[(size_t)i * dv + e] *= inv;
     }
-    ef_gemm_local_threads(old);
-}
-
-static ef_status lsh_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
-    const ef_attn_shape *s = &a->shape;
-    const lplan *p = a->impl;
-    size_t bhrn = (size_t)s->batch * s->heads * p->R * s->q_len;
-    ljob j = {a,
-              io,
-              saved ? (int32_t *)saved : NULL,
-              saved ? (float *)((int32_t *)saved + bhrn) : NULL,
-              NULL,
-              NULL,
-              NULL};
-    ef_parallel_for((int64_t)s->batch * s->heads, ef_attn_threads(a), forward_head, &j);
     return EF_OK;
 }
 
-static void backward_head(void *ctx, int64_t item, int tid) {
-    ljob *j = ctx;
+static ef_status backward_one(ljob *j, int64_t item, lwork *w) {
     ef_attn *a = j->a;
     const lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    lwork *w = &p->ws[tid];
     int n = s->q_len, d = s->head_dim, dv = s->v_dim, b = (int)(item / s->heads),
-        h = (int)(item % s->heads), valid = ef_attn_kv_valid(a, j->io, b), W = p->W;
+        h = (int)(item % s->heads), valid = lsh_valid(a, j->io, b);
     const float *q = j->io->q + (size_t)item * n * d, *v = j->io->v + (size_t)item * n * dv;
     const float *out = j->io->out + (size_t)item * n * dv, *g = j->dout + (size_t)item * n * dv;
     float *dq = j->dq + (size_t)item * n * d, *dvo = j->dv + (size_t)item * n * dv;
-    int32_t *perm = j->perm + (size_t)item * p->R * n;
+    int32_t *bkt = j->bkt + (size_t)item * p->R * n;
     const float *lse = j->lse + (size_t)item * p->R * n;
-    int old = ef_gemm_local_threads(1);
-    prepare(a, w, q, h, valid, perm, 0);
-    /* L_i = logsumexp_r lse_r(i) (w->m), delta_i = dO_i . out_i */
-    for (int i = 0; i < n; i++) {
+    memset(dq, 0, sizeof(float) * n * d);
+    memset(dvo, 0, sizeof(float) * n * dv);
+    if (valid == 0) return EF_OK;
+    TRY(prepare(a, w, q, h, valid, bkt, 0));
+    /* L_i = logsumexp_r lse_r(i) (w->m), delta_i = dO_i . out_i, rows < valid only */
+    for (int i = 0; i < valid; i++) {
         float mx = -INFINITY;
         for (int r = 0; r < p->R; r++)
             mx = lse[(size_t)r * n + i] > mx ? lse[(size_t)r * n + i] : mx;
@@ -568,50 +823,10 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         for (int e = 0; e < dv; e++) dl += (double)g[(size_t)i * dv + e] * out[(size_t)i * dv + e];
         w->delta[i] = (float)dl;
     }
-    memset(dq, 0, sizeof(float) * n * d);
-    memset(dvo, 0, sizeof(float) * n * dv);
-    memset(w->dkn, 0, sizeof(float) * n * d);
-    for (int r = 0; r < p->R; r++) {
-        const int32_t *pr = perm + (size_t)r * n;
-        for (int c = 0; c < p->nc; c++) {
-            int nq;
-            int32_t *rows = w->bucket;
-            int nk = chunk_scores(a, w, q, v, valid, pr, c, &nq, rows);
-            for (int l = 0; l < nq; l++) {
-                int i = rows[l];
-                float *srow = w->S + (size_t)l * W, L = w->m[i];
-                memcpy(w->dO + (size_t)l * dv, g + (size_t)i * dv, sizeof(float) * dv);
-                if (L == -INFINITY) {
-                    for (int x = 0; x < nk; x++) srow[x] = 0;
-                    continue;
-                }
-                for (int x = 0; x < nk; x++) srow[x] -= L;
-                ef_vexp(srow, srow, (size_t)nk);
-            }
-            /* dP = dO V^T; dS = P (dP - delta) */
-            ef_sgemm(0, 1, nq, nk, dv, 1.0f, w->dO, dv, w->V, dv, 0.0f, w->dP, W);
-            for (int l = 0; l < nq; l++) {
-                float *pp = w->S + (size_t)l * W, *dp = w->dP + (size_t)l * W,
-                      de = w->delta[rows[l]];
-                for (int x = 0; x < nk; x++) dp[x] = pp[x] * (dp[x] - de);
-            }
-            ef_sgemm(0, 0, nq, d, nk, a->scale, w->dP, W, w->K, d, 0.0f, w->dQ, d);
-            ef_sgemm(1, 0, nk, d, nq, a->scale, w->dP, W, w->Q, d, 0.0f, w->dK, d);
-            ef_sgemm(1, 0, nk, dv, nq, 1.0f, w->S, W, w->dO, dv, 0.0f, w->dV, dv);
-            for (int l = 0; l < nq; l++) {
-                float *dst = dq + (size_t)rows[l] * d;
-                for (int t = 0; t < d; t++) dst[t] += w->dQ[(size_t)l * d + t];
-            }
-            for (int x = 0; x < nk; x++) {
-                int jj = w->kpos[x];
-                float *dk = w->dkn + (size_t)jj * d, *dvv = dvo + (size_t)jj * dv;
-                for (int t = 0; t < d; t++) dk[t] += w->dK[(size_t)x * d + t];
-                for (int e = 0; e < dv; e++) dvv[e] += w->dV[(size_t)x * dv + e];
-            }
-        }
-    }
+    memset(w->dkn, 0, sizeof(float) * valid * d);
+    TRY(run_blocks(a, w, q, v, valid, bkt, g, NULL, NULL, dq, dvo));
     /* k = q/|q|: dq += (dk - k (k . dk)) / |q| */
-    for (int i = 0; i < n; i++) {
+    for (int i = 0; i < valid; i++) {
         if (w->nrm[i] == 0) continue;
         const float *k = w->xn + (size_t)i * d, *dk = w->dkn + (size_t)i * d;
         double kd = 0;
@@ -619,7 +834,70 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         float inv = 1.0f / w->nrm[i];
         for (int t = 0; t < d; t++) dq[(size_t)i * d + t] += (dk[t] - k[t] * (float)kd) * inv;
     }
+    return EF_OK;
+}
+
+/* Workers record their first failure (status and message) in their slot. */
+static void run_item(void *ctx, int64_t item, int tid, int fwd) {
+    ljob *j = ctx;
+    lplan *p = j->a->impl;
+    if (p->status[tid]) return;
+    lwork *w = &p->ws[tid];
+    int old = ef_gemm_local_threads(1);
+    ef_status st = fwd ? forward_one(j, item, w) : backward_one(j, item, w);
     ef_gemm_local_threads(old);
+    if (st) {
+        p->status[tid] = st;
+        snprintf(p->msg + (size_t)tid * MSG, MSG, "%s", ef_last_error());
+    }
+}
+static void forward_item(void *ctx, int64_t item, int tid) { run_item(ctx, item, tid, 1); }
+static void backward_item(void *ctx, int64_t item, int tid) { run_item(ctx, item, tid, 0); }
+
+static ef_status run_items(ef_attn *a, ljob *j, ef_parallel_fn fn) {
+    lplan *p = a->impl;
+    memset(p->status, 0, sizeof(ef_status) * a->slots);
+    ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, ef_attn_threads(a), fn, j);
+    for (int t = 0; t < a->slots; t++)
+        if (p->status[t]) return ef_error(p->status[t], "lsh: %s", p->msg + (size_t)t * MSG);
+    return EF_OK;
+}
+
+static ef_status lsh_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+    const ef_attn_shape *s = &a->shape;
+    const lplan *p = a->impl;
+    size_t bhrn = (size_t)s->batch * s->heads * p->R * s->q_len;
+    ljob j = {a,
+              io,
+              saved ? (int32_t *)saved : NULL,
+              saved ? (float *)((int32_t *)saved + bhrn) : NULL,
+              NULL,
+              NULL,
+              NULL};
+    return run_items(a, &j, forward_item);
+}
+
+/* Buckets in saved must be those a forward of this plan wrote for this io (checked here, in
+ * the caller's thread, so that the message reaches it). */
+static ef_status check_saved_buckets(const ef_attn *a, const ef_attn_io *io, const int32_t *bkt,
+                                     int nb, int R) {
+    const ef_attn_shape *s = &a->shape;
+    int n = s->q_len;
+    for (int b = 0; b < s->batch; b++) {
+        int valid = lsh_valid(a, io, b);
+        for (int h = 0; h < s->heads; h++)
+            for (int r = 0; r < R; r++) {
+                const int32_t *br = bkt + (((size_t)b * s->heads + h) * R + r) * n;
+                for (int i = 0; i < valid; i++)
+                    if (br[i] < 0 || br[i] >= nb)
+                        return ef_error(EF_ERR_ARG,
+                                        "lsh: saved holds bucket %d for position %d (batch %d, "
+                                        "head %d, round %d): not written by this plan's forward "
+                                        "with these lengths",
+                                        (int)br[i], i, b, h, r);
+            }
+    }
+    return EF_OK;
 }
 
 static ef_status lsh_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
@@ -627,129 +905,190 @@ static ef_status lsh_backward(ef_attn *a, const ef_attn_io *io, const void *save
     const ef_attn_shape *s = &a->shape;
     const lplan *p = a->impl;
     size_t bhrn = (size_t)s->batch * s->heads * p->R * s->q_len;
-    ljob j = {a, io, (int32_t *)saved, (float *)((const int32_t *)saved + bhrn), dout, dq, dv};
+    TRY(check_saved_buckets(a, io, saved, p->nb, p->R));
+    ljob j = {a,  io, (int32_t *)(uintptr_t)saved, (float *)((const int32_t *)saved + bhrn), dout,
+              dq, dv};
     memset(dk, 0, sizeof(float) * s->batch * s->heads * s->kv_len * s->head_dim);
-    ef_parallel_for((int64_t)s->batch * s->heads, ef_attn_threads(a), backward_head, &j);
-    return EF_OK;
+    return run_items(a, &j, backward_item);
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Reference (ref=1): per query, the attended (round, key) pairs by plain loops, in double.
- * Saved: the same perm/lse layout (lse filled too), so backward reuses the hashing.
+ * Reference (ref=1): a second implementation written from docs/lsh.md, sharing no code and no
+ * workspace with the fast path. Per (batch, head): hashing in double by plain loops, ranks and
+ * sorted indices by counting over all positions (O(L^2)), the windows and causal rules as an
+ * explicit predicate per (query, key) pair, and the output as one softmax over the attended
+ * (round, key) entries of each row, in double. Saved: the buckets only, [B][H][R][N] int32
+ * (-1 past L); backward rebuilds everything else from them.
  * ------------------------------------------------------------------------------------------- */
-/* Hashing of one (b, h) into perm/inv (fp32 keys as in the fast path); kd = keys in double. */
-static void ref_prepare(const ef_attn *a, const float *q, int h, int valid, int32_t *perm,
-                        int rehash, double *nrmd) {
+static ef_status ref_init(ef_attn *a) {
     lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim;
-    float *xf = (float *)p->rgq, *nf = (float *)p->rgv; /* scratch, reused before use */
-    normalise(q, n, d, xf, nf);
-    for (int r = 0; r < p->R; r++) {
-        int32_t *pr = perm + (size_t)r * n, *ir = p->rinv + (size_t)r * n;
-        if (rehash)
-            hash_round(a, h, r, valid, xf, p->ro, p->rcount, p->rcount + n, pr, ir, 0);
-        else
-            for (int s = 0; s < n; s++) ir[pr[s]] = s;
+    const ef_attn_shape *s = &a->shape;
+    size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, half = p->nb / 2;
+    size_t nrot = (size_t)s->heads * R * d * half;
+    /* the shared random choice: the same Philox draw as the fast path, read into our own copy */
+    p->rrot = ef_malloc(nrot * sizeof(float));
+    if (!p->rrot) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
+    for (int h = 0; h < s->heads; h++)
+        for (size_t r = 0; r < R; r++)
+            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, d * half,
+                          p->rrot + ((size_t)h * R + r) * d * half);
+    size_t nd = n * d * 3 + n * 2 + n * dv + half;
+    size_t bytes =
+        nd * sizeof(double) + (R * n * 2 + n) * sizeof(int32_t) + d * sizeof(float) + R * n;
+    p->rblock = ef_malloc(bytes);
+    if (!p->rblock) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the reference");
+    a->ws_bytes = bytes + nrot * sizeof(float);
+    double *x = p->rblock;
+    p->rk = x, x += n * d;
+    p->rgq = x, x += n * d;
+    p->rgk = x, x += n * d;
+    p->rn = x, x += n;
+    p->rdot = x, x += n;
+    p->rgv = x, x += n * dv;
+    p->ry = x, x += half;
+    int32_t *iw = (int32_t *)x;
+    p->rbk = iw, iw += R * n;
+    p->rord = iw, iw += R * n;
+    p->rcnt = iw, iw += n;
+    p->rx = (float *)iw;
+    p->rvis = (unsigned char *)(p->rx + d);
+    return EF_OK;
+}
+
+/* The documented hash of one row: x = fp32(q / |q|) (norm and quotient in double), y = x R in
+ * double summed over t = 0..D-1, bucket = the first index of the largest entry of [y, -y].
+ * Discrete choices this reuses from the definition (not from the fast path's code): the fp32
+ * rounding of x and the first-index rule for exact ties (a zero row ties everywhere and takes
+ * bucket 0). Every product x_t R_tc is exact in double, so the sum is the same with or without
+ * FMA contraction. */
+static int ref_bucket(const float *q, int d, const float *rot, int half, float *x, double *y) {
+    double ss = 0;
+    for (int t = 0; t < d; t++) ss += (double)q[t] * q[t];
+    double nr = sqrt(ss);
+    for (int t = 0; t < d; t++) x[t] = nr > 0 ? (float)(q[t] / nr) : 0.0f;
+    for (int c = 0; c < half; c++) {
+        double acc = 0;
+        for (int t = 0; t < d; t++) acc += (double)x[t] * rot[(size_t)t * half + c];
+        y[c] = acc;
     }
-    for (int i = 0; i < n; i++) {
+    int best = -1;
+    double bv = 0;
+    for (int c = 0; c < 2 * half; c++) {
+        double val = c < half ? y[c] : -y[c - half];
+        if (best < 0 || val > bv) best = c, bv = val;
+    }
+    return best;
+}
+
+/* ord[i] for i < L: the rank of i among the earlier positions of its bucket (strict), or its
+ * index in the stable sort by (bucket, position) (sorted modes), by counting. */
+static void ref_order(const lplan *p, const int32_t *bk, int L, int32_t *ord) {
+    for (int i = 0; i < L; i++) {
+        int c = 0;
+        for (int j = 0; j < L; j++) {
+            if (p->mode == LSH_STRICT)
+                c += j < i && bk[j] == bk[i];
+            else
+                c += bk[j] < bk[i] || (bk[j] == bk[i] && j < i);
+        }
+        ord[i] = c;
+    }
+}
+
+/* 1 when query i sees key j != i in a round with buckets bk and order ord (before the
+ * self-mask), as docs/lsh.md states the rules. */
+static int ref_sees(const lplan *p, const int32_t *bk, const int32_t *ord, int L, int i, int j) {
+    if (j == i) return 0;
+    if (p->mode == LSH_STRICT) /* same bucket, earlier, rank in the chunk or `before` chunks */
+        return bk[j] == bk[i] && j < i && ord[j] >= (ord[i] / p->C - p->before) * p->C;
+    if (p->mode == LSH_SORTED && j > i) return 0;
+    int nc = (L + p->C - 1) / p->C, ci = ord[i] / p->C, cj = ord[j] / p->C;
+    for (int o = -p->before; o <= p->after; o++)
+        if (((ci + o) % nc + nc) % nc == cj) return 1;
+    return 0;
+}
+
+/* Hashes (when hash) or reads (bk) the buckets of one (b, h), orders them, and computes the
+ * double keys k_j = q_j / |q_j| of the L valid rows. */
+static void ref_head(const ef_attn *a, const float *q, int h, int L, int32_t *bk, int hash) {
+    lplan *p = a->impl;
+    int n = a->shape.q_len, d = a->shape.head_dim, half = p->nb / 2;
+    for (int r = 0; r < p->R; r++) {
+        int32_t *br = bk + (size_t)r * n;
+        const float *rot = p->rrot + ((size_t)h * p->R + r) * d * half;
+        if (hash) {
+            for (int i = 0; i < L; i++)
+                br[i] = ref_bucket(q + (size_t)i * d, d, rot, half, p->rx, p->ry);
+            for (int i = L; i < n; i++) br[i] = -1;
+        }
+        ref_order(p, br, L, p->rord + (size_t)r * n);
+    }
+    for (int j = 0; j < L; j++) {
         double ss = 0;
-        for (int t = 0; t < d; t++) ss += (double)q[(size_t)i * d + t] * q[(size_t)i * d + t];
-        nrmd[i] = sqrt(ss);
+        for (int t = 0; t < d; t++) ss += (double)q[(size_t)j * d + t] * q[(size_t)j * d + t];
+        p->rn[j] = sqrt(ss);
         for (int t = 0; t < d; t++)
-            p->rk[(size_t)i * d + t] = nrmd[i] > 0 ? q[(size_t)i * d + t] / nrmd[i] : 0;
+            p->rk[(size_t)j * d + t] = p->rn[j] > 0 ? q[(size_t)j * d + t] / p->rn[j] : 0.0;
     }
 }
 
-/* att[r][j] = 1 when query i attends key j in round r; count[j] = rounds. */
-static void ref_attended(const ef_attn *a, int i, int valid) {
-    lplan *p = a->impl;
-    int n = a->shape.q_len;
-    memset(p->rcount, 0, sizeof(int32_t) * n);
-    for (int r = 0; r < p->R; r++) {
-        unsigned char *att = p->ratt + (size_t)r * n;
-        const int32_t *ir = p->rinv + (size_t)r * n;
-        int any = 0;
-        for (int j = 0; j < n; j++) {
-            att[j] = in_window(p, ir[i] / p->C, ir[j] / p->C) && j < valid &&
-                     (!a->causal || j <= i) && j != i;
-            any |= att[j];
-        }
-        if (!any && i < valid) att[i] = 1;
-        for (int j = 0; j < n; j++) p->rcount[j] += att[j];
-    }
-}
-
-/* Logits s_rj (double, -inf when not attended) of row i into p->rs [R][N]; returns L_i. */
-static double ref_logits(const ef_attn *a, const float *q, int i, double *lse_r) {
+/* Row i (< L): vis[r][j] = 1 when i attends j in round r (itself only when it sees nothing
+ * else), cnt[j] = rounds, dot[j] = the logit scale q_i.k_j - log cnt_j (dedup) of each attended
+ * key. Returns the row's log-sum-exp over its (round, key) entries. */
+static double ref_row(const ef_attn *a, const float *q, const int32_t *bk, int L, int i) {
     lplan *p = a->impl;
     int n = a->shape.q_len, d = a->shape.head_dim;
-    double L = -INFINITY;
+    for (int j = 0; j < L; j++) p->rcnt[j] = 0;
     for (int r = 0; r < p->R; r++) {
-        double *sr = p->rs + (size_t)r * n, mx = -INFINITY;
-        const unsigned char *att = p->ratt + (size_t)r * n;
-        for (int j = 0; j < n; j++) {
-            sr[j] = -INFINITY;
-            if (!att[j]) continue;
-            double dot = 0;
-            for (int t = 0; t < d; t++)
-                dot += (double)q[(size_t)i * d + t] * p->rk[(size_t)j * d + t];
-            sr[j] = a->scale * dot - (p->dedup ? log((double)p->rcount[j]) : 0.0);
-            if (sr[j] > mx) mx = sr[j];
-        }
-        double sum = 0;
-        for (int j = 0; j < n; j++)
-            if (att[j]) sum += exp(sr[j] - mx);
-        lse_r[r] = mx == -INFINITY ? -INFINITY : mx + log(sum);
+        unsigned char *vis = p->rvis + (size_t)r * n;
+        const int32_t *br = bk + (size_t)r * n, *ord = p->rord + (size_t)r * n;
+        int any = 0;
+        for (int j = 0; j < L; j++) any |= vis[j] = (unsigned char)ref_sees(p, br, ord, L, i, j);
+        if (!any) vis[i] = 1;
+        for (int j = 0; j < L; j++) p->rcnt[j] += vis[j];
     }
     double mx = -INFINITY;
-    for (int r = 0; r < p->R; r++) mx = lse_r[r] > mx ? lse_r[r] : mx;
-    if (mx == -INFINITY) return mx;
+    for (int j = 0; j < L; j++) {
+        if (!p->rcnt[j]) continue;
+        double dot = 0;
+        for (int t = 0; t < d; t++) dot += (double)q[(size_t)i * d + t] * p->rk[(size_t)j * d + t];
+        p->rdot[j] = a->scale * dot - (p->dedup ? log((double)p->rcnt[j]) : 0.0);
+        mx = p->rdot[j] > mx ? p->rdot[j] : mx;
+    }
     double sum = 0;
-    for (int r = 0; r < p->R; r++) sum += exp(lse_r[r] - mx);
-    L = mx + log(sum);
-    return L;
+    for (int r = 0; r < p->R; r++)
+        for (int j = 0; j < L; j++)
+            if (p->rvis[(size_t)r * n + j]) sum += exp(p->rdot[j] - mx);
+    return mx + log(sum);
+}
+
+static size_t lsh_ref_saved_bytes(const ef_attn *a) {
+    const lplan *p = a->impl;
+    return (size_t)a->shape.batch * a->shape.heads * p->R * a->shape.q_len * sizeof(int32_t);
 }
 
 static ef_status lsh_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R;
-    size_t bhrn = (size_t)s->batch * s->heads * R * n;
     for (int b = 0; b < s->batch; b++)
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
-            int valid = ef_attn_kv_valid(a, io, b);
+            int L = lsh_valid(a, io, b);
             const float *q = io->q + bh * n * d, *v = io->v + bh * n * dv;
-            int32_t *perm = saved ? (int32_t *)saved + bh * R * n : p->rperm;
-            float *lse = saved ? (float *)((int32_t *)saved + bhrn) + bh * R * n : NULL;
-            double *nrmd = p->rgk;
-            ref_prepare(a, q, h, valid, perm, 1, nrmd);
-            for (int i = 0; i < n; i++) {
-                ref_attended(a, i, valid);
-                ref_logits(a, q, i, p->rlse);
-                /* per round: o_r = sum_j exp(s - lse_r) v_j; then out = sum_r softmax(lse) o_r */
-                double mx = -INFINITY, wsum = 0;
-                for (int r = 0; r < R; r++) mx = p->rlse[r] > mx ? p->rlse[r] : mx;
-                for (int r = 0; r < R; r++) {
-                    if (lse) lse[(size_t)r * n + i] = (float)p->rlse[r];
-                    double *o = p->ro + (size_t)r * dv;
-                    for (int e = 0; e < dv; e++) o[e] = 0;
-                    if (p->rlse[r] == -INFINITY) continue;
-                    wsum += exp(p->rlse[r] - mx);
-                    for (int j = 0; j < n; j++) {
-                        double sj = p->rs[(size_t)r * n + j];
-                        if (sj == -INFINITY) continue;
-                        double pj = exp(sj - p->rlse[r]);
-                        for (int e = 0; e < dv; e++) o[e] += pj * v[(size_t)j * dv + e];
-                    }
-                }
-                float *out = io->out + (bh * n + i) * dv;
+            int32_t *bk = saved ? (int32_t *)saved + bh * R * n : p->rbk;
+            float *out = io->out + bh * n * dv;
+            ref_head(a, q, h, L, bk, 1);
+            memset(out, 0, sizeof(float) * n * dv);
+            for (int i = 0; i < L; i++) {
+                double lse = ref_row(a, q, bk, L, i);
                 for (int e = 0; e < dv; e++) {
                     double acc = 0;
                     for (int r = 0; r < R; r++)
-                        if (p->rlse[r] != -INFINITY)
-                            acc += exp(p->rlse[r] - mx) / wsum * p->ro[(size_t)r * dv + e];
-                    out[e] = (float)acc;
+                        for (int j = 0; j < L; j++)
+                            if (p->rvis[(size_t)r * n + j])
+                                acc += exp(p->rdot[j] - lse) * v[(size_t)j * dv + e];
+                    out[(size_t)i * dv + e] = (float)acc;
                 }
             }
         }
@@ -761,39 +1100,35 @@ static ef_status lsh_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
     lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, d = s->head_dim, e_ = s->v_dim, R = p->R;
+    TRY(check_saved_buckets(a, io, saved, p->nb, R));
     memset(dk, 0, sizeof(float) * s->batch * s->heads * n * d);
     for (int b = 0; b < s->batch; b++)
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
-            int valid = ef_attn_kv_valid(a, io, b);
+            int L = lsh_valid(a, io, b);
             const float *q = io->q + bh * n * d, *v = io->v + bh * n * e_;
-            int32_t *perm = (int32_t *)saved + bh * R * n;
-            double *nrmd = p->rlse + R; /* [N] after the R per-round lse values */
-            ref_prepare(a, q, h, valid, perm, 0, nrmd);
+            int32_t *bk = (int32_t *)(uintptr_t)saved + bh * R * n;
+            ref_head(a, q, h, L, bk, 0);
             double *gq = p->rgq, *gk = p->rgk, *gv = p->rgv;
             memset(gq, 0, sizeof(double) * n * d);
             memset(gk, 0, sizeof(double) * n * d);
             memset(gv, 0, sizeof(double) * n * e_);
-            for (int i = 0; i < n; i++) {
-                ref_attended(a, i, valid);
-                double L = ref_logits(a, q, i, p->rlse);
-                if (L == -INFINITY) continue;
+            for (int i = 0; i < L; i++) {
+                double lse = ref_row(a, q, bk, L, i);
                 const float *gi = dout + (bh * n + i) * e_;
-                /* out_i = sum_rj P_rij v_j, P = exp(s' - L) */
+                /* out_i = sum_rj P_rij v_j, P = exp(s' - lse); delta = sum P (dO_i . v_j) */
                 double delta = 0;
                 for (int r = 0; r < R; r++)
-                    for (int j = 0; j < n; j++) {
-                        double sj = p->rs[(size_t)r * n + j];
-                        if (sj == -INFINITY) continue;
-                        double pj = exp(sj - L), dp = 0;
+                    for (int j = 0; j < L; j++) {
+                        if (!p->rvis[(size_t)r * n + j]) continue;
+                        double dp = 0;
                         for (int e = 0; e < e_; e++) dp += (double)gi[e] * v[(size_t)j * e_ + e];
-                        delta += pj * dp;
+                        delta += exp(p->rdot[j] - lse) * dp;
                     }
                 for (int r = 0; r < R; r++)
-                    for (int j = 0; j < n; j++) {
-                        double sj = p->rs[(size_t)r * n + j];
-                        if (sj == -INFINITY) continue;
-                        double pj = exp(sj - L), dp = 0;
+                    for (int j = 0; j < L; j++) {
+                        if (!p->rvis[(size_t)r * n + j]) continue;
+                        double pj = exp(p->rdot[j] - lse), dp = 0;
                         for (int e = 0; e < e_; e++) dp += (double)gi[e] * v[(size_t)j * e_ + e];
                         double ds = pj * (dp - delta) * a->scale;
                         for (int t = 0; t < d; t++) {
@@ -803,13 +1138,16 @@ static ef_status lsh_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
                         for (int e = 0; e < e_; e++) gv[(size_t)j * e_ + e] += pj * gi[e];
                     }
             }
-            for (int j = 0; j < n; j++) {
+            /* through k = q/|q|: dq_j += (I - k_j k_j^T) dk_j / |q_j| */
+            memset(dq + bh * n * d, 0, sizeof(float) * n * d);
+            memset(dv + bh * n * e_, 0, sizeof(float) * n * e_);
+            for (int j = 0; j < L; j++) {
                 double kd = 0;
                 for (int t = 0; t < d; t++) kd += p->rk[(size_t)j * d + t] * gk[(size_t)j * d + t];
                 for (int t = 0; t < d; t++) {
                     double x = gq[(size_t)j * d + t];
-                    if (nrmd[j] > 0)
-                        x += (gk[(size_t)j * d + t] - p->rk[(size_t)j * d + t] * kd) / nrmd[j];
+                    if (p->rn[j] > 0)
+                        x += (gk[(size_t)j * d + t] - p->rk[(size_t)j * d + t] * kd) / p->rn[j];
                     dq[(bh * n + j) * d + t] = (float)x;
                 }
                 for (int e = 0; e < e_; e++)
@@ -823,24 +1161,37 @@ static const ef_opt_desc lsh_opts[] = {
     {"hashes", EF_OPT_INT, "4", 1, 64, NULL, 0, "hashing rounds, combined by their log-sum-exp"},
     {"buckets", EF_OPT_INT, "auto", 2, 1 << 24, NULL, 1,
      "buckets per round (even); auto = 2^floor(log2(2N/chunk)), at least 2"},
-    {"chunk", EF_OPT_INT, "64", 1, 1 << 20, NULL, 0, "sorted positions per chunk"},
-    {"before", EF_OPT_INT, "1", 0, 64, NULL, 0, "previous chunks each chunk attends (cyclic)"},
-    {"after", EF_OPT_INT, "0", 0, 64, NULL, 0, "next chunks each chunk attends (cyclic)"},
+    {"chunk", EF_OPT_INT, "64", 1, 1 << 20, NULL, 0,
+     "positions per chunk (of the sorted order; of each bucket with strict causal=1)"},
+    {"before", EF_OPT_INT, "1", 0, 64, NULL, 0,
+     "previous chunks a chunk attends (cyclic; strict causal=1: of its bucket, not cyclic)"},
+    {"after", EF_OPT_INT, "0", 0, 64, NULL, 0,
+     "next chunks a chunk attends (cyclic; no effect with strict causal=1)"},
     {"dedup", EF_OPT_BOOL, "1", 0, 1, NULL, 0,
      "count each (query, key) pair once over the rounds (logit - log count)"},
+    {"reformer_causal", EF_OPT_BOOL, "0", 0, 1, NULL, 0,
+     "with causal=1: Reformer's sorted-chunk causal rule (keys j <= i of the window); NOT "
+     "strictly causal: a row's chunk composition depends on later positions' hashes"},
 };
 
 const ef_attn_ops ef_attn_ops_lsh = {
     .caps = {.causal = 1, .random = 1, .discrete = 1, .deterministic = 1},
     .name = "lsh",
     .summary = "Reformer LSH attention: shared QK, hashed buckets, sorted chunks, O(N R W D)",
-    .notes = "  shared QK: keys are q/|q| (io->k is ignored and gets a zero gradient); needs\n"
-             "  q_len == kv_len; logits are scale * q.k (HF/trax use no scale: pass scale=1).\n"
-             "  a query sees itself only when no other key is visible; padded positions hash to\n"
-             "  an extra last bucket. saves the sort permutation and per-round lse of every row\n"
-             "  (backward reuses the hashing); reference (ref=1): explicit per-query sets.",
+    .notes =
+        "  shared QK: keys are q/|q| (io->k is ignored and gets a zero gradient); needs\n"
+        "  q_len == kv_len; logits are scale * q.k (HF/trax use no scale: pass scale=1).\n"
+        "  a query sees itself only when no other key is visible. only positions below\n"
+        "  min(kv_lens, q_lens) are hashed; later rows output zeros, get zero gradients and\n"
+        "  are never read. causal=1 is strictly causal: chunks are cut in each bucket's own\n"
+        "  position order and a query sees earlier positions of its bucket only (its chunk and\n"
+        "  `before` chunks back). reformer_causal=1 (with causal=1) gives Reformer's sorted-\n"
+        "  chunk causal rule instead, which is NOT strictly causal (later positions' hashes\n"
+        "  move the chunk edges). saves the buckets and per-round lse of every row (backward\n"
+        "  reuses the hashing); reference (ref=1): its own double hashing and per-query sets.\n"
+        "  ef_attn_visible_pairs is an upper bound on the distinct pairs (they depend on q).",
     .opts = lsh_opts,
-    .n_opts = 6,
+    .n_opts = 7,
     .init = lsh_init,
     .destroy = lsh_destroy,
     .flops = lsh_flops,
@@ -848,7 +1199,7 @@ const ef_attn_ops ef_attn_ops_lsh = {
     .saved_bytes = lsh_saved_bytes,
     .forward = lsh_forward,
     .backward = lsh_backward,
-    .ref_saved_bytes = lsh_saved_bytes,
+    .ref_saved_bytes = lsh_ref_saved_bytes,
     .ref_forward = lsh_ref_forward,
     .ref_backward = lsh_ref_backward,
 };
