@@ -120,6 +120,10 @@ EF_API void ef_blas_get_info(ef_blas_info *info);
  *     are fixed, a mechanism's output is a smooth function of q, k, v and its parameters, and
  *     backward is the exact derivative of that function.
  *   - Results are bitwise identical for identical inputs, whatever the thread count.
+ *   NaN or Inf at a valid (unpadded) position is an invalid input: it may reach other rows (0*NaN
+ *   in a masked product), and nothing above is promised for it. For mechanisms whose pattern
+ *   depends on the data (lsh), ef_attn_visible reports only the causal rule and
+ *   ef_attn_visible_pairs an upper bound.
  * ef_attn_get_caps says which of the optional abilities a mechanism has.
  * ------------------------------------------------------------------------------------------- */
 typedef struct ef_attn_shape {
@@ -180,8 +184,9 @@ EF_API double ef_attn_flops(const ef_attn *a, int backward);
  * error set) for a NULL plan or an index out of range. Exact attention sees every pair (or the
  * causal triangle). */
 EF_API int ef_attn_visible(const ef_attn *a, int head, int i, int j);
-/* Visible (query, key) pairs of one head over the q_len x kv_len grid; -1 on bad arguments.
- * ef_attn_flops counts work on these pairs only. */
+/* Visible (query, key) pairs of one head over the q_len x kv_len grid (at most q_len * kv_len;
+ * an upper bound where the pattern depends on the data); -1 on bad arguments. For the exact
+ * mechanisms ef_attn_flops counts work on these pairs only; the others count their own work. */
 EF_API int64_t ef_attn_visible_pairs(const ef_attn *a, int head);
 
 /* out = attention(q, k, v). `saved` = NULL for inference, else a buffer of
