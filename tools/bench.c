@@ -2,7 +2,7 @@
  * bench.c - `eformer bench`: time a mechanism, after checking it against its reference.
  *
  * For each requested length: make the plan; unless --no-check, compare the fast path with the
- * mechanism's reference path (ref=1) at a small odd shape with key padding (forward, and the
+ * mechanism's reference path (ref=1) at a small odd shape with key and query padding (forward, and the
  * gradients with --backward); then time warm-up + R repetitions of forward (or forward +
  * backward) on Gaussian inputs and report the median, GFLOP/s from the library's analytic
  * count, the fraction of this machine's SGEMM rate measured in the same run, the bytes the
@@ -137,7 +137,7 @@ static void check_lengths(int n, int m, int attempt, int *nc, int *mc) {
 typedef struct check_result {
     double fwd, bwd; /* max relative errors; bwd < 0 when not checked */
     int n, m;        /* lengths the check ran at */
-    int32_t kv_lens[2];
+    int32_t kv_lens[2], q_lens[2];
 } check_result;
 
 /* Runs `spec` and `ref_spec` on the same Gaussian inputs at `sh` (batch 2) and compares. The
@@ -162,10 +162,13 @@ static ef_status check_run(const char *spec, const char *ref_spec, const ef_attn
     fill_normal(q, nq, 0);
     fill_normal(k, nk, 1);
     fill_normal(v, nv, 2);
-    /* the second sequence has a third of its keys padded away */
+    /* the second sequence has a third of its keys and a fifth of its queries padded away */
     r->kv_lens[0] = sh->kv_len;
     r->kv_lens[1] = sh->kv_len - sh->kv_len / 3;
-    ef_attn_io iof = {q, k, v, r->kv_lens, of, NULL}, ior = {q, k, v, r->kv_lens, orf, NULL};
+    r->q_lens[0] = sh->q_len;
+    r->q_lens[1] = sh->q_len - sh->q_len / 5;
+    ef_attn_io iof = {q, k, v, r->kv_lens, of, r->q_lens},
+               ior = {q, k, v, r->kv_lens, orf, r->q_lens};
     r->n = sh->q_len, r->m = sh->kv_len, r->bwd = -1;
 
     if ((st = ef_attn_forward(fast, &iof, NULL)) || (st = ef_attn_forward(ref, &ior, NULL)))
@@ -221,7 +224,7 @@ static int check_spec(bench_run *R, const char *spec, const ef_attn_shape *bs, i
         fprintf(stderr, "eformer: the spec '%s' is too long\n", spec);
         return 1;
     }
-    check_result r = {0, -1, 0, 0, {0, 0}};
+    check_result r = {0, -1, 0, 0, {0, 0}, {0, 0}};
     ef_status st = EF_OK;
     ef_attn_shape sh = *bs;
     sh.batch = 2;
@@ -257,8 +260,11 @@ static int check_spec(bench_run *R, const char *spec, const ef_attn_shape *bs, i
     int fwd_ok = r.fwd <= CHECK_TOL_FWD, bwd_ok = !backward || r.bwd <= CHECK_TOL_BWD;
     if (!fwd_ok || !bwd_ok) {
         fprintf(stderr, "eformer: check FAILED: '%s' disagrees with its reference path\n", spec);
-        fprintf(stderr, "  at batch=2 heads=2 len=%d kv-len=%d dim=%d v-dim=%d, kv_lens={%d,%d}:\n",
-                r.n, r.m, sh.head_dim, sh.v_dim, r.kv_lens[0], r.kv_lens[1]);
+        fprintf(stderr,
+                "  at batch=2 heads=2 len=%d kv-len=%d dim=%d v-dim=%d, kv_lens={%d,%d} "
+                "q_lens={%d,%d}:\n",
+                r.n, r.m, sh.head_dim, sh.v_dim, r.kv_lens[0], r.kv_lens[1], r.q_lens[0],
+                r.q_lens[1]);
         fprintf(stderr, "  forward max relative error %.3g (tolerance %g)%s\n", r.fwd,
                 CHECK_TOL_FWD, fwd_ok ? "" : "  <-- FAIL");
         if (backward)
