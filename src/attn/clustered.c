@@ -83,7 +83,7 @@ typedef struct rws {
 typedef struct cplan {
     int improved;                /* iclustered: set from a->ops in clu_init, never inferred */
     int C, K, bits, iters, topk; /* C = min(clusters, N), K = min(topk, M) (0 for clustered) */
-    float *planes;               /* [H][D][bits] hyperplanes, transposed (fast path) */
+    float *planes;               /* [H][D][PLANE_ROW] hyperplanes, transposed (fast path) */
     cwork *ws;                   /* [slots] (fast path) */
     void *block;                 /* everything above (fast path) */
     rws ref;                     /* the reference's own workspace (ref=1 plans only) */
@@ -93,19 +93,30 @@ typedef struct cplan {
 /* ---------------------------------------------------------------------------------------------
  * Hashing and k-means of the fast path
  * ------------------------------------------------------------------------------------------- */
-/* planes_t is the head's hyperplane matrix transposed, [D][bits], so that the loop over bits is
- * the inner (vector) one; the dot products are accumulated in double over t in order. */
+/* planes_t is the head's hyperplane matrix transposed and padded, [D][PLANE_ROW] (zeros past
+ * `bits`), so that the 64 codes' dot products are eight vectors of doubles held in registers.
+ * Each dot product is accumulated in double over t in order (a product of two floats is exact
+ * in double, so a fused multiply-add gives the same sum): the reference's scalar sums agree bit
+ * for bit. */
+enum { PLANE_ROW = 64 };
+typedef double ef_v8d __attribute__((vector_size(64)));
+typedef float ef_v8f __attribute__((vector_size(32)));
 __attribute__((noinline)) static uint64_t hash_query(const float *q, const float *planes_t,
                                                      int bits, int d) {
-    double dot[64] = {0};
+    ef_v8d acc[8] = {{0}};
     for (int t = 0; t < d; t++) {
         double qt = q[t];
-        const float *pt = planes_t + (size_t)t * bits;
-        for (int b = 0; b < bits; b++) dot[b] += qt * pt[b];
+        const float *pt = planes_t + (size_t)t * PLANE_ROW;
+#pragma GCC unroll 8
+        for (int c = 0; c < 8; c++) {
+            ef_v8f x;
+            memcpy(&x, pt + 8 * c, sizeof x);
+            acc[c] += qt * __builtin_convertvector(x, ef_v8d);
+        }
     }
     uint64_t h = 0;
     for (int b = 0; b < bits; b++)
-        if (dot[b] > 0) h |= 1ull << b;
+        if (acc[b / 8][b % 8] > 0) h |= 1ull << b;
     return h;
 }
 
@@ -176,7 +187,7 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
 static void cluster_head(const ef_attn *a, cwork *w, const float *q, int64_t bh, int nv, int C) {
     const cplan *p = a->impl;
     int d = a->shape.head_dim, h = (int)(bh % a->shape.heads);
-    const float *planes = p->planes + (size_t)h * p->bits * d;
+    const float *planes = p->planes + (size_t)h * PLANE_ROW * d;
     for (int i = 0; i < nv; i++) w->hash[i] = hash_query(q + (size_t)i * d, planes, p->bits, d);
     ef_clustered_kmeans(w->hash, nv, p->bits, C, p->iters, a->seed, STREAM_KMEANS | (uint64_t)bh,
                         w->asg, w->cent, w->cnt, w->kw);
@@ -967,7 +978,7 @@ static ef_status clu_init(ef_attn *a) {
     size_t per = align64(8 * m);
     for (int i = 0; i < NW; i++) per += align64(sz[i]);
     per += align64(extra[0]) + align64(extra[1]);
-    size_t planes = align64(4 * (size_t)s->heads * p->bits * d);
+    size_t planes = align64(4 * (size_t)s->heads * PLANE_ROW * d);
     double total = (double)per * a->slots + planes;
     if (total > 1e12)
         return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total / 1e9);
@@ -992,12 +1003,14 @@ static ef_status clu_init(ef_attn *a) {
         w->D1 = (float *)cur, cur += align64(extra[1]);
         w->row = (double *)cur, cur += align64(8 * m);
     }
-    /* hyperplane b of head h is elements [b D, (b + 1) D) of the head's draw; stored transposed */
+    /* hyperplane b of head h is elements [b D, (b + 1) D) of the head's draw; stored transposed
+     * in rows of PLANE_ROW, zero past bits (the block was not zeroed: do it here) */
+    memset(p->planes, 0, planes);
     for (int h = 0; h < s->heads; h++)
         for (int b = 0; b < p->bits; b++)
             for (size_t t = 0; t < d; t++)
                 ef_rng_normal(a->seed, STREAM_PLANES | (uint64_t)h, (uint64_t)b * d + t, 1,
-                              p->planes + ((size_t)h * d + t) * p->bits + b);
+                              p->planes + ((size_t)h * d + t) * PLANE_ROW + b);
     return EF_OK;
 }
 

@@ -100,7 +100,7 @@ static void softmax_grad_rows(void *ctx, int64_t item, int tid) {
  * block one single-threaded GEMM: a BLAS that splits a product by its thread count (oneDNN does
  * for some shapes) may sum in a different order, and the contract wants results that do not
  * depend on the thread count. The blocks depend on the shape only. */
-enum { DENSE_GEMM_ROWS = 64 };
+enum { DENSE_GEMM_ROWS = 256 };
 typedef struct dense_gemm {
     int ta, tb, m, n, k;
     float alpha;
