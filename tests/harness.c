@@ -139,6 +139,22 @@ ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *k
     return ef_test_run_lens(spec, in, kv_lens, NULL, o);
 }
 
+void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens,
+                        int mode, uint64_t seed) {
+    float *r = ef_test_randn((size_t)rows * w, seed, 3.0f);
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < rows; i++)
+                for (int t = 0; t < w; t++) {
+                    float val = mode == 0   ? r[(size_t)i * w + t]
+                                : mode == 1 ? NAN
+                                : mode == 2 ? INFINITY
+                                            : -INFINITY;
+                    x[(((size_t)b * s.heads + h) * rows + i) * w + t] = val;
+                }
+    free(r);
+}
+
 void *ef_test_saved(const ef_attn *a) {
     size_t sb = ef_attn_saved_bytes(a);
     void *p = ef_malloc(sb > 64 ? sb : 64);

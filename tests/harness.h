@@ -59,6 +59,11 @@ ef_status ef_test_run_lens(const char *spec, const ef_test_bufs *in, const int32
                            const int32_t *q_lens, ef_test_bufs *o);
 /* 1 when any of the n values is NaN or infinite. */
 int ef_test_any_nonfinite(const float *x, size_t n);
+/* Spoils the padded rows i >= lens[b] of x [batch][heads][rows][w] (batch and heads from s):
+ * mode 0 redraws them (Gaussian, sigma 3, from seed), 1 fills them with NaN, 2 with +Inf, 3 with
+ * -Inf. */
+void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens,
+                        int mode, uint64_t seed);
 /* A `saved` buffer for plan a (ef_malloc: EF_SAVED_ALIGN-aligned; at least 64 bytes, so never
  * NULL for a plan that saves nothing). Release with ef_free. */
 void *ef_test_saved(const ef_attn *a);

@@ -93,28 +93,6 @@ static void shape_str(char *buf, size_t cap, ef_attn_shape s, const int32_t *len
                       b + 1 == s.batch ? "}" : "");
 }
 
-/* Forward (with a saved buffer in o->saved when backward) and backward of plan a, with key
- * padding kv_lens and query padding q_lens (either may be NULL). */
-static ef_status run_pad(ef_attn *a, const bufs *in, const int32_t *kv_lens, const int32_t *q_lens,
-                         bufs *o, int backward) {
-    ef_free(o->saved);
-    o->saved = ef_test_saved(a);
-    ef_attn_io io = {in->q, in->k, in->v, kv_lens, o->out, q_lens};
-    ef_status st = ef_attn_forward(a, &io, backward ? o->saved : NULL);
-    if (!st && backward) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
-    return st;
-}
-
-/* Creates the plan of `spec`, runs forward and backward with padding into o, frees it. */
-static ef_status run_spec_pad(const char *spec, const bufs *in, const int32_t *kv_lens,
-                              const int32_t *q_lens, bufs *o) {
-    ef_attn *a = NULL;
-    ef_status st = ef_attn_new(&a, spec, &in->s);
-    if (!st) st = run_pad(a, in, kv_lens, q_lens, o, 1);
-    ef_attn_free(a);
-    return st;
-}
-
 /* fast vs ref outputs: finite, then out against TOL_F and dq, dk, dv against TOL_B. */
 static void compare_outs(const char *label, const bufs *in, const bufs *fa, const bufs *rf,
                          double tol_f, double tol_b) {
@@ -160,8 +138,8 @@ static void fast_vs_ref_grow(const char *spec, ef_attn_shape s, const int32_t *l
     ef_test_inputs(&in, s, input_seed(s), sigma);
     if (ks0 > 0) grow_keys(&in, ks0, ks1);
     ef_test_outputs(&fa, &in), ef_test_outputs(&rf, &in);
-    ef_status st1 = run_spec_pad(spec, &in, lens, qlens, &fa);
-    ef_status st2 = st1 ? st1 : run_spec_pad(ref, &in, lens, qlens, &rf);
+    ef_status st1 = ef_test_run_lens(spec, &in, lens, qlens, &fa);
+    ef_status st2 = st1 ? st1 : ef_test_run_lens(ref, &in, lens, qlens, &rf);
     char name[600];
     snprintf(name, sizeof name, "%s: fast and ref run", label);
     if (ef_check(name, !st1 && !st2, "%s %s", ef_status_str(st1 ? st1 : st2), ef_last_error()))
@@ -579,7 +557,7 @@ static void test_padding_never_read(void) {
         bufs in, base, o;
         ef_test_inputs(&in, s, 4321, sig);
         ef_test_outputs(&base, &in), ef_test_outputs(&o, &in);
-        ef_status st = run_spec_pad(specs[i], &in, kv, ql, &base);
+        ef_status st = ef_test_run_lens(specs[i], &in, kv, ql, &base);
         char name[200];
         snprintf(name, sizeof name, "%s lens{131,70} qlens{140,45}: runs", specs[i]);
         if (!ef_check(name, !st, "%s", st ? ef_last_error() : "")) goto next;
@@ -588,7 +566,7 @@ static void test_padding_never_read(void) {
         check_le(name, padded_max(&in, &base, kv, ql), 0.0, "skipped, written as zeros");
         for (int mode = 1; mode <= 2; mode++) {
             fill_padding(&in, kv, ql, mode, 77 + (uint64_t)i);
-            st = run_spec_pad(specs[i], &in, kv, ql, &o);
+            st = ef_test_run_lens(specs[i], &in, kv, ql, &o);
             int same = !st && outs_identical(&in, &base, &o);
             snprintf(name, sizeof name, "%s: padding %s: out, dq, dk, dv bitwise unchanged",
                      specs[i], mode == 1 ? "redrawn" : "NaN/+-Inf");
@@ -688,7 +666,7 @@ static void fd_case(const char *spec, int fast, double h, int richardson, double
     ef_test_outputs(&o, &in);
     ef_attn *a = NULL;
     ef_status st = ef_attn_new(&a, full, &s);
-    if (!st) st = run_pad(a, &in, kv, ql, &o, 1);
+    if (!st) st = ef_test_run_plan_lens(a, &in, kv, ql, &o, 1);
     char name[320];
     snprintf(name, sizeof name, "FD %s: forward and backward run", full);
     if (st) {
@@ -787,7 +765,7 @@ static void test_eps_stabilize(void) {
         ef_status st = EF_OK;
         for (int r = 0; r < 3; r++) {
             ef_test_outputs(&o[r], &in);
-            if (!st) st = run_spec_pad(spec[r], &in, kv, ql, &o[r]);
+            if (!st) st = ef_test_run_lens(spec[r], &in, kv, ql, &o[r]);
         }
         char name[240];
         snprintf(name, sizeof name, "performer:%s,eps=%s: runs", var[i].opts, var[i].eps);
@@ -830,7 +808,7 @@ static void test_empty_rows(void) {
             bufs in, o;
             ef_test_inputs(&in, s, 77, strncmp(specs[i], "perf", 4) ? 1.0f : SIG_P);
             ef_test_outputs(&o, &in);
-            ef_status st = run_spec_pad(specs[i], &in, qpad ? NULL : lens, qpad ? qlens : NULL, &o);
+            ef_status st = ef_test_run_lens(specs[i], &in, qpad ? NULL : lens, qpad ? qlens : NULL, &o);
             double m = 0; /* batch 0 is the first half of every tensor */
             for (size_t j = 0; j < in.no / 2; j++) m = fmax(m, fabs(o.out[j]));
             for (size_t j = 0; j < in.nq / 2; j++) m = fmax(m, fabs(o.dq[j]));
@@ -1268,9 +1246,9 @@ threads:
             ef_test_outputs(&t1, &tin), ef_test_outputs(&t2, &tin);
             int old = ef_get_num_threads();
             ef_set_num_threads(1);
-            ef_status r = run_spec_pad(specs[i], &tin, lens, qlens, &t1);
+            ef_status r = ef_test_run_lens(specs[i], &tin, lens, qlens, &t1);
             ef_set_num_threads(2);
-            if (!r) r = run_spec_pad(specs[i], &tin, lens, qlens, &t2);
+            if (!r) r = ef_test_run_lens(specs[i], &tin, lens, qlens, &t2);
             ef_set_num_threads(old);
             char name[160];
             snprintf(name, sizeof name, "%s: 1 vs 2 threads bitwise (out, dq, dk, dv)", specs[i]);

@@ -251,23 +251,6 @@ static void padding_values_ignored(void) {
     }
 }
 
-/* Sets rows i >= lens[b] of x [B][H][rows][w]: mode 0 redraws them (Gaussian, sigma 3), 1
- * fills them with NaN, 2 with +Inf, 3 with -Inf. */
-static void spoil_padded(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens, int mode,
-                         uint64_t seed) {
-    float *r = ef_test_randn((size_t)rows * w, seed, 3.0f);
-    for (int b = 0; b < s.batch; b++)
-        for (int h = 0; h < s.heads; h++)
-            for (int i = lens[b]; i < rows; i++)
-                for (int t = 0; t < w; t++) {
-                    float val = mode == 0   ? r[(size_t)i * w + t]
-                                : mode == 1 ? NAN
-                                : mode == 2 ? INFINITY
-                                            : -INFINITY;
-                    x[(((size_t)b * s.heads + h) * rows + i) * w + t] = val;
-                }
-    free(r);
-}
 
 /* max |x| over rows i >= lens[b] of x [B][H][rows][w]; infinite when one is NaN */
 static double padded_max(const float *x, ef_attn_shape s, int rows, int w, const int32_t *lens) {
@@ -320,10 +303,10 @@ static void query_padding_invariance(void) {
             ef_check_err(name, z, 0.0);
             const char *what[4] = {"redrawn", "NaN", "+Inf", "-Inf"};
             for (int mode = 0; mode < 4; mode++) {
-                spoil_padded(in.q, s, s.q_len, s.head_dim, ql, mode, 1150 + (uint64_t)mode);
-                spoil_padded(in.g, s, s.q_len, s.v_dim, ql, mode, 1160 + (uint64_t)mode);
-                spoil_padded(in.k, s, s.kv_len, s.head_dim, kl, mode, 1170 + (uint64_t)mode);
-                spoil_padded(in.v, s, s.kv_len, s.v_dim, kl, mode, 1180 + (uint64_t)mode);
+                ef_test_spoil_rows(in.q, s, s.q_len, s.head_dim, ql, mode, 1150 + (uint64_t)mode);
+                ef_test_spoil_rows(in.g, s, s.q_len, s.v_dim, ql, mode, 1160 + (uint64_t)mode);
+                ef_test_spoil_rows(in.k, s, s.kv_len, s.head_dim, kl, mode, 1170 + (uint64_t)mode);
+                ef_test_spoil_rows(in.v, s, s.kv_len, s.v_dim, kl, mode, 1180 + (uint64_t)mode);
                 st = run_q(spec, &in, ql, kl, NULL, &o);
                 int same = !st && same_res(&base, &o, &in);
                 snprintf(name, sizeof name,
