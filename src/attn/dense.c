@@ -21,7 +21,6 @@
 #include "attn/attn.h"
 
 #include <math.h>
-#include <stdatomic.h>
 #include <string.h>
 
 ef_status ef_dense_init(ef_attn *a) {
@@ -96,44 +95,6 @@ static void softmax_grad_rows(void *ctx, int64_t item, int tid) {
     }
 }
 
-/* C = alpha op(A) op(B) (beta = 0) computed in fixed blocks of DENSE_GEMM_ROWS rows of C, each
- * block one single-threaded GEMM: a BLAS that splits a product by its thread count (oneDNN does
- * for some shapes) may sum in a different order, and the contract wants results that do not
- * depend on the thread count. The blocks depend on the shape only. */
-enum { DENSE_GEMM_ROWS = 256 };
-typedef struct dense_gemm {
-    int ta, tb, m, n, k;
-    float alpha;
-    const float *a, *b;
-    int lda, ldb, ldc;
-    float *c;
-    atomic_int st; /* the first failure, EF_OK if none */
-} dense_gemm;
-
-static void gemm_block(void *ctx, int64_t item, int tid) {
-    (void)tid;
-    dense_gemm *g = ctx;
-    int r0 = (int)item * DENSE_GEMM_ROWS, rows = EF_MIN(DENSE_GEMM_ROWS, g->m - r0);
-    const float *a = g->ta ? g->a + r0 : g->a + (size_t)r0 * g->lda;
-    int old = ef_gemm_local_threads(1);
-    ef_status st = ef_sgemm(g->ta, g->tb, rows, g->n, g->k, g->alpha, a, g->lda, g->b, g->ldb,
-                            0.0f, g->c + (size_t)r0 * g->ldc, g->ldc);
-    ef_gemm_local_threads(old);
-    int ok = EF_OK;
-    if (st) atomic_compare_exchange_strong(&g->st, &ok, (int)st);
-}
-
-static ef_status gemm_rows(int ta, int tb, int m, int n, int k, float alpha, const float *a,
-                           int lda, const float *b, int ldb, float *c, int ldc) {
-    dense_gemm g = {ta, tb, m, n, k, alpha, a, b, lda, ldb, ldc, c, EF_OK};
-    ef_parallel_for((m + DENSE_GEMM_ROWS - 1) / DENSE_GEMM_ROWS, ef_threads(), gemm_block, &g);
-    ef_status st = (ef_status)atomic_load(&g.st);
-    /* the worker's message stayed in its thread: say it again in the caller's */
-    return st ? ef_error(st, "full: a %d x %d x %d product failed (%s)", m, n, k,
-                         ef_status_str(st))
-              : EF_OK;
-}
-
 /* Zeros rows [r0, r1) of a row-major matrix with `cols` columns. */
 static void zero_rows(float *x, int r0, int r1, int cols) {
     if (r1 > r0) memset(x + (size_t)r0 * cols, 0, sizeof(float) * (size_t)(r1 - r0) * cols);
@@ -149,13 +110,14 @@ ef_status ef_dense_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
         for (int h = 0; h < s->heads; h++) {
             size_t bh = (size_t)b * s->heads + h;
             const float *q = io->q + bh * n * d, *k = io->k + bh * m * d, *v = io->v + bh * m * dv;
-            float *p = saved ? (float *)saved + bh * n * m : a->dense_ws, *o = io->out + bh * n * dv;
+            float *p = saved ? (float *)saved + bh * n * m : a->dense_ws,
+                  *o = io->out + bh * n * dv;
             ef_status st;
-            if (nv > 0 && (st = gemm_rows(0, 1, nv, mv, d, a->scale, q, d, k, d, p, m)))
+            if (nv > 0 && (st = ef_sgemm_fixed(0, 1, nv, mv, d, a->scale, q, d, k, d, 0.0f, p, m)))
                 return st;
             dense_rows c = {a, h, mv, nv, p, NULL, NULL};
             ef_parallel_for(items, ef_threads(), softmax_rows, &c);
-            if (nv > 0 && (st = gemm_rows(0, 0, nv, dv, mv, 1.0f, p, m, v, dv, o, dv)))
+            if (nv > 0 && (st = ef_sgemm_fixed(0, 0, nv, dv, mv, 1.0f, p, m, v, dv, 0.0f, o, dv)))
                 return st;
             zero_rows(o, nv, n, dv);
         }
@@ -184,12 +146,12 @@ ef_status ef_dense_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
             }
             zero_rows(gk, mv, m, d), zero_rows(gv, mv, m, dv);
             ef_status st;
-            if ((st = gemm_rows(1, 0, mv, dv, nv, 1.0f, p, m, g, dv, gv, dv))) return st;
-            if ((st = gemm_rows(0, 1, nv, mv, dv, 1.0f, g, dv, v, dv, ds, m))) return st;
+            if ((st = ef_sgemm_fixed(1, 0, mv, dv, nv, 1.0f, p, m, g, dv, 0.0f, gv, dv))) return st;
+            if ((st = ef_sgemm_fixed(0, 1, nv, mv, dv, 1.0f, g, dv, v, dv, 0.0f, ds, m))) return st;
             dense_rows c = {a, h, mv, nv, NULL, p, ds};
             ef_parallel_for(items, ef_threads(), softmax_grad_rows, &c);
-            if ((st = gemm_rows(0, 0, nv, d, mv, 1.0f, ds, m, k, d, gq, d))) return st;
-            if ((st = gemm_rows(1, 0, mv, d, nv, 1.0f, ds, m, q, d, gk, d))) return st;
+            if ((st = ef_sgemm_fixed(0, 0, nv, d, mv, 1.0f, ds, m, k, d, 0.0f, gq, d))) return st;
+            if ((st = ef_sgemm_fixed(1, 0, mv, d, nv, 1.0f, ds, m, q, d, 0.0f, gk, d))) return st;
         }
     }
     return EF_OK;

@@ -561,3 +561,41 @@ ef_status ef_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, c
     }
     return builtin_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+
+/* ------------------------------------------------------------------------------------------
+ * ef_sgemm_fixed: fixed row blocks, one single-threaded product each (core.h)
+ * ---------------------------------------------------------------------------------------- */
+typedef struct fixed_gemm {
+    int ta, tb, m, n, k;
+    float alpha, beta;
+    const float *a, *b;
+    int lda, ldb, ldc;
+    float *c;
+    atomic_int st; /* the first failure, EF_OK if none */
+} fixed_gemm;
+
+static void fixed_block(void *ctx, int64_t item, int tid) {
+    (void)tid;
+    fixed_gemm *g = ctx;
+    int r0 = (int)item * EF_GEMM_FIXED_ROWS, rows = EF_MIN(EF_GEMM_FIXED_ROWS, g->m - r0);
+    const float *a = g->ta ? g->a + r0 : g->a + (size_t)r0 * g->lda;
+    int old = ef_gemm_local_threads(1);
+    ef_status st = ef_sgemm(g->ta, g->tb, rows, g->n, g->k, g->alpha, a, g->lda, g->b, g->ldb,
+                            g->beta, g->c + (size_t)r0 * g->ldc, g->ldc);
+    ef_gemm_local_threads(old);
+    int ok = EF_OK;
+    if (st) atomic_compare_exchange_strong(&g->st, &ok, (int)st);
+}
+
+ef_status ef_sgemm_fixed(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                         const float *a, int lda, const float *b, int ldb, float beta, float *c,
+                         int ldc) {
+    if (m <= 0) return ef_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    fixed_gemm g = {trans_a, trans_b, m, n, k, alpha, beta, a, b, lda, ldb, ldc, c, EF_OK};
+    ef_parallel_for((m + EF_GEMM_FIXED_ROWS - 1) / EF_GEMM_FIXED_ROWS, ef_threads(), fixed_block,
+                    &g);
+    ef_status st = (ef_status)atomic_load(&g.st);
+    /* the worker's message stayed in its thread: say it again in the caller's */
+    return st ? ef_error(st, "a %d x %d x %d product failed (%s)", m, n, k, ef_status_str(st))
+              : EF_OK;
+}
