@@ -162,6 +162,7 @@ typedef struct ef_attn_caps {
     int discrete;      /* makes discrete choices from q or k (hash buckets, clusters, top-k): its
                         * output is smooth only where none of them flips */
     int deterministic; /* bitwise identical results for identical inputs at any thread count */
+    int shared_qk;     /* derives its keys from q and ignores io->k (dk is 0): Reformer's lsh */
 } ef_attn_caps;
 /* Fills *caps for mechanism `name`. EF_ERR_ARG for an unknown name or a NULL argument. */
 EF_API ef_status ef_attn_get_caps(const char *name, ef_attn_caps *caps);

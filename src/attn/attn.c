@@ -96,11 +96,12 @@ const char *ef_attn_help(const char *name) {
     append(buf, sizeof buf, &len, "%s - %s\n", ops->name, ops->summary);
     if (ops->notes) append(buf, sizeof buf, &len, "%s\n", ops->notes);
     const ef_attn_caps *c = &ops->caps;
-    append(buf, sizeof buf, &len, "abilities:%s%s%s%s%s%s%s\n",
+    append(buf, sizeof buf, &len, "abilities:%s%s%s%s%s%s%s%s\n",
            c->causal ? " causal" : " non-causal only", c->cross ? ", q_len != kv_len" : "",
            c->decode ? ", decoding" : "", c->params ? ", learned parameters" : "",
            c->exact ? ", exact on its pattern" : ", approximate", c->random ? ", seeded draws" : "",
-           c->discrete ? ", discrete choices (hashes/clusters)" : "");
+           c->discrete ? ", discrete choices (hashes/clusters)" : "",
+           c->shared_qk ? ", keys from q (k ignored)" : "");
     append(buf, sizeof buf, &len, "options:\n");
     for (int i = 0; i < ops->n_opts; i++) describe_opt(buf, sizeof buf, &len, &ops->opts[i]);
     for (int i = 0; i < N_COMMON; i++) describe_opt(buf, sizeof buf, &len, &common_opts[i]);

@@ -1175,7 +1175,7 @@ static const ef_opt_desc lsh_opts[] = {
 };
 
 const ef_attn_ops ef_attn_ops_lsh = {
-    .caps = {.causal = 1, .random = 1, .discrete = 1, .deterministic = 1},
+    .caps = {.causal = 1, .random = 1, .discrete = 1, .deterministic = 1, .shared_qk = 1},
     .name = "lsh",
     .summary = "Reformer LSH attention: shared QK, hashed buckets, sorted chunks, O(N R W D)",
     .notes =

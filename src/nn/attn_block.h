@@ -1,0 +1,58 @@
+/*
+ * attn_block.h - the multi-head attention block of the Transformer (internal; the model uses it
+ * like any user of the attention API: through ef_attn_* with a spec string).
+ *
+ * For one batch of token rows x [B][N][C] (C = H*D) and any attention spec:
+ *   Q_h = x Wq[:, hD:(h+1)D] + bq[hD:(h+1)D]       q [B][H][N][D]
+ *   K_h = x Wk[:, hD:(h+1)D] + bk[...]               k [B][H][N][D]  (not computed for shared-QK
+ *   V_h = x Wv[:, hD:(h+1)D] + bv[...]               v [B][H][N][D]   mechanisms: lsh ignores k)
+ *   O   = attention(Q, K, V)                         o [B][H][N][D]
+ *   y   = sum_h O_h Wo[hD:(h+1)D, :] + bo            y [B][N][C]
+ * The head layout the attention API wants ([B][H][N][D]) is written directly by the projection
+ * GEMMs (one product per head, ldb = C), and read directly by the output projection (one
+ * product per head accumulated into y), so no transpose is ever made.
+ * Padding: lens[b] valid tokens per sequence (NULL = all; self-attention, so q_lens = kv_lens =
+ * lens). Only valid rows enter any product: padded rows of x (and of dy) are never read, their
+ * y rows and dx rows are 0.
+ * Parameters (row-major): Wq, Wk, Wv [C][C], Wo [C][C], biases [C]. Backward overwrites dx and
+ * accumulates the parameter gradients. Every product goes through ef_sgemm_fixed, so results do
+ * not depend on the thread count.
+ * saved (ef_attn_block_saved_bytes, 64-byte aligned): q, k, v, o [B][H][N][D] then the attention
+ * plan's own saved bytes. Workspace (the block's): do [B][H][N][D] and dq, dk, dv [B][H][N][D].
+ */
+#ifndef EF_NN_ATTN_BLOCK_H
+#define EF_NN_ATTN_BLOCK_H
+
+#include "core/core.h"
+
+typedef struct ef_attn_block ef_attn_block;
+
+typedef struct ef_attn_block_params {
+    const float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
+} ef_attn_block_params;
+typedef struct ef_attn_block_grads {
+    float *wq, *bq, *wk, *bk, *wv, *bv, *wo, *bo;
+} ef_attn_block_grads;
+
+/* An attention block for batch x len tokens of width `dim` split over `heads` heads
+ * (dim % heads == 0). EF_ERR_ARG / EF_ERR_SHAPE / EF_ERR_UNSUPPORTED as ef_attn_new says. */
+ef_status ef_attn_block_new(ef_attn_block **out, const char *spec, int batch, int len, int dim,
+                            int heads);
+void ef_attn_block_free(ef_attn_block *blk);
+/* The attention plan inside (to ask its caps, describe it or read its parameters). */
+ef_attn *ef_attn_block_attn(const ef_attn_block *blk);
+/* 1 when the mechanism ignores k (shared-QK lsh): Wk, bk are then unused and get no gradient. */
+int ef_attn_block_shared_qk(const ef_attn_block *blk);
+size_t ef_attn_block_saved_bytes(const ef_attn_block *blk);
+size_t ef_attn_block_workspace_bytes(const ef_attn_block *blk);
+
+/* y [B][N][C] from x [B][N][C]; saved may be NULL (inference: the block's workspace holds q, k,
+ * v, o then). */
+ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
+                                const int32_t *lens, float *y, void *saved);
+/* dx [B][N][C] (overwritten) and the parameter gradients (accumulated) for dy [B][N][C]. */
+ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
+                                 const int32_t *lens, const void *saved, const float *dy, float *dx,
+                                 ef_attn_block_grads *g);
+
+#endif
