@@ -193,6 +193,13 @@ EF_API int64_t ef_attn_visible_pairs(const ef_attn *a, int head);
 /* out = attention(q, k, v). `saved` = NULL for inference, else a buffer of
  * ef_attn_saved_bytes(a) bytes that backward will read. */
 EF_API ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved);
+/* A forward that reuses the discrete choices (LSH buckets, cluster assignments, top-k sets)
+ * that an earlier training forward of this plan wrote into `saved`, instead of making them
+ * again from io: a reversible layer's recomputation, whose inputs differ from the original ones
+ * by rounding, then attends exactly as the original forward did. `saved` must hold such a
+ * forward's record; it is rewritten as a forward would write it, with the same choices.
+ * Mechanisms without discrete choices (caps.discrete = 0) run ef_attn_forward. */
+EF_API ef_status ef_attn_forward_replay(ef_attn *a, const ef_attn_io *io, void *saved);
 /* Gradients for the forward call that filled `saved` (same io, including io->out, which holds
  * that call's output and is read, not written). dq, dk, dv are overwritten;
  * gradients of learned parameters accumulate into ef_attn_param_grads. */

@@ -540,6 +540,27 @@ ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     return st;
 }
 
+ef_status ef_attn_forward_replay(ef_attn *a, const ef_attn_io *io, void *saved) {
+    ef_status st = check_io(a, io, "ef_attn_forward_replay");
+    if (st) return st;
+    if (!io->out) return ef_error(EF_ERR_ARG, "ef_attn_forward_replay: io->out is NULL");
+    if (!saved && ef_attn_saved_bytes(a) > 0)
+        return ef_error(EF_ERR_ARG, "ef_attn_forward_replay: saved is NULL (pass the buffer an "
+                                    "earlier training forward filled)");
+    if ((st = check_saved(saved, "ef_attn_forward_replay"))) return st;
+    ef_status (*replay)(ef_attn *, const ef_attn_io *, void *) =
+        a->ref ? a->ops->ref_replay : a->ops->replay;
+    if (replay)
+        st = replay(a, io, saved);
+    else if (a->ops->caps.discrete)
+        return ef_error(EF_ERR_UNSUPPORTED, "%s: replaying saved choices is not implemented%s",
+                        a->ops->name, a->ref ? " on the reference path" : "");
+    else
+        return ef_attn_forward(a, io, saved);
+    if (!st) ef_clear_error();
+    return st;
+}
+
 ef_status ef_attn_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
                            float *dq, float *dk, float *dv) {
     ef_status st = check_io(a, io, "ef_attn_backward");

@@ -69,6 +69,11 @@ typedef struct ef_attn_ops {
     ef_status (*forward)(ef_attn *a, const ef_attn_io *io, void *saved);
     ef_status (*backward)(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
                           float *dq, float *dk, float *dv);
+    /* Forward that reuses the discrete choices recorded in `saved` by an earlier forward
+     * (ef_attn_forward_replay); NULL for mechanisms without discrete choices (the core runs
+     * forward). ref_replay likewise for the reference path. */
+    ef_status (*replay)(ef_attn *a, const ef_attn_io *io, void *saved);
+    ef_status (*ref_replay)(ef_attn *a, const ef_attn_io *io, void *saved);
 
     /* The reference path (ref=1). NULL = the generic reference (reference.c), which honours
      * causal, kv_lens, scale and `visible`. */
