@@ -83,7 +83,11 @@ EF_API void ef_rng_raw(uint64_t seed, uint64_t stream, uint64_t ctr, uint32_t ou
  * ------------------------------------------------------------------------------------------- */
 /* Row-major C[m][n] = alpha * op(A) * op(B) + beta * C, op(X) = X or X^T (trans_* = 0 or 1).
  * op(A) is m x k, op(B) is k x n. Uses the fastest BLAS found at run time (see ef_blas_get_info),
- * or the built-in portable kernel. beta == 0 ignores the previous content of C (NaN included). */
+ * or the built-in portable kernel. beta == 0 ignores the previous content of C (NaN included).
+ * The one exception to "results never depend on the thread count": an external BLAS (oneDNN,
+ * OpenBLAS, BLIS) may split one product by its thread count and sum in another order, so the
+ * last bits of C may differ between thread counts. The attention mechanisms and layers do not
+ * inherit this: they call products in fixed single-threaded blocks. */
 EF_API ef_status ef_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
                           const float *a, int lda, const float *b, int ldb, float beta, float *c,
                           int ldc);
