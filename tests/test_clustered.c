@@ -12,7 +12,11 @@
  *   - the limit cases of ALGORITHMS.md (#4: identical queries make clustered == full; #3:
  *     topk >= keys makes iclustered == full); Hamming k-means on separable groups (#17);
  *   - thread-count independence, inference == training, kv_lens = 0, option errors, the
- *     refusal of causal=1 (with its reason) and a foreign `saved` buffer.
+ *     refusal of causal=1 (with its reason) and a foreign `saved` buffer;
+ *   - replay (ef_attn_forward_replay), fast and reference: == forward bitwise on the same
+ *     inputs (out, saved, backward after it); on inputs perturbed by 1e-3 where a fresh forward
+ *     moves a cluster or top-k key, the record is kept and fast == reference replay of it;
+ *     NULL, garbage, other-length and repeated-key records refused.
  *
  * Inputs are Gaussian, sigma 1 (STYLE.md). Tolerances are stated where they are used.
  */
@@ -530,6 +534,177 @@ static void errors(void) {
     ef_attn_free(a);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Replay (ef_attn_forward_replay): a forward that reuses the recorded clusters and top-k sets
+ * ------------------------------------------------------------------------------------------- */
+static int outputs_same(const bufs *in, const bufs *x, const bufs *y) {
+    return !memcmp(x->out, y->out, in->no * 4) && !memcmp(x->dq, y->dq, in->nq * 4) &&
+           !memcmp(x->dk, y->dk, in->nk * 4) && !memcmp(x->dv, y->dv, in->nv * 4);
+}
+
+/* Replay of plan a on (q, k, v) from a copy of `rec`, then backward, into o. */
+static ef_status replay_io(ef_attn *a, const bufs *in, const float *const x[3],
+                           const int32_t *kv_lens, const int32_t *q_lens, const void *rec,
+                           bufs *o) {
+    ef_free(o->saved);
+    o->saved = ef_test_saved(a);
+    memcpy(o->saved, rec, ef_attn_saved_bytes(a));
+    memset(o->out, 0xff, in->no * 4), memset(o->dq, 0xff, in->nq * 4);
+    memset(o->dk, 0xff, in->nk * 4), memset(o->dv, 0xff, in->nv * 4);
+    ef_attn_io io = {x[0], x[1], x[2], kv_lens, o->out, q_lens};
+    ef_status st = ef_attn_forward_replay(a, &io, o->saved);
+    if (!st) st = ef_attn_backward(a, &io, o->saved, in->g, o->dq, o->dk, o->dv);
+    return st;
+}
+
+/* 1. Replay on the forward's own inputs == that forward bitwise (out and saved), and backward
+ *    after it == backward after the forward, on both paths.
+ * 2. q, k, v scaled by (1 + 1e-3 z), z ~ N(0, 1), with the first of a few perturbation seeds
+ *    for which a fresh forward changes the record (a cluster or a top-k set moves) and its
+ *    output differs from the replay's by more than 1e-3 relative (a moved choice can be
+ *    harmless: with topk >= kv_lens the clusters do not matter), so that the comparison below
+ *    would see a path that re-chose: the fast replay keeps the record, the reference's replay
+ *    of the fast path's record keeps it too, and the two agree as in fast_vs_ref (2e-5
+ *    forward, 1e-4 backward, relative). */
+static void replay_spec(const char *spec) {
+    ef_attn_shape s = {2, 2, 45, 50, 16, 8};
+    const int32_t q_lens[2] = {45, 19}, kv_lens[2] = {31, 50};
+    char refspec[256], name[400];
+    with_ref(refspec, sizeof refspec, spec);
+    bufs in, o0[2], o1[2];
+    ef_test_inputs(&in, s, 111, 1.0f);
+    ef_attn *a[2] = {NULL, NULL};
+    ef_status st = ef_attn_new(&a[0], spec, &s);
+    if (!st) st = ef_attn_new(&a[1], refspec, &s);
+    snprintf(name, sizeof name, "%s: replay plans", spec);
+    for (int path = 0; path < 2; path++)
+        ef_test_outputs(&o0[path], &in), ef_test_outputs(&o1[path], &in);
+    const float *x0[3] = {in.q, in.k, in.v};
+    if (run_ok(name, st)) {
+        size_t sb = ef_attn_saved_bytes(a[0]);
+        for (int path = 0; path < 2 && !st; path++) {
+            const char *sp = path ? refspec : spec;
+            st = run_io(a[path], &in, in.q, in.k, in.v, in.g, kv_lens, q_lens, &o0[path], 0x5a);
+            if (!st) st = replay_io(a[path], &in, x0, kv_lens, q_lens, o0[path].saved, &o1[path]);
+            snprintf(name, sizeof name, "%s: replay on the same inputs", sp);
+            if (!run_ok(name, st)) break;
+            snprintf(name, sizeof name, "%s: replay on the same inputs: out, saved == forward", sp);
+            int same = !memcmp(o0[path].out, o1[path].out, in.no * 4) &&
+                       !memcmp(o0[path].saved, o1[path].saved, sb);
+            ef_check(name, same, "%s (%zu saved bytes)", same ? "bitwise" : "DIFFERENT", sb);
+            snprintf(name, sizeof name,
+                     "%s: backward after replay == backward after forward (same inputs)", sp);
+            same = outputs_same(&in, &o0[path], &o1[path]);
+            ef_check(name, same, "%s", same ? "out, dq, dk, dv bitwise" : "DIFFERENT");
+        }
+        /* 2. perturbed inputs */
+        float *xp[3] = {malloc(in.nq * 4), malloc(in.nk * 4), malloc(in.nv * 4)};
+        const size_t cnt[3] = {in.nq, in.nk, in.nv};
+        float *fresh_out = malloc(in.no * 4);
+        void *fresh = ef_test_saved(a[0]);
+        int found = -1;
+        double off = 0;
+        const float *xs[3] = {xp[0], xp[1], xp[2]};
+        for (int seed = 0; seed < 20 && found < 0 && !st; seed++) {
+            for (int t = 0; t < 3; t++) {
+                float *z = ef_test_randn(cnt[t], 900 + 3 * (uint64_t)seed + t, 1.0f);
+                for (size_t i = 0; i < cnt[t]; i++) xp[t][i] = x0[t][i] * (1.0f + 1e-3f * z[i]);
+                free(z);
+            }
+            ef_attn_io io = {xp[0], xp[1], xp[2], kv_lens, fresh_out, q_lens};
+            st = ef_attn_forward(a[0], &io, fresh);
+            if (st || !memcmp(fresh, o0[0].saved, sb)) continue;
+            st = replay_io(a[0], &in, xs, kv_lens, q_lens, o0[0].saved, &o1[0]);
+            off = st ? 0 : ef_max_rel_diff(fresh_out, o1[0].out, in.no);
+            if (off > 1e-3) found = seed;
+        }
+        snprintf(name, sizeof name,
+                 "%s: a 1e-3 perturbation moves a cluster or top-k key (and the output)", spec);
+        if (ef_check(name, !st && found >= 0,
+                     "perturbation seed %d: fresh forward vs replay, max rel diff %.3g %s", found,
+                     off, ef_last_error())) {
+            long moved = 0;
+            for (size_t i = 0; i < sb / 4; i++)
+                moved += ((const int32_t *)fresh)[i] != ((const int32_t *)o0[0].saved)[i];
+            st = replay_io(a[0], &in, xs, kv_lens, q_lens, o0[0].saved, &o1[0]);
+            if (!st) st = replay_io(a[1], &in, xs, kv_lens, q_lens, o0[0].saved, &o1[1]);
+            snprintf(name, sizeof name, "%s: perturbed: replay and backward, both paths", spec);
+            if (run_ok(name, st)) {
+                snprintf(name, sizeof name, "%s: perturbed: replay keeps the recorded choices",
+                         spec);
+                int kf = !memcmp(o1[0].saved, o0[0].saved, sb);
+                int kr = !memcmp(o1[1].saved, o0[0].saved, sb);
+                ef_check(name, kf && kr, "fast %s, ref %s (a fresh forward changed %ld entries)",
+                         kf ? "kept" : "CHANGED", kr ? "kept" : "CHANGED", moved);
+                snprintf(name, sizeof name, "%s: perturbed: fast replay vs ref replay", spec);
+                compare_all(name, &in, &o1[0], &o1[1], 2e-5, 1e-4, 1);
+            }
+        }
+        for (int t = 0; t < 3; t++) free(xp[t]);
+        free(fresh_out);
+        ef_free(fresh);
+    }
+    for (int path = 0; path < 2; path++) {
+        ef_attn_free(a[path]);
+        ef_test_free_outputs(&o0[path]), ef_test_free_outputs(&o1[path]);
+    }
+    ef_test_free_inputs(&in);
+}
+
+/* Replay needs this plan's record for these lengths: NULL, garbage (indices out of range: all
+ * bytes 0x7f, or 0xff = -1 everywhere), a record made with other q_lens, and (iclustered) a
+ * top-k set with a repeated key are refused with EF_ERR_ARG and a message, on both paths,
+ * before anything is written. */
+static void replay_refused(const char *spec) {
+    ef_attn_shape s = {2, 2, 20, 24, 8, 8};
+    const int32_t q_lens[2] = {20, 13}, kv_lens[2] = {24, 17};
+    bufs in, x;
+    ef_test_inputs(&in, s, 121, 1.0f);
+    ef_test_outputs(&x, &in);
+    ef_attn *a = NULL;
+    char name[400];
+    snprintf(name, sizeof name, "%s: replay refusals: plan", spec);
+    if (run_ok(name, ef_attn_new(&a, spec, &s))) {
+        size_t sb = ef_attn_saved_bytes(a);
+        void *rec = ef_test_saved(a), *sv = ef_test_saved(a);
+        ef_attn_io io = {in.q, in.k, in.v, kv_lens, x.out, q_lens};
+        ef_status st = ef_attn_forward(a, &io, rec);
+        snprintf(name, sizeof name, "%s: replay with saved NULL -> EF_ERR_ARG", spec);
+        ef_check_status(name, ef_attn_forward_replay(a, &io, NULL), EF_ERR_ARG);
+        const int fills[2] = {0x7f, 0xff};
+        for (int f = 0; f < 2; f++) {
+            memset(sv, fills[f], sb);
+            snprintf(name, sizeof name,
+                     "%s: replay of a garbage saved (bytes 0x%02x) -> EF_ERR_ARG", spec, fills[f]);
+            ef_check_status(name, ef_attn_forward_replay(a, &io, sv), EF_ERR_ARG);
+            ef_check(name, strstr(ef_last_error(), "saved holds") != NULL, "\"%s\"",
+                     ef_last_error());
+        }
+        memcpy(sv, rec, sb);
+        ef_attn_io all = {in.q, in.k, in.v, kv_lens, x.out, NULL};
+        snprintf(name, sizeof name, "%s: replay of a record made with other q_lens -> EF_ERR_ARG",
+                 spec);
+        ef_check_status(name, ef_attn_forward_replay(a, &all, sv), EF_ERR_ARG);
+        ef_check(name, strstr(ef_last_error(), "valid query") != NULL, "\"%s\"", ef_last_error());
+        if (strstr(spec, "iclustered")) {
+            int32_t *tk = (int32_t *)sv + s.q_len; /* head 0: cluster 0's set, slots 0 and 1 */
+            tk[1] = tk[0];
+            snprintf(name, sizeof name,
+                     "%s: replay of a top-k set with a repeated key -> "
+                     "EF_ERR_ARG",
+                     spec);
+            ef_check_status(name, ef_attn_forward_replay(a, &io, sv), EF_ERR_ARG);
+            ef_check(name, strstr(ef_last_error(), "top-k") != NULL, "\"%s\"", ef_last_error());
+            tk[1] = ((int32_t *)rec)[s.q_len + 1];
+        }
+        snprintf(name, sizeof name, "%s: a refused replay leaves saved alone", spec);
+        ef_check(name, !st && !memcmp(sv, rec, sb), "%s", st ? ef_last_error() : "");
+        ef_free(rec), ef_free(sv);
+    }
+    ef_attn_free(a);
+    ef_test_free_outputs(&x), ef_test_free_inputs(&in);
+}
+
 int main(void) {
     fast_vs_ref();
     const char *fd[] = {"clustered:clusters=4", "iclustered:clusters=4,topk=5",
@@ -549,5 +724,11 @@ int main(void) {
         if (i < 3) threads_bitwise(specs[i]), foreign_saved(specs[i]);
     }
     errors();
+    const char *rp[] = {"clustered:clusters=6", "iclustered:clusters=6,topk=8",
+                        "iclustered:clusters=4,topk=20,bits=20,iters=3"};
+    for (int i = 0; i < 3; i++) replay_spec(rp[i]);
+    const char *rf[] = {"clustered:clusters=6", "iclustered:clusters=6,topk=8",
+                        "clustered:clusters=6,ref=1", "iclustered:clusters=6,topk=8,ref=1"};
+    for (int i = 0; i < 4; i++) replay_refused(rf[i]);
     return ef_test_finish();
 }

@@ -22,7 +22,11 @@
  *   - directional finite differences of <dout, out> (fast and reference), with a step that
  *     flips no bucket (the saved buckets at +-step are compared);
  *   - saved fully written (two fill patterns give the same saved bytes), 1 vs 2 threads
- *     bit-identical, bad options, help text; more rounds help; the duplication task.
+ *     bit-identical, bad options, help text; more rounds help; the duplication task;
+ *   - replay (ef_attn_forward_replay), three rules with padding, fast and reference: == forward
+ *     bitwise on the same inputs (out, saved, backward after it); on q perturbed by 1e-3 where a
+ *     fresh forward moves a bucket, the recorded buckets are kept and fast == reference replay;
+ *     NULL, garbage and mismatched-length records refused; flash replays as its forward.
  *
  * Tolerances: fast (fp32 GEMMs, fp32 exp) vs double reference, relative to the output scale:
  * 1e-4 forward, 5e-4 backward (sums over <= 4 rounds x 192 keys of fp32 terms, plus the
@@ -825,6 +829,211 @@ static void duplication(void) {
              "%.4f vs %.4f", hit[1][2], hit[1][1]);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Replay (ef_attn_forward_replay): a forward that reuses the saved buckets
+ * ------------------------------------------------------------------------------------------- */
+/* A copy of n bytes into a fresh saved buffer of plan a (ef_malloc, aligned). */
+static void *saved_copy(const ef_attn *a, const void *src, size_t n) {
+    void *sv = ef_test_saved(a);
+    memcpy(sv, src, n);
+    return sv;
+}
+
+/* One rule (causal=0, strict, reformer_causal) with key and query padding:
+ *   1. replay on the forward's own inputs == that forward, bitwise (out and every saved byte),
+ *      fast and reference, and backward after the replay == backward after the forward;
+ *   2. q perturbed by 1e-3 relative (the first of a few perturbation seeds for which a fresh
+ *      forward moves at least one bucket): the fast replay keeps the recorded buckets, the
+ *      reference replay of the same record keeps them too, and the two agree (1e-4 forward,
+ *      5e-4 backward, as fast_vs_ref: the same function evaluated in fp32 and in double);
+ *      a fresh forward's output there differs from the replay's by more than that tolerance
+ *      (so the comparison would see a path that rehashed). */
+static void replay_rule(const char *opts) {
+    ef_attn_shape s = {2, 2, 160, 160, 16, 8};
+    int32_t kv[2] = {160, 131}, ql[2] = {147, 160};
+    char sf[256], sr[256], name[400];
+    snprintf(sf, sizeof sf, "lsh:%s", opts);
+    snprintf(sr, sizeof sr, "lsh:%s,ref=1", opts);
+    bufs in;
+    ef_test_inputs(&in, s, 401, 1.0f);
+    ef_attn *fa = NULL, *ra = NULL;
+    ef_status st = ef_attn_new(&fa, sf, &s);
+    if (!st) st = ef_attn_new(&ra, sr, &s);
+    snprintf(name, sizeof name, "replay (%s): plans", opts);
+    if (!ef_check(name, !st, "%s", ef_last_error())) {
+        ef_attn_free(fa), ef_attn_free(ra), ef_test_free_inputs(&in);
+        return;
+    }
+    size_t sb = ef_attn_saved_bytes(fa), rb = ef_attn_saved_bytes(ra); /* rb: the buckets */
+    bufs f0, f1, r0, r1;
+    ef_test_outputs(&f0, &in), ef_test_outputs(&f1, &in);
+    ef_test_outputs(&r0, &in), ef_test_outputs(&r1, &in);
+    /* 1. same inputs */
+    for (int path = 0; path < 2; path++) {
+        ef_attn *a = path ? ra : fa;
+        bufs *o0 = path ? &r0 : &f0, *o1 = path ? &r1 : &f1;
+        size_t nb = path ? rb : sb;
+        o0->saved = ef_test_saved(a);
+        memset(o0->saved, 0xA5, nb);
+        ef_attn_io io0 = {in.q, in.k, in.v, kv, o0->out, ql};
+        st = ef_attn_forward(a, &io0, o0->saved);
+        if (!st) st = ef_attn_backward(a, &io0, o0->saved, in.g, o0->dq, o0->dk, o0->dv);
+        o1->saved = saved_copy(a, o0->saved, nb);
+        memset(o1->out, 0x7f, sizeof(float) * in.no);
+        ef_attn_io io1 = {in.q, in.k, in.v, kv, o1->out, ql};
+        if (!st) st = ef_attn_forward_replay(a, &io1, o1->saved);
+        if (!st) st = ef_attn_backward(a, &io1, o1->saved, in.g, o1->dq, o1->dk, o1->dv);
+        snprintf(name, sizeof name, "replay (%s%s): same inputs: runs", opts, path ? ",ref=1" : "");
+        if (ef_check(name, !st, "%s", ef_last_error())) {
+            snprintf(name, sizeof name, "replay (%s%s): same inputs: out and saved == forward",
+                     opts, path ? ",ref=1" : "");
+            int same = !memcmp(o0->out, o1->out, sizeof(float) * in.no) &&
+                       !memcmp(o0->saved, o1->saved, nb);
+            ef_check(name, same, "%s (%zu saved bytes)", same ? "bitwise" : "DIFFERENT", nb);
+            snprintf(name, sizeof name,
+                     "replay (%s%s): backward after replay == backward after forward", opts,
+                     path ? ",ref=1" : "");
+            same = !memcmp(o0->dq, o1->dq, sizeof(float) * in.nq) &&
+                   !memcmp(o0->dk, o1->dk, sizeof(float) * in.nk) &&
+                   !memcmp(o0->dv, o1->dv, sizeof(float) * in.nv);
+            ef_check(name, same, "%s", same ? "dq, dk, dv bitwise" : "DIFFERENT");
+        }
+    }
+    /* 2. perturbed inputs: q (1 + 1e-3 z), z ~ N(0, 1), the first seed that moves a bucket */
+    float *qp = malloc(sizeof(float) * in.nq);
+    void *fresh = ef_test_saved(fa);
+    int found = -1;
+    for (int seed = 0; seed < 20 && found < 0 && !st; seed++) {
+        float *z = ef_test_randn(in.nq, 500 + (uint64_t)seed, 1.0f);
+        for (size_t x = 0; x < in.nq; x++) qp[x] = in.q[x] * (1.0f + 1e-3f * z[x]);
+        free(z);
+        ef_attn_io io = {qp, in.k, in.v, kv, f1.out, ql};
+        st = ef_attn_forward(fa, &io, fresh);
+        if (!st && memcmp(fresh, f0.saved, rb)) found = seed;
+    }
+    snprintf(name, sizeof name, "replay (%s): a 1e-3 perturbation of q moves a bucket", opts);
+    if (ef_check(name, !st && found >= 0, "perturbation seed %d %s", found, ef_last_error())) {
+        float *fresh_out = malloc(sizeof(float) * in.no);
+        memcpy(fresh_out, f1.out, sizeof(float) * in.no);
+        long moved = 0;
+        for (size_t x = 0; x < rb / sizeof(int32_t); x++)
+            moved += ((const int32_t *)fresh)[x] != ((const int32_t *)f0.saved)[x];
+        ef_free(f1.saved), ef_free(r1.saved);
+        f1.saved = saved_copy(fa, f0.saved, sb);
+        r1.saved = saved_copy(ra, f0.saved, rb); /* the fast record's buckets */
+        ef_attn_io iof = {qp, in.k, in.v, kv, f1.out, ql}, ior = {qp, in.k, in.v, kv, r1.out, ql};
+        st = ef_attn_forward_replay(fa, &iof, f1.saved);
+        if (!st) st = ef_attn_backward(fa, &iof, f1.saved, in.g, f1.dq, f1.dk, f1.dv);
+        if (!st) st = ef_attn_forward_replay(ra, &ior, r1.saved);
+        if (!st) st = ef_attn_backward(ra, &ior, r1.saved, in.g, r1.dq, r1.dk, r1.dv);
+        snprintf(name, sizeof name, "replay (%s): perturbed q: replay and backward run", opts);
+        if (ef_check(name, !st, "%s", ef_last_error())) {
+            snprintf(name, sizeof name, "replay (%s): perturbed q keeps the recorded buckets",
+                     opts);
+            int kept = !memcmp(f1.saved, f0.saved, rb) && !memcmp(r1.saved, f0.saved, rb);
+            ef_check(name, kept, "fast %s, ref %s (a fresh forward moved %ld)",
+                     memcmp(f1.saved, f0.saved, rb) ? "MOVED" : "kept",
+                     memcmp(r1.saved, f0.saved, rb) ? "MOVED" : "kept", moved);
+            snprintf(name, sizeof name, "replay (%s): perturbed: fast == ref replay, out", opts);
+            ef_check_err(name, ef_max_rel_diff(f1.out, r1.out, in.no), 1e-4);
+            snprintf(name, sizeof name, "replay (%s): perturbed: fast == ref, dq after replay",
+                     opts);
+            ef_check_err(name, ef_max_rel_diff(f1.dq, r1.dq, in.nq), 5e-4);
+            snprintf(name, sizeof name, "replay (%s): perturbed: fast == ref, dv after replay",
+                     opts);
+            ef_check_err(name, ef_max_rel_diff(f1.dv, r1.dv, in.nv), 5e-4);
+            double off = ef_max_rel_diff(fresh_out, r1.out, in.no);
+            snprintf(name, sizeof name,
+                     "replay (%s): perturbed: a fresh forward differs from the replay", opts);
+            ef_check(name, off > 1e-3, "max rel diff %.3g (> 1e-3: the moved bucket shows)", off);
+        }
+        free(fresh_out);
+    }
+    free(qp);
+    ef_free(fresh);
+    ef_attn_free(fa), ef_attn_free(ra);
+    ef_test_free_outputs(&f0), ef_test_free_outputs(&f1);
+    ef_test_free_outputs(&r0), ef_test_free_outputs(&r1);
+    ef_test_free_inputs(&in);
+}
+
+/* Replay needs a record of this plan's forward with these lengths: NULL, garbage (out-of-range
+ * buckets), and a record made with other lengths (a valid position with bucket -1, or a
+ * padded one with a bucket) are refused with EF_ERR_ARG and a message, on both paths. A plan
+ * without discrete choices (flash) runs its forward. */
+static void replay_errors(void) {
+    ef_attn_shape s = {2, 2, 64, 64, 8, 8};
+    int32_t kv[2] = {64, 50}, ql[2] = {60, 64}, kv2[2] = {64, 40};
+    bufs in, o;
+    ef_test_inputs(&in, s, 601, 1.0f);
+    ef_test_outputs(&o, &in);
+    const char *specs[2] = {"lsh:chunk=16,hashes=2", "lsh:chunk=16,hashes=2,ref=1"};
+    for (int c = 0; c < 2; c++) {
+        ef_attn *a = NULL;
+        char name[300];
+        if (ef_attn_new(&a, specs[c], &s)) continue;
+        size_t sb = ef_attn_saved_bytes(a);
+        void *rec = ef_test_saved(a), *sv = ef_test_saved(a);
+        ef_attn_io io = {in.q, in.k, in.v, kv, o.out, ql};
+        ef_status st = ef_attn_forward(a, &io, rec);
+        snprintf(name, sizeof name, "replay (%s): saved NULL -> EF_ERR_ARG", specs[c] + 4);
+        ef_check_status(name, ef_attn_forward_replay(a, &io, NULL), EF_ERR_ARG);
+        memset(sv, 0x7f, sb);
+        snprintf(name, sizeof name, "replay (%s): garbage saved (bucket 0x7f7f7f7f) -> EF_ERR_ARG",
+                 specs[c] + 4);
+        ef_check_status(name, ef_attn_forward_replay(a, &io, sv), EF_ERR_ARG);
+        snprintf(name, sizeof name, "replay (%s): the message names the bucket", specs[c] + 4);
+        ef_check(name, strstr(ef_last_error(), "2139062143") != NULL, "\"%s\"", ef_last_error());
+        memcpy(sv, rec, sb);
+        ef_attn_io longer = {in.q, in.k, in.v, NULL, o.out, NULL};
+        snprintf(name, sizeof name,
+                 "replay (%s): record of shorter lengths (valid position, bucket -1) -> "
+                 "EF_ERR_ARG",
+                 specs[c] + 4);
+        ef_check_status(name, ef_attn_forward_replay(a, &longer, sv), EF_ERR_ARG);
+        ef_check(name, strstr(ef_last_error(), "valid position") != NULL, "\"%s\"",
+                 ef_last_error());
+        ef_attn_io shorter = {in.q, in.k, in.v, kv2, o.out, ql};
+        snprintf(name, sizeof name,
+                 "replay (%s): record of longer lengths (padded position with a bucket) -> "
+                 "EF_ERR_ARG",
+                 specs[c] + 4);
+        ef_check_status(name, ef_attn_forward_replay(a, &shorter, sv), EF_ERR_ARG);
+        ef_check(name, strstr(ef_last_error(), "padded position") != NULL, "\"%s\"",
+                 ef_last_error());
+        snprintf(name, sizeof name, "replay (%s): a refused replay leaves saved alone",
+                 specs[c] + 4);
+        ef_check(name, !st && !memcmp(sv, rec, sb), "%s", "");
+        ef_free(rec), ef_free(sv);
+        ef_attn_free(a);
+    }
+    /* flash makes no discrete choice: replay is its forward (out and saved bitwise) */
+    ef_attn *a = NULL;
+    ef_status st = ef_attn_new(&a, "flash", &s);
+    if (ef_check_status("replay: flash plan", st, EF_OK)) {
+        size_t sb = ef_attn_saved_bytes(a);
+        void *s1 = ef_test_saved(a), *s2 = ef_test_saved(a);
+        float *out2 = ef_test_zeros(in.no);
+        memset(s1, 0x11, sb), memset(s2, 0x22, sb);
+        ef_attn_io io = {in.q, in.k, in.v, kv, o.out, ql}, io2 = {in.q, in.k, in.v, kv, out2, ql};
+        st = ef_attn_forward(a, &io, s1);
+        ef_status st2 = ef_attn_forward_replay(a, &io2, s2);
+        ef_check("replay: flash (no discrete choices) runs its forward",
+                 !st && !st2 && !memcmp(o.out, out2, sizeof(float) * in.no) && !memcmp(s1, s2, sb),
+                 "%s %s %s", ef_status_str(st), ef_status_str(st2), ef_last_error());
+        ef_free(s1), ef_free(s2), free(out2);
+    }
+    ef_attn_free(a);
+    ef_test_free_outputs(&o), ef_test_free_inputs(&in);
+}
+
+static void replay(void) {
+    replay_rule("chunk=16,hashes=3,buckets=8");
+    replay_rule("chunk=16,hashes=3,buckets=4,causal=1");
+    replay_rule("chunk=16,hashes=3,buckets=8,causal=1,reformer_causal=1");
+    replay_errors();
+}
+
 int main(void) {
     versus_reference();
     limit_cases();
@@ -840,5 +1049,6 @@ int main(void) {
     threads();
     bad_options();
     duplication();
+    replay();
     return ef_test_finish();
 }

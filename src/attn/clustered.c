@@ -26,8 +26,11 @@
  * queries of the sequence, future ones included.
  * Saved for backward, per (batch, head), int32: the assignment [N] (-1 for padded rows), then
  * for iclustered the top-k keys [C][K] (-1 past k_b and for clusters >= C_b): O(N + C K), every
- * byte written. Backward holds the clusters and the top-k sets fixed; it recomputes Qc, A and
- * the per-query top softmax.
+ * byte written (the top-k keys of a cluster in increasing order). Backward holds the clusters
+ * and the top-k sets fixed; it recomputes Qc, A and the per-query top softmax.
+ * Replay (ef_attn_forward_replay, both paths): the assignment and top-k sets are read from saved
+ * (checked against the call's lengths) instead of hashing, k-means and top-k selection; the
+ * centroids, attention and outputs are then the forward's own code, on the current inputs.
  * Time O(N bits D + iters N C + C M (D + Dv) + N K (D + Dv)) per head; memory per thread
  * O(C M) for the centroid scores; the top part runs per cluster on blocks of RB members
  * with small GEMMs. Work items are (batch, head) pairs; their GEMMs run single-threaded so
@@ -241,13 +244,67 @@ typedef struct cctx {
     void *saved;
     const float *dout;
     float *dq, *dk, *dv;
+    int replay; /* forward: reuse the assignment and top-k sets in saved (ef_attn_forward_replay) */
 } cctx;
+
+static size_t clu_saved_bytes(const ef_attn *a) {
+    const cplan *p = a->impl;
+    return (size_t)a->shape.batch * a->shape.heads *
+           ((size_t)a->shape.q_len + (size_t)p->C * p->K) * sizeof(int32_t);
+}
 
 /* The saved block of head bh: assignment [N], then top-k keys [C][K]. */
 static int32_t *saved_head(const ef_attn *a, const void *saved, int64_t bh) {
     const cplan *p = a->impl;
     size_t per = (size_t)a->shape.q_len + (size_t)p->C * p->K;
     return (int32_t *)saved + (size_t)bh * per;
+}
+
+/* Checks head bh's record in `saved` against this call's lengths before anything indexes with
+ * it: the cluster of each valid query in [0, C), each cluster's top-k keys strictly increasing
+ * in [0, kv_lens[b]) (a forward writes them sorted, each once). exact = 1 (replay, which
+ * rewrites the record from what it reads) also asks for -1 wherever a forward with these
+ * lengths writes -1 (padded rows, slots past k, clusters >= C), so that a record made with other
+ * lengths is refused too. Shared by both paths (the reference saves the same record). */
+static ef_status check_choices(const ef_attn *a, const int32_t *sa, int64_t bh, int nv, int mv,
+                               int exact) {
+    const cplan *p = a->impl;
+    int n = a->shape.q_len, K = p->K, has = nv > 0 && mv > 0;
+    int C = EF_MIN(p->C, nv), kb = EF_MIN(p->topk, mv);
+    int b = (int)(bh / a->shape.heads), h = (int)(bh % a->shape.heads);
+    for (int i = 0; i < n; i++) {
+        int used = has && i < nv;
+        if (used ? sa[i] < 0 || sa[i] >= C : exact && sa[i] != -1)
+            return ef_error(EF_ERR_ARG,
+                            "saved holds cluster %d for %s query %d (batch %d, head %d; want %s, "
+                            "q_lens %d, kv_lens %d): not this plan's forward record for these "
+                            "lengths",
+                            (int)sa[i], used ? "valid" : "padded", i, b, h,
+                            used ? "[0, min(clusters, q_lens))" : "-1", nv, mv);
+    }
+    for (int c = 0; c < p->C * p->improved; c++)
+        for (int x = 0; x < K; x++) {
+            int32_t j = sa[n + (size_t)c * K + x];
+            int used = has && c < C && x < kb;
+            int bad = used ? j < 0 || j >= mv || (x > 0 && j <= sa[n + (size_t)c * K + x - 1])
+                           : exact && j != -1;
+            if (bad)
+                return ef_error(EF_ERR_ARG,
+                                "saved holds key %d in slot %d of cluster %d's top-k set (batch "
+                                "%d, head %d; want %s, kv_lens %d): not this plan's forward "
+                                "record for these lengths",
+                                (int)j, x, c, b, h, used ? "increasing keys in [0, kv_lens)" : "-1",
+                                mv);
+        }
+    return EF_OK;
+}
+
+/* The assignment (w->asg, w->cnt) and top-k sets (w->tk) of a record check_choices accepted. */
+static void load_choices(const ef_attn *a, cwork *w, const int32_t *sa, int nv, int C) {
+    const cplan *p = a->impl;
+    memset(w->cnt, 0, sizeof(int32_t) * C);
+    for (int i = 0; i < nv; i++) w->asg[i] = sa[i], w->cnt[sa[i]]++;
+    if (p->improved) memcpy(w->tk, sa + a->shape.q_len, sizeof(int32_t) * C * p->K);
 }
 
 /* Qc = mean of the members among the nv valid queries (rows of empty clusters are zero). */
@@ -352,6 +409,12 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     float *out = io->out + (size_t)bh * n * dv;
     int32_t *sa = cx->saved ? saved_head(a, cx->saved, bh) : NULL;
     ef_status st;
+    /* the discrete choices: made below from q and k (forward), or read here from the record of
+     * an earlier forward (replay); everything else is the same code */
+    if (cx->replay) {
+        if ((st = check_choices(a, sa, bh, nv, mv, 1))) return st;
+        if (nv > 0 && mv > 0) load_choices(a, w, sa, nv, C);
+    }
     if (sa) /* padded rows, unused top-k slots and clusters >= C stay -1 */
         for (size_t x = 0; x < (size_t)n + (size_t)p->C * K; x++) sa[x] = -1;
     memset(out + (size_t)nv * dv, 0, sizeof(float) * (n - nv) * dv);
@@ -359,11 +422,11 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
         memset(out, 0, sizeof(float) * nv * dv);
         return EF_OK;
     }
-    cluster_head(a, w, q, bh, nv, C);
+    if (!cx->replay) cluster_head(a, w, q, bh, nv, C);
     if (sa) memcpy(sa, w->asg, sizeof(int32_t) * nv);
     centroids(a, w, q, nv, C);
     if ((st = centroid_logits(a, w, k, C, mv))) return st;
-    if (p->improved) select_topk(a, w, C, mv, kb);
+    if (p->improved && !cx->replay) select_topk(a, w, C, mv, kb);
     centroid_softmax(a, w, C, mv);
     if (!p->improved) {
         if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
@@ -435,12 +498,26 @@ static void forward_item(void *vctx, int64_t bh, int tid) {
     if (st) slot_fail(w, st);
 }
 
-static ef_status clu_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
-    cctx c = {a, io, saved, NULL, NULL, NULL, NULL};
+static ef_status run_forward(ef_attn *a, const ef_attn_io *io, void *saved, int replay) {
+    cctx c = {.a = a, .io = io, .saved = saved, .replay = replay};
     int threads = ef_attn_threads(a);
     slots_reset(a, threads);
     ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, threads, forward_item, &c);
     return slots_status(a, threads);
+}
+
+static ef_status clu_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+    return run_forward(a, io, saved, 0);
+}
+
+/* Forward with the clusters and top-k sets of the earlier forward recorded in saved (a
+ * reversible layer's recomputation): centroids, attention and outputs from io. */
+static ef_status clu_replay(ef_attn *a, const ef_attn_io *io, void *saved) {
+    if (!saved)
+        return ef_error(EF_ERR_ARG,
+                        "%s: replay needs the record of an earlier forward (saved is NULL)",
+                        a->ops->name);
+    return run_forward(a, io, saved, 1);
 }
 
 /* Backward of the top part of iclustered, out_i += m_c sum_x P_ix v_x:
@@ -498,28 +575,6 @@ static ef_status top_backward(const ef_attn *a, cwork *w, const float *q, const 
     return EF_OK;
 }
 
-/* Reads head bh's assignment and top-k sets from `saved` into w (asg, cnt, tk), checking that
- * they fit this call's lengths (a buffer from another plan or call would index out of range). */
-static ef_status load_saved(const ef_attn *a, cwork *w, const int32_t *sa, int nv, int C, int mv,
-                            int kb) {
-    const cplan *p = a->impl;
-    int n = a->shape.q_len, K = p->K;
-    int ok = 1;
-    memset(w->cnt, 0, sizeof(int32_t) * C);
-    for (int i = 0; i < nv && ok; i++)
-        if ((ok = sa[i] >= 0 && sa[i] < C)) w->asg[i] = sa[i], w->cnt[sa[i]]++;
-    if (p->improved) {
-        memcpy(w->tk, sa + n, sizeof(int32_t) * C * K);
-        for (int c = 0; c < C && ok; c++)
-            for (int x = 0; x < kb && ok; x++)
-                ok = w->tk[(size_t)c * K + x] >= 0 && w->tk[(size_t)c * K + x] < mv;
-    }
-    if (!ok)
-        return ef_error(EF_ERR_ARG, "saved does not hold this plan's forward of these inputs and "
-                                    "lengths (cluster or key index out of range)");
-    return EF_OK;
-}
-
 static ef_status backward_head(const cctx *cx, cwork *w, int64_t bh) {
     ef_attn *a = cx->a;
     const ef_attn_io *io = cx->io;
@@ -538,7 +593,9 @@ static ef_status backward_head(const cctx *cx, cwork *w, int64_t bh) {
     memset(dk, 0, sizeof(float) * m * d);
     memset(dvv, 0, sizeof(float) * m * dv);
     if (nv == 0 || mv == 0) return EF_OK;
-    if ((st = load_saved(a, w, saved_head(a, cx->saved, bh), nv, C, mv, kb))) return st;
+    const int32_t *sa = saved_head(a, cx->saved, bh);
+    if ((st = check_choices(a, sa, bh, nv, mv, 0))) return st;
+    load_choices(a, w, sa, nv, C);
     /* A, and the masses m_c of the top keys */
     centroids(a, w, q, nv, C);
     if ((st = centroid_logits(a, w, k, C, mv))) return st;
@@ -594,7 +651,7 @@ static void backward_item(void *vctx, int64_t bh, int tid) {
 
 static ef_status clu_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
                               const float *dout, float *dq, float *dk, float *dv) {
-    cctx c = {a, io, (void *)saved, dout, dq, dk, dv};
+    cctx c = {.a = a, .io = io, .saved = (void *)saved, .dout = dout, .dq = dq, .dk = dk, .dv = dv};
     int threads = ef_attn_threads(a);
     slots_reset(a, threads);
     ef_parallel_for((int64_t)a->shape.batch * a->shape.heads, threads, backward_item, &c);
@@ -605,9 +662,10 @@ static ef_status clu_backward(ef_attn *a, const ef_attn_io *io, const void *save
  * Reference path (ref=1): a scalar double-precision re-implementation with its own code and its
  * own workspace (allocated by clu_init for ref=1 plans; the fast path's is not even allocated).
  * It recomputes the codes, the Hamming k-means, the centroids, the top-k sets and the attention
- * of each (batch, head), one at a time; backward (dout != NULL) recomputes all of it, so it
- * saves nothing. What it shares with the fast path is the specification of the discrete
- * choices, so that both make the same ones:
+ * of each (batch, head), one at a time, and records the choices in the fast path's layout;
+ * backward (dout != NULL) and replay read them back (through check_choices and the layout
+ * helpers, the only code shared with the fast path) and recompute everything else. What it shares
+ * with the fast path is the specification of the discrete choices, so that both make the same ones:
  *   - the random draws: the hyperplanes (the same ef_rng_normal draw) and the k-means draws
  *     (initial positions by a partial Fisher-Yates shuffle, codes of empty clusters), from the
  *     same streams and counters;
@@ -732,9 +790,11 @@ static void ref_top_softmax(const ef_attn *a, const int32_t *tk, int kb, const f
     for (int x = 0; x < kb; x++) pr[x] /= sum;
 }
 
-/* Forward (dout == NULL) or backward of head bh. */
-static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *dout, float *dq,
-                     float *dk, float *dv) {
+/* Forward (dout == NULL) or backward of head bh. The discrete choices are made from q and k
+ * (reuse = 0: forward) or read from the record sa (reuse = 1: backward, and replay, which is a
+ * forward with dout == NULL); a forward writes its record to sa when sa is not NULL. */
+static ef_status ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, int32_t *sa, int reuse,
+                          const float *dout, float *dq, float *dk, float *dv) {
     cplan *p = a->impl;
     rws *r = &p->ref;
     const ef_attn_shape *s = &a->shape;
@@ -745,6 +805,16 @@ static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *
     double tau = a->scale;
     const float *q = io->q + (size_t)bh * n * d, *k = io->k + (size_t)bh * m * d,
                 *v = io->v + (size_t)bh * m * e;
+    if (reuse) { /* the recorded choices, read before a replay rewrites the record */
+        ef_status st = check_choices(a, sa, bh, nv, mv, !dout);
+        if (st) return st;
+        for (int c = 0; c < C; c++) r->cnt[c] = 0;
+        for (int i = 0; i < nv && mv > 0; i++) r->asg[i] = sa[i], r->cnt[sa[i]]++;
+        for (int c = 0; c < C && mv > 0; c++)
+            for (int x = 0; x < kb; x++) r->tk[(size_t)c * K + x] = sa[n + (size_t)c * p->K + x];
+    }
+    if (!dout && sa) /* the record: -1 wherever nothing is chosen */
+        for (size_t x = 0; x < (size_t)n + (size_t)p->C * p->K; x++) sa[x] = -1;
     /* every output of the head starts at zero: padded rows and keys keep it */
     if (!dout) memset(io->out + (size_t)bh * n * e, 0, sizeof(float) * n * e);
     if (dout) {
@@ -752,11 +822,15 @@ static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *
         memset(dk + (size_t)bh * m * d, 0, sizeof(float) * m * d);
         memset(dv + (size_t)bh * m * e, 0, sizeof(float) * m * e);
     }
-    if (nv == 0 || mv == 0) return;
-    /* clusters of the valid queries */
-    for (int i = 0; i < nv; i++)
-        r->code[i] = ref_code(r->planes + (size_t)h * p->bits * d, q + (size_t)i * d, p->bits, d);
-    ref_kmeans(a, r, bh, nv, C);
+    if (nv == 0 || mv == 0) return EF_OK;
+    if (!reuse) { /* clusters of the valid queries */
+        for (int i = 0; i < nv; i++)
+            r->code[i] =
+                ref_code(r->planes + (size_t)h * p->bits * d, q + (size_t)i * d, p->bits, d);
+        ref_kmeans(a, r, bh, nv, C);
+    }
+    if (!dout && sa)
+        for (int i = 0; i < nv; i++) sa[i] = r->asg[i];
     /* centroids, their attention A over the valid keys, top-k sets T_c, masses, bottom values */
     for (int c = 0; c < C; c++) {
         double *qc = r->qc + (size_t)c * d, *lg = r->lg + (size_t)c * m, *A = r->A + (size_t)c * m;
@@ -776,16 +850,24 @@ static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *
         }
         for (int j = 0; j < mv; j++) sum += A[j] = exp(lg[j] - mx);
         for (int j = 0; j < mv; j++) A[j] /= sum;
-        /* T_c: kb times the largest logit not yet taken, the lowest index among equal ones */
+        /* T_c: kb times the largest logit not yet taken, the lowest index among equal ones
+         * (or the recorded set); kept in increasing key order, as the record holds it */
         memset(top, 0, (size_t)mv);
+        if (!reuse) {
+            for (int x = 0; x < kb; x++) {
+                int best = -1;
+                for (int j = 0; j < mv; j++)
+                    if (!top[j] && (best < 0 || lg[j] > lg[best])) best = j;
+                top[best] = 1;
+            }
+            for (int j = 0, x = 0; j < mv; j++)
+                if (top[j]) tk[x++] = j;
+        } else
+            for (int x = 0; x < kb; x++) top[tk[x]] = 1;
         r->mass[c] = 0;
-        for (int x = 0; x < kb; x++) {
-            int best = -1;
-            for (int j = 0; j < mv; j++)
-                if (!top[j] && (best < 0 || lg[j] > lg[best])) best = j;
-            top[best] = 1, tk[x] = best;
-            r->mass[c] += A[best];
-        }
+        for (int x = 0; x < kb; x++) r->mass[c] += A[tk[x]];
+        if (!dout && sa)
+            for (int x = 0; x < kb; x++) sa[n + (size_t)c * p->K + x] = tk[x];
         for (int t = 0; t < e; t++) {
             double o = 0;
             for (int j = 0; j < mv; j++)
@@ -805,7 +887,7 @@ static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *
                 out[(size_t)i * e + t] = (float)o;
             }
         }
-        return;
+        return EF_OK;
     }
     /* backward of f = sum_i g_i . out_i, clusters and top-k sets fixed */
     const float *g = dout + (size_t)bh * n * e;
@@ -881,26 +963,42 @@ static void ref_head(ef_attn *a, const ef_attn_io *io, int64_t bh, const float *
     }
     for (size_t x = 0; x < (size_t)mv * d; x++) dk[(size_t)bh * m * d + x] = (float)r->gk[x];
     for (size_t x = 0; x < (size_t)mv * e; x++) dv[(size_t)bh * m * e + x] = (float)r->gv[x];
+    return EF_OK;
 }
 
-static size_t clu_ref_saved_bytes(const ef_attn *a) {
-    (void)a;
-    return 0;
+/* The reference records the same choices as the fast path, in the same layout. */
+static size_t clu_ref_saved_bytes(const ef_attn *a) { return clu_saved_bytes(a); }
+
+/* Every head of a reference call; a refused record is reported with the mechanism's name. */
+static ef_status ref_heads(ef_attn *a, const ef_attn_io *io, void *saved, int reuse,
+                           const float *dout, float *dq, float *dk, float *dv) {
+    for (int64_t bh = 0; bh < (int64_t)a->shape.batch * a->shape.heads; bh++) {
+        ef_status st =
+            ref_head(a, io, bh, saved ? saved_head(a, saved, bh) : NULL, reuse, dout, dq, dk, dv);
+        if (st) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "%s", ef_last_error());
+            return ef_error(st, "%s: %s", a->ops->name, msg);
+        }
+    }
+    return EF_OK;
 }
 
 static ef_status clu_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
-    (void)saved;
-    for (int64_t bh = 0; bh < (int64_t)a->shape.batch * a->shape.heads; bh++)
-        ref_head(a, io, bh, NULL, NULL, NULL, NULL);
-    return EF_OK;
+    return ref_heads(a, io, saved, 0, NULL, NULL, NULL, NULL);
+}
+
+static ef_status clu_ref_replay(ef_attn *a, const ef_attn_io *io, void *saved) {
+    if (!saved)
+        return ef_error(EF_ERR_ARG,
+                        "%s: replay needs the record of an earlier forward (saved is NULL)",
+                        a->ops->name);
+    return ref_heads(a, io, saved, 1, NULL, NULL, NULL, NULL);
 }
 
 static ef_status clu_ref_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
                                   const float *dout, float *dq, float *dk, float *dv) {
-    (void)saved;
-    for (int64_t bh = 0; bh < (int64_t)a->shape.batch * a->shape.heads; bh++)
-        ref_head(a, io, bh, dout, dq, dk, dv);
-    return EF_OK;
+    return ref_heads(a, io, (void *)(uintptr_t)saved, 1, dout, dq, dk, dv);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -1024,12 +1122,6 @@ static void clu_destroy(ef_attn *a) {
     a->impl = NULL;
 }
 
-static size_t clu_saved_bytes(const ef_attn *a) {
-    const cplan *p = a->impl;
-    return (size_t)a->shape.batch * a->shape.heads *
-           ((size_t)a->shape.q_len + (size_t)p->C * p->K) * sizeof(int32_t);
-}
-
 /* Analytic count per head: hashing 2 N bits D, k-means (iters + 1) N C popcounts (counted as 1),
  * centroid scores and values 2 C M (D + Dv), the top part 2 N K (D + Dv); backward recomputes
  * the scores and adds dA, dV, dQc, dK (2 C M (Dv + Dv + D + D)) and 2x the top part. */
@@ -1053,8 +1145,10 @@ const ef_attn_ops ef_attn_ops_clustered = {
         "  the valid queries (q_lens) from the seed; each cluster attends with the mean of its\n"
         "  queries and every member gets that output. causal=1 is refused (clusters mix past\n"
         "  and future queries). saves the assignment (int32 per query); backward holds the\n"
-        "  clusters fixed. reference (ref=1): its own double-precision hashing, k-means and\n"
-        "  attention, from the same random draws and tie rules.",
+        "  clusters fixed. ef_attn_forward_replay reuses the saved assignment (no hashing or\n"
+        "  k-means) and recomputes centroids and outputs from io. reference (ref=1): its own\n"
+        "  double-precision hashing, k-means and attention, from the same random draws and tie\n"
+        "  rules; it saves the same record.",
     .opts = clustered_opts,
     .n_opts = 3,
     .init = clu_init,
@@ -1063,9 +1157,11 @@ const ef_attn_ops ef_attn_ops_clustered = {
     .saved_bytes = clu_saved_bytes,
     .forward = clu_forward,
     .backward = clu_backward,
+    .replay = clu_replay,
     .ref_saved_bytes = clu_ref_saved_bytes,
     .ref_forward = clu_ref_forward,
     .ref_backward = clu_ref_backward,
+    .ref_replay = clu_ref_replay,
 };
 
 const ef_attn_ops ef_attn_ops_iclustered = {
@@ -1076,8 +1172,10 @@ const ef_attn_ops ef_attn_ops_iclustered = {
              "  plus the centroid's attention on the other keys (m_c = its mass on the top-k).\n"
              "  causal=1 is refused: clusters, centroids and top-k sets depend on every query,\n"
              "  future ones included. saves the assignment and the top-k keys; backward holds\n"
-             "  both fixed. reference (ref=1): its own double-precision hashing, k-means, top-k\n"
-             "  and attention (top-k ranked on double logits, the fast path's on fp32 ones).",
+             "  both fixed. ef_attn_forward_replay reuses both (no hashing, k-means or top-k)\n"
+             "  and recomputes centroids, masses and outputs from io. reference (ref=1): its own\n"
+             "  double-precision hashing, k-means, top-k and attention (top-k ranked on double\n"
+             "  logits, the fast path's on fp32 ones); it saves the same record.",
     .opts = iclustered_opts,
     .n_opts = 4,
     .init = clu_init,
@@ -1086,7 +1184,9 @@ const ef_attn_ops ef_attn_ops_iclustered = {
     .saved_bytes = clu_saved_bytes,
     .forward = clu_forward,
     .backward = clu_backward,
+    .replay = clu_replay,
     .ref_saved_bytes = clu_ref_saved_bytes,
     .ref_forward = clu_ref_forward,
     .ref_backward = clu_ref_backward,
+    .ref_replay = clu_ref_replay,
 };

@@ -36,6 +36,9 @@
  * Saved for backward (bytes = B H R N (4 + 4), every byte written by forward):
  *   bucket [B][H][R][N] int32   bucket of each position per round (-1: position >= L)
  *   lse    [B][H][R][N] float   per-row, per-round log-sum-exp (-inf: row >= L)
+ * Replay (ef_attn_forward_replay, both paths): the buckets are read from saved instead of hashed
+ * (after checking them against io's lengths); everything after the hashing is the forward's own
+ * code, so saved comes out as a forward with those buckets would write it.
  * Work: (batch, head) items in parallel, one workspace slot per thread, GEMMs single-threaded,
  * every failure of a product reported. Sorted modes: per chunk C x W scores, W = C |window|.
  * Strict mode: per bucket, per chunk, products of QB query rows against the chunk's keys up to
@@ -766,6 +769,7 @@ typedef struct ljob {
     float *lse;
     const float *dout;
     float *dq, *dv;
+    int replay; /* forward: reuse the buckets in bkt (validated by the caller) instead of hashing */
 } ljob;
 
 static ef_status forward_one(ljob *j, int64_t item, lwork *w) {
@@ -781,7 +785,7 @@ static ef_status forward_one(ljob *j, int64_t item, lwork *w) {
     memset(out, 0, sizeof(float) * n * dv);
     for (int r = 0; r < p->R; r++)
         for (int i = valid; i < n; i++) lse[(size_t)r * n + i] = -INFINITY;
-    TRY(prepare(a, w, q, h, valid, bkt, 1));
+    TRY(prepare(a, w, q, h, valid, bkt, !j->replay));
     for (int i = 0; i < valid; i++) w->m[i] = -INFINITY, w->sw[i] = 0;
     TRY(run_blocks(a, w, q, v, valid, bkt, NULL, out, lse, NULL, NULL));
     for (int i = 0; i < valid; i++) {
@@ -863,18 +867,22 @@ static ef_status run_items(ef_attn *a, ljob *j, ef_parallel_fn fn) {
     return EF_OK;
 }
 
-static ef_status lsh_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+/* Forward, hashing (replay = 0) or reusing the buckets already in saved (replay = 1); the
+ * sort, chunks, masks, lse and output are computed the same way from the buckets either way. */
+static ef_status lsh_run_forward(ef_attn *a, const ef_attn_io *io, void *saved, int replay) {
     const ef_attn_shape *s = &a->shape;
     const lplan *p = a->impl;
     size_t bhrn = (size_t)s->batch * s->heads * p->R * s->q_len;
-    ljob j = {a,
-              io,
-              saved ? (int32_t *)saved : NULL,
-              saved ? (float *)((int32_t *)saved + bhrn) : NULL,
-              NULL,
-              NULL,
-              NULL};
+    ljob j = {.a = a,
+              .io = io,
+              .bkt = saved ? (int32_t *)saved : NULL,
+              .lse = saved ? (float *)((int32_t *)saved + bhrn) : NULL,
+              .replay = replay};
     return run_items(a, &j, forward_item);
+}
+
+static ef_status lsh_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+    return lsh_run_forward(a, io, saved, 0);
 }
 
 /* Buckets in saved must be those a forward of this plan wrote for this io (checked here, in
@@ -900,14 +908,58 @@ static ef_status check_saved_buckets(const ef_attn *a, const ef_attn_io *io, con
     return EF_OK;
 }
 
+/* A replay reuses every bucket, so the record must match io's lengths exactly: a bucket in
+ * [0, nb) at each position below L = min(kv_lens, q_lens), -1 at each one past it. Checked in
+ * the caller's thread (shared by both paths: the reference saves the same bucket layout). */
+static ef_status check_replay_buckets(const ef_attn *a, const ef_attn_io *io, const int32_t *bkt,
+                                      int nb, int R) {
+    const ef_attn_shape *s = &a->shape;
+    int n = s->q_len;
+    if (!bkt)
+        return ef_error(EF_ERR_ARG, "lsh: replay needs the saved buckets of an earlier forward "
+                                    "(saved is NULL)");
+    for (int b = 0; b < s->batch; b++) {
+        int valid = lsh_valid(a, io, b);
+        for (int h = 0; h < s->heads; h++)
+            for (int r = 0; r < R; r++) {
+                const int32_t *br = bkt + (((size_t)b * s->heads + h) * R + r) * n;
+                for (int i = 0; i < n; i++) {
+                    int ok = i < valid ? br[i] >= 0 && br[i] < nb : br[i] == -1;
+                    if (!ok)
+                        return ef_error(EF_ERR_ARG,
+                                        "lsh: replay: saved holds bucket %d for position %d "
+                                        "(batch %d, head %d, round %d), where io's lengths "
+                                        "(min(kv_lens, q_lens) = %d) want %s: not written by "
+                                        "this plan's forward with these lengths",
+                                        (int)br[i], i, b, h, r, valid,
+                                        i < valid ? "a bucket in [0, buckets) at a valid position"
+                                                  : "-1 at a padded position");
+                }
+            }
+    }
+    return EF_OK;
+}
+
+/* The forward of a reversible layer's recomputation: the buckets come from saved, not from q. */
+static ef_status lsh_replay(ef_attn *a, const ef_attn_io *io, void *saved) {
+    const lplan *p = a->impl;
+    TRY(check_replay_buckets(a, io, saved, p->nb, p->R));
+    return lsh_run_forward(a, io, saved, 1);
+}
+
 static ef_status lsh_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
                               const float *dout, float *dq, float *dk, float *dv) {
     const ef_attn_shape *s = &a->shape;
     const lplan *p = a->impl;
     size_t bhrn = (size_t)s->batch * s->heads * p->R * s->q_len;
     TRY(check_saved_buckets(a, io, saved, p->nb, p->R));
-    ljob j = {a,  io, (int32_t *)(uintptr_t)saved, (float *)((const int32_t *)saved + bhrn), dout,
-              dq, dv};
+    ljob j = {.a = a,
+              .io = io,
+              .bkt = (int32_t *)(uintptr_t)saved,
+              .lse = (float *)((const int32_t *)saved + bhrn),
+              .dout = dout,
+              .dq = dq,
+              .dv = dv};
     memset(dk, 0, sizeof(float) * s->batch * s->heads * s->kv_len * s->head_dim);
     return run_items(a, &j, backward_item);
 }
@@ -1067,7 +1119,9 @@ static size_t lsh_ref_saved_bytes(const ef_attn *a) {
     return (size_t)a->shape.batch * a->shape.heads * p->R * a->shape.q_len * sizeof(int32_t);
 }
 
-static ef_status lsh_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+/* Forward of the reference: hashes (hash = 1) or reuses the buckets in saved (hash = 0, replay),
+ * then the same per-row sets and softmax either way. */
+static ef_status ref_run_forward(ef_attn *a, const ef_attn_io *io, void *saved, int hash) {
     lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     int n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R;
@@ -1078,7 +1132,7 @@ static ef_status lsh_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) 
             const float *q = io->q + bh * n * d, *v = io->v + bh * n * dv;
             int32_t *bk = saved ? (int32_t *)saved + bh * R * n : p->rbk;
             float *out = io->out + bh * n * dv;
-            ref_head(a, q, h, L, bk, 1);
+            ref_head(a, q, h, L, bk, hash);
             memset(out, 0, sizeof(float) * n * dv);
             for (int i = 0; i < L; i++) {
                 double lse = ref_row(a, q, bk, L, i);
@@ -1093,6 +1147,16 @@ static ef_status lsh_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) 
             }
         }
     return EF_OK;
+}
+
+static ef_status lsh_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
+    return ref_run_forward(a, io, saved, 1);
+}
+
+static ef_status lsh_ref_replay(ef_attn *a, const ef_attn_io *io, void *saved) {
+    const lplan *p = a->impl;
+    TRY(check_replay_buckets(a, io, saved, p->nb, p->R));
+    return ref_run_forward(a, io, saved, 0);
 }
 
 static ef_status lsh_ref_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
@@ -1189,6 +1253,8 @@ const ef_attn_ops ef_attn_ops_lsh = {
         "  chunk causal rule instead, which is NOT strictly causal (later positions' hashes\n"
         "  move the chunk edges). saves the buckets and per-round lse of every row (backward\n"
         "  reuses the hashing); reference (ref=1): its own double hashing and per-query sets.\n"
+        "  ef_attn_forward_replay reuses the saved buckets instead of hashing (a reversible\n"
+        "  layer's recomputation attends as the forward did); they must match io's lengths.\n"
         "  ef_attn_visible_pairs is an upper bound on the distinct pairs (they depend on q).",
     .opts = lsh_opts,
     .n_opts = 7,
@@ -1199,7 +1265,9 @@ const ef_attn_ops ef_attn_ops_lsh = {
     .saved_bytes = lsh_saved_bytes,
     .forward = lsh_forward,
     .backward = lsh_backward,
+    .replay = lsh_replay,
     .ref_saved_bytes = lsh_ref_saved_bytes,
     .ref_forward = lsh_ref_forward,
     .ref_backward = lsh_ref_backward,
+    .ref_replay = lsh_ref_replay,
 };
