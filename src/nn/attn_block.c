@@ -111,10 +111,17 @@ static ef_status project(const ef_attn_block *blk, const float *x, const float *
     return EF_OK;
 }
 
-ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
-                                const int32_t *lens, float *y, void *saved) {
+size_t ef_attn_block_record_offset(const ef_attn_block *blk) {
+    return blk ? round64(4 * blk->per * sizeof(float)) : 0;
+}
+size_t ef_attn_block_record_bytes(const ef_attn_block *blk) { return blk ? blk->attn_saved : 0; }
+
+/* The forward of ef_attn_block_forward (replay = 0) and ef_attn_block_forward_replay (1). */
+static ef_status block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
+                               const int32_t *lens, float *y, void *saved, int replay) {
     if (!blk || !p || !x || !y)
-        return ef_error(EF_ERR_ARG, "ef_attn_block_forward: %s is NULL",
+        return ef_error(EF_ERR_ARG, "%s: %s is NULL",
+                        replay ? "ef_attn_block_forward_replay" : "ef_attn_block_forward",
                         !blk ? "blk"
                         : !p ? "params"
                         : !x ? "x"
@@ -139,7 +146,9 @@ ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *
         }
     }
     ef_attn_io io = {q, blk->shared_qk ? q : k, v, lens, o, lens};
-    if ((st = ef_attn_forward(blk->attn, &io, asaved))) return st;
+    st = replay ? ef_attn_forward_replay(blk->attn, &io, asaved)
+                : ef_attn_forward(blk->attn, &io, asaved);
+    if (st) return st;
     for (int b = 0; b < blk->batch; b++) {
         int nv = lens ? lens[b] : n;
         float *yb = y + (size_t)b * n * c;
@@ -154,6 +163,19 @@ ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *
         zero_tail(yb, nv, n, c);
     }
     return EF_OK;
+}
+
+ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
+                                const int32_t *lens, float *y, void *saved) {
+    return block_forward(blk, p, x, lens, y, saved, 0);
+}
+
+ef_status ef_attn_block_forward_replay(ef_attn_block *blk, const ef_attn_block_params *p,
+                                       const float *x, const int32_t *lens, float *y, void *saved) {
+    if (!saved)
+        return ef_error(EF_ERR_ARG, "ef_attn_block_forward_replay: saved is NULL (pass the buffer "
+                                    "holding an earlier training forward's record)");
+    return block_forward(blk, p, x, lens, y, saved, 1);
 }
 
 /* g[t] += sum over rows i < nv of x[i][t] (x [nv][cols]), rows in order. */

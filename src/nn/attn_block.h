@@ -55,4 +55,17 @@ ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params 
                                  const int32_t *lens, const void *saved, const float *dy, float *dx,
                                  ef_attn_block_grads *g);
 
+/* Replay (reversible layers). The plan's own record is the tail of `saved`: the
+ * ef_attn_saved_bytes of the plan (lsh: buckets; flash: row log-sum-exps; ...) starting at byte
+ * ef_attn_block_record_offset. A reversible layer keeps only that part per layer and rebuilds
+ * the rest (q, k, v, o) by a forward that reuses the record's discrete choices: */
+size_t ef_attn_block_record_offset(const ef_attn_block *blk);
+size_t ef_attn_block_record_bytes(const ef_attn_block *blk);
+/* ef_attn_block_forward through ef_attn_forward_replay: saved (required) must hold, at the record
+ * offset, the record of an earlier training forward of this block; q, k, v, o are recomputed
+ * from x and the record rewritten with the same choices. EF_ERR_UNSUPPORTED where the mechanism
+ * cannot replay yet. */
+ef_status ef_attn_block_forward_replay(ef_attn_block *blk, const ef_attn_block_params *p,
+                                       const float *x, const int32_t *lens, float *y, void *saved);
+
 #endif
