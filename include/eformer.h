@@ -202,7 +202,9 @@ EF_API ef_status ef_attn_forward(ef_attn *a, const ef_attn_io *io, void *saved);
  * again from io: a reversible layer's recomputation, whose inputs differ from the original ones
  * by rounding, then attends exactly as the original forward did. `saved` must hold such a
  * forward's record; it is rewritten as a forward would write it, with the same choices.
- * Mechanisms without discrete choices (caps.discrete = 0) run ef_attn_forward. */
+ * A replay also attends with the random draw the record names (performer's `redraw` moves on
+ * between training forwards) and does not count as a training forward. Mechanisms with nothing
+ * to reproduce run ef_attn_forward. */
 EF_API ef_status ef_attn_forward_replay(ef_attn *a, const ef_attn_io *io, void *saved);
 /* Gradients for the forward call that filled `saved` (same io, including io->out, which holds
  * that call's output and is read, not written). dq, dk, dv are overwritten;

@@ -77,6 +77,7 @@ typedef struct kplan {
     float eps;      /* added to the (unshifted) normaliser */
     int stabilize, ortho, redraw, nchunks;
     int64_t epoch, calls; /* feature draw in use; training forwards since the last draw */
+    int replaying;        /* inside ef_attn_forward_replay: the record's draw, no counting */
     float *W;             /* [m][D] random projections (performer) */
     double *qr;           /* QR workspace (D x D doubles) */
     float *gtmp;          /* [D] Gaussian draws for the row norms */
@@ -559,7 +560,7 @@ static void forward_head(void *ctx, int64_t bh, int tid) {
  * moved on, and restores the current one afterwards. Fast and reference paths alike. */
 static void epoch_forward(ef_attn *a, void *saved) {
     kplan *p = a->impl;
-    if (saved && p->redraw > 0 && p->W) {
+    if (saved && p->redraw > 0 && p->W && !p->replaying) {
         if (p->calls >= p->redraw) {
             p->epoch++, p->calls = 0;
             draw_features(a);
@@ -588,6 +589,29 @@ static void epoch_backward_end(ef_attn *a, int64_t current) {
         p->epoch = current;
         draw_features(a);
     }
+}
+
+/* ef_attn_forward_replay: the forward of the record's feature draw (a reversible layer's
+ * recomputation must see the features its original forward saw, even after a redraw), not
+ * counted towards `redraw`; the plan's current draw is restored afterwards. */
+static ef_status replay_with(ef_attn *a, const ef_attn_io *io, void *saved,
+                             ef_status (*fwd)(ef_attn *, const ef_attn_io *, void *)) {
+    kplan *p = a->impl;
+    int64_t current = epoch_backward_begin(a, saved);
+    p->replaying = 1;
+    ef_status st = fwd(a, io, saved);
+    p->replaying = 0;
+    epoch_backward_end(a, current);
+    return st;
+}
+
+static ef_status kernel_forward(ef_attn *a, const ef_attn_io *io, void *saved);
+static ef_status kernel_ref_forward(ef_attn *a, const ef_attn_io *io, void *saved);
+static ef_status kernel_replay(ef_attn *a, const ef_attn_io *io, void *saved) {
+    return replay_with(a, io, saved, kernel_forward);
+}
+static ef_status kernel_ref_replay(ef_attn *a, const ef_attn_io *io, void *saved) {
+    return replay_with(a, io, saved, kernel_ref_forward);
 }
 
 static ef_status kernel_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
@@ -1258,6 +1282,8 @@ const ef_attn_ops ef_attn_ops_linear = {
     .backward = kernel_backward,
     .ref_saved_bytes = kernel_ref_saved_bytes,
     .ref_forward = kernel_ref_forward,
+    .replay = kernel_replay,
+    .ref_replay = kernel_ref_replay,
     .ref_backward = kernel_ref_backward,
     .state_bytes = kernel_state_bytes,
     .state_init = kernel_state_init,
@@ -1292,6 +1318,8 @@ const ef_attn_ops ef_attn_ops_performer = {
     .backward = kernel_backward,
     .ref_saved_bytes = kernel_ref_saved_bytes,
     .ref_forward = kernel_ref_forward,
+    .replay = kernel_replay,
+    .ref_replay = kernel_ref_replay,
     .ref_backward = kernel_ref_backward,
     .state_bytes = kernel_state_bytes,
     .state_init = kernel_state_init,

@@ -35,24 +35,6 @@ struct ef_block {
 
 static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
-/* A reversible layer recomputes the attention in backward, so the recomputation must draw what
- * the forward drew. Performer's `redraw=n` (new features every n training forwards) breaks that
- * today: the recomputation (ef_attn_forward_replay runs ef_attn_forward for mechanisms without
- * discrete choices) counts as a training forward and may redraw (measured: gradients off by 80 %
- * with redraw=1). Refused until replay keeps the feature epoch of the record. */
-static ef_status check_reproducible(const ef_attn_block *ab) {
-    const char *desc = ef_attn_describe(ef_attn_block_attn(ab));
-    const char *r = strstr(desc, ":redraw=");
-    if (!r) r = strstr(desc, ",redraw=");
-    if (r && strtol(r + 8, NULL, 10) != 0)
-        return ef_error(EF_ERR_UNSUPPORTED,
-                        "reversible layer: '%s' redraws its random features during training "
-                        "(redraw=%ld), and the recomputation in backward could draw other ones; "
-                        "use redraw=0",
-                        desc, strtol(r + 8, NULL, 10));
-    return EF_OK;
-}
-
 ef_status ef_block_new(ef_block **out, const ef_block_config *cfg) {
     if (!out) return ef_error(EF_ERR_ARG, "ef_block_new: out is NULL");
     *out = NULL;
@@ -74,10 +56,6 @@ ef_status ef_block_new(ef_block **out, const ef_block_config *cfg) {
     ef_attn_block *ab = NULL;
     ef_status st = ef_attn_block_new(&ab, cfg->attn, cfg->batch, cfg->len, cfg->dim, cfg->heads);
     if (st) return st;
-    if (cfg->kind == EF_BLOCK_REVERSIBLE && (st = check_reproducible(ab))) {
-        ef_attn_block_free(ab);
-        return st;
-    }
     ef_block *blk = calloc(1, sizeof *blk);
     if (!blk) {
         ef_attn_block_free(ab);
