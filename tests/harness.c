@@ -155,6 +155,19 @@ void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_
     free(r);
 }
 
+double ef_test_padded_max(const float *x, ef_attn_shape s, int rows, int w, const int32_t *lens) {
+    double m = 0;
+    for (int b = 0; b < s.batch; b++)
+        for (int h = 0; h < s.heads; h++)
+            for (int i = lens[b]; i < rows; i++)
+                for (int t = 0; t < w; t++) {
+                    float v = x[(((size_t)b * s.heads + h) * rows + i) * w + t];
+                    if (v != v) return INFINITY;
+                    m = fmax(m, fabs(v));
+                }
+    return m;
+}
+
 void *ef_test_saved(const ef_attn *a) {
     size_t sb = ef_attn_saved_bytes(a);
     void *p = ef_malloc(sb > 64 ? sb : 64);

@@ -64,6 +64,9 @@ int ef_test_any_nonfinite(const float *x, size_t n);
  * -Inf. */
 void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens,
                         int mode, uint64_t seed);
+/* max |x| over the padded rows i >= lens[b] of x [batch][heads][rows][w]; +inf when one of them
+ * is NaN (a padded row must be exactly zero, and fmax would skip a NaN). */
+double ef_test_padded_max(const float *x, ef_attn_shape s, int rows, int w, const int32_t *lens);
 /* A `saved` buffer for plan a (ef_malloc: EF_SAVED_ALIGN-aligned; at least 64 bytes, so never
  * NULL for a plan that saves nothing). Release with ef_free. */
 void *ef_test_saved(const ef_attn *a);

@@ -488,14 +488,6 @@ static int same_bits(const outs *a, const outs *b, const bufs *in) {
 }
 
 /* max |x| over rows i >= lens[b] of x [B][H][rows][w] (infinite when any is NaN) */
-static double padded_max(const float *x, ef_attn_shape s, int rows, int w, const int32_t *lens) {
-    double m = 0;
-    for (int b = 0; b < s.batch; b++)
-        for (int h = 0; h < s.heads; h++)
-            for (int i = lens[b]; i < rows; i++)
-                m = fmax(m, max_abs(x + (((size_t)b * s.heads + h) * rows + i) * w, (size_t)w));
-    return m;
-}
 
 /* Query and key padding (the contract in eformer.h): redrawing the padded rows of q, k, v and
  * dO, or filling them with NaN or +-Inf, leaves every output and gradient bitwise unchanged
@@ -531,10 +523,10 @@ static void query_padding_invariance(void) {
                 outs_free(&base), outs_free(&o), ef_test_free_inputs(&in);
                 continue;
             }
-            double z = fmax(padded_max(base.out, s, s.q_len, s.v_dim, ql),
-                            padded_max(base.dq, s, s.q_len, s.head_dim, ql));
-            z = fmax(z, fmax(padded_max(base.dk, s, s.kv_len, s.head_dim, kl),
-                             padded_max(base.dv, s, s.kv_len, s.v_dim, kl)));
+            double z = fmax(ef_test_padded_max(base.out, s, s.q_len, s.v_dim, ql),
+                            ef_test_padded_max(base.dq, s, s.q_len, s.head_dim, ql));
+            z = fmax(z, fmax(ef_test_padded_max(base.dk, s, s.kv_len, s.head_dim, kl),
+                             ef_test_padded_max(base.dv, s, s.kv_len, s.v_dim, kl)));
             snprintf(name, sizeof name, "%s N%d: padded rows output 0, padded dq dk dv are 0", spec,
                      s.q_len);
             ef_check_err(name, z, 0.0);
