@@ -5,7 +5,9 @@
  *   attention through a separate plan of the same spec, the output projection as double loops;
  * - directional finite differences of f = <dy, y> for x and every parameter tensor;
  * - padding: NaN in padded rows of x and dy changes no valid result; padded rows are zero;
- * - 1 vs 2 threads bitwise; shared-QK (lsh) leaves Wk, bk without gradient.
+ * - 1 vs 2 threads bitwise; shared-QK (lsh) leaves Wk, bk without gradient;
+ * - the caller's scratch ws: refused when NULL where needed or misaligned; results bitwise the
+ *   same whether it starts as NaN or as zeros (every element read was written by the call).
  */
 #include "harness.h"
 #include "nn/attn_block.h"
@@ -45,23 +47,61 @@ typedef struct run_out {
     float *y, *dx, *gpar;
 } run_out;
 
-/* forward (and backward when dy) of a fresh block; 0 on success */
+static float ws_fill = 0.0f; /* what the caller's scratch holds before each run_block */
+
+/* forward (and backward when dy) of a fresh block, with a fresh scratch buffer filled with
+ * ws_fill; 0 on success */
 static ef_status run_block(const char *spec, const float *x, const float *w, const int32_t *lens,
                            const float *dy, run_out *r) {
     ef_attn_block *blk = NULL;
     ef_status st = ef_attn_block_new(&blk, spec, B, N, C, H);
     if (st) return st;
     void *saved = ef_malloc(ef_attn_block_saved_bytes(blk));
+    size_t wsb = ef_attn_block_ws_bytes(blk);
+    float *ws = ef_malloc(wsb);
+    if (!saved || !ws) {
+        ef_free(saved), ef_free(ws), ef_attn_block_free(blk);
+        return EF_ERR_NOMEM;
+    }
+    for (size_t i = 0; i < wsb / sizeof(float); i++) ws[i] = ws_fill;
     ef_attn_block_params p = params_of(w);
-    st = ef_attn_block_forward(blk, &p, x, lens, r->y, dy ? saved : NULL);
+    st = ef_attn_block_forward(blk, &p, x, lens, r->y, dy ? saved : NULL, ws);
     if (!st && dy) {
         memset(r->gpar, 0, sizeof(float) * NPAR);
         ef_attn_block_grads g = grads_of(r->gpar);
-        st = ef_attn_block_backward(blk, &p, x, lens, saved, dy, r->dx, &g);
+        st = ef_attn_block_backward(blk, &p, x, lens, saved, dy, r->dx, &g, ws);
     }
-    ef_free(saved);
+    ef_free(saved), ef_free(ws);
     ef_attn_block_free(blk);
     return st;
+}
+
+/* The scratch is fully written before it is read: NaN-filled vs zero-filled ws give bitwise
+ * the same y (inference forward: q, k, v, o in ws) and y, dx, gradients (training forward and
+ * backward: dO, dQ, dK, dV in ws). */
+static void test_ws_fill(const char *spec, const float *x, const float *w, const float *dy,
+                         const int32_t *lens) {
+    size_t nx = (size_t)B * N * C;
+    run_out z = {ef_test_zeros(nx), ef_test_zeros(nx), ef_test_zeros(NPAR)};
+    run_out n = {ef_test_zeros(nx), ef_test_zeros(nx), ef_test_zeros(NPAR)};
+    char label[256];
+    for (int train = 0; train < 2; train++) {
+        const float *d = train ? dy : NULL;
+        ws_fill = 0.0f;
+        ef_status st = run_block(spec, x, w, lens, d, &z);
+        ws_fill = NAN;
+        ef_status st2 = run_block(spec, x, w, lens, d, &n);
+        ws_fill = 0.0f;
+        int same = !st && !st2 && memcmp(z.y, n.y, nx * 4) == 0 && !ef_test_any_nonfinite(n.y, nx);
+        if (train)
+            same = same && memcmp(z.dx, n.dx, nx * 4) == 0 &&
+                   memcmp(z.gpar, n.gpar, NPAR * 4) == 0 && !ef_test_any_nonfinite(n.dx, nx) &&
+                   !ef_test_any_nonfinite(n.gpar, NPAR);
+        snprintf(label, sizeof label, "%s%s: ws NaN vs zeros, %s bitwise equal", spec,
+                 lens ? " padded" : "", train ? "forward+backward y, dx, grads" : "inference y");
+        ef_check(label, same, "%s / %s", ef_status_str(st), ef_status_str(st2));
+    }
+    free(z.y), free(z.dx), free(z.gpar), free(n.y), free(n.dx), free(n.gpar);
 }
 
 /* y by the definition: double loops around a separate attention plan. */
@@ -244,6 +284,7 @@ static void test_spec(const char *spec, uint64_t seed) {
             ef_check(label, same, "%s", ef_status_str(st));
             free(r1.y), free(r1.dx), free(r1.gpar);
         }
+        test_ws_fill(spec, x, w, dy, ln);
     next:
         free(r.y), free(r.dx), free(r.gpar), free(yr);
     }
@@ -261,11 +302,50 @@ static void test_errors(void) {
     float *x = ef_test_zeros((size_t)B * N * C), *y = ef_test_zeros((size_t)B * N * C);
     float *w = ef_test_zeros(NPAR);
     ef_attn_block_params p = params_of(w);
+    size_t wsb = ef_attn_block_ws_bytes(blk);
+    char *ws = ef_malloc(wsb + 64);
     int32_t bad[B] = {N, N + 1};
-    ef_check_status("lens beyond len refused", ef_attn_block_forward(blk, &p, x, bad, y, NULL),
+    ef_check_status("lens beyond len refused", ef_attn_block_forward(blk, &p, x, bad, y, NULL, ws),
                     EF_ERR_ARG);
     ef_check("message names lens[1]", strstr(ef_last_error(), "lens[1]") != NULL, "'%s'",
              ef_last_error());
+
+    /* the caller's scratch */
+    size_t want = ((size_t)4 * B * N * C * sizeof(float) + 63) / 64 * 64;
+    ef_check("ws bytes = 4 BHND floats rounded up to 64", wsb == want, "%zu (want %zu)", wsb, want);
+    ef_check("block owns only the plan's workspace",
+             ef_attn_block_workspace_bytes(blk) == ef_attn_workspace_bytes(ef_attn_block_attn(blk)),
+             "%zu vs plan %zu", ef_attn_block_workspace_bytes(blk),
+             ef_attn_workspace_bytes(ef_attn_block_attn(blk)));
+    void *saved = ef_malloc(ef_attn_block_saved_bytes(blk));
+    float *dy = ef_test_zeros((size_t)B * N * C), *dx = ef_test_zeros((size_t)B * N * C);
+    float *gpar = ef_test_zeros(NPAR);
+    ef_attn_block_grads g = grads_of(gpar);
+    char want_msg[64];
+    snprintf(want_msg, sizeof want_msg, "%zu bytes", wsb);
+    ef_check_status("inference forward with NULL ws refused",
+                    ef_attn_block_forward(blk, &p, x, NULL, y, NULL, NULL), EF_ERR_ARG);
+    ef_check("message names ws and its size",
+             strstr(ef_last_error(), "ws is NULL") && strstr(ef_last_error(), want_msg), "'%s'",
+             ef_last_error());
+    ef_check_status("training forward with NULL ws accepted (ws unused)",
+                    ef_attn_block_forward(blk, &p, x, NULL, y, saved, NULL), EF_OK);
+    ef_check_status("backward with NULL ws refused",
+                    ef_attn_block_backward(blk, &p, x, NULL, saved, dy, dx, &g, NULL), EF_ERR_ARG);
+    ef_check("message names ws and its size",
+             strstr(ef_last_error(), "ws is NULL") && strstr(ef_last_error(), want_msg), "'%s'",
+             ef_last_error());
+    ef_check_status("inference forward with misaligned ws refused",
+                    ef_attn_block_forward(blk, &p, x, NULL, y, NULL, ws + 4), EF_ERR_ARG);
+    ef_check("message names ws", strstr(ef_last_error(), "ws=") != NULL, "'%s'", ef_last_error());
+    ef_check_status("backward with misaligned ws refused",
+                    ef_attn_block_backward(blk, &p, x, NULL, saved, dy, dx, &g, ws + 4),
+                    EF_ERR_ARG);
+    ef_check("message names ws", strstr(ef_last_error(), "ws=") != NULL, "'%s'", ef_last_error());
+    ef_check_status("backward with an aligned ws runs",
+                    ef_attn_block_backward(blk, &p, x, NULL, saved, dy, dx, &g, ws), EF_OK);
+    ef_free(saved), ef_free(ws);
+    free(dy), free(dx), free(gpar);
     ef_attn_block_free(blk);
     ef_attn_block_free(NULL);
     free(x), free(y), free(w);

@@ -9,7 +9,9 @@
  *   attention spec of the issue; the inputs rebuilt by the backward against the originals;
  * - padding: NaN in the padded rows of the inputs and output gradients changes no valid result,
  *   and padded rows pass through unchanged;
- * - 1 vs 2 threads bitwise; parameter gradients accumulate; argument errors; the stack memory.
+ * - 1 vs 2 threads bitwise; parameter gradients accumulate; argument errors; the stack memory;
+ * - the shared scratch ws (which holds the attention blocks' scratch too): results bitwise the
+ *   same whether it starts as NaN or as zeros, for both kinds, inference and training.
  */
 #include "harness.h"
 #include "nn/block.h"
@@ -85,6 +87,15 @@ static int mech_caps(const char *spec, ef_attn_caps *caps) {
     return ef_attn_get_caps(name, caps) == EF_OK;
 }
 
+static float ws_fill = 0.0f; /* what a fresh scratch buffer holds (run_res, run_rev) */
+
+/* ef_malloc(bytes) filled with ws_fill */
+static void *new_ws(size_t bytes) {
+    float *ws = ef_malloc(bytes);
+    for (size_t i = 0; ws && i < bytes / sizeof(float); i++) ws[i] = ws_fill;
+    return ws;
+}
+
 /* NaN in the padded rows (i >= lens[b]) of x [B][N][C]. */
 static void nan_padded(float *x, const int32_t *lens) {
     for (int b = 0; b < B; b++)
@@ -158,7 +169,7 @@ static ef_status run_res(const char *spec, const float *x, const float *w, const
     ef_block *blk = kept;
     ef_status st = blk ? EF_OK : ef_block_new(&blk, &cfg);
     if (st) return st;
-    void *saved = ef_malloc(ef_block_saved_bytes(blk)), *ws = ef_malloc(ef_block_ws_bytes(blk));
+    void *saved = ef_malloc(ef_block_saved_bytes(blk)), *ws = new_ws(ef_block_ws_bytes(blk));
     ef_block_params p = params_of(w);
     st = ef_block_res_forward(blk, &p, x, lens, r->y, dy ? saved : NULL, ws);
     if (!st && dy) {
@@ -326,7 +337,7 @@ static ef_status run_rev(const char *spec, const float *x1, const float *x2, flo
             zero_plan_grads(ef_attn_block_attn(ef_block_attn(blk[l])));
         }
     }
-    if (!st) ws = ef_malloc(wsb); /* one scratch buffer shared by the layers */
+    if (!st) ws = new_ws(wsb); /* one scratch buffer shared by the layers */
     for (int l = 0; l < LAYERS; l++) memset(o->g[l], 0, sizeof(float) * NPAR);
     for (int pass = 0; pass < passes && !st; pass++) {
         memcpy(o->x1, x1, NX * 4), memcpy(o->x2, x2, NX * 4);
@@ -398,9 +409,14 @@ static ef_status reference_stack(const char *spec, const float *x1, const float 
     memset(L, 0, sizeof L);
     float *a1 = dup(x1, NX), *a2 = dup(x2, NX), *t = ef_test_zeros(NX), *dt = ef_test_zeros(NX);
     float *fws = ef_test_zeros(ef_ffn_ws_floats(N, FF, CHUNKS));
+    void *aws = NULL; /* the attention blocks' scratch, one for all layers */
     ef_status st = EF_OK;
     for (int l = 0; l < LAYERS && !st; l++) {
         if ((st = ef_attn_block_new(&ab[l], spec, B, N, C, H))) break;
+        if (!aws && !(aws = ef_malloc(ef_attn_block_ws_bytes(ab[l])))) {
+            st = EF_ERR_NOMEM;
+            break;
+        }
         zero_plan_grads(ef_attn_block_attn(ab[l]));
         ref_layer *r = &L[l];
         ef_block_params p = params_of(w[l]);
@@ -409,7 +425,7 @@ static ef_status reference_stack(const char *spec, const float *x1, const float 
         r->m2 = ef_test_zeros(B * N), r->r2 = ef_test_zeros(B * N);
         r->bsaved = ef_malloc(ef_attn_block_saved_bytes(ab[l]));
         ref_ln(r->u, r->m1, r->r1, a2, p.ln1_g, p.ln1_b, lens);
-        if ((st = ef_attn_block_forward(ab[l], &p.attn, r->u, lens, t, r->bsaved))) break;
+        if ((st = ef_attn_block_forward(ab[l], &p.attn, r->u, lens, t, r->bsaved, aws))) break;
         ref_add(a1, t, lens);
         r->y1 = dup(a1, NX);
         ref_ln(r->z, r->m2, r->r2, a1, p.ln2_g, p.ln2_b, lens);
@@ -436,7 +452,8 @@ static ef_status reference_stack(const char *spec, const float *x1, const float 
         if (st) break;
         ref_ln_back(dt, g.ln2_g, g.ln2_b, dt, r->y1, r->m2, r->r2, p.ln2_g, lens);
         ref_add(o->dx1, dt, lens);
-        st = ef_attn_block_backward(ab[l], &p.attn, r->u, lens, r->bsaved, o->dx1, dt, &g.attn);
+        st =
+            ef_attn_block_backward(ab[l], &p.attn, r->u, lens, r->bsaved, o->dx1, dt, &g.attn, aws);
         if (st) break;
         ref_ln_back(dt, g.ln1_g, g.ln1_b, dt, r->x2, r->m1, r->r1, p.ln1_g, lens);
         ref_add(o->dx2, dt, lens);
@@ -449,6 +466,7 @@ static ef_status reference_stack(const char *spec, const float *x1, const float 
         free(r->m2), free(r->r2), ef_free(r->bsaved);
     }
     free(a1), free(a2), free(t), free(dt), free(fws);
+    ef_free(aws);
     return st;
 }
 
@@ -626,6 +644,19 @@ static void test_errors_and_memory(void) {
              ef_last_error());
     ef_check_status("NULL ws refused", ef_block_rev_forward(blk, &p, x, y, NULL, NULL, NULL),
                     EF_ERR_ARG);
+    /* scratch: u, t, w [B][N][C]; mean, rstd [B][N]; one region for the larger of the
+     * feed-forward's chunk and the attention block's scratch; reversible: + a saved buffer */
+    {
+        ef_attn_block *ab = ef_block_attn(blk);
+        size_t act = (NX * 4 + 63) / 64 * 64, rows = ((size_t)B * N * 4 + 63) / 64 * 64;
+        size_t ffn = (ef_ffn_ws_floats(N, FF, CHUNKS) * 4 + 63) / 64 * 64;
+        size_t aws = ef_attn_block_ws_bytes(ab);
+        size_t saved = (ef_attn_block_saved_bytes(ab) + 63) / 64 * 64;
+        size_t want = 3 * act + 2 * rows + EF_MAX(ffn, aws) + saved;
+        ef_check("reversible ws bytes = 3 BNC + 2 BN + max(ffn, attention) + saved",
+                 ef_block_ws_bytes(blk) == want, "%zu (want %zu; attention %zu, ffn %zu)",
+                 ef_block_ws_bytes(blk), want, aws, ffn);
+    }
     ef_block_free(blk);
     ef_block_free(NULL);
 
@@ -658,6 +689,79 @@ static void test_errors_and_memory(void) {
     free(w), free(x), free(y);
 }
 
+/* The scratch is written before it is read, in every region (the attention block's included,
+ * which shares bytes with the feed-forward's): NaN-filled vs zero-filled ws, bitwise. */
+static void test_ws_fill(const char *spec, uint64_t seed) {
+    float *x1 = ef_test_randn(NX, seed, 1.0f), *x2 = ef_test_randn(NX, seed + 1, 1.0f);
+    float *dy1 = ef_test_randn(NX, seed + 2, 1.0f), *dy2 = ef_test_randn(NX, seed + 3, 1.0f);
+    float *w[LAYERS];
+    for (int l = 0; l < LAYERS; l++) w[l] = make_params(seed + 10 + (uint64_t)l);
+    char label[256];
+    for (int padded = 0; padded < 2; padded++) {
+        const int32_t *ln = padded ? LENS : NULL;
+        const char *pad = padded ? " padded" : "";
+        /* residual: inference (attention scratch = q, k, v, o) and training (dO, dQ, dK, dV) */
+        for (int train = 0; train < 2; train++) {
+            res_out a = {ef_test_zeros(NX), ef_test_zeros(NX), ef_test_zeros(NPAR)};
+            res_out b = {ef_test_zeros(NX), ef_test_zeros(NX), ef_test_zeros(NPAR)};
+            ws_fill = 0.0f;
+            ef_status st = run_res(spec, x1, w[0], ln, train ? dy1 : NULL, &a);
+            ws_fill = NAN;
+            ef_status st2 = run_res(spec, x1, w[0], ln, train ? dy1 : NULL, &b);
+            ws_fill = 0.0f;
+            int same = !st && !st2 && !memcmp(a.y, b.y, NX * 4) && !ef_test_any_nonfinite(b.y, NX);
+            if (train)
+                same = same && !memcmp(a.dx, b.dx, NX * 4) && !memcmp(a.g, b.g, NPAR * 4) &&
+                       !ef_test_any_nonfinite(b.g, NPAR);
+            snprintf(label, sizeof label, "residual %s%s: ws NaN vs zeros, %s bitwise", spec, pad,
+                     train ? "forward+backward" : "inference");
+            ef_check(label, same, "%s / %s", ef_status_str(st), ef_status_str(st2));
+            free(a.y), free(a.dx), free(a.g), free(b.y), free(b.dx), free(b.g);
+        }
+        /* reversible inference (saved NULL: the attention scratch holds q, k, v, o) */
+        ef_block *blk = NULL;
+        ef_block_config cfg = config(EF_BLOCK_REVERSIBLE, spec);
+        ef_status st = ef_block_new(&blk, &cfg);
+        float *y[2][2] = {{dup(x1, NX), dup(x2, NX)}, {dup(x1, NX), dup(x2, NX)}};
+        for (int f = 0; f < 2 && !st; f++) {
+            ws_fill = f ? NAN : 0.0f;
+            void *ws = new_ws(ef_block_ws_bytes(blk));
+            ef_block_params p = params_of(w[0]);
+            st = ef_block_rev_forward(blk, &p, y[f][0], y[f][1], ln, NULL, ws);
+            ef_free(ws);
+        }
+        ws_fill = 0.0f;
+        ef_block_free(blk);
+        snprintf(label, sizeof label, "reversible %s%s: ws NaN vs zeros, inference bitwise", spec,
+                 pad);
+        ef_check(label,
+                 !st && !memcmp(y[0][0], y[1][0], NX * 4) && !memcmp(y[0][1], y[1][1], NX * 4),
+                 "%s", ef_status_str(st));
+        for (int f = 0; f < 2; f++) free(y[f][0]), free(y[f][1]);
+        /* reversible stack, training: one buffer shared by the 3 layers */
+        stack_out a, b;
+        stack_alloc(&a), stack_alloc(&b);
+        st = run_rev(spec, x1, x2, w, ln, dy1, dy2, &a, 1);
+        ws_fill = NAN;
+        ef_status st2 = run_rev(spec, x1, x2, w, ln, dy1, dy2, &b, 1);
+        ws_fill = 0.0f;
+        int same = !st && !st2;
+        float *pa[6] = {a.y1, a.y2, a.x1, a.x2, a.dx1, a.dx2};
+        float *pb[6] = {b.y1, b.y2, b.x1, b.x2, b.dx1, b.dx2};
+        for (int i = 0; i < 6; i++) same = same && !memcmp(pa[i], pb[i], NX * 4);
+        for (int l = 0; l < LAYERS; l++)
+            same =
+                same && !memcmp(a.g[l], b.g[l], NPAR * 4) && !ef_test_any_nonfinite(b.g[l], NPAR);
+        snprintf(label, sizeof label,
+                 "reversible %s%s: %d-layer stack, ws NaN vs zeros, forward+backward bitwise", spec,
+                 pad, LAYERS);
+        ef_check(label, same, "%s / %s", ef_status_str(st), ef_status_str(st2));
+        stack_free(&a), stack_free(&b);
+    }
+    for (int l = 0; l < LAYERS; l++) free(w[l]);
+    free(x1), free(x2), free(dy1), free(dy2);
+}
+
 int main(void) {
     init_offsets();
     clock_t t0 = clock();
@@ -676,6 +780,8 @@ int main(void) {
     for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)
         test_reversible(specs[i], 1000 + 100 * i);
     test_accumulate();
+    test_ws_fill("flash", 5000);
+    test_ws_fill("lsh:chunk=8", 5100); /* shared QK: dK is never written nor read */
     printf("cpu time %.2f s\n", (double)(clock() - t0) / CLOCKS_PER_SEC);
     return ef_test_finish();
 }

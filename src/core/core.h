@@ -55,6 +55,9 @@ ef_status ef_sgemm_fixed(int trans_a, int trans_b, int m, int n, int k, float al
                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
                          int ldc);
 
+/* Seconds on a monotonic clock (for durations only). */
+double ef_now(void);
+
 #define EF_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define EF_MAX(a, b) ((a) > (b) ? (a) : (b))
 

@@ -7,20 +7,23 @@
  *   Q_h = x Wq_h + bq_h (K, V alike): dx = sum_h dQ_h Wq_h^T + dK_h Wk_h^T + dV_h Wv_h^T;
  *                                   dWq_h += x^T dQ_h;  dbq_h += sum_rows dQ_h
  * Time: 8 B N C^2 for the projections (forward), twice that backward, plus the attention's.
+ * Scratch: the caller's ws (4 [B][H][N][D] tensors); every element of the tensors a call uses is
+ * written before it is read (padded rows included, by zero_tail), so ws may hold anything.
  */
 #include "nn/attn_block.h"
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 struct ef_attn_block {
+    double seconds; /* inside ef_attn_* calls since made or reset */
     ef_attn *attn;
     int batch, len, dim, heads, hd;
     int shared_qk;
     size_t per;        /* floats of one [B][H][N][D] tensor */
     size_t attn_saved; /* the plan's saved bytes */
-    float *ws;         /* 4 tensors: q, k, v, o (inference) or dO, dQ, dK, dV (backward) */
 };
 
 static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -56,13 +59,6 @@ ef_status ef_attn_block_new(ef_attn_block **out, const char *spec, int batch, in
     blk->shared_qk = caps.shared_qk;
     blk->per = (size_t)batch * len * dim;
     blk->attn_saved = ef_attn_saved_bytes(attn);
-    blk->ws = ef_malloc(4 * blk->per * sizeof(float));
-    if (!blk->ws) {
-        double mb = 4.0 * blk->per * sizeof(float) / 1e6;
-        ef_attn_block_free(blk);
-        return ef_error(EF_ERR_NOMEM, "attention block: out of memory for %.1f MB of workspace",
-                        mb);
-    }
     ef_clear_error();
     *out = blk;
     return EF_OK;
@@ -71,7 +67,6 @@ ef_status ef_attn_block_new(ef_attn_block **out, const char *spec, int batch, in
 void ef_attn_block_free(ef_attn_block *blk) {
     if (!blk) return;
     ef_attn_free(blk->attn);
-    ef_free(blk->ws);
     free(blk);
 }
 
@@ -82,8 +77,23 @@ size_t ef_attn_block_saved_bytes(const ef_attn_block *blk) {
     return blk ? round64(4 * blk->per * sizeof(float)) + blk->attn_saved : 0;
 }
 
+/* q, k, v, o (or dO, dQ, dK, dV) [B][H][N][D], one after the other */
+size_t ef_attn_block_ws_bytes(const ef_attn_block *blk) {
+    return blk ? round64(4 * blk->per * sizeof(float)) : 0;
+}
+
 size_t ef_attn_block_workspace_bytes(const ef_attn_block *blk) {
-    return blk ? 4 * blk->per * sizeof(float) + ef_attn_workspace_bytes(blk->attn) : 0;
+    return blk ? ef_attn_workspace_bytes(blk->attn) : 0;
+}
+
+/* The caller's scratch: present and 64-byte aligned (ef_malloc). */
+static ef_status check_ws(const ef_attn_block *blk, const void *ws, const char *fn) {
+    if (!ws)
+        return ef_error(EF_ERR_ARG, "%s: ws is NULL (ef_attn_block_ws_bytes = %zu bytes needed)",
+                        fn, ef_attn_block_ws_bytes(blk));
+    if ((uintptr_t)ws % 64 != 0)
+        return ef_error(EF_ERR_ARG, "%s: ws=%p is not 64-byte aligned (use ef_malloc)", fn, ws);
+    return EF_OK;
 }
 
 static ef_status check_lens(const ef_attn_block *blk, const int32_t *lens) {
@@ -118,18 +128,19 @@ size_t ef_attn_block_record_bytes(const ef_attn_block *blk) { return blk ? blk->
 
 /* The forward of ef_attn_block_forward (replay = 0) and ef_attn_block_forward_replay (1). */
 static ef_status block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
-                               const int32_t *lens, float *y, void *saved, int replay) {
+                               const int32_t *lens, float *y, void *saved, void *ws, int replay) {
+    const char *fn = replay ? "ef_attn_block_forward_replay" : "ef_attn_block_forward";
     if (!blk || !p || !x || !y)
-        return ef_error(EF_ERR_ARG, "%s: %s is NULL",
-                        replay ? "ef_attn_block_forward_replay" : "ef_attn_block_forward",
+        return ef_error(EF_ERR_ARG, "%s: %s is NULL", fn,
                         !blk ? "blk"
                         : !p ? "params"
                         : !x ? "x"
                              : "y");
-    ef_status st = check_lens(blk, lens);
+    ef_status st = saved ? EF_OK : check_ws(blk, ws, fn); /* ws holds q, k, v, o without saved */
+    if (!st) st = check_lens(blk, lens);
     if (st) return st;
     int n = blk->len, c = blk->dim, d = blk->hd, H = blk->heads;
-    float *q = saved ? (float *)saved : blk->ws, *k = q + blk->per, *v = k + blk->per,
+    float *q = saved ? (float *)saved : (float *)ws, *k = q + blk->per, *v = k + blk->per,
           *o = v + blk->per;
     void *asaved = saved ? (char *)saved + round64(4 * blk->per * sizeof(float)) : NULL;
     for (int b = 0; b < blk->batch; b++) {
@@ -146,8 +157,10 @@ static ef_status block_forward(ef_attn_block *blk, const ef_attn_block_params *p
         }
     }
     ef_attn_io io = {q, blk->shared_qk ? q : k, v, lens, o, lens};
+    double t0 = ef_now();
     st = replay ? ef_attn_forward_replay(blk->attn, &io, asaved)
                 : ef_attn_forward(blk->attn, &io, asaved);
+    blk->seconds += ef_now() - t0;
     if (st) return st;
     for (int b = 0; b < blk->batch; b++) {
         int nv = lens ? lens[b] : n;
@@ -166,16 +179,17 @@ static ef_status block_forward(ef_attn_block *blk, const ef_attn_block_params *p
 }
 
 ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
-                                const int32_t *lens, float *y, void *saved) {
-    return block_forward(blk, p, x, lens, y, saved, 0);
+                                const int32_t *lens, float *y, void *saved, void *ws) {
+    return block_forward(blk, p, x, lens, y, saved, ws, 0);
 }
 
 ef_status ef_attn_block_forward_replay(ef_attn_block *blk, const ef_attn_block_params *p,
-                                       const float *x, const int32_t *lens, float *y, void *saved) {
+                                       const float *x, const int32_t *lens, float *y, void *saved,
+                                       void *ws) {
     if (!saved)
         return ef_error(EF_ERR_ARG, "ef_attn_block_forward_replay: saved is NULL (pass the buffer "
                                     "holding an earlier training forward's record)");
-    return block_forward(blk, p, x, lens, y, saved, 1);
+    return block_forward(blk, p, x, lens, y, saved, ws, 1);
 }
 
 /* g[t] += sum over rows i < nv of x[i][t] (x [nv][cols]), rows in order. */
@@ -186,7 +200,7 @@ static void add_colsum(float *g, const float *x, int nv, int cols) {
 
 ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
                                  const int32_t *lens, const void *saved, const float *dy, float *dx,
-                                 ef_attn_block_grads *g) {
+                                 ef_attn_block_grads *g, void *ws) {
     if (!blk || !p || !x || !saved || !dy || !dx || !g)
         return ef_error(EF_ERR_ARG, "ef_attn_block_backward: %s is NULL",
                         !blk     ? "blk"
@@ -196,12 +210,13 @@ ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params 
                         : !dy    ? "dy"
                         : !dx    ? "dx"
                                  : "grads");
-    ef_status st = check_lens(blk, lens);
+    ef_status st = check_ws(blk, ws, "ef_attn_block_backward");
+    if (!st) st = check_lens(blk, lens);
     if (st) return st;
     int n = blk->len, c = blk->dim, d = blk->hd, H = blk->heads;
     const float *q = saved, *k = q + blk->per, *v = k + blk->per, *o = v + blk->per;
     const void *asaved = (const char *)saved + round64(4 * blk->per * sizeof(float));
-    float *gO = blk->ws, *gQ = gO + blk->per, *gK = gQ + blk->per, *gV = gK + blk->per;
+    float *gO = ws, *gQ = gO + blk->per, *gK = gQ + blk->per, *gV = gK + blk->per;
 
     /* y = sum_h O_h Wo_h + bo */
     for (int b = 0; b < blk->batch; b++) {
@@ -223,7 +238,10 @@ ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params 
     }
     /* O = attention(Q, K, V) */
     ef_attn_io io = {q, blk->shared_qk ? q : k, v, lens, (float *)o, lens};
-    if ((st = ef_attn_backward(blk->attn, &io, asaved, gO, gQ, gK, gV))) return st;
+    double t0 = ef_now();
+    st = ef_attn_backward(blk->attn, &io, asaved, gO, gQ, gK, gV);
+    blk->seconds += ef_now() - t0;
+    if (st) return st;
     /* Q_h = x Wq_h + bq_h, K_h and V_h alike */
     for (int b = 0; b < blk->batch; b++) {
         int nv = lens ? lens[b] : n;
@@ -251,4 +269,9 @@ ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params 
         }
     }
     return EF_OK;
+}
+
+double ef_attn_block_seconds(const ef_attn_block *blk) { return blk ? blk->seconds : 0; }
+void ef_attn_block_reset_seconds(ef_attn_block *blk) {
+    if (blk) blk->seconds = 0;
 }

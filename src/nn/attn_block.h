@@ -18,7 +18,12 @@
  * accumulates the parameter gradients. Every product goes through ef_sgemm_fixed, so results do
  * not depend on the thread count.
  * saved (ef_attn_block_saved_bytes, 64-byte aligned): q, k, v, o [B][H][N][D] then the attention
- * plan's own saved bytes. Workspace (the block's): do [B][H][N][D] and dq, dk, dv [B][H][N][D].
+ * plan's own saved bytes.
+ * Workspace (the caller's, `ws`, ef_attn_block_ws_bytes, 64-byte aligned): 4 [B][H][N][D]
+ * tensors, one after the other: q, k, v, o in an inference forward (saved NULL), dO, dQ, dK, dV
+ * in backward. Nothing in it lives from one call to the next (every call writes what it reads),
+ * so the blocks of a stack share one buffer. The block itself owns only the attention plan
+ * (its workspace and parameters: ef_attn_block_workspace_bytes).
  */
 #ifndef EF_NN_ATTN_BLOCK_H
 #define EF_NN_ATTN_BLOCK_H
@@ -44,16 +49,21 @@ ef_attn *ef_attn_block_attn(const ef_attn_block *blk);
 /* 1 when the mechanism ignores k (shared-QK lsh): Wk, bk are then unused and get no gradient. */
 int ef_attn_block_shared_qk(const ef_attn_block *blk);
 size_t ef_attn_block_saved_bytes(const ef_attn_block *blk);
+/* Bytes of the caller's scratch `ws` below: 4 B H N D floats (= 4 B N C), rounded up to 64. */
+size_t ef_attn_block_ws_bytes(const ef_attn_block *blk);
+/* Bytes the block itself owns: the attention plan's (ef_attn_workspace_bytes). */
 size_t ef_attn_block_workspace_bytes(const ef_attn_block *blk);
 
-/* y [B][N][C] from x [B][N][C]; saved may be NULL (inference: the block's workspace holds q, k,
- * v, o then). */
+/* y [B][N][C] from x [B][N][C]; saved may be NULL (inference: ws holds q, k, v, o then, and is
+ * required; with saved, ws is unused and may be NULL). Errors: EF_ERR_ARG for a NULL pointer, a
+ * ws that is needed but NULL or not 64-byte aligned, lens outside [0, len]. */
 ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
-                                const int32_t *lens, float *y, void *saved);
-/* dx [B][N][C] (overwritten) and the parameter gradients (accumulated) for dy [B][N][C]. */
+                                const int32_t *lens, float *y, void *saved, void *ws);
+/* dx [B][N][C] (overwritten) and the parameter gradients (accumulated) for dy [B][N][C].
+ * ws (required, 64-byte aligned) holds dO, dQ, dK, dV. */
 ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,
                                  const int32_t *lens, const void *saved, const float *dy, float *dx,
-                                 ef_attn_block_grads *g);
+                                 ef_attn_block_grads *g, void *ws);
 
 /* Replay (reversible layers). The plan's own record is the tail of `saved`: the
  * ef_attn_saved_bytes of the plan (lsh: buckets; flash: row log-sum-exps; ...) starting at byte
@@ -63,9 +73,15 @@ size_t ef_attn_block_record_offset(const ef_attn_block *blk);
 size_t ef_attn_block_record_bytes(const ef_attn_block *blk);
 /* ef_attn_block_forward through ef_attn_forward_replay: saved (required) must hold, at the record
  * offset, the record of an earlier training forward of this block; q, k, v, o are recomputed
- * from x and the record rewritten with the same choices. EF_ERR_UNSUPPORTED where the mechanism
- * cannot replay yet. */
+ * into saved from x and the record rewritten with the same choices (ws is unused: may be NULL).
+ * EF_ERR_UNSUPPORTED where the mechanism cannot replay yet. */
 ef_status ef_attn_block_forward_replay(ef_attn_block *blk, const ef_attn_block_params *p,
-                                       const float *x, const int32_t *lens, float *y, void *saved);
+                                       const float *x, const int32_t *lens, float *y, void *saved,
+                                       void *ws);
+
+/* Seconds spent inside the attention mechanism's calls (forward, replay, backward) since the
+ * block was made or the last reset (the model's attention vs dense split). */
+double ef_attn_block_seconds(const ef_attn_block *blk);
+void ef_attn_block_reset_seconds(ef_attn_block *blk);
 
 #endif

@@ -13,6 +13,24 @@
  * Cost: forward as the residual layer's; reversible backward adds one forward of F and of G (the
  * feed-forward's forward is run once more than in the residual layer: ef_ffn_backward
  * recomputes only the hidden activation, and the inversion needs the output g).
+ *
+ * Scratch `ws` (byte offsets ws_*, each region 64-byte aligned; nothing lives between calls):
+ *   u, t, w    [B][N][C]  LN output (sub-layer input), sub-layer output, gradients / inference h
+ *   mean, rstd [B][N]     the layer norm's statistics
+ *   ffn | attn            ONE region of max(ef_ffn_ws_floats * 4, ef_attn_block_ws_bytes) bytes:
+ *                         the feed-forward's chunk scratch and the attention block's scratch
+ *                         (q, k, v, o in inference; dO, dQ, dK, dV in backward)
+ *   bsaved                reversible only: an attention block saved buffer (the forward's q, k,
+ *                         v, o + record, then the recomputation's)
+ * The ffn and attention scratches may share bytes because each is live only inside its own
+ * sub-layer call (ffn_forward / ffn_backward, ef_attn_block_*), and no call of one sub-layer
+ * happens inside the other's. Everything else is live across an attention call somewhere:
+ *   res forward:   Attn(u) -> t                   (inference: h = w is written after it)
+ *   res backward:  Attn'(u, dh) -> w; ln_backward then reads mean, rstd
+ *   rev forward:   Attn(u) -> t, into bsaved when training
+ *   rev backward:  replay Attn(u) -> t into bsaved, then Attn'(u, bsaved, d1) -> w; t (= f, for
+ *                  x1 = y1 - f) and mean, rstd (ln_backward) are read after
+ * so u, t, w, mean, rstd and bsaved stay disjoint from the attention scratch.
  */
 #include "nn/block.h"
 
@@ -30,7 +48,7 @@ struct ef_block {
     size_t rec;       /* the attention plan's record bytes */
     size_t rec_off;   /* where the record starts in an attention block saved buffer */
     size_t blk_saved; /* ef_attn_block_saved_bytes */
-    size_t ws_u, ws_t, ws_w, ws_mean, ws_rstd, ws_ffn, ws_bsaved, ws_total; /* byte offsets */
+    size_t ws_u, ws_t, ws_w, ws_mean, ws_rstd, ws_ffn, ws_attn, ws_bsaved, ws_total; /* bytes */
 };
 
 static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -75,7 +93,9 @@ ef_status ef_block_new(ef_block **out, const ef_block_config *cfg) {
     blk->ws_w = at, at += act_b;
     blk->ws_mean = at, at += rows_b;
     blk->ws_rstd = at, at += rows_b;
-    blk->ws_ffn = at, at += round64(ef_ffn_ws_floats(cfg->len, cfg->ff, cfg->chunks) * 4);
+    /* the feed-forward's and the attention block's scratch share one region (see the top) */
+    size_t ffn_b = round64(ef_ffn_ws_floats(cfg->len, cfg->ff, cfg->chunks) * sizeof(float));
+    blk->ws_ffn = blk->ws_attn = at, at += EF_MAX(ffn_b, ef_attn_block_ws_bytes(ab));
     blk->ws_bsaved = at;
     if (cfg->kind == EF_BLOCK_REVERSIBLE) at += round64(blk->blk_saved);
     blk->ws_total = at;
@@ -140,7 +160,9 @@ static ef_status check_call(const ef_block *blk, const ef_block_params *p, const
                            "attn.wo", "attn.bo", "attn.wk", "attn.bk"};
     for (int i = 0; i < (sqk ? 14 : 16); i++)
         if (!need[i]) return ef_error(EF_ERR_ARG, "%s: params->%s is NULL", fn, names[i]);
-    if (!ws) return ef_error(EF_ERR_ARG, "%s: ws is NULL (ef_block_ws_bytes bytes)", fn);
+    if (!ws)
+        return ef_error(EF_ERR_ARG, "%s: ws is NULL (ef_block_ws_bytes = %zu bytes needed)", fn,
+                        blk->ws_total);
     if ((uintptr_t)ws % 64 != 0)
         return ef_error(EF_ERR_ARG, "%s: ws=%p is not 64-byte aligned (use ef_malloc)", fn, ws);
     for (int b = 0; lens && b < blk->batch; b++)
@@ -275,14 +297,19 @@ static ef_status ffn_backward(const ef_block *blk, const ef_block_params *p, ef_
 
 typedef struct ws_view {
     float *u, *t, *w, *mean, *rstd, *ffn;
+    void *attn; /* the attention block's scratch: the same bytes as ffn */
     void *bsaved;
 } ws_view;
 
 static ws_view ws_of(const ef_block *blk, void *ws) {
     char *base = ws;
-    ws_view v = {(float *)(base + blk->ws_u),    (float *)(base + blk->ws_t),
-                 (float *)(base + blk->ws_w),    (float *)(base + blk->ws_mean),
-                 (float *)(base + blk->ws_rstd), (float *)(base + blk->ws_ffn),
+    ws_view v = {(float *)(base + blk->ws_u),
+                 (float *)(base + blk->ws_t),
+                 (float *)(base + blk->ws_w),
+                 (float *)(base + blk->ws_mean),
+                 (float *)(base + blk->ws_rstd),
+                 (float *)(base + blk->ws_ffn),
+                 base + blk->ws_attn,
                  base + blk->ws_bsaved};
     return v;
 }
@@ -305,7 +332,8 @@ ef_status ef_block_res_forward(ef_block *blk, const ef_block_params *p, const fl
     if (xs) memcpy(xs, x, blk->act * sizeof(float));
     /* h = x + Attn(LN1(x)) */
     ln_forward(blk, v.u, v.mean, v.rstd, x, p->ln1_g, p->ln1_b, lens);
-    if ((st = ef_attn_block_forward(blk->attn, &p->attn, v.u, lens, v.t, asaved))) return st;
+    if ((st = ef_attn_block_forward(blk->attn, &p->attn, v.u, lens, v.t, asaved, v.attn)))
+        return st;
     add_rows(blk, h, x, v.t, 1, lens);
     /* y = h + FFN(LN2(h)) */
     ln_forward(blk, v.u, v.mean, v.rstd, h, p->ln2_g, p->ln2_b, lens);
@@ -335,8 +363,8 @@ ef_status ef_block_res_backward(ef_block *blk, const ef_block_params *p, const f
     add_rows(blk, dx, dy, v.w, 1, lens); /* dx holds dh */
     /* h = x + Attn(LN1(x)):  dx = dh + LN1'^T Attn'^T dh */
     ln_forward(blk, v.u, v.mean, v.rstd, x, p->ln1_g, p->ln1_b, lens);
-    if ((st = ef_attn_block_backward(blk->attn, &p->attn, v.u, lens, asaved, dx, v.w, &g->attn)))
-        return st;
+    st = ef_attn_block_backward(blk->attn, &p->attn, v.u, lens, asaved, dx, v.w, &g->attn, v.attn);
+    if (st) return st;
     ln_backward(blk, v.w, g->ln1_g, g->ln1_b, v.w, x, v.mean, v.rstd, p->ln1_g, lens);
     add_rows(blk, dx, dx, v.w, 1, lens);
     return EF_OK;
@@ -354,7 +382,8 @@ ef_status ef_block_rev_forward(ef_block *blk, const ef_block_params *p, float *x
     ws_view v = ws_of(blk, ws);
     /* y1 = x1 + Attn(LN1(x2)) */
     ln_forward(blk, v.u, v.mean, v.rstd, x2, p->ln1_g, p->ln1_b, lens);
-    st = ef_attn_block_forward(blk->attn, &p->attn, v.u, lens, v.t, saved ? v.bsaved : NULL);
+    st =
+        ef_attn_block_forward(blk->attn, &p->attn, v.u, lens, v.t, saved ? v.bsaved : NULL, v.attn);
     if (st) return st;
     if (saved) memcpy(saved, (char *)v.bsaved + blk->rec_off, blk->rec);
     add_rows(blk, x1, x1, v.t, 1, lens);
@@ -391,9 +420,10 @@ ef_status ef_block_rev_backward(ef_block *blk, const ef_block_params *p, float *
      *                   d2 = dy2 + LN1'^T Attn'^T d1;  x1 = y1 - f;  dx1 = d1 */
     memcpy((char *)v.bsaved + blk->rec_off, saved, blk->rec);
     ln_forward(blk, v.u, v.mean, v.rstd, a2, p->ln1_g, p->ln1_b, lens);
-    st = ef_attn_block_forward_replay(blk->attn, &p->attn, v.u, lens, v.t, v.bsaved);
+    st = ef_attn_block_forward_replay(blk->attn, &p->attn, v.u, lens, v.t, v.bsaved, v.attn);
     if (st) return st;
-    st = ef_attn_block_backward(blk->attn, &p->attn, v.u, lens, v.bsaved, d1, v.w, &g->attn);
+    st =
+        ef_attn_block_backward(blk->attn, &p->attn, v.u, lens, v.bsaved, d1, v.w, &g->attn, v.attn);
     if (st) return st;
     ln_backward(blk, v.w, g->ln1_g, g->ln1_b, v.w, a2, v.mean, v.rstd, p->ln1_g, lens);
     add_rows(blk, d2, d2, v.w, 1, lens);

@@ -74,9 +74,11 @@ ef_attn_block *ef_block_attn(const ef_block *blk); /* the attention block inside
 size_t ef_block_saved_bytes(const ef_block *blk);
 /* Scratch bytes one call needs (`ws` below, 64-byte aligned: ef_malloc). Nothing in it lives
  * from one call to the next, so the layers of a stack share one buffer of the largest size.
- * Residual: 3 BNC + 2 BN floats + the feed-forward's chunk; reversible adds one attention
- * block saved buffer (the recomputation's q, k, v, o), also shared by the layers. (The
- * attention block owns a further 4 BNC floats per layer: ef_attn_block_workspace_bytes.) */
+ * Residual: 3 BNC + 2 BN floats + one region for the larger of the feed-forward's chunk and
+ * the attention block's scratch (ef_attn_block_ws_bytes, 4 BNC floats; the two are never live
+ * together); reversible adds one attention block saved buffer (the recomputation's q, k, v, o
+ * and record). The attention block's scratch is thus shared by the layers too: per layer there
+ * remains only the attention plan's own workspace (ef_attn_block_workspace_bytes). */
 size_t ef_block_ws_bytes(const ef_block *blk);
 
 /* Bytes a stack of n layers keeps for backward between its forward and its backward:
