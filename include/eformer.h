@@ -238,6 +238,164 @@ EF_API const char *ef_attn_name(int i);
 /* A multi-line description of a mechanism and its options with defaults; NULL if unknown. */
 EF_API const char *ef_attn_help(const char *name);
 
+
+/* ---------------------------------------------------------------------------------------------
+ * The Transformer model (docs/model.md)
+ *
+ * A model is described by a spec string of comma-separated key=value items, in the attention
+ * spec's style, e.g.
+ *   layers=6,dim=256,heads=4,ff=1024,vocab=256,max_len=4096,pos=axial,
+ *   attn=local:window=128|lsh:hashes=4,reversible=1,chunks=4,head=lm
+ * Keys (defaults in brackets):
+ *   layers=L [2]  dim=C [256]  heads=H [4] (C % H == 0)  ff=F [4C]  vocab=V [256]
+ *   max_len=N [1024]  eps=e [1e-5] (layer norms)
+ *   pos=sinusoidal|learned|axial|none [sinusoidal]; axial: axial_shape=n1xn2 (n1 n2 >= max_len,
+ *     default n2 = the power of two nearest sqrt(max_len)), axial_dims=d1xd2 (d1 + d2 = C,
+ *     default d1 = C/4)
+ *   attn=SPEC|SPEC|... [flash]: attention specs used by layers 0, 1, 2, ... in turn (Reformer
+ *     alternates local and lsh layers). The items after attn= that are not model keys belong
+ *     to the attention spec before them: attn=local:window=128,causal=1,layers=4 gives every
+ *     layer "local:window=128,causal=1". Every layer gets its own seed (seed=model seed + layer
+ *     index) unless its spec names one. All specs must agree on causal: with causal=1 the model
+ *     is a causal (autoregressive) model, without it an encoder.
+ *   reversible=0|1 [0]: RevNet layers (Reformer): the stack's input is (x, x), its output
+ *     concat(y1, y2) [2C]; activations are recomputed in backward instead of stored, so the
+ *     memory kept for backward does not grow with depth. 0: pre-LN residual layers.
+ *   chunks=k [1]: the feed-forward layers process each sequence in k chunks of positions.
+ *   head=lm [lm]: logits over the vocabulary at every position;
+ *   head=cls:classes=K,pool=first|mean: K logits per sequence from the first or the mean of
+ *     the valid positions' final features.
+ * A model is made for calls of at most `batch` sequences of at most `len` positions (its
+ * workspace, attention plans and saved-activation buffers are sized for that at creation).
+ * Padding: lens[b] valid tokens per sequence; padded positions are never read (token ids
+ * there may be anything) and change no logit, loss or gradient of a valid position.
+ * Parameters are one contiguous fp32 buffer of named tensors ("layers.3.attn.q.weight");
+ * gradients are a second buffer of the identical layout. Linear weights are [in][out]
+ * (the transpose of PyTorch's nn.Linear.weight). Results are bitwise identical for identical
+ * inputs whatever the thread count.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct ef_model ef_model; /* opaque */
+
+typedef struct ef_model_opts {
+    int batch;     /* most sequences per call (>= 1; 0 = 1) */
+    int len;       /* most positions per call (1 .. max_len; 0 = max_len) */
+    uint64_t seed; /* parameter initialisation and the attention layers' seeds */
+    int train;     /* 1: gradients and the buffers backward needs are allocated; 0: inference */
+} ef_model_opts;
+
+/* Builds a model from `spec` and initialises its parameters from opts->seed (opts NULL: all
+ * defaults). Errors: EF_ERR_ARG / EF_ERR_FORMAT naming the bad key or value, EF_ERR_SHAPE,
+ * EF_ERR_UNSUPPORTED (an attention spec the model cannot use, e.g. a mechanism that cannot
+ * recompute exactly in a reversible layer, or mixed causal flags), EF_ERR_NOMEM. */
+EF_API ef_status ef_model_new(ef_model **out, const char *spec, const ef_model_opts *opts);
+EF_API void ef_model_free(ef_model *m);
+/* The canonical spec, every key filled in (the attention specs canonical too); parsing it gives
+ * the same model. Owned by m. */
+EF_API const char *ef_model_describe(const ef_model *m);
+
+typedef struct ef_model_info {
+    int layers, dim, heads, ff, vocab, max_len;
+    int classes;    /* 0 for head=lm */
+    int causal;     /* 1 when every layer's attention is causal */
+    int reversible; /* 1 for RevNet layers */
+    int batch, len; /* the most a call may have (ef_model_opts) */
+    int train;
+} ef_model_info;
+EF_API ef_status ef_model_get_info(const ef_model *m, ef_model_info *info);
+
+/* One call's input. */
+typedef struct ef_model_batch {
+    int batch, len;         /* 1 .. the model's batch and len */
+    const int32_t *tokens;  /* [batch][len] ids in [0, vocab) (read at valid positions only) */
+    const int32_t *lens;    /* [batch] valid positions per sequence (0 .. len; cls: >= 1);
+                             * NULL = all len */
+    const int32_t *targets; /* head=lm: [batch][len] the id to predict at each position (for a
+                             * next-token model tokens[b][t+1]), -1 = no loss there; read at
+                             * valid positions only. head=cls: [batch] class ids, -1 = none.
+                             * NULL = no loss (then ef_model_backward refuses). */
+} ef_model_batch;
+
+typedef struct ef_model_out {
+    float *logits;   /* in: the caller's buffer, or NULL (not written: the lm head then never
+                      * holds all logits at once). lm: [batch][len][vocab] (padded rows 0);
+                      * cls: [batch][classes] (rows of sequences with lens 0 are 0) */
+    double loss;     /* out: mean cross-entropy in nats over the counted targets (0 if none) */
+    int64_t count;   /* out: targets counted */
+    int64_t correct; /* out: counted targets whose largest logit is the target's (ties: the
+                      * smallest id wins) */
+} ef_model_out;
+
+/* Runs the model on `in`. With targets, a model made with train=1 keeps what
+ * ef_model_backward needs. Errors: EF_ERR_ARG (a token or target outside its range, lens, sizes
+ * beyond the model's, NULL pointers; the message names the index and value). */
+EF_API ef_status ef_model_forward(ef_model *m, const ef_model_batch *in, ef_model_out *out);
+/* Gradients of the last forward's mean loss with respect to every parameter, ACCUMULATED into
+ * ef_model_grads (zero them with ef_model_zero_grad). Needs a train=1 model and a forward with
+ * targets since the last backward (EF_ERR_ARG otherwise). */
+EF_API ef_status ef_model_backward(ef_model *m);
+
+/* Parameters: the flat buffers (ef_model_param_floats floats each, 64-byte aligned; the floats
+ * between tensors are 0 and stay 0 under any elementwise update) and the named tensors in them. */
+EF_API size_t ef_model_param_count(const ef_model *m);  /* learned parameters */
+EF_API size_t ef_model_param_floats(const ef_model *m); /* buffer length (with the padding) */
+EF_API float *ef_model_params(ef_model *m);
+EF_API float *ef_model_grads(ef_model *m); /* NULL for train=0 */
+EF_API void ef_model_zero_grad(ef_model *m);
+
+typedef struct ef_tensor_info {
+    const char *name; /* owned by the model */
+    int ndim;
+    int64_t shape[4]; /* shape[ndim..] = 1 */
+    size_t numel;
+    size_t offset; /* in floats from ef_model_params (and ef_model_grads) */
+    int decay;     /* 1 for matrices (weight decay applies by convention), 0 for biases, norms'
+                    * gains and position tables */
+} ef_tensor_info;
+EF_API int ef_model_tensor_count(const ef_model *m);
+/* Tensor i (0 .. ef_model_tensor_count - 1), in buffer order. EF_ERR_ARG out of range. */
+EF_API ef_status ef_model_tensor(const ef_model *m, int i, ef_tensor_info *t);
+/* The tensor called `name`. EF_ERR_ARG naming an unknown name. */
+EF_API ef_status ef_model_find(const ef_model *m, const char *name, ef_tensor_info *t);
+
+/* Memory the model holds, in bytes, for its batch and len. */
+typedef struct ef_model_bytes {
+    size_t params;    /* the parameter buffer */
+    size_t grads;     /* the gradient buffer (0 for train=0) */
+    size_t saved;     /* kept from forward for backward: residual layers keep every layer's
+                       * activations; reversible layers the final pair and each attention
+                       * layer's record (buckets, log-sum-exps) */
+    size_t workspace; /* activations and scratch shared by the layers, the attention plans' own */
+    size_t total;     /* the sum: what a training step holds at its peak */
+} ef_model_bytes;
+EF_API ef_status ef_model_get_bytes(const ef_model *m, ef_model_bytes *bytes);
+
+/* Analytic operation count of one forward (backward = 0) or forward + backward (1) over
+ * `tokens` valid positions of full-length sequences: the dense layers 2 x multiply-adds
+ * (backward twice forward), the attention ef_attn_flops. Recomputation by reversible layers is
+ * not counted (the same model computes the same function). */
+EF_API double ef_model_flops(const ef_model *m, int backward);
+
+/* Time spent inside the attention mechanisms (ef_attn_forward / _replay / _backward) and in
+ * all of forward and backward, since the model was made or the last reset. */
+typedef struct ef_model_stats {
+    double attn_seconds, total_seconds;
+    int64_t forwards, backwards;
+} ef_model_stats;
+EF_API void ef_model_get_stats(const ef_model *m, ef_model_stats *s);
+EF_API void ef_model_reset_stats(ef_model *m);
+
+/* Checkpoints in the safetensors format (JSON header + little-endian F32 tensors, readable by
+ * any safetensors reader; __metadata__ holds "eformer.spec" and "eformer.version"). Saving is
+ * atomic (temporary file, fsync, rename, fsync of the folder). Loading builds the model the
+ * file's spec describes (opts: batch, len, train; its seed is unused) and checks every tensor's
+ * name, dtype, shape and bounds: EF_ERR_FORMAT naming the problem, EF_ERR_IO. Without cJSON at
+ * build time both return EF_ERR_UNSUPPORTED. */
+EF_API ef_status ef_model_save(const ef_model *m, const char *path);
+EF_API ef_status ef_model_load(ef_model **out, const char *path, const ef_model_opts *opts);
+/* Loads a checkpoint's parameters into an existing model of the same spec (EF_ERR_FORMAT when
+ * the file's tensors differ from the model's). */
+EF_API ef_status ef_model_load_params(ef_model *m, const char *path);
+
 #ifdef __cplusplus
 }
 #endif
