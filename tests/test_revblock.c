@@ -319,6 +319,10 @@ static void zero_plan_grads(ef_attn *a) {
 }
 
 static int tamper_records; /* zero the saved records between forward and backward */
+/* 0: every layer the same spec, own plans; 1: per-layer seeds (as the model gives), own plans;
+ * 2: per-layer seeds, layers 1.. share layer 0's plan workspace (ef_block_config.share) */
+static int plan_mode;
+static size_t borrowed_bytes; /* run_rev: what layers 1.. borrowed from layer 0 */
 
 /* The library's reversible stack: forward in place, backward in place (inversion). `passes`
  * forward+backward passes without zeroing the gradients (accumulation test). */
@@ -329,9 +333,15 @@ static ef_status run_rev(const char *spec, const float *x1, const float *x2, flo
     void *saved[LAYERS] = {0}, *ws = NULL;
     ef_status st = EF_OK;
     size_t wsb = 0;
+    borrowed_bytes = 0;
     for (int l = 0; l < LAYERS && !st; l++) {
-        ef_block_config cfg = config(EF_BLOCK_REVERSIBLE, spec);
+        char spec_l[256];
+        snprintf(spec_l, sizeof spec_l, "%s%sseed=%d", spec, strchr(spec, ':') ? "," : ":", 7 + l);
+        ef_block_config cfg = config(EF_BLOCK_REVERSIBLE, plan_mode ? spec_l : spec);
+        cfg.share = plan_mode == 2 && l ? blk[0] : NULL;
         if (!(st = ef_block_new(&blk[l], &cfg))) {
+            ef_attn_block *ab = ef_block_attn(blk[l]);
+            borrowed_bytes += ef_attn_block_workspace_bytes(ab) - ef_attn_block_own_bytes(ab);
             saved[l] = ef_malloc(ef_block_saved_bytes(blk[l]));
             wsb = EF_MAX(wsb, ef_block_ws_bytes(blk[l]));
             zero_plan_grads(ef_attn_block_attn(ef_block_attn(blk[l])));
@@ -594,6 +604,38 @@ static void test_reversible(const char *spec, uint64_t seed) {
     free(x1), free(x2), free(dy1), free(dy2);
 }
 
+/* Layers that share their attention plans' per-call workspace (the model's layers do: one plan
+ * block per spec instead of one per layer) compute bitwise what layers with their own compute,
+ * with the calls interleaved as a stack makes them (forwards 0..L-1, then backwards L-1..0). */
+static void test_shared_plans(const char *spec, int expect_share) {
+    float *x1 = ef_test_randn(NX, 31, 1.0f), *x2 = ef_test_randn(NX, 32, 1.0f);
+    float *dy1 = ef_test_randn(NX, 33, 1.0f), *dy2 = ef_test_randn(NX, 34, 1.0f);
+    float *w[LAYERS];
+    for (int l = 0; l < LAYERS; l++) w[l] = make_params(40 + (uint64_t)l);
+    stack_out own, shared;
+    stack_alloc(&own), stack_alloc(&shared);
+    plan_mode = 1;
+    ef_status st = run_rev(spec, x1, x2, w, LENS, dy1, dy2, &own, 1);
+    plan_mode = 2;
+    ef_status st2 = run_rev(spec, x1, x2, w, LENS, dy1, dy2, &shared, 1);
+    size_t borrowed = borrowed_bytes;
+    plan_mode = 0;
+    int same = !st && !st2;
+    float *a[6] = {own.y1, own.y2, own.x1, own.x2, own.dx1, own.dx2};
+    float *b[6] = {shared.y1, shared.y2, shared.x1, shared.x2, shared.dx1, shared.dx2};
+    for (int i = 0; i < 6; i++) same = same && !memcmp(a[i], b[i], NX * 4);
+    for (int l = 0; l < LAYERS; l++) same = same && !memcmp(own.g[l], shared.g[l], NPAR * 4);
+    char label[160];
+    snprintf(label, sizeof label, "reversible %s: shared plan workspace bitwise = own", spec);
+    ef_check(label, same, "%s %s", ef_status_str(st), ef_status_str(st2));
+    snprintf(label, sizeof label, "reversible %s: layers 1.. %s layer 0's plan workspace", spec,
+             expect_share ? "borrow" : "do not borrow");
+    ef_check(label, expect_share ? borrowed > 0 : borrowed == 0, "%zu bytes borrowed", borrowed);
+    stack_free(&own), stack_free(&shared);
+    for (int l = 0; l < LAYERS; l++) free(w[l]);
+    free(x1), free(x2), free(dy1), free(dy2);
+}
+
 /* Parameter gradients accumulate: two forward+backward passes give twice one pass's. */
 static void test_accumulate(void) {
     const char *spec = "flash";
@@ -780,6 +822,11 @@ int main(void) {
     for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++)
         test_reversible(specs[i], 1000 + 100 * i);
     test_accumulate();
+    test_shared_plans("flash", 1);
+    test_shared_plans("local:window=8,causal=1", 1);
+    test_shared_plans("bigbird:block=4,window=3,random=1,global=1", 1); /* seeded random blocks */
+    test_shared_plans("lsh:chunk=8", 1);                                 /* seeded rotations */
+    test_shared_plans("performer:features=16", 0); /* keeps its own workspace */
     test_ws_fill("flash", 5000);
     test_ws_fill("lsh:chunk=8", 5100); /* shared QK: dK is never written nor read */
     printf("cpu time %.2f s\n", (double)(clock() - t0) / CLOCKS_PER_SEC);

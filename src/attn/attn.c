@@ -379,7 +379,69 @@ static ef_status parse_spec(ef_attn *a, const char *spec) {
     return EF_OK;
 }
 
+struct ef_ws_share {
+    void *ptr;
+    size_t bytes;
+    int refs;
+};
+
+/* 1 when plans a and b compute with the same options (the seed aside) on the same shape. */
+static int same_setup(const ef_attn *a, const ef_attn *b) {
+    if (a->ops != b->ops || memcmp(&a->shape, &b->shape, sizeof a->shape) ||
+        a->causal != b->causal || a->ref != b->ref || a->scale_auto != b->scale_auto ||
+        a->scale != b->scale || a->slots != b->slots)
+        return 0;
+    for (int i = 0; i < a->ops->n_opts; i++) {
+        const ef_opt_val *x = &a->opt[i], *y = &b->opt[i];
+        if (x->is_auto != y->is_auto || x->i != y->i || x->f != y->f) return 0;
+        if (a->ops->opts[i].type == EF_OPT_LIST &&
+            memcmp(x->list, y->list, sizeof(int64_t) * (size_t)EF_MIN(x->i, EF_OPT_LIST_MAX)))
+            return 0;
+    }
+    return 1;
+}
+
+void *ef_attn_ws_alloc(ef_attn *a, size_t bytes) {
+    if (a->wshare) return ef_malloc(bytes); /* one shareable block per plan */
+    const ef_attn *d = a->donor;
+    if (d && d->wshare && d->wshare->bytes == bytes && same_setup(a, d)) {
+        a->wshare = d->wshare, a->wshare->refs++, a->ws_borrowed = 1;
+        return a->wshare->ptr;
+    }
+    struct ef_ws_share *s = calloc(1, sizeof *s);
+    void *ptr = s ? ef_malloc(bytes) : NULL;
+    if (!ptr) {
+        free(s);
+        return NULL;
+    }
+    s->ptr = ptr, s->bytes = bytes, s->refs = 1;
+    a->wshare = s;
+    return ptr;
+}
+
+void ef_attn_ws_free(ef_attn *a, void *block) {
+    if (!block) return;
+    if (!a->wshare || block != a->wshare->ptr) {
+        ef_free(block);
+        return;
+    }
+    if (--a->wshare->refs == 0) {
+        ef_free(a->wshare->ptr);
+        free(a->wshare);
+    }
+    a->wshare = NULL;
+}
+
+size_t ef_attn_ws_borrowed_bytes(const ef_attn *a) {
+    return a && a->ws_borrowed && a->wshare ? a->wshare->bytes : 0;
+}
+
 ef_status ef_attn_new(ef_attn **out, const char *spec, const ef_attn_shape *shape) {
+    return ef_attn_new_sharing(out, spec, shape, NULL);
+}
+
+ef_status ef_attn_new_sharing(ef_attn **out, const char *spec, const ef_attn_shape *shape,
+                              const ef_attn *donor) {
     if (!out) return ef_error(EF_ERR_ARG, "ef_attn_new: out is NULL");
     *out = NULL;
     if (!spec) return ef_error(EF_ERR_ARG, "ef_attn_new: spec is NULL");
@@ -403,7 +465,9 @@ ef_status ef_attn_new(ef_attn **out, const char *spec, const ef_attn_shape *shap
                     memset(a->params, 0, a->n_params * sizeof(float));
         }
     }
+    a->donor = donor;
     if (!st && a->ops->init) st = a->ops->init(a);
+    a->donor = NULL;
     if (!st && a->ref && !a->ops->ref_forward) st = ef_ref_init(a);
     if (!st) st = build_desc(a);
     if (st) {

@@ -118,7 +118,25 @@ struct ef_attn {
     size_t dense_ws_bytes;
     double *ref_ws; /* workspace of reference.c (ef_ref_init), freed by the core */
     size_t ref_ws_bytes;
+    struct ef_ws_share *wshare; /* the per-call block from ef_attn_ws_alloc (maybe shared) */
+    const ef_attn *donor;       /* during init: the plan whose block may be shared */
+    int ws_borrowed;            /* 1 when wshare came from the donor */
 };
+
+/* Workspace blocks shared between plans (internal; the model's layers use it).
+ * A mechanism whose per-call workspace holds nothing from one call to the next except what its
+ * init wrote identically for every plan of the same options and shape (zero padding lanes)
+ * allocates that block with ef_attn_ws_alloc and frees it with ef_attn_ws_free. A plan made by
+ * ef_attn_new_sharing(..., donor) then uses the donor's block instead of its own when both
+ * are of the same mechanism, shape, options (the seed aside) and block size: plans that are
+ * never called at the same time (the layers of one model) hold one block between them.
+ * Mechanisms that keep per-plan state in their block must not use these. */
+void *ef_attn_ws_alloc(ef_attn *a, size_t bytes);
+void ef_attn_ws_free(ef_attn *a, void *block);
+ef_status ef_attn_new_sharing(ef_attn **out, const char *spec, const ef_attn_shape *shape,
+                              const ef_attn *donor);
+/* Bytes of a's workspace that belong to a donor's block (counted there, not here). */
+size_t ef_attn_ws_borrowed_bytes(const ef_attn *a);
 
 /* Registry (registry.c). */
 extern const ef_attn_ops *const ef_attn_registry[];

@@ -571,7 +571,7 @@ static void lsh_destroy(ef_attn *a) {
     if (!p) return;
     ef_free(p->rot);
     free(p->rmax);
-    ef_free(p->block);
+    ef_attn_ws_free(a, p->block);
     ef_free(p->rblock);
     ef_free(p->rrot);
     free(p->ws);
@@ -688,7 +688,7 @@ static ef_status lsh_init(ef_attn *a) {
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
     p->status = calloc((size_t)a->slots, sizeof *p->status);
     p->msg = calloc((size_t)a->slots, MSG);
-    p->block = ef_malloc(per * a->slots);
+    p->block = ef_attn_ws_alloc(a, per * a->slots); /* shareable: see attn.h */
     if (!p->ws || !p->status || !p->msg || !p->block)
         return ef_error(EF_ERR_NOMEM, "lsh: out of memory for workspace");
     a->ws_bytes = per * a->slots + nrot * sizeof(float);

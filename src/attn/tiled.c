@@ -203,7 +203,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
     total += round16(part);
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
-    p->block = ef_malloc(total * sizeof(float));
+    p->block = ef_attn_ws_alloc(a, total * sizeof(float)); /* shareable: see attn.h */
     if (!p->ws || !p->block)
         return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name,
                         total * 4.0 / 1e6);
@@ -279,7 +279,7 @@ static const ef_span *spans_of(const tiled_plan *p, int head, int tile, int *cou
 void ef_tiled_destroy(ef_attn *a) {
     tiled_plan *p = a->impl;
     if (!p) return;
-    ef_free(p->block);
+    ef_attn_ws_free(a, p->block);
     free(p->ws);
     free(p->off);
     free(p->spans);

@@ -543,7 +543,9 @@ ef_status ef_model_new(ef_model **out, const char *spec, const ef_model_opts *op
                               c->heads,
                               c->ff,
                               c->chunks,
-                              c->ln_eps};
+                              c->ln_eps,
+                              /* layers of one spec share their plans' per-call workspace */
+                              l >= c->n_attn ? m->L[l % c->n_attn].blk : NULL};
         if ((st = ef_block_new(&m->L[l].blk, &bc))) {
             char msg[512];
             snprintf(msg, sizeof msg, "%s", ef_last_error());
@@ -679,7 +681,7 @@ ef_status ef_model_get_bytes(const ef_model *m, ef_model_bytes *b) {
     size_t plans = 0, saved = 0;
     for (int l = 0; m->L && l < m->cfg.layers; l++) {
         if (!m->L[l].blk) continue;
-        plans += ef_attn_block_workspace_bytes(ef_block_attn(m->L[l].blk));
+        plans += ef_attn_block_own_bytes(ef_block_attn(m->L[l].blk)); /* shared ones once */
         if (m->train) saved += ef_block_saved_bytes(m->L[l].blk);
     }
     /* what forward leaves for backward: the layers' saved, and the final activations (a1 [, a2]) */

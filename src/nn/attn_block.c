@@ -12,6 +12,8 @@
  */
 #include "nn/attn_block.h"
 
+#include "attn/attn.h"
+
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,6 +32,11 @@ static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
 ef_status ef_attn_block_new(ef_attn_block **out, const char *spec, int batch, int len, int dim,
                             int heads) {
+    return ef_attn_block_new_sharing(out, spec, batch, len, dim, heads, NULL);
+}
+
+ef_status ef_attn_block_new_sharing(ef_attn_block **out, const char *spec, int batch, int len,
+                                    int dim, int heads, const ef_attn_block *donor) {
     if (!out) return ef_error(EF_ERR_ARG, "ef_attn_block_new: out is NULL");
     *out = NULL;
     if (heads < 1 || dim < 1 || dim % heads != 0)
@@ -37,7 +44,7 @@ ef_status ef_attn_block_new(ef_attn_block **out, const char *spec, int batch, in
                         heads);
     ef_attn_shape s = {batch, heads, len, len, dim / heads, dim / heads};
     ef_attn *attn = NULL;
-    ef_status st = ef_attn_new(&attn, spec, &s);
+    ef_status st = ef_attn_new_sharing(&attn, spec, &s, donor ? donor->attn : NULL);
     if (st) return st;
     ef_attn_block *blk = calloc(1, sizeof *blk);
     if (!blk) {
@@ -274,4 +281,8 @@ ef_status ef_attn_block_backward(ef_attn_block *blk, const ef_attn_block_params 
 double ef_attn_block_seconds(const ef_attn_block *blk) { return blk ? blk->seconds : 0; }
 void ef_attn_block_reset_seconds(ef_attn_block *blk) {
     if (blk) blk->seconds = 0;
+}
+
+size_t ef_attn_block_own_bytes(const ef_attn_block *blk) {
+    return blk ? ef_attn_workspace_bytes(blk->attn) - ef_attn_ws_borrowed_bytes(blk->attn) : 0;
 }

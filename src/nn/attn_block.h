@@ -43,7 +43,15 @@ typedef struct ef_attn_block_grads {
  * (dim % heads == 0). EF_ERR_ARG / EF_ERR_SHAPE / EF_ERR_UNSUPPORTED as ef_attn_new says. */
 ef_status ef_attn_block_new(ef_attn_block **out, const char *spec, int batch, int len, int dim,
                             int heads);
+/* The same, sharing the attention plan's per-call workspace with donor's plan where the
+ * mechanism allows it (attn.h, ef_attn_new_sharing): for blocks never called at the same time,
+ * such as the layers of one model. donor NULL: ef_attn_block_new. */
+ef_status ef_attn_block_new_sharing(ef_attn_block **out, const char *spec, int batch, int len,
+                                    int dim, int heads, const ef_attn_block *donor);
 void ef_attn_block_free(ef_attn_block *blk);
+/* Bytes the block owns that are not shared with a donor (ef_attn_block_workspace_bytes minus the
+ * plan's borrowed workspace). */
+size_t ef_attn_block_own_bytes(const ef_attn_block *blk);
 /* The attention plan inside (to ask its caps, describe it or read its parameters). */
 ef_attn *ef_attn_block_attn(const ef_attn_block *blk);
 /* 1 when the mechanism ignores k (shared-QK lsh): Wk, bk are then unused and get no gradient. */

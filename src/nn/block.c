@@ -72,7 +72,8 @@ ef_status ef_block_new(ef_block **out, const ef_block_config *cfg) {
         return ef_error(EF_ERR_SHAPE, "ef_block_new: batch=%d and len=%d must be >= 1", cfg->batch,
                         cfg->len);
     ef_attn_block *ab = NULL;
-    ef_status st = ef_attn_block_new(&ab, cfg->attn, cfg->batch, cfg->len, cfg->dim, cfg->heads);
+    ef_status st = ef_attn_block_new_sharing(&ab, cfg->attn, cfg->batch, cfg->len, cfg->dim,
+                                             cfg->heads, cfg->share ? cfg->share->attn : NULL);
     if (st) return st;
     ef_block *blk = calloc(1, sizeof *blk);
     if (!blk) {

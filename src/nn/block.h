@@ -42,6 +42,9 @@ typedef struct ef_block_config {
     int dim, heads, ff; /* C, H (C % H == 0), feed-forward hidden units */
     int chunks;         /* feed-forward chunks per sequence (>= 1; 1 = unchunked) */
     float eps;          /* layer norm epsilon (> 0) */
+    const struct ef_block *share; /* NULL, or a layer never called at the same time as this one
+                                   * (of the same stack) whose attention plan's workspace this
+                                   * layer's may share (attn_block.h, ef_attn_block_new_sharing) */
 } ef_block_config;
 
 typedef struct ef_block_params {
