@@ -248,7 +248,7 @@ EF_API const char *ef_attn_help(const char *name);
  *   attn=local:window=128|lsh:hashes=4,reversible=1,chunks=4,head=lm
  * Keys (defaults in brackets):
  *   layers=L [2]  dim=C [256]  heads=H [4] (C % H == 0)  ff=F [4C]  vocab=V [256]
- *   max_len=N [1024]  eps=e [1e-5] (layer norms)
+ *   max_len=N [1024]  ln_eps=e [1e-5] (layer norms)
  *   pos=sinusoidal|learned|axial|none [sinusoidal]; axial: axial_shape=n1xn2 (n1 n2 >= max_len,
  *     default n2 = the power of two nearest sqrt(max_len)), axial_dims=d1xd2 (d1 + d2 = C,
  *     default d1 = C/4)
@@ -265,8 +265,11 @@ EF_API const char *ef_attn_help(const char *name);
  *   head=lm [lm]: logits over the vocabulary at every position;
  *   head=cls:classes=K,pool=first|mean: K logits per sequence from the first or the mean of
  *     the valid positions' final features.
- * A model is made for calls of at most `batch` sequences of at most `len` positions (its
+ * A model is made for calls of at most `batch` sequences of at most max_len positions (its
  * workspace, attention plans and saved-activation buffers are sized for that at creation).
+ * The attention plans are made for max_len positions, so mechanisms whose structure depends on
+ * the length (linformer's [k][N] projections, lsh's buckets=auto) compute the same function for
+ * every call; shorter calls are padded. Set max_len to the length you train at.
  * Padding: lens[b] valid tokens per sequence; padded positions are never read (token ids
  * there may be anything) and change no logit, loss or gradient of a valid position.
  * Parameters are one contiguous fp32 buffer of named tensors ("layers.3.attn.q.weight");
@@ -278,7 +281,6 @@ typedef struct ef_model ef_model; /* opaque */
 
 typedef struct ef_model_opts {
     int batch;     /* most sequences per call (>= 1; 0 = 1) */
-    int len;       /* most positions per call (1 .. max_len; 0 = max_len) */
     uint64_t seed; /* parameter initialisation and the attention layers' seeds */
     int train;     /* 1: gradients and the buffers backward needs are allocated; 0: inference */
 } ef_model_opts;
@@ -298,17 +300,17 @@ typedef struct ef_model_info {
     int classes;    /* 0 for head=lm */
     int causal;     /* 1 when every layer's attention is causal */
     int reversible; /* 1 for RevNet layers */
-    int batch, len; /* the most a call may have (ef_model_opts) */
+    int batch, len; /* the most a call may have: opts.batch and max_len */
     int train;
 } ef_model_info;
 EF_API ef_status ef_model_get_info(const ef_model *m, ef_model_info *info);
 
 /* One call's input. */
 typedef struct ef_model_batch {
-    int batch, len;         /* 1 .. the model's batch and len */
+    int batch, len;         /* 1 .. the model's batch and max_len */
     const int32_t *tokens;  /* [batch][len] ids in [0, vocab) (read at valid positions only) */
-    const int32_t *lens;    /* [batch] valid positions per sequence (0 .. len; cls: >= 1);
-                             * NULL = all len */
+    const int32_t *lens;    /* [batch] valid positions per sequence (0 .. len; an empty
+                             * sequence has no loss and, for cls, zero logits); NULL = all len */
     const int32_t *targets; /* head=lm: [batch][len] the id to predict at each position (for a
                              * next-token model tokens[b][t+1]), -1 = no loss there; read at
                              * valid positions only. head=cls: [batch] class ids, -1 = none.
@@ -348,8 +350,9 @@ typedef struct ef_tensor_info {
     int64_t shape[4]; /* shape[ndim..] = 1 */
     size_t numel;
     size_t offset; /* in floats from ef_model_params (and ef_model_grads) */
-    int decay;     /* 1 for matrices (weight decay applies by convention), 0 for biases, norms'
-                    * gains and position tables */
+    int decay;     /* 1 for the matrices of linear layers and the embedding (weight decay
+                    * applies by convention), 0 for biases, norms' gains, position tables and
+                    * the attention mechanisms' own parameters (layers.L.attn.mech) */
 } ef_tensor_info;
 EF_API int ef_model_tensor_count(const ef_model *m);
 /* Tensor i (0 .. ef_model_tensor_count - 1), in buffer order. EF_ERR_ARG out of range. */
@@ -357,7 +360,7 @@ EF_API ef_status ef_model_tensor(const ef_model *m, int i, ef_tensor_info *t);
 /* The tensor called `name`. EF_ERR_ARG naming an unknown name. */
 EF_API ef_status ef_model_find(const ef_model *m, const char *name, ef_tensor_info *t);
 
-/* Memory the model holds, in bytes, for its batch and len. */
+/* Memory the model holds, in bytes, for its batch and max_len. */
 typedef struct ef_model_bytes {
     size_t params;    /* the parameter buffer */
     size_t grads;     /* the gradient buffer (0 for train=0) */
@@ -387,7 +390,7 @@ EF_API void ef_model_reset_stats(ef_model *m);
 /* Checkpoints in the safetensors format (JSON header + little-endian F32 tensors, readable by
  * any safetensors reader; __metadata__ holds "eformer.spec" and "eformer.version"). Saving is
  * atomic (temporary file, fsync, rename, fsync of the folder). Loading builds the model the
- * file's spec describes (opts: batch, len, train; its seed is unused) and checks every tensor's
+ * file's spec describes (opts: batch, train; its seed is unused: the file's is) and checks every tensor's
  * name, dtype, shape and bounds: EF_ERR_FORMAT naming the problem, EF_ERR_IO. Without cJSON at
  * build time both return EF_ERR_UNSUPPORTED. */
 EF_API ef_status ef_model_save(const ef_model *m, const char *path);

@@ -495,9 +495,8 @@ ef_status ef_model_new(ef_model **out, const char *spec, const ef_model_opts *op
     if (!out) return ef_error(EF_ERR_ARG, "ef_model_new: out is NULL");
     *out = NULL;
     ef_model_opts o = opts ? *opts : (ef_model_opts){0};
-    if (o.batch < 0 || o.len < 0)
-        return ef_error(EF_ERR_ARG, "ef_model_new: batch=%d and len=%d must be >= 0", o.batch,
-                        o.len);
+    if (o.batch < 0)
+        return ef_error(EF_ERR_ARG, "ef_model_new: batch=%d must be >= 0", o.batch);
     if (o.train != 0 && o.train != 1)
         return ef_error(EF_ERR_ARG, "ef_model_new: train=%d is neither 0 nor 1", o.train);
     ef_model *m = calloc(1, sizeof *m);
@@ -508,18 +507,15 @@ ef_status ef_model_new(ef_model **out, const char *spec, const ef_model_opts *op
         return st;
     }
     model_cfg *c = &m->cfg;
-    m->B = o.batch ? o.batch : 1, m->N = o.len ? o.len : c->max_len;
+    m->B = o.batch ? o.batch : 1, m->N = c->max_len;
     m->train = o.train, m->seed = o.seed;
     m->W = c->reversible ? 2 * c->dim : c->dim;
-    if (m->N > c->max_len) {
-        ef_model_free(m);
-        return ef_error(EF_ERR_SHAPE, "ef_model_new: len=%d is beyond the spec's max_len=%d",
-                        o.len, c->max_len);
-    }
-    if ((int64_t)m->B * m->N * (int64_t)c->dim > ((int64_t)1 << 40) / 4) {
-        ef_model_free(m);
-        return ef_error(EF_ERR_SHAPE, "ef_model_new: batch=%d x len=%d x dim=%d is too large",
-                        m->B, m->N, c->dim);
+    if ((int64_t)m->B * m->N * (int64_t)c->dim > ((int64_t)1 << 40) / 4)
+        st = ef_error(EF_ERR_SHAPE, "ef_model_new: batch=%d x max_len=%d x dim=%d is too large",
+                      m->B, m->N, c->dim);
+    if (st) {
+        ef_model_free(m); /* after the message: it names fields of m */
+        return st;
     }
     /* layers: attention specs cycle; each gets seed = model seed + layer unless it sets one */
     m->L = calloc((size_t)c->layers, sizeof *m->L);
@@ -730,7 +726,7 @@ static ef_status check_batch(const ef_model *m, const ef_model_batch *in, const 
     if (in->batch < 1 || in->batch > m->B || in->len < 1 || in->len > m->N)
         return ef_error(EF_ERR_ARG,
                         "ef_model_forward: batch=%d, len=%d outside [1, %d] x [1, %d] (the "
-                        "model's batch and len)",
+                        "model's batch and max_len)",
                         in->batch, in->len, m->B, m->N);
     if (!in->tokens) return ef_error(EF_ERR_ARG, "ef_model_forward: tokens is NULL");
     const model_cfg *c = &m->cfg;
