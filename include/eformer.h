@@ -372,8 +372,8 @@ typedef struct ef_model_bytes {
 } ef_model_bytes;
 EF_API ef_status ef_model_get_bytes(const ef_model *m, ef_model_bytes *bytes);
 
-/* Analytic operation count of one forward (backward = 0) or forward + backward (1) over
- * `tokens` valid positions of full-length sequences: the dense layers 2 x multiply-adds
+/* Analytic operation count of one forward (backward = 0) or forward + backward (1) of a full
+ * call (batch x max_len valid positions): the dense layers 2 x multiply-adds
  * (backward twice forward), the attention ef_attn_flops. Recomputation by reversible layers is
  * not counted (the same model computes the same function). */
 EF_API double ef_model_flops(const ef_model *m, int backward);

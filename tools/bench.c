@@ -1,5 +1,6 @@
 /*
- * bench.c - `eformer bench`: time a mechanism, after checking it against its reference.
+ * bench.c - `eformer bench`: time a mechanism, after checking it against its reference; or
+ * time training / inference steps of a Transformer model (--model).
  *
  * For each requested length: make the plan; unless --no-check, compare the fast path with the
  * mechanism's reference path (ref=1) at a small odd shape with key and query padding (forward, and the
@@ -10,6 +11,13 @@
  *
  * A length whose plan or buffers cannot be had is reported and skipped; a failed check stops
  * that spec (its timings would mean nothing).
+ *
+ * --model: build the model (ef_model_new), then time warm-up + R steps of forward (or forward +
+ * zero_grad + backward) on random tokens, and report the median step, tokens/s, GFLOP/s from
+ * ef_model_flops and its fraction of the same run's SGEMM rate, the share of the time inside the
+ * attention mechanisms (ef_model_get_stats), the last loss, the bytes the library reports
+ * (ef_model_get_bytes) and the peak resident set. The timing, SGEMM probe, RSS measurement,
+ * memory refusal and JSON numbers are the ones the mechanism bench uses.
  */
 #define _POSIX_C_SOURCE 200809L
 
@@ -33,12 +41,21 @@
 enum { PASS_FWD = 0, PASS_FWDBWD = 1 };
 static const char *const pass_name[2] = {"fwd", "fwdbwd"};
 
+/* The seed of the benchmark's inputs (Gaussian tensors, model tokens and targets): fixed, so
+ * that every run times the same work. */
+#define DATA_SEED 2024
+
 typedef struct bench_opts {
     const char *spec;
     int batch, heads, dim, v_dim;
     int lens[MAX_LENS], n_lens;
     int kv[MAX_LENS], n_kv; /* n_kv = 0: kv_len = len; 1: one value for all; else one per len */
     int backward, reps, warmup, threads, json, check;
+    /* --model */
+    const char *model;
+    int model_len; /* 0 = the spec's max_len */
+    int valid_len; /* --lens: 0 = every position valid */
+    int seed;
 } bench_opts;
 
 /* State of one invocation. */
@@ -77,7 +94,7 @@ static void buf_free_all(buflist *b) {
 }
 
 static void fill_normal(float *x, size_t n, uint64_t stream) {
-    ef_rng_normal(2024, stream, 0, n, x);
+    ef_rng_normal(DATA_SEED, stream, 0, n, x);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -304,6 +321,20 @@ static void json_num(FILE *f, const char *key, double x, const char *fmt) {
         fputs("null", f);
 }
 
+/* The first line of a table: version, threads, the SGEMM rate and the GEMM library. */
+static void print_preamble(const bench_run *R) {
+    ef_blas_info bi = {0};
+    ef_blas_get_info(&bi);
+    printf("# eformer %s, threads %d, sgemm 1024^3: %.1f GFLOP/s (%s, %s); sgemm%% is "
+           "against a rate measured again right before each row\n", ef_version(),
+           ef_get_num_threads(), R->sgemm, bi.name ? bi.name : "?", bi.kernel ? bi.kernel : "?");
+}
+
+static const char *rss_what(int rss_per_row) {
+    return rss_per_row ? "peak resident set while the row ran"
+                       : "peak resident set of the process so far";
+}
+
 static void print_row(bench_run *R, const bench_row *w) {
     const ef_attn_shape *s = &w->sh;
     double frac = R->sgemm > 0 ? w->gflops / R->sgemm : NAN;
@@ -323,19 +354,13 @@ static void print_row(bench_run *R, const bench_row *w) {
         puts("}");
     } else {
         if (!R->header_done) {
-            ef_blas_info bi = {0};
-            ef_blas_get_info(&bi);
-            printf("# eformer %s, threads %d, sgemm 1024^3: %.1f GFLOP/s (%s, %s); sgemm%% is "
-                   "against a rate measured again right before each row\n", ef_version(),
-                   ef_get_num_threads(), R->sgemm, bi.name ? bi.name : "?",
-                   bi.kernel ? bi.kernel : "?");
+            print_preamble(R);
             printf("# median of %d run%s after %d warm-up; peak = workspace (+ saved for fwdbwd);\n"
                    "# RSS = %s;\n"
                    "# check = max relative error against ref=1 (batch 2, heads 2, len <= 97, key "
                    "padding)\n",
                    R->o->reps, R->o->reps == 1 ? "" : "s", R->o->warmup,
-                   w->rss_per_row ? "peak resident set while the row ran"
-                                  : "peak resident set of the process so far");
+                   rss_what(w->rss_per_row));
             printf("%-40s %3s %3s %6s %6s %4s %4s %-6s %10s %9s %7s %9s %9s %8s\n", "spec", "B",
                    "H", "N", "M", "D", "Dv", "pass", "median_ms", "GFLOP/s", "sgemm%", "peak_MB",
                    "RSS_MB", "check");
@@ -372,22 +397,49 @@ static void shape_str(char *buf, size_t cap, const ef_attn_shape *s) {
              s->q_len, s->kv_len, s->head_dim, s->v_dim);
 }
 
-/* Times `iters` calls of the pass; t[] receives seconds (NULL: warm-up). */
-static ef_status time_pass(ef_attn *a, const ef_attn_io *io, int pass, void *saved, const float *g,
-                           float *dq, float *dk, float *dv, int iters, double *t) {
+/* One step of what is timed (a mechanism's pass, a model's step). */
+typedef ef_status (*step_fn)(void *ctx);
+
+/* Times `iters` steps; t[] receives seconds (NULL: warm-up). Stops at the first failure. */
+static ef_status time_steps(step_fn step, void *ctx, int iters, double *t) {
     for (int r = 0; r < iters; r++) {
         double t0 = cli_now();
-        ef_status st;
-        if (pass == PASS_FWD) {
-            st = ef_attn_forward(a, io, NULL);
-        } else {
-            st = ef_attn_forward(a, io, saved);
-            if (!st) st = ef_attn_backward(a, io, saved, g, dq, dk, dv);
-        }
+        ef_status st = step(ctx);
         if (st) return st;
         if (t) t[r] = cli_now() - t0;
     }
     return EF_OK;
+}
+
+/* 1 when `need` bytes fit in the memory the process could still get (or that is unknown); else
+ * prints why not (`what` needs them, `parts` says of what, `tail` ends the line) and returns 0.
+ * Refusing before touching the memory matters: on an overcommitting kernel the allocation
+ * succeeds and the process is killed later, or the machine swaps. */
+static int fits_memory(double need, const char *what, const char *parts, const char *tail) {
+    double avail = (double)cli_avail_mem();
+    if (avail <= 0 || need <= avail) return 1;
+    fprintf(stderr,
+            "eformer: %s: %s needs %.1f GB (%s), more than the %.1f GB of memory available%s\n",
+            ef_status_str(EF_ERR_NOMEM), what, need / 1e9, parts, avail / 1e9, tail);
+    fprintf(stderr, "  hint: try a smaller --len or --batch\n");
+    return 0;
+}
+
+/* A mechanism's pass: forward, or forward + backward. */
+typedef struct attn_step {
+    ef_attn *a;
+    const ef_attn_io *io;
+    int pass;
+    void *saved;
+    const float *g;
+    float *dq, *dk, *dv;
+} attn_step;
+
+static ef_status attn_step_run(void *ctx) {
+    const attn_step *s = ctx;
+    if (s->pass == PASS_FWD) return ef_attn_forward(s->a, s->io, NULL);
+    ef_status st = ef_attn_forward(s->a, s->io, s->saved);
+    return st ? st : ef_attn_backward(s->a, s->io, s->saved, s->g, s->dq, s->dk, s->dv);
 }
 
 /* Benchmarks `spec` at `sh` for the passes in want[PASS_FWD], want[PASS_FWDBWD]. Returns 0, or
@@ -418,22 +470,18 @@ static int bench_shape(bench_run *R, const char *spec, ef_attn_shape sh, const i
      * workspace is already resident; the check's and the sgemm probe's buffers are gone) */
     int rss_per_row = cli_reset_peak_rss();
 
-    /* refuse what cannot fit in memory before touching it (on an overcommitting kernel the
-     * allocation succeeds and the process is killed later, or the machine swaps) */
+    /* refuse what cannot fit in memory before touching it */
     int bwd = want[PASS_FWDBWD];
     double bhd = (double)sh.batch * sh.heads * 4;
     double tens = bhd * ((double)sh.q_len * sh.head_dim + (double)sh.kv_len * sh.head_dim +
                          (double)sh.kv_len * sh.v_dim + (double)sh.q_len * sh.v_dim);
     double ws = (double)ef_attn_workspace_bytes(a), sv = bwd ? (double)ef_attn_saved_bytes(a) : 0;
     if (bwd) tens *= 2; /* dout, dq, dk, dv */
-    double need = ws + sv + tens, avail = (double)cli_avail_mem();
-    if (avail > 0 && need > avail) {
-        fprintf(stderr,
-                "eformer: %s: '%s' at %s needs %.1f GB (workspace %.1f GB, saved %.1f GB, "
-                "tensors %.1f GB), more than the %.1f GB of memory available (skipped)\n",
-                ef_status_str(EF_ERR_NOMEM), canon, shp, need / 1e9, ws / 1e9, sv / 1e9, tens / 1e9,
-                avail / 1e9);
-        fprintf(stderr, "  hint: try a smaller --len or --batch\n");
+    char what[1400], parts[160];
+    snprintf(what, sizeof what, "'%s' at %s", canon, shp);
+    snprintf(parts, sizeof parts, "workspace %.1f GB, saved %.1f GB, tensors %.1f GB", ws / 1e9,
+             sv / 1e9, tens / 1e9);
+    if (!fits_memory(ws + sv + tens, what, parts, " (skipped)")) {
         ef_attn_free(a);
         return 0;
     }
@@ -474,8 +522,9 @@ static int bench_shape(bench_run *R, const char *spec, ef_attn_shape sh, const i
     for (int pass = PASS_FWD; pass <= PASS_FWDBWD; pass++) {
         if (!want[pass]) continue;
         if (pass == PASS_FWDBWD) fill_normal(g, no, 13); /* touched only now: fwd's RSS is fwd's */
-        st = time_pass(a, &io, pass, saved, g, dq, dk, dv, o->warmup, NULL);
-        if (!st) st = time_pass(a, &io, pass, saved, g, dq, dk, dv, o->reps, times);
+        attn_step step = {a, &io, pass, saved, g, dq, dk, dv};
+        st = time_steps(attn_step_run, &step, o->warmup, NULL);
+        if (!st) st = time_steps(attn_step_run, &step, o->reps, times);
         if (st) {
             snprintf(ctx, sizeof ctx, "running %s of '%s' at %s", pass_name[pass], canon, shp);
             cli_lib_error(st, ctx);
@@ -495,6 +544,238 @@ done:
     buf_free_all(&bl);
     ef_attn_free(a);
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * A model (--model)
+ * ------------------------------------------------------------------------------------------- */
+typedef struct model_step {
+    ef_model *m;
+    const ef_model_batch *in;
+    ef_model_out *out;
+    int backward;
+} model_step;
+
+/* forward (logits not kept), and with --backward zero_grad + backward: one training step
+ * without the optimizer. */
+static ef_status model_step_run(void *ctx) {
+    const model_step *s = ctx;
+    ef_status st = ef_model_forward(s->m, s->in, s->out);
+    if (st || !s->backward) return st;
+    ef_model_zero_grad(s->m);
+    return ef_model_backward(s->m);
+}
+
+typedef struct model_row {
+    const char *spec; /* canonical */
+    size_t params;    /* learned parameters */
+    int batch, len, max_len, valid, pass;
+    double median_ms, tokens_per_s, flops, gflops, attn_share, loss;
+    ef_model_bytes bytes;
+    size_t rss_bytes;
+    int rss_per_row;
+} model_row;
+
+static void print_model_row(bench_run *R, const model_row *w) {
+    double frac = R->sgemm > 0 ? w->gflops / R->sgemm : NAN;
+    double dense = isfinite(w->attn_share) ? 1 - w->attn_share : NAN;
+    const ef_model_bytes *b = &w->bytes;
+    if (R->o->json) {
+        fputs("{\"model\":", stdout);
+        cli_json_string(stdout, w->spec);
+        printf(",\"params\":%zu,\"batch\":%d,\"len\":%d,\"max_len\":%d,\"valid_len\":%d,\"seed\":%d",
+               w->params, w->batch, w->len, w->max_len, w->valid, R->o->seed);
+        printf(",\"pass\":\"%s\"", pass_name[w->pass]);
+        json_num(stdout, "median_ms", w->median_ms, "%.6g");
+        json_num(stdout, "tokens_per_s", w->tokens_per_s, "%.6g");
+        json_num(stdout, "flops", w->flops, "%.6g");
+        json_num(stdout, "gflops", w->gflops, "%.6g");
+        json_num(stdout, "sgemm_gflops", R->sgemm > 0 ? R->sgemm : NAN, "%.6g");
+        json_num(stdout, "fraction_of_sgemm", frac, "%.4f");
+        json_num(stdout, "attn_share", w->attn_share, "%.4f");
+        json_num(stdout, "dense_share", dense, "%.4f");
+        json_num(stdout, "loss", w->loss, "%.6g");
+        printf(",\"params_bytes\":%zu,\"grads_bytes\":%zu,\"saved_bytes\":%zu,"
+               "\"workspace_bytes\":%zu,\"peak_bytes\":%zu,\"rss_bytes\":%zu",
+               b->params, b->grads, b->saved, b->workspace, b->total, w->rss_bytes);
+        printf(",\"threads\":%d,\"reps\":%d,\"warmup\":%d}\n", ef_get_num_threads(), R->o->reps,
+               R->o->warmup);
+    } else {
+        print_preamble(R);
+        printf("# model: %s\n", w->spec);
+        printf("# parameters: %zu (%.1f MB fp32); seed %d; made for batch %d x max_len %d; tokens "
+               "from a fixed seed, targets the next token (lm) or a random class (cls)\n",
+               w->params, w->params * 4.0 / 1e6, R->o->seed, w->batch, w->max_len);
+        printf("# median of %d step%s after %d warm-up; a step = %s;\n"
+               "# attn%% = time inside the attention mechanisms / time in forward%s "
+               "(ef_model_get_stats), dense%% = the rest;\n"
+               "# params + grads + saved + ws = peak: the bytes the library reports; RSS = %s\n",
+               R->o->reps, R->o->reps == 1 ? "" : "s", R->o->warmup,
+               w->pass == PASS_FWDBWD ? "forward + zero_grad + backward" : "forward",
+               w->pass == PASS_FWDBWD ? " and backward" : "", rss_what(w->rss_per_row));
+        printf("%3s %6s %6s %-6s %10s %9s %8s %7s %6s %6s %8s %9s %8s %8s %8s %8s %8s\n", "B", "N",
+               "valid", "pass", "median_ms", "tok/s", "GFLOP/s", "sgemm%", "attn%", "dense%", "loss",
+               "params_MB", "grads_MB", "saved_MB", "ws_MB", "peak_MB", "RSS_MB");
+        char gf[16] = "-", pct[16] = "-", at[16] = "-", dn[16] = "-";
+        if (isfinite(w->gflops)) snprintf(gf, sizeof gf, "%.2f", w->gflops);
+        if (isfinite(frac)) snprintf(pct, sizeof pct, "%.1f%%", 100 * frac);
+        if (isfinite(w->attn_share)) snprintf(at, sizeof at, "%.1f%%", 100 * w->attn_share);
+        if (isfinite(dense)) snprintf(dn, sizeof dn, "%.1f%%", 100 * dense);
+        printf("%3d %6d %6d %-6s %10.3f %9.0f %8s %7s %6s %6s %8.4f %9.1f %8.1f %8.1f %8.1f %8.1f "
+               "%8.1f\n",
+               w->batch, w->len, w->valid, pass_name[w->pass], w->median_ms, w->tokens_per_s, gf,
+               pct, at, dn, w->loss, b->params / 1e6, b->grads / 1e6, b->saved / 1e6,
+               b->workspace / 1e6, b->total / 1e6, w->rss_bytes / 1e6);
+    }
+    fflush(stdout);
+    R->rows++;
+}
+
+/* A hint for a model the library refused to build. */
+static const char *model_hint(ef_status st) {
+    switch (st) {
+    case EF_ERR_ARG:
+    case EF_ERR_FORMAT:
+        return "a model spec is comma-separated key=value items with no spaces, e.g. "
+               "layers=2,dim=64,heads=2,attn=local:window=32,causal=1 (the keys: `eformer help "
+               "bench`, include/eformer.h; the attention options: `eformer info --mechanisms`)";
+    case EF_ERR_SHAPE:
+        return "the message names the size: one of the spec's (dim a multiple of heads, "
+               "max_len, ...) or --batch";
+    default: return NULL; /* the status's usual hint */
+    }
+}
+
+/* An index in [0, n) from a uniform draw u in [0, 1). */
+static int32_t uniform_index(float u, int n) {
+    int32_t i = (int32_t)((double)u * n);
+    return i < n ? i : n - 1;
+}
+
+/* Builds and times the model of --model; returns the command's exit status. */
+static int bench_model(bench_run *R) {
+    const bench_opts *o = R->o;
+    int pass = o->backward ? PASS_FWDBWD : PASS_FWD;
+    char ctx[1400];
+    ef_model *m = NULL;
+    ef_model_opts mo = {.batch = o->batch, .seed = (uint64_t)o->seed, .train = o->backward};
+    ef_status st = ef_model_new(&m, o->model, &mo);
+    if (st) {
+        snprintf(ctx, sizeof ctx, "building the model '%s' for batch=%d train=%d", o->model,
+                 o->batch, o->backward);
+        cli_lib_error_hint(st, ctx, model_hint(st));
+        /* a spec or a shape the library refuses is bad usage; running out of memory is not */
+        return st == EF_ERR_ARG || st == EF_ERR_FORMAT || st == EF_ERR_SHAPE ||
+                       st == EF_ERR_UNSUPPORTED
+                   ? CLI_USAGE
+                   : CLI_FAIL;
+    }
+    int rc = CLI_OK;
+    int32_t *tok = NULL, *tgt = NULL, *lens = NULL;
+    float *u = NULL;
+    double *times = NULL;
+    ef_model_info info;
+    ef_model_bytes bytes;
+    ef_model_get_info(m, &info);
+    ef_model_get_bytes(m, &bytes);
+    const char *canon = ef_model_describe(m);
+    /* the model is sized for max_len positions (info.len); a call may be shorter */
+    int B = info.batch, N = o->model_len ? o->model_len : info.len;
+    int valid = o->valid_len ? o->valid_len : N;
+    if (N > info.len) {
+        rc = cli_usage_error("bench", "bench: --len %d is beyond the spec's max_len=%d", N,
+                             info.len);
+        goto done;
+    }
+    if (valid > N) {
+        rc = cli_usage_error("bench", "bench: --lens %d is beyond --len %d", valid, N);
+        goto done;
+    }
+
+    char what[1400], parts[200];
+    snprintf(what, sizeof what, "the model '%s' at batch=%d max_len=%d", canon, B, info.len);
+    snprintf(parts, sizeof parts, "params %.2f GB, grads %.2f GB, saved %.2f GB, workspace %.2f GB",
+             bytes.params / 1e9, bytes.grads / 1e9, bytes.saved / 1e9, bytes.workspace / 1e9);
+    /* the parameters are resident already (initialised); the rest is not touched yet */
+    if (!fits_memory((double)(bytes.total - bytes.params), what, parts, "")) {
+        rc = CLI_FAIL;
+        goto done;
+    }
+
+    size_t bn = (size_t)B * N;
+    tok = malloc(bn * sizeof *tok);
+    tgt = malloc((info.classes ? (size_t)B : bn) * sizeof *tgt);
+    lens = malloc((size_t)B * sizeof *lens);
+    u = malloc(bn * sizeof *u);
+    times = malloc((size_t)o->reps * sizeof *times);
+    if (!tok || !tgt || !lens || !u || !times) {
+        fprintf(stderr, "eformer: out of memory for the tokens of batch=%d len=%d\n", B, N);
+        rc = CLI_FAIL;
+        goto done;
+    }
+    ef_rng_uniform(DATA_SEED, 20, 0, bn, u);
+    for (size_t i = 0; i < bn; i++) tok[i] = uniform_index(u[i], info.vocab);
+    if (info.classes) {
+        ef_rng_uniform(DATA_SEED, 21, 0, (size_t)B, u);
+        for (int b = 0; b < B; b++) tgt[b] = uniform_index(u[b], info.classes);
+    } else { /* next-token prediction: the last valid position has no target */
+        for (int b = 0; b < B; b++)
+            for (int t = 0; t < N; t++)
+                tgt[(size_t)b * N + t] = t + 1 < valid ? tok[(size_t)b * N + t + 1] : -1;
+    }
+    for (int b = 0; b < B; b++) lens[b] = valid;
+    free(u);
+    u = NULL;
+    ef_model_batch in = {.batch = B,
+                         .len = N,
+                         .tokens = tok,
+                         .lens = o->valid_len ? lens : NULL,
+                         .targets = tgt};
+    ef_model_out out = {.logits = NULL}; /* the lm head then never holds all logits */
+    model_step step = {m, &in, &out, o->backward};
+
+    ensure_sgemm(R);
+    int rss_per_row = cli_reset_peak_rss();
+    st = time_steps(model_step_run, &step, o->warmup, NULL);
+    if (!st) {
+        ef_model_reset_stats(m); /* the attention share is the timed steps' */
+        st = time_steps(model_step_run, &step, o->reps, times);
+    }
+    if (st) {
+        snprintf(ctx, sizeof ctx, "running %s of the model '%s' at batch=%d len=%d",
+                 pass_name[pass], canon, B, N);
+        cli_lib_error(st, ctx);
+        rc = CLI_FAIL;
+        goto done;
+    }
+    ef_model_stats ms;
+    ef_model_get_stats(m, &ms);
+    double med = cli_median(times, o->reps);
+    model_row w = {canon, ef_model_param_count(m), B, N, info.len, valid, pass, 0, 0, 0, 0, 0, 0,
+                   bytes, 0, rss_per_row};
+    w.median_ms = med * 1e3;
+    w.tokens_per_s = med > 0 ? (double)B * valid / med : NAN;
+    w.flops = ef_model_flops(m, o->backward);
+    /* ef_model_flops counts batch x max_len positions: for a shorter or padded call it would
+     * overstate the work */
+    w.gflops = med > 0 && valid == info.len ? w.flops / med / 1e9 : NAN;
+    if (valid < info.len)
+        fprintf(stderr,
+                "eformer: note: GFLOP/s not reported: ef_model_flops counts max_len=%d positions "
+                "per sequence, the steps had %d valid (set max_len to the length timed)\n",
+                info.len, valid);
+    w.attn_share = ms.total_seconds > 0 ? ms.attn_seconds / ms.total_seconds : NAN;
+    w.loss = out.loss;
+    w.rss_bytes = cli_peak_rss();
+    print_model_row(R, &w);
+done:
+    free(tok);
+    free(tgt);
+    free(lens);
+    free(u);
+    free(times);
+    ef_model_free(m);
+    return rc;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -535,6 +816,9 @@ int cli_bench(int argc, char **argv) {
         O_JSON,
         O_NOCHECK,
         O_SWEEP,
+        O_MODEL,
+        O_SEED,
+        O_VALID,
         O_HELP,
         N_OPTS
     };
@@ -546,7 +830,8 @@ int cli_bench(int argc, char **argv) {
         [O_REPS] = {"reps", 1, NULL},        [O_WARM] = {"warmup", 1, NULL},
         [O_THR] = {"threads", 1, NULL},      [O_JSON] = {"json", 0, NULL},
         [O_NOCHECK] = {"no-check", 0, NULL}, [O_SWEEP] = {"sweep", 0, NULL},
-        [O_HELP] = {"help", 0, NULL},
+        [O_MODEL] = {"model", 1, NULL},      [O_SEED] = {"seed", 1, NULL},
+        [O_VALID] = {"lens", 1, NULL},       [O_HELP] = {"help", 0, NULL},
     };
     int rc = cli_parse_opts("bench", argc, argv, 1, opts, N_OPTS);
     if (rc) return rc;
@@ -562,18 +847,44 @@ int cli_bench(int argc, char **argv) {
                     .n_lens = 1,
                     .reps = 5,
                     .warmup = 1,
-                    .check = 1}; /* v_dim 0 = dim, threads 0 = machine default */
-    int sweep = opts[O_SWEEP].value != NULL;
-    if (sweep) {
-        static const int fixed[] = {O_SPEC, O_BATCH, O_HEADS, O_LEN, O_KV, O_DIM, O_VDIM, O_BWD};
-        for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
-            if (opts[fixed[i]].value)
-                return cli_usage_error("bench",
-                                       "bench: --sweep runs a fixed set of specs and shapes; it "
-                                       "cannot be combined with --%s",
-                                       opts[fixed[i]].name);
-    } else if (!opts[O_SPEC].value) {
-        return cli_usage_error("bench", "bench: --spec is required (or use --sweep)");
+                    .check = 1,
+                    .seed = 1}; /* v_dim 0 = dim, threads 0 = machine default */
+    int sweep = opts[O_SWEEP].value != NULL, model = opts[O_MODEL].value != NULL;
+    if (model) {
+        static const struct {
+            int opt;
+            const char *why;
+        } not_model[] = {
+            {O_SPEC, "the model spec names its attention: attn=SPEC"},
+            {O_SWEEP, "--sweep runs a fixed set of mechanisms"},
+            {O_HEADS, "the model spec sets heads="},
+            {O_DIM, "the model spec sets dim="},
+            {O_VDIM, "the model spec sets dim="},
+            {O_KV, "a model's attention is self-attention"},
+            {O_NOCHECK, "a model is not checked against a reference"},
+        };
+        for (size_t i = 0; i < sizeof not_model / sizeof not_model[0]; i++)
+            if (opts[not_model[i].opt].value)
+                return cli_usage_error("bench", "bench: --model cannot be combined with --%s (%s)",
+                                       opts[not_model[i].opt].name, not_model[i].why);
+    } else {
+        static const int only_model[] = {O_SEED, O_VALID};
+        for (size_t i = 0; i < sizeof only_model / sizeof only_model[0]; i++)
+            if (opts[only_model[i]].value)
+                return cli_usage_error("bench", "bench: --%s applies to --model only",
+                                       opts[only_model[i]].name);
+        if (sweep) {
+            static const int fixed[] = {O_SPEC, O_BATCH, O_HEADS, O_LEN,
+                                        O_KV,   O_DIM,   O_VDIM,  O_BWD};
+            for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+                if (opts[fixed[i]].value)
+                    return cli_usage_error("bench",
+                                           "bench: --sweep runs a fixed set of specs and shapes; "
+                                           "it cannot be combined with --%s",
+                                           opts[fixed[i]].name);
+        } else if (!opts[O_SPEC].value) {
+            return cli_usage_error("bench", "bench: --spec is required (or use --sweep or --model)");
+        }
     }
     o.spec = opts[O_SPEC].value;
     const struct {
@@ -583,16 +894,25 @@ int cli_bench(int argc, char **argv) {
     } ints[] = {{O_BATCH, 1, INT_MAX, &o.batch}, {O_HEADS, 1, INT_MAX, &o.heads},
                 {O_DIM, 1, INT_MAX, &o.dim},     {O_VDIM, 1, INT_MAX, &o.v_dim},
                 {O_REPS, 1, 1000000, &o.reps},   {O_WARM, 0, 1000000, &o.warmup},
-                {O_THR, 1, 4096, &o.threads}};
+                {O_THR, 1, 4096, &o.threads},    {O_SEED, 0, INT_MAX, &o.seed},
+                {O_VALID, 1, INT_MAX, &o.valid_len}};
     for (size_t i = 0; i < sizeof ints / sizeof ints[0]; i++) {
         const cli_opt *c = &opts[ints[i].opt];
         if (c->value &&
             (rc = cli_parse_int("bench", c->name, c->value, ints[i].min, ints[i].max, ints[i].dst)))
             return rc;
     }
-    if (opts[O_LEN].value && (rc = cli_parse_int_list("bench", "len", opts[O_LEN].value, 1, INT_MAX,
-                                                      o.lens, MAX_LENS, &o.n_lens)))
+    if (model && opts[O_LEN].value) {
+        if (strchr(opts[O_LEN].value, ','))
+            return cli_usage_error("bench", "bench: --model takes one --len, not a list ('%s')",
+                                   opts[O_LEN].value);
+        if ((rc = cli_parse_int("bench", "len", opts[O_LEN].value, 1, INT_MAX, &o.model_len)))
+            return rc;
+    } else if (opts[O_LEN].value &&
+               (rc = cli_parse_int_list("bench", "len", opts[O_LEN].value, 1, INT_MAX, o.lens,
+                                        MAX_LENS, &o.n_lens))) {
         return rc;
+    }
     if (opts[O_KV].value && (rc = cli_parse_int_list("bench", "kv-len", opts[O_KV].value, 1,
                                                      INT_MAX, o.kv, MAX_LENS, &o.n_kv)))
         return rc;
@@ -612,6 +932,10 @@ int cli_bench(int argc, char **argv) {
     bench_run R;
     memset(&R, 0, sizeof R);
     R.o = &o;
+    if (model) {
+        o.model = opts[O_MODEL].value;
+        return bench_model(&R);
+    }
     if (sweep) {
         run_sweep(&R);
     } else {

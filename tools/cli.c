@@ -50,14 +50,16 @@ static const char *status_hint(ef_status st) {
     }
 }
 
-void cli_lib_error(ef_status st, const char *context) {
+void cli_lib_error_hint(ef_status st, const char *context, const char *hint) {
     const char *detail = ef_last_error();
     fprintf(stderr, "eformer: %s: %s\n", ef_status_str(st),
             detail && *detail ? detail : "(no detail)");
     if (context && *context) fprintf(stderr, "  while: %s\n", context);
-    const char *hint = status_hint(st);
+    if (!hint) hint = status_hint(st);
     if (hint) fprintf(stderr, "  hint: %s\n", hint);
 }
+
+void cli_lib_error(ef_status st, const char *context) { cli_lib_error_hint(st, context, NULL); }
 
 /* ---------------------------------------------------------------------------------------------
  * Options

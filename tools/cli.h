@@ -26,6 +26,8 @@ int cli_usage_error(const char *topic, const char *fmt, ...) __attribute__((form
 /* Prints "eformer: <ef_status_str>: <ef_last_error()>" and a hint suited to the status;
  * `context` (may be NULL) says what was being done and is printed on the hint line. */
 void cli_lib_error(ef_status st, const char *context);
+/* The same with the hint line given by the caller (`hint` NULL: the status's usual hint). */
+void cli_lib_error_hint(ef_status st, const char *context, const char *hint);
 
 /* ---------------------------------------------------------------------------------------------
  * Options: `--name value`, `--name=value` or a flag `--name`. Each option may be given once.

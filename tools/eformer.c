@@ -1,7 +1,8 @@
 /*
  * eformer.c - the `eformer` command: dispatch to the subcommands and their usage text.
  *
- *   eformer bench ...    time a mechanism after checking it against its reference (bench.c)
+ *   eformer bench ...    time a mechanism after checking it against its reference, or the
+ *                        training / inference steps of a model (bench.c)
  *   eformer info ...     build, BLAS, CPU, threads, sgemm rate, mechanisms (info.c)
  *   eformer layout ...   a mechanism's attention pattern: pairs, density, a PNG (layout.c)
  *   eformer help [cmd]   usage
@@ -16,7 +17,8 @@ static const char usage_main[] =
     "usage: eformer <command> [options]\n"
     "\n"
     "commands:\n"
-    "  bench     time an attention mechanism after checking it against its reference path\n"
+    "  bench     time an attention mechanism after checking it against its reference path,\n"
+    "            or the steps of a Transformer model (--model)\n"
     "  info      version, BLAS, CPU features, threads and the measured sgemm rate;\n"
     "            `eformer info --mechanisms` also lists every mechanism and its options\n"
     "  layout    a mechanism's attention pattern: visible pairs and density per head, and a PNG\n"
@@ -28,6 +30,8 @@ static const char usage_bench[] =
     "                     [--dim D] [--v-dim E] [--backward] [--reps R] [--warmup W]\n"
     "                     [--threads T] [--json] [--no-check]\n"
     "       eformer bench --sweep [--json] [--reps R] [--warmup W] [--threads T] [--no-check]\n"
+    "       eformer bench --model M [--len N] [--batch B] [--lens L] [--seed S] [--backward]\n"
+    "                     [--reps R] [--warmup W] [--threads T] [--json]\n"
     "\n"
     "Checks mechanism S against its reference path (S with ref=1) at a small shape (batch 2,\n"
     "heads 2, len <= 97, key and query padding on the second sequence), then times it on\n"
@@ -51,6 +55,7 @@ static const char usage_bench[] =
     "  --sweep           the standard sweep: full, flash and flash:causal=1 at len 1024, 2048,\n"
     "                    4096, then every other mechanism with its defaults at 4096 (batch 1,\n"
     "                    heads 8, dim 64), forward and forward+backward\n"
+    "  --model M         time a Transformer model instead (below)\n"
     "\n"
     "Columns: median ms; GFLOP/s = the library's analytic FLOP count (ef_attn_flops) / median;\n"
     "sgemm% = that rate over this machine's sgemm rate at 1024^3, measured in the same run;\n"
@@ -61,12 +66,49 @@ static const char usage_bench[] =
     "median_ms gflops sgemm_gflops peak_bytes rss_bytes check_err threads fraction_of_sgemm;\n"
     "spec is the canonical spec (every option filled in).\n"
     "A length whose plan or memory cannot be had is reported and skipped.\n"
-    "Exit status: 0 ok; 1 a check failed, a run failed or nothing ran; 2 bad usage.\n"
+    "\n"
+    "--model M builds the model M (ef_model_new: batch B, seed S, train = --backward; it is\n"
+    "sized for the spec's max_len) and times its steps on B sequences of N random tokens (a\n"
+    "fixed seed; the targets are the next token with head=lm, none at the last valid position,\n"
+    "or a random class with head=cls): W warm-up steps, then R timed steps of forward (logits\n"
+    "not kept) or, with --backward, forward + zero_grad + backward. One line; there is no\n"
+    "reference check. It prints the canonical spec and the parameter count first.\n"
+    "\n"
+    "  --model M         model spec: comma-separated key=value items, no spaces (include/\n"
+    "                    eformer.h, docs/model.md): layers dim heads ff vocab max_len ln_eps\n"
+    "                    pos axial_shape axial_dims attn reversible chunks head, e.g.\n"
+    "                    layers=6,dim=512,heads=8,vocab=256,max_len=4096,attn=flash:causal=1\n"
+    "  --len N           positions per sequence, at most max_len            default max_len\n"
+    "                    (the model is sized for max_len and pads shorter calls: to time a\n"
+    "                    length, give the spec that max_len)\n"
+    "  --batch B         sequences per step                                 default 1\n"
+    "  --lens L          valid positions of every sequence, the rest padded default = len\n"
+    "  --seed S          the model's seed (parameters, attention layers)    default 1\n"
+    "  --backward, --reps, --warmup, --threads, --json: as above (steps instead of runs)\n"
+    "\n"
+    "Model columns: median ms per step; tok/s = B x valid positions / median; GFLOP/s =\n"
+    "ef_model_flops / median (not given when fewer than max_len positions are valid: the count\n"
+    "is for B x max_len); sgemm% as above; attn% = time inside the attention mechanisms over\n"
+    "the time in forward (and backward), from ef_model_get_stats over the timed steps; dense% =\n"
+    "100 - attn% (projections, feed-forward, norms, embedding, head, loss); loss = the last\n"
+    "step's mean cross-entropy in nats; params grads saved ws peak = ef_model_get_bytes in MB\n"
+    "(peak = their sum, what a step holds); RSS as above.\n"
+    "Model JSON keys: model params batch len max_len valid_len seed pass median_ms tokens_per_s\n"
+    "flops gflops sgemm_gflops fraction_of_sgemm attn_share dense_share loss params_bytes\n"
+    "grads_bytes saved_bytes workspace_bytes peak_bytes rss_bytes threads reps warmup; model is\n"
+    "the canonical spec, params the learned parameter count, flops ef_model_flops per step, the\n"
+    "shares fractions in [0, 1]; a value not measured is null.\n"
+    "\n"
+    "Exit status: 0 ok; 1 a check failed, a run failed or nothing ran; 2 bad usage (a model\n"
+    "spec or shape the library refuses included).\n"
     "\n"
     "examples:\n"
     "  eformer bench --spec flash --len 1024,2048,4096 --backward\n"
     "  eformer bench --spec full:causal=1 --len 512 --kv-len 2048 --json\n"
-    "  eformer bench --sweep\n";
+    "  eformer bench --sweep\n"
+    "  eformer bench --model layers=6,dim=512,heads=8,vocab=256,max_len=4096,"
+    "attn=flash:causal=1 \\\n"
+    "                --len 4096 --backward --reps 3\n";
 
 static const char usage_info[] =
     "usage: eformer info [--mechanisms]\n"
