@@ -297,6 +297,21 @@ static void test_gelu(size_t n) {
     float one = 1.0f, y;
     ef_gelu_forward(&y, &one, 1);
     ef_check_err("gelu(1) is the tanh approximation 0.8411920", fabs(y - 0.8411920), 1e-6);
+    /* the far tails (exp(-2u) overflows to inf or underflows to 0 inside): gelu -> 0 and x,
+     * gelu' -> 0 and 1, never NaN; a NaN input stays NaN */
+    {
+        float t[5] = {-100.0f, -12.0f, 12.0f, 100.0f, NAN}, ty[5], tg[5], ones[5] = {1, 1, 1, 1, 1};
+        ef_gelu_forward(ty, t, 5);
+        ef_gelu_backward(tg, ones, t, 5);
+        ef_check("gelu tails: gelu(-100), gelu(-12) = 0; gelu(12), gelu(100) = x; NaN -> NaN",
+                 ty[0] == 0 && fabsf(ty[1]) < 1e-30f && ty[2] == 12.0f && ty[3] == 100.0f &&
+                     isnan(ty[4]),
+                 "%g %g %g %g %g", ty[0], ty[1], ty[2], ty[3], ty[4]);
+        ef_check("gelu tails: gelu'(-100), gelu'(-12) = 0; gelu'(12), gelu'(100) = 1; NaN -> NaN",
+                 tg[0] == 0 && fabsf(tg[1]) < 1e-30f && tg[2] == 1.0f && tg[3] == 1.0f &&
+                     isnan(tg[4]),
+                 "%g %g %g %g %g", tg[0], tg[1], tg[2], tg[3], tg[4]);
+    }
     /* in place, both ways */
     float *o2 = copyf(x, n), *d2 = copyf(g, n);
     ef_gelu_forward(o2, o2, n);

@@ -46,11 +46,12 @@ void ef_gemm_set_threads(int n);
 int ef_gemm_local_threads(int n);
 
 /* ef_sgemm whose result does not depend on the thread count: C is computed in fixed blocks of
- * EF_GEMM_FIXED_ROWS rows, each one single-threaded product, the blocks spread over the
- * library's threads. A BLAS that splits one product by its thread count (oneDNN does for some
+ * EF_GEMM_FIXED_ROWS rows (and, when that gives fewer than EF_GEMM_FIXED_TILES blocks, of
+ * columns too), each one single-threaded product, the blocks spread over the library's
+ * threads. A BLAS that splits one product by its thread count (oneDNN does for some
  * shapes) may sum in another order. The message of a failure is repeated in the caller's
  * thread. */
-enum { EF_GEMM_FIXED_ROWS = 256 };
+enum { EF_GEMM_FIXED_ROWS = 256, EF_GEMM_FIXED_TILES = 8 };
 ef_status ef_sgemm_fixed(int trans_a, int trans_b, int m, int n, int k, float alpha,
                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
                          int ldc);

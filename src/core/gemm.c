@@ -571,17 +571,21 @@ typedef struct fixed_gemm {
     const float *a, *b;
     int lda, ldb, ldc;
     float *c;
-    atomic_int st; /* the first failure, EF_OK if none */
+    int cols, col_tiles; /* column tile width and count (1 tile of n when the rows suffice) */
+    atomic_int st;       /* the first failure, EF_OK if none */
 } fixed_gemm;
 
 static void fixed_block(void *ctx, int64_t item, int tid) {
     (void)tid;
     fixed_gemm *g = ctx;
-    int r0 = (int)item * EF_GEMM_FIXED_ROWS, rows = EF_MIN(EF_GEMM_FIXED_ROWS, g->m - r0);
+    int rt = (int)(item / g->col_tiles), ct = (int)(item % g->col_tiles);
+    int r0 = rt * EF_GEMM_FIXED_ROWS, rows = EF_MIN(EF_GEMM_FIXED_ROWS, g->m - r0);
+    int c0 = ct * g->cols, cols = EF_MIN(g->cols, g->n - c0);
     const float *a = g->ta ? g->a + r0 : g->a + (size_t)r0 * g->lda;
+    const float *b = g->tb ? g->b + (size_t)c0 * g->ldb : g->b + c0;
     int old = ef_gemm_local_threads(1);
-    ef_status st = ef_sgemm(g->ta, g->tb, rows, g->n, g->k, g->alpha, a, g->lda, g->b, g->ldb,
-                            g->beta, g->c + (size_t)r0 * g->ldc, g->ldc);
+    ef_status st = ef_sgemm(g->ta, g->tb, rows, cols, g->k, g->alpha, a, g->lda, b, g->ldb,
+                            g->beta, g->c + (size_t)r0 * g->ldc + c0, g->ldc);
     ef_gemm_local_threads(old);
     int ok = EF_OK;
     if (st) atomic_compare_exchange_strong(&g->st, &ok, (int)st);
@@ -591,9 +595,20 @@ ef_status ef_sgemm_fixed(int trans_a, int trans_b, int m, int n, int k, float al
                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
                          int ldc) {
     if (m <= 0) return ef_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-    fixed_gemm g = {trans_a, trans_b, m, n, k, alpha, beta, a, b, lda, ldb, ldc, c, EF_OK};
-    ef_parallel_for((m + EF_GEMM_FIXED_ROWS - 1) / EF_GEMM_FIXED_ROWS, ef_threads(), fixed_block,
-                    &g);
+    /* Tiles: row blocks of EF_GEMM_FIXED_ROWS; when there are fewer than EF_GEMM_FIXED_TILES of
+     * them (a short, wide C such as a weight gradient O_h^T dy of 64 rows), the columns are cut
+     * too, into tiles of at least 64 columns, so that the product still spreads over threads.
+     * The tiling depends on the shape only, never on the thread count. */
+    int row_tiles = (m + EF_GEMM_FIXED_ROWS - 1) / EF_GEMM_FIXED_ROWS, col_tiles = 1, cols = n;
+    if (row_tiles < EF_GEMM_FIXED_TILES && n > 64) {
+        col_tiles = EF_MIN((EF_GEMM_FIXED_TILES + row_tiles - 1) / row_tiles, (n + 63) / 64);
+        cols = (n + col_tiles - 1) / col_tiles;
+        cols = (cols + 15) / 16 * 16; /* whole vectors */
+        col_tiles = (n + cols - 1) / cols;
+    }
+    fixed_gemm g = {trans_a, trans_b, m, n, k, alpha, beta, a, b, lda, ldb, ldc, c, cols,
+                    col_tiles, EF_OK};
+    ef_parallel_for((int64_t)row_tiles * col_tiles, ef_threads(), fixed_block, &g);
     ef_status st = (ef_status)atomic_load(&g.st);
     /* the worker's message stayed in its thread: say it again in the caller's */
     return st ? ef_error(st, "a %d x %d x %d product failed (%s)", m, n, k, ef_status_str(st))
