@@ -10,7 +10,7 @@ cd "$(dirname "$0")"
 
 # Debian packages eformer needs to build and run. The GEMM library (oneDNN) is loaded at run
 # time; without it eformer falls back to OpenBLAS, BLIS or its built-in kernel (docs/gemm.md).
-PACKAGES=(cmake make gcc libc6-dev libdnnl2 libpng-dev libcjson-dev)
+PACKAGES=(cmake make gcc libc6-dev libdnnl2 libpng-dev libcjson-dev zlib1g-dev)
 
 install_missing() {
     local missing=()
