@@ -377,6 +377,9 @@ EF_API ef_status ef_model_get_bytes(const ef_model *m, ef_model_bytes *bytes);
  * (backward twice forward), the attention ef_attn_flops. Recomputation by reversible layers is
  * not counted (the same model computes the same function). */
 EF_API double ef_model_flops(const ef_model *m, int backward);
+/* The attention mechanisms' part of ef_model_flops (ef_attn_flops of every layer); the rest is
+ * the dense layers' (projections, feed-forward, head). */
+EF_API double ef_model_attn_flops(const ef_model *m, int backward);
 
 /* Time spent inside the attention mechanisms (ef_attn_forward / _replay / _backward) and in
  * all of forward and backward, since the model was made or the last reset. */

@@ -313,14 +313,6 @@ typedef struct bench_row {
     int rss_per_row;
 } bench_row;
 
-static void json_num(FILE *f, const char *key, double x, const char *fmt) {
-    fprintf(f, ",\"%s\":", key);
-    if (isfinite(x))
-        fprintf(f, fmt, x);
-    else
-        fputs("null", f);
-}
-
 /* The first line of a table: version, threads, the SGEMM rate and the GEMM library. */
 static void print_preamble(const bench_run *R) {
     ef_blas_info bi = {0};
@@ -344,13 +336,13 @@ static void print_row(bench_run *R, const bench_row *w) {
         printf(",\"batch\":%d,\"heads\":%d,\"q_len\":%d,\"kv_len\":%d,\"head_dim\":%d,\"v_dim\":%d",
                s->batch, s->heads, s->q_len, s->kv_len, s->head_dim, s->v_dim);
         printf(",\"pass\":\"%s\"", pass_name[w->pass]);
-        json_num(stdout, "median_ms", w->median_ms, "%.6g");
-        json_num(stdout, "gflops", w->gflops, "%.6g");
-        json_num(stdout, "sgemm_gflops", R->sgemm > 0 ? R->sgemm : NAN, "%.6g");
+        cli_json_num(stdout, "median_ms", w->median_ms, "%.6g");
+        cli_json_num(stdout, "gflops", w->gflops, "%.6g");
+        cli_json_num(stdout, "sgemm_gflops", R->sgemm > 0 ? R->sgemm : NAN, "%.6g");
         printf(",\"peak_bytes\":%zu,\"rss_bytes\":%zu", w->peak_bytes, w->rss_bytes);
-        json_num(stdout, "check_err", w->check_err >= 0 ? w->check_err : NAN, "%.3g");
+        cli_json_num(stdout, "check_err", w->check_err >= 0 ? w->check_err : NAN, "%.3g");
         printf(",\"threads\":%d", ef_get_num_threads());
-        json_num(stdout, "fraction_of_sgemm", frac, "%.4f");
+        cli_json_num(stdout, "fraction_of_sgemm", frac, "%.4f");
         puts("}");
     } else {
         if (!R->header_done) {
@@ -571,6 +563,7 @@ typedef struct model_row {
     size_t params;    /* learned parameters */
     int batch, len, max_len, valid, pass;
     double median_ms, tokens_per_s, flops, gflops, attn_share, loss;
+    double dense_gflops; /* (flops - attention flops) / time outside the attention */
     ef_model_bytes bytes;
     size_t rss_bytes;
     int rss_per_row;
@@ -586,15 +579,18 @@ static void print_model_row(bench_run *R, const model_row *w) {
         printf(",\"params\":%zu,\"batch\":%d,\"len\":%d,\"max_len\":%d,\"valid_len\":%d,\"seed\":%d",
                w->params, w->batch, w->len, w->max_len, w->valid, R->o->seed);
         printf(",\"pass\":\"%s\"", pass_name[w->pass]);
-        json_num(stdout, "median_ms", w->median_ms, "%.6g");
-        json_num(stdout, "tokens_per_s", w->tokens_per_s, "%.6g");
-        json_num(stdout, "flops", w->flops, "%.6g");
-        json_num(stdout, "gflops", w->gflops, "%.6g");
-        json_num(stdout, "sgemm_gflops", R->sgemm > 0 ? R->sgemm : NAN, "%.6g");
-        json_num(stdout, "fraction_of_sgemm", frac, "%.4f");
-        json_num(stdout, "attn_share", w->attn_share, "%.4f");
-        json_num(stdout, "dense_share", dense, "%.4f");
-        json_num(stdout, "loss", w->loss, "%.6g");
+        cli_json_num(stdout, "median_ms", w->median_ms, "%.6g");
+        cli_json_num(stdout, "tokens_per_s", w->tokens_per_s, "%.6g");
+        cli_json_num(stdout, "flops", w->flops, "%.6g");
+        cli_json_num(stdout, "gflops", w->gflops, "%.6g");
+        cli_json_num(stdout, "sgemm_gflops", R->sgemm > 0 ? R->sgemm : NAN, "%.6g");
+        cli_json_num(stdout, "fraction_of_sgemm", frac, "%.4f");
+        cli_json_num(stdout, "attn_share", w->attn_share, "%.4f");
+        cli_json_num(stdout, "dense_share", dense, "%.4f");
+        cli_json_num(stdout, "dense_gflops", w->dense_gflops, "%.6g");
+        cli_json_num(stdout, "dense_fraction_of_sgemm",
+                     R->sgemm > 0 ? w->dense_gflops / R->sgemm : NAN, "%.4f");
+        cli_json_num(stdout, "loss", w->loss, "%.6g");
         printf(",\"params_bytes\":%zu,\"grads_bytes\":%zu,\"saved_bytes\":%zu,"
                "\"workspace_bytes\":%zu,\"peak_bytes\":%zu,\"rss_bytes\":%zu",
                b->params, b->grads, b->saved, b->workspace, b->total, w->rss_bytes);
@@ -608,42 +604,33 @@ static void print_model_row(bench_run *R, const model_row *w) {
                w->params, w->params * 4.0 / 1e6, R->o->seed, w->batch, w->max_len);
         printf("# median of %d step%s after %d warm-up; a step = %s;\n"
                "# attn%% = time inside the attention mechanisms / time in forward%s "
-               "(ef_model_get_stats), dense%% = the rest;\n"
+               "(ef_model_get_stats), dense%% = the rest; dense GF/s = the dense layers' "
+               "FLOPs (ef_model_flops - ef_model_attn_flops) / that rest, dsgemm%% its fraction "
+               "of sgemm;\n"
                "# params + grads + saved + ws = peak: the bytes the library reports; RSS = %s\n",
                R->o->reps, R->o->reps == 1 ? "" : "s", R->o->warmup,
                w->pass == PASS_FWDBWD ? "forward + zero_grad + backward" : "forward",
                w->pass == PASS_FWDBWD ? " and backward" : "", rss_what(w->rss_per_row));
-        printf("%3s %6s %6s %-6s %10s %9s %8s %7s %6s %6s %8s %9s %8s %8s %8s %8s %8s\n", "B", "N",
-               "valid", "pass", "median_ms", "tok/s", "GFLOP/s", "sgemm%", "attn%", "dense%", "loss",
-               "params_MB", "grads_MB", "saved_MB", "ws_MB", "peak_MB", "RSS_MB");
-        char gf[16] = "-", pct[16] = "-", at[16] = "-", dn[16] = "-";
+        printf("%3s %6s %6s %-6s %10s %9s %8s %7s %6s %6s %8s %7s %8s %9s %8s %8s %8s %8s %8s\n",
+               "B", "N", "valid", "pass", "median_ms", "tok/s", "GFLOP/s", "sgemm%", "attn%",
+               "dense%", "dGF/s", "dsgemm%", "loss", "params_MB", "grads_MB", "saved_MB", "ws_MB",
+               "peak_MB", "RSS_MB");
+        char gf[16] = "-", pct[16] = "-", at[16] = "-", dn[16] = "-", dg[16] = "-", dp[16] = "-";
+        if (isfinite(w->dense_gflops)) snprintf(dg, sizeof dg, "%.2f", w->dense_gflops);
+        if (isfinite(w->dense_gflops) && R->sgemm > 0)
+            snprintf(dp, sizeof dp, "%.1f%%", 100 * w->dense_gflops / R->sgemm);
         if (isfinite(w->gflops)) snprintf(gf, sizeof gf, "%.2f", w->gflops);
         if (isfinite(frac)) snprintf(pct, sizeof pct, "%.1f%%", 100 * frac);
         if (isfinite(w->attn_share)) snprintf(at, sizeof at, "%.1f%%", 100 * w->attn_share);
         if (isfinite(dense)) snprintf(dn, sizeof dn, "%.1f%%", 100 * dense);
-        printf("%3d %6d %6d %-6s %10.3f %9.0f %8s %7s %6s %6s %8.4f %9.1f %8.1f %8.1f %8.1f %8.1f "
-               "%8.1f\n",
+        printf("%3d %6d %6d %-6s %10.3f %9.0f %8s %7s %6s %6s %8s %7s %8.4f %9.1f %8.1f %8.1f "
+               "%8.1f %8.1f %8.1f\n",
                w->batch, w->len, w->valid, pass_name[w->pass], w->median_ms, w->tokens_per_s, gf,
-               pct, at, dn, w->loss, b->params / 1e6, b->grads / 1e6, b->saved / 1e6,
+               pct, at, dn, dg, dp, w->loss, b->params / 1e6, b->grads / 1e6, b->saved / 1e6,
                b->workspace / 1e6, b->total / 1e6, w->rss_bytes / 1e6);
     }
     fflush(stdout);
     R->rows++;
-}
-
-/* A hint for a model the library refused to build. */
-static const char *model_hint(ef_status st) {
-    switch (st) {
-    case EF_ERR_ARG:
-    case EF_ERR_FORMAT:
-        return "a model spec is comma-separated key=value items with no spaces, e.g. "
-               "layers=2,dim=64,heads=2,attn=local:window=32,causal=1 (the keys: `eformer help "
-               "bench`, include/eformer.h; the attention options: `eformer info --mechanisms`)";
-    case EF_ERR_SHAPE:
-        return "the message names the size: one of the spec's (dim a multiple of heads, "
-               "max_len, ...) or --batch";
-    default: return NULL; /* the status's usual hint */
-    }
 }
 
 /* An index in [0, n) from a uniform draw u in [0, 1). */
@@ -663,12 +650,9 @@ static int bench_model(bench_run *R) {
     if (st) {
         snprintf(ctx, sizeof ctx, "building the model '%s' for batch=%d train=%d", o->model,
                  o->batch, o->backward);
-        cli_lib_error_hint(st, ctx, model_hint(st));
+        cli_lib_error_hint(st, ctx, cli_model_hint(st));
         /* a spec or a shape the library refuses is bad usage; running out of memory is not */
-        return st == EF_ERR_ARG || st == EF_ERR_FORMAT || st == EF_ERR_SHAPE ||
-                       st == EF_ERR_UNSUPPORTED
-                   ? CLI_USAGE
-                   : CLI_FAIL;
+        return cli_model_exit(st);
     }
     int rc = CLI_OK;
     int32_t *tok = NULL, *tgt = NULL, *lens = NULL;
@@ -752,7 +736,7 @@ static int bench_model(bench_run *R) {
     ef_model_get_stats(m, &ms);
     double med = cli_median(times, o->reps);
     model_row w = {canon, ef_model_param_count(m), B, N, info.len, valid, pass, 0, 0, 0, 0, 0, 0,
-                   bytes, 0, rss_per_row};
+                   0, bytes, 0, rss_per_row};
     w.median_ms = med * 1e3;
     w.tokens_per_s = med > 0 ? (double)B * valid / med : NAN;
     w.flops = ef_model_flops(m, o->backward);
@@ -765,6 +749,10 @@ static int bench_model(bench_run *R) {
                 "per sequence, the steps had %d valid (set max_len to the length timed)\n",
                 info.len, valid);
     w.attn_share = ms.total_seconds > 0 ? ms.attn_seconds / ms.total_seconds : NAN;
+    double dense_s = (ms.total_seconds - ms.attn_seconds) / o->reps;
+    w.dense_gflops = dense_s > 0 && valid == info.len
+                         ? (w.flops - ef_model_attn_flops(m, o->backward)) / dense_s / 1e9
+                         : NAN;
     w.loss = out.loss;
     w.rss_bytes = cli_peak_rss();
     print_model_row(R, &w);

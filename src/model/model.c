@@ -703,6 +703,12 @@ double ef_model_flops(const ef_model *m, int backward) {
     return f;
 }
 
+double ef_model_attn_flops(const ef_model *m, int backward) {
+    double f = 0;
+    for (int l = 0; m && l < m->cfg.layers; l++) f += ef_attn_flops(m->L[l].attn, backward);
+    return f;
+}
+
 void ef_model_get_stats(const ef_model *m, ef_model_stats *s) {
     if (!s) return;
     memset(s, 0, sizeof *s);
