@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <limits.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -151,6 +152,53 @@ int cli_parse_int_list(const char *cmd, const char *opt, const char *s, long min
     }
 }
 
+int cli_parse_double(const char *cmd, const char *opt, const char *s, double min, double max,
+                     double *out) {
+    /* strtod alone would accept leading spaces, '+', "inf", "nan" and hexadecimal */
+    const char *p = s[0] == '-' ? s + 1 : s;
+    int ok = (*p >= '0' && *p <= '9') || *p == '.';
+    for (const char *c = p; ok && *c; c++)
+        ok = (*c >= '0' && *c <= '9') || *c == '.' || *c == 'e' || *c == 'E' || *c == '-' ||
+             *c == '+';
+    errno = 0;
+    char *end = NULL;
+    double v = ok ? strtod(s, &end) : 0;
+    if (!ok || *end != '\0' || end == s || !isfinite(v) || (errno == ERANGE && v != 0))
+        return cli_usage_error(cmd, "%s: --%s '%s' is not a number", cmd, opt, s);
+    if (v < min || v > max) {
+        if (max == HUGE_VAL)
+            return cli_usage_error(cmd, "%s: --%s %s is out of range: it must be >= %g", cmd, opt,
+                                   s, min);
+        return cli_usage_error(cmd, "%s: --%s %s is out of range: it must be in [%g, %g]", cmd,
+                               opt, s, min, max);
+    }
+    *out = v;
+    return CLI_OK;
+}
+
+/* ---------------------------------------------------------------------------------------------
+ * Models
+ * ------------------------------------------------------------------------------------------- */
+const char *cli_model_hint(ef_status st) {
+    switch (st) {
+    case EF_ERR_ARG:
+    case EF_ERR_FORMAT:
+        return "a model spec is comma-separated key=value items with no spaces, e.g. "
+               "layers=2,dim=64,heads=2,attn=local:window=32,causal=1 (the keys: `eformer help "
+               "bench`, include/eformer.h; the attention options: `eformer info --mechanisms`)";
+    case EF_ERR_SHAPE:
+        return "the message names the size: one of the spec's (dim a multiple of heads, "
+               "max_len, ...) or --batch";
+    default: return NULL; /* the status's usual hint */
+    }
+}
+
+int cli_model_exit(ef_status st) {
+    return st == EF_ERR_ARG || st == EF_ERR_FORMAT || st == EF_ERR_SHAPE || st == EF_ERR_UNSUPPORTED
+               ? CLI_USAGE
+               : CLI_FAIL;
+}
+
 /* ---------------------------------------------------------------------------------------------
  * Measurement
  * ------------------------------------------------------------------------------------------- */
@@ -245,4 +293,12 @@ void cli_json_string(FILE *f, const char *s) {
             fputc(*p, f);
     }
     fputc('"', f);
+}
+
+void cli_json_num(FILE *f, const char *key, double x, const char *fmt) {
+    fprintf(f, ",\"%s\":", key);
+    if (isfinite(x))
+        fprintf(f, fmt, x);
+    else
+        fputs("null", f);
 }

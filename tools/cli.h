@@ -50,6 +50,23 @@ int cli_parse_int(const char *cmd, const char *opt, const char *s, long min, lon
 /* Comma-separated list of such integers, at most `cap` of them; *count receives how many. */
 int cli_parse_int_list(const char *cmd, const char *opt, const char *s, long min, long max,
                        int *out, int cap, int *count);
+/* A finite number in [min, max] (strtod syntax: 1e-3, 0.5, 3; it must start with a digit, '.'
+ * or '-' and have nothing after it). Prints a usage error naming --`opt` and returns CLI_USAGE
+ * otherwise. */
+int cli_parse_double(const char *cmd, const char *opt, const char *s, double min, double max,
+                     double *out);
+
+/* ---------------------------------------------------------------------------------------------
+ * Models
+ * ------------------------------------------------------------------------------------------- */
+/* A hint for a model spec the library refused (ef_model_new): the spec's grammar for
+ * EF_ERR_ARG / EF_ERR_FORMAT, the sizes for EF_ERR_SHAPE; NULL otherwise (the status's usual
+ * hint). */
+const char *cli_model_hint(ef_status st);
+/* The exit status for a model the library refused to build: CLI_USAGE for a spec or shape it
+ * refuses (EF_ERR_ARG, EF_ERR_FORMAT, EF_ERR_SHAPE, EF_ERR_UNSUPPORTED), CLI_FAIL otherwise
+ * (running out of memory is not bad usage). */
+int cli_model_exit(ef_status st);
 
 /* ---------------------------------------------------------------------------------------------
  * Measurement
@@ -76,6 +93,8 @@ size_t cli_avail_mem(void);
 
 /* Writes `s` as a JSON string literal (quotes and escapes included). */
 void cli_json_string(FILE *f, const char *s);
+/* Writes `,"key":x` with printf format `fmt`, or `,"key":null` when x is not finite. */
+void cli_json_num(FILE *f, const char *key, double x, const char *fmt);
 
 /* ---------------------------------------------------------------------------------------------
  * Subcommands
@@ -83,5 +102,9 @@ void cli_json_string(FILE *f, const char *s);
 int cli_bench(int argc, char **argv);  /* argv[0] = "bench" */
 int cli_info(int argc, char **argv);   /* argv[0] = "info" */
 int cli_layout(int argc, char **argv); /* argv[0] = "layout" */
+/* train.c */
+int cli_train(int argc, char **argv);    /* argv[0] = "train" */
+int cli_eval(int argc, char **argv);     /* argv[0] = "eval" */
+int cli_generate(int argc, char **argv); /* argv[0] = "generate" */
 
 #endif
