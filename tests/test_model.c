@@ -292,6 +292,15 @@ static void test_spec(void) {
              st ? ef_last_error() : ef_model_describe(m));
     ef_model_free(m);
 
+    /* more attention specs than layers: the ones past the last layer are unused (it crashed) */
+    m = mk("layers=1,dim=8,heads=2,vocab=11,max_len=8,attn=local:window=4,causal=1|flash:causal=1",
+           1, 0, 0, 0);
+    ef_check("spec: layers=1 with two attention specs builds; describe keeps the used one",
+             m && contains(ef_model_describe(m), "attn=local:") &&
+                 !contains(ef_model_describe(m), "flash"),
+             "%s", m ? ef_model_describe(m) : ef_last_error());
+    ef_model_free(m);
+
     /* round trips: describe -> new -> the same describe, the same initial parameters */
     static const char *const specs[] = {
         "layers=3,dim=16,heads=2,ff=24,vocab=13,max_len=32,"

@@ -439,7 +439,8 @@ static ef_block_grads layer_grads(const ef_model *m, const layer_t *L) {
 static ef_status make_desc(ef_model *m) {
     const model_cfg *c = &m->cfg;
     size_t cap = 1024;
-    for (int i = 0; i < c->n_attn; i++) cap += strlen(ef_attn_describe(m->L[i].attn)) + 2;
+    for (int i = 0; i < c->n_attn && i < c->layers; i++) /* specs past the layers are unused */
+        cap += strlen(ef_attn_describe(m->L[i].attn)) + 2;
     char *d = malloc(cap);
     if (!d) return ef_error(EF_ERR_NOMEM, "out of memory for a model description");
     static const char *pos_names[] = {"none", "sinusoidal", "learned", "axial"};
