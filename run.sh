@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # run.sh - the two set-up commands of the README, on a fresh Debian machine:
 #   ./run.sh bench            install missing packages, build, run the default benchmark sweep
+#   ./run.sh data             install the training data packages, write data/kjv.txt
 #   ./run.sh test [--sanitize|--portable]
 #                             install missing packages, build, run every test (CTest);
 #                             --sanitize builds with AddressSanitizer + UBSan in build-asan/,
@@ -11,10 +12,15 @@ cd "$(dirname "$0")"
 # Debian packages eformer needs to build and run. The GEMM library (oneDNN) is loaded at run
 # time; without it eformer falls back to OpenBLAS, BLIS or its built-in kernel (docs/gemm.md).
 PACKAGES=(cmake make gcc libc6-dev libdnnl2 libpng-dev libcjson-dev zlib1g-dev)
+# The data of the training tasks (docs/tasks.md), only for `./run.sh data`: the King James
+# Bible (text task; the `bible` program writes it out) and Fashion-MNIST (image task, read from
+# /usr/share/datasets/fashion-mnist).
+DATA_PACKAGES=(bible-kjv dataset-fashion-mnist)
 
-install_missing() {
-    local missing=()
-    for p in "${PACKAGES[@]}"; do
+install_missing() { # install_missing [package...]   (default: PACKAGES)
+    local missing=() wanted=("$@")
+    [ ${#wanted[@]} -eq 0 ] && wanted=("${PACKAGES[@]}")
+    for p in "${wanted[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     [ ${#missing[@]} -eq 0 ] && return 0
@@ -40,6 +46,18 @@ bench)
     ./build/eformer info
     ./build/eformer bench --sweep
     ;;
+data)
+    install_missing "${DATA_PACKAGES[@]}"
+    mkdir -p data
+    if [ ! -s data/kjv.txt ]; then
+        # the whole Bible, one verse a line ("Ge1:1 In the beginning ..."), 4,404,412 bytes
+        bible -f gen1:1-rev22:21 >data/kjv.txt.tmp
+        mv data/kjv.txt.tmp data/kjv.txt
+        echo "run.sh: wrote data/kjv.txt ($(wc -c <data/kjv.txt) bytes)"
+    else
+        echo "run.sh: data/kjv.txt is there ($(wc -c <data/kjv.txt) bytes)"
+    fi
+    ;;
 test)
     install_missing
     if [ "${2:-}" = "--sanitize" ]; then
@@ -61,7 +79,7 @@ test)
     ctest --output-on-failure -j 2
     ;;
 *)
-    echo "usage: ./run.sh bench | ./run.sh test [--sanitize|--portable]" >&2
+    echo "usage: ./run.sh bench | ./run.sh data | ./run.sh test [--sanitize|--portable]" >&2
     exit 2
     ;;
 esac

@@ -5,6 +5,9 @@
  *                        training / inference steps of a model (bench.c)
  *   eformer info ...     build, BLAS, CPU, threads, sgemm rate, mechanisms (info.c)
  *   eformer layout ...   a mechanism's attention pattern: pairs, density, a PNG (layout.c)
+ *   eformer train ...    train a model on a task, with checkpoints and resume (train.c)
+ *   eformer eval ...     a saved model's loss and accuracy on a task's eval split (train.c)
+ *   eformer generate ... bytes from a byte-level language model (train.c)
  *   eformer help [cmd]   usage
  *
  * Subcommands return an exit status (cli.h: 0 ok, 1 failure, 2 usage); only main() exits.
@@ -22,6 +25,9 @@ static const char usage_main[] =
     "  info      version, BLAS, CPU features, threads and the measured sgemm rate;\n"
     "            `eformer info --mechanisms` also lists every mechanism and its options\n"
     "  layout    a mechanism's attention pattern: visible pairs and density per head, and a PNG\n"
+    "  train     train a model on a task: AdamW, schedules, checkpoints, exact resume\n"
+    "  eval      a saved model's loss, accuracy and bits per byte on a task's eval split\n"
+    "  generate  continue a prompt with a byte-level language model\n"
     "  help      this text; `eformer help <command>` for a command's options\n"
     "  version   print the version\n";
 
@@ -148,6 +154,137 @@ static const char usage_layout[] =
     "  eformer layout bigbird:block=16 --len 512 --heads 2 --png bb.png\n"
     "  eformer layout full --len 256 --kv-len 1024 --heads 4\n";
 
+static const char usage_train[] =
+    "usage: eformer train --task T --model SPEC [--batch B] [--steps S] [--stop-at S]\n"
+    "                     [--lr X] [--sched cosine|constant|rsqrt|linear] [--warmup W]\n"
+    "                     [--min-lr X] [--wd X] [--clip X] [--accum K] [--eval-every E]\n"
+    "                     [--eval-samples N] [--save PATH] [--save-every E] [--seed S]\n"
+    "                     [--threads T] [--json] [--log-every L]\n"
+    "       eformer train --resume PATH [--steps S] [options as above]\n"
+    "\n"
+    "Trains the model SPEC on the task T with AdamW (docs/training.md, docs/tasks.md). The\n"
+    "model is SPEC + \",\" + the task's model keys (vocab=, max_len=, head=; they come last and\n"
+    "win); a next-token task (dup, copy, recall, text) needs causal=1 in every attention spec.\n"
+    "Step s (from 1) trains on the K micro-batches of B train samples that start at sample\n"
+    "(s-1)*B*K, in order: the data position is a function of the step alone.\n"
+    "\n"
+    "  --task T          dup:len=1024,symbols=127  copy:len=128,symbols=10  recall:len=256,...\n"
+    "                    listops  text:FILE,len=1024  mnist[:DIR]  fashion-mnist[:DIR]\n"
+    "  --model SPEC      model keys (`eformer help bench`, docs/model.md), e.g.\n"
+    "                    layers=2,dim=128,heads=4,attn=local:window=64,causal=1\n"
+    "  --batch B         samples per micro-batch (the model's batch)          default 8\n"
+    "  --accum K         micro-batches per step (gradient accumulation)      default 1\n"
+    "  --steps S         steps of the run; the schedule's total              default 1000\n"
+    "  --stop-at S       stop (evaluate, save) after step S < --steps; --resume continues\n"
+    "                    the same run to --steps\n"
+    "  --lr X            peak learning rate, reached at the end of warmup    default 1e-3\n"
+    "  --sched KIND      cosine (to --min-lr at --steps), constant, rsqrt (lr*sqrt(W/t)),\n"
+    "                    linear (to --min-lr)                                default cosine\n"
+    "  --warmup W        linear warmup steps                                 default 100\n"
+    "  --min-lr X        final rate of cosine and linear                     default 0\n"
+    "  --wd X            decoupled weight decay (matrices and embedding)     default 0.01\n"
+    "  --clip X          global gradient-norm clip, 0 = none                 default 1.0\n"
+    "  --eval-every E    evaluate every E steps; 0 = only at the end         default 0\n"
+    "  --eval-samples N  eval samples (from the eval split's start)  default: the whole split\n"
+    "  --save PATH       checkpoint: PATH (the model, `eformer eval --load PATH` reads it) and\n"
+    "                    PATH.opt (optimizer state, the run's options); written at the end\n"
+    "  --save-every E    also every E steps                                  default 0\n"
+    "  --resume PATH     continue the run saved in PATH: model, optimizer state, step, task\n"
+    "                    and options come from it; options given must agree with it (else a\n"
+    "                    usage error names the difference), except the run-control ones\n"
+    "                    (--eval-every, --eval-samples, --save, --save-every, --log-every,\n"
+    "                    --json, --threads, --stop-at) and --steps when the schedule does not\n"
+    "                    depend on it (constant, rsqrt). Saves to PATH unless --save is given.\n"
+    "  --seed S          model initialisation and the task's samples         default 1\n"
+    "  --threads T       threads                                 default: processors online\n"
+    "  --json            one JSON object per log line on stdout\n"
+    "  --log-every L     a log line every L steps (and at the last)          default 10\n"
+    "\n"
+    "A resumed run is bit for bit the run that was not stopped: `train --steps 10` and\n"
+    "`train --steps 10 --stop-at 5 --save A` then `train --resume A` write the same files (with\n"
+    "--sched constant or rsqrt also `--steps 5 --save A`, then `--resume A --steps 10`).\n"
+    "\n"
+    "Output. When stderr is a terminal, a progress bar redrawn in place: step/total, loss and\n"
+    "accuracy (moving averages), tokens/s, lr, ETA. Log lines on stdout every L steps (not\n"
+    "when the bar shares the terminal with them): the mean loss (nats) and accuracy of the\n"
+    "steps since the previous line, tokens/s (valid positions trained per second of training),\n"
+    "the last step's lr and gradient norm (before clipping), the time since the start.\n"
+    "Eval lines: count-weighted mean loss and accuracy over every scored target of the first\n"
+    "N eval samples, bits per byte (loss / ln 2) for text.\n"
+    "JSON (--json): the first object has split \"start\" and model (canonical spec), params,\n"
+    "task (canonical spec), seed, batch, accum, steps, start_step, end_step, optim,\n"
+    "eval_samples, threads [, resumed_from]; log lines have split \"train\" and step, loss,\n"
+    "acc, tokens_per_s, lr, grad_norm, elapsed_s; eval lines split \"eval\" and step, loss, acc,\n"
+    "bpb (text tasks only), count (targets), samples, elapsed_s, complete. Other messages go to\n"
+    "stderr.\n"
+    "\n"
+    "Ctrl-C (SIGINT) or SIGTERM: the run stops after the current step (or between eval\n"
+    "batches), writes the checkpoint to --save PATH (without --save to\n"
+    "./" "eformer-interrupted.safetensors), says where and exits with status 130 (SIGINT) or 143\n"
+    "(SIGTERM). A second Ctrl-C ends it at once.\n"
+    "Exit status: 0 ok; 1 a step, an evaluation or a save failed; 2 bad usage (an unknown task,\n"
+    "a model spec the library refuses, a non-causal model for a causal task, a disagreement\n"
+    "with the checkpoint); 130 / 143 interrupted (checkpoint written).\n"
+    "\n"
+    "examples:\n"
+    "  eformer train --task dup:len=256,symbols=127 \\\n"
+    "                --model layers=1,dim=256,heads=4,ff=256,attn=flash:causal=1 \\\n"
+    "                --steps 300 --warmup 50 --eval-every 50 --save dup.safetensors\n"
+    "  eformer train --resume dup.safetensors --steps 300\n"
+    "  eformer train --task text:data/kjv.txt,len=256 --batch 16 --steps 2000 \\\n"
+    "                --model layers=4,dim=256,heads=4,attn=local:window=64,causal=1 \\\n"
+    "                --eval-every 500 --eval-samples 200 --save kjv.safetensors --json\n";
+
+static const char usage_eval[] =
+    "usage: eformer eval --load PATH [--task T] [--batch B] [--eval-samples N] [--seed S]\n"
+    "                    [--threads T] [--json]\n"
+    "\n"
+    "Loads the model PATH (ef_model_load; for a training checkpoint the model file, not\n"
+    "PATH.opt) and reports its mean loss (nats) and accuracy over every scored target of the\n"
+    "task's eval split, and bits per byte for text. A checkpoint written by `eformer train`\n"
+    "records its task and seed in PATH.opt: they are the defaults of --task and --seed (the\n"
+    "seed draws a generated task's samples, the eval split's included).\n"
+    "\n"
+    "  --load PATH       the model file (required)\n"
+    "  --task T          the task (required unless PATH.opt records it)\n"
+    "  --batch B         samples per forward                                 default 8\n"
+    "  --eval-samples N  the first N eval samples                  default: the whole split\n"
+    "  --seed S          the task's seed                       default: PATH.opt's, else 1\n"
+    "  --threads T       threads                                 default: processors online\n"
+    "  --json            a start object and an eval object (keys as in `eformer help train`)\n"
+    "\n"
+    "The model must fit the task: the same head, a vocabulary covering the task's, max_len at\n"
+    "least its rows, and causal attention for a next-token task (exit status 2 otherwise).\n"
+    "\n"
+    "examples:\n"
+    "  eformer eval --load dup.safetensors\n"
+    "  eformer eval --load kjv.safetensors --task text:data/kjv.txt,len=256 --eval-samples 100\n";
+
+static const char usage_generate[] =
+    "usage: eformer generate --load PATH --prompt TEXT [--max-new N] [--temperature X]\n"
+    "                        [--seed S] [--threads T]\n"
+    "\n"
+    "Continues TEXT with a causal byte-level language model (head=lm, vocab=256, causal=1: a\n"
+    "model trained on a text: task; anything else is refused with exit status 2). The tokens\n"
+    "are the prompt's bytes; each new byte comes from the logits of the last position, the\n"
+    "largest at temperature 0 (ties: the smallest byte), else drawn from softmax(logits / X)\n"
+    "with a seeded generator. The prompt, then each byte as it comes, is written to stdout.\n"
+    "\n"
+    "The model has no incremental decoding yet: every new byte runs ef_model_forward over the\n"
+    "whole sequence so far (the last max_len bytes once it is longer), so N bytes cost N full\n"
+    "forwards, O(N^2) positions per sequence in all.\n"
+    "\n"
+    "  --load PATH       the model file (required)\n"
+    "  --prompt TEXT     the start of the text (required, not empty)\n"
+    "  --max-new N       bytes to generate                                   default 200\n"
+    "  --temperature X   0 = greedy                                          default 1.0\n"
+    "  --seed S          the sampling seed                                   default 1\n"
+    "  --threads T       threads                                 default: processors online\n"
+    "\n"
+    "examples:\n"
+    "  eformer generate --load kjv.safetensors --prompt 'Ge1:1 In the beginning' --max-new 300\n"
+    "  eformer generate --load kjv.safetensors --prompt 'Joh3:16 ' --temperature 0\n";
+
 int cli_usage(FILE *f, const char *topic) {
     if (!topic || !*topic) {
         fputs(usage_main, f);
@@ -157,6 +294,12 @@ int cli_usage(FILE *f, const char *topic) {
         fputs(usage_info, f);
         fputs("\n", f);
         fputs(usage_layout, f);
+        fputs("\n", f);
+        fputs(usage_train, f);
+        fputs("\n", f);
+        fputs(usage_eval, f);
+        fputs("\n", f);
+        fputs(usage_generate, f);
         return 0;
     }
     if (strcmp(topic, "bench") == 0)
@@ -165,6 +308,12 @@ int cli_usage(FILE *f, const char *topic) {
         fputs(usage_info, f);
     else if (strcmp(topic, "layout") == 0)
         fputs(usage_layout, f);
+    else if (strcmp(topic, "train") == 0)
+        fputs(usage_train, f);
+    else if (strcmp(topic, "eval") == 0)
+        fputs(usage_eval, f);
+    else if (strcmp(topic, "generate") == 0)
+        fputs(usage_generate, f);
     else if (strcmp(topic, "help") == 0 || strcmp(topic, "version") == 0)
         fputs(usage_main, f);
     else
@@ -193,6 +342,9 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "bench") == 0) return cli_bench(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cli_info(argc - 1, argv + 1);
     if (strcmp(cmd, "layout") == 0) return cli_layout(argc - 1, argv + 1);
+    if (strcmp(cmd, "train") == 0) return cli_train(argc - 1, argv + 1);
+    if (strcmp(cmd, "eval") == 0) return cli_eval(argc - 1, argv + 1);
+    if (strcmp(cmd, "generate") == 0) return cli_generate(argc - 1, argv + 1);
     if (cmd[0] == '-')
         return cli_usage_error(NULL, "unknown option '%s' (expected a command first)", cmd);
     return cli_usage_error(NULL, "unknown command '%s'", cmd);
