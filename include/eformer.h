@@ -315,6 +315,10 @@ typedef struct ef_model_batch {
                              * next-token model tokens[b][t+1]), -1 = no loss there; read at
                              * valid positions only. head=cls: [batch] class ids, -1 = none.
                              * NULL = no loss (then ef_model_backward refuses). */
+    int no_grad;            /* 1: an evaluation forward on a train=1 model: nothing is kept for
+                             * backward and it does not count as a training forward (performer's
+                             * `redraw` schedule does not advance). 0 (default): with targets, a
+                             * train=1 model keeps what ef_model_backward needs. */
 } ef_model_batch;
 
 typedef struct ef_model_out {
@@ -327,7 +331,7 @@ typedef struct ef_model_out {
                       * smallest id wins) */
 } ef_model_out;
 
-/* Runs the model on `in`. With targets, a model made with train=1 keeps what
+/* Runs the model on `in`. With targets (and no_grad 0), a model made with train=1 keeps what
  * ef_model_backward needs. Errors: EF_ERR_ARG (a token or target outside its range, lens, sizes
  * beyond the model's, NULL pointers; the message names the index and value). */
 EF_API ef_status ef_model_forward(ef_model *m, const ef_model_batch *in, ef_model_out *out);

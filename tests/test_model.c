@@ -1723,6 +1723,42 @@ static void test_checkpoints(void) {
     ef_model_free(m);
 }
 
+/* An evaluation forward (no_grad = 1) on a train model keeps nothing and is not a training
+ * forward: performer:redraw=1 redraws its features after every training forward, so a forward
+ * that counted would change the next step's features. Training steps with and without an
+ * evaluation forward between them give bitwise the same gradients; without no_grad they do
+ * not (the check that the property is observable); backward after a no_grad forward is
+ * refused. */
+static void test_no_grad(void) {
+    const char *spec = "layers=1,dim=16,heads=2,ff=24,vocab=13,max_len=16,"
+                       "attn=performer:features=8,redraw=1,causal=1";
+    static const int32_t lens[2] = {16, 11};
+    ef_model *a = mk(spec, 2, 0, 4, 1), *b = mk(spec, 2, 0, 4, 1), *c = mk(spec, 2, 0, 4, 1);
+    if (!a || !b || !c) goto out;
+    problem p = make_problem(a, 2, 16, lens, 5);
+    ef_model_batch ev = {p.batch, p.len, p.tokens, p.lens, p.targets, 1};
+    ef_model_out o = {NULL, 0, 0, 0};
+    result a1 = run(a, &p, 0, 1), a2 = run(a, &p, 0, 1);
+    result b1 = run(b, &p, 0, 1);
+    ef_status st = ef_model_forward(b, &ev, &o);
+    ef_check_status("no_grad: an evaluation forward with targets runs", st, EF_OK);
+    check_err_msg("no_grad: backward after it is refused", ef_model_backward(b), EF_ERR_ARG,
+                  "forward", NULL);
+    result b2 = run(b, &p, 0, 1);
+    result c1 = run(c, &p, 0, 1);
+    ev.no_grad = 0;
+    ef_model_forward(c, &ev, &o); /* a training forward: the features are redrawn */
+    result c2 = run(c, &p, 0, 1);
+    ef_check("no_grad: an eval forward between two steps changes no gradient bit",
+             !a2.st && !b2.st && bits_equal(a2.grads, b2.grads, a2.ng), " ");
+    ef_check("no_grad: a counted forward between them does change them (redraw=1)",
+             !c2.st && !bits_equal(a2.grads, c2.grads, a2.ng), " ");
+    free_result(&a1), free_result(&a2), free_result(&b1), free_result(&b2);
+    free_result(&c1), free_result(&c2), free_problem(&p);
+out:
+    ef_model_free(a), ef_model_free(b), ef_model_free(c);
+}
+
 int main(void) {
     test_spec();
     test_table();
@@ -1739,6 +1775,7 @@ int main(void) {
     test_determinism();
     test_chunks();
     test_call_errors();
+    test_no_grad();
     test_bytes();
     test_checkpoints();
     return ef_test_finish();

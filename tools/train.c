@@ -173,8 +173,12 @@ static ef_status run_eval(ef_model *m, const ef_task *t, int batch, int64_t n, e
         }
         int nb = (int)(n - first < batch ? n - first : batch);
         if ((st = ef_task_batch(t, EF_SPLIT_EVAL, first, nb, tok, lens, tgt))) goto done;
-        ef_model_batch in = {
-            .batch = nb, .len = ti.len, .tokens = tok, .lens = lens, .targets = tgt};
+        ef_model_batch in = {.batch = nb,
+                             .len = ti.len,
+                             .tokens = tok,
+                             .lens = lens,
+                             .targets = tgt,
+                             .no_grad = 1}; /* evaluation: not a training forward */
         ef_model_out out = {.logits = NULL};
         if ((st = ef_model_forward(m, &in, &out))) goto done;
         loss_sum += out.loss * (double)out.count;

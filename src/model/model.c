@@ -1026,7 +1026,7 @@ ef_status ef_model_forward(ef_model *m, const ef_model_batch *in, ef_model_out *
                    sizeof(int32_t) * nv);
     }
     m->has_tgt = in->targets != NULL;
-    int keep = m->train && m->has_tgt;
+    int keep = m->train && m->has_tgt && !in->no_grad;
     push_mech_params(m);
     if ((st = embed_forward(m, m->a1))) return st;
     if (c->reversible) memcpy(m->a2, m->a1, sizeof(float) * (size_t)m->B * m->N * c->dim);
