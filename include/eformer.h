@@ -249,7 +249,8 @@ EF_API const char *ef_attn_help(const char *name);
  * Keys (defaults in brackets):
  *   layers=L [2]  dim=C [256]  heads=H [4] (C % H == 0)  ff=F [4C]  vocab=V [256]
  *   max_len=N [1024]  ln_eps=e [1e-5] (layer norms)
- *   pos=sinusoidal|learned|axial|none [sinusoidal]; axial: axial_shape=n1xn2 (n1 n2 >= max_len,
+ *   pos=sinusoidal|learned|axial|none [sinusoidal] (sinusoidal: x = embed * sqrt(dim) + pos, as
+ *     Vaswani et al.; the others x = embed + pos); axial: axial_shape=n1xn2 (n1 n2 >= max_len,
  *     default n2 = the power of two nearest sqrt(max_len)), axial_dims=d1xd2 (d1 + d2 = C,
  *     default d1 = C/4)
  *   attn=SPEC|SPEC|... [flash]: attention specs used by layers 0, 1, 2, ... in turn (Reformer

@@ -6,7 +6,8 @@
  * memory and the head's chunking in docs/model.md.
  *
  * Shapes (B, N = the model's batch and len; C = dim; W = C, or 2C for reversible layers):
- *   x      [B][N][C]  = embed[tokens] + pos            (valid rows; padded rows 0)
+ *   x      [B][N][C]  = embed[tokens] + pos            (valid rows; padded rows 0; with
+ *                      sinusoidal positions embed[tokens] * sqrt(C) + pos, as Vaswani et al.)
  *   stack  residual:   x <- layer_l(x)                  a1 = x
  *          reversible: (a1, a2) = (x, x) <- layer_l(a1, a2)
  *   f      [rows][W]  = a1 | concat(a1, a2)            per valid row
@@ -782,7 +783,11 @@ static ef_status embed_forward(ef_model *m, float *x) {
         if (st) return st;
         memset(xb + (size_t)nv * C, 0, sizeof(float) * (size_t)(m->N - nv) * C);
         if (!nv) continue;
-        if (c->pos == POS_SINUSOIDAL) ef_pos_sinusoidal_forward(xb, 1, nv, C);
+        if (c->pos == POS_SINUSOIDAL) { /* Vaswani et al.: embed * sqrt(C) + sinusoid */
+            const float s = sqrtf((float)C);
+            for (size_t i = 0; i < (size_t)nv * C; i++) xb[i] *= s;
+            ef_pos_sinusoidal_forward(xb, 1, nv, C);
+        }
         else if (c->pos == POS_LEARNED)
             st = ef_pos_learned_forward(xb, T(m, m->pos0), 1, nv, c->max_len, C);
         else if (c->pos == POS_AXIAL)
@@ -793,13 +798,17 @@ static ef_status embed_forward(ef_model *m, float *x) {
     return EF_OK;
 }
 
-static ef_status embed_backward(ef_model *m, const float *dx) {
+static ef_status embed_backward(ef_model *m, float *dx) { /* dx is scaled in place */
     const model_cfg *c = &m->cfg;
     int C = c->dim;
     for (int b = 0; b < m->B; b++) {
         int nv = m->lens[b];
         if (!nv) continue;
-        const float *db = dx + (size_t)b * m->N * C;
+        float *db = dx + (size_t)b * m->N * C;
+        if (c->pos == POS_SINUSOIDAL) { /* x = embed * sqrt(C) + pos: d embed = sqrt(C) dx */
+            const float s = sqrtf((float)C);
+            for (size_t i = 0; i < (size_t)nv * C; i++) db[i] *= s;
+        }
         ef_status st = ef_embedding_backward(G(m, m->emb), db, m->tok + (size_t)b * m->N, nv,
                                              c->vocab, C);
         if (!st && c->pos == POS_LEARNED)
