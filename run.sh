@@ -2,6 +2,7 @@
 # run.sh - the two set-up commands of the README, on a fresh Debian machine:
 #   ./run.sh bench            install missing packages, build, run the default benchmark sweep
 #   ./run.sh data             install the training data packages, write data/kjv.txt
+#   ./run.sh twin             install PyTorch, check the PyTorch twin against eformer, compare speed
 #   ./run.sh test [--sanitize|--portable]
 #                             install missing packages, build, run every test (CTest);
 #                             --sanitize builds with AddressSanitizer + UBSan in build-asan/,
@@ -57,6 +58,18 @@ data)
     else
         echo "run.sh: data/kjv.txt is there ($(wc -c <data/kjv.txt) bytes)"
     fi
+    ;;
+twin)
+    # the PyTorch twin of the model (bench/README.md): Debian's torch needs an optimised
+    # libblas.so.3, which libopenblas0-openmp provides
+    install_missing
+    install_missing python3-torch libopenblas0-openmp
+    build build
+    /usr/bin/python3 bench/twin_check.py
+    for a in "flash:causal=1" "local:window=128,causal=1"; do
+        /usr/bin/python3 bench/torch_twin.py --compare --threads 2 --len 1024 --batch 4 --reps 3 \
+            --model "layers=2,dim=256,heads=4,ff=1024,vocab=256,max_len=1024,attn=$a"
+    done
     ;;
 test)
     install_missing
