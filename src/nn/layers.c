@@ -330,10 +330,9 @@ static void gelu_forward_item(void *vctx, int64_t item, int tid) {
     size_t i = i0;
     for (; i + EF_VL <= i1; i += EF_VL) vf_storeu(k->out + i, gelu_v(vf_loadu(k->inp + i)));
     if (i < i1) {
-        float x[EF_VL] __attribute__((aligned(64))) = {0};
-        memcpy(x, k->inp + i, (i1 - i) * sizeof(float));
-        vf_store(x, gelu_v(vf_load(x)));
-        memcpy(k->out + i, x, (i1 - i) * sizeof(float));
+        float y[EF_VL] __attribute__((aligned(64)));
+        vf_store(y, gelu_v(tail_load(k->inp + i, (int)(i1 - i))));
+        memcpy(k->out + i, y, (i1 - i) * sizeof(float));
     }
 }
 
@@ -346,11 +345,10 @@ static void gelu_backward_item(void *vctx, int64_t item, int tid) {
     for (; i + EF_VL <= i1; i += EF_VL)
         vf_storeu(k->out + i, gelu_grad_v(vf_loadu(k->inp + i)) * vf_loadu(k->dout + i));
     if (i < i1) {
-        float x[EF_VL] __attribute__((aligned(64))) = {0}, d[EF_VL] __attribute__((aligned(64))) = {0};
-        memcpy(x, k->inp + i, (i1 - i) * sizeof(float));
-        memcpy(d, k->dout + i, (i1 - i) * sizeof(float));
-        vf_store(x, gelu_grad_v(vf_load(x)) * vf_load(d));
-        memcpy(k->out + i, x, (i1 - i) * sizeof(float));
+        const int n = (int)(i1 - i);
+        float y[EF_VL] __attribute__((aligned(64)));
+        vf_store(y, gelu_grad_v(tail_load(k->inp + i, n)) * tail_load(k->dout + i, n));
+        memcpy(k->out + i, y, (size_t)n * sizeof(float));
     }
 }
 
