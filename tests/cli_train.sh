@@ -12,7 +12,8 @@
 #              it and train resumes it; SIGTERM: status 143, the --save checkpoint
 #   generate   a byte-level model trained on a printf'd text continues its prompt; sampling
 #              gives --max-new bytes; eval reports bpb; a non-byte-level model is refused (2)
-#   usage      unknown task, non-causal attention for a causal task, ... : exit status 2
+#   usage      unknown task, non-causal attention for a causal task, ... : exit status 2; a
+#              head= in --model that matches the task's runs (pool=mean)
 #
 # Every case runs in a new temporary folder (removed afterwards) with one thread, so that the
 # suite's other tests do not slow it down. Exit status 0 = pass.
@@ -152,6 +153,14 @@ usage)
     expect_status 2 "$E" train --task $T --model $M --steps 10 --warmup 20
     expect_status 2 "$E" train --task $T --model $M --stop-at 5 --steps 4 --warmup 1
     expect_status 2 "$E" eval --load nothing.st
+    # a head= of the user's own: the task's classes with another pool run; others are refused
+    L=listops:eval=4
+    LM=layers=1,dim=16,heads=2,attn=local:window=8
+    expect_status 0 "$E" train --task $L --model $LM,head=cls:classes=10,pool=mean --steps 1 \
+        --warmup 0 --batch 2 --threads 1
+    expect_status 2 "$E" train --task $L --model $LM,head=cls:classes=3 --steps 1 --warmup 0 \
+        --batch 2 --threads 1
+    expect_status 2 "$E" train --task $T --model $M,head=cls:classes=4 --steps 1 --warmup 0
     expect_status 2 "$E" generate --load nothing.st
     "$E" help train | grep -q -- "--resume PATH" || fail "help train"
     "$E" help eval | grep -q -- "--load PATH" || fail "help eval"
