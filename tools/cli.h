@@ -102,6 +102,7 @@ void cli_json_num(FILE *f, const char *key, double x, const char *fmt);
 int cli_bench(int argc, char **argv);  /* argv[0] = "bench" */
 int cli_info(int argc, char **argv);   /* argv[0] = "info" */
 int cli_layout(int argc, char **argv); /* argv[0] = "layout" */
+int cli_arena(int argc, char **argv);  /* argv[0] = "arena" */
 /* train.c */
 int cli_train(int argc, char **argv);    /* argv[0] = "train" */
 int cli_eval(int argc, char **argv);     /* argv[0] = "eval" */

@@ -4,6 +4,7 @@
  *   eformer bench ...    time a mechanism after checking it against its reference, or the
  *                        training / inference steps of a model (bench.c)
  *   eformer info ...     build, BLAS, CPU, threads, sgemm rate, mechanisms (info.c)
+ *   eformer arena ...    the survey's comparison measured on this machine (arena.c)
  *   eformer layout ...   a mechanism's attention pattern: pairs, density, a PNG (layout.c)
  *   eformer train ...    train a model on a task, with checkpoints and resume (train.c)
  *   eformer eval ...     a saved model's loss and accuracy on a task's eval split (train.c)
@@ -24,6 +25,8 @@ static const char usage_main[] =
     "            or the steps of a Transformer model (--model)\n"
     "  info      version, BLAS, CPU features, threads and the measured sgemm rate;\n"
     "            `eformer info --mechanisms` also lists every mechanism and its options\n"
+    "  arena     the survey's comparison measured here: every mechanism's time, memory and\n"
+    "            error against exact attention over lengths; a report with tables and plots\n"
     "  layout    a mechanism's attention pattern: visible pairs and density per head, and a PNG\n"
     "  train     train a model on a task: AdamW, schedules, checkpoints, exact resume\n"
     "  eval      a saved model's loss, accuracy and bits per byte on a task's eval split\n"
@@ -124,6 +127,44 @@ static const char usage_info[] =
     "that matter here (AVX-512F, AVX2, FMA), the thread count and the measured sgemm rate at\n"
     "1024^3. --mechanisms also lists every registered mechanism with its options and defaults.\n"
     "Threads: OMP_NUM_THREADS, else every processor online.\n";
+
+static const char usage_arena[] =
+    "usage: eformer arena [--specs LIST|all] [--lens N,N,...] [--batch B] [--heads H] [--dim D]\n"
+    "                     [--causal] [--no-backward] [--inputs gaussian,structured]\n"
+    "                     [--budget SECONDS] [--mem-budget GB] [--reps R] [--out DIR]\n"
+    "                     [--threads T] [--no-plots]\n"
+    "\n"
+    "The survey's comparison, measured here: every mechanism on the same inputs at each length;\n"
+    "median time of forward and forward+backward, GFLOP/s and its fraction of the sgemm rate\n"
+    "measured before that length, the library's bytes and the peak resident set, and the\n"
+    "relative Frobenius error of the output and of dq, dk, dv against exact attention (computed\n"
+    "separately with plain GEMMs; lsh against exact shared-QK attention). Then the survey's\n"
+    "table with the fitted time and memory exponents, and in --out: results.csv, results.json,\n"
+    "report.md and the plots (gnuplot). docs/arena.md explains every column.\n"
+    "\n"
+    "  --specs LIST      ';'-separated specs (quote it), or all: every mechanism with its\n"
+    "                    documented defaults                                 default all\n"
+    "  --lens N,...      ascending lengths                  default 1024,2048,4096,8192,16384\n"
+    "  --batch B --heads H --dim D                              defaults 1, 8, 64\n"
+    "  --causal          causal=1 in every spec (mechanisms without a causal form are marked)\n"
+    "  --no-backward     forward only (errors of the output only)\n"
+    "  --inputs KINDS    gaussian: N(0,1) q, k, v; structured: attention peaked on nearby\n"
+    "                    positions plus one long-range match per query   default both\n"
+    "                    (model:FILE, Q, K, V captured from a trained model, is not\n"
+    "                    implemented yet and is refused)\n"
+    "  --budget S        skip (and mark) a length where one pass would take over S seconds,\n"
+    "                    extrapolated from the shorter lengths; fewer reps above S / R\n"
+    "                                                                        default 30\n"
+    "  --mem-budget GB   skip (and mark) a length where workspace + saved exceed GB\n"
+    "                                         default: half the available memory, at most 8\n"
+    "  --reps R          timed runs after one warm-up; the median           default 3\n"
+    "  --out DIR         where the files go (created)                       default arena\n"
+    "  --threads T       threads of the library and its BLAS     default: processors online\n"
+    "  --no-plots        do not run gnuplot\n"
+    "\n"
+    "Times and bytes come from the first input kind; errors from every kind. Progress (which\n"
+    "mechanism and length, elapsed, an estimate of the time left) goes to stderr, the table to\n"
+    "stdout. Exit status 1 when a mechanism failed (not when it was skipped or refused).\n";
 
 static const char usage_layout[] =
     "usage: eformer layout SPEC --len N [--kv-len M] [--heads H] [--png FILE] [--px P]\n"
@@ -294,6 +335,8 @@ int cli_usage(FILE *f, const char *topic) {
         fputs("\n", f);
         fputs(usage_info, f);
         fputs("\n", f);
+        fputs(usage_arena, f);
+        fputs("\n", f);
         fputs(usage_layout, f);
         fputs("\n", f);
         fputs(usage_train, f);
@@ -307,6 +350,8 @@ int cli_usage(FILE *f, const char *topic) {
         fputs(usage_bench, f);
     else if (strcmp(topic, "info") == 0)
         fputs(usage_info, f);
+    else if (strcmp(topic, "arena") == 0)
+        fputs(usage_arena, f);
     else if (strcmp(topic, "layout") == 0)
         fputs(usage_layout, f);
     else if (strcmp(topic, "train") == 0)
@@ -343,6 +388,7 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "bench") == 0) return cli_bench(argc - 1, argv + 1);
     if (strcmp(cmd, "info") == 0) return cli_info(argc - 1, argv + 1);
     if (strcmp(cmd, "layout") == 0) return cli_layout(argc - 1, argv + 1);
+    if (strcmp(cmd, "arena") == 0) return cli_arena(argc - 1, argv + 1);
     if (strcmp(cmd, "train") == 0) return cli_train(argc - 1, argv + 1);
     if (strcmp(cmd, "eval") == 0) return cli_eval(argc - 1, argv + 1);
     if (strcmp(cmd, "generate") == 0) return cli_generate(argc - 1, argv + 1);
