@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # run.sh - the two set-up commands of the README, on a fresh Debian machine:
-#   ./run.sh bench            install missing packages, build, run the default benchmark sweep
+#   ./run.sh arena [OPTIONS]  install missing packages, build, run `eformer arena` (the main job:
+#                             every mechanism over 1K-16K tokens; report in arena/report.md)
+#   ./run.sh bench            install missing packages, build, run the benchmark sweep
 #   ./run.sh data             install the training data packages, write data/kjv.txt
 #   ./run.sh twin             install PyTorch, check the PyTorch twin against eformer, compare speed
 #   ./run.sh test [--sanitize|--portable]
@@ -12,7 +14,8 @@ cd "$(dirname "$0")"
 
 # Debian packages eformer needs to build and run. The GEMM library (oneDNN) is loaded at run
 # time; without it eformer falls back to OpenBLAS, BLIS or its built-in kernel (docs/gemm.md).
-PACKAGES=(cmake make gcc libc6-dev libdnnl2 libpng-dev libcjson-dev zlib1g-dev)
+# gnuplot-nox draws the arena's plots.
+PACKAGES=(cmake make gcc libc6-dev libdnnl2 libpng-dev libcjson-dev zlib1g-dev gnuplot-nox)
 # The data of the training tasks (docs/tasks.md), only for `./run.sh data`: the King James
 # Bible (text task; the `bible` program writes it out) and Fashion-MNIST (image task, read from
 # /usr/share/datasets/fashion-mnist).
@@ -41,6 +44,13 @@ build() { # build DIR [cmake options...]
 
 cmd=${1:-}
 case "$cmd" in
+arena)
+    install_missing
+    build build
+    shift
+    ./build/eformer info
+    ./build/eformer arena "$@"
+    ;;
 bench)
     install_missing
     build build
@@ -92,7 +102,7 @@ test)
     ctest --output-on-failure -j 2
     ;;
 *)
-    echo "usage: ./run.sh bench | ./run.sh data | ./run.sh test [--sanitize|--portable]" >&2
+    echo "usage: ./run.sh arena [OPTIONS] | bench | data | twin | test [--sanitize|--portable]" >&2
     exit 2
     ;;
 esac

@@ -340,6 +340,14 @@ EF_API ef_status ef_model_forward(ef_model *m, const ef_model_batch *in, ef_mode
  * ef_model_grads (zero them with ef_model_zero_grad). Needs a train=1 model and a forward with
  * targets since the last backward (EF_ERR_ARG otherwise). */
 EF_API ef_status ef_model_backward(ef_model *m);
+/* The queries, keys and values the attention of layer `layer` (0-based) computes on `in`: an
+ * evaluation forward (no loss, nothing kept for backward, no state advanced: in->targets and
+ * in->no_grad are ignored) that copies them out. q, k, v are [in->batch][heads][in->len]
+ * [dim / heads] floats each; rows past a sequence's length are 0. A shared-QK layer (lsh) has no
+ * keys of its own: k receives q. EF_ERR_ARG for a NULL pointer, a layer out of range or a
+ * batch ef_model_forward refuses; EF_ERR_NOMEM. (`eformer arena --inputs model:FILE`.) */
+EF_API ef_status ef_model_capture_qkv(ef_model *m, const ef_model_batch *in, int layer, float *q,
+                                      float *k, float *v);
 
 /* Parameters: the flat buffers (ef_model_param_floats floats each, 64-byte aligned; the floats
  * between tensors are 0 and stay 0 under any elementwise update) and the named tensors in them. */

@@ -10,7 +10,7 @@
  *     well-formed complete CSV and JSON (cJSON), valid PNGs (libpng); a tiny --budget skips
  *     and marks lengths instead of failing; usage errors exit 2.
  */
-#define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700
 
 #include "../tools/arena.h"
 #include "harness.h"
@@ -479,7 +479,7 @@ static void test_cli(const char *eformer) {
 
     /* usage errors: exit status 2 */
     const char *bad_args[] = {"--specs nosuch", "--lens 128,64", "--inputs bogus",
-                              "--inputs model:x.safetensors", "--budget -1", "--dim 0"};
+                              "--inputs gaussian,gaussian", "--budget -1", "--dim 0"};
     for (size_t i = 0; i < sizeof bad_args / sizeof bad_args[0]; i++) {
         snprintf(cmd, sizeof cmd, "'%s' arena %s --out %s/d >/dev/null 2>&1", eformer,
                  bad_args[i], dir);
@@ -488,6 +488,58 @@ static void test_cli(const char *eformer) {
         snprintf(name, sizeof name, "arena %s: exit status 2", bad_args[i]);
         ef_check(name, st == 2, "status %d", st);
     }
+    /* model inputs: a tiny trained model's layer 1; its rows end at the task's 16 positions */
+    snprintf(cmd, sizeof cmd,
+             "cd %s && '%s' train --task dup:len=16,symbols=4 --model "
+             "layers=2,dim=16,heads=2,attn=flash:causal=1 --steps 5 --warmup 1 --batch 2 "
+             "--save m.st --threads 1 >/dev/null 2>&1",
+             dir, eformer);
+    st = run(cmd);
+    ef_check("a tiny model to capture from", st == 0, "status %d", st);
+    snprintf(cmd, sizeof cmd,
+             "'%s' arena --specs 'flash;local:window=4' --lens 8,16,32 --batch 2 --causal "
+             "--layer 1 --inputs model:%s/m.st,gaussian --reps 1 --no-plots --out %s/e "
+             ">/dev/null 2>&1",
+             eformer, dir, dir);
+    st = run(cmd);
+    ef_check("arena --inputs model:FILE exits 0", st == 0, "status %d", st);
+    snprintf(path, sizeof path, "%s/e/results.csv", dir);
+    csv = slurp(path, NULL);
+    int model_rows = 0, model_ok = 0, model_empty = 0;
+    double model_worst = 0;
+    for (char *line = csv; line && *line;) {
+        char *nl = strchr(line, '\n');
+        if (!nl) break;
+        *nl = 0;
+        int n = csv_fields(line, fields, 64);
+        if (n == ncol && !strcmp(fields[7], "model") && !strcmp(fields[5], "flash")) {
+            model_rows++;
+            int len = atoi(fields[10]);
+            if (len <= 16 && fields[c_err[0]][0]) {
+                model_ok++;
+                for (int t = 0; t < 4; t++) model_worst = fmax(model_worst, atof(fields[c_err[t]]));
+            }
+            if (len == 32 && !fields[c_err[0]][0]) model_empty++;
+        }
+        line = nl + 1;
+    }
+    ef_check("model inputs: flash records at 8, 16 (errors) and 32 (none: past the rows)",
+             model_rows == 3 && model_ok == 2 && model_empty == 1, "%d rows, %d ok, %d empty",
+             model_rows, model_ok, model_empty);
+    ef_check_err("model inputs: flash's error against exact attention",
+                 model_ok ? model_worst : NAN, 1e-5);
+    free(csv);
+    snprintf(cmd, sizeof cmd,
+             "'%s' arena --specs flash --lens 8 --heads 3 --inputs model:%s/m.st --out %s/f "
+             ">/dev/null 2>&1", eformer, dir, dir);
+    st = run(cmd);
+    ef_check("model inputs with other --heads: exit status 2", st == 2, "status %d", st);
+    snprintf(cmd, sizeof cmd,
+             "'%s' arena --specs flash --lens 8 --inputs model:%s/nothing.st --out %s/f "
+             ">/dev/null 2>&1", eformer, dir, dir);
+    st = run(cmd);
+    ef_check("model inputs from a missing file: exit status 1", st == 1, "status %d", st);
+
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     if (run(cmd) != 0) printf("note: could not remove %s\n", dir);
 }
@@ -499,9 +551,12 @@ int main(int argc, char **argv) {
     for (int shared = 0; shared <= 1; shared++)
         for (int causal = 0; causal <= 1; causal++) test_exact(causal, shared);
     test_structured();
-    if (argc > 1)
-        test_cli(argv[1]);
+    char *bin = argc > 1 ? realpath(argv[1], NULL) : NULL; /* the test changes folder */
+    if (argc > 1 && !bin) printf("FAIL: %s not found\n", argv[1]);
+    if (bin)
+        test_cli(bin);
     else
         printf("SKIP the command's checks: run as test_arena /path/to/eformer\n");
-    return ef_test_finish();
+    free(bin);
+    return argc > 1 && !bin ? 1 : ef_test_finish();
 }

@@ -1759,6 +1759,103 @@ out:
     ef_model_free(a), ef_model_free(b), ef_model_free(c);
 }
 
+/* ef_model_capture_qkv: layer 0's q, k, v equal LN(embedding) Wq + bq etc. computed here from
+ * the tensor table (random parameters, so that every tensor matters), rows past a length are 0,
+ * a shorter call has its own layout, a shared-QK layer gives k = q; errors name the bad value. */
+static void capture_manual(ef_model *m, const char *pfx, const int32_t *tok, int B, int len,
+                           const int32_t *lens, int H, int C, double eps, float *q, float *k,
+                           float *v) {
+    ef_tensor_info te, tg, tb, tw[3], tbias[3];
+    const float *P = ef_model_params(m);
+    ef_model_find(m, "embed.weight", &te);
+    char name[64];
+    snprintf(name, sizeof name, "%s.ln1.weight", pfx), ef_model_find(m, name, &tg);
+    snprintf(name, sizeof name, "%s.ln1.bias", pfx), ef_model_find(m, name, &tb);
+    const char *wn[3] = {"q", "k", "v"};
+    for (int t = 0; t < 3; t++) {
+        snprintf(name, sizeof name, "%s.attn.%s.weight", pfx, wn[t]), ef_model_find(m, name, &tw[t]);
+        snprintf(name, sizeof name, "%s.attn.%s.bias", pfx, wn[t]), ef_model_find(m, name, &tbias[t]);
+    }
+    int D = C / H;
+    double *u = malloc(sizeof(double) * C);
+    float *dst[3] = {q, k, v};
+    for (int b = 0; b < B; b++)
+        for (int i = 0; i < len; i++) {
+            int valid = i < lens[b];
+            if (valid) {
+                const float *x = P + te.offset + (size_t)tok[b * len + i] * C;
+                double mu = 0, var = 0;
+                for (int c = 0; c < C; c++) mu += x[c];
+                mu /= C;
+                for (int c = 0; c < C; c++) var += (x[c] - mu) * (x[c] - mu);
+                var /= C;
+                for (int c = 0; c < C; c++)
+                    u[c] = (x[c] - mu) / sqrt(var + eps) * P[tg.offset + c] + P[tb.offset + c];
+            }
+            for (int t = 0; t < 3; t++)
+                for (int h = 0; h < H; h++)
+                    for (int e = 0; e < D; e++) {
+                        double acc = 0;
+                        if (valid) {
+                            acc = P[tbias[t].offset + h * D + e];
+                            for (int c = 0; c < C; c++)
+                                acc += u[c] * P[tw[t].offset + (size_t)c * C + h * D + e];
+                        }
+                        dst[t][(((size_t)b * H + h) * len + i) * D + e] = (float)acc;
+                    }
+        }
+    free(u);
+}
+
+static void test_capture(void) {
+    const int B = 2, N = 24, C = 16, H = 2;
+    const char *spec = "layers=2,dim=16,heads=2,ff=16,vocab=11,max_len=24,pos=none,attn=flash";
+    ef_model *m = NULL;
+    ef_model_opts o = {.batch = B, .seed = 5, .train = 1};
+    if (!ef_check_status("capture: model", ef_model_new(&m, spec, &o), EF_OK)) return;
+    float *P = ef_model_params(m);
+    float *r = ef_test_randn(ef_model_param_floats(m), 77, 0.5f);
+    memcpy(P, r, sizeof(float) * ef_model_param_floats(m));
+    free(r);
+    int32_t tok[2 * 24], lens[2] = {24, 13};
+    for (int i = 0; i < B * N; i++) tok[i] = (i * 7 + 3) % 11;
+    size_t n = (size_t)B * H * N * (C / H);
+    float *q = ef_test_zeros(n), *k = ef_test_zeros(n), *v = ef_test_zeros(n);
+    float *mq = ef_test_zeros(n), *mk = ef_test_zeros(n), *mv = ef_test_zeros(n);
+    ef_model_batch in = {.batch = B, .len = N, .tokens = tok, .lens = lens};
+    ef_check_status("capture layer 0", ef_model_capture_qkv(m, &in, 0, q, k, v), EF_OK);
+    capture_manual(m, "layers.0", tok, B, N, lens, H, C, 1e-5, mq, mk, mv);
+    ef_check_err("capture: q = LN(x) Wq + bq (rows past the length 0)", ef_max_rel_diff(q, mq, n), 1e-5);
+    ef_check_err("capture: k = LN(x) Wk + bk", ef_max_rel_diff(k, mk, n), 1e-5);
+    ef_check_err("capture: v = LN(x) Wv + bv", ef_max_rel_diff(v, mv, n), 1e-5);
+    /* a shorter call: [batch][H][len][D] of its own length */
+    int32_t tok2[2 * 10], lens2[2] = {10, 10};
+    for (int b = 0; b < B; b++) memcpy(tok2 + b * 10, tok + b * N, sizeof(int32_t) * 10);
+    ef_model_batch in2 = {.batch = B, .len = 10, .tokens = tok2, .lens = lens2};
+    size_t n2 = (size_t)B * H * 10 * (C / H);
+    ef_check_status("capture at len 10", ef_model_capture_qkv(m, &in2, 0, q, k, v), EF_OK);
+    capture_manual(m, "layers.0", tok2, B, 10, lens2, H, C, 1e-5, mq, mk, mv);
+    ef_check_err("capture at len 10: q", ef_max_rel_diff(q, mq, n2), 1e-5);
+    /* layer 1 differs from layer 0 and is finite */
+    ef_check_status("capture layer 1", ef_model_capture_qkv(m, &in, 1, q, k, v), EF_OK);
+    capture_manual(m, "layers.0", tok, B, N, lens, H, C, 1e-5, mq, mk, mv);
+    ef_check("capture layer 1 is not layer 0's", ef_max_rel_diff(q, mq, n) > 1e-2 && !ef_test_any_nonfinite(q, n),
+             "%g", ef_max_rel_diff(q, mq, n));
+    ef_check_status("capture layer 2 of 2", ef_model_capture_qkv(m, &in, 2, q, k, v), EF_ERR_ARG);
+    ef_check("  the message names the layer", strstr(ef_last_error(), "layer 2") != NULL, "%s",
+             ef_last_error());
+    ef_check_status("capture with q NULL", ef_model_capture_qkv(m, &in, 0, NULL, k, v), EF_ERR_ARG);
+    ef_model_free(m);
+    /* shared-QK: k = q */
+    const char *lspec = "layers=1,dim=16,heads=2,ff=16,vocab=11,max_len=24,attn=lsh:chunk=8";
+    if (ef_check_status("capture: lsh model", ef_model_new(&m, lspec, &o), EF_OK)) {
+        ef_check_status("capture lsh layer", ef_model_capture_qkv(m, &in, 0, q, k, v), EF_OK);
+        ef_check("capture lsh: k = q", memcmp(q, k, n * sizeof(float)) == 0, "%s", "");
+        ef_model_free(m);
+    }
+    free(q), free(k), free(v), free(mq), free(mk), free(mv);
+}
+
 int main(void) {
     test_spec();
     test_table();
@@ -1776,6 +1873,7 @@ int main(void) {
     test_chunks();
     test_call_errors();
     test_no_grad();
+    test_capture();
     test_bytes();
     test_checkpoints();
     return ef_test_finish();

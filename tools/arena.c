@@ -19,6 +19,8 @@
 
 #include "arena.h"
 #include "cli.h"
+#include "train/optim.h"
+#include "train/tasks.h"
 
 #include <errno.h>
 #include <math.h>
@@ -35,7 +37,7 @@
 
 static const char *const default_lens = "1024,2048,4096,8192,16384";
 
-enum { IN_GAUSSIAN, IN_STRUCTURED };
+enum { IN_GAUSSIAN, IN_STRUCTURED, IN_MODEL };
 /* structured inputs: bump width (positions) and peak logit */
 #define ST_WIDTH 8.0
 #define ST_SHARP 10.0
@@ -46,10 +48,11 @@ typedef enum {
     CELL_SKIP_TIME,   /* predicted over --budget */
     CELL_SKIP_MEMORY, /* workspace + saved over --mem-budget, or the memory is not there */
     CELL_REFUSED,     /* the plan was refused (shape, option, causal) */
-    CELL_FAILED       /* a pass returned an error */
+    CELL_FAILED,      /* a pass returned an error */
+    CELL_NO_INPUT     /* none of the input kinds exists at this length */
 } cell_status;
-static const char *const status_name[] = {"pending", "ok", "skipped-time", "skipped-memory",
-                                          "refused", "failed"};
+static const char *const status_name[] = {"pending", "ok",     "skipped-time", "skipped-memory",
+                                          "refused", "failed", "no-input"};
 
 typedef struct cell {
     cell_status status;
@@ -86,9 +89,16 @@ typedef struct arena_run {
     int tty;
     char cpu[128];
     char compiler[128];
+    /* --inputs model:FILE: the model, its task (eval samples), the layer captured */
+    const char *model_path;
+    ef_model *model;
+    ef_task *task;
+    int layer, model_len; /* model_len: the longest length its inputs cover */
 } arena_run;
 
-static const char *input_name(int in) { return in == IN_GAUSSIAN ? "gaussian" : "structured"; }
+static const char *input_name(int in) {
+    return in == IN_GAUSSIAN ? "gaussian" : in == IN_STRUCTURED ? "structured" : "model";
+}
 
 /* ---------------------------------------------------------------------------------------------
  * Progress
@@ -167,6 +177,7 @@ typedef struct tensors {
     float *ro, *rdq, *rdk, *rdv;       /* exact attention */
     float *so, *sdq, *sdk, *sdv;       /* exact shared-QK attention (made when needed) */
     int have_shared;
+    int na; /* these inputs do not exist at this length (a model's beyond its samples) */
 } tensors;
 
 typedef struct pass_ctx {
@@ -240,6 +251,31 @@ static void free_tensors(tensors *T, int n) {
     }
 }
 
+/* q, k, v of the model's layer R->layer on the first `batch` eval samples of its task, cut to
+ * sh->len positions (every one valid: sh->len <= R->model_len); dout Gaussian. */
+static ef_status model_inputs(arena_run *R, const arena_shape *sh, float *q, float *k, float *v,
+                              float *dout) {
+    ef_task_info ti;
+    ef_task_get_info(R->task, &ti);
+    int B = sh->batch, N = sh->len;
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)B * ti.len);
+    int32_t *lens = malloc(sizeof(int32_t) * (size_t)B);
+    int32_t *tgt = malloc(sizeof(int32_t) * (size_t)B * (ti.classes ? 1 : ti.len));
+    ef_status st = EF_ERR_NOMEM;
+    if (tok && lens && tgt && !(st = ef_task_batch(R->task, EF_SPLIT_EVAL, 0, B, tok, lens, tgt))) {
+        for (int b = 0; b < B; b++) { /* rows of N */
+            memmove(tok + (size_t)b * N, tok + (size_t)b * ti.len, sizeof(int32_t) * N);
+            lens[b] = N;
+        }
+        ef_model_batch in = {.batch = B, .len = N, .tokens = tok, .lens = lens};
+        st = ef_model_capture_qkv(R->model, &in, R->layer, q, k, v);
+    }
+    free(tok), free(lens), free(tgt);
+    size_t n = (size_t)B * sh->heads * N * sh->dim;
+    ef_rng_normal(INPUT_SEED, 3, 0, n, dout);
+    return st;
+}
+
 /* Runs every spec at length index li. Returns CLI_OK, or CLI_FAIL when the length's own
  * buffers cannot be had (every cell of it is marked). */
 static int run_length(arena_run *R, int li, double *done_s, int *done_n) {
@@ -284,12 +320,22 @@ static int run_length(arena_run *R, int li, double *done_s, int *done_n) {
         fmt_secs(el, sizeof el, cli_now() - R->t0);
         progress(R, "arena: N=%d: exact attention on %s inputs  (elapsed %s)", N,
                  input_name(R->inputs[i]), el);
+        ef_status st = EF_OK;
         if (R->inputs[i] == IN_GAUSSIAN)
             arena_gaussian(&sh, INPUT_SEED, T[i].q, T[i].k, T[i].v, T[i].g);
-        else
+        else if (R->inputs[i] == IN_STRUCTURED)
             arena_structured(&sh, R->causal, ST_WIDTH, ST_SHARP, INPUT_SEED, T[i].q, T[i].k,
                              T[i].v, T[i].g);
-        ef_status st = make_exact(R, &sh, T, i, 0);
+        else if (N > R->model_len) {
+            T[i].na = 1;
+            continue;
+        } else if ((st = model_inputs(R, &sh, T[i].q, T[i].k, T[i].v, T[i].g))) {
+            cli_lib_error(st, "capturing q, k, v from the model");
+            free_tensors(T, R->n_inputs);
+            ef_free(o), ef_free(dq), ef_free(dk), ef_free(dv);
+            return CLI_FAIL;
+        }
+        st = make_exact(R, &sh, T, i, 0);
         if (st) {
             cli_lib_error(st, "computing exact attention for the errors");
             free_tensors(T, R->n_inputs);
@@ -359,7 +405,16 @@ static int run_length(arena_run *R, int li, double *done_s, int *done_n) {
             ef_attn_free(a);
             continue;
         }
-        pass_ctx p = {a, {T[0].q, T[0].k, T[0].v, NULL, o, NULL}, saved, T[0].g, dq, dk, dv, 0};
+        int t0i = 0; /* the timing input: the first that exists at this length */
+        while (t0i < R->n_inputs - 1 && T[t0i].na) t0i++;
+        if (T[t0i].na) {
+            cell_note(c, CELL_NO_INPUT, "the model's inputs end at N=%d", R->model_len);
+            ef_free(saved);
+            ef_attn_free(a);
+            continue;
+        }
+        pass_ctx p = {a, {T[t0i].q, T[t0i].k, T[t0i].v, NULL, o, NULL}, saved, T[t0i].g, dq, dk,
+                      dv, 0};
         int reps = 0;
         st = time_pass(R, &p, &c->fwd_s, &reps);
         if (!st && R->backward) {
@@ -369,8 +424,9 @@ static int run_length(arena_run *R, int li, double *done_s, int *done_n) {
         c->reps = reps;
         /* errors: the last timed pass left input 0's results; one pass for each other kind */
         int shared = A->caps.shared_qk;
-        for (int i = 0; !st && i < R->n_inputs; i++) {
-            if (i > 0) {
+        for (int i = t0i; !st && i < R->n_inputs; i++) {
+            if (T[i].na) continue;
+            if (i > t0i) {
                 p.io.q = T[i].q, p.io.k = T[i].k, p.io.v = T[i].v, p.g = T[i].g;
                 if ((st = run_pass(&p))) break;
             }
@@ -436,8 +492,10 @@ static summary summarise(const arena_run *R, int s) {
     if (m.last >= 0) {
         const cell *c = &R->cells[m.last][s];
         m.time_s = pass_time(R, c), m.bytes = (double)c->ws_bytes + c->saved_bytes;
-        for (int i = 0; i < R->n_inputs; i++) m.err[i] = c->err[i][0];
     }
+    for (int i = 0; i < R->n_inputs; i++) /* at the largest length this input exists */
+        for (int l = m.last; l >= 0 && !isfinite(m.err[i]); l--)
+            if (R->cells[l][s].status == CELL_OK) m.err[i] = R->cells[l][s].err[i][0];
     int f = -1;
     for (int k = 0; k < R->n_specs; k++)
         if (!strcmp(R->specs[k].name, "flash")) {
@@ -481,12 +539,15 @@ static void fmt_len(char *buf, size_t cap, int n) {
 
 /* The survey's table (fits 100 columns); markdown = 1 for report.md. */
 static void print_table(FILE *f, const arena_run *R, int markdown) {
-    const char *hdr[] = {"mechanism", "family", "claim", "causal", "t-exp", "m-exp", "time",
-                         "memory", "at N", "x flash", "err g", "err s"};
-    int w[] = {12, 6, 11, 6, 5, 5, 8, 8, 4, 7, 7, 7};
-    int ncol = 12;
-    int have_in[2] = {-1, -1};
-    for (int i = 0; i < R->n_inputs; i++) have_in[R->inputs[i]] = i;
+    /* one error column per input kind, in the order run */
+    const char *hdr[13] = {"mechanism", "family", "claim", "causal", "t-exp", "m-exp", "time",
+                           "memory", "at N", "x flash"};
+    int w[13] = {12, 6, 10, 6, 5, 5, 7, 7, 4, 7};
+    int ncol = 10, narrow = !markdown && R->n_inputs > 2; /* 1-digit errors fit 100 columns */
+    for (int i = 0; i < R->n_inputs && i < 3; i++) {
+        static const char *const eh[] = {"err g", "err s", "err m"};
+        hdr[ncol] = eh[R->inputs[i]], w[ncol++] = narrow ? 5 : 7;
+    }
     if (markdown) {
         for (int c = 0; c < ncol; c++) fprintf(f, "| %s ", hdr[c]);
         fprintf(f, "|\n");
@@ -500,7 +561,7 @@ static void print_table(FILE *f, const arena_run *R, int markdown) {
         const arena_spec *A = &R->specs[s];
         arena_claim cl = arena_claim_of(A->name);
         summary m = summarise(R, s);
-        char col[12][48];
+        char col[13][48];
         snprintf(col[0], 48, "%s", A->name);
         snprintf(col[1], 48, "%s", family_code(cl.family));
         snprintf(col[2], 48, "%s", cl.complexity ? cl.complexity : "?");
@@ -522,10 +583,8 @@ static void print_table(FILE *f, const arena_run *R, int markdown) {
             fmt_len(l, sizeof l, m.speedup_len);
             snprintf(col[9], 48, "%.2f@%s", m.speedup, l);
         }
-        for (int k = 0; k < 2; k++) {
-            double e = have_in[k] >= 0 ? m.err[have_in[k]] : NAN;
-            fmt_num(col[10 + k], 48, "%.1e", e);
-        }
+        for (int i = 0; i < ncol - 10; i++)
+            fmt_num(col[10 + i], 48, narrow ? "%.0e" : "%.1e", m.err[i]);
         if (m.last < 0) { /* say why */
             const cell *c = &R->cells[0][s];
             snprintf(col[6], 48, "%s", status_name[c->status]);
@@ -546,8 +605,8 @@ static const char table_legend[] =
     "pattern;\nLR low rank; KR kernel (the survey's taxonomy). claim: the survey's time "
     "complexity.\nt-exp, m-exp: log-log slope of the time and of the library's bytes over the "
     "lengths run.\ntime, memory: at the largest length run (at N). x flash: flash's time over "
-    "this one at\nthe largest length both ran. err g, err s: relative Frobenius error of the output "
-    "against\nexact attention at that length, on Gaussian and structured inputs.\n";
+    "this one at\nthe largest length both ran. err g, s, m: relative Frobenius error of the output "
+    "against\nexact attention at that length on Gaussian, structured and model inputs.\n";
 
 /* ---------------------------------------------------------------------------------------------
  * Files
@@ -884,10 +943,72 @@ static int add_spec(arena_run *R, const char *spec, size_t len) {
     return CLI_OK;
 }
 
+/* Loads --inputs model:FILE, its task (from FILE.opt, as `eformer eval` does) and fixes the
+ * heads and head dim from it. Returns an exit status. */
+static int open_model(arena_run *R, int heads_given, int dim_given) {
+    const char *path = R->model_path;
+    char *task_spec = NULL, *seed_s = NULL;
+    ef_status st = ef_train_read_meta(path, "train.task", &task_spec);
+    if (st) {
+        cli_lib_error_hint(st, "reading the task of --inputs model:FILE",
+                           "model:FILE is a checkpoint `eformer train --save FILE` wrote; its "
+                           "task, whose eval samples feed the model, is in FILE" EF_TRAIN_OPT_SUFFIX);
+        return CLI_FAIL;
+    }
+    int seed = 1;
+    if (!ef_train_read_meta(path, "train.seed", &seed_s)) seed = atoi(seed_s);
+    free(seed_s);
+    int rc = CLI_OK;
+    if ((st = ef_task_new(&R->task, task_spec, (uint64_t)seed))) {
+        cli_lib_error(st, "making the model's task");
+        rc = CLI_FAIL;
+        goto out;
+    }
+    ef_model_opts mo = {.batch = R->base.batch, .seed = 0, .train = 0};
+    if ((st = ef_model_load(&R->model, path, &mo))) {
+        cli_lib_error(st, "loading --inputs model:FILE");
+        rc = CLI_FAIL;
+        goto out;
+    }
+    ef_model_info mi;
+    ef_model_get_info(R->model, &mi);
+    if (R->layer >= mi.layers) {
+        rc = cli_usage_error("arena", "arena: --layer %d: the model has %d layers", R->layer,
+                             mi.layers);
+        goto out;
+    }
+    int D = mi.dim / mi.heads;
+    if ((heads_given && R->base.heads != mi.heads) || (dim_given && R->base.dim != D)) {
+        rc = cli_usage_error("arena",
+                             "arena: --heads %d --dim %d, but the model's attention has %d heads "
+                             "of dim %d (leave them out with model:FILE)",
+                             R->base.heads, R->base.dim, mi.heads, D);
+        goto out;
+    }
+    R->base.heads = mi.heads, R->base.dim = D;
+    /* the lengths at which every one of the first `batch` eval samples fills the rows */
+    ef_task_info ti;
+    ef_task_get_info(R->task, &ti);
+    int32_t *tok = malloc(sizeof(int32_t) * ti.len), tl = 0;
+    int32_t *tgt = malloc(sizeof(int32_t) * (ti.classes ? 1 : ti.len));
+    R->model_len = mi.max_len < ti.len ? mi.max_len : ti.len;
+    for (int b = 0; tok && tgt && b < R->base.batch && b < ti.n_eval; b++)
+        if (!ef_task_sample(R->task, EF_SPLIT_EVAL, b, tok, &tl, tgt) && tl < R->model_len)
+            R->model_len = tl;
+    if (R->base.batch > ti.n_eval) R->model_len = 0;
+    free(tok), free(tgt);
+    if (mi.causal && !R->causal)
+        fprintf(stderr, "eformer: arena: note: the model is causal; --causal compares its q, k, v "
+                        "with causal exact attention, as it was trained\n");
+out:
+    free(task_spec);
+    return rc;
+}
+
 int cli_arena(int argc, char **argv) {
     enum {
         O_SPECS, O_LENS, O_BATCH, O_HEADS, O_DIM, O_CAUSAL, O_NOBWD, O_INPUTS, O_BUDGET,
-        O_MEM, O_REPS, O_OUT, O_THR, O_NOPLOTS, O_HELP, N_OPTS
+        O_MEM, O_REPS, O_OUT, O_THR, O_NOPLOTS, O_LAYER, O_HELP, N_OPTS
     };
     cli_opt opts[N_OPTS] = {
         [O_SPECS] = {"specs", 1, NULL},      [O_LENS] = {"lens", 1, NULL},
@@ -897,7 +1018,7 @@ int cli_arena(int argc, char **argv) {
         [O_BUDGET] = {"budget", 1, NULL},    [O_MEM] = {"mem-budget", 1, NULL},
         [O_REPS] = {"reps", 1, NULL},        [O_OUT] = {"out", 1, NULL},
         [O_THR] = {"threads", 1, NULL},      [O_NOPLOTS] = {"no-plots", 0, NULL},
-        [O_HELP] = {"help", 0, NULL},
+        [O_LAYER] = {"layer", 1, NULL},      [O_HELP] = {"help", 0, NULL},
     };
     int rc = cli_parse_opts("arena", argc, argv, 1, opts, N_OPTS);
     if (rc) return rc;
@@ -950,11 +1071,14 @@ int cli_arena(int argc, char **argv) {
             if (n == 8 && !strncmp(s, "gaussian", 8)) kind = IN_GAUSSIAN;
             if (n == 10 && !strncmp(s, "structured", 10)) kind = IN_STRUCTURED;
             if (n > 6 && !strncmp(s, "model:", 6)) {
-                rc = cli_usage_error("arena",
-                                     "arena: --inputs model:FILE (Q, K, V captured from a "
-                                     "trained model) is not implemented yet; use gaussian, "
-                                     "structured");
-                goto done;
+                kind = IN_MODEL;
+                char *path = strndup(s + 6, n - 6);
+                if (!path || R->model_path) {
+                    free(path);
+                    rc = cli_usage_error("arena", "arena: --inputs: one model:FILE at most");
+                    goto done;
+                }
+                R->model_path = path;
             }
             if (kind < 0) {
                 rc = cli_usage_error("arena", "arena: --inputs: '%.*s' is not gaussian or "
@@ -966,7 +1090,7 @@ int cli_arena(int argc, char **argv) {
                     rc = cli_usage_error("arena", "arena: --inputs: '%.*s' given twice", (int)n, s);
                     goto done;
                 }
-            if (R->n_inputs >= 2) break;
+            if (R->n_inputs >= MAX_INPUTS) break;
             R->inputs[R->n_inputs++] = kind;
             s += n;
             if (*s == ',') s++;
@@ -975,7 +1099,18 @@ int cli_arena(int argc, char **argv) {
             rc = cli_usage_error("arena", "arena: --inputs is empty");
             goto done;
         }
+        /* times come from the first kind: the generated ones go first */
+        for (int i = 0; i + 1 < R->n_inputs; i++)
+            if (R->inputs[i] == IN_MODEL) {
+                R->inputs[i] = R->inputs[i + 1];
+                R->inputs[i + 1] = IN_MODEL;
+            }
     }
+    if ((v = opts[O_LAYER].value) &&
+        (rc = cli_parse_int("arena", "layer", v, 0, 1 << 20, &R->layer)))
+        goto done;
+    if (R->model_path && (rc = open_model(R, opts[O_HEADS].value != NULL, opts[O_DIM].value != NULL)))
+        goto done;
     /* specs: ';'-separated (a spec's options are comma-separated), or all */
     {
         const char *s = opts[O_SPECS].value ? opts[O_SPECS].value : "all";
@@ -1066,6 +1201,9 @@ int cli_arena(int argc, char **argv) {
         for (int s = 0; s < R->n_specs; s++)
             if (R->cells[l][s].status == CELL_FAILED) rc = CLI_FAIL;
 done:
+    ef_model_free(R->model);
+    ef_task_free(R->task);
+    free((char *)R->model_path);
     free(R);
     return rc;
 }

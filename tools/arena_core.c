@@ -25,14 +25,14 @@ double arena_slope(const double *x, const double *y, int n) {
 /* Tay et al., Efficient Transformers: A Survey (2020/2022), Table 1 and section 3: family and
  * claimed complexity. The exponent is that of N with the mechanism's own sizes (window,
  * block, features, landmarks, clusters, buckets) held fixed, as the arena runs it; the
- * Sparse Transformer's O(N sqrt N) assumes a block of about sqrt N. */
+ * Sparse Transformer's O(N^1.5) = O(N sqrt N) assumes a block of about sqrt N. */
 static const arena_claim claims[] = {
     {"full", "exact", "O(N^2)", 2, 2},
     {"flash", "exact", "O(N^2)", 2, 1},
     {"local", "fixed pattern", "O(N*w)", 1, 1},
     {"blocklocal", "fixed pattern", "O(N*b)", 1, 1},
-    {"strided", "fixed pattern", "O(N*sqrt N)", 1.5, 1},
-    {"fixed", "fixed pattern", "O(N*sqrt N)", 1.5, 1},
+    {"strided", "fixed pattern", "O(N^1.5)", 1.5, 1},
+    {"fixed", "fixed pattern", "O(N^1.5)", 1.5, 1},
     {"longformer", "fixed pattern+global memory", "O(N*(w+g))", 1, 1},
     {"bigbird", "fixed pattern+global memory", "O(N)", 1, 1},
     {"bigbird-etc", "fixed pattern+global memory", "O(N)", 1, 1},

@@ -1054,6 +1054,38 @@ ef_status ef_model_forward(ef_model *m, const ef_model_batch *in, ef_model_out *
     return EF_OK;
 }
 
+ef_status ef_model_capture_qkv(ef_model *m, const ef_model_batch *in, int layer, float *q,
+                                float *k, float *v) {
+    if (!m || !in || !q || !k || !v)
+        return ef_error(EF_ERR_ARG, "ef_model_capture_qkv: %s is NULL",
+                        !m ? "model" : !in ? "in" : !q ? "q" : !k ? "k" : "v");
+    if (layer < 0 || layer >= m->cfg.layers)
+        return ef_error(EF_ERR_ARG, "ef_model_capture_qkv: layer %d is not in [0, %d)", layer,
+                        m->cfg.layers);
+    int H = m->cfg.heads, D = m->cfg.dim / H, N = m->N;
+    size_t per = (size_t)m->B * H * N * D;
+    float *cap = ef_malloc(3 * per * sizeof(float));
+    if (!cap) return EF_ERR_NOMEM; /* ef_malloc said so */
+    ef_model_batch b = *in;
+    b.targets = NULL, b.no_grad = 1;
+    ef_model_out out = {0};
+    ef_attn_block *ab = ef_block_attn(m->L[layer].blk);
+    ef_attn_block_capture(ab, cap);
+    ef_status st = ef_model_forward(m, &b, &out);
+    ef_attn_block_capture(ab, NULL);
+    if (!st) /* [B][H][N][D] of the model -> [in->batch][H][in->len][D] */
+        for (int t = 0; t < 3; t++) {
+            float *dst = t == 0 ? q : t == 1 ? k : v;
+            for (int bb = 0; bb < in->batch; bb++)
+                for (int h = 0; h < H; h++)
+                    memcpy(dst + ((size_t)bb * H + h) * in->len * D,
+                           cap + t * per + ((size_t)bb * H + h) * N * D,
+                           sizeof(float) * (size_t)in->len * D);
+        }
+    ef_free(cap);
+    return st;
+}
+
 ef_status ef_model_backward(ef_model *m) {
     if (!m) return ef_error(EF_ERR_ARG, "ef_model_backward: model is NULL");
     if (!m->train)

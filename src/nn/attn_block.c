@@ -26,6 +26,7 @@ struct ef_attn_block {
     int shared_qk;
     size_t per;        /* floats of one [B][H][N][D] tensor */
     size_t attn_saved; /* the plan's saved bytes */
+    float *cap;        /* ef_attn_block_capture: the next forward copies q, k, v here */
 };
 
 static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
@@ -163,6 +164,19 @@ static ef_status block_forward(ef_attn_block *blk, const ef_attn_block_params *p
             if ((st = project(blk, xb, p->wv, p->bv, h, nv, v + off))) return st;
         }
     }
+    if (blk->cap) { /* q, k (shared-QK: q), v with the rows past each length zeroed */
+        const float *src[3] = {q, blk->shared_qk ? q : k, v};
+        for (int t = 0; t < 3; t++)
+            for (int b = 0; b < blk->batch; b++) {
+                size_t nv = (size_t)(lens ? lens[b] : n), bh = (size_t)b * H * n * d;
+                for (int h = 0; h < H; h++) {
+                    float *dst = blk->cap + t * blk->per + bh + (size_t)h * n * d;
+                    memcpy(dst, src[t] + bh + (size_t)h * n * d, sizeof(float) * nv * d);
+                    memset(dst + nv * d, 0, sizeof(float) * (n - nv) * d);
+                }
+            }
+        blk->cap = NULL;
+    }
     ef_attn_io io = {q, blk->shared_qk ? q : k, v, lens, o, lens};
     double t0 = ef_now();
     st = replay ? ef_attn_forward_replay(blk->attn, &io, asaved)
@@ -183,6 +197,10 @@ static ef_status block_forward(ef_attn_block *blk, const ef_attn_block_params *p
         zero_tail(yb, nv, n, c);
     }
     return EF_OK;
+}
+
+void ef_attn_block_capture(ef_attn_block *blk, float *dst) {
+    if (blk) blk->cap = dst;
 }
 
 ef_status ef_attn_block_forward(ef_attn_block *blk, const ef_attn_block_params *p, const float *x,

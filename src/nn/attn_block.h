@@ -62,6 +62,11 @@ size_t ef_attn_block_ws_bytes(const ef_attn_block *blk);
 /* Bytes the block itself owns: the attention plan's (ef_attn_workspace_bytes). */
 size_t ef_attn_block_workspace_bytes(const ef_attn_block *blk);
 
+/* The next forward (or replay) copies its q, k, v into dst (3 [B][H][N][D] tensors one after
+ * the other; rows past each sequence's length 0; shared-QK: k = q), then forgets dst. NULL
+ * cancels. For ef_model_capture_qkv. */
+void ef_attn_block_capture(ef_attn_block *blk, float *dst);
+
 /* y [B][N][C] from x [B][N][C]; saved may be NULL (inference: ws holds q, k, v, o then, and is
  * required; with saved, ws is unused and may be NULL). Errors: EF_ERR_ARG for a NULL pointer, a
  * ws that is needed but NULL or not 64-byte aligned, lens outside [0, len]. */
