@@ -611,14 +611,62 @@ static const char table_legend[] =
 /* ---------------------------------------------------------------------------------------------
  * Files
  * ------------------------------------------------------------------------------------------- */
-static void csv_num(FILE *f, double x, const char *fmt) {
-    fputc(',', f);
-    if (isfinite(x)) fprintf(f, fmt, x);
+/* One record: (length l, spec s, input kind i) as named fields, written as a CSV row or a JSON
+ * object by the same list. Times and bytes are those of the timing input, repeated on the other
+ * kinds' records; NAN = not measured or not applicable (empty in CSV, null in JSON). */
+typedef struct field {
+    const char *key;
+    const char *str; /* a string field, or NULL for a number */
+    double num;
+    const char *fmt;
+} field;
+
+#define MAX_FIELDS 32
+
+static int record_fields(const arena_run *R, int l, int s, int i, field *F) {
+    const cell *c = &R->cells[l][s];
+    const arena_spec *A = &R->specs[s];
+    arena_claim cl = arena_claim_of(A->name);
+    int ok = c->status == CELL_OK, n = 0;
+    double gf = ok ? c->flops_fwd / c->fwd_s / 1e9 : NAN;
+    double gfb = ok ? c->flops_fwdbwd / c->fwdbwd_s / 1e9 : NAN;
+#define STR(k, v) F[n++] = (field){k, v, 0, NULL}
+#define NUM(k, v, f) F[n++] = (field){k, NULL, v, f}
+    STR("machine", R->cpu);
+    STR("compiler", R->compiler);
+    NUM("threads", R->threads, "%.0f");
+    NUM("sgemm_gflops", c->sgemm, "%.2f");
+    STR("spec", A->canon[0] ? A->canon : A->spec);
+    STR("mechanism", A->name);
+    STR("family", cl.family ? cl.family : "");
+    STR("input", input_name(R->inputs[i]));
+    NUM("batch", R->base.batch, "%.0f");
+    NUM("heads", R->base.heads, "%.0f");
+    NUM("len", R->lens[l], "%.0f");
+    NUM("dim", R->base.dim, "%.0f");
+    NUM("causal", R->causal, "%.0f");
+    STR("status", status_name[c->status]);
+    STR("note", c->note);
+    NUM("fwd_s", ok ? c->fwd_s : NAN, "%.6g");
+    NUM("fwdbwd_s", ok ? c->fwdbwd_s : NAN, "%.6g");
+    NUM("reps", ok ? c->reps : 0, "%.0f");
+    NUM("gflops_fwd", gf, "%.4g");
+    NUM("gflops_fwdbwd", gfb, "%.4g");
+    NUM("fraction_of_sgemm", (R->backward ? gfb : gf) / c->sgemm, "%.4f");
+    NUM("workspace_bytes", ok ? (double)c->ws_bytes : NAN, "%.0f");
+    NUM("saved_bytes", ok ? (double)c->saved_bytes : NAN, "%.0f");
+    NUM("rss_bytes", ok && c->rss_bytes ? (double)c->rss_bytes : NAN, "%.0f");
+    NUM("err_out", c->err[i][0], "%.4g");
+    NUM("err_dq", c->err[i][1], "%.4g");
+    NUM("err_dk", c->err[i][2], "%.4g");
+    NUM("err_dv", c->err[i][3], "%.4g");
+#undef STR
+#undef NUM
+    return n;
 }
 
 /* a CSV field: quoted, quotes doubled */
-static void csv_str(FILE *f, const char *s, int first) {
-    if (!first) fputc(',', f);
+static void csv_str(FILE *f, const char *s) {
     fputc('"', f);
     for (; *s; s++) {
         if (*s == '"') fputc('"', f);
@@ -627,58 +675,27 @@ static void csv_str(FILE *f, const char *s, int first) {
     fputc('"', f);
 }
 
-static const char csv_header[] =
-    "machine,compiler,threads,sgemm_gflops,spec,mechanism,family,input,batch,heads,len,dim,"
-    "causal,status,note,fwd_s,fwdbwd_s,reps,gflops_fwd,gflops_fwdbwd,fraction_of_sgemm,"
-    "workspace_bytes,saved_bytes,rss_bytes,err_out,err_dq,err_dk,err_dv\n";
-
-/* One record per (length, spec, input): times and bytes are those of the timing input (the
- * first), repeated on the other inputs' records. */
 static int write_csv(const arena_run *R, const char *path) {
     FILE *f = fopen(path, "w");
     if (!f) return -1;
-    fputs(csv_header, f);
+    field F[MAX_FIELDS];
+    int n = record_fields(R, 0, 0, 0, F);
+    for (int k = 0; k < n; k++) fprintf(f, "%s%s", k ? "," : "", F[k].key);
+    fputc('\n', f);
     for (int l = 0; l < R->n_lens; l++)
         for (int s = 0; s < R->n_specs; s++)
             for (int i = 0; i < R->n_inputs; i++) {
-                const cell *c = &R->cells[l][s];
-                const arena_spec *A = &R->specs[s];
-                arena_claim cl = arena_claim_of(A->name);
-                csv_str(f, R->cpu, 1);
-                csv_str(f, R->compiler, 0);
-                fprintf(f, ",%d", R->threads);
-                csv_num(f, c->sgemm, "%.2f");
-                csv_str(f, A->canon[0] ? A->canon : A->spec, 0);
-                csv_str(f, A->name, 0);
-                csv_str(f, cl.family ? cl.family : "", 0);
-                csv_str(f, input_name(R->inputs[i]), 0);
-                fprintf(f, ",%d,%d,%d,%d,%d", R->base.batch, R->base.heads, R->lens[l],
-                        R->base.dim, R->causal);
-                csv_str(f, status_name[c->status], 0);
-                csv_str(f, c->note, 0);
-                int ok = c->status == CELL_OK;
-                csv_num(f, ok ? c->fwd_s : NAN, "%.6g");
-                csv_num(f, ok ? c->fwdbwd_s : NAN, "%.6g");
-                fprintf(f, ",%d", ok ? c->reps : 0);
-                csv_num(f, ok ? c->flops_fwd / c->fwd_s / 1e9 : NAN, "%.4g");
-                csv_num(f, ok ? c->flops_fwdbwd / c->fwdbwd_s / 1e9 : NAN, "%.4g");
-                double frac = ok ? (R->backward ? c->flops_fwdbwd / c->fwdbwd_s
-                                                : c->flops_fwd / c->fwd_s) / 1e9 / c->sgemm
-                                 : NAN;
-                csv_num(f, frac, "%.4f");
-                if (ok)
-                    fprintf(f, ",%zu,%zu,%zu", c->ws_bytes, c->saved_bytes, c->rss_bytes);
-                else
-                    fprintf(f, ",,,");
-                for (int t = 0; t < 4; t++) csv_num(f, c->err[i][t], "%.4g");
+                n = record_fields(R, l, s, i, F);
+                for (int k = 0; k < n; k++) {
+                    if (k) fputc(',', f);
+                    if (F[k].str)
+                        csv_str(f, F[k].str);
+                    else if (isfinite(F[k].num))
+                        fprintf(f, F[k].fmt, F[k].num);
+                }
                 fputc('\n', f);
             }
     return fclose(f) ? -1 : 0;
-}
-
-static void json_kv_str(FILE *f, const char *k, const char *v, int first) {
-    fprintf(f, "%s\"%s\":", first ? "" : ",", k);
-    cli_json_string(f, v);
 }
 
 static int write_json(const arena_run *R, const char *path) {
@@ -686,9 +703,12 @@ static int write_json(const arena_run *R, const char *path) {
     if (!f) return -1;
     fprintf(f, "{\"machine\":");
     cli_json_string(f, R->cpu);
-    json_kv_str(f, "compiler", R->compiler, 0);
-    json_kv_str(f, "eformer", ef_version(), 0);
-    json_kv_str(f, "command", R->cmdline, 0);
+    fprintf(f, ",\"compiler\":");
+    cli_json_string(f, R->compiler);
+    fprintf(f, ",\"eformer\":");
+    cli_json_string(f, ef_version());
+    fprintf(f, ",\"command\":");
+    cli_json_string(f, R->cmdline);
     fprintf(f, ",\"threads\":%d,\"batch\":%d,\"heads\":%d,\"dim\":%d,\"causal\":%d,"
                "\"backward\":%d",
             R->threads, R->base.batch, R->base.heads, R->base.dim, R->causal, R->backward);
@@ -696,38 +716,22 @@ static int write_json(const arena_run *R, const char *path) {
     cli_json_num(f, "mem_budget_bytes", R->mem_budget, "%.6g");
     fprintf(f, ",\"records\":[\n");
     int first = 1;
+    field F[MAX_FIELDS];
     for (int l = 0; l < R->n_lens; l++)
         for (int s = 0; s < R->n_specs; s++)
             for (int i = 0; i < R->n_inputs; i++) {
-                const cell *c = &R->cells[l][s];
-                const arena_spec *A = &R->specs[s];
-                arena_claim cl = arena_claim_of(A->name);
-                int ok = c->status == CELL_OK;
-                fprintf(f, "%s{", first ? "" : ",\n");
+                int n = record_fields(R, l, s, i, F);
+                fputs(first ? "{" : ",\n{", f);
                 first = 0;
-                json_kv_str(f, "machine", R->cpu, 1);
-                json_kv_str(f, "compiler", R->compiler, 0);
-                fprintf(f, ",\"threads\":%d", R->threads);
-                cli_json_num(f, "sgemm_gflops", c->sgemm, "%.2f");
-                json_kv_str(f, "spec", A->canon[0] ? A->canon : A->spec, 0);
-                json_kv_str(f, "mechanism", A->name, 0);
-                json_kv_str(f, "family", cl.family ? cl.family : "", 0);
-                json_kv_str(f, "input", input_name(R->inputs[i]), 0);
-                fprintf(f, ",\"batch\":%d,\"heads\":%d,\"len\":%d,\"dim\":%d,\"causal\":%d",
-                        R->base.batch, R->base.heads, R->lens[l], R->base.dim, R->causal);
-                json_kv_str(f, "status", status_name[c->status], 0);
-                json_kv_str(f, "note", c->note, 0);
-                cli_json_num(f, "fwd_s", ok ? c->fwd_s : NAN, "%.6g");
-                cli_json_num(f, "fwdbwd_s", ok ? c->fwdbwd_s : NAN, "%.6g");
-                fprintf(f, ",\"reps\":%d", ok ? c->reps : 0);
-                cli_json_num(f, "gflops_fwd", ok ? c->flops_fwd / c->fwd_s / 1e9 : NAN, "%.4g");
-                cli_json_num(f, "gflops_fwdbwd", ok ? c->flops_fwdbwd / c->fwdbwd_s / 1e9 : NAN,
-                             "%.4g");
-                cli_json_num(f, "workspace_bytes", ok ? (double)c->ws_bytes : NAN, "%.0f");
-                cli_json_num(f, "saved_bytes", ok ? (double)c->saved_bytes : NAN, "%.0f");
-                cli_json_num(f, "rss_bytes", ok ? (double)c->rss_bytes : NAN, "%.0f");
-                static const char *const ek[] = {"err_out", "err_dq", "err_dk", "err_dv"};
-                for (int t = 0; t < 4; t++) cli_json_num(f, ek[t], c->err[i][t], "%.4g");
+                for (int k = 0; k < n; k++) {
+                    if (F[k].str) {
+                        fprintf(f, "%s\"%s\":", k ? "," : "", F[k].key);
+                        cli_json_string(f, F[k].str);
+                    } else if (k)
+                        cli_json_num(f, F[k].key, F[k].num, F[k].fmt);
+                    else /* cli_json_num writes the leading comma */
+                        return fclose(f), -1;
+                }
                 fputc('}', f);
             }
     fprintf(f, "\n]}\n");
