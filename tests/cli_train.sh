@@ -12,6 +12,8 @@
 #              it and train resumes it; SIGTERM: status 143, the --save checkpoint
 #   generate   a byte-level model trained on a printf'd text continues its prompt; sampling
 #              gives --max-new bytes; eval reports bpb; a non-byte-level model is refused (2)
+#   timelimit  --time-limit 1 ends a 10^6-step run with status 0, a stop record, the final
+#              eval and the checkpoint; --time-limit 0 is refused
 #   usage      unknown task, non-causal attention for a causal task, ... : exit status 2; a
 #              head= in --model that matches the task's runs (pool=mean)
 #
@@ -142,6 +144,16 @@ generate)
     "$E" train --task $T --model $M --steps 2 --warmup 0 --eval-samples 8 --threads 1 \
         --save d.st || fail "train a dup model"
     expect_status 2 "$E" generate --load d.st --prompt x
+    ;;
+timelimit)
+    # --time-limit ends a long run like --steps would: status 0, a stop record, eval, checkpoint
+    out=$("$E" train --task $T --model $M --steps 1000000 --sched constant --warmup 1 \
+        --time-limit 1 --save t.st --threads 1 --json) || fail "train --time-limit failed"
+    printf '%s\n' "$out" | tail -n 3
+    printf '%s\n' "$out" | grep -q '"split":"stop".*"reason":"time-limit"' || fail "no stop record"
+    printf '%s\n' "$out" | grep -q '"split":"eval"' || fail "no final eval"
+    [ -s t.st ] && [ -s t.st.opt ] || fail "no checkpoint"
+    expect_status 2 "$E" train --task $T --model $M --time-limit 0
     ;;
 usage)
     expect_status 2 "$E" train --task nosuch:len=4 --model $M

@@ -253,6 +253,7 @@ enum {
     O_THREADS,
     O_JSON,
     O_LOG_EVERY,
+    O_TIME_LIMIT,
     O_HELP,
     N_TRAIN_OPTS
 };
@@ -265,6 +266,7 @@ typedef struct train_cfg {
     int threads, json, log_every;
     int sched; /* ef_sched_kind */
     double lr, min_lr, wd, clip;
+    double time_limit; /* seconds; 0 = none */
 } train_cfg;
 
 typedef enum { V_INT, V_DBL, V_SCHED } vkind;
@@ -675,11 +677,22 @@ static int train_loop(train_run *R) {
         R->w_steps++, R->w_loss += rep.loss, R->w_count += rep.count;
         R->w_correct += rep.correct, R->w_tokens += tokens, R->w_seconds += dt;
 
-        int last = step == R->end_step;
+        /* --time-limit: this step is the last; the run ends as at --steps (eval, save) */
+        int out_of_time = c->time_limit > 0 && cli_now() - R->t_start >= c->time_limit;
+        int last = step == R->end_step || out_of_time;
         if (step % c->log_every == 0 || last) log_line(R, step, &rep);
         if (R->bar && (cli_now() - R->last_bar > 0.1 || last)) {
             bar_draw(R, step, rep.opt.lr);
             R->last_bar = cli_now();
+        }
+        if (out_of_time && step < R->end_step) {
+            bar_clear(R);
+            if (c->json)
+                printf("{\"split\":\"stop\",\"step\":%" PRId64 ",\"reason\":\"time-limit\"}\n",
+                       step);
+            else
+                printf("# stopping at step %" PRId64 " of %d: --time-limit %gs reached\n", step,
+                       c->steps, c->time_limit);
         }
         if (last || stop_signal) break;
         if (c->eval_every && step % c->eval_every == 0 && (rc = do_eval(R, step))) goto done;
@@ -736,6 +749,7 @@ int cli_train(int argc, char **argv) {
         [O_RESUME] = {"resume", 1, NULL},       [O_SEED] = {"seed", 1, NULL},
         [O_THREADS] = {"threads", 1, NULL},     [O_JSON] = {"json", 0, NULL},
         [O_LOG_EVERY] = {"log-every", 1, NULL}, [O_HELP] = {"help", 0, NULL},
+        [O_TIME_LIMIT] = {"time-limit", 1, NULL},
     };
     int rc = cli_parse_opts("train", argc, argv, 1, opts, N_TRAIN_OPTS);
     if (rc) return rc;
@@ -769,7 +783,10 @@ int cli_train(int argc, char **argv) {
          (rc = cli_parse_int("train", "log-every", opts[O_LOG_EVERY].value, 1, INT_MAX,
                              &c.log_every))) ||
         (opts[O_STOP].value &&
-         (rc = cli_parse_int("train", "stop-at", opts[O_STOP].value, 1, INT_MAX, &c.stop_at))))
+         (rc = cli_parse_int("train", "stop-at", opts[O_STOP].value, 1, INT_MAX, &c.stop_at))) ||
+        (opts[O_TIME_LIMIT].value &&
+         (rc = cli_parse_double("train", "time-limit", opts[O_TIME_LIMIT].value, 1e-3, 1e9,
+                                &c.time_limit))))
         return rc;
     ef_set_num_threads(c.threads);
     /* from here on a signal stops the run at the next step boundary (before the first step:
