@@ -540,6 +540,48 @@ static void test_cli(const char *eformer) {
     st = run(cmd);
     ef_check("model inputs from a missing file: exit status 1", st == 1, "status %d", st);
 
+    /* --quality: two mechanisms trained for about a second each on a tiny task */
+    snprintf(cmd, sizeof cmd,
+             "'%s' arena --specs 'flash;local:window=8;linformer' --lens 32 --heads 1 --dim 8 "
+             "--reps 1 --inputs gaussian --quality dup:len=32,symbols=4 --minutes 0.02 "
+             "--quality-model layers=1,dim=16,heads=2 --out %s/g --threads 1 >%s/q.txt 2>&1",
+             eformer, dir, dir);
+    st = run(cmd);
+    ef_check("arena --quality exits 0", st == 0, "status %d", st);
+    snprintf(path, sizeof path, "%s/g/quality.csv", dir);
+    csv = slurp(path, NULL);
+    int qrows = 0, qok = 0, qrefused = 0;
+    for (char *line = csv ? strchr(csv, '\n') : NULL; line && line[1];) {
+        char *nl = strchr(line + 1, '\n');
+        if (!nl) break;
+        *nl = 0;
+        int n = csv_fields(line + 1, fields, 64);
+        qrows++;
+        /* columns: ...,mechanism(5),spec,ok(7),note,steps(9),tokens_per_s,loss,acc(12),bpb,seconds */
+        if (n == 15 && !strcmp(fields[7], "1") && atof(fields[9]) >= 1 && fields[12][0] &&
+            atof(fields[12]) >= 0 && atof(fields[12]) <= 1)
+            qok++;
+        if (n == 15 && !strcmp(fields[5], "linformer") && !strcmp(fields[7], "0") &&
+            strstr(fields[8], "causal"))
+            qrefused++;
+        *nl = '\n';
+        line = nl;
+    }
+    ef_check("quality.csv: flash and local trained and evaluated, linformer refused (no causal)",
+             qrows == 3 && qok == 2 && qrefused == 1, "%d rows, %d ok, %d refused", qrows, qok,
+             qrefused);
+    free(csv);
+    snprintf(path, sizeof path, "%s/g/quality.png", dir);
+    unsigned qw = 0, qh = 0;
+    ef_check("quality.png is a valid PNG", png_ok(path, &qw, &qh) && qw > 0, "%ux%u", qw, qh);
+    snprintf(cmd, sizeof cmd, "'%s' arena --minutes 1 --out %s/h >/dev/null 2>&1", eformer, dir);
+    st = run(cmd);
+    ef_check("--minutes without --quality: exit status 2", st == 2, "status %d", st);
+    snprintf(cmd, sizeof cmd, "'%s' arena --quality nosuch --out %s/h >/dev/null 2>&1", eformer,
+             dir);
+    st = run(cmd);
+    ef_check("--quality with an unknown task: exit status 2", st == 2, "status %d", st);
+
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     if (run(cmd) != 0) printf("note: could not remove %s\n", dir);
 }

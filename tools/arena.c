@@ -94,6 +94,11 @@ typedef struct arena_run {
     ef_model *model;
     ef_task *task;
     int layer, model_len; /* model_len: the longest length its inputs cover */
+    /* --quality TASK: each mechanism trained for the same time (arena_quality.c) */
+    arena_quality_cfg qcfg;
+    int q_causal, q_text; /* the task is next-token; a text task (bits per byte) */
+    arena_quality quality[MAX_SPECS];
+    char q_spec[MAX_SPECS][600]; /* the spec trained ("" = not run) */
 } arena_run;
 
 static const char *input_name(int in) {
@@ -577,11 +582,11 @@ static void print_table(FILE *f, const arena_run *R, int markdown) {
             fmt_len(col[8], 48, R->lens[m.last]);
         else
             snprintf(col[8], 48, "-");
-        fmt_num(col[9], 48, "%.2f", m.speedup);
+        fmt_num(col[9], 48, "%.3g", m.speedup);
         if (isfinite(m.speedup) && m.last >= 0 && m.speedup_len != R->lens[m.last]) {
             char l[16];
             fmt_len(l, sizeof l, m.speedup_len);
-            snprintf(col[9], 48, "%.2f@%s", m.speedup, l);
+            snprintf(col[9], 48, "%.3g@%s", m.speedup, l);
         }
         for (int i = 0; i < ncol - 10; i++)
             fmt_num(col[10 + i], 48, narrow ? "%.0e" : "%.1e", m.err[i]);
@@ -769,6 +774,19 @@ static int write_plots(const arena_run *R, const char *dir) {
         }
         fprintf(f, "\n\n");
     }
+    /* quality vs speed-up (the last block) */
+    int nq = 0;
+    if (R->qcfg.task) {
+        fprintf(f, "# quality vs speed-up\n");
+        for (int s = 0; s < R->n_specs; s++) {
+            summary m = summarise(R, s);
+            double y = R->q_text ? R->quality[s].bpb : 100 * R->quality[s].acc;
+            if (!isfinite(m.speedup) || !isfinite(y)) continue;
+            fprintf(f, "%.6g %.6g %s\n", m.speedup, y, R->specs[s].name);
+            nq++;
+        }
+        fprintf(f, "\n\n");
+    }
     if (fclose(f)) return -1;
 
     snprintf(path, sizeof path, "%s/plots.gp", dir);
@@ -816,11 +834,28 @@ static int write_plots(const arena_run *R, const char *dir) {
         fprintf(f, "\n");
     } else
         fprintf(f, "plot NaN notitle\n");
+    if (R->qcfg.task) {
+        fprintf(f,
+                "set output 'quality.png'\nunset logscale\nset logscale x 10\nset format y '%%g'\n"
+                "set xlabel 'speed-up over flash (at the largest length both ran)'\n"
+                "set ylabel '%s'\nset key off\n"
+                "set title '%s after %g minutes of training vs speed-up'\n",
+                R->q_text ? "held-out bits per byte (lower is better)" : "held-out accuracy (%)",
+                R->qcfg.task, R->qcfg.seconds / 60);
+        if (nq)
+            fprintf(f, "plot 'plots.dat' index %d using 1:2 with points pt 7 ps 1.5, '' index %d "
+                       "using 1:2:3 with labels offset 0,1\n",
+                    R->n_specs + R->n_inputs, R->n_specs + R->n_inputs);
+        else
+            fprintf(f, "plot NaN notitle\n");
+    }
     if (fclose(f)) return -1;
     char cmd[1400];
     snprintf(cmd, sizeof cmd, "cd '%s' && gnuplot plots.gp", dir);
     return system(cmd) == 0 ? 0 : -1;
 }
+
+static void print_quality(FILE *f, const arena_run *R, int markdown);
 
 static int write_report(const arena_run *R, const char *path, int plots_ok) {
     FILE *f = fopen(path, "w");
@@ -850,6 +885,18 @@ static int write_report(const arena_run *R, const char *path, int plots_ok) {
                    "![error vs speed-up](error_vs_speedup.png)\n\n");
     else
         fprintf(f, "(no plots: gnuplot failed or is not installed; Debian package gnuplot-nox)\n\n");
+    if (R->qcfg.task) {
+        fprintf(f, "## Quality: %s, %g minutes of training each\n\n", R->qcfg.task,
+                R->qcfg.seconds / 60);
+        fprintf(f, "Model `%s,attn=SPEC` (the task adds vocab, max_len and the head), batch %d, "
+                   "AdamW lr %g constant after 100 warm-up steps, %d threads; held-out figures "
+                   "from the final evaluation (quality.csv; logs and checkpoints "
+                   "quality_NAME.*).\n\n",
+                R->qcfg.model, R->qcfg.batch, R->qcfg.lr, R->threads);
+        print_quality(f, R, 1);
+        if (plots_ok) fprintf(f, "\n![quality vs speed-up](quality.png)\n");
+        fprintf(f, "\n");
+    }
     fprintf(f, "## Every measurement\n\n");
     fprintf(f, "Times in ms; GF/s = the library's analytic FLOP count over the time; %% = of the "
                "sgemm rate measured before that length; MB = workspace + saved; errors: relative "
@@ -947,6 +994,86 @@ static int add_spec(arena_run *R, const char *spec, size_t len) {
     return CLI_OK;
 }
 
+/* --quality: every spec trained on the task for the same time. */
+static void run_quality(arena_run *R) {
+    const arena_quality_cfg *c = &R->qcfg;
+    double t0 = cli_now();
+    for (int s = 0; s < R->n_specs; s++) {
+        arena_spec *A = &R->specs[s];
+        arena_quality *q = &R->quality[s];
+        memset(q, 0, sizeof *q);
+        q->tokens_per_s = q->loss = q->acc = q->bpb = NAN;
+        if (R->q_causal && !A->caps.causal) {
+            snprintf(q->note, sizeof q->note, "no causal form for a next-token task");
+            continue;
+        }
+        if (R->q_causal && !strstr(A->spec, "causal="))
+            with_causal(A->spec, R->q_spec[s], sizeof R->q_spec[s]);
+        else
+            snprintf(R->q_spec[s], sizeof R->q_spec[s], "%s", A->spec);
+        char el[32], left[32];
+        fmt_secs(el, sizeof el, cli_now() - R->t0);
+        fmt_secs(left, sizeof left, (R->n_specs - s) * (c->seconds + 15));
+        progress(R, "arena: quality [%d/%d] %s on %s, %.0f s  (elapsed %s, about %s left)",
+                 s + 1, R->n_specs, R->q_spec[s], c->task, c->seconds, el, left);
+        double t = cli_now();
+        arena_quality_run(c, A->name, R->q_spec[s], q);
+        q->seconds = cli_now() - t;
+        if (!q->ok) fprintf(stderr, "%seformer: arena: quality of %s: %s\n", R->tty ? "\n" : "",
+                            A->name, q->note);
+    }
+    (void)t0;
+}
+
+static void print_quality(FILE *f, const arena_run *R, int markdown) {
+    const char *metric = R->q_text ? "bpb" : "acc";
+    if (markdown)
+        fprintf(f, "| mechanism | steps | tokens/s | eval loss | eval %s | x flash (speed) | note |\n"
+                   "|---|--:|--:|--:|--:|--:|---|\n", metric);
+    else
+        fprintf(f, "%-12s %8s %9s %9s %9s %8s  %s\n", "mechanism", "steps", "tokens/s",
+                "eval loss", R->q_text ? "eval bpb" : "eval acc", "x flash", "note");
+    for (int s = 0; s < R->n_specs; s++) {
+        const arena_quality *q = &R->quality[s];
+        summary m = summarise(R, s);
+        char b[5][32];
+        fmt_num(b[0], 32, "%.0f", q->ok ? (double)q->steps : NAN);
+        fmt_num(b[1], 32, "%.0f", q->tokens_per_s);
+        fmt_num(b[2], 32, "%.4f", q->loss);
+        if (R->q_text)
+            fmt_num(b[3], 32, "%.3f", q->bpb);
+        else
+            fmt_num(b[3], 32, "%.2f%%", 100 * q->acc);
+        fmt_num(b[4], 32, "%.3g", m.speedup);
+        if (markdown)
+            fprintf(f, "| %s | %s | %s | %s | %s | %s | %s |\n", R->specs[s].name, b[0], b[1], b[2],
+                    b[3], b[4], q->note);
+        else
+            fprintf(f, "%-12s %8s %9s %9s %9s %8s  %s\n", R->specs[s].name, b[0], b[1], b[2], b[3],
+                    b[4], q->note);
+    }
+}
+
+static int write_quality_csv(const arena_run *R, const char *path) {
+    FILE *f = fopen(path, "w");
+    if (!f) return -1;
+    fprintf(f, "machine,threads,task,model,minutes,mechanism,spec,ok,note,steps,tokens_per_s,"
+               "loss,acc,bpb,seconds\n");
+    for (int s = 0; s < R->n_specs; s++) {
+        const arena_quality *q = &R->quality[s];
+        fprintf(f, "\"%s\",%d,\"%s\",\"%s\",%g,\"%s\",\"%s\",%d,\"%s\",%lld", R->cpu, R->threads,
+                R->qcfg.task, R->qcfg.model, R->qcfg.seconds / 60, R->specs[s].name, R->q_spec[s],
+                q->ok, q->note, q->steps);
+        double v[5] = {q->tokens_per_s, q->loss, q->acc, q->bpb, q->seconds};
+        for (int k = 0; k < 5; k++) {
+            fputc(',', f);
+            if (isfinite(v[k])) fprintf(f, "%.6g", v[k]);
+        }
+        fputc('\n', f);
+    }
+    return fclose(f) ? -1 : 0;
+}
+
 /* Loads --inputs model:FILE, its task (from FILE.opt, as `eformer eval` does) and fixes the
  * heads and head dim from it. Returns an exit status. */
 static int open_model(arena_run *R, int heads_given, int dim_given) {
@@ -1012,7 +1139,8 @@ out:
 int cli_arena(int argc, char **argv) {
     enum {
         O_SPECS, O_LENS, O_BATCH, O_HEADS, O_DIM, O_CAUSAL, O_NOBWD, O_INPUTS, O_BUDGET,
-        O_MEM, O_REPS, O_OUT, O_THR, O_NOPLOTS, O_LAYER, O_HELP, N_OPTS
+        O_MEM, O_REPS, O_OUT, O_THR, O_NOPLOTS, O_LAYER, O_QUALITY, O_MINUTES, O_QMODEL,
+        O_QBATCH, O_QLR, O_HELP, N_OPTS
     };
     cli_opt opts[N_OPTS] = {
         [O_SPECS] = {"specs", 1, NULL},      [O_LENS] = {"lens", 1, NULL},
@@ -1023,6 +1151,9 @@ int cli_arena(int argc, char **argv) {
         [O_REPS] = {"reps", 1, NULL},        [O_OUT] = {"out", 1, NULL},
         [O_THR] = {"threads", 1, NULL},      [O_NOPLOTS] = {"no-plots", 0, NULL},
         [O_LAYER] = {"layer", 1, NULL},      [O_HELP] = {"help", 0, NULL},
+        [O_QUALITY] = {"quality", 1, NULL},  [O_MINUTES] = {"minutes", 1, NULL},
+        [O_QMODEL] = {"quality-model", 1, NULL}, [O_QBATCH] = {"quality-batch", 1, NULL},
+        [O_QLR] = {"quality-lr", 1, NULL},
     };
     int rc = cli_parse_opts("arena", argc, argv, 1, opts, N_OPTS);
     if (rc) return rc;
@@ -1115,6 +1246,46 @@ int cli_arena(int argc, char **argv) {
         goto done;
     if (R->model_path && (rc = open_model(R, opts[O_HEADS].value != NULL, opts[O_DIM].value != NULL)))
         goto done;
+    if ((v = opts[O_QUALITY].value)) {
+        arena_quality_cfg *q = &R->qcfg;
+        double minutes = 5;
+        q->task = v, q->model = "layers=2,dim=128,heads=4,ff=512", q->batch = 8, q->lr = 1e-3;
+        q->dir = R->out, q->threads = R->threads, q->eval_samples = 0;
+        if (opts[O_QMODEL].value) q->model = opts[O_QMODEL].value;
+        if ((opts[O_MINUTES].value &&
+             (rc = cli_parse_double("arena", "minutes", opts[O_MINUTES].value, 1e-3, 1e6, &minutes))) ||
+            (opts[O_QBATCH].value &&
+             (rc = cli_parse_int("arena", "quality-batch", opts[O_QBATCH].value, 1, 1 << 20, &q->batch))) ||
+            (opts[O_QLR].value &&
+             (rc = cli_parse_double("arena", "quality-lr", opts[O_QLR].value, 1e-9, 10, &q->lr))))
+            goto done;
+        q->seconds = minutes * 60;
+        ef_task *t = NULL;
+        ef_status st = ef_task_new(&t, v, 1);
+        if (st) {
+            rc = cli_usage_error("arena", "arena: --quality %s: %s", v, ef_last_error());
+            goto done;
+        }
+        ef_task_info ti;
+        ef_task_get_info(t, &ti);
+        R->q_causal = ti.causal, R->q_text = !strcmp(ti.kind, "text");
+        ef_task_free(t);
+        static char exe[1024];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        if (n <= 0) {
+            fprintf(stderr, "eformer: arena: --quality runs `eformer train` and cannot find this "
+                            "program (/proc/self/exe)\n");
+            rc = CLI_FAIL;
+            goto done;
+        }
+        exe[n] = 0;
+        q->exe = exe;
+    } else if (opts[O_MINUTES].value || opts[O_QMODEL].value || opts[O_QBATCH].value ||
+               opts[O_QLR].value) {
+        rc = cli_usage_error("arena", "arena: --minutes, --quality-model, --quality-batch and "
+                                      "--quality-lr go with --quality TASK");
+        goto done;
+    }
     /* specs: ';'-separated (a spec's options are comma-separated), or all */
     {
         const char *s = opts[O_SPECS].value ? opts[O_SPECS].value : "all";
@@ -1167,6 +1338,7 @@ int cli_arena(int argc, char **argv) {
     double done_s = 0;
     int done_n = 0;
     for (int l = 0; l < R->n_lens && !rc; l++) rc = run_length(R, l, &done_s, &done_n);
+    if (!rc && R->qcfg.task) run_quality(R);
     char el[32];
     fmt_secs(el, sizeof el, cli_now() - R->t0);
     progress(R, "arena: done in %s", el);
@@ -1179,8 +1351,17 @@ int cli_arena(int argc, char **argv) {
            R->causal ? "causal" : "bidirectional", R->backward ? "forward+backward" : "forward");
     print_table(stdout, R, 0);
     printf("\n%s", table_legend);
+    if (R->qcfg.task) {
+        printf("\n# quality: %s, model %s, %g minutes each (eformer train --time-limit)\n",
+               R->qcfg.task, R->qcfg.model, R->qcfg.seconds / 60);
+        print_quality(stdout, R, 0);
+    }
     char path[1200];
     int bad = 0;
+    if (R->qcfg.task) {
+        snprintf(path, sizeof path, "%s/quality.csv", R->out);
+        bad |= write_quality_csv(R, path) != 0;
+    }
     snprintf(path, sizeof path, "%s/results.csv", R->out);
     bad |= write_csv(R, path) != 0;
     snprintf(path, sizeof path, "%s/results.json", R->out);

@@ -63,4 +63,28 @@ ef_status arena_exact(const arena_shape *s, int causal, int shared_qk, float sca
  * holds a non-finite value; |x|_F when ref is 0. */
 double arena_rel_err(const float *x, const float *ref, size_t n);
 
+/* --quality: one mechanism trained on a task for a fixed time by `eformer train` (run as a
+ * child process of the same binary), then its held-out accuracy / bits per byte (arena_quality.c). */
+typedef struct arena_quality_cfg {
+    const char *exe;   /* the eformer binary */
+    const char *task;  /* task spec */
+    const char *model; /* model keys without attn= (the task adds vocab, max_len, head) */
+    const char *dir;   /* where checkpoints and logs go */
+    double seconds;    /* --time-limit of each run */
+    double lr;
+    int batch, threads, eval_samples;
+} arena_quality_cfg;
+
+typedef struct arena_quality {
+    int ok;           /* 0: the run failed (note says why) */
+    char note[240];
+    long long steps;
+    double tokens_per_s, loss, acc, bpb; /* the final eval; bpb NAN unless a text task */
+    double seconds;                      /* wall time of the run */
+} arena_quality;
+
+/* Trains `spec` (file names use `name`) and fills *q. Returns 0, or -1 when the run failed. */
+int arena_quality_run(const arena_quality_cfg *c, const char *name, const char *spec,
+                      arena_quality *q);
+
 #endif
