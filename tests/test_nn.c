@@ -445,6 +445,12 @@ static void test_positions(void) {
                 e2 = fmax(e2, fabs(z[(size_t)t * 8 + j] - (j % 2 ? cos(ang) : sin(ang))));
             }
         ef_check_err("pos sinusoidal: positions 4000..4095 accurate (angle in double)", e2, 1e-7);
+        /* the table a model keeps holds the same values, bit for bit */
+        float *pe = ef_test_zeros((size_t)4096 * 8);
+        ef_pos_sinusoidal_table(pe, 4096, 8);
+        ef_check("pos sinusoidal table == forward on zeros (bitwise)",
+                 memcmp(pe, z, sizeof(float) * 4096 * 8) == 0, "%s", "");
+        free(pe);
         free(x), free(y), free(z);
     }
     /* learned: direct formula (bitwise: one fp32 add), refusal, finite differences */

@@ -78,6 +78,7 @@ struct ef_model {
     int64_t count;
     ef_model_stats stats;
     size_t head_bytes, act_bytes, io_bytes;
+    float *pe; /* pos=sinusoidal: the table [max_len][C] (counted in io_bytes) */
 };
 
 static size_t round64(size_t b) { return (b + 63) / 64 * 64; }
@@ -480,7 +481,7 @@ void ef_model_free(ef_model *m) {
     ef_free(m->h_f), ef_free(m->h_xn), ef_free(m->h_lg), ef_free(m->h_dxn);
     ef_free(m->h_mean), ef_free(m->h_rstd);
     ef_free(m->pooled), ef_free(m->dpooled), ef_free(m->cls_lg);
-    ef_free(m->tok), ef_free(m->tgt), ef_free(m->lens);
+    ef_free(m->tok), ef_free(m->tgt), ef_free(m->lens), ef_free(m->pe);
     free(m->desc);
     cfg_free(&m->cfg);
     free(m);
@@ -600,10 +601,14 @@ ef_status ef_model_new(ef_model **out, const char *spec, const ef_model_opts *op
     m->tok = (int32_t *)falloc(bn, &m->io_bytes);
     m->tgt = (int32_t *)falloc(c->classes ? (size_t)m->B : bn, &m->io_bytes);
     m->lens = (int32_t *)falloc((size_t)m->B, &m->io_bytes);
+    if (c->pos == POS_SINUSOIDAL) { /* the table, once: sin and cos were 5 % of a small model */
+        m->pe = falloc((size_t)c->max_len * c->dim, &m->io_bytes);
+        if (m->pe) ef_pos_sinusoidal_table(m->pe, c->max_len, c->dim);
+    }
     int bad = !m->a1 || (c->reversible && !m->a2) || (m->train && (!m->d1 || (c->reversible && !m->d2))) ||
               !m->ws || !m->h_f || !m->h_xn || !m->h_lg || !m->h_dxn || !m->h_mean || !m->h_rstd ||
               (c->classes && (!m->pooled || !m->dpooled || !m->cls_lg)) || !m->tok || !m->tgt ||
-              !m->lens;
+              !m->lens || (c->pos == POS_SINUSOIDAL && !m->pe);
     for (int l = 0; l < c->layers && !bad && m->train; l++) {
         m->L[l].saved_bytes = ef_block_saved_bytes(m->L[l].blk);
         if (!(m->L[l].saved = ef_malloc(m->L[l].saved_bytes))) bad = 1;
@@ -785,8 +790,7 @@ static ef_status embed_forward(ef_model *m, float *x) {
         if (!nv) continue;
         if (c->pos == POS_SINUSOIDAL) { /* Vaswani et al.: embed * sqrt(C) + sinusoid */
             const float s = sqrtf((float)C);
-            for (size_t i = 0; i < (size_t)nv * C; i++) xb[i] *= s;
-            ef_pos_sinusoidal_forward(xb, 1, nv, C);
+            for (size_t i = 0; i < (size_t)nv * C; i++) xb[i] = xb[i] * s + m->pe[i];
         }
         else if (c->pos == POS_LEARNED)
             st = ef_pos_learned_forward(xb, T(m, m->pos0), 1, nv, c->max_len, C);

@@ -9,8 +9,8 @@
  * order (token index n, or batch b then the sequence index).
  *
  * Saved for backward: nothing but the tokens (embedding). Cost O(rows C) each way; the
- * sinusoidal table is computed on the fly (len C sin/cos in double, once per position, not per
- * sequence).
+ * sinusoidal values are computed in double (len C sin/cos, once per position, not per
+ * sequence), on the fly or into a table (ef_pos_sinusoidal_table) that a model keeps.
  */
 #include "nn/nn.h"
 
@@ -97,25 +97,36 @@ ef_status ef_embedding_backward(float *dtable, const float *dout, const int32_t 
 /* ------------------------------------------------------------------------------------------
  * Sinusoidal positions
  * ---------------------------------------------------------------------------------------- */
+/* pe[t][2i] = sin(t / 10000^(2i/C)), pe[t][2i+1] = cos(t / 10000^(2i/C)), in double, rounded once */
+static float sin_value(int64_t t, int j, int c) {
+    const double ang = (double)t * exp(-log(10000.0) * (double)(j & ~1) / c);
+    return (float)((j & 1) ? cos(ang) : sin(ang));
+}
+
 static void sin_item(void *vctx, int64_t item, int tid) {
     (void)tid;
     const emb_ctx *k = vctx;
     const int c = k->c;
     const int64_t rpi = rows_per_item(c), t1 = EF_MIN((int64_t)k->len, (item + 1) * rpi);
-    const double ln1e4 = log(10000.0);
-    for (int64_t t = item * rpi; t < t1; t++) {
+    for (int64_t t = item * rpi; t < t1; t++)
         for (int j = 0; j < c; j++) {
-            /* pe[t][2i] = sin(t / 10000^(2i/C)), pe[t][2i+1] = cos(t / 10000^(2i/C)) */
-            const double ang = (double)t * exp(-ln1e4 * (double)(j & ~1) / c);
-            const float v = (float)((j & 1) ? cos(ang) : sin(ang));
-            for (int b = 0; b < k->batch; b++) k->out[((size_t)b * k->len + t) * c + j] += v;
+            const float v = sin_value(t, j, c);
+            if (k->batch == 0) /* the table */
+                k->out[(size_t)t * c + j] = v;
+            else
+                for (int b = 0; b < k->batch; b++) k->out[((size_t)b * k->len + t) * c + j] += v;
         }
-    }
 }
 
 void ef_pos_sinusoidal_forward(float *x, int batch, int len, int c) {
     if (batch <= 0 || len <= 0 || c <= 0) return;
     emb_ctx k = {.out = x, .batch = batch, .len = len, .c = c};
+    ef_parallel_for(items_for(len, c), ef_threads(), sin_item, &k);
+}
+
+void ef_pos_sinusoidal_table(float *pe, int len, int c) {
+    if (len <= 0 || c <= 0) return;
+    emb_ctx k = {.out = pe, .batch = 0, .len = len, .c = c};
     ef_parallel_for(items_for(len, c), ef_threads(), sin_item, &k);
 }
 

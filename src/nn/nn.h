@@ -100,6 +100,8 @@ ef_status ef_embedding_backward(float *dtable, const float *dout, const int32_t 
  *   x[b][t][2k+1] += cos(t / 10000^(2k / C))
  * (computed in double, rounded once; an odd C ends with a sine). No backward. */
 void ef_pos_sinusoidal_forward(float *x, int batch, int len, int c);
+/* The same values as a table pe [len][C] (x[b][t] += pe[t] is bitwise the forward above). */
+void ef_pos_sinusoidal_table(float *pe, int len, int c);
 
 /* Learned: x[b][t] += table [max_len][C] [t].  Errors: EF_ERR_SHAPE when len > max_len. */
 ef_status ef_pos_learned_forward(float *x, const float *table, int batch, int len, int max_len,
