@@ -601,8 +601,10 @@ def main():
                     help="run eformer bench and the twin alternately and print both")
     ap.add_argument("--rounds", type=int, default=2,
                     help="--compare: eformer, twin rounds (default 2)")
-    ap.add_argument("--eformer", default="/work/main/build/eformer",
-                    help="--compare: the eformer binary")
+    ap.add_argument("--eformer",
+                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                         "build", "eformer"),
+                    help="--compare: the eformer binary (default: build/eformer beside bench/)")
     args = ap.parse_args()
     try:
         c = parse_spec(args.model)
