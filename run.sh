@@ -83,6 +83,9 @@ twin)
     ;;
 test)
     install_missing
+    # the Python front end's tests (python/tests): Debian's numpy, torch (which needs an
+    # optimised libblas.so.3: libopenblas0-openmp) and pytest
+    install_missing python3-numpy python3-torch python3-pytest libopenblas0-openmp
     if [ "${2:-}" = "--sanitize" ]; then
         build build-asan -DEF_SANITIZE=ON -DCMAKE_BUILD_TYPE=Debug -DEF_WERROR=ON
         # LeakSanitizer crashes scanning oneDNN's worker threads, so the sanitized run uses the
