@@ -227,6 +227,14 @@ EF_API int64_t ef_attn_state_position(const ef_attn_state *st); /* positions con
 EF_API ef_status ef_attn_step(ef_attn *a, ef_attn_state *st, const float *q, const float *k,
                               const float *v, float *out);
 
+/* The random projections a mechanism draws from its seed, for checking it against its formula
+ * (docs/kernel.md): performer's W [features][head_dim], one matrix for every head, of the
+ * plan's current draw (the one an inference forward uses; with redraw=n a training forward may
+ * move to the next draw first). *count receives the number of floats; out (NULL: only the
+ * count) receives them when n >= *count (EF_ERR_ARG otherwise). EF_ERR_UNSUPPORTED for a
+ * mechanism without such projections. */
+EF_API ef_status ef_attn_random_features(const ef_attn *a, float *out, size_t n, size_t *count);
+
 /* Learned parameters of the mechanism (none for exact attention: count 0, pointers NULL). */
 EF_API size_t ef_attn_param_count(const ef_attn *a);
 EF_API float *ef_attn_params(ef_attn *a);

@@ -380,9 +380,47 @@ static void test_caps(void) {
     check_err("caps: caps NULL", ef_attn_get_caps("full", NULL), EF_ERR_ARG, NULL, "caps");
 }
 
+/* ef_attn_random_features: performer's W [m][D], the sizes, the refusals; and a mechanism
+ * whose caps say random but that draws no projections (lsh's rotations, bigbird's blocks) is
+ * not asked here: only performer has them. */
+static void test_random_features(void) {
+    ef_attn_shape sh = {1, 2, 16, 16, 8, 8};
+    ef_attn *a = NULL, *f = NULL;
+    ef_attn_new(&a, "performer:features=12", &sh);
+    size_t count = 0;
+    ef_check_status("random features: the count", ef_attn_random_features(a, NULL, 0, &count),
+                    EF_OK);
+    ef_check("  12 x head_dim 8 floats", count == 96, "%zu", count);
+    float w[96], w2[96];
+    ef_check_status("random features: copied", ef_attn_random_features(a, w, 96, &count), EF_OK);
+    int finite = 1, nonzero = 0;
+    for (int i = 0; i < 96; i++) finite &= isfinite(w[i]), nonzero += w[i] != 0;
+    ef_check("  finite and drawn", finite && nonzero > 90, "%d nonzero", nonzero);
+    ef_attn *b = NULL;
+    ef_attn_new(&b, "performer:features=12", &sh);
+    ef_attn_random_features(b, w2, 96, &count);
+    ef_check("  the same seed draws the same projections", !memcmp(w, w2, sizeof w), "%s", "");
+    ef_attn_free(b);
+    ef_attn_new(&b, "performer:features=12,seed=5", &sh);
+    ef_attn_random_features(b, w2, 96, &count);
+    ef_check("  another seed draws others", memcmp(w, w2, sizeof w) != 0, "%s", "");
+    ef_attn_free(b);
+    check_err("random features: n too small", ef_attn_random_features(a, w, 95, &count),
+              EF_ERR_ARG, NULL, "n=95");
+    check_err("random features: count NULL", ef_attn_random_features(a, w, 96, NULL), EF_ERR_ARG,
+              NULL, "count");
+    ef_attn_new(&f, "flash", &sh);
+    check_err("random features: flash has none", ef_attn_random_features(f, w, 96, &count),
+              EF_ERR_UNSUPPORTED, NULL, "flash");
+    check_err("random features: plan NULL", ef_attn_random_features(NULL, w, 96, &count),
+              EF_ERR_ARG, NULL, "plan");
+    ef_attn_free(a), ef_attn_free(f);
+}
+
 int main(void) {
     test_null_plan();
     test_caps();
+    test_random_features();
     for (int m = 0; m < NMECH; m++) {
         test_call_args(MECH[m]);
         test_inference(MECH[m], 0);

@@ -120,6 +120,8 @@ ef_attn_visible = _fn("ef_attn_visible", ctypes.c_int, _P, ctypes.c_int, ctypes.
 ef_attn_forward = _fn("ef_attn_forward", _S, _P, ctypes.POINTER(_IO), _P)
 ef_attn_backward = _fn("ef_attn_backward", _S, _P, ctypes.POINTER(_IO), _P, _P, _P, _P, _P)
 ef_attn_param_count = _fn("ef_attn_param_count", ctypes.c_size_t, _P)
+ef_attn_random_features = _fn("ef_attn_random_features", _S, _P, _P, ctypes.c_size_t,
+                              ctypes.POINTER(ctypes.c_size_t))
 ef_attn_params = _fn("ef_attn_params", _P, _P)
 ef_attn_param_grads = _fn("ef_attn_param_grads", _P, _P)
 ef_attn_count = _fn("ef_attn_count", ctypes.c_int)
@@ -277,6 +279,17 @@ class Plan:
             return np.zeros(0, np.float32)
         p = ctypes.cast(ef_attn_param_grads(self._h), c_float_p)
         return np.ctypeslib.as_array(p, (self.param_count,))
+
+    def random_features(self):
+        """The random projections the mechanism draws from its seed (performer's W,
+        (features, head_dim), one matrix for every head; ef_attn_random_features), for checking
+        it against its formula. EformerError (EF_ERR_UNSUPPORTED) for other mechanisms."""
+        n = ctypes.c_size_t()
+        _check(ef_attn_random_features(self._h, None, 0, ctypes.byref(n)), "random features")
+        w = np.empty(n.value, np.float32)
+        _check(ef_attn_random_features(self._h, w.ctypes.data, n.value, ctypes.byref(n)),
+               "random features")
+        return w.reshape(-1, self.shape[4])
 
     def visible(self, head=0):
         """The pattern as a boolean [q_len][kv_len] matrix (ef_attn_visible: the mechanism's

@@ -12,13 +12,14 @@ output exactly 0 and get dq = 0, a padded key must get dk = dv = 0, and a second
 padding filled with other (finite) values must give bit-identical valid results. The reference
 never reads padding (it works on zeroed copies and masks with torch.where, not with 0*x).
 
+performer is checked with the random projections its plan reports (Plan.random_features).
 Not covered here (skipped with a reason): lsh, clustered, iclustered (data-dependent discrete
-choices: hashes, k-means clusters, top-k sets) and performer (random features the API does not
-report).
+choices: hashes, k-means clusters, top-k sets).
 
 Run with Debian's Python (the one with torch):
     cd python && /usr/bin/python3 -m pytest -q tests/test_mechanisms.py
 """
+import math
 import os
 import zlib
 
@@ -45,11 +46,13 @@ B, H, D, DV = 2, 3, 12, 10
 #   linformer: forward 5.3e-7, gradients 5.1e-7
 #   nystrom:   forward 8.0e-7, gradients 1.4e-6   (landmarks=8, pinv_iters=6; more iterations
 #              amplify fp32 rounding: ~1e-5 at landmarks=3, pinv_iters=10, see docs/nystrom.md)
+#   performer (softmax, hyp, relu maps; the plan's W): forward 9.1e-7, gradients 1.4e-6
 TOL = {  # family -> (forward, gradients)
     "exact": (6e-6, 1e-5),
     "linear": (3e-6, 1e-5),
     "linformer": (5e-6, 5e-6),
     "nystrom": (8e-6, 1.5e-5),
+    "performer": (1e-5, 1.5e-5),
 }
 
 MEASURED = {}  # (family, case) -> (forward error, max gradient error), for test_zz_report
@@ -469,6 +472,64 @@ def test_nystrom_causal_refused():
 
 
 # ------------------------------------------------------------------------------------------
+# performer: the feature maps of docs/kernel.md with the plan's projections W
+# ------------------------------------------------------------------------------------------
+def ref_performer(W, kernel, causal, scale, eps=0.0):
+    W = torch.from_numpy(W.astype(np.float64))
+    m = W.shape[0]
+
+    def phi(x):
+        xh = x * math.sqrt(scale)
+        u = xh @ W.T
+        n2 = (xh * xh).sum(-1, keepdim=True) / 2
+        if kernel == "softmax":
+            return torch.exp(u - n2) / math.sqrt(m)
+        if kernel == "hyp":
+            return torch.exp(-n2) / math.sqrt(2 * m) * torch.cat([torch.exp(u), torch.exp(-u)], -1)
+        if kernel == "trig":
+            return torch.exp(n2) / math.sqrt(m) * torch.cat([torch.cos(u), torch.sin(u)], -1)
+        return torch.relu(u) + 1e-3  # relu
+
+    def vis(qv, kv):
+        v = qv[:, None, :, None] & kv[:, None, None, :]
+        if causal:
+            v = v & torch.ones(qv.shape[1], kv.shape[1], dtype=torch.bool).tril()
+        return v.expand(qv.shape[0], H, qv.shape[1], kv.shape[1])
+
+    def f(q, k, v, qv, kv):
+        a = phi(q) @ phi(k).transpose(-1, -2)
+        a = torch.where(vis(qv, kv), a, torch.zeros_like(a))
+        den = a.sum(-1, keepdim=True) + eps
+        out = (a @ v) / torch.where(den == 0, torch.ones_like(den), den)
+        return torch.where(qv[:, None, :, None], out, torch.zeros_like(out))
+
+    f.vis = vis
+    return f
+
+
+NP, MP = 149, 163  # causal runs in chunks: N crosses a chunk boundary
+
+
+@pytest.mark.parametrize("pad", ["none", "both"])
+@pytest.mark.parametrize("causal", [0, 1])
+@pytest.mark.parametrize("kernel", ["softmax", "hyp", "relu"])
+def test_performer(kernel, causal, pad):
+    spec = f"performer:features=24,kernel={kernel},seed=3,causal={causal}"
+    kvl, qlens = (None, None) if pad == "none" else ([MP, 60], [101, NP])
+    plan = eformer.Plan(spec, B, H, NP, D, kv_len=MP, v_dim=DV)
+    W = plan.random_features()
+    assert W.shape == (24, D)
+    check("performer", spec, ref_performer(W, kernel, causal, 1 / math.sqrt(D)), NP, MP, kvl,
+          qlens, seed=_seed((kernel, causal, pad)))
+
+
+def test_random_features_only_where_drawn():
+    with pytest.raises(eformer.EformerError) as e:
+        eformer.Plan("flash", 1, 1, 8, 4).random_features()
+    assert e.value.status == "EF_ERR_UNSUPPORTED"
+
+
+# ------------------------------------------------------------------------------------------
 # Empty sequences: no key (kv_lens = 0) or no query (q_lens = 0) -> zeros, zero gradients
 # ------------------------------------------------------------------------------------------
 EMPTY = ["full", "flash", "local:window=16", "blocklocal:block=16", "strided:block=16",
@@ -497,10 +558,9 @@ SKIPPED = {
            "have to reproduce the library's hashing and tie rules",
     "clustered": "data-dependent discrete choices (LSH codes, k-means clusters)",
     "iclustered": "data-dependent discrete choices (k-means clusters, per-cluster top-k keys)",
-    "performer": "random features drawn from the seed that the API does not report",
 }
 TESTED = {"full", "flash", "local", "blocklocal", "strided", "fixed", "longformer", "bigbird",
-          "bigbird-etc", "linear", "linformer", "nystrom"}
+          "bigbird-etc", "linear", "linformer", "nystrom", "performer"}
 
 
 @pytest.mark.parametrize("name", sorted(SKIPPED))

@@ -40,6 +40,21 @@ const char *ef_attn_name(int i) {
     return i >= 0 && i < ef_attn_registry_count ? ef_attn_registry[i]->name : NULL;
 }
 
+ef_status ef_attn_random_features(const ef_attn *a, float *out, size_t n, size_t *count) {
+    if (!a || !count)
+        return ef_error(EF_ERR_ARG, "ef_attn_random_features: %s is NULL", !a ? "plan" : "count");
+    *count = 0;
+    if (!a->ops->features)
+        return ef_error(EF_ERR_UNSUPPORTED,
+                        "ef_attn_random_features: %s draws no random projections", a->ops->name);
+    ef_status st = a->ops->features(a, NULL, count);
+    if (st || !out) return st;
+    if (n < *count)
+        return ef_error(EF_ERR_ARG, "ef_attn_random_features: n=%zu floats, the projections "
+                                    "have %zu", n, *count);
+    return a->ops->features(a, out, count);
+}
+
 ef_status ef_attn_get_caps(const char *name, ef_attn_caps *caps) {
     if (!name) return ef_error(EF_ERR_ARG, "ef_attn_get_caps: name is NULL");
     if (!caps) return ef_error(EF_ERR_ARG, "ef_attn_get_caps: caps is NULL");

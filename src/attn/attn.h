@@ -89,6 +89,10 @@ typedef struct ef_attn_ops {
      * included, padding not. NULL = every pair (or the causal triangle). */
     int64_t (*pairs)(const ef_attn *a, int head);
 
+    /* The random projections the plan holds (ef_attn_random_features): *count floats, copied
+     * into out when out != NULL (the core checks n). NULL = none. */
+    ef_status (*features)(const ef_attn *a, float *out, size_t *count);
+
     /* Incremental decoding (causal kernel mechanisms; NULL elsewhere): a state of state_bytes,
      * set up by state_init, advanced one position of every (batch, head) by step. */
     size_t (*state_bytes)(const ef_attn *a);

@@ -1290,6 +1290,14 @@ const ef_attn_ops ef_attn_ops_linear = {
     .step = kernel_step,
 };
 
+/* W [m][D] of the current draw. */
+static ef_status kernel_features(const ef_attn *a, float *out, size_t *count) {
+    const kplan *p = a->impl;
+    *count = p->W ? (size_t)p->m * a->shape.head_dim : 0;
+    if (out && *count) memcpy(out, p->W, *count * sizeof(float));
+    return EF_OK;
+}
+
 const ef_attn_ops ef_attn_ops_performer = {
     .caps = {.causal = 1, .cross = 1, .decode = 1, .random = 1, .deterministic = 1},
     .name = "performer",
@@ -1324,4 +1332,5 @@ const ef_attn_ops ef_attn_ops_performer = {
     .state_bytes = kernel_state_bytes,
     .state_init = kernel_state_init,
     .step = kernel_step,
+    .features = kernel_features,
 };
