@@ -7,14 +7,18 @@
  * statistical (several standard errors, or chi-square tails of ~1e-4), so that a generator that
  * passes them is right for a reason and not because the bound accepts anything.
  */
+#define _GNU_SOURCE /* pthread_getattr_np */
+
 #include "harness.h"
 #include "core/core.h"
 
 #include <math.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 /* ---------------------------------------------------------------------------------------------
@@ -627,6 +631,59 @@ static void test_sgemm_errors(void) {
              info.kernel ? info.kernel : "(null)", info.detail ? info.detail : "(null)");
 }
 
+/* A signal that arrives during a product must find a usable stack. Some GEMM kernels of the
+ * external libraries use the stack pointer as a data register (oneDNN 2.6's AVX-512 sgemm: a
+ * SIGTERM frame written at rsp corrupted the heap of `eformer train`), so the library blocks
+ * asynchronous signals around them. Checked here: a handler run during a stream of products
+ * has its locals inside the thread's own stack, never elsewhere. */
+static volatile sig_atomic_t sig_hits, sig_bad;
+static uintptr_t stack_lo, stack_hi;
+
+static void on_alarm(int sig) {
+    (void)sig;
+    volatile char probe = 0;
+    uintptr_t a = (uintptr_t)&probe;
+    sig_hits++;
+    if (a < stack_lo || a >= stack_hi) sig_bad++;
+}
+
+static void test_sgemm_signals(void) {
+    pthread_attr_t at;
+    void *addr;
+    size_t size;
+    if (pthread_getattr_np(pthread_self(), &at) || pthread_attr_getstack(&at, &addr, &size)) {
+        printf("SKIP sgemm under signals: the stack's bounds are unknown\n");
+        return;
+    }
+    pthread_attr_destroy(&at);
+    stack_lo = (uintptr_t)addr, stack_hi = (uintptr_t)addr + size;
+    struct sigaction sa, old;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_alarm;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, &old);
+    const int n = 384;
+    float *a = ef_test_randn((size_t)n * n, 1, 1), *b = ef_test_randn((size_t)n * n, 2, 1);
+    float *c = ef_test_zeros((size_t)n * n);
+    int threads = ef_get_num_threads();
+    ef_set_num_threads(1); /* the products run on this thread, the one the alarm interrupts */
+    struct itimerval it = {{0, 200}, {0, 200}}, off = {{0, 0}, {0, 0}};
+    setitimer(ITIMER_REAL, &it, NULL);
+    double t0 = ef_now();
+    ef_status st = EF_OK;
+    while (!st && ef_now() - t0 < 0.5)
+        st = ef_sgemm(0, 0, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
+    setitimer(ITIMER_REAL, &off, NULL);
+    sigaction(SIGALRM, &old, NULL);
+    ef_set_num_threads(threads);
+    ef_check("sgemm under a 5 kHz alarm: products succeed", st == EF_OK && sig_hits > 50,
+             "%d signals", (int)sig_hits);
+    ef_check("  every handler ran on the thread's stack (no frame at a kernel's rsp)",
+             sig_bad == 0, "%d of %d elsewhere", (int)sig_bad, (int)sig_hits);
+    free(a), free(b), free(c);
+}
+
 int main(void) {
     test_last_error(); /* first: it checks the empty message before any failure */
     test_status();
@@ -640,5 +697,6 @@ int main(void) {
     test_vexp();
     test_sgemm();
     test_sgemm_errors();
+    test_sgemm_signals();
     return ef_test_finish();
 }

@@ -35,11 +35,20 @@
  * its kernels by CPUID itself. OpenBLAS second (with the CORETYPE fix for AVX-512 CPUs that
  * it misdetects), BLIS third. The built-in kernel (86 GFLOP/s on 1 thread, 1024^3) is the
  * fallback. Details, the commands and caveats: docs/gemm.md.
+ *
+ * Signals: oneDNN 2.6's AVX-512 sgemm kernels use the stack pointer as a data register, so a
+ * signal delivered while one runs has its frame written wherever rsp points, into the heap
+ * (a SIGTERM to `eformer train` corrupted the heap: docs/gemm.md). Every call into an external
+ * BLAS therefore runs with the asynchronous signals blocked in the calling thread
+ * (pthread_sigmask, two system calls per product, ~0.2 us); a signal sent meanwhile is
+ * delivered when the product returns. Synchronous signals (SIGSEGV, SIGBUS, SIGFPE, SIGILL,
+ * SIGTRAP, SIGSYS) are left alone.
  */
 #define _GNU_SOURCE
 #include "core/core.h"
 
 #include <pthread.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -471,7 +480,14 @@ static void blas_load(void) {
 #endif
 }
 
+/* The signals blocked around an external product: all but the synchronous ones. */
+static sigset_t g_async_signals;
+
 static void blas_load_once(void) {
+    sigfillset(&g_async_signals);
+    static const int sync_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGABRT};
+    for (size_t i = 0; i < sizeof sync_signals / sizeof sync_signals[0]; i++)
+        sigdelset(&g_async_signals, sync_signals[i]);
     blas_load();
     atomic_store(&g_loaded, 1);
 }
@@ -506,6 +522,10 @@ int ef_gemm_local_threads(int n) {
 /* ------------------------------------------------------------------------------------------
  * ef_sgemm
  * ---------------------------------------------------------------------------------------- */
+static ef_status external_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                                const float *a, int lda, const float *b, int ldb, float beta,
+                                float *c, int ldc);
+
 ef_status ef_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, const float *a,
                    int lda, const float *b, int ldb, float beta, float *c, int ldc) {
     if (trans_a != 0 && trans_a != 1)
@@ -540,6 +560,23 @@ ef_status ef_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, c
     }
 
     blas_init();
+    if (g_blas.lib == EF_LIB_DNNL || g_blas.lib == EF_LIB_OPENBLAS || g_blas.lib == EF_LIB_BLIS) {
+        sigset_t old;
+        pthread_sigmask(SIG_BLOCK, &g_async_signals, &old);
+        ef_status st = external_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c,
+                                      ldc);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (st == EF_OK) return EF_OK;
+        /* oneDNN refused: the built-in kernel */
+    }
+    return builtin_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+/* The external BLAS's product (signals blocked by the caller). EF_ERR_UNSUPPORTED when oneDNN
+ * refuses the call (the caller then runs the built-in kernel). */
+static ef_status external_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha,
+                                const float *a, int lda, const float *b, int ldb, float beta,
+                                float *c, int ldc) {
     const int req = atomic_load(&g_req_threads);
     const int nt = g_local_threads > 0 ? g_local_threads : req > 0 ? req : ef_threads();
     if (g_blas.lib == EF_LIB_DNNL) {
@@ -551,15 +588,12 @@ ef_status ef_sgemm(int trans_a, int trans_b, int m, int n, int k, float alpha, c
         const int st = g_blas.dnnl(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, alpha, a,
                                    lda, b, ldb, beta, c, ldc);
         if (saved && saved != nt) g_blas.omp_set(saved);
-        if (st == 0) return EF_OK;
-        /* oneDNN refused (status st): fall through to the built-in kernel. */
-    } else if (g_blas.lib == EF_LIB_OPENBLAS || g_blas.lib == EF_LIB_BLIS) {
-        apply_threads(nt);
-        g_blas.cblas(101 /* CblasRowMajor */, trans_a ? 112 : 111, trans_b ? 112 : 111, m, n, k,
-                     alpha, a, lda, b, ldb, beta, c, ldc);
-        return EF_OK;
+        return st == 0 ? EF_OK : EF_ERR_UNSUPPORTED;
     }
-    return builtin_sgemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    apply_threads(nt);
+    g_blas.cblas(101 /* CblasRowMajor */, trans_a ? 112 : 111, trans_b ? 112 : 111, m, n, k,
+                 alpha, a, lda, b, ldb, beta, c, ldc);
+    return EF_OK;
 }
 
 /* ------------------------------------------------------------------------------------------
