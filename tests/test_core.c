@@ -672,12 +672,14 @@ static void test_sgemm_signals(void) {
     setitimer(ITIMER_REAL, &it, NULL);
     double t0 = ef_now();
     ef_status st = EF_OK;
-    while (!st && ef_now() - t0 < 0.5)
+    /* until 200 signals were handled, at most 5 s (a loaded machine delivers fewer: a
+     * pending alarm is delivered once when the product returns) */
+    while (!st && sig_hits < 200 && ef_now() - t0 < 5)
         st = ef_sgemm(0, 0, n, n, n, 1.0f, a, n, b, n, 0.0f, c, n);
     setitimer(ITIMER_REAL, &off, NULL);
     sigaction(SIGALRM, &old, NULL);
     ef_set_num_threads(threads);
-    ef_check("sgemm under a 5 kHz alarm: products succeed", st == EF_OK && sig_hits > 50,
+    ef_check("sgemm under a 5 kHz alarm: products succeed", st == EF_OK && sig_hits >= 20,
              "%d signals", (int)sig_hits);
     ef_check("  every handler ran on the thread's stack (no frame at a kernel's rsp)",
              sig_bad == 0, "%d of %d elsewhere", (int)sig_bad, (int)sig_hits);
