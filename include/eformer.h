@@ -357,6 +357,22 @@ EF_API ef_status ef_model_backward(ef_model *m);
 EF_API ef_status ef_model_capture_qkv(ef_model *m, const ef_model_batch *in, int layer, float *q,
                                       float *k, float *v);
 
+/* Incremental decoding of a causal head=lm model whose every layer's attention has a decoding
+ * state (linear and performer with causal=1; ef_attn_get_caps().decode): each step appends one
+ * token of sequence 0 and writes its logits [vocab], the full forward's logits at that position
+ * up to rounding, in O(layers x (dim^2 + dim x ff + features x head_dim)) per token instead of
+ * recomputing the prefix. Positions 0 .. max_len - 1. The decoder reads the model's parameters
+ * at every step (change them and the next steps use the new values) and must not outlive it;
+ * one decoder per model at a time, from one thread. Errors: EF_ERR_UNSUPPORTED naming the
+ * first layer without a decoding state (or a classifier / an encoder), EF_ERR_ARG (a token
+ * outside [0, vocab), a position past max_len), EF_ERR_NOMEM. */
+typedef struct ef_model_decoder ef_model_decoder;
+EF_API ef_status ef_model_decoder_new(ef_model_decoder **out, ef_model *m);
+EF_API void ef_model_decoder_free(ef_model_decoder *d);
+EF_API ef_status ef_model_decoder_reset(ef_model_decoder *d);            /* back to position 0 */
+EF_API int64_t ef_model_decoder_position(const ef_model_decoder *d);     /* tokens consumed */
+EF_API ef_status ef_model_decode_step(ef_model_decoder *d, int32_t token, float *logits);
+
 /* Parameters: the flat buffers (ef_model_param_floats floats each, 64-byte aligned; the floats
  * between tensors are 0 and stay 0 under any elementwise update) and the named tensors in them. */
 EF_API size_t ef_model_param_count(const ef_model *m);  /* learned parameters */

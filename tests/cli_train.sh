@@ -10,7 +10,8 @@
 #              a resumed run given other options is refused (exit status 2)
 #   interrupt  SIGINT stops a long run: status 130, the default checkpoint exists, eval reads
 #              it and train resumes it; SIGTERM: status 143, the --save checkpoint
-#   generate   a byte-level model trained on a printf'd text continues its prompt; sampling
+#   generate   a byte-level model trained on a printf'd text continues its prompt (also a linear
+#              model, by incremental decoding, past max_len); sampling
 #              gives --max-new bytes; eval reports bpb; a non-byte-level model is refused (2)
 #   timelimit  --time-limit 1 ends a 10^6-step run with status 0, a stop record, the final
 #              eval and the checkpoint; --time-limit 0 is refused
@@ -141,6 +142,19 @@ generate)
     [ "$n" -eq 31 ] || fail "sampling wrote $n bytes, expected 7 + 24"
     "$E" eval --load t.st --json --threads 1 | tee eval.json
     grep -q '"split":"eval".*"bpb":' eval.json || fail "no bpb in eval --json of a text task"
+    # a linear-attention model generates by incremental decoding (ef_model_decoder), past
+    # max_len (32) too, where it falls back to recomputing the window
+    "$E" train --task text:fix.txt,len=32 --model layers=1,dim=32,heads=2,attn=linear:causal=1 \
+        --steps 600 --batch 8 --lr 3e-3 --warmup 20 --log-every 200 --threads 1 --save l.st ||
+        fail "train a linear model on fix.txt"
+    out=$("$E" generate --load l.st --prompt "the cat" --max-new 60 --temperature 0 --threads 1) ||
+        fail "generate (linear)"
+    printf '%s\n' "$out"
+    case $out in
+    "the cat sat on the mat."*) echo "ok: greedy continuation by incremental decoding" ;;
+    *) fail "linear: greedy continuation of 'the cat' is not 'the cat sat on the mat.'" ;;
+    esac
+    [ ${#out} -eq 67 ] || fail "linear: wrote ${#out} bytes, expected 7 + 60"
     "$E" train --task $T --model $M --steps 2 --warmup 0 --eval-samples 8 --threads 1 \
         --save d.st || fail "train a dup model"
     expect_status 2 "$E" generate --load d.st --prompt x

@@ -1856,6 +1856,77 @@ static void test_capture(void) {
     free(q), free(k), free(v), free(mq), free(mk), free(mv);
 }
 
+/* ef_model_decoder: each step's logits equal the full forward's at that position (residual and
+ * reversible stacks, sinusoidal / learned / axial positions, linear and performer layers);
+ * refusals name the reason. */
+static void test_decoder(void) {
+    const char *specs[] = {
+        "layers=2,dim=16,heads=2,ff=24,vocab=11,max_len=40,attn=linear:causal=1",
+        "layers=3,dim=16,heads=4,ff=16,vocab=11,max_len=40,pos=learned,"
+        "attn=performer:causal=1,features=8|linear:causal=1",
+        "layers=2,dim=16,heads=2,ff=16,vocab=11,max_len=40,pos=axial,reversible=1,"
+        "attn=linear:causal=1|performer:causal=1,features=12",
+    };
+    const int N = 37, V = 11;
+    for (size_t s = 0; s < sizeof specs / sizeof specs[0]; s++) {
+        ef_model *m = NULL;
+        ef_model_opts o = {.batch = 2, .seed = 9, .train = 0};
+        if (!ef_check_status("decoder: model", ef_model_new(&m, specs[s], &o), EF_OK)) continue;
+        float *P = ef_model_params(m);
+        float *r = ef_test_randn(ef_model_param_floats(m), 40 + s, 0.3f);
+        memcpy(P, r, sizeof(float) * ef_model_param_floats(m));
+        free(r);
+        int32_t tok[37];
+        for (int i = 0; i < N; i++) tok[i] = (i * 5 + 2 * (int)s + 1) % V;
+        float *full = ef_test_zeros((size_t)N * V), *step = ef_test_zeros((size_t)N * V);
+        ef_model_batch in = {.batch = 1, .len = N, .tokens = tok};
+        ef_model_out out = {.logits = full};
+        ef_status st = ef_model_forward(m, &in, &out);
+        ef_model_decoder *d = NULL;
+        if (!st) st = ef_model_decoder_new(&d, m);
+        for (int i = 0; i < N && !st; i++) st = ef_model_decode_step(d, tok[i], step + (size_t)i * V);
+        char name[160];
+        snprintf(name, sizeof name, "decoder %zu: %d steps", s, N);
+        ef_check_status(name, st, EF_OK);
+        snprintf(name, sizeof name, "decoder %zu: step logits = the full forward's", s);
+        ef_check_err(name, ef_max_rel_diff(step, full, (size_t)N * V), 1e-5);
+        ef_check("  position counted", ef_model_decoder_position(d) == N, "%lld",
+                 (long long)ef_model_decoder_position(d));
+        /* reset: the same steps again, bit for bit */
+        float again[11];
+        ef_model_decoder_reset(d);
+        ef_model_decode_step(d, tok[0], again);
+        ef_check("  reset starts over (bitwise)", !memcmp(again, step, sizeof again), "%s", "");
+        ef_model_decoder_free(d);
+        free(full), free(step);
+        ef_model_free(m);
+    }
+    /* refusals */
+    ef_model *m = NULL;
+    ef_model_opts o = {.batch = 1, .seed = 1, .train = 0};
+    ef_model_decoder *d = NULL;
+    ef_model_new(&m, "layers=2,dim=16,heads=2,vocab=11,max_len=8,attn=linear:causal=1|flash:causal=1", &o);
+    ef_check_status("decoder: a flash layer", ef_model_decoder_new(&d, m), EF_ERR_UNSUPPORTED);
+    ef_check("  names layer 1 and flash", strstr(ef_last_error(), "layer 1") &&
+             strstr(ef_last_error(), "flash"), "%s", ef_last_error());
+    ef_model_free(m);
+    ef_model_new(&m, "layers=1,dim=16,heads=2,vocab=11,max_len=8,attn=linear", &o);
+    ef_check_status("decoder: an encoder", ef_model_decoder_new(&d, m), EF_ERR_UNSUPPORTED);
+    ef_model_free(m);
+    ef_model_new(&m, "layers=1,dim=16,heads=2,vocab=11,max_len=4,attn=linear:causal=1", &o);
+    ef_check_status("decoder: made", ef_model_decoder_new(&d, m), EF_OK);
+    float lg[11];
+    ef_check_status("decoder: token 11 of 11", ef_model_decode_step(d, 11, lg), EF_ERR_ARG);
+    ef_check("  names the token", strstr(ef_last_error(), "token 11") != NULL, "%s", ef_last_error());
+    for (int i = 0; i < 4; i++) ef_model_decode_step(d, 1, lg);
+    ef_check_status("decoder: past max_len", ef_model_decode_step(d, 1, lg), EF_ERR_ARG);
+    ef_check("  names max_len", strstr(ef_last_error(), "max_len 4") != NULL, "%s", ef_last_error());
+    ef_check_status("decoder: NULL logits", ef_model_decode_step(d, 1, NULL), EF_ERR_ARG);
+    ef_model_decoder_free(d);
+    ef_model_decoder_free(NULL);
+    ef_model_free(m);
+}
+
 int main(void) {
     test_spec();
     test_table();
@@ -1874,6 +1945,7 @@ int main(void) {
     test_call_errors();
     test_no_grad();
     test_capture();
+    test_decoder();
     test_bytes();
     test_checkpoints();
     return ef_test_finish();

@@ -1131,26 +1131,45 @@ int cli_generate(int argc, char **argv) {
     fwrite(prompt, 1, plen, stdout);
     fflush(stdout);
     int last_nl = plen > 0 && prompt[plen - 1] == '\n';
-    for (size_t cur = plen; cur < total; cur++) {
-        /* the model sees at most max_len positions: the last max_len bytes */
-        size_t first = cur > (size_t)mi.max_len ? cur - (size_t)mi.max_len : 0;
-        int n = (int)(cur - first);
-        ef_model_batch in = {
-            .batch = 1, .len = n, .tokens = seq + first, .lens = NULL, .targets = NULL};
-        ef_model_out out = {.logits = logits};
-        if ((st = ef_model_forward(m, &in, &out))) {
-            fputc('\n', stdout);
-            cli_lib_error(st, "running the model");
-            rc = CLI_FAIL;
-            goto done;
+    /* incremental decoding where every layer has a decoding state (linear, performer): the
+     * prompt once, then one step per byte, up to max_len positions; after that (and for other
+     * models) every byte recomputes the last max_len bytes */
+    ef_model_decoder *dec = NULL;
+    int incremental = plen < (size_t)mi.max_len && ef_model_decoder_new(&dec, m) == EF_OK;
+    for (size_t i = 0; incremental && i < plen && !st; i++)
+        st = ef_model_decode_step(dec, seq[i], logits);
+    for (size_t cur = plen; cur < total && !st; cur++) {
+        const float *row = logits;
+        if (!incremental) {
+            /* the model sees at most max_len positions: the last max_len bytes */
+            size_t first = cur > (size_t)mi.max_len ? cur - (size_t)mi.max_len : 0;
+            int n = (int)(cur - first);
+            ef_model_batch in = {
+                .batch = 1, .len = n, .tokens = seq + first, .lens = NULL, .targets = NULL};
+            ef_model_out out = {.logits = logits};
+            if ((st = ef_model_forward(m, &in, &out))) break;
+            row = logits + (size_t)(n - 1) * 256;
         }
         float u = 0;
         if (temperature > 0) ef_rng_uniform((uint64_t)seed, 0, cur - plen, 1, &u);
-        int b = pick_byte(logits + (size_t)(n - 1) * 256, 256, temperature, u);
+        int b = pick_byte(row, 256, temperature, u);
         seq[cur] = b;
         putchar(b);
         fflush(stdout);
         last_nl = b == '\n';
+        if (incremental && cur + 1 < total) {
+            if (ef_model_decoder_position(dec) < mi.max_len)
+                st = ef_model_decode_step(dec, b, logits);
+            else
+                incremental = 0; /* past max_len: recompute the window from here on */
+        }
+    }
+    ef_model_decoder_free(dec);
+    if (st) {
+        fputc('\n', stdout);
+        cli_lib_error(st, "running the model");
+        rc = CLI_FAIL;
+        goto done;
     }
     if (!last_nl && isatty(STDOUT_FILENO)) putchar('\n');
 done:

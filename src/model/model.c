@@ -1090,6 +1090,175 @@ ef_status ef_model_capture_qkv(ef_model *m, const ef_model_batch *in, int layer,
     return st;
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Incremental decoding (ef_model_decoder_*): one position at a time through every layer, the
+ * attention by ef_attn_step on each layer's decoding state. Row 0 of the plans' batch carries
+ * the sequence (the other rows stay 0).
+ * ------------------------------------------------------------------------------------------- */
+struct ef_model_decoder {
+    ef_model *m;
+    ef_attn_state **st; /* [layers] */
+    int64_t pos;
+    float *pos_table;                       /* [max_len][C] learned/axial positions (or NULL) */
+    float *x1, *x2, *u, *t, *hid, *q, *k, *v, *o, *f, *fx; /* rows of one position */
+};
+
+void ef_model_decoder_free(ef_model_decoder *d) {
+    if (!d) return;
+    for (int l = 0; d->st && l < d->m->cfg.layers; l++) ef_attn_state_free(d->st[l]);
+    free(d->st);
+    ef_free(d->pos_table), ef_free(d->x1), ef_free(d->u), ef_free(d->t);
+    ef_free(d->hid), ef_free(d->q), ef_free(d->k), ef_free(d->v), ef_free(d->o);
+    ef_free(d->f), ef_free(d->fx);
+    free(d);
+}
+
+ef_status ef_model_decoder_new(ef_model_decoder **out, ef_model *m) {
+    if (!out || !m)
+        return ef_error(EF_ERR_ARG, "ef_model_decoder_new: %s is NULL", !out ? "out" : "model");
+    *out = NULL;
+    const model_cfg *c = &m->cfg;
+    if (c->classes || !m->causal)
+        return ef_error(EF_ERR_UNSUPPORTED, "ef_model_decoder_new: decoding needs a causal model "
+                                            "with head=lm (this one is %s)",
+                        c->classes ? "a classifier" : "an encoder");
+    for (int l = 0; l < c->layers; l++) {
+        ef_attn_caps caps;
+        const char *spec = ef_attn_describe(m->L[l].attn);
+        char name[64];
+        snprintf(name, sizeof name, "%.*s", (int)strcspn(spec, ":"), spec);
+        if (ef_attn_get_caps(name, &caps) || !caps.decode)
+            return ef_error(EF_ERR_UNSUPPORTED,
+                            "ef_model_decoder_new: layer %d's attention %s has no decoding state "
+                            "(linear and performer with causal=1 have one; others recompute the "
+                            "prefix)",
+                            l, name);
+    }
+    ef_model_decoder *d = calloc(1, sizeof *d);
+    if (!d) return ef_error(EF_ERR_NOMEM, "ef_model_decoder_new: out of memory");
+    d->m = m;
+    size_t C = (size_t)c->dim, row = (size_t)m->B * C;
+    d->st = calloc((size_t)c->layers, sizeof *d->st);
+    ef_status st = d->st ? EF_OK : ef_error(EF_ERR_NOMEM, "ef_model_decoder_new: out of memory");
+    for (int l = 0; l < c->layers && !st; l++) st = ef_attn_state_new(&d->st[l], m->L[l].attn);
+    if (!st) {
+        d->x1 = ef_malloc(2 * C * sizeof(float)), d->x2 = d->x1 ? d->x1 + C : NULL;
+        d->u = ef_malloc(C * sizeof(float)), d->t = ef_malloc(C * sizeof(float));
+        d->hid = ef_malloc((size_t)c->ff * sizeof(float));
+        d->q = ef_malloc(row * sizeof(float)), d->k = ef_malloc(row * sizeof(float));
+        d->v = ef_malloc(row * sizeof(float)), d->o = ef_malloc(row * sizeof(float));
+        d->f = ef_malloc(2 * C * sizeof(float)), d->fx = ef_malloc(2 * C * sizeof(float));
+        if (!d->x1 || !d->u || !d->t || !d->hid || !d->q || !d->k || !d->v || !d->o || !d->f ||
+            !d->fx)
+            st = EF_ERR_NOMEM;
+    }
+    if (!st && (c->pos == POS_LEARNED || c->pos == POS_AXIAL)) { /* the table, from the layer */
+        size_t n = (size_t)c->max_len * C;
+        if (!(d->pos_table = ef_malloc(n * sizeof(float)))) st = EF_ERR_NOMEM;
+        if (!st) {
+            memset(d->pos_table, 0, n * sizeof(float));
+            st = c->pos == POS_LEARNED
+                     ? ef_pos_learned_forward(d->pos_table, T(m, m->pos0), 1, c->max_len,
+                                              c->max_len, c->dim)
+                     : ef_pos_axial_forward(d->pos_table, T(m, m->pos0), T(m, m->pos1), 1,
+                                            c->max_len, c->dim, c->ax_n1, c->ax_n2, c->ax_d1,
+                                            c->ax_d2);
+        }
+    }
+    if (!st) {
+        memset(d->q, 0, row * sizeof(float)), memset(d->k, 0, row * sizeof(float));
+        memset(d->v, 0, row * sizeof(float));
+        *out = d;
+        return EF_OK;
+    }
+    ef_model_decoder_free(d);
+    return st == EF_ERR_NOMEM ? ef_error(EF_ERR_NOMEM, "ef_model_decoder_new: out of memory") : st;
+}
+
+int64_t ef_model_decoder_position(const ef_model_decoder *d) { return d ? d->pos : -1; }
+
+ef_status ef_model_decoder_reset(ef_model_decoder *d) {
+    if (!d) return ef_error(EF_ERR_ARG, "ef_model_decoder_reset: decoder is NULL");
+    for (int l = 0; l < d->m->cfg.layers; l++) {
+        ef_status st = ef_attn_state_reset(d->st[l]);
+        if (st) return st;
+    }
+    d->pos = 0;
+    return EF_OK;
+}
+
+/* The attention sub-layer on one row: t = Attn(LN1(x)) (C floats). */
+static ef_status decode_attn(ef_model_decoder *d, int l, const float *x, float *t) {
+    ef_model *m = d->m;
+    const model_cfg *c = &m->cfg;
+    const layer_t *L = &m->L[l];
+    int C = c->dim;
+    ef_layernorm_forward(d->u, NULL, NULL, x, T(m, L->ln1_g), T(m, L->ln1_b), 1, C, c->ln_eps);
+    ef_status st = ef_linear_forward(d->q, d->u, T(m, L->wq), T(m, L->bq), 1, C, C);
+    if (!st && L->wk >= 0) st = ef_linear_forward(d->k, d->u, T(m, L->wk), T(m, L->bk), 1, C, C);
+    if (!st) st = ef_linear_forward(d->v, d->u, T(m, L->wv), T(m, L->bv), 1, C, C);
+    if (!st) st = ef_attn_step(L->attn, d->st[l], d->q, d->k, d->v, d->o);
+    if (!st) st = ef_linear_forward(t, d->o, T(m, L->wo), T(m, L->bo), 1, C, C);
+    return st;
+}
+
+/* The feed-forward sub-layer on one row: t = FFN(LN2(x)). */
+static ef_status decode_ffn(ef_model_decoder *d, int l, const float *x, float *t) {
+    ef_model *m = d->m;
+    const model_cfg *c = &m->cfg;
+    const layer_t *L = &m->L[l];
+    int C = c->dim;
+    ef_layernorm_forward(d->u, NULL, NULL, x, T(m, L->ln2_g), T(m, L->ln2_b), 1, C, c->ln_eps);
+    ef_status st = ef_linear_forward(d->hid, d->u, T(m, L->w1), T(m, L->b1), 1, C, c->ff);
+    if (st) return st;
+    ef_gelu_forward(d->hid, d->hid, (size_t)c->ff);
+    return ef_linear_forward(t, d->hid, T(m, L->w2), T(m, L->b2), 1, c->ff, C);
+}
+
+ef_status ef_model_decode_step(ef_model_decoder *d, int32_t token, float *logits) {
+    if (!d || !logits)
+        return ef_error(EF_ERR_ARG, "ef_model_decode_step: %s is NULL", !d ? "decoder" : "logits");
+    ef_model *m = d->m;
+    const model_cfg *c = &m->cfg;
+    int C = c->dim;
+    if (token < 0 || token >= c->vocab)
+        return ef_error(EF_ERR_ARG, "ef_model_decode_step: token %d is not in [0, %d)", token,
+                        c->vocab);
+    if (d->pos >= c->max_len)
+        return ef_error(EF_ERR_ARG, "ef_model_decode_step: position %lld is past max_len %d",
+                        (long long)d->pos, c->max_len);
+    /* x = the embedding of the token at position pos, as embed_forward makes it */
+    const float *e = T(m, m->emb) + (size_t)token * C;
+    for (int i = 0; i < C; i++)
+        d->x1[i] = c->pos == POS_SINUSOIDAL ? e[i] * sqrtf((float)C) + m->pe[d->pos * C + i]
+                   : d->pos_table             ? e[i] + d->pos_table[d->pos * C + i]
+                                              : e[i];
+    ef_status st = EF_OK;
+    if (c->reversible) memcpy(d->x2, d->x1, sizeof(float) * C);
+    for (int l = 0; l < c->layers && !st; l++) {
+        if (c->reversible) { /* y1 = x1 + F(x2); y2 = x2 + G(y1) */
+            if ((st = decode_attn(d, l, d->x2, d->t))) break;
+            for (int i = 0; i < C; i++) d->x1[i] += d->t[i];
+            if ((st = decode_ffn(d, l, d->x1, d->t))) break;
+            for (int i = 0; i < C; i++) d->x2[i] += d->t[i];
+        } else { /* h = x + F(x); x = h + G(h) */
+            if ((st = decode_attn(d, l, d->x1, d->t))) break;
+            for (int i = 0; i < C; i++) d->x1[i] += d->t[i];
+            if ((st = decode_ffn(d, l, d->x1, d->t))) break;
+            for (int i = 0; i < C; i++) d->x1[i] += d->t[i];
+        }
+    }
+    if (st) return st;
+    /* the head: LN_f over W (C, or 2C for the reversible pair), then the vocabulary */
+    int W = m->W;
+    memcpy(d->f, d->x1, sizeof(float) * (size_t)W); /* x2 follows x1 in the pair's buffer */
+    ef_layernorm_forward(d->fx, NULL, NULL, d->f, T(m, m->lnf_g), T(m, m->lnf_b), 1, W, c->ln_eps);
+    if ((st = ef_linear_forward(logits, d->fx, T(m, m->head_w), T(m, m->head_b), 1, W, c->vocab)))
+        return st;
+    d->pos++;
+    return EF_OK;
+}
+
 ef_status ef_model_backward(ef_model *m) {
     if (!m) return ef_error(EF_ERR_ARG, "ef_model_backward: model is NULL");
     if (!m->train)
