@@ -1009,8 +1009,12 @@ static void run_quality(arena_run *R) {
         }
         if (R->q_causal && !strstr(A->spec, "causal="))
             with_causal(A->spec, R->q_spec[s], sizeof R->q_spec[s]);
-        else
-            snprintf(R->q_spec[s], sizeof R->q_spec[s], "%s", A->spec);
+        else {
+            size_t n = strlen(A->spec) < sizeof R->q_spec[s] ? strlen(A->spec)
+                                                              : sizeof R->q_spec[s] - 1;
+            memcpy(R->q_spec[s], A->spec, n); /* (snprintf: GCC's -Wrestrict sees R twice) */
+            R->q_spec[s][n] = 0;
+        }
         char el[32], left[32];
         fmt_secs(el, sizeof el, cli_now() - R->t0);
         fmt_secs(left, sizeof left, (R->n_specs - s) * (c->seconds + 15));
