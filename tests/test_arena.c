@@ -217,7 +217,8 @@ static void test_structured(void) {
     size_t n = (size_t)sh.len * sh.dim;
     float *q = malloc(n * 4), *k = malloc(n * 4), *v = malloc(n * 4), *g = malloc(n * 4);
     for (int causal = 0; causal <= 1; causal++) {
-        arena_structured(&sh, causal, 8, 10, 7, q, k, v, g);
+        ef_check_status("structured inputs made", arena_structured(&sh, causal, 8, 10, 7, q, k, v, g),
+                        EF_OK);
         double near, far;
         peakedness(&sh, causal, q, k, 24, &near, &far);
         char name[96];
@@ -475,6 +476,20 @@ static void test_cli(const char *eformer) {
     csv = slurp(path, NULL);
     ef_check("tiny memory budget: marked skipped-memory, exit 0",
              st == 0 && csv && strstr(csv, "\"skipped-memory\""), "status %d", st);
+    free(csv);
+
+    /* --causal adds causal=1 to a spec whose only "causal" is reformer_causal= */
+    snprintf(cmd, sizeof cmd,
+             "'%s' arena --causal --specs 'lsh:reformer_causal=1,chunk=16' --lens 64 --heads 1 "
+             "--dim 8 --reps 1 --inputs gaussian --no-plots --out %s/r >/dev/null 2>&1",
+             eformer, dir);
+    st = run(cmd);
+    snprintf(path, sizeof path, "%s/r/results.csv", dir);
+    csv = slurp(path, NULL);
+    ef_check("--causal: lsh:reformer_causal=1 runs with causal=1 added",
+             st == 0 && csv && strstr(csv, "reformer_causal=1,causal=1,") &&
+                 strstr(csv, "\"ok\""),
+             "status %d", st);
     free(csv);
 
     /* usage errors: exit status 2 */

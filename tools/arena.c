@@ -326,23 +326,25 @@ static int run_length(arena_run *R, int li, double *done_s, int *done_n) {
         progress(R, "arena: N=%d: exact attention on %s inputs  (elapsed %s)", N,
                  input_name(R->inputs[i]), el);
         ef_status st = EF_OK;
+        const char *what = "making the structured inputs";
         if (R->inputs[i] == IN_GAUSSIAN)
             arena_gaussian(&sh, INPUT_SEED, T[i].q, T[i].k, T[i].v, T[i].g);
         else if (R->inputs[i] == IN_STRUCTURED)
-            arena_structured(&sh, R->causal, ST_WIDTH, ST_SHARP, INPUT_SEED, T[i].q, T[i].k,
-                             T[i].v, T[i].g);
+            st = arena_structured(&sh, R->causal, ST_WIDTH, ST_SHARP, INPUT_SEED, T[i].q, T[i].k,
+                                  T[i].v, T[i].g);
         else if (N > R->model_len) {
             T[i].na = 1;
             continue;
-        } else if ((st = model_inputs(R, &sh, T[i].q, T[i].k, T[i].v, T[i].g))) {
-            cli_lib_error(st, "capturing q, k, v from the model");
-            free_tensors(T, R->n_inputs);
-            ef_free(o), ef_free(dq), ef_free(dk), ef_free(dv);
-            return CLI_FAIL;
+        } else {
+            what = "capturing q, k, v from the model";
+            st = model_inputs(R, &sh, T[i].q, T[i].k, T[i].v, T[i].g);
         }
-        st = make_exact(R, &sh, T, i, 0);
+        if (!st) {
+            what = "computing exact attention for the errors";
+            st = make_exact(R, &sh, T, i, 0);
+        }
         if (st) {
-            cli_lib_error(st, "computing exact attention for the errors");
+            cli_lib_error(st, what);
             free_tensors(T, R->n_inputs);
             ef_free(o), ef_free(dq), ef_free(dk), ef_free(dv);
             return CLI_FAIL;
@@ -985,7 +987,7 @@ static int add_spec(arena_run *R, const char *spec, size_t len) {
                                "arena: --specs: unknown mechanism '%s' (`eformer info "
                                "--mechanisms` lists them)",
                                A->name);
-    if (R->causal && !strstr(tmp, "causal=")) {
+    if (R->causal && !cli_spec_has_key(tmp, "causal")) {
         with_causal(tmp, A->spec, sizeof A->spec);
         A->no_causal = !A->caps.causal;
     } else
@@ -997,7 +999,6 @@ static int add_spec(arena_run *R, const char *spec, size_t len) {
 /* --quality: every spec trained on the task for the same time. */
 static void run_quality(arena_run *R) {
     const arena_quality_cfg *c = &R->qcfg;
-    double t0 = cli_now();
     for (int s = 0; s < R->n_specs; s++) {
         arena_spec *A = &R->specs[s];
         arena_quality *q = &R->quality[s];
@@ -1007,7 +1008,7 @@ static void run_quality(arena_run *R) {
             snprintf(q->note, sizeof q->note, "no causal form for a next-token task");
             continue;
         }
-        if (R->q_causal && !strstr(A->spec, "causal="))
+        if (R->q_causal && !cli_spec_has_key(A->spec, "causal"))
             with_causal(A->spec, R->q_spec[s], sizeof R->q_spec[s]);
         else {
             size_t n = strlen(A->spec) < sizeof R->q_spec[s] ? strlen(A->spec)
@@ -1026,7 +1027,6 @@ static void run_quality(arena_run *R) {
         if (!q->ok) fprintf(stderr, "%seformer: arena: quality of %s: %s\n", R->tty ? "\n" : "",
                             A->name, q->note);
     }
-    (void)t0;
 }
 
 static void print_quality(FILE *f, const arena_run *R, int markdown) {

@@ -43,8 +43,9 @@ void arena_gaussian(const arena_shape *s, uint64_t seed, float *q, float *k, flo
  * of a Gaussian bump of width `width` positions: p_i . p_j ~ exp(-(i-j)^2 / (2 width^2))),
  * contents c_j ~ N(0, 1/(D - D/2)) in the other dims; k_j = [p_j, c_j], q_i = s [p_i,
  * c_m(i)] with m(i) a uniform random position (causal: before i; none for i = 0) and s such
- * that the logit scale 1/sqrt(D) times s is `sharp`. v and dout are N(0, 1). */
-void arena_structured(const arena_shape *s, int causal, double width, double sharp, uint64_t seed,
+ * that the logit scale 1/sqrt(D) times s is `sharp`. v and dout are N(0, 1). EF_ERR_NOMEM
+ * (nothing written) when its scratch cannot be had. */
+ef_status arena_structured(const arena_shape *s, int causal, double width, double sharp, uint64_t seed,
                       float *q, float *k, float *v, float *dout);
 
 /* Exact softmax attention, forward and (dout != NULL) backward, for the arena's errors:

@@ -3,6 +3,7 @@
  * plain GEMMs, Gaussian and structured inputs, the log-log exponent fit, the survey's claims.
  */
 #include "arena.h"
+#include "core/core.h" /* ef_error */
 
 #include <math.h>
 #include <stdlib.h>
@@ -70,19 +71,15 @@ void arena_gaussian(const arena_shape *s, uint64_t seed, float *q, float *k, flo
 #define ST_CONTENT(g) ((uint64_t)0x102 << 32 | (uint64_t)(g))
 #define ST_MATCH(g) ((uint64_t)0x103 << 32 | (uint64_t)(g))
 
-void arena_structured(const arena_shape *s, int causal, double width, double sharp, uint64_t seed,
-                      float *q, float *k, float *v, float *dout) {
+ef_status arena_structured(const arena_shape *s, int causal, double width, double sharp,
+                           uint64_t seed, float *q, float *k, float *v, float *dout) {
     int N = s->len, D = s->dim, dp = D / 2, dc = D - dp;
     size_t hd = (size_t)N * D, G = (size_t)s->batch * s->heads;
     double amp = sharp * sqrt((double)D); /* s: scale 1/sqrt(D) times s = sharp */
     float *w = malloc(sizeof(float) * (size_t)(2 * dp + 1) + sizeof(float) * (size_t)N);
+    if (!w) return ef_error(EF_ERR_NOMEM, "arena_structured: out of memory for %d positions", N);
     for (size_t g = 0; g < G; g++) {
         float *Q = q + g * hd, *K = k + g * hd;
-        if (!w) { /* out of memory for the draws: Gaussian keys and zero queries say so */
-            ef_rng_normal(seed, ST_CONTENT(g), 0, hd, K);
-            memset(Q, 0, sizeof(float) * hd);
-            continue;
-        }
         float *freq = w, *phase = w + dp, *match = w + 2 * dp;
         ef_rng_normal(seed, ST_FREQ(g), 0, (size_t)dp, freq);
         ef_rng_uniform(seed, ST_PHASE(g), 0, (size_t)dp, phase);
@@ -110,6 +107,7 @@ void arena_structured(const arena_shape *s, int causal, double width, double sha
     size_t n = G * hd;
     ef_rng_normal(seed, 2, 0, n, v);
     if (dout) ef_rng_normal(seed, 3, 0, n, dout);
+    return EF_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------

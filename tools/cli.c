@@ -302,3 +302,15 @@ void cli_json_num(FILE *f, const char *key, double x, const char *fmt) {
     else
         fputs("null", f);
 }
+
+int cli_spec_has_key(const char *spec, const char *key) {
+    size_t n = strlen(key);
+    const char *colon = strchr(spec, ':'), *eq = strchr(spec, '=');
+    /* items start at the spec, after the name's ':' (when it comes before any '='), after ',' */
+    const char *p = colon && (!eq || colon < eq) ? colon + 1 : spec;
+    for (; p; p = strchr(p, ',')) {
+        if (*p == ',') p++;
+        if (!strncmp(p, key, n) && p[n] == '=') return 1;
+    }
+    return 0;
+}

@@ -56,6 +56,11 @@ int cli_parse_int_list(const char *cmd, const char *opt, const char *s, long min
 int cli_parse_double(const char *cmd, const char *opt, const char *s, double min, double max,
                      double *out);
 
+/* 1 when the comma-separated spec (an attention spec "name:k=v,...", whose name part is not a
+ * key, or a model spec "k=v,...") has an item whose key is exactly `key` ("causal" matches
+ * causal=1, not reformer_causal=1). */
+int cli_spec_has_key(const char *spec, const char *key);
+
 /* ---------------------------------------------------------------------------------------------
  * Models
  * ------------------------------------------------------------------------------------------- */

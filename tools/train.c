@@ -105,16 +105,6 @@ static void fmt_rate(char *buf, size_t cap, double x) {
         snprintf(buf, cap, "%.0f", x);
 }
 
-/* Whether the comma-separated spec has an item starting with `key` ("head="). */
-static int spec_has_item(const char *spec, const char *key) {
-    size_t n = strlen(key);
-    for (const char *p = spec; p; p = strchr(p, ',')) {
-        if (*p == ',') p++;
-        if (!strncmp(p, key, n)) return 1;
-    }
-    return 0;
-}
-
 static int is_text_task(const ef_task_info *ti) { return strcmp(ti->kind, "text") == 0; }
 
 /* Whether model m can run task t: the same head, a vocabulary covering the task's, rows that
@@ -855,7 +845,7 @@ int cli_train(int argc, char **argv) {
         /* a head= of the user's own (head=cls:classes=10,pool=mean) wins over the task's; the
          * model's check below still requires the task's head and classes */
         const char *head = strstr(keys, ",head=");
-        int own_head = spec_has_item(c.model, "head=") && head;
+        int own_head = cli_spec_has_key(c.model, "head") && head;
         snprintf(full, n, "%s,%.*s", c.model, own_head ? (int)(head - keys) : (int)strlen(keys),
                  keys);
     }

@@ -42,7 +42,7 @@
  * BLAS therefore runs with the asynchronous signals blocked in the calling thread
  * (pthread_sigmask, two system calls per product, ~0.2 us); a signal sent meanwhile is
  * delivered when the product returns. Synchronous signals (SIGSEGV, SIGBUS, SIGFPE, SIGILL,
- * SIGTRAP, SIGSYS) are left alone.
+ * SIGTRAP, SIGSYS, SIGABRT) are left alone.
  */
 #define _GNU_SOURCE
 #include "core/core.h"
