@@ -215,6 +215,13 @@ typedef struct ef_tiled_pattern {
     void (*tile_mask)(const ef_attn *a, int head, int i0, int j0, int kn, float *st);
 } ef_tiled_pattern;
 
+/* The engine's micro-kernel, for other mechanisms' small dense products:
+ * C[r][0:L] (+)= sum_{t<T} A[r*ars + t*ats] * B[t*ldb + 0:L] for r < R (acc=0 overwrites).
+ * L must be a multiple of EF_VL; B and C rows 64-byte aligned (ldb, ldc multiples of 16).
+ * Register-tiled, single-threaded; fastest when L is 64 and R a multiple of 6. */
+void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats, const float *B,
+                  ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc);
+
 /* Builds the spans and the workspace. `user` (may be NULL) is the pattern's own data, handed
  * back by ef_tiled_user and released with free() by ef_tiled_destroy. On failure `user` is
  * still owned (and released) by the engine once ef_tiled_destroy runs. */

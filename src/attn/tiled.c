@@ -106,8 +106,8 @@ EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t a
     default: break;                                                                                \
     }
 
-static void gemm_bcast(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats,
-                       const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
+void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats, const float *B,
+                  ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
     for (int l0 = 0; l0 < L; l0 += MK_NV * EF_VL) {
         int nv = EF_MIN(MK_NV, (L - l0) / EF_VL);
         int r0 = 0;
@@ -363,7 +363,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     for (int x = 0; x < nspans; x++)
         for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
             int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
-            gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+            ef_tile_gemm(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
             if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
             if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
             vf alpha[QV];
@@ -390,7 +390,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
                     vf_store(po, vf_load(po) * alpha[u]);
                 }
             /* O^T[e][i] += sum_j V[j][e] P^T[j][i] */
-            gemm_bcast(dv, kn, QT, v + (size_t)j0 * dv, 1, dv, w->st, QT, w->ot, QT, 1);
+            ef_tile_gemm(dv, kn, QT, v + (size_t)j0 * dv, 1, dv, w->st, QT, w->ot, QT, 1);
         }
 
     float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));
@@ -480,7 +480,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
                 int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
                 /* P^T = exp(S^T - lse) */
-                gemm_bcast(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+                ef_tile_gemm(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
                 if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
                 if (sp[x].masked) p->pat.tile_mask(a, (int)(bh % s->heads), i0, j0, kn, w->st);
                 for (int r = 0; r < kn; r++)
@@ -489,10 +489,10 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                         vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
                     }
                 /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
-                gemm_bcast(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
+                ef_tile_gemm(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
                            dvp, 1);
                 /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
-                gemm_bcast(kn, dv, QT, v + (size_t)j0 * dv, dv, 1, w->dot, QT, w->dpt, QT, 0);
+                ef_tile_gemm(kn, dv, QT, v + (size_t)j0 * dv, dv, 1, w->dot, QT, w->dpt, QT, 0);
                 for (int r = 0; r < kn; r++)
                     for (int u = 0; u < QV; u++) {
                         float *pd = w->dpt + r * QT + u * EF_VL;
@@ -500,10 +500,10 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                         vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
                     }
                 /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
-                gemm_bcast(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp,
+                ef_tile_gemm(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp,
                            dp, 1);
                 /* dQ^T[t][i] += sum_j K[j][t] dS^T[j][i]   (times scale below) */
-                gemm_bcast(d, kn, QT, k + (size_t)j0 * d, 1, d, w->dpt, QT, w->dqt, QT, 1);
+                ef_tile_gemm(d, kn, QT, k + (size_t)j0 * d, 1, d, w->dpt, QT, w->dqt, QT, 1);
             }
         for (int i = 0; i < qn; i++)
             for (int t = 0; t < d; t++)
