@@ -213,6 +213,26 @@ typedef struct ef_tiled_pattern {
      * (r < kn, l < EF_QT; lanes past the last query may get any value). Must agree with the
      * ops' `visible`. */
     void (*tile_mask)(const ef_attn *a, int head, int i0, int j0, int kn, float *st);
+    /* Optional (NULL = 0): the query tiles and key chunks start at this position instead of 0;
+     * the positions before it form tiles and chunks of their own (bigbird-etc: the ETC tokens
+     * in front of blocks that are then aligned with the tiles). */
+    int (*origin)(const ef_attn *a);
+    /* Optional, instead of classify on the chunk grid: lists the visible key ranges of queries
+     * [i0, i1) of `head` in increasing, non-overlapping order by calling emit(ctx, j0, j1,
+     * masked); masked = some pair in the range is hidden (tile_mask applies to it). Pattern
+     * only: the engine clips to kv_len and the causal rule. Ranges may be of any length. */
+    void (*spans)(const ef_attn *a, int head, int i0, int i1,
+                  void (*emit)(void *ctx, int j0, int j1, int masked), void *ctx);
+    /* Optional (NULL or 0 = none): a stride s >= 2. On top of the spans, query i also sees the
+     * keys j = i (mod s) with |i - j| >= s (causal: j <= i - s), computed in a second pass
+     * that gathers each residue class into dense tiles (the Sparse Transformer's strided
+     * pattern at O(N (N/s) D)). classify, tile_mask and spans must then not include those
+     * pairs; `visible` must. */
+    int (*stride)(const ef_attn *a);
+    /* Optional (NULL = 64): the pattern's block length when it is below 64. Query tiles are then
+     * that many rows (rounded up to the vector width) and classify is asked about key chunks of
+     * that width, so that no tile mixes two query blocks and no chunk two key blocks. */
+    int (*grid)(const ef_attn *a);
 } ef_tiled_pattern;
 
 /* The engine's micro-kernel, for other mechanisms' small dense products:

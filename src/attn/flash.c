@@ -12,7 +12,7 @@ static int flash_classify(const ef_attn *a, int head, int i0, int i1, int j0, in
 }
 
 static ef_status flash_init(ef_attn *a) {
-    static const ef_tiled_pattern everything = {0, flash_classify, NULL};
+    static const ef_tiled_pattern everything = {.classify = flash_classify};
     return ef_tiled_init(a, &everything, NULL);
 }
 

@@ -92,6 +92,10 @@ static int blocklocal_visible(const ef_attn *a, int head, int i, int j) {
     return i / b == j / b;
 }
 
+/* Blocks below 64 tokens: tiles and chunks of one block (the engine rounds the tile up to the
+ * vector width). */
+static int blocklocal_grid(const ef_attn *a) { return (int)EF_MIN(ef_opt_i(a, BL_BLOCK), EF_KT); }
+
 static int blocklocal_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
     (void)head;
     int64_t b = ef_opt_i(a, BL_BLOCK);
@@ -132,15 +136,17 @@ static int strided_visible(const ef_attn *a, int head, int i, int j) {
 static int strided_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
     (void)head;
     int64_t b = ef_opt_i(a, ST_BLOCK);
+    if (b == 1) return EF_CHUNK_ALL; /* every key is a multiple of 1 away */
+    /* the window |i - j| < b (causal: i - j < b) only; the stride pass adds the multiples */
     int lo, hi;
     diff_range(i0, i1, j0, j1, &lo, &hi);
-    int local_all = a->causal ? hi < b : (hi < b && -lo < b);
-    if (local_all || b == 1) return EF_CHUNK_ALL;
-    int local_none = a->causal ? lo >= b : (lo >= b || -hi >= b);
-    /* is there a multiple of b in [lo, hi]? */
-    int64_t first = lo >= 0 ? (lo + b - 1) / b * b : -((-lo) / b * b);
-    int stride_some = first <= hi;
-    return local_none && !stride_some ? EF_CHUNK_NONE : EF_CHUNK_PARTIAL;
+    if (a->causal ? lo >= b : (lo >= b || -hi >= b)) return EF_CHUNK_NONE;
+    return (a->causal ? hi < b : (hi < b && -lo < b)) ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
+}
+
+static int strided_stride(const ef_attn *a) {
+    int64_t b = ef_opt_i(a, ST_BLOCK);
+    return b >= 2 && b < EF_MAX(a->shape.q_len, a->shape.kv_len) ? (int)b : 0;
 }
 
 /* Keeps, in row r, the lanes l (queries i0 + l) with i - j a multiple of `step` on top of
@@ -160,16 +166,11 @@ static void apply_keep(float *st, int r, const int32_t *keep) {
 static void strided_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
     (void)head;
     int b = (int)ef_opt_i(a, ST_BLOCK);
-    int32_t keep[EF_QT] __attribute__((aligned(64)));
-    for (int r = 0; r < kn; r++) {
-        int j = j0 + r;
+    for (int r = 0; r < kn; r++)
         for (int u = 0; u < EF_QT / EF_VL; u++) {
-            vi d = lanes_of(i0, u) - j;
-            *(vi *)(keep + u * EF_VL) = a->causal ? d < b : (d < b) & (-d < b);
+            vi d = lanes_of(i0, u) - (j0 + r);
+            hide_row(st, r, u, a->causal ? d < b : (d < b) & (-d < b));
         }
-        keep_multiples(keep, i0, j, b, -(1 << 30), 1 << 30);
-        apply_keep(st, r, keep);
-    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -188,23 +189,29 @@ static int fixed_is_summary(const ef_attn *a, int64_t j) {
     return j % b >= b - ef_opt_i(a, FX_SUMMARY);
 }
 
+static int fixed_grid(const ef_attn *a) { return (int)EF_MIN(ef_opt_i(a, FX_BLOCK), EF_KT); }
+
 static int fixed_visible(const ef_attn *a, int head, int i, int j) {
     (void)head;
     int64_t b = ef_opt_i(a, FX_BLOCK);
     return i / b == j / b || fixed_is_summary(a, j);
 }
 
-static int fixed_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
+/* The visible ranges of queries [i0, i1): the own block(s) whole (masked when the tile spans
+ * two blocks), and the summary keys of every other block -- runs of C keys, so the work is the
+ * visible pairs, not the N x N grid the 64-key chunks would give. */
+static void fixed_spans(const ef_attn *a, int head, int i0, int i1,
+                        void (*emit)(void *ctx, int j0, int j1, int masked), void *ctx) {
     (void)head;
-    int64_t b = ef_opt_i(a, FX_BLOCK);
-    int nsum = 0;
-    for (int j = j0; j < j1; j++) nsum += fixed_is_summary(a, j);
-    if (nsum == j1 - j0) return EF_CHUNK_ALL;
-    int64_t qa = i0 / b, qb = (i1 - 1) / b, ka = j0 / b, kb = (j1 - 1) / b;
-    int disjoint = qb < ka || kb < qa, same = qa == qb && ka == kb && qa == ka;
-    if (same) return EF_CHUNK_ALL;
-    if (disjoint && nsum == 0) return EF_CHUNK_NONE;
-    return EF_CHUNK_PARTIAL;
+    int64_t b = ef_opt_i(a, FX_BLOCK), c = ef_opt_i(a, FX_SUMMARY), m = a->shape.kv_len;
+    int64_t qa = i0 / b, qb = (i1 - 1) / b;
+    for (int64_t s0 = 0; s0 < m; s0 += b) {
+        int64_t kb = s0 / b, s1 = EF_MIN(m, s0 + b);
+        if (kb >= qa && kb <= qb)
+            emit(ctx, (int)s0, (int)s1, qa != qb);
+        else
+            emit(ctx, (int)EF_MIN(s1, s0 + b - c), (int)s1, 0);
+    }
 }
 
 static void fixed_mask(const ef_attn *a, int head, int i0, int j0, int kn, float *st) {
@@ -334,7 +341,8 @@ static ef_status longformer_init(ef_attn *a) {
         }
     }
     for (int p = 0; p < n; p++) g->pre[p + 1] = g->pre[p] + g->g[p];
-    static const ef_tiled_pattern pat = {0, longformer_classify, longformer_mask};
+    static const ef_tiled_pattern pat = {.classify = longformer_classify,
+                                         .tile_mask = longformer_mask};
     return ef_tiled_init(a, &pat, g);
 }
 
@@ -428,6 +436,16 @@ static void bigbird_mask(const ef_attn *a, int head, int i0, int j0, int kn, flo
     }
 }
 
+/* The tile grid starts after the ETC tokens, so that blocks of 64 fill whole tiles. */
+static int bigbird_origin(const ef_attn *a) {
+    const bb_data *d = ef_tiled_user(a);
+    return d->extra;
+}
+static int bigbird_grid(const ef_attn *a) {
+    const bb_data *d = ef_tiled_user(a);
+    return EF_MIN(d->bs, EF_KT);
+}
+
 static ef_status bigbird_init(ef_attn *a) {
     const ef_attn_shape *s = &a->shape;
     const char *name = a->ops->name;
@@ -498,7 +516,11 @@ static ef_status bigbird_init(ef_attn *a) {
                 out[x] = cand[x];
             }
         }
-    static const ef_tiled_pattern pat = {1, bigbird_classify, bigbird_mask};
+    static const ef_tiled_pattern pat = {.per_head = 1,
+                                         .classify = bigbird_classify,
+                                         .tile_mask = bigbird_mask,
+                                         .origin = bigbird_origin,
+                                         .grid = bigbird_grid};
     return ef_tiled_init(a, &pat, d);
 }
 
@@ -508,21 +530,24 @@ static ef_status bigbird_init(ef_attn *a) {
 #define N_OPTS(o) ((int)(sizeof o / sizeof o[0]))
 
 static ef_status local_init(ef_attn *a) {
-    static const ef_tiled_pattern pat = {0, local_classify, local_mask};
+    static const ef_tiled_pattern pat = {.classify = local_classify, .tile_mask = local_mask};
     return ef_tiled_init(a, &pat, NULL);
 }
 static ef_status blocklocal_init(ef_attn *a) {
-    static const ef_tiled_pattern pat = {0, blocklocal_classify, blocklocal_mask};
+    static const ef_tiled_pattern pat = {
+        .classify = blocklocal_classify, .tile_mask = blocklocal_mask, .grid = blocklocal_grid};
     return ef_tiled_init(a, &pat, NULL);
 }
 static ef_status strided_init(ef_attn *a) {
-    static const ef_tiled_pattern pat = {0, strided_classify, strided_mask};
+    static const ef_tiled_pattern pat = {
+        .classify = strided_classify, .tile_mask = strided_mask, .stride = strided_stride};
     return ef_tiled_init(a, &pat, NULL);
 }
 static ef_status fixed_init(ef_attn *a) {
     ef_status st = fixed_check(a);
     if (st) return st;
-    static const ef_tiled_pattern pat = {0, fixed_classify, fixed_mask};
+    static const ef_tiled_pattern pat = {
+        .tile_mask = fixed_mask, .spans = fixed_spans, .grid = fixed_grid};
     return ef_tiled_init(a, &pat, NULL);
 }
 

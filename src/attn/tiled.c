@@ -137,20 +137,27 @@ typedef struct tiled_ws { /* one per thread slot; every array 64-byte aligned */
     float *dop;           /* [QT][Dvp] dO tile, zero-padded rows (backward) */
     float *dpt;           /* [KT][QT]  dP^T then dS^T (backward) */
     float *dqt;           /* [D][QT]   dQ^T of one query tile (backward) */
-    float *dk;            /* [M][Dp]   dK accumulator of one head (backward; NULL past bwd_slots) */
-    float *dv;            /* [M][Dvp]  dV accumulator of one head (backward; NULL past bwd_slots) */
+    float *kg, *vg;       /* [KT][D], [KT][Dv] gathered keys and values (stride pass) */
+    float *dk;            /* [rows][Dp]  dK accumulator of one key range (backward; NULL past
+                             bwd_slots) */
+    float *dv;            /* [rows][Dvp] dV accumulator of one key range (idem) */
 } tiled_ws;
 
 typedef struct ef_span {
-    int32_t j0, j1; /* keys [j0, j1), multiples of KT except at kv_len */
+    int32_t j0, j1; /* keys [j0, j1) */
     int32_t masked; /* apply the pattern's tile_mask to each chunk */
 } ef_span;
 
 typedef struct tiled_plan {
     int dp, dvp, ntiles; /* padded dims, query tiles */
+    int q0;              /* the grids' origin (positions before it form tiles of their own) */
+    int qt, nv;          /* query tile height (lanes used, <= QT) and its vectors */
+    int kt;              /* the key grid the pattern is asked about (chunk width, <= KT) */
+    int stride;          /* the pattern's stride (0 = none): the gathered pass */
     int bwd_slots;       /* threads backward may use: (head, split) pairs are its work items */
     int splits;          /* key ranges per head in backward (> 1 only when heads are few) */
     float *dqpart;       /* [(splits-1)][B*H][N][D] partial dQ of splits 1.. (summed in order) */
+    float *lse_tmp;      /* [B*H][N] lse when the caller saves none (stride pass only) */
     tiled_ws *ws;
     void *block;
     ef_tiled_pattern pat;
@@ -161,6 +168,26 @@ typedef struct tiled_plan {
 } tiled_plan;
 
 static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
+
+/* Positions [*i0, *i0 + *len) of tile t of a grid of width w over n positions that starts at
+ * q0: the positions before q0 form tiles of their own. */
+static void grid_range(int q0, int w, int n, int t, int *i0, int *len) {
+    int lead = (q0 + w - 1) / w;
+    int a = t < lead ? t * w : q0 + (t - lead) * w;
+    int end = t < lead ? EF_MIN(q0, a + w) : a + w;
+    *i0 = a, *len = EF_MIN(end, n) - a;
+}
+static int grid_count(int q0, int w, int n) { return (q0 + w - 1) / w + (n - q0 + w - 1) / w; }
+/* Query tile t; key chunk t of the pattern's grid. */
+static void tile_range(const tiled_plan *p, int n, int t, int *i0, int *len) {
+    grid_range(p->q0, p->qt, n, t, i0, len);
+}
+static void chunk_range(const tiled_plan *p, int m, int t, int *j0, int *len) {
+    grid_range(p->q0, p->kt, m, t, j0, len);
+}
+
+/* Members of residue class r (positions r, r + s, ...) below `limit`. */
+static int class_count(int limit, int r, int s) { return limit > r ? (limit - r + s - 1) / s : 0; }
 
 static ef_status build_spans(ef_attn *a);
 
@@ -180,28 +207,37 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
                         "(use full for larger heads)",
                         a->ops->name, s->head_dim, s->v_dim, TILED_MAX_DIM);
     int d = s->head_dim, dv = s->v_dim;
-    p->dp = pad16(d), p->dvp = pad16(dv), p->ntiles = (s->q_len + QT - 1) / QT;
+    p->q0 = pat->origin ? EF_MIN(pat->origin(a), EF_MIN(s->q_len, s->kv_len)) : 0;
+    p->stride = pat->stride ? pat->stride(a) : 0;
+    /* a pattern of small blocks gets tiles of one block: no query tile holds two blocks */
+    p->kt = pat->grid ? EF_MAX(1, EF_MIN(KT, pat->grid(a))) : KT;
+    p->qt = EF_MIN(QT, pad16(p->kt)), p->nv = p->qt / EF_VL;
+    p->dp = pad16(d), p->dvp = pad16(dv), p->ntiles = grid_count(p->q0, p->qt, s->q_len);
     /* Backward gives each thread a head; with fewer heads than EF_BWD_ITEMS it also splits each
      * head's keys into ranges, whose partial dQ are summed in a fixed order. The split depends
      * on the shape only, so results do not depend on the thread count. */
     enum { EF_BWD_ITEMS = 2 };
     int64_t bh = (int64_t)s->batch * s->heads;
-    int nch = (s->kv_len + KT - 1) / KT;
+    int nch = grid_count(p->q0, p->kt, s->kv_len);
     p->splits = bh >= EF_BWD_ITEMS ? 1 : (int)EF_MIN((int64_t)nch, (EF_BWD_ITEMS + bh - 1) / bh);
     p->bwd_slots = (int)EF_MIN((int64_t)a->slots, bh * p->splits);
-    enum { NSMALL = 8 };
+    enum { NSMALL = 10 };
     size_t small[NSMALL] = {(size_t)d * QT,     (size_t)KT * QT, (size_t)dv * QT,
                             (size_t)QT * p->dp, (size_t)dv * QT, (size_t)QT * p->dvp,
-                            (size_t)KT * QT,    (size_t)d * QT};
-    /* a backward item accumulates dK, dV of its key range only: rows [klo, khi) */
-    size_t rows =
-        p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * KT : (size_t)s->kv_len;
+                            (size_t)KT * QT,    (size_t)d * QT,  (size_t)KT * d,
+                            (size_t)KT * dv};
+    /* a backward item accumulates dK, dV of its key range only: at most ceil(nch / splits)
+     * chunks, or (stride pass) one residue class of keys */
+    size_t rows = p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * p->kt
+                                : (size_t)s->kv_len;
+    if (p->stride) rows = EF_MAX(rows, (size_t)class_count(s->kv_len, 0, p->stride));
     size_t big[2] = {rows * p->dp, rows * p->dvp};
     size_t total = 0;
     for (int i = 0; i < NSMALL; i++) total += round16(small[i]) * a->slots;
     for (int i = 0; i < 2; i++) total += round16(big[i]) * p->bwd_slots;
     size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
-    total += round16(part);
+    size_t lse_tmp = p->stride ? (size_t)bh * s->q_len : 0;
+    total += round16(part) + round16(lse_tmp);
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_attn_ws_alloc(a, total * sizeof(float)); /* shareable: see attn.h */
     if (!p->ws || !p->block)
@@ -212,9 +248,12 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     float *cur = p->block;
     p->dqpart = part ? cur : NULL;
     cur += round16(part);
+    p->lse_tmp = lse_tmp ? cur : NULL;
+    cur += round16(lse_tmp);
     for (int t = 0; t < a->slots; t++) {
         tiled_ws *w = &p->ws[t];
-        float **f[NSMALL] = {&w->qt, &w->st, &w->ot, &w->qp, &w->dot, &w->dop, &w->dpt, &w->dqt};
+        float **f[NSMALL] = {&w->qt, &w->st, &w->ot,  &w->qp, &w->dot,
+                             &w->dop, &w->dpt, &w->dqt, &w->kg, &w->vg};
         for (int i = 0; i < NSMALL; i++) *f[i] = cur, cur += round16(small[i]);
         if (t < p->bwd_slots) {
             w->dk = cur, cur += round16(big[0]);
@@ -228,12 +267,34 @@ void *ef_tiled_user(const ef_attn *a) {
     return a->impl ? ((const tiled_plan *)a->impl)->user : NULL;
 }
 
-/* Asks the pattern about every (query tile, key chunk) and keeps the visible chunks, merged
- * into spans of equal kind. Two passes: count, then fill. */
+/* Collects the spans of one tile, merging a span into the previous one when they touch and
+ * agree. */
+typedef struct span_sink {
+    ef_span *out; /* NULL in the counting pass */
+    ef_span last; /* the previous span (when n > 0) */
+    int64_t n;
+    int limit; /* keys at or past it are dropped (kv_len; causal: the tile's last query + 1) */
+} span_sink;
+
+static void span_emit(void *ctx, int j0, int j1, int masked) {
+    span_sink *k = ctx;
+    j1 = EF_MIN(j1, k->limit);
+    if (j1 <= j0) return;
+    if (k->n && k->last.j1 == j0 && k->last.masked == masked) {
+        k->last.j1 = j1;
+    } else {
+        k->last = (ef_span){j0, j1, masked};
+        k->n++;
+    }
+    if (k->out) k->out[k->n - 1] = k->last;
+}
+
+/* Asks the pattern about every (query tile, key chunk) -- or for its spans directly -- and
+ * keeps the visible chunks, merged into spans of equal kind. Two passes: count, then fill. */
 static ef_status build_spans(ef_attn *a) {
     tiled_plan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    int nchunks = (s->kv_len + KT - 1) / KT;
+    int nchunks = grid_count(p->q0, p->kt, s->kv_len);
     p->layout_heads = p->pat.per_head ? s->heads : 1;
     int64_t cells = (int64_t)p->layout_heads * p->ntiles;
     p->off = malloc(sizeof(int64_t) * (size_t)(cells + 1));
@@ -242,21 +303,26 @@ static ef_status build_spans(ef_attn *a) {
         int64_t n = 0;
         for (int h = 0; h < p->layout_heads; h++)
             for (int t = 0; t < p->ntiles; t++) {
-                int i0 = t * QT, i1 = EF_MIN(s->q_len, i0 + QT), prev = EF_CHUNK_NONE;
+                int i0, qn;
+                tile_range(p, s->q_len, t, &i0, &qn);
+                int i1 = i0 + qn;
                 p->off[(int64_t)h * p->ntiles + t] = n;
-                for (int c = 0; c < nchunks; c++) {
-                    int j0 = c * KT, j1 = EF_MIN(s->kv_len, j0 + KT);
-                    /* chunks wholly above the diagonal are never visible when causal */
-                    int kind = a->causal && j0 > i1 - 1 ? EF_CHUNK_NONE
-                                                        : p->pat.classify(a, h, i0, i1, j0, j1);
-                    if (kind != EF_CHUNK_NONE && kind == prev) {
-                        if (pass) p->spans[n - 1].j1 = j1;
-                    } else if (kind != EF_CHUNK_NONE) {
-                        if (pass) p->spans[n] = (ef_span){j0, j1, kind == EF_CHUNK_PARTIAL};
-                        n++;
+                /* keys past the tile's last query are never visible when causal */
+                span_sink k = {pass ? p->spans + n : NULL, {0, 0, 0}, 0,
+                               a->causal ? EF_MIN(s->kv_len, i1) : s->kv_len};
+                if (p->pat.spans) {
+                    p->pat.spans(a, h, i0, i1, span_emit, &k);
+                } else {
+                    for (int c = 0; c < nchunks; c++) {
+                        int j0, kn;
+                        chunk_range(p, s->kv_len, c, &j0, &kn);
+                        if (j0 >= k.limit) break;
+                        int kind = p->pat.classify(a, h, i0, i1, j0, j0 + kn);
+                        if (kind != EF_CHUNK_NONE)
+                            span_emit(&k, j0, j0 + kn, kind == EF_CHUNK_PARTIAL);
                     }
-                    prev = kind;
                 }
+                n += k.n;
             }
         p->off[cells] = n;
         if (!pass) {
@@ -293,27 +359,45 @@ size_t ef_tiled_saved_bytes(const ef_attn *a) {
     return (size_t)s->batch * s->heads * s->q_len * sizeof(float);
 }
 
-/* Transposed, scaled copy of query rows [i0, i0+n) into qt[D][QT]; lanes >= n are zero. */
-static void pack_qt(float *qt, const float *q, int d, int n, float scale) {
-    for (int t = 0; t < d; t++) {
-        float *row = qt + (size_t)t * QT;
-        for (int i = 0; i < n; i++) row[i] = q[(size_t)i * d + t] * scale;
-        for (int i = n; i < QT; i++) row[i] = 0;
-    }
+/* Transposed, scaled copy of n rows of q (ld floats apart) into qt[D][QT]; lanes n .. width-1
+ * are zero (lanes past the tile height `width` are never read). */
+static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int width, float scale) {
+    for (int i = 0; i < n; i++) /* rows read in order: q may be rows of a residue class */
+        for (int t = 0; t < d; t++) qt[(size_t)t * QT + i] = q[(size_t)i * ld + t] * scale;
+    if (n < width)
+        for (int t = 0; t < d; t++) memset(qt + (size_t)t * QT + n, 0, sizeof(float) * (width - n));
+}
+
+/* Zeros the first `width` lanes of rows rows of a [rows][QT] tile. */
+static void zero_lanes(float *x, int rows, int width) {
+    for (int r = 0; r < rows; r++) memset(x + (size_t)r * QT, 0, sizeof(float) * width);
+}
+
+/* Copies n rows of x (ld floats apart, d wide) into out (d floats apart). */
+static void gather_rows(float *out, const float *x, size_t ld, int d, int n) {
+    for (int r = 0; r < n; r++) memcpy(out + (size_t)r * d, x + (size_t)r * ld, sizeof(float) * d);
 }
 
 /* S^T masked for causality: lanes (queries i0+l) with j > i0+l get -inf. */
-static void mask_causal(float *st, int rows, int j0, int i0) {
+static void mask_causal(float *st, int rows, int j0, int i0, int nv) {
     vi iota = vi_iota();
     for (int r = 0; r < rows; r++) {
         int j = j0 + r;
         if (j <= i0) continue;
-        for (int v = 0; v < QV; v++) {
+        for (int v = 0; v < nv; v++) {
             vi qi = iota + (i0 + v * EF_VL);
             vi hide = qi < j;
             float *p = st + (size_t)r * QT + v * EF_VL;
             vf_store(p, vf_select(hide, vf_set1(-__builtin_inff()), vf_load(p)));
         }
+    }
+}
+
+/* S^T with the diagonal hidden: the lane (query i0+l) with j == i0+l gets -inf. */
+static void mask_diagonal(float *st, int rows, int j0, int i0) {
+    for (int r = 0; r < rows; r++) {
+        int l = j0 + r - i0;
+        if (l >= 0 && l < QT) st[(size_t)r * QT + l] = -__builtin_inff();
     }
 }
 
@@ -323,10 +407,63 @@ static void mask_causal(float *st, int rows, int j0, int i0) {
 typedef struct tiled_call {
     ef_attn *a;
     const ef_attn_io *io;
-    float *lse; /* saved, or NULL */
+    float *lse; /* saved (or the plan's lse_tmp), or NULL */
     const float *dout;
     float *dq, *dk, *dv;
 } tiled_call;
+
+/* The online-softmax state of a query tile: running max and sum per lane; w->ot holds O^T. */
+typedef struct fwd_state {
+    vf mx[QV], l[QV];
+} fwd_state;
+
+/* One key chunk of kn keys (rows of v, dv floats each) whose masked scores are in w->st:
+ * m' = max(m, max_j S^T);  P^T = exp(S^T - m');  l = l e^(m-m') + sum_j P^T;
+ * O^T = O^T e^(m-m') + V^T P^T. */
+static void fwd_chunk(tiled_ws *w, fwd_state *f, const float *v, int kn, int dv, int nv) {
+    vf alpha[QV];
+    for (int u = 0; u < nv; u++) {
+        vf tmax = f->mx[u];
+        for (int r = 0; r < kn; r++) tmax = vf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
+        /* a lane that has seen only -inf subtracts 0, so exp(-inf - 0) = 0, never NaN */
+        vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
+        alpha[u] = vf_exp(f->mx[u] - use);
+        vf sum = vf_set1(0);
+        for (int r = 0; r < kn; r++) {
+            float *ps = w->st + r * QT + u * EF_VL;
+            vf e = vf_exp(vf_load(ps) - use);
+            vf_store(ps, e);
+            sum += e;
+        }
+        f->l[u] = f->l[u] * alpha[u] + sum;
+        f->mx[u] = tmax;
+    }
+    for (int e = 0; e < dv; e++)
+        for (int u = 0; u < nv; u++) {
+            float *po = w->ot + (size_t)e * QT + u * EF_VL;
+            vf_store(po, vf_load(po) * alpha[u]);
+        }
+    /* O^T[e][i] += sum_j V[j][e] P^T[j][i] */
+    ef_tile_gemm(dv, kn, nv * EF_VL, v, 1, dv, w->st, QT, w->ot, QT, 1);
+}
+
+/* O = O^T / l and lse = m + log l (l = 0: O = 0, lse = -inf) for the first qv lanes: output
+ * rows ldo floats apart, lse entries ldl apart (lse may be NULL). */
+static void fwd_finish(const tiled_ws *w, const fwd_state *f, int qv, int dv, float *out,
+                       size_t ldo, float *lse, size_t ldl) {
+    float inv[QT] __attribute__((aligned(64))), ls[QT] __attribute__((aligned(64)));
+    for (int u = 0; u < (qv + EF_VL - 1) / EF_VL; u++) {
+        vf has = vf_select(f->l[u] > 0, vf_set1(1), vf_set1(0));
+        vf_store(inv + u * EF_VL, has / vf_select(f->l[u] > 0, f->l[u], vf_set1(1)));
+        for (int t = 0; t < EF_VL; t++)
+            ls[u * EF_VL + t] =
+                f->l[u][t] > 0 ? f->mx[u][t] + logf(f->l[u][t]) : -__builtin_inff();
+    }
+    for (int i = 0; i < qv; i++)
+        for (int e = 0; e < dv; e++) out[(size_t)i * ldo + e] = w->ot[(size_t)e * QT + i] * inv[i];
+    if (lse)
+        for (int i = 0; i < qv; i++) lse[(size_t)i * ldl] = ls[i];
+}
 
 static void forward_tile(void *ctx, int64_t item, int tid) {
     const tiled_call *c = ctx;
@@ -336,8 +473,8 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     tiled_ws *w = &p->ws[tid];
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
     int64_t bh = item / p->ntiles;
-    int it = (int)(item % p->ntiles), b = (int)(bh / s->heads);
-    int i0 = it * QT, qn = EF_MIN(QT, n - i0);
+    int it = (int)(item % p->ntiles), b = (int)(bh / s->heads), i0, qn;
+    tile_range(p, n, it, &i0, &qn);
     float *out = c->io->out + ((size_t)bh * n + i0) * dv;
     /* rows past q_lens[b] are padding: never read, output zeros, lse = -inf */
     int qv = EF_MIN(qn, ef_attn_q_valid(a, c->io, b) - i0);
@@ -353,69 +490,151 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     int kv_end = ef_attn_kv_valid(a, c->io, b);
     if (a->causal) kv_end = EF_MIN(kv_end, i0 + qv);
 
-    pack_qt(w->qt, q, d, qv, a->scale);
-    vf mx[QV], l[QV];
-    for (int u = 0; u < QV; u++) mx[u] = vf_set1(-__builtin_inff()), l[u] = vf_set1(0);
-    memset(w->ot, 0, sizeof(float) * dv * QT);
+    pack_qt(w->qt, q, d, d, qv, p->qt, a->scale);
+    fwd_state f;
+    for (int u = 0; u < QV; u++) f.mx[u] = vf_set1(-__builtin_inff()), f.l[u] = vf_set1(0);
+    zero_lanes(w->ot, dv, p->qt);
 
     int h = (int)(bh % s->heads), nspans;
     const ef_span *sp = spans_of(p, h, it, &nspans);
     for (int x = 0; x < nspans; x++)
         for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
             int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
-            ef_tile_gemm(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
-            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
+            ef_tile_gemm(kn, d, p->qt, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, p->nv);
             if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-            vf alpha[QV];
-            for (int u = 0; u < QV; u++) {
-                vf tmax = mx[u];
-                for (int r = 0; r < kn; r++)
-                    tmax = vf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
-                /* a lane that has seen only -inf subtracts 0, so exp(-inf - 0) = 0, never NaN */
-                vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
-                alpha[u] = vf_exp(mx[u] - use);
-                vf sum = vf_set1(0);
-                for (int r = 0; r < kn; r++) {
-                    float *ps = w->st + r * QT + u * EF_VL;
-                    vf e = vf_exp(vf_load(ps) - use);
-                    vf_store(ps, e);
-                    sum += e;
-                }
-                l[u] = l[u] * alpha[u] + sum;
-                mx[u] = tmax;
-            }
-            for (int e = 0; e < dv; e++)
-                for (int u = 0; u < QV; u++) {
-                    float *po = w->ot + (size_t)e * QT + u * EF_VL;
-                    vf_store(po, vf_load(po) * alpha[u]);
-                }
-            /* O^T[e][i] += sum_j V[j][e] P^T[j][i] */
-            ef_tile_gemm(dv, kn, QT, v + (size_t)j0 * dv, 1, dv, w->st, QT, w->ot, QT, 1);
+            fwd_chunk(w, &f, v + (size_t)j0 * dv, kn, dv, p->nv);
         }
+    fwd_finish(w, &f, qv, dv, out, dv, c->lse ? c->lse + (size_t)bh * n + i0 : NULL, 1);
+}
 
-    float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));
+/* The stride pass: query i also sees the keys j = i (mod s) with |i - j| >= s (causal:
+ * j <= i - s). Work item (batch, head, residue r, tile): the queries r + (a0 + l) s of class r
+ * against the keys r + c s, gathered into dense tiles; the online softmax resumes from the
+ * first pass's result (running max = lse, sum = 1, O^T = out). In class coordinates (a, c) the
+ * pattern is c != a (causal: c < a). */
+static void stride_forward(void *ctx, int64_t item, int tid) {
+    const tiled_call *c = ctx;
+    ef_attn *a = c->a;
+    const ef_attn_shape *s = &a->shape;
+    tiled_plan *p = a->impl;
+    tiled_ws *w = &p->ws[tid];
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride;
+    int ncls = EF_MIN(st, n), tpc = (class_count(n, 0, st) + p->qt - 1) / p->qt;
+    int64_t bh = item / ((int64_t)ncls * tpc);
+    int rest = (int)(item % ((int64_t)ncls * tpc)), r = rest / tpc, a0 = rest % tpc * p->qt;
+    int b = (int)(bh / s->heads);
+    int qv = EF_MIN(p->qt, class_count(ef_attn_q_valid(a, c->io, b), r, st) - a0);
+    int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
+    int c_end = a->causal ? EF_MIN(nk, a0 + qv - 1) : nk;
+    if (qv <= 0 || c_end <= 0) return;
+    size_t first = (size_t)bh * n + r + (size_t)a0 * st; /* row of the tile's first query */
+    const float *k = c->io->k + ((size_t)bh * m + r) * d;
+    const float *v = c->io->v + ((size_t)bh * m + r) * dv;
+    float *out = c->io->out + first * dv, *lse = c->lse + first;
+    pack_qt(w->qt, c->io->q + first * d, (size_t)st * d, d, qv, p->qt, a->scale);
+    pack_qt(w->ot, out, (size_t)st * dv, dv, qv, p->qt, 1.0f);
+    fwd_state f;
+    float m0[QT] __attribute__((aligned(64)));
+    for (int l = 0; l < QT; l++) m0[l] = l < qv ? lse[(size_t)l * st] : -__builtin_inff();
     for (int u = 0; u < QV; u++) {
-        vf has = vf_select(l[u] > 0, vf_set1(1), vf_set1(0));
-        vf_store(inv + u * EF_VL, has / vf_select(l[u] > 0, l[u], vf_set1(1)));
-        for (int t = 0; t < EF_VL; t++)
-            lse[u * EF_VL + t] = l[u][t] > 0 ? mx[u][t] + logf(l[u][t]) : -__builtin_inff();
+        f.mx[u] = vf_load(m0 + u * EF_VL);
+        f.l[u] = vf_select(f.mx[u] == -__builtin_inff(), vf_set1(0), vf_set1(1));
     }
-    for (int i = 0; i < qv; i++)
-        for (int e = 0; e < dv; e++) out[(size_t)i * dv + e] = w->ot[(size_t)e * QT + i] * inv[i];
-    if (c->lse) memcpy(c->lse + (size_t)bh * n + i0, lse, sizeof(float) * qv);
+    for (int c0 = 0; c0 < c_end; c0 += KT) {
+        int kn = EF_MIN(KT, c_end - c0);
+        gather_rows(w->kg, k + (size_t)c0 * st * d, (size_t)st * d, d, kn);
+        gather_rows(w->vg, v + (size_t)c0 * st * dv, (size_t)st * dv, dv, kn);
+        ef_tile_gemm(kn, d, p->qt, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
+        if (a->causal)
+            mask_causal(w->st, kn, c0, a0 - 1, p->nv); /* hides c > a - 1 */
+        else
+            mask_diagonal(w->st, kn, c0, a0);
+        fwd_chunk(w, &f, w->vg, kn, dv, p->nv);
+    }
+    fwd_finish(w, &f, qv, dv, out, (size_t)st * dv, lse, st);
+}
+
+static int64_t stride_items(const tiled_plan *p, const ef_attn_shape *s) {
+    int tpc = (class_count(s->q_len, 0, p->stride) + p->qt - 1) / p->qt;
+    return (int64_t)s->batch * s->heads * EF_MIN(p->stride, s->q_len) * tpc;
 }
 
 ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     const ef_attn_shape *s = &a->shape;
     tiled_plan *p = a->impl;
-    tiled_call c = {a, io, saved, NULL, NULL, NULL, NULL};
-    ef_parallel_for((int64_t)s->batch * s->heads * p->ntiles, ef_attn_threads(a), forward_tile, &c);
+    tiled_call c = {a, io, saved ? saved : p->lse_tmp, NULL, NULL, NULL, NULL};
+    int threads = ef_attn_threads(a);
+    ef_parallel_for((int64_t)s->batch * s->heads * p->ntiles, threads, forward_tile, &c);
+    if (p->stride) ef_parallel_for(stride_items(p, s), threads, stride_forward, &c);
     return EF_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
  * Backward
  * ------------------------------------------------------------------------------------------- */
+/* Packs qv query rows (ldq, ldg, ldo floats apart) of a tile for backward: Q^T and dO^T
+ * (w->qt, w->dot), Q and dO row-padded (w->qp, w->dop), delta_i = dO_i . O_i and the lse to
+ * subtract (+inf for rows that saw no key and for padding lanes, so that P = 0 there). */
+static void bwd_pack(const ef_attn *a, tiled_ws *w, const float *q, size_t ldq, const float *g,
+                     size_t ldg, const float *o, size_t ldo, const float *lse, size_t ldl, int qv,
+                     float *lse_use, float *dl) {
+    int d = a->shape.head_dim, dv = a->shape.v_dim;
+    const tiled_plan *p = a->impl;
+    int dp = p->dp, dvp = p->dvp;
+    pack_qt(w->qt, q, ldq, d, qv, p->qt, a->scale);
+    pack_qt(w->dot, g, ldg, dv, qv, p->qt, 1.0f);
+    for (int i = 0; i < p->qt; i++) {
+        float *qr = w->qp + (size_t)i * dp, *gr = w->dop + (size_t)i * dvp;
+        if (i < qv) {
+            const float *qi = q + (size_t)i * ldq, *gi = g + (size_t)i * ldg;
+            const float *oi = o + (size_t)i * ldo;
+            for (int t = 0; t < d; t++) qr[t] = qi[t] * a->scale;
+            memcpy(gr, gi, sizeof(float) * dv);
+            double acc = 0; /* delta_i = dO_i . O_i */
+            for (int e = 0; e < dv; e++) acc += (double)gi[e] * oi[e];
+            dl[i] = (float)acc;
+            float li = lse[(size_t)i * ldl];
+            lse_use[i] = li != -__builtin_inff() ? li : __builtin_inff();
+        } else {
+            memset(qr, 0, sizeof(float) * d);
+            memset(gr, 0, sizeof(float) * dv);
+            dl[i] = 0, lse_use[i] = __builtin_inff();
+        }
+    }
+    zero_lanes(w->dqt, d, p->qt);
+}
+
+/* One key chunk of kn keys (k, v rows of d, dv floats) whose masked scores are in w->st:
+ * P^T = exp(S^T - lse); dV += P^T dO; dP^T = V dO^T; dS^T = P^T o (dP^T - delta);
+ * dK += dS^T (scale Q); dQ^T += K^T dS^T (times scale later). dk, dvacc: rows of this chunk. */
+static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float *v, int kn,
+                      const float *lse_use, const float *dl, float *dk, float *dvacc) {
+    int d = a->shape.head_dim, dv = a->shape.v_dim;
+    const tiled_plan *p = a->impl;
+    int dp = p->dp, dvp = p->dvp;
+    int qt = p->qt;
+    for (int r = 0; r < kn; r++)
+        for (int u = 0; u < p->nv; u++) {
+            float *ps = w->st + r * QT + u * EF_VL;
+            vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
+        }
+    /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
+    ef_tile_gemm(kn, qt, dvp, w->st, QT, 1, w->dop, dvp, dvacc, dvp, 1);
+    /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
+    ef_tile_gemm(kn, dv, qt, v, dv, 1, w->dot, QT, w->dpt, QT, 0);
+    for (int r = 0; r < kn; r++)
+        for (int u = 0; u < p->nv; u++) {
+            float *pd = w->dpt + r * QT + u * EF_VL;
+            vf pp = vf_load(w->st + r * QT + u * EF_VL);
+            vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
+        }
+    /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
+    ef_tile_gemm(kn, qt, dp, w->dpt, QT, 1, w->qp, dp, dk, dp, 1);
+    /* dQ^T[t][i] += sum_j K[j][t] dS^T[j][i] */
+    ef_tile_gemm(d, kn, qt, k, 1, d, w->dpt, QT, w->dqt, QT, 1);
+}
+
 static void backward_head(void *ctx, int64_t item, int tid) {
     const tiled_call *c = ctx;
     ef_attn *a = c->a;
@@ -423,10 +642,14 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     tiled_plan *p = a->impl;
     tiled_ws *w = &p->ws[tid];
     int64_t bh = item / p->splits;
-    int split = (int)(item % p->splits), nch = (s->kv_len + KT - 1) / KT;
+    int split = (int)(item % p->splits), nch = grid_count(p->q0, p->kt, s->kv_len);
     /* this item's keys: chunks [split nch / splits, (split+1) nch / splits) */
-    int klo = (int)((int64_t)split * nch / p->splits) * KT;
-    int khi = EF_MIN(s->kv_len, (int)((int64_t)(split + 1) * nch / p->splits) * KT);
+    int klo, khi, len;
+    chunk_range(p, s->kv_len, (int)((int64_t)split * nch / p->splits), &klo, &len);
+    if (split + 1 < p->splits)
+        chunk_range(p, s->kv_len, (int)((int64_t)(split + 1) * nch / p->splits), &khi, &len);
+    else
+        khi = s->kv_len;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, dp = p->dp, dvp = p->dvp;
     int b = (int)(bh / s->heads);
     const float *q = c->io->q + (size_t)bh * n * d, *k = c->io->k + (size_t)bh * m * d;
@@ -442,7 +665,8 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
     memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
     for (int it = 0; it < p->ntiles; it++) {
-        int i0 = it * QT, qn = EF_MIN(QT, n - i0);
+        int i0, qn;
+        tile_range(p, n, it, &i0, &qn);
         /* rows past q_lens[b] are padding lanes: their q, dO and O are never read, dQ = 0 */
         int qv = EF_MAX(0, EF_MIN(qn, q_valid - i0));
         int kv_end = a->causal ? EF_MIN(kv_valid, i0 + qv) : kv_valid;
@@ -451,59 +675,19 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             memset(dq + (size_t)i0 * d, 0, sizeof(float) * (size_t)qn * d);
             continue;
         }
-        /* pack Q (transposed and row-padded, both scaled) and dO (both ways) */
-        pack_qt(w->qt, q + (size_t)i0 * d, d, qv, a->scale);
-        pack_qt(w->dot, g + (size_t)i0 * dv, dv, qv, 1.0f);
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
-        for (int i = 0; i < QT; i++) {
-            float *qr = w->qp + (size_t)i * dp, *gr = w->dop + (size_t)i * dvp;
-            if (i < qv) {
-                const float *qi = q + (size_t)(i0 + i) * d, *gi = g + (size_t)(i0 + i) * dv;
-                const float *oi = o + (size_t)(i0 + i) * dv;
-                for (int t = 0; t < d; t++) qr[t] = qi[t] * a->scale;
-                memcpy(gr, gi, sizeof(float) * dv);
-                double acc = 0; /* delta_i = dO_i . O_i */
-                for (int e = 0; e < dv; e++) acc += (double)gi[e] * oi[e];
-                dl[i] = (float)acc;
-                /* a row that saw no key has lse = -inf: use +inf so P = exp(S - inf) = 0 */
-                lse_use[i] = lse[i0 + i] != -__builtin_inff() ? lse[i0 + i] : __builtin_inff();
-            } else {
-                memset(qr, 0, sizeof(float) * d);
-                memset(gr, 0, sizeof(float) * dv);
-                dl[i] = 0, lse_use[i] = __builtin_inff(); /* padding lanes: P = 0 */
-            }
-        }
-        memset(w->dqt, 0, sizeof(float) * d * QT);
-        int nspans;
-        const ef_span *sp = spans_of(p, (int)(bh % s->heads), it, &nspans);
+        bwd_pack(a, w, q + (size_t)i0 * d, d, g + (size_t)i0 * dv, dv, o + (size_t)i0 * dv, dv,
+                 lse + i0, 1, qv, lse_use, dl);
+        int nspans, h = (int)(bh % s->heads);
+        const ef_span *sp = spans_of(p, h, it, &nspans);
         for (int x = 0; x < nspans; x++)
             for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
                 int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
-                /* P^T = exp(S^T - lse) */
-                ef_tile_gemm(kn, d, QT, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
-                if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
-                if (sp[x].masked) p->pat.tile_mask(a, (int)(bh % s->heads), i0, j0, kn, w->st);
-                for (int r = 0; r < kn; r++)
-                    for (int u = 0; u < QV; u++) {
-                        float *ps = w->st + r * QT + u * EF_VL;
-                        vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
-                    }
-                /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
-                ef_tile_gemm(kn, QT, dvp, w->st, QT, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
-                           dvp, 1);
-                /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
-                ef_tile_gemm(kn, dv, QT, v + (size_t)j0 * dv, dv, 1, w->dot, QT, w->dpt, QT, 0);
-                for (int r = 0; r < kn; r++)
-                    for (int u = 0; u < QV; u++) {
-                        float *pd = w->dpt + r * QT + u * EF_VL;
-                        vf pp = vf_load(w->st + r * QT + u * EF_VL);
-                        vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
-                    }
-                /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
-                ef_tile_gemm(kn, QT, dp, w->dpt, QT, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp,
-                           dp, 1);
-                /* dQ^T[t][i] += sum_j K[j][t] dS^T[j][i]   (times scale below) */
-                ef_tile_gemm(d, kn, QT, k + (size_t)j0 * d, 1, d, w->dpt, QT, w->dqt, QT, 1);
+                ef_tile_gemm(kn, d, p->qt, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+                if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, p->nv);
+                if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
+                bwd_chunk(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, lse_use, dl,
+                          w->dk + (size_t)(j0 - klo) * dp, w->dv + (size_t)(j0 - klo) * dvp);
             }
         for (int i = 0; i < qn; i++)
             for (int t = 0; t < d; t++)
@@ -515,13 +699,67 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     }
 }
 
+/* The stride pass's backward, added to the first pass's gradients. Work item (batch, head,
+ * residue r): the class's queries tile by tile against its keys, gathered; dK, dV of the
+ * class accumulate in w->dk, w->dv (row c = key r + c s) and are added at the end. Classes
+ * touch disjoint rows of dQ, dK and dV, so items are independent. */
+static void stride_backward(void *ctx, int64_t item, int tid) {
+    const tiled_call *c = ctx;
+    ef_attn *a = c->a;
+    const ef_attn_shape *s = &a->shape;
+    tiled_plan *p = a->impl;
+    tiled_ws *w = &p->ws[tid];
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride;
+    int dp = p->dp, dvp = p->dvp, ncls = EF_MIN(st, n);
+    int64_t bh = item / ncls;
+    int r = (int)(item % ncls), b = (int)(bh / s->heads);
+    int nq = class_count(ef_attn_q_valid(a, c->io, b), r, st);
+    int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
+    if (nq == 0 || nk == 0 || (a->causal && nq < 2)) return;
+    size_t base_q = (size_t)bh * n + r, base_k = (size_t)bh * m + r;
+    const float *k = c->io->k + base_k * d, *v = c->io->v + base_k * dv;
+    size_t ldq = (size_t)st * d, ldv = (size_t)st * dv;
+    memset(w->dk, 0, sizeof(float) * (size_t)nk * dp);
+    memset(w->dv, 0, sizeof(float) * (size_t)nk * dvp);
+    for (int a0 = 0; a0 < nq; a0 += p->qt) {
+        int qv = EF_MIN(p->qt, nq - a0);
+        int c_end = a->causal ? EF_MIN(nk, a0 + qv - 1) : nk;
+        if (c_end <= 0) continue;
+        size_t first = base_q + (size_t)a0 * st;
+        float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
+        bwd_pack(a, w, c->io->q + first * d, ldq, c->dout + first * dv, ldv,
+                 c->io->out + first * dv, ldv, c->lse + first, st, qv, lse_use, dl);
+        for (int c0 = 0; c0 < c_end; c0 += KT) {
+            int kn = EF_MIN(KT, c_end - c0);
+            gather_rows(w->kg, k + (size_t)c0 * ldq, ldq, d, kn);
+            gather_rows(w->vg, v + (size_t)c0 * ldv, ldv, dv, kn);
+            ef_tile_gemm(kn, d, p->qt, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
+            if (a->causal)
+                mask_causal(w->st, kn, c0, a0 - 1, p->nv);
+            else
+                mask_diagonal(w->st, kn, c0, a0);
+            bwd_chunk(a, w, w->kg, w->vg, kn, lse_use, dl, w->dk + (size_t)c0 * dp,
+                      w->dv + (size_t)c0 * dvp);
+        }
+        float *dq = c->dq + first * d;
+        for (int i = 0; i < qv; i++)
+            for (int t = 0; t < d; t++) dq[(size_t)i * ldq + t] += w->dqt[(size_t)t * QT + i] * a->scale;
+    }
+    float *dk = c->dk + base_k * d, *dvo = c->dv + base_k * dv;
+    for (int j = 0; j < nk; j++) {
+        for (int t = 0; t < d; t++) dk[(size_t)j * ldq + t] += w->dk[(size_t)j * dp + t];
+        for (int e = 0; e < dv; e++) dvo[(size_t)j * ldv + e] += w->dv[(size_t)j * dvp + e];
+    }
+}
+
 ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
                             float *dq, float *dk, float *dv) {
     const ef_attn_shape *s = &a->shape;
     tiled_call c = {a, io, (float *)saved, dout, dq, dk, dv};
     tiled_plan *p = a->impl;
     int64_t bh = (int64_t)s->batch * s->heads;
-    ef_parallel_for(bh * p->splits, EF_MIN(ef_attn_threads(a), p->bwd_slots), backward_head, &c);
+    int threads = EF_MIN(ef_attn_threads(a), p->bwd_slots);
+    ef_parallel_for(bh * p->splits, threads, backward_head, &c);
     size_t per = (size_t)s->q_len * s->head_dim;
     for (int split = 1; split < p->splits; split++) /* fixed order: split 1, 2, ... */
         for (int64_t h = 0; h < bh; h++) {
@@ -529,17 +767,20 @@ ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
             float *dst = dq + (size_t)h * per;
             for (size_t x = 0; x < per; x++) dst[x] += src[x];
         }
+    if (p->stride) ef_parallel_for(bh * EF_MIN(p->stride, s->q_len), threads, stride_backward, &c);
     return EF_OK;
 }
 
-/* Visible pairs of one head: closed form on whole chunks, the masks counted on partial ones. */
+/* Visible pairs of one head: closed form on whole chunks, the masks counted on partial ones,
+ * and the stride pass's classes in closed form. */
 int64_t ef_tiled_pairs(const ef_attn *a, int head) {
     const tiled_plan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     float st[KT * QT] __attribute__((aligned(64)));
     int64_t total = 0;
     for (int t = 0; t < p->ntiles; t++) {
-        int i0 = t * QT, qn = EF_MIN(QT, s->q_len - i0), nspans;
+        int i0, qn, nspans;
+        tile_range(p, s->q_len, t, &i0, &qn);
         const ef_span *sp = spans_of(p, head, t, &nspans);
         for (int x = 0; x < nspans; x++)
             for (int j0 = sp[x].j0; j0 < sp[x].j1; j0 += KT) {
@@ -550,11 +791,16 @@ int64_t ef_tiled_pairs(const ef_attn *a, int head) {
                     continue;
                 }
                 memset(st, 0, sizeof st);
-                if (a->causal) mask_causal(st, kn, j0, i0);
+                if (a->causal) mask_causal(st, kn, j0, i0, p->nv);
                 p->pat.tile_mask(a, head, i0, j0, kn, st);
                 for (int r = 0; r < kn; r++)
                     for (int l = 0; l < qn; l++) total += st[r * QT + l] != -__builtin_inff();
             }
     }
+    if (p->stride) /* query i = r + a s: the keys c of its class with c != a (causal: c < a) */
+        for (int i = 0; i < s->q_len; i++) {
+            int r = i % p->stride, ai = i / p->stride, mc = class_count(s->kv_len, r, p->stride);
+            total += a->causal ? EF_MIN(ai, mc) : mc - (ai < mc);
+        }
     return total;
 }

@@ -30,7 +30,13 @@ typedef float vfu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias))
 
 #define EF_INLINE static inline __attribute__((always_inline))
 
-EF_INLINE vf vf_set1(float x) { return (vf){0} + x; }
+/* Written as a loop, not (vf){0} + x: that is a scalar add of +0 before the broadcast (the
+ * compiler must keep it, -0 + 0 = +0), one more instruction on the kernels' critical path. */
+EF_INLINE vf vf_set1(float x) {
+    vf r;
+    for (int i = 0; i < EF_VL; i++) r[i] = x;
+    return r;
+}
 EF_INLINE vf vf_load(const float *p) { return *(const vf *)p; } /* aligned to EF_VL floats */
 EF_INLINE void vf_store(float *p, vf x) { *(vf *)p = x; }
 EF_INLINE vf vf_loadu(const float *p) { return *(const vfu *)p; }
