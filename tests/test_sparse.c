@@ -741,6 +741,44 @@ static void bad_specs(void) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * 5b. The engine's other paths: the stride pass (residue classes gathered into tiles; classes
+ * longer than one tile), a grid origin past the first tile (bigbird-etc with extra > 64), tiles
+ * of one small block, a single (batch, head) so that backward splits the keys into ranges, and
+ * a forward without saved state (the stride pass then keeps the lse in the plan) equal bitwise
+ * to the training forward.
+ * ------------------------------------------------------------------------------------------- */
+static void engine_paths(void) {
+    static const char *specs[] = {"strided:block=2", "strided:block=9", "fixed:block=100,summary=7",
+                                  "fixed:block=32,summary=5",
+                                  "bigbird-etc:block=32,window=3,random=1,global=2,extra=70,seed=4",
+                                  "bigbird:block=16,window=3,random=2,global=2,seed=9"};
+    ef_attn_shape s = {1, 1, 300, 300, 24, 40};
+    int32_t lens[1] = {283};
+    for (size_t x = 0; x < sizeof specs / sizeof specs[0]; x++)
+        for (int causal = 0; causal < 2; causal++) {
+            char spec[256], name[512];
+            snprintf(spec, sizeof spec, "%s,causal=%d", specs[x], causal);
+            check_mech(spec, s, lens, NULL);
+            /* inference forward (saved = NULL) == training forward, bitwise */
+            bufs in, tr, inf;
+            ef_attn_shape s2 = {2, 2, 300, 300, 24, 40};
+            int32_t lens2[2] = {300, 141};
+            ef_test_inputs(&in, s2, 21, 1.0f);
+            ef_test_outputs(&tr, &in), ef_test_outputs(&inf, &in);
+            ef_attn *a = NULL;
+            ef_status st = ef_attn_new(&a, spec, &s2);
+            if (!st) st = ef_test_run_plan(a, &in, lens2, &tr, 1);
+            if (!st) st = ef_test_run_plan(a, &in, lens2, &inf, 0);
+            int same = !st && !memcmp(tr.out, inf.out, in.no * sizeof(float));
+            snprintf(name, sizeof name, "%s: inference forward == training forward", spec);
+            ef_check(name, same, "%s; max |diff| %.3e (tol 0)", st ? ef_last_error() : "",
+                     st ? 0 : ef_max_abs_diff(tr.out, inf.out, in.no));
+            ef_attn_free(a);
+            ef_test_free_outputs(&tr), ef_test_free_outputs(&inf), ef_test_free_inputs(&in);
+        }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * 6. Thread-count independence and padding invariance
  * ------------------------------------------------------------------------------------------- */
 static void threads_bitwise(void) {
@@ -749,7 +787,11 @@ static void threads_bitwise(void) {
     const char *specs[] = {"bigbird:block=16,window=3,random=2,global=2,seed=3",
                            "bigbird:block=16,window=3,random=2,global=2,seed=3,causal=1",
                            "longformer:window=31,dilation=2,global=0;50;77",
-                           "longformer:window=31,dilation=2,global=0;50;77,causal=1"};
+                           "longformer:window=31,dilation=2,global=0;50;77,causal=1",
+                           "strided:block=7",
+                           "strided:block=7,causal=1",
+                           "fixed:block=16,summary=3",
+                           "bigbird-etc:block=16,window=3,random=1,global=1,extra=20,seed=2"};
     for (size_t x = 0; x < sizeof specs / sizeof specs[0]; x++) {
         bufs in, a, b;
         ef_test_inputs(&in, s, 11, 1.0f);
@@ -850,6 +892,7 @@ int main(void) {
     local_density();
     longformer_globals();
     bad_specs();
+    engine_paths();
     threads_bitwise();
     padding_invariance();
     extreme_options();
