@@ -564,7 +564,7 @@ static ef_status fixed_init(ef_attn *a) {
 #define SPARSE_CAPS {.causal = 1, .cross = 1, .exact = 1, .deterministic = 1}
 #define BIGBIRD_CAPS {.causal = 1, .exact = 1, .random = 1, .deterministic = 1}
 
-#define SPARSE_NOTES "  saves the per-row log-sum-exp; computes only the visible 64x64 chunks."
+#define SPARSE_NOTES "  saves the per-row log-sum-exp; computes only the visible chunks."
 
 const ef_attn_ops ef_attn_ops_local =
     SPARSE_OPS("local", "sliding-window attention: query i sees keys within window/2 of i",
@@ -575,7 +575,8 @@ const ef_attn_ops ef_attn_ops_blocklocal = SPARSE_OPS(
     blocklocal_opts, N_OPTS(blocklocal_opts), blocklocal_init, blocklocal_visible, SPARSE_CAPS);
 const ef_attn_ops ef_attn_ops_strided = SPARSE_OPS(
     "strided", "Sparse Transformer strided: the previous `block` keys and every block-th key",
-    SPARSE_NOTES "\n  the stride makes every chunk partial: the work is that of flash.",
+    SPARSE_NOTES "\n  the strided keys run in a second pass over residue classes:\n"
+                 "  work N (N/block + 2 block) pairs.",
     strided_opts, N_OPTS(strided_opts), strided_init, strided_visible, SPARSE_CAPS);
 const ef_attn_ops ef_attn_ops_fixed = SPARSE_OPS(
     "fixed",

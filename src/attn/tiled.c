@@ -29,6 +29,11 @@
  * kv_len x (D+Dv)), and the partial dQ of the extra ranges; the spans: a few per query tile (per
  * head if the pattern differs between heads). Time O(B H (visible chunks) QT KT D); memory O(B H N)
  * saved + O(threads (N D + tiles)).
+ * Patterns beyond chunk classification (attn.h, docs/sparse.md): a grid origin (tiles start
+ * after a prefix), one-block tiles for blocks below 64, key spans listed by the pattern, and a
+ * stride pass: each residue class (queries and keys r, r + s, ...) gathered into dense tiles,
+ * resuming the first pass's online softmax from its (out, lse); its backward adds the class
+ * pairs' gradient terms with the same lse and delta.
  */
 #include "attn/attn.h"
 #include "core/vec.h"
@@ -699,6 +704,10 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     }
 }
 
+static void add_row(float *restrict dst, const float *restrict src, int n) {
+    for (int t = 0; t < n; t++) dst[t] += src[t];
+}
+
 /* The stride pass's backward, added to the first pass's gradients. Work item (batch, head,
  * residue r): the class's queries tile by tile against its keys, gathered; dK, dV of the
  * class accumulate in w->dk, w->dv (row c = key r + c s) and are added at the end. Classes
@@ -747,8 +756,8 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
     }
     float *dk = c->dk + base_k * d, *dvo = c->dv + base_k * dv;
     for (int j = 0; j < nk; j++) {
-        for (int t = 0; t < d; t++) dk[(size_t)j * ldq + t] += w->dk[(size_t)j * dp + t];
-        for (int e = 0; e < dv; e++) dvo[(size_t)j * ldv + e] += w->dv[(size_t)j * dvp + e];
+        add_row(dk + (size_t)j * ldq, w->dk + (size_t)j * dp, d);
+        add_row(dvo + (size_t)j * ldv, w->dv + (size_t)j * dvp, dv);
     }
 }
 
