@@ -364,10 +364,53 @@ size_t ef_tiled_saved_bytes(const ef_attn *a) {
     return (size_t)s->batch * s->heads * s->q_len * sizeof(float);
 }
 
+/* In-register transpose of EF_VL vectors (r[x][l] becomes r[l][x]): log2(EF_VL) stages, the
+ * stage of width b swapping the off-diagonal b x b blocks of every 2b x 2b block. Its shuffle
+ * indices into the concatenation (row x, row x + b), made once per pack. */
+enum { TR_STAGES = EF_VL == 16 ? 4 : EF_VL == 8 ? 3 : 2 };
+typedef struct tr_masks {
+    vi lo[TR_STAGES], hi[TR_STAGES];
+} tr_masks;
+
+static void tr_init(tr_masks *m) {
+    for (int s = 0, b = EF_VL / 2; s < TR_STAGES; s++, b /= 2)
+        for (int l = 0; l < EF_VL; l++) {
+            m->lo[s][l] = (l & b) ? EF_VL + l - b : l;
+            m->hi[s][l] = (l & b) ? EF_VL + l : l + b;
+        }
+}
+
+EF_INLINE void transpose(vf *r, const tr_masks *m) {
+#pragma GCC unroll 4
+    for (int s = 0; s < TR_STAGES; s++) {
+        int b = EF_VL >> (s + 1);
+#pragma GCC unroll 16
+        for (int x = 0; x < EF_VL; x++)
+            if (!(x & b)) {
+                vf a = r[x], c = r[x + b];
+                r[x] = __builtin_shuffle(a, c, m->lo[s]);
+                r[x + b] = __builtin_shuffle(a, c, m->hi[s]);
+            }
+    }
+}
+
 /* Transposed, scaled copy of n rows of q (ld floats apart) into qt[D][QT]; lanes n .. width-1
  * are zero (lanes past the tile height `width` are never read). */
 static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int width, float scale) {
-    for (int i = 0; i < n; i++) /* rows read in order: q may be rows of a residue class */
+    int i = 0, d_full = d / EF_VL * EF_VL;
+    tr_masks m;
+    if (n >= EF_VL) tr_init(&m);
+    for (; i + EF_VL <= n; i += EF_VL) { /* whole EF_VL x EF_VL blocks in registers */
+        for (int t = 0; t < d_full; t += EF_VL) {
+            vf r[EF_VL];
+            for (int x = 0; x < EF_VL; x++) r[x] = vf_loadu(q + (size_t)(i + x) * ld + t) * scale;
+            transpose(r, &m);
+            for (int x = 0; x < EF_VL; x++) vf_store(qt + (size_t)(t + x) * QT + i, r[x]);
+        }
+        for (int x = i; x < i + EF_VL; x++)
+            for (int t = d_full; t < d; t++) qt[(size_t)t * QT + x] = q[(size_t)x * ld + t] * scale;
+    }
+    for (; i < n; i++) /* rows read in order: q may be rows of a residue class */
         for (int t = 0; t < d; t++) qt[(size_t)t * QT + i] = q[(size_t)i * ld + t] * scale;
     if (n < width)
         for (int t = 0; t < d; t++) memset(qt + (size_t)t * QT + n, 0, sizeof(float) * (width - n));
