@@ -573,6 +573,14 @@ static void limit_cases(void) {
     must_differ("near miss: local:window=397 != flash", s, "local:window=397", "flash", NULL);
     must_differ("near miss: local:window=199,causal=1 != flash:causal=1", s,
                 "local:window=199,causal=1", "flash:causal=1", NULL);
+    /* block=auto: sqrt(N) to a multiple of 16 (sqrt 200 = 14.1 -> 16); summary=auto = block/4 */
+    compare_specs("strided:block=auto == strided:block=16 at N=200", s, "strided:block=auto",
+                  "strided:block=16", lens);
+    compare_specs("fixed:block=auto,summary=auto == fixed:block=16,summary=4 at N=200", s,
+                  "fixed:block=auto,summary=auto,causal=1", "fixed:block=16,summary=4,causal=1",
+                  lens);
+    must_differ("near miss: strided:block=auto != strided:block=32", s, "strided:block=auto",
+                "strided:block=32", NULL);
     /* blocklocal: one block holds the sequence */
     compare_specs("blocklocal:block=200 == flash", s, "blocklocal:block=200", "flash", lens);
     compare_specs("blocklocal:block=1000,causal=1 == flash:causal=1", s,

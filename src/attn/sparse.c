@@ -16,6 +16,7 @@
 #include "attn/attn.h"
 #include "core/vec.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -25,6 +26,14 @@
 EF_INLINE void hide_row(float *st, int r, int u, vi keep) {
     float *p = st + (size_t)r * EF_QT + u * EF_VL;
     vf_store(p, vf_select(keep, vf_load(p), vf_set1(NEG_INF)));
+}
+
+/* block=auto (strided, fixed): the Sparse Transformer's l of about sqrt(N) (N the longer of
+ * q_len and kv_len), which makes the work O(N sqrt N); a multiple of 16, at least 16. */
+static void sqrt_block(ef_attn *a, int idx) {
+    if (!a->opt[idx].is_auto) return;
+    int n = EF_MAX(a->shape.q_len, a->shape.kv_len);
+    a->opt[idx].i = EF_MAX(16, (int64_t)(sqrt((double)n) / 16 + 0.5) * 16);
 }
 
 /* Lane query indices of lane group u of the tile starting at i0. */
@@ -121,8 +130,8 @@ static void blocklocal_mask(const ef_attn *a, int head, int i0, int j0, int kn, 
  * (causal: i - j < B or B divides i - j, with j <= i)
  * ------------------------------------------------------------------------------------------- */
 static const ef_opt_desc strided_opts[] = {
-    {"block", EF_OPT_INT, "128", 1, 1 << 30, NULL, 0,
-     "stride l: the previous l tokens and every l-th token before them"},
+    {"block", EF_OPT_INT, "128", 1, 1 << 30, NULL, 1,
+     "stride l: the previous l tokens and every l-th token before them; auto = sqrt(N)"},
 };
 enum { ST_BLOCK };
 
@@ -178,9 +187,9 @@ static void strided_mask(const ef_attn *a, int head, int i0, int j0, int kn, flo
  * or a summary key, j mod B >= B - C (the last C tokens of every block)
  * ------------------------------------------------------------------------------------------- */
 static const ef_opt_desc fixed_opts[] = {
-    {"block", EF_OPT_INT, "128", 1, 1 << 30, NULL, 0, "block length l"},
-    {"summary", EF_OPT_INT, "32", 1, 1 << 30, NULL, 0,
-     "c: the last c tokens of every block are seen by every query (c <= block)"},
+    {"block", EF_OPT_INT, "128", 1, 1 << 30, NULL, 1, "block length l; auto = sqrt(N)"},
+    {"summary", EF_OPT_INT, "32", 1, 1 << 30, NULL, 1,
+     "c: the last c tokens of every block are seen by every query (c <= block); auto = l/4"},
 };
 enum { FX_BLOCK, FX_SUMMARY };
 
@@ -228,6 +237,8 @@ static void fixed_mask(const ef_attn *a, int head, int i0, int j0, int kn, float
 }
 
 static ef_status fixed_check(ef_attn *a) {
+    sqrt_block(a, FX_BLOCK);
+    if (a->opt[FX_SUMMARY].is_auto) a->opt[FX_SUMMARY].i = EF_MAX(1, ef_opt_i(a, FX_BLOCK) / 4);
     if (ef_opt_i(a, FX_SUMMARY) > ef_opt_i(a, FX_BLOCK))
         return ef_error(EF_ERR_ARG, "fixed: summary=%lld is larger than block=%lld",
                         (long long)ef_opt_i(a, FX_SUMMARY), (long long)ef_opt_i(a, FX_BLOCK));
@@ -539,6 +550,7 @@ static ef_status blocklocal_init(ef_attn *a) {
     return ef_tiled_init(a, &pat, NULL);
 }
 static ef_status strided_init(ef_attn *a) {
+    sqrt_block(a, ST_BLOCK);
     static const ef_tiled_pattern pat = {
         .classify = strided_classify, .tile_mask = strided_mask, .stride = strided_stride};
     return ef_tiled_init(a, &pat, NULL);
