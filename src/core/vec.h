@@ -44,7 +44,19 @@ EF_INLINE void vf_storeu(float *p, vf x) { *(vfu *)p = x; }
 EF_INLINE vf vf_select(vi m, vf a, vf b) { /* m ? a : b, m lanes all-ones or zero */
     return (vf)(((vi)a & m) | ((vi)b & ~m));
 }
-EF_INLINE vf vf_max(vf a, vf b) { return vf_select(a > b, a, b); }
+/* a > b ? a : b per lane (b when either is NaN): the native max instruction, which is exactly
+ * this, where there is one. */
+EF_INLINE vf vf_max(vf a, vf b) {
+#if defined(__AVX512F__) && EF_VL == 16
+    return (vf)__builtin_ia32_maxps512_mask(a, b, b, (unsigned short)-1, 4);
+#elif defined(__AVX__) && EF_VL == 8
+    return (vf)__builtin_ia32_maxps256(a, b);
+#elif defined(__SSE__) && EF_VL == 4
+    return (vf)__builtin_ia32_maxps(a, b);
+#else
+    return vf_select(a > b, a, b);
+#endif
+}
 EF_INLINE vi vi_iota(void) {
     vi r;
     for (int i = 0; i < EF_VL; i++) r[i] = i;
@@ -79,6 +91,32 @@ EF_INLINE vf vf_exp(vf x) {
     vf y = p * (vf)e;
     y = vf_select(top, y + y, y);
     y = vf_select(big, vf_set1(__builtin_inff()), y);
+    y = vf_select(small, vf_set1(0.0f), y);
+    return vf_select(nan, x, y);
+}
+
+/* vf_exp for x <= 88.3 (the softmax's x - max <= 0): the same bits, without the overflow
+ * lanes' fix-up. */
+EF_INLINE vf vf_exp_le0(vf x) {
+    const float lo = -87.3365479f;
+    vi small = ~(x >= lo); /* x < lo, or NaN */
+    vi nan = x != x;
+    vf xc = vf_max(x, vf_set1(lo)); /* lo for NaN lanes too (they are restored below) */
+    const float magic = 12582912.0f;
+    vf t = xc * 1.44269504088896341f + magic;
+    vf n = t - magic;
+    vf r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = vf_set1(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r;
+    p = p + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf y = p * (vf)e;
     y = vf_select(small, vf_set1(0.0f), y);
     return vf_select(nan, x, y);
 }
