@@ -416,6 +416,37 @@ static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int widt
         for (int t = 0; t < d; t++) memset(qt + (size_t)t * QT + n, 0, sizeof(float) * (width - n));
 }
 
+/* The way back: out[i][t] (+)= xt[t][i] * rs[i] for rows i < n, t < d (out rows ld floats
+ * apart); rs = NULL is a row scale of 1, and `scale` multiplies every element. */
+static void unpack_tile(float *out, size_t ld, const float *xt, int d, int n, const float *rs,
+                        float scale, int acc) {
+    int i = 0, d_full = d / EF_VL * EF_VL;
+    tr_masks m;
+    if (n >= EF_VL) tr_init(&m);
+    for (; i + EF_VL <= n; i += EF_VL) {
+        for (int t = 0; t < d_full; t += EF_VL) {
+            vf r[EF_VL];
+            for (int x = 0; x < EF_VL; x++) r[x] = vf_load(xt + (size_t)(t + x) * QT + i);
+            transpose(r, &m);
+            for (int x = 0; x < EF_VL; x++) {
+                float *o = out + (size_t)(i + x) * ld + t;
+                vf y = r[x] * (rs ? rs[i + x] : 1.0f) * scale;
+                vf_storeu(o, acc ? vf_loadu(o) + y : y);
+            }
+        }
+        for (int x = i; x < i + EF_VL; x++)
+            for (int t = d_full; t < d; t++) {
+                float y = xt[(size_t)t * QT + x] * (rs ? rs[x] : 1.0f) * scale;
+                out[(size_t)x * ld + t] = acc ? out[(size_t)x * ld + t] + y : y;
+            }
+    }
+    for (; i < n; i++)
+        for (int t = 0; t < d; t++) {
+            float y = xt[(size_t)t * QT + i] * (rs ? rs[i] : 1.0f) * scale;
+            out[(size_t)i * ld + t] = acc ? out[(size_t)i * ld + t] + y : y;
+        }
+}
+
 /* Zeros the first `width` lanes of rows rows of a [rows][QT] tile. */
 static void zero_lanes(float *x, int rows, int width) {
     for (int r = 0; r < rows; r++) memset(x + (size_t)r * QT, 0, sizeof(float) * width);
@@ -500,15 +531,14 @@ static void fwd_chunk(tiled_ws *w, fwd_state *f, const float *v, int kn, int dv,
 static void fwd_finish(const tiled_ws *w, const fwd_state *f, int qv, int dv, float *out,
                        size_t ldo, float *lse, size_t ldl) {
     float inv[QT] __attribute__((aligned(64))), ls[QT] __attribute__((aligned(64)));
-    for (int u = 0; u < (qv + EF_VL - 1) / EF_VL; u++) {
+    for (int u = 0; u < QV; u++) { /* lanes past the tile: l = 0 (set up so) */
         vf has = vf_select(f->l[u] > 0, vf_set1(1), vf_set1(0));
         vf_store(inv + u * EF_VL, has / vf_select(f->l[u] > 0, f->l[u], vf_set1(1)));
         for (int t = 0; t < EF_VL; t++)
             ls[u * EF_VL + t] =
                 f->l[u][t] > 0 ? f->mx[u][t] + logf(f->l[u][t]) : -__builtin_inff();
     }
-    for (int i = 0; i < qv; i++)
-        for (int e = 0; e < dv; e++) out[(size_t)i * ldo + e] = w->ot[(size_t)e * QT + i] * inv[i];
+    unpack_tile(out, ldo, w->ot, dv, qv, inv, 1.0f, 0);
     if (lse)
         for (int i = 0; i < qv; i++) lse[(size_t)i * ldl] = ls[i];
 }
@@ -737,9 +767,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                 bwd_chunk(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, lse_use, dl,
                           w->dk + (size_t)(j0 - klo) * dp, w->dv + (size_t)(j0 - klo) * dvp);
             }
-        for (int i = 0; i < qn; i++)
-            for (int t = 0; t < d; t++)
-                dq[(size_t)(i0 + i) * d + t] = w->dqt[(size_t)t * QT + i] * a->scale;
+        unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
     }
     for (int j = klo; j < khi; j++) { /* keys past kv_valid stay at zero */
         memcpy(dk + (size_t)j * d, w->dk + (size_t)(j - klo) * dp, sizeof(float) * d);
@@ -794,8 +822,7 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
                       w->dv + (size_t)c0 * dvp);
         }
         float *dq = c->dq + first * d;
-        for (int i = 0; i < qv; i++)
-            for (int t = 0; t < d; t++) dq[(size_t)i * ldq + t] += w->dqt[(size_t)t * QT + i] * a->scale;
+        unpack_tile(dq, ldq, w->dqt, d, qv, NULL, a->scale, 1);
     }
     float *dk = c->dk + base_k * d, *dvo = c->dv + base_k * dv;
     for (int j = 0; j < nk; j++) {
