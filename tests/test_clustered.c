@@ -365,7 +365,7 @@ static void topk_equals_length(void) {
 static void kmeans_separable(void) {
     enum { N = 100 };
     uint64_t hash[N], cent[2];
-    int32_t asg[N], cnt[2], work[N + 2 * 63];
+    int32_t asg[N], cnt[2], work[N + 2 * 64];
     int bad = 0, first = 0;
     for (int bits = 1; bits <= 62; bits++) {
         uint64_t ones = (1ull << bits) - 1;
@@ -385,7 +385,7 @@ static void kmeans_separable(void) {
     int bits = 40;
     uint64_t g[3] = {0, (1ull << 20) - 1, ((1ull << 40) - 1) ^ ((1ull << 20) - 1)};
     uint64_t h3[90], c3[3];
-    int32_t a3[90], n3[3], w3[90 + 3 * 63];
+    int32_t a3[90], n3[3], w3[90 + 3 * 64];
     for (int i = 0; i < 90; i++) h3[i] = g[i % 3];
     ef_clustered_kmeans(h3, 90, bits, 3, 10, 3, 9, a3, c3, n3, w3);
     int ok = n3[0] == 30 && n3[1] == 30 && n3[2] == 30;

@@ -37,7 +37,11 @@
  * results do not depend on the thread count.
  */
 #include "attn/attn.h"
+#include "core/vec.h"
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,7 +58,8 @@ enum { RB = 128 }; /* members of a cluster processed together in the top part */
 typedef struct cwork {
     uint64_t *hash, *cent;      /* [N], [C] */
     int32_t *asg, *cnt;         /* [N], [C] */
-    int32_t *kw;                /* [N + C bits] k-means scratch */
+    int32_t *kw;                /* [N + 64 C] k-means scratch */
+    float *hs;                  /* [HB][PLANE_ROW] a block's plane products */
     int32_t *tk;                /* [C][K] top-k keys */
     float *qc, *dqc;            /* [C][D] */
     float *S, *dP;              /* [C][M] scores / probabilities, their gradient */
@@ -87,6 +92,7 @@ typedef struct cplan {
     int improved;                /* iclustered: set from a->ops in clu_init, never inferred */
     int C, K, bits, iters, topk; /* C = min(clusters, N), K = min(topk, M) (0 for clustered) */
     float *planes;               /* [H][D][PLANE_ROW] hyperplanes, transposed (fast path) */
+    float *pnorm;                /* [H][PLANE_ROW] their norms, rounded up, zero past bits */
     cwork *ws;                   /* [slots] (fast path) */
     void *block;                 /* everything above (fast path) */
     rws ref;                     /* the reference's own workspace (ref=1 plans only) */
@@ -97,30 +103,58 @@ typedef struct cplan {
  * Hashing and k-means of the fast path
  * ------------------------------------------------------------------------------------------- */
 /* planes_t is the head's hyperplane matrix transposed and padded, [D][PLANE_ROW] (zeros past
- * `bits`), so that the 64 codes' dot products are eight vectors of doubles held in registers.
- * Each dot product is accumulated in double over t in order (a product of two floats is exact
- * in double, so a fused multiply-add gives the same sum): the reference's scalar sums agree bit
- * for bit. */
-enum { PLANE_ROW = 64 };
-typedef double ef_v8d __attribute__((vector_size(64)));
-typedef float ef_v8f __attribute__((vector_size(32)));
-__attribute__((noinline)) static uint64_t hash_query(const float *q, const float *planes_t,
-                                                     int bits, int d) {
-    ef_v8d acc[8] = {{0}};
-    for (int t = 0; t < d; t++) {
-        double qt = q[t];
-        const float *pt = planes_t + (size_t)t * PLANE_ROW;
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; c++) {
-            ef_v8f x;
-            memcpy(&x, pt + 8 * c, sizeof x);
-            acc[c] += qt * __builtin_convertvector(x, ef_v8d);
+ * `bits`). The code bit b of query i is the sign of q_i . a_b summed in double over t in order
+ * (a product of two floats is exact in double, so a fused multiply-add gives the same sum): the
+ * reference's scalar sums agree bit for bit. The fast path gets the same bits from an fp32
+ * product: a block of queries times planes_t with ef_tile_gemm, whose sum s differs from the
+ * exact one by at most gamma_D sum_t |q_t a_t| <= D u ||q|| ||a_b|| (u = 2^-24, fused multiply-
+ * adds in any order); wherever |s| is not above twice that bound (or s is not finite) the sign
+ * could differ, and the dot product is recomputed in double as the specification says. With
+ * Gaussian data that is about one plane in 10^4. */
+enum { PLANE_ROW = 64, HB = 96 }; /* HB queries hashed per product (a multiple of 6) */
+
+/* Bit l of the result is lane l of m (all-ones or zero lanes) is set. */
+static inline uint32_t mask_bits(vi m) {
+#if defined(__AVX512F__) && EF_VL == 16
+    return (uint32_t)_mm512_cmplt_epi32_mask((__m512i)m, _mm512_setzero_si512());
+#elif defined(__AVX__) && EF_VL == 8
+    return (uint32_t)_mm256_movemask_ps((__m256)m);
+#else
+    uint32_t r = 0;
+    for (int l = 0; l < EF_VL; l++) r |= (uint32_t)(m[l] < 0) << l;
+    return r;
+#endif
+}
+
+/* Codes of nb <= HB queries q (rows of d) into out; hs holds HB x PLANE_ROW floats; pnorm the
+ * head's plane norms (rounded up, zero past bits). */
+static void hash_block(const float *q, int nb, int d, const float *planes_t, const float *pnorm,
+                       int bits, float *hs, uint64_t *out) {
+    ef_tile_gemm(nb, d, PLANE_ROW, q, d, 1, planes_t, PLANE_ROW, hs, PLANE_ROW, 0);
+    const double tolc = (d + 2) * 0x1p-23 * (1 + 0x1p-20);
+    uint64_t keep = bits >= 64 ? ~0ull : (1ull << bits) - 1;
+    for (int i = 0; i < nb; i++) {
+        const float *qi = q + (size_t)i * d, *si = hs + (size_t)i * PLANE_ROW;
+        double qq = 0;
+        for (int t = 0; t < d; t++) qq += (double)qi[t] * qi[t];
+        float qn = (float)(sqrt(qq) * tolc);
+        uint64_t pos = 0, unsure = 0;
+        for (int u = 0; u < PLANE_ROW / EF_VL; u++) {
+            vf x = vf_load(si + u * EF_VL);
+            vf tol = vf_load(pnorm + u * EF_VL) * qn + 1e-37f; /* 1e-37: fp32 underflow */
+            vf ax = (vf)((vi)x & 0x7fffffff);
+            pos |= (uint64_t)mask_bits(x > 0) << (u * EF_VL);
+            unsure |= (uint64_t)mask_bits(~((ax > tol) & (ax < __builtin_inff()))) << (u * EF_VL);
         }
+        pos &= keep, unsure &= keep;
+        for (; unsure; unsure &= unsure - 1) {
+            int b = __builtin_ctzll(unsure);
+            double acc = 0;
+            for (int t = 0; t < d; t++) acc += (double)qi[t] * planes_t[(size_t)t * PLANE_ROW + b];
+            pos = acc > 0 ? pos | 1ull << b : pos & ~(1ull << b);
+        }
+        out[i] = pos;
     }
-    uint64_t h = 0;
-    for (int b = 0; b < bits; b++)
-        if (acc[b / 8][b % 8] > 0) h |= 1ull << b;
-    return h;
 }
 
 static uint64_t random_code(uint64_t seed, uint64_t stream, uint64_t ctr, int bits) {
@@ -130,20 +164,49 @@ static uint64_t random_code(uint64_t seed, uint64_t stream, uint64_t ctr, int bi
     return bits >= 64 ? x : x & ((1ull << bits) - 1);
 }
 
+/* Nearest centroid (lowest id among equals) of every code, AV codes at a time held in AV / 8
+ * vectors of 8: xor, popcount (vpopcntq where the CPU has it), compare and select. */
+typedef int64_t v8l __attribute__((vector_size(64)));
+static inline v8l popcount8(v8l x) {
+#if defined(__AVX512VPOPCNTDQ__)
+    return (v8l)_mm512_popcnt_epi64((__m512i)x);
+#else
+    for (int l = 0; l < 8; l++) x[l] = __builtin_popcountll((uint64_t)x[l]);
+    return x;
+#endif
+}
+enum { AV = 32, AU = AV / 8 };
 static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C, int32_t *asg) {
-    for (int i = 0; i < n; i++) {
-        int best = 0, bd = 65;
-        for (int c = 0; c < C; c++) {
-            int dd = __builtin_popcountll(hash[i] ^ cent[c]);
-            if (dd < bd) bd = dd, best = c;
+    for (int i0 = 0; i0 < n; i0 += AV) {
+        int nb = EF_MIN(AV, n - i0);
+        v8l x[AU], best[AU], id[AU];
+        for (int u = 0; u < AU; u++) {
+            for (int l = 0; l < 8; l++) x[u][l] = 8 * u + l < nb ? (int64_t)hash[i0 + 8 * u + l] : 0;
+            best[u] = (v8l){0} + 65, id[u] = (v8l){0};
         }
-        asg[i] = best;
+        for (int c = 0; c < C; c++) {
+            v8l cc = (v8l){0} + (int64_t)cent[c], cv = (v8l){0} + c;
+#pragma GCC unroll 4
+            for (int u = 0; u < AU; u++) {
+                v8l dd = popcount8(x[u] ^ cc), lt = dd < best[u];
+                best[u] = (lt & dd) | (~lt & best[u]);
+                id[u] = (lt & cv) | (~lt & id[u]);
+            }
+        }
+        for (int l = 0; l < nb; l++) asg[i0 + l] = (int32_t)id[l / 8][l % 8];
     }
+}
+
+/* o[b] += bit b of h, b < 64 (vectorises as shifts by a lane index). */
+static void add_bits(int32_t *o, uint64_t h) {
+    uint32_t lo = (uint32_t)h, hi = (uint32_t)(h >> 32);
+    for (int l = 0; l < 32; l++) o[l] += (int32_t)((lo >> l) & 1);
+    for (int l = 0; l < 32; l++) o[32 + l] += (int32_t)((hi >> l) & 1);
 }
 
 /* Test hook (declared again in tests/test_clustered.c; not part of the API). Lloyd's k-means
  * of n codes of `bits` bits into 1 <= C <= n clusters, draws from (seed, stream). Writes the
- * final assignment, the centroids and the member counts; work holds n + C * bits ints. */
+ * final assignment, the centroids and the member counts; work holds n + 64 C ints. */
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work);
@@ -164,11 +227,11 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
     for (int it = 0; it < iters; it++) {
         assign_all(hash, n, cent, C, asg);
         memset(cnt, 0, sizeof(int32_t) * C);
-        memset(ones, 0, sizeof(int32_t) * C * bits);
+        memset(ones, 0, sizeof(int32_t) * C * 64);
         for (int i = 0; i < n; i++) {
             int c = asg[i];
             cnt[c]++;
-            for (uint64_t h = hash[i]; h; h &= h - 1) ones[c * bits + __builtin_ctzll(h)]++;
+            add_bits(ones + (size_t)c * 64, hash[i]);
         }
         for (int c = 0; c < C; c++) {
             if (!cnt[c]) {
@@ -177,7 +240,7 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
             }
             uint64_t h = 0;
             for (int b = 0; b < bits; b++)
-                if (2 * ones[c * bits + b] > cnt[c]) h |= 1ull << b;
+                if (2 * ones[(size_t)c * 64 + b] > cnt[c]) h |= 1ull << b;
             cent[c] = h;
         }
     }
@@ -190,8 +253,10 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
 static void cluster_head(const ef_attn *a, cwork *w, const float *q, int64_t bh, int nv, int C) {
     const cplan *p = a->impl;
     int d = a->shape.head_dim, h = (int)(bh % a->shape.heads);
-    const float *planes = p->planes + (size_t)h * PLANE_ROW * d;
-    for (int i = 0; i < nv; i++) w->hash[i] = hash_query(q + (size_t)i * d, planes, p->bits, d);
+    const float *planes = p->planes + (size_t)h * PLANE_ROW * d, *pn = p->pnorm + h * PLANE_ROW;
+    for (int i0 = 0; i0 < nv; i0 += HB)
+        hash_block(q + (size_t)i0 * d, EF_MIN(HB, nv - i0), d, planes, pn, p->bits, w->hs,
+                   w->hash + i0);
     ef_clustered_kmeans(w->hash, nv, p->bits, C, p->iters, a->seed, STREAM_KMEANS | (uint64_t)bh,
                         w->asg, w->cent, w->cnt, w->kw);
 }
@@ -327,19 +392,34 @@ static ef_status centroid_logits(const ef_attn *a, cwork *w, const float *k, int
     return ef_sgemm(0, 1, C, mv, d, a->scale, w->qc, d, k, d, 0, w->S, m);
 }
 
+/* Softmax of one row x[0..n) in place (unaligned), vectorised: max, exp and the sum in EF_VL
+ * lanes (the lanes added in a fixed order), then the scaling. */
+static void softmax_row(float *x, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vm = vf_set1(-__builtin_inff());
+    for (int j = 0; j < nf; j += EF_VL) vm = vf_max(vm, vf_loadu(x + j));
+    float mx = -__builtin_inff();
+    for (int l = 0; l < EF_VL; l++) mx = vm[l] > mx ? vm[l] : mx;
+    for (int j = nf; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    vf vs = vf_set1(0), m = vf_set1(mx);
+    for (int j = 0; j < nf; j += EF_VL) {
+        vf e = vf_exp(vf_loadu(x + j) - m);
+        vf_storeu(x + j, e);
+        vs += e;
+    }
+    float sum = 0;
+    for (int j = nf; j < n; j++) x[j] = ef_expf(x[j] - mx), sum += x[j];
+    for (int l = 0; l < EF_VL; l++) sum += vs[l];
+    float inv = 1 / sum;
+    vf vi_ = vf_set1(inv);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * vi_);
+    for (int j = nf; j < n; j++) x[j] *= inv;
+}
+
 /* Row softmax of S in place: A. */
 static void centroid_softmax(const ef_attn *a, cwork *w, int C, int mv) {
     int m = a->shape.kv_len;
-    for (int c = 0; c < C; c++) {
-        float *s = w->S + (size_t)c * m, mx = -INFINITY;
-        for (int j = 0; j < mv; j++) mx = s[j] > mx ? s[j] : mx;
-        for (int j = 0; j < mv; j++) s[j] -= mx;
-        ef_vexp(s, s, (size_t)mv);
-        double sum = 0;
-        for (int j = 0; j < mv; j++) sum += s[j];
-        float inv = (float)(1 / sum);
-        for (int j = 0; j < mv; j++) s[j] *= inv;
-    }
+    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv);
 }
 
 /* Top-kb of each centroid row (logits ordered as the probabilities) into w->tk; the slots of a
@@ -1067,16 +1147,16 @@ static ef_status clu_init(ef_attn *a) {
     size_t K = EF_MAX(p->K, 1);
     size_t rb = RB, wd = EF_MAX(d, dv);
     enum { NW = 24 };
-    size_t sz[NW] = {8 * n,       8 * C,      4 * n,       4 * C,      4 * (n + C * p->bits),
+    size_t sz[NW] = {8 * n,       8 * C,      4 * n,       4 * C,      4 * (n + C * 64),     
                      4 * C * K,   4 * C * d,  4 * C * d,   4 * C * m,  4 * C * m,
                      4 * C * dv,  4 * C * dv, 4 * C,       4 * C,      4 * n,
                      4 * (C + 1), 4 * C,      4 * K * d,   4 * K * d,  4 * K * dv,
                      4 * K * dv,  4 * rb * d, 4 * rb * dv, 4 * rb * wd};
-    size_t extra[2] = {4 * rb * K, 4 * rb * K};
+    size_t extra[3] = {4 * rb * K, 4 * rb * K, 4 * HB * PLANE_ROW};
     size_t per = align64(8 * m);
     for (int i = 0; i < NW; i++) per += align64(sz[i]);
-    per += align64(extra[0]) + align64(extra[1]);
-    size_t planes = align64(4 * (size_t)s->heads * PLANE_ROW * d);
+    per += align64(extra[0]) + align64(extra[1]) + align64(extra[2]);
+    size_t planes = align64(4 * (size_t)s->heads * PLANE_ROW * (d + 1));
     double total = (double)per * a->slots + planes;
     if (total > 1e12)
         return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total / 1e9);
@@ -1099,6 +1179,7 @@ static ef_status clu_init(ef_attn *a) {
         for (int i = 0; i < NW; i++) *f[i] = cur, cur += align64(sz[i]);
         w->P = (float *)cur, cur += align64(extra[0]);
         w->D1 = (float *)cur, cur += align64(extra[1]);
+        w->hs = (float *)cur, cur += align64(extra[2]);
         w->row = (double *)cur, cur += align64(8 * m);
     }
     /* hyperplane b of head h is elements [b D, (b + 1) D) of the head's draw; stored transposed
@@ -1109,6 +1190,16 @@ static ef_status clu_init(ef_attn *a) {
             for (size_t t = 0; t < d; t++)
                 ef_rng_normal(a->seed, STREAM_PLANES | (uint64_t)h, (uint64_t)b * d + t, 1,
                               p->planes + ((size_t)h * d + t) * PLANE_ROW + b);
+    p->pnorm = p->planes + (size_t)s->heads * PLANE_ROW * d;
+    for (int h = 0; h < s->heads; h++)
+        for (int b = 0; b < p->bits; b++) {
+            double nn = 0;
+            for (size_t t = 0; t < d; t++) {
+                double x = p->planes[((size_t)h * d + t) * PLANE_ROW + b];
+                nn += x * x;
+            }
+            p->pnorm[h * PLANE_ROW + b] = (float)(sqrt(nn) * (1 + 0x1p-20));
+        }
     return EF_OK;
 }
 
