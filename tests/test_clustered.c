@@ -11,6 +11,8 @@
  *     written (prefilled with different bytes, it comes out identical);
  *   - the limit cases of ALGORITHMS.md (#4: identical queries make clustered == full; #3:
  *     topk >= keys makes iclustered == full); Hamming k-means on separable groups (#17);
+ *   - the fast hash codes (fp32 product + exact recompute of doubtful signs) equal the
+ *     double-sum specification bitwise, on queries nearly orthogonal to a plane;
  *   - thread-count independence, inference == training, kv_lens = 0, option errors, the
  *     refusal of causal=1 (with its reason) and a foreign `saved` buffer;
  *   - replay (ef_attn_forward_replay), fast and reference: == forward bitwise on the same
@@ -31,6 +33,9 @@
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work);
+/* Test hook: the fast path's codes of n queries against planes_t [d][64] (64-byte aligned). */
+void ef_clustered_hash(const float *q, int n, int d, int bits, const float *planes_t,
+                       uint64_t *out);
 
 typedef ef_test_bufs bufs;
 
@@ -358,6 +363,59 @@ static void topk_equals_length(void) {
     compare_specs("iclustered:ref=1 topk=64 == full:ref=1 (padded)", &in,
                   "iclustered:clusters=5,topk=64,ref=1", "full:ref=1", lens, NULL, 1e-6, 1e-6, 0);
     ef_test_free_inputs(&in);
+}
+
+/* The fast path's codes (an fp32 product, with the exact double sum where its sign is in
+ * doubt) against the specification: bit b = [sum_t q_t a_bt > 0], summed in double in increasing
+ * t. Half the queries are Gaussian; the other half are made nearly orthogonal to one plane
+ * (x minus its projection, rounded to float: |q.a| ~ 1e-7 |q||a|, where the fp32 sum's sign is
+ * often wrong), plus a zero query, one with entries of 1e36 (fp32 products overflow) and one of
+ * 1e-30 (they underflow). Any differing bit fails (no tolerance: the codes are discrete). */
+static void hash_exact(void) {
+    const int dims[3] = {64, 40, 7}, nbits[3] = {63, 17, 1};
+    for (int c = 0; c < 3; c++) {
+        int d = dims[c], bits = nbits[c], n = 301;
+        float *pl = ef_malloc(sizeof(float) * d * 64), *q = malloc(sizeof(float) * n * d);
+        uint64_t *got = malloc(sizeof(uint64_t) * n);
+        memset(pl, 0, sizeof(float) * d * 64);
+        float *z = malloc(sizeof(float) * (size_t)(bits + n) * d);
+        ef_rng_normal(5, 77, 0, (size_t)(bits + n) * d, z);
+        for (int b = 0; b < bits; b++)
+            for (int t = 0; t < d; t++) pl[t * 64 + b] = z[b * d + t];
+        for (int i = 0; i < n; i++) {
+            float *qi = q + (size_t)i * d;
+            memcpy(qi, z + (size_t)(bits + i) * d, sizeof(float) * d);
+            if (i % 2 && d > 1) { /* remove the component along plane b */
+                int b = (i / 2) % bits;
+                double xa = 0, aa = 0;
+                for (int t = 0; t < d; t++) xa += (double)qi[t] * pl[t * 64 + b];
+                for (int t = 0; t < d; t++) aa += (double)pl[t * 64 + b] * pl[t * 64 + b];
+                for (int t = 0; t < d; t++) qi[t] = (float)(qi[t] - xa / aa * pl[t * 64 + b]);
+            }
+            if (i == 0) memset(qi, 0, sizeof(float) * d);
+            for (int t = 0; t < d && i == 2; t++) qi[t] = t % 2 ? 1e36f : -1e36f;
+            for (int t = 0; t < d && i == 4; t++) qi[t] *= 1e-30f;
+        }
+        ef_clustered_hash(q, n, d, bits, pl, got);
+        int bad = 0, first = -1, near = 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t want = 0;
+            for (int b = 0; b < bits; b++) {
+                double acc = 0;
+                float f = 0;
+                for (int t = 0; t < d; t++) acc += (double)q[i * d + t] * pl[t * 64 + b];
+                for (int t = 0; t < d; t++) f += q[i * d + t] * pl[t * 64 + b];
+                near += (f > 0) != (acc > 0);
+                if (acc > 0) want |= 1ull << b;
+            }
+            if (got[i] != want && !bad++) first = i;
+        }
+        char name[160];
+        snprintf(name, sizeof name, "hash: fast codes == double-sum codes (D=%d, bits=%d)", d, bits);
+        ef_check(name, !bad, "%d of %d codes differ (first: query %d); %d bits where a plain fp32 "
+                 "sum has the other sign", bad, n, first, near);
+        free(z), free(got), free(q), ef_free(pl);
+    }
 }
 
 /* ALGORITHMS #17 (FT test_cluster_cpu): codes 0 and 2^bits - 1, 50 each, interleaved, into 2
@@ -713,6 +771,7 @@ int main(void) {
     identical_queries();
     topk_equals_length();
     kmeans_separable();
+    hash_exact();
     const char *specs[] = {"clustered:clusters=6", "iclustered:clusters=6,topk=8",
                            "iclustered:clusters=6,topk=64", "clustered:clusters=6,ref=1",
                            "iclustered:clusters=6,topk=8,ref=1"};

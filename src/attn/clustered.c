@@ -157,6 +157,32 @@ static void hash_block(const float *q, int nb, int d, const float *planes_t, con
     }
 }
 
+/* pnorm[b] = ||column b of planes_t|| rounded up (b < bits), zero for b in [bits, PLANE_ROW). */
+static void plane_norms(const float *planes_t, int d, int bits, float *pnorm) {
+    for (int b = 0; b < PLANE_ROW; b++) {
+        double nn = 0;
+        for (int t = 0; t < d && b < bits; t++) {
+            double x = planes_t[(size_t)t * PLANE_ROW + b];
+            nn += x * x;
+        }
+        pnorm[b] = (float)(sqrt(nn) * (1 + 0x1p-20));
+    }
+}
+
+/* Test hook (declared again in tests/test_clustered.c; not part of the API): the codes of n
+ * queries (rows of d floats) against planes_t ([d][64], 64-byte aligned, columns past bits
+ * zero), as the fast path computes them. */
+void ef_clustered_hash(const float *q, int n, int d, int bits, const float *planes_t,
+                       uint64_t *out);
+void ef_clustered_hash(const float *q, int n, int d, int bits, const float *planes_t,
+                       uint64_t *out) {
+    float pnorm[PLANE_ROW] __attribute__((aligned(64)));
+    static _Thread_local float hs[HB * PLANE_ROW] __attribute__((aligned(64)));
+    plane_norms(planes_t, d, bits, pnorm);
+    for (int i0 = 0; i0 < n; i0 += HB)
+        hash_block(q + (size_t)i0 * d, EF_MIN(HB, n - i0), d, planes_t, pnorm, bits, hs, out + i0);
+}
+
 static uint64_t random_code(uint64_t seed, uint64_t stream, uint64_t ctr, int bits) {
     uint32_t r[4];
     ef_rng_raw(seed, stream, ctr, r);
@@ -1192,14 +1218,8 @@ static ef_status clu_init(ef_attn *a) {
                               p->planes + ((size_t)h * d + t) * PLANE_ROW + b);
     p->pnorm = p->planes + (size_t)s->heads * PLANE_ROW * d;
     for (int h = 0; h < s->heads; h++)
-        for (int b = 0; b < p->bits; b++) {
-            double nn = 0;
-            for (size_t t = 0; t < d; t++) {
-                double x = p->planes[((size_t)h * d + t) * PLANE_ROW + b];
-                nn += x * x;
-            }
-            p->pnorm[h * PLANE_ROW + b] = (float)(sqrt(nn) * (1 + 0x1p-20));
-        }
+        plane_norms(p->planes + (size_t)h * d * PLANE_ROW, (int)d, p->bits,
+                    p->pnorm + h * PLANE_ROW);
     return EF_OK;
 }
 
