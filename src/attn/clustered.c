@@ -398,14 +398,34 @@ static void load_choices(const ef_attn *a, cwork *w, const int32_t *sa, int nv, 
     if (p->improved) memcpy(w->tk, sa + a->shape.q_len, sizeof(int32_t) * C * p->K);
 }
 
+/* y[0..n) += s x[0..n) (unaligned rows). */
+static void add_row(float *y, const float *x, float s, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(s);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) + vs * vf_loadu(x + j));
+    for (int j = nf; j < n; j++) y[j] += s * x[j];
+}
+
+/* Softmax backward of one row in place: dA <- A o (dA - sum_j A_j dA_j); the sum in EF_VL lanes
+ * added in a fixed order. */
+static void softmax_backward_row(const float *A, float *dA, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(0);
+    for (int j = 0; j < nf; j += EF_VL) vs += vf_loadu(A + j) * vf_loadu(dA + j);
+    float dl = 0;
+    for (int j = nf; j < n; j++) dl += A[j] * dA[j];
+    for (int l = 0; l < EF_VL; l++) dl += vs[l];
+    vf vd = vf_set1(dl);
+    for (int j = 0; j < nf; j += EF_VL)
+        vf_storeu(dA + j, vf_loadu(A + j) * (vf_loadu(dA + j) - vd));
+    for (int j = nf; j < n; j++) dA[j] = A[j] * (dA[j] - dl);
+}
+
 /* Qc = mean of the members among the nv valid queries (rows of empty clusters are zero). */
 static void centroids(const ef_attn *a, cwork *w, const float *q, int nv, int C) {
     int d = a->shape.head_dim;
     memset(w->qc, 0, sizeof(float) * C * d);
-    for (int i = 0; i < nv; i++) {
-        float *c = w->qc + (size_t)w->asg[i] * d;
-        for (int t = 0; t < d; t++) c[t] += q[(size_t)i * d + t];
-    }
+    for (int i = 0; i < nv; i++) add_row(w->qc + (size_t)w->asg[i] * d, q + (size_t)i * d, 1, d);
     for (int c = 0; c < C; c++) {
         float inv = w->cnt[c] ? 1.0f / (float)w->cnt[c] : 0;
         for (int t = 0; t < d; t++) w->qc[(size_t)c * d + t] *= inv;
@@ -718,30 +738,24 @@ static ef_status backward_head(const cctx *cx, cwork *w, int64_t bh) {
     }
     /* G_c = sum of member dO; dA = G V^T (top columns: dm_c); dS = A (dA - rowsum(A dA)) */
     memset(w->G, 0, sizeof(float) * C * dv);
-    for (int i = 0; i < nv; i++) {
-        float *gc = w->G + (size_t)w->asg[i] * dv;
-        for (int e = 0; e < dv; e++) gc[e] += g[(size_t)i * dv + e];
-    }
+    for (int i = 0; i < nv; i++) add_row(w->G + (size_t)w->asg[i] * dv, g + (size_t)i * dv, 1, dv);
     if ((st = ef_sgemm(0, 1, C, mv, dv, 1, w->G, dv, v, dv, 0, w->dP, m))) return st;
     for (int c = 0; c < C; c++) {
         float *A = w->S + (size_t)c * m, *dA = w->dP + (size_t)c * m;
         const int32_t *tk = w->tk + (size_t)c * K;
         for (int x = 0; x < kb && p->improved; x++) dA[tk[x]] = w->dm[c];
-        double delta = 0;
-        for (int j = 0; j < mv; j++) delta += (double)A[j] * dA[j];
-        float dl = (float)delta;
-        for (int j = 0; j < mv; j++) dA[j] = A[j] * (dA[j] - dl);
+        softmax_backward_row(A, dA, mv);
         /* V_bottom uses A without the top columns */
         for (int x = 0; x < kb && p->improved; x++) A[tk[x]] = 0;
     }
     if ((st = ef_sgemm(1, 0, mv, dv, C, 1, w->S, m, w->G, dv, 1, dvv, dv))) return st;
     if ((st = ef_sgemm(0, 0, C, d, mv, a->scale, w->dP, m, k, d, 0, w->dqc, d))) return st;
     if ((st = ef_sgemm(1, 0, mv, d, C, a->scale, w->dP, m, w->qc, d, 1, dk, d))) return st;
-    for (int i = 0; i < nv; i++) {
-        int c = w->asg[i];
-        float inv = 1.0f / (float)w->cnt[c];
-        for (int t = 0; t < d; t++) dq[(size_t)i * d + t] += w->dqc[(size_t)c * d + t] * inv;
+    for (int c = 0; c < C; c++) { /* dQc / |c| */
+        float inv = w->cnt[c] ? 1.0f / (float)w->cnt[c] : 0;
+        for (int t = 0; t < d; t++) w->dqc[(size_t)c * d + t] *= inv;
     }
+    for (int i = 0; i < nv; i++) add_row(dq + (size_t)i * d, w->dqc + (size_t)w->asg[i] * d, 1, d);
     return EF_OK;
 }
 
