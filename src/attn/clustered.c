@@ -66,11 +66,12 @@ typedef struct cwork {
     float *G, *vb;              /* [C][Dv] summed output gradients, bottom values */
     float *mass, *dm;           /* [C] */
     int32_t *order, *off, *cur; /* [N] queries sorted by cluster, [C + 1] offsets, [C] */
-    float *kt, *dkt;            /* [K][D] top keys of a cluster, their gradient */
-    float *vt, *dvt;            /* [K][Dv] */
-    float *qm, *gm, *om;        /* [RB][D], [RB][Dv], [RB][max(D, Dv)] a block of members */
-    float *P, *D1;              /* [RB][K] top probabilities, their gradient */
-    double *row;                /* [M] one logit row for the top-k selection */
+    /* the top part; row strides padded to multiples of 16 (Kp, Dp, Dvp), 64-byte aligned */
+    float *kt, *dkt;            /* [K][Dp] top keys of a cluster, their gradient */
+    float *vt, *dvt;            /* [K][Dvp] */
+    float *ktT, *vtT;           /* [D][Kp], [Dv][Kp] the same, transposed */
+    float *qm, *gm, *om;        /* [RB][Dp], [RB][Dvp], [RB][max(Dp, Dvp)] a block of members */
+    float *P, *D1;              /* [RB][Kp] top probabilities, their gradient */
     ef_status st;               /* first failure of a work item run in this slot */
     char msg[256];              /* its message (ef_last_error is per thread) */
 } cwork;
@@ -91,6 +92,7 @@ typedef struct rws {
 typedef struct cplan {
     int improved;                /* iclustered: set from a->ops in clu_init, never inferred */
     int C, K, bits, iters, topk; /* C = min(clusters, N), K = min(topk, M) (0 for clustered) */
+    int Kp, dp, dvp;             /* K, D, Dv rounded up to multiples of 16 (ef_tile_gemm rows) */
     float *planes;               /* [H][D][PLANE_ROW] hyperplanes, transposed (fast path) */
     float *pnorm;                /* [H][PLANE_ROW] their norms, rounded up, zero past bits */
     cwork *ws;                   /* [slots] (fast path) */
@@ -289,40 +291,78 @@ static void cluster_head(const ef_attn *a, cwork *w, const float *q, int64_t bh,
 
 /* Indices of the k best values of s[0..n) (larger first, ties to the lower index), written to
  * idx in increasing index order. */
-static int better(const double *s, int x, int y) { return s[x] > s[y] || (s[x] == s[y] && x < y); }
+static int better(const float *s, int x, int y) { return s[x] > s[y] || (s[x] == s[y] && x < y); }
 
 static int cmp_int(const void *x, const void *y) {
     int a = *(const int32_t *)x, b = *(const int32_t *)y;
     return (a > b) - (a < b);
 }
 
-static void topk_select(const double *s, int n, int k, int32_t *idx) {
-    /* min-heap on "better": the root is the worst of the kept */
-    int size = 0;
-    for (int j = 0; j < n; j++) {
-        int pos;
-        if (size < k) {
-            pos = size++;
-            while (pos > 0 && better(s, idx[(pos - 1) / 2], j)) {
-                idx[pos] = idx[(pos - 1) / 2];
-                pos = (pos - 1) / 2;
-            }
-            idx[pos] = j;
-            continue;
-        }
-        if (!better(s, j, idx[0])) continue;
-        pos = 0;
-        for (;;) {
-            int l = 2 * pos + 1, r = l + 1, m = pos;
-            int cur = j;
-            if (l < size && better(s, cur, idx[l])) m = l, cur = idx[l];
-            if (r < size && better(s, cur, idx[r])) m = r;
-            if (m == pos) break;
-            idx[pos] = idx[m];
-            pos = m;
+/* One candidate j for a min-heap idx[0..*size) of at most k on "better" (the root is the worst
+ * kept). */
+static void heap_offer(const float *s, int j, int k, int32_t *idx, int *size) {
+    int pos;
+    if (*size < k) {
+        pos = (*size)++;
+        while (pos > 0 && better(s, idx[(pos - 1) / 2], j)) {
+            idx[pos] = idx[(pos - 1) / 2];
+            pos = (pos - 1) / 2;
         }
         idx[pos] = j;
+        return;
     }
+    if (!better(s, j, idx[0])) return;
+    pos = 0;
+    for (;;) {
+        int l = 2 * pos + 1, r = l + 1, m = pos;
+        int cur = j;
+        if (l < *size && better(s, cur, idx[l])) m = l, cur = idx[l];
+        if (r < *size && better(s, cur, idx[r])) m = r;
+        if (m == pos) break;
+        idx[pos] = idx[m];
+        pos = m;
+    }
+    idx[pos] = j;
+}
+
+/* The k best keys go through a heap in index order, but only the candidates: a key whose value is
+ * below some lower bound t0 of the k-th best value has k better keys and cannot be kept. t0 is
+ * the k-th largest of G >= k group maxima (disjoint groups: lane l of the vectors of block b), as
+ * each of those k groups holds a key at least that large. Exactly the keys the plain heap keeps,
+ * and (Gaussian logits, 4096 keys, k = 32) about 2 k of them reach the heap instead of ~6 k. */
+enum { TK_GROUPS = 256 };
+static void topk_select(const float *s, int n, int k, int32_t *idx) {
+    int size = 0, nb = EF_MIN(TK_GROUPS / EF_VL, n / (4 * EF_VL));
+    float t0 = -__builtin_inff();
+    if (nb * EF_VL >= k && k <= 64) { /* else every key is a candidate */
+        float gm[TK_GROUPS], top[64];
+        int per = n / EF_VL / nb * EF_VL; /* block length, a multiple of EF_VL */
+        for (int b = 0; b < nb; b++) {
+            vf m = vf_loadu(s + b * per);
+            for (int j = b * per + EF_VL; j < (b + 1) * per; j += EF_VL) m = vf_max(m, vf_loadu(s + j));
+            memcpy(gm + b * EF_VL, &m, sizeof m);
+        }
+        /* the k-th largest of the nb EF_VL maxima (insertion into a sorted top list) */
+        int nt = 0, nan = 0;
+        for (int g = 0; g < nb * EF_VL; g++) {
+            float x = gm[g];
+            nan |= x != x;
+            if (nt == k && !(x > top[k - 1])) continue;
+            int pos = nt < k ? nt++ : k - 1;
+            while (pos > 0 && top[pos - 1] < x) top[pos] = top[pos - 1], pos--;
+            top[pos] = x;
+        }
+        if (!nan) t0 = top[k - 1]; /* NaN logits (NaN inputs): no bound */
+    }
+    int j = 0;
+    for (; j + EF_VL <= n; j += EF_VL) {
+        float th = size == k ? EF_MAX(t0, s[idx[0]]) : t0;
+        uint32_t in = mask_bits(~(vf_loadu(s + j) < vf_set1(th))); /* >= th, or NaN */
+        for (; in; in &= in - 1) heap_offer(s, j + __builtin_ctz(in), k, idx, &size);
+    }
+    for (; j < n; j++) heap_offer(s, j, k, idx, &size);
+    if (size < k) /* only with NaN logits, which the filter may have skipped: every key */
+        for (j = size = 0; j < n; j++) heap_offer(s, j, k, idx, &size);
     qsort(idx, (size_t)size, sizeof(int32_t), cmp_int);
 }
 
@@ -474,10 +514,8 @@ static void select_topk(const ef_attn *a, cwork *w, int C, int mv, int kb) {
     const cplan *p = a->impl;
     int m = a->shape.kv_len;
     for (int c = 0; c < C; c++) {
-        const float *s = w->S + (size_t)c * m;
         int32_t *tk = w->tk + (size_t)c * p->K;
-        for (int j = 0; j < mv; j++) w->row[j] = s[j];
-        topk_select(w->row, mv, kb, tk);
+        topk_select(w->S + (size_t)c * m, mv, kb, tk);
         for (int x = kb; x < p->K; x++) tk[x] = -1;
     }
 }
@@ -490,35 +528,37 @@ static void sort_members(cwork *w, int nv, int C) {
     for (int i = 0; i < nv; i++) w->order[w->cur[w->asg[i]]++] = i;
 }
 
-/* Rows rows[0..nr) of x (stride ld) into dst (nr x ld). */
-static void gather(float *dst, const float *x, const int32_t *rows, int nr, int ld) {
+/* Rows rows[0..nr) of x (n floats each, stride n) into dst (row stride ld >= n). */
+static void gather(float *dst, int ld, const float *x, int n, const int32_t *rows, int nr) {
     for (int r = 0; r < nr; r++)
-        memcpy(dst + (size_t)r * ld, x + (size_t)rows[r] * ld, sizeof(float) * ld);
+        memcpy(dst + (size_t)r * ld, x + (size_t)rows[r] * n, sizeof(float) * n);
 }
 
-/* P (nr x kb) = row softmax of scale Qm KT^T. */
-static ef_status top_softmax(const ef_attn *a, cwork *w, int nr, int kb) {
-    int d = a->shape.head_dim;
-    ef_status st = ef_sgemm(0, 1, nr, kb, d, a->scale, w->qm, d, w->kt, d, 0, w->P, kb);
-    if (st) return st;
+/* P (nr x kb, row stride Kp) = row softmax of scale Qm KT^T, with ef_tile_gemm. */
+static void top_softmax(const ef_attn *a, cwork *w, int nr, int kb) {
+    const cplan *p = a->impl;
+    ef_tile_gemm(nr, a->shape.head_dim, p->Kp, w->qm, p->dp, 1, w->ktT, p->Kp, w->P, p->Kp, 0);
     for (int r = 0; r < nr; r++) {
-        float *pr = w->P + (size_t)r * kb, mx = -INFINITY;
-        for (int x = 0; x < kb; x++) mx = pr[x] > mx ? pr[x] : mx;
-        for (int x = 0; x < kb; x++) pr[x] -= mx;
-        ef_vexp(pr, pr, (size_t)kb);
-        float sum = 0;
-        for (int x = 0; x < kb; x++) sum += pr[x];
-        float inv = 1 / sum;
-        for (int x = 0; x < kb; x++) pr[x] *= inv;
+        float *pr = w->P + (size_t)r * p->Kp;
+        for (int x = 0; x < kb; x++) pr[x] *= a->scale;
+        softmax_row(pr, kb);
     }
-    return EF_OK;
 }
 
-/* Gathers the top keys and values of a cluster into kt (kb x D) and vt (kb x Dv). */
+/* Gathers the top keys and values of a cluster into kt [kb][Dp], ktT [D][Kp], vt [kb][Dvp], and
+ * for backward (all = 1) vtT [Dv][Kp]: whole rows first (random rows of k and v miss the cache;
+ * row copies overlap the misses), then the transposes from L1. */
 static void gather_top(const ef_attn *a, cwork *w, const int32_t *tk, int kb, const float *k,
-                       const float *v) {
-    gather(w->kt, k, tk, kb, a->shape.head_dim);
-    gather(w->vt, v, tk, kb, a->shape.v_dim);
+                       const float *v, int all) {
+    const cplan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim;
+    gather(w->kt, p->dp, k, d, tk, kb);
+    for (int x = 0; x < kb; x++)
+        for (int t = 0; t < d; t++) w->ktT[(size_t)t * p->Kp + x] = w->kt[(size_t)x * p->dp + t];
+    gather(w->vt, p->dvp, v, dv, tk, kb);
+    if (!all) return;
+    for (int x = 0; x < kb; x++)
+        for (int t = 0; t < dv; t++) w->vtT[(size_t)t * p->Kp + x] = w->vt[(size_t)x * p->dvp + t];
 }
 
 static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
@@ -575,19 +615,18 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     for (int c = 0; c < C; c++) {
         const int32_t *tk = w->tk + (size_t)c * K;
         if (!w->cnt[c]) continue;
-        gather_top(a, w, tk, kb, k, v);
+        gather_top(a, w, tk, kb, k, v, 0);
         for (int r0 = w->off[c]; r0 < w->off[c + 1]; r0 += RB) {
             const int32_t *rows = w->order + r0;
             int nr = EF_MIN(RB, w->off[c + 1] - r0);
-            gather(w->qm, q, rows, nr, d);
-            if ((st = top_softmax(a, w, nr, kb))) return st;
-            st = ef_sgemm(0, 0, nr, dv, kb, w->mass[c], w->P, kb, w->vt, dv, 0, w->om, dv);
-            if (st) return st;
+            gather(w->qm, p->dp, q, d, rows, nr);
+            top_softmax(a, w, nr, kb);
+            ef_tile_gemm(nr, kb, p->dvp, w->P, p->Kp, 1, w->vt, p->dvp, w->om, p->dvp, 0);
             const float *vb = w->vb + (size_t)c * dv;
             for (int r = 0; r < nr; r++) {
                 float *o = out + (size_t)rows[r] * dv;
-                const float *om = w->om + (size_t)r * dv;
-                for (int e = 0; e < dv; e++) o[e] = om[e] + vb[e];
+                memcpy(o, vb, sizeof(float) * dv);
+                add_row(o, w->om + (size_t)r * p->dvp, w->mass[c], dv);
             }
         }
     }
@@ -654,48 +693,41 @@ static ef_status top_backward(const ef_attn *a, cwork *w, const float *q, const 
                               float *dk, float *dvv) {
     const cplan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim, K = p->K;
-    ef_status st;
     sort_members(w, nv, C);
     for (int c = 0; c < C; c++) {
         const int32_t *tk = w->tk + (size_t)c * K;
         w->dm[c] = 0;
         if (!w->cnt[c]) continue;
-        gather_top(a, w, tk, kb, k, v);
+        gather_top(a, w, tk, kb, k, v, 1);
         float mc = w->mass[c];
         double dm = 0;
+        int Kp = p->Kp, dp = p->dp, dvp = p->dvp;
         for (int r0 = w->off[c]; r0 < w->off[c + 1]; r0 += RB) {
             const int32_t *rows = w->order + r0;
-            int nr = EF_MIN(RB, w->off[c + 1] - r0);
-            gather(w->qm, q, rows, nr, d);
-            gather(w->gm, g, rows, nr, dv);
-            if ((st = top_softmax(a, w, nr, kb))) return st;
-            if ((st = ef_sgemm(0, 1, nr, kb, dv, 1, w->gm, dv, w->vt, dv, 0, w->D1, kb))) return st;
+            int nr = EF_MIN(RB, w->off[c + 1] - r0), acc = r0 > w->off[c];
+            gather(w->qm, dp, q, d, rows, nr);
+            gather(w->gm, dvp, g, dv, rows, nr);
+            top_softmax(a, w, nr, kb);
+            /* D1 = dO V_T^T, then dS (without tau) in place */
+            ef_tile_gemm(nr, dv, Kp, w->gm, dvp, 1, w->vtT, Kp, w->D1, Kp, 0);
             for (int r = 0; r < nr; r++) {
-                const float *pr = w->P + (size_t)r * kb;
-                float *ds = w->D1 + (size_t)r * kb, delta = 0;
+                const float *pr = w->P + (size_t)r * Kp;
+                float *ds = w->D1 + (size_t)r * Kp, delta = 0;
                 for (int x = 0; x < kb; x++) delta += pr[x] * ds[x];
                 dm += delta;
                 for (int x = 0; x < kb; x++) ds[x] = pr[x] * (ds[x] - delta) * mc;
             }
-            float beta = r0 == w->off[c] ? 0 : 1;
-            if ((st = ef_sgemm(1, 0, kb, dv, nr, mc, w->P, kb, w->gm, dv, beta, w->dvt, dv)))
-                return st;
-            if ((st = ef_sgemm(1, 0, kb, d, nr, a->scale, w->D1, kb, w->qm, d, beta, w->dkt, d)))
-                return st;
-            if ((st = ef_sgemm(0, 0, nr, d, kb, a->scale, w->D1, kb, w->kt, d, 0, w->om, d)))
-                return st;
-            for (int r = 0; r < nr; r++) {
-                float *dqi = dq + (size_t)rows[r] * d;
-                const float *src = w->om + (size_t)r * d;
-                for (int t = 0; t < d; t++) dqi[t] += src[t];
-            }
+            /* dvt (+)= P^T dO, dkt (+)= dS^T Qm (mc and tau applied at the scatter); dq += tau dS K_T */
+            ef_tile_gemm(kb, nr, dvp, w->P, 1, Kp, w->gm, dvp, w->dvt, dvp, acc);
+            ef_tile_gemm(kb, nr, dp, w->D1, 1, Kp, w->qm, dp, w->dkt, dp, acc);
+            ef_tile_gemm(nr, kb, dp, w->D1, Kp, 1, w->kt, dp, w->om, dp, 0);
+            for (int r = 0; r < nr; r++)
+                add_row(dq + (size_t)rows[r] * d, w->om + (size_t)r * dp, a->scale, d);
         }
         w->dm[c] = (float)dm;
         for (int x = 0; x < kb; x++) {
-            float *dkj = dk + (size_t)tk[x] * d, *dvj = dvv + (size_t)tk[x] * dv;
-            const float *a1 = w->dkt + (size_t)x * d, *a2 = w->dvt + (size_t)x * dv;
-            for (int t = 0; t < d; t++) dkj[t] += a1[t];
-            for (int e = 0; e < dv; e++) dvj[e] += a2[e];
+            add_row(dk + (size_t)tk[x] * d, w->dkt + (size_t)x * dp, a->scale, d);
+            add_row(dvv + (size_t)tk[x] * dv, w->dvt + (size_t)x * dvp, mc, dv);
         }
     }
     return EF_OK;
@@ -799,6 +831,7 @@ static ef_status clu_backward(ef_attn *a, const ef_attn_io *io, const void *save
  * tests would show it as an O(1) error; it does not occur in them.
  * ------------------------------------------------------------------------------------------- */
 static size_t align64(size_t n) { return (n + 63) / 64 * 64; }
+static size_t pad16(size_t n) { return (n + 15) / 16 * 16; }
 
 /* Carves the reference workspace out of base (NULL: only counts); returns its bytes. */
 static size_t ref_layout(const ef_attn *a, rws *r, char *base) {
@@ -1185,17 +1218,20 @@ static ef_status clu_init(ef_attn *a) {
     if (a->ref) return ref_init(a);
     size_t n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C;
     size_t K = EF_MAX(p->K, 1);
-    size_t rb = RB, wd = EF_MAX(d, dv);
+    p->Kp = (int)pad16(K), p->dp = (int)pad16(d), p->dvp = (int)pad16(dv);
+    size_t Kp = p->Kp, dp = p->dp, dvp = p->dvp;
+    size_t rb = RB, wd = EF_MAX(dp, dvp);
     enum { NW = 24 };
     size_t sz[NW] = {8 * n,       8 * C,      4 * n,       4 * C,      4 * (n + C * 64),     
                      4 * C * K,   4 * C * d,  4 * C * d,   4 * C * m,  4 * C * m,
                      4 * C * dv,  4 * C * dv, 4 * C,       4 * C,      4 * n,
-                     4 * (C + 1), 4 * C,      4 * K * d,   4 * K * d,  4 * K * dv,
-                     4 * K * dv,  4 * rb * d, 4 * rb * dv, 4 * rb * wd};
-    size_t extra[3] = {4 * rb * K, 4 * rb * K, 4 * HB * PLANE_ROW};
-    size_t per = align64(8 * m);
+                     4 * (C + 1), 4 * C,      4 * K * dp,  4 * K * dp, 4 * K * dvp,
+                     4 * K * dvp, 4 * rb * dp, 4 * rb * dvp, 4 * rb * wd};
+    enum { NX = 5 };
+    size_t extra[NX] = {4 * rb * Kp, 4 * rb * Kp, 4 * HB * PLANE_ROW, 4 * d * Kp, 4 * dv * Kp};
+    size_t per = 0;
     for (int i = 0; i < NW; i++) per += align64(sz[i]);
-    per += align64(extra[0]) + align64(extra[1]) + align64(extra[2]);
+    for (int i = 0; i < NX; i++) per += align64(extra[i]);
     size_t planes = align64(4 * (size_t)s->heads * PLANE_ROW * (d + 1));
     double total = (double)per * a->slots + planes;
     if (total > 1e12)
@@ -1217,11 +1253,12 @@ static ef_status clu_init(ef_attn *a) {
                         (void **)&w->cur,  (void **)&w->kt,   (void **)&w->dkt,   (void **)&w->vt,
                         (void **)&w->dvt,  (void **)&w->qm,   (void **)&w->gm,    (void **)&w->om};
         for (int i = 0; i < NW; i++) *f[i] = cur, cur += align64(sz[i]);
-        w->P = (float *)cur, cur += align64(extra[0]);
-        w->D1 = (float *)cur, cur += align64(extra[1]);
-        w->hs = (float *)cur, cur += align64(extra[2]);
-        w->row = (double *)cur, cur += align64(8 * m);
+        float **fx[NX] = {&w->P, &w->D1, &w->hs, &w->ktT, &w->vtT};
+        for (int i = 0; i < NX; i++) *fx[i] = (float *)cur, cur += align64(extra[i]);
     }
+    /* zero once: the padding lanes of the top part's rows are never written but are read (and
+     * multiplied into lanes nobody reads) by ef_tile_gemm */
+    memset(p->block, 0, (size_t)total);
     /* hyperplane b of head h is elements [b D, (b + 1) D) of the head's draw; stored transposed
      * in rows of PLANE_ROW, zero past bits (the block was not zeroed: do it here) */
     memset(p->planes, 0, planes);
