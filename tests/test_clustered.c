@@ -12,7 +12,8 @@
  *   - the limit cases of ALGORITHMS.md (#4: identical queries make clustered == full; #3:
  *     topk >= keys makes iclustered == full); Hamming k-means on separable groups (#17);
  *   - the fast hash codes (fp32 product + exact recompute of doubtful signs) equal the
- *     double-sum specification bitwise, on queries nearly orthogonal to a plane;
+ *     double-sum specification bitwise, on queries nearly orthogonal to a plane; the fast
+ *     top-k selection equals a plain one (ties at the k-th place included);
  *   - thread-count independence, inference == training, kv_lens = 0, option errors, the
  *     refusal of causal=1 (with its reason) and a foreign `saved` buffer;
  *   - replay (ef_attn_forward_replay), fast and reference: == forward bitwise on the same
@@ -33,6 +34,8 @@
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work);
+/* Test hook: the fast path's top-k selection (larger first, ties to the lower index). */
+void ef_clustered_topk(const float *s, int n, int k, int32_t *idx);
 /* Test hook: the fast path's codes of n queries against planes_t [d][64] (64-byte aligned). */
 void ef_clustered_hash(const float *q, int n, int d, int bits, const float *planes_t,
                        uint64_t *out);
@@ -418,6 +421,43 @@ static void hash_exact(void) {
     }
 }
 
+/* The fast top-k selection (a lower bound from group maxima, a vector filter, then a heap)
+ * against "k passes of the largest not yet taken, ties to the lower index", on Gaussian values
+ * and on values from a set of 3 (many ties, at the k-th place too), for lengths around the
+ * vector and group sizes and k from 1 to n. Any differing index fails. */
+static void topk_exact(void) {
+    const int ns[] = {1, 15, 16, 63, 64, 65, 200, 257, 1000, 4096};
+    const int ks[] = {1, 2, 9, 16, 31, 32, 33, 64, 65, 200};
+    float *s = malloc(sizeof(float) * 4096), *z = malloc(sizeof(float) * 4096);
+    int32_t *got = malloc(sizeof(int32_t) * 4096), *want = malloc(sizeof(int32_t) * 4096);
+    char *taken = malloc(4096);
+    int cases = 0, bad = 0;
+    char first[128] = "";
+    for (int a = 0; a < 10; a++)
+        for (int b = 0; b < 10; b++)
+            for (int ties = 0; ties < 2; ties++) {
+                int n = ns[a], k = ks[b] > n ? n : ks[b];
+                ef_rng_normal(9, (uint64_t)(a * 10 + b), 0, (size_t)n, z);
+                for (int j = 0; j < n; j++) s[j] = ties ? (float)((int)(fabsf(z[j]) * 2) % 3) : z[j];
+                ef_clustered_topk(s, n, k, got);
+                memset(taken, 0, 4096);
+                for (int x = 0; x < k; x++) {
+                    int best = -1;
+                    for (int j = 0; j < n; j++)
+                        if (!taken[j] && (best < 0 || s[j] > s[best])) best = j;
+                    taken[best] = 1;
+                }
+                for (int j = 0, x = 0; j < n; j++)
+                    if (taken[j]) want[x++] = j;
+                cases++;
+                if (memcmp(got, want, sizeof(int32_t) * k) && !bad++)
+                    snprintf(first, sizeof first, " (first: n=%d k=%d ties=%d)", n, k, ties);
+            }
+    ef_check("top-k: fast selection == k passes of the largest (ties to the lower index)", !bad,
+             "%d of %d cases differ%s", bad, cases, first);
+    free(s), free(z), free(got), free(want), free(taken);
+}
+
 /* ALGORITHMS #17 (FT test_cluster_cpu): codes 0 and 2^bits - 1, 50 each, interleaved, into 2
  * clusters must give exactly these centroids with counts 50/50, for every bits in 1..62. */
 static void kmeans_separable(void) {
@@ -772,6 +812,7 @@ int main(void) {
     topk_equals_length();
     kmeans_separable();
     hash_exact();
+    topk_exact();
     const char *specs[] = {"clustered:clusters=6", "iclustered:clusters=6,topk=8",
                            "iclustered:clusters=6,topk=64", "clustered:clusters=6,ref=1",
                            "iclustered:clusters=6,topk=8,ref=1"};

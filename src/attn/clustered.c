@@ -366,6 +366,11 @@ static void topk_select(const float *s, int n, int k, int32_t *idx) {
     qsort(idx, (size_t)size, sizeof(int32_t), cmp_int);
 }
 
+/* Test hook (declared again in tests/test_clustered.c; not part of the API): the fast path's
+ * top-k selection of s[0..n), 1 <= k <= n, into idx (increasing). */
+void ef_clustered_topk(const float *s, int n, int k, int32_t *idx);
+void ef_clustered_topk(const float *s, int n, int k, int32_t *idx) { topk_select(s, n, k, idx); }
+
 /* ---------------------------------------------------------------------------------------------
  * Fast path
  * ------------------------------------------------------------------------------------------- */
