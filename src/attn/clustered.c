@@ -327,12 +327,13 @@ static void heap_offer(const float *s, int j, int k, int32_t *idx, int *size) {
 
 /* The k best keys go through a heap in index order, but only the candidates: a key whose value is
  * below some lower bound t0 of the k-th best value has k better keys and cannot be kept. t0 is
- * the k-th largest of G >= k group maxima (disjoint groups: lane l of the vectors of block b), as
+ * the k-th largest of G ~ 2k group maxima (disjoint groups: lane l of the vectors of block b), as
  * each of those k groups holds a key at least that large. Exactly the keys the plain heap keeps,
  * and (Gaussian logits, 4096 keys, k = 32) about 2 k of them reach the heap instead of ~6 k. */
-enum { TK_GROUPS = 256 };
+enum { TK_GROUPS = 128 };
 static void topk_select(const float *s, int n, int k, int32_t *idx) {
-    int size = 0, nb = EF_MIN(TK_GROUPS / EF_VL, n / (4 * EF_VL));
+    int size = 0, nb = EF_MIN((2 * k + EF_VL - 1) / EF_VL, n / (2 * EF_VL));
+    nb = EF_MIN(nb, TK_GROUPS / EF_VL);
     float t0 = -__builtin_inff();
     if (nb * EF_VL >= k && k <= 64) { /* else every key is a candidate */
         float gm[TK_GROUPS], top[64];
@@ -443,12 +444,57 @@ static void load_choices(const ef_attn *a, cwork *w, const int32_t *sa, int nv, 
     if (p->improved) memcpy(w->tk, sa + a->shape.q_len, sizeof(int32_t) * C * p->K);
 }
 
+/* Lane-wise max (the native instruction where there is one) and horizontal max / sum in a fixed
+ * tree order. */
+static inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__) && EF_VL == 16
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__) && EF_VL == 8
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    return vf_max(a, b);
+#endif
+}
+#if EF_VL == 16
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));   \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));   \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));   \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+#elif EF_VL == 8
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3}));                                 \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5}));                                 \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6}));
+#else
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1}));                                             \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2}));
+#endif
+static inline vf vadd_(vf a, vf b) { return a + b; }
+static inline float hmax(vf v) {
+    HSTEPS(vmax)
+    return v[0];
+}
+static inline float hsum(vf v) {
+    HSTEPS(vadd_)
+    return v[0];
+}
+
 /* y[0..n) += s x[0..n) (unaligned rows). */
 static void add_row(float *y, const float *x, float s, int n) {
     int nf = n / EF_VL * EF_VL;
     vf vs = vf_set1(s);
     for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) + vs * vf_loadu(x + j));
     for (int j = nf; j < n; j++) y[j] += s * x[j];
+}
+
+/* y[0..n) = b + s x (unaligned rows). */
+static void mul_add_row(float *y, const float *b, const float *x, float s, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(s);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(b + j) + vs * vf_loadu(x + j));
+    for (int j = nf; j < n; j++) y[j] = b[j] + s * x[j];
 }
 
 /* Softmax backward of one row in place: dA <- A o (dA - sum_j A_j dA_j); the sum in EF_VL lanes
@@ -459,7 +505,7 @@ static void softmax_backward_row(const float *A, float *dA, int n) {
     for (int j = 0; j < nf; j += EF_VL) vs += vf_loadu(A + j) * vf_loadu(dA + j);
     float dl = 0;
     for (int j = nf; j < n; j++) dl += A[j] * dA[j];
-    for (int l = 0; l < EF_VL; l++) dl += vs[l];
+    dl += hsum(vs);
     vf vd = vf_set1(dl);
     for (int j = 0; j < nf; j += EF_VL)
         vf_storeu(dA + j, vf_loadu(A + j) * (vf_loadu(dA + j) - vd));
@@ -483,24 +529,27 @@ static ef_status centroid_logits(const ef_attn *a, cwork *w, const float *k, int
     return ef_sgemm(0, 1, C, mv, d, a->scale, w->qc, d, k, d, 0, w->S, m);
 }
 
-/* Softmax of one row x[0..n) in place (unaligned), vectorised: max, exp and the sum in EF_VL
- * lanes (the lanes added in a fixed order), then the scaling. */
-static void softmax_row(float *x, int n) {
+/* Softmax of one row of s x[0..n) in place (unaligned), vectorised: max, exp and the sum in
+ * EF_VL lanes (added in a fixed order), then the normalisation. */
+static void softmax_row(float *x, int n, float s) {
     int nf = n / EF_VL * EF_VL;
-    vf vm = vf_set1(-__builtin_inff());
-    for (int j = 0; j < nf; j += EF_VL) vm = vf_max(vm, vf_loadu(x + j));
-    float mx = -__builtin_inff();
-    for (int l = 0; l < EF_VL; l++) mx = vm[l] > mx ? vm[l] : mx;
+    vf vm = vf_set1(-__builtin_inff()), vs = vf_set1(s);
+    if (s != 1) {
+        for (int j = 0; j < nf; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * vs);
+        for (int j = nf; j < n; j++) x[j] *= s;
+    }
+    for (int j = 0; j < nf; j += EF_VL) vm = vmax(vm, vf_loadu(x + j));
+    float mx = hmax(vm);
     for (int j = nf; j < n; j++) mx = x[j] > mx ? x[j] : mx;
-    vf vs = vf_set1(0), m = vf_set1(mx);
+    vf sum_v = vf_set1(0), m = vf_set1(mx);
     for (int j = 0; j < nf; j += EF_VL) {
         vf e = vf_exp(vf_loadu(x + j) - m);
         vf_storeu(x + j, e);
-        vs += e;
+        sum_v += e;
     }
     float sum = 0;
     for (int j = nf; j < n; j++) x[j] = ef_expf(x[j] - mx), sum += x[j];
-    for (int l = 0; l < EF_VL; l++) sum += vs[l];
+    sum += hsum(sum_v);
     float inv = 1 / sum;
     vf vi_ = vf_set1(inv);
     for (int j = 0; j < nf; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * vi_);
@@ -510,7 +559,7 @@ static void softmax_row(float *x, int n) {
 /* Row softmax of S in place: A. */
 static void centroid_softmax(const ef_attn *a, cwork *w, int C, int mv) {
     int m = a->shape.kv_len;
-    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv);
+    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1);
 }
 
 /* Top-kb of each centroid row (logits ordered as the probabilities) into w->tk; the slots of a
@@ -544,9 +593,7 @@ static void top_softmax(const ef_attn *a, cwork *w, int nr, int kb) {
     const cplan *p = a->impl;
     ef_tile_gemm(nr, a->shape.head_dim, p->Kp, w->qm, p->dp, 1, w->ktT, p->Kp, w->P, p->Kp, 0);
     for (int r = 0; r < nr; r++) {
-        float *pr = w->P + (size_t)r * p->Kp;
-        for (int x = 0; x < kb; x++) pr[x] *= a->scale;
-        softmax_row(pr, kb);
+        softmax_row(w->P + (size_t)r * p->Kp, kb, a->scale);
     }
 }
 
@@ -628,11 +675,8 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
             top_softmax(a, w, nr, kb);
             ef_tile_gemm(nr, kb, p->dvp, w->P, p->Kp, 1, w->vt, p->dvp, w->om, p->dvp, 0);
             const float *vb = w->vb + (size_t)c * dv;
-            for (int r = 0; r < nr; r++) {
-                float *o = out + (size_t)rows[r] * dv;
-                memcpy(o, vb, sizeof(float) * dv);
-                add_row(o, w->om + (size_t)r * p->dvp, w->mass[c], dv);
-            }
+            for (int r = 0; r < nr; r++)
+                mul_add_row(out + (size_t)rows[r] * dv, vb, w->om + (size_t)r * p->dvp, w->mass[c], dv);
         }
     }
     return EF_OK;
