@@ -458,12 +458,93 @@ static void topk_exact(void) {
     free(s), free(z), free(got), free(want), free(taken);
 }
 
+/* The fast k-means (vectorised scans; after the first round only the centroids that moved are
+ * rescanned for codes whose own centroid stayed) against a plain Lloyd's loop written from
+ * docs/clustered.md (full scans, bit-by-bit majority), on random codes and on codes of a few
+ * noisy prototypes (clusters settle, empty clusters get random codes): assignment, centroids
+ * and counts must be identical. */
+static void plain_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
+                         uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt) {
+    int32_t *perm = malloc(sizeof(int32_t) * n);
+    for (int i = 0; i < n; i++) perm[i] = i;
+    for (int i = 0; i < C; i++) {
+        uint32_t r[4];
+        ef_rng_raw(seed, stream, (uint64_t)i, r);
+        int j = i + (int)(r[0] % (uint32_t)(n - i)), t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+        cent[i] = hash[perm[i]];
+    }
+    for (int it = 0; it <= iters; it++) {
+        for (int i = 0; i < n; i++) {
+            int best = 0, bd = 99;
+            for (int c = 0; c < C; c++) {
+                int dd = 0;
+                for (int b = 0; b < 64; b++) dd += (int)((hash[i] ^ cent[c]) >> b & 1);
+                if (dd < bd) bd = dd, best = c;
+            }
+            asg[i] = best;
+        }
+        memset(cnt, 0, sizeof(int32_t) * C);
+        for (int i = 0; i < n; i++) cnt[asg[i]]++;
+        if (it == iters) break;
+        for (int c = 0; c < C; c++) {
+            uint64_t h = 0;
+            if (!cnt[c]) {
+                uint32_t r[4];
+                ef_rng_raw(seed, stream, (uint64_t)C + (uint64_t)it * C + c, r);
+                h = ((uint64_t)r[0] | (uint64_t)r[1] << 32) & ((1ull << bits) - 1);
+            }
+            for (int b = 0; b < bits && cnt[c]; b++) {
+                int ones = 0;
+                for (int i = 0; i < n; i++) ones += asg[i] == c && (hash[i] >> b & 1);
+                if (2 * ones > cnt[c]) h |= 1ull << b;
+            }
+            cent[c] = h;
+        }
+    }
+    free(perm);
+}
+
+static void kmeans_plain(void) {
+    enum { N = 700, CM = 61 };
+    static uint64_t hash[N], c1[CM], c2[CM];
+    static int32_t a1[N], a2[N], n1[CM], n2[CM], work[N + 67 * CM];
+    int bad = 0, cases = 0;
+    char first[128] = "";
+    for (int kind = 0; kind < 2; kind++)
+        for (int v = 0; v < 3; v++) {
+            int bits = (int[]){63, 20, 5}[v], C = (int[]){61, 17, 8}[v], n = N - 37 * v;
+            uint64_t keep = (1ull << bits) - 1, proto[6];
+            for (int x = 0; x < 6; x++) {
+                uint32_t r[4];
+                ef_rng_raw(3, 50, (uint64_t)x, r);
+                proto[x] = ((uint64_t)r[0] | (uint64_t)r[1] << 32) & keep;
+            }
+            for (int i = 0; i < n; i++) {
+                uint32_t r[4];
+                ef_rng_raw(3, 51 + (uint64_t)kind, (uint64_t)i, r);
+                uint64_t z = ((uint64_t)r[0] | (uint64_t)r[1] << 32) & keep;
+                /* kind 1: a prototype with each bit flipped with probability 1/16 */
+                hash[i] = kind ? proto[r[2] % 6] ^ (z & (z >> 1) & (z >> 2) & (z >> 3)) : z;
+            }
+            ef_clustered_kmeans(hash, n, bits, C, 10, 9, 4, a1, c1, n1, work);
+            plain_kmeans(hash, n, bits, C, 10, 9, 4, a2, c2, n2);
+            cases++;
+            if ((memcmp(a1, a2, sizeof(int32_t) * n) || memcmp(c1, c2, sizeof(uint64_t) * C) ||
+                 memcmp(n1, n2, sizeof(int32_t) * C)) &&
+                !bad++)
+                snprintf(first, sizeof first, " (first: kind %d, bits %d, C %d)", kind, bits, C);
+        }
+    ef_check("k-means: fast == plain Lloyd's loop (assignment, centroids, counts)", !bad,
+             "%d of %d cases differ%s", bad, cases, first);
+}
+
 /* ALGORITHMS #17 (FT test_cluster_cpu): codes 0 and 2^bits - 1, 50 each, interleaved, into 2
  * clusters must give exactly these centroids with counts 50/50, for every bits in 1..62. */
 static void kmeans_separable(void) {
     enum { N = 100 };
     uint64_t hash[N], cent[2];
-    int32_t asg[N], cnt[2], work[N + 2 * 64];
+    int32_t asg[N], cnt[2], work[N + 2 * 67];
     int bad = 0, first = 0;
     for (int bits = 1; bits <= 62; bits++) {
         uint64_t ones = (1ull << bits) - 1;
@@ -483,7 +564,7 @@ static void kmeans_separable(void) {
     int bits = 40;
     uint64_t g[3] = {0, (1ull << 20) - 1, ((1ull << 40) - 1) ^ ((1ull << 20) - 1)};
     uint64_t h3[90], c3[3];
-    int32_t a3[90], n3[3], w3[90 + 3 * 64];
+    int32_t a3[90], n3[3], w3[90 + 3 * 67];
     for (int i = 0; i < 90; i++) h3[i] = g[i % 3];
     ef_clustered_kmeans(h3, 90, bits, 3, 10, 3, 9, a3, c3, n3, w3);
     int ok = n3[0] == 30 && n3[1] == 30 && n3[2] == 30;
@@ -813,6 +894,7 @@ int main(void) {
     kmeans_separable();
     hash_exact();
     topk_exact();
+    kmeans_plain();
     const char *specs[] = {"clustered:clusters=6", "iclustered:clusters=6,topk=8",
                            "iclustered:clusters=6,topk=64", "clustered:clusters=6,ref=1",
                            "iclustered:clusters=6,topk=8,ref=1"};

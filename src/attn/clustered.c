@@ -58,7 +58,7 @@ enum { RB = 128 }; /* members of a cluster processed together in the top part */
 typedef struct cwork {
     uint64_t *hash, *cent;      /* [N], [C] */
     int32_t *asg, *cnt;         /* [N], [C] */
-    int32_t *kw;                /* [N + 64 C] k-means scratch */
+    int32_t *kw;                /* [N + 67 C] k-means scratch */
     float *hs;                  /* [HB][PLANE_ROW] a block's plane products */
     int32_t *tk;                /* [C][K] top-k keys */
     float *qc, *dqc;            /* [C][D] */
@@ -219,27 +219,70 @@ static inline v8l popcount8(v8l x) {
     return x;
 #endif
 }
+static inline v8l min8(v8l a, v8l b) {
+#if defined(__AVX512F__)
+    return (v8l)_mm512_min_epi64((__m512i)a, (__m512i)b);
+#else
+    v8l lt = a < b;
+    return (lt & a) | (~lt & b);
+#endif
+}
 enum { AV = 32, AU = AV / 8 };
-static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C, int32_t *asg) {
-    for (int i0 = 0; i0 < n; i0 += AV) {
-        int nb = EF_MIN(AV, n - i0);
-        v8l x[AU], best[AU], id[AU];
-        for (int u = 0; u < AU; u++) {
-            for (int l = 0; l < 8; l++) x[u][l] = 8 * u + l < nb ? (int64_t)hash[i0 + 8 * u + l] : 0;
-            best[u] = (v8l){0} + 65, id[u] = (v8l){0};
-        }
-        v8l cv = {0};
-        for (int c = 0; c < C; c++, cv += 1) {
-            v8l cc = (v8l){0} + (int64_t)cent[c];
+/* For the codes of points pts[0..np) (all points 0..np-1 when pts is NULL): the nearest among
+ * centroids cl[0..nc) (ids in increasing order), lowest id among equals, compared as keys
+ * (distance << 32 | id); with keep = 1 the current assignment asg[i] competes too. */
+static void assign_list(const uint64_t *hash, const int32_t *pts, int np, const uint64_t *cent,
+                        const int32_t *cl, int nc, int keep, int32_t *asg) {
+    for (int i0 = 0; i0 < np; i0 += AV) {
+        int nb = EF_MIN(AV, np - i0);
+        v8l x[AU], best[AU];
+        for (int u = 0; u < AU; u++)
+            for (int l = 0; l < 8; l++) {
+                int r = 8 * u + l, i = r < nb ? (pts ? pts[i0 + r] : i0 + r) : -1;
+                uint64_t h = i >= 0 ? hash[i] : 0;
+                x[u][l] = (int64_t)h;
+                best[u][l] = keep && i >= 0
+                                 ? (int64_t)__builtin_popcountll(h ^ cent[asg[i]]) << 32 | asg[i]
+                                 : (int64_t)65 << 32;
+            }
+        for (int j = 0; j < nc; j++) {
+            v8l cc = (v8l){0} + (int64_t)cent[cl[j]], cv = (v8l){0} + cl[j];
 #pragma GCC unroll 4
             for (int u = 0; u < AU; u++) {
-                v8l dd = popcount8(x[u] ^ cc), lt = dd < best[u];
-                best[u] = (lt & dd) | (~lt & best[u]);
-                id[u] = (lt & cv) | (~lt & id[u]);
+                best[u] = min8(best[u], popcount8(x[u] ^ cc) << 32 | cv);
             }
         }
-        for (int l = 0; l < nb; l++) asg[i0 + l] = (int32_t)id[l / 8][l % 8];
+        for (int r = 0; r < nb; r++)
+            asg[pts ? pts[i0 + r] : i0 + r] = (int32_t)(best[r / 8][r % 8] & 0xffffffff);
     }
+}
+
+/* The nearest centroid of every code, given that only the centroids flagged in chg moved since
+ * asg was computed (chg = NULL: all, or no earlier assignment). A code whose centroid did not
+ * move was nearest to it among all the centroids that did not move either, so only the moved
+ * ones can take it (the keys keep the lowest-id rule); a code whose centroid moved is scanned
+ * against all. Exactly the assignment of a full scan; lists use `pts` (n ints) and `cl` (C). */
+static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C, const char *chg,
+                       int32_t *asg, int32_t *pts, int32_t *cl) {
+    int nc = 0;
+    for (int c = 0; c < C; c++)
+        if (!chg || chg[c]) cl[nc++] = c;
+    if (!chg || nc == C) {
+        for (int c = 0; c < C; c++) cl[c] = c;
+        assign_list(hash, NULL, n, cent, cl, C, 0, asg);
+        return;
+    }
+    if (nc == 0) return;
+    int nf = 0, np = n;
+    for (int i = 0; i < n; i++) { /* moved: from the front; kept: from the back */
+        int m = chg[asg[i]] != 0;
+        pts[m ? nf : np - 1] = i;
+        nf += m, np -= !m;
+    }
+    int32_t *all = cl + nc; /* the full list after the moved ones */
+    for (int c = 0; c < C; c++) all[c] = c;
+    assign_list(hash, pts + np, n - np, cent, cl, nc, 1, asg);
+    assign_list(hash, pts, nf, cent, all, C, 0, asg);
 }
 
 /* o[b] += bit b of h, b < 64 (vectorises as shifts by a lane index). */
@@ -251,14 +294,15 @@ static void add_bits(int32_t *o, uint64_t h) {
 
 /* Test hook (declared again in tests/test_clustered.c; not part of the API). Lloyd's k-means
  * of n codes of `bits` bits into 1 <= C <= n clusters, draws from (seed, stream). Writes the
- * final assignment, the centroids and the member counts; work holds n + 64 C ints. */
+ * final assignment, the centroids and the member counts; work holds n + 67 C ints. */
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work);
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work) {
-    int32_t *perm = work, *ones = work + n;
+    int32_t *perm = work, *ones = work + n, *cl = ones + (size_t)64 * C;
+    char *chg = (char *)(cl + 2 * (size_t)C), *moved = NULL; /* C bytes: centroid c moved */
     /* C distinct positions: partial Fisher-Yates shuffle */
     for (int i = 0; i < n; i++) perm[i] = i;
     for (int i = 0; i < C; i++) {
@@ -270,7 +314,7 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
         cent[i] = hash[perm[i]];
     }
     for (int it = 0; it < iters; it++) {
-        assign_all(hash, n, cent, C, asg);
+        assign_all(hash, n, cent, C, moved, asg, perm, cl);
         memset(cnt, 0, sizeof(int32_t) * C);
         memset(ones, 0, sizeof(int32_t) * C * 64);
         for (int i = 0; i < n; i++) {
@@ -279,17 +323,21 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
             add_bits(ones + (size_t)c * 64, hash[i]);
         }
         for (int c = 0; c < C; c++) {
-            if (!cnt[c]) {
-                cent[c] = random_code(seed, stream, (uint64_t)C + (uint64_t)it * C + c, bits);
-                continue;
-            }
             uint64_t h = 0;
-            for (int b = 0; b < bits; b++)
-                if (2 * ones[(size_t)c * 64 + b] > cnt[c]) h |= 1ull << b;
+            if (!cnt[c])
+                h = random_code(seed, stream, (uint64_t)C + (uint64_t)it * C + c, bits);
+            else /* majority: bit b when 2 ones_b > cnt (64 lanes; ones past bits are 0) */
+                for (int u = 0; u < 64 / EF_VL; u++) {
+                    vi o;
+                    memcpy(&o, ones + (size_t)c * 64 + u * EF_VL, sizeof o);
+                    h |= (uint64_t)mask_bits(o + o > cnt[c]) << (u * EF_VL);
+                }
+            chg[c] = h != cent[c];
             cent[c] = h;
         }
+        moved = chg;
     }
-    assign_all(hash, n, cent, C, asg);
+    assign_all(hash, n, cent, C, moved, asg, perm, cl);
     memset(cnt, 0, sizeof(int32_t) * C);
     for (int i = 0; i < n; i++) cnt[asg[i]]++;
 }
@@ -1288,7 +1336,7 @@ static ef_status clu_init(ef_attn *a) {
     size_t Kp = p->Kp, dp = p->dp, dvp = p->dvp;
     size_t rb = RB, wd = EF_MAX(dp, dvp);
     enum { NW = 24 };
-    size_t sz[NW] = {8 * n,       8 * C,      4 * n,       4 * C,      4 * (n + C * 64),     
+    size_t sz[NW] = {8 * n,       8 * C,      4 * n,       4 * C,      4 * (n + C * 67),     
                      4 * C * K,   4 * C * d,  4 * C * d,   4 * C * m,  4 * C * m,
                      4 * C * dv,  4 * C * dv, 4 * C,       4 * C,      4 * n,
                      4 * (C + 1), 4 * C,      4 * K * dp,  4 * K * dp, 4 * K * dvp,
