@@ -64,7 +64,7 @@ typedef struct cwork {
     float *qc, *dqc;            /* [C][D] */
     float *S, *dP;              /* [C][M] scores / probabilities, their gradient */
     float *G, *vb;              /* [C][Dv] summed output gradients, bottom values */
-    float *mass, *dm;           /* [C] */
+    float *mass, *dm, *rinv;    /* [C]; rinv: 1 / the centroid softmax sums (forward) */
     int32_t *order, *off, *cur; /* [N] queries sorted by cluster, [C + 1] offsets, [C] */
     /* the top part; row strides padded to multiples of 16 (Kp, Dp, Dvp), 64-byte aligned */
     float *kt, *dkt;            /* [K][Dp] top keys of a cluster, their gradient */
@@ -429,7 +429,16 @@ static void topk_select(const float *s, int n, int k, int32_t *idx) {
     for (; j < n; j++) heap_offer(s, j, k, idx, &size);
     if (size < k) /* only with NaN logits, which the filter may have skipped: every key */
         for (j = size = 0; j < n; j++) heap_offer(s, j, k, idx, &size);
-    qsort(idx, (size_t)size, sizeof(int32_t), cmp_int);
+    if (size > 64) {
+        qsort(idx, (size_t)size, sizeof(int32_t), cmp_int);
+        return;
+    }
+    for (int x = 1; x < size; x++) { /* insertion sort: a few dozen indices */
+        int32_t v = idx[x];
+        int y = x;
+        for (; y > 0 && idx[y - 1] > v; y--) idx[y] = idx[y - 1];
+        idx[y] = v;
+    }
 }
 
 /* Test hook (declared again in tests/test_clustered.c; not part of the API): the fast path's
@@ -554,6 +563,14 @@ static void add_row(float *y, const float *x, float s, int n) {
     for (int j = nf; j < n; j++) y[j] += s * x[j];
 }
 
+/* y[0..n) *= s (unaligned). */
+static void scale_row(float *y, float s, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(s);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) * vs);
+    for (int j = nf; j < n; j++) y[j] *= s;
+}
+
 /* y[0..n) = b + s x (unaligned rows). */
 static void mul_add_row(float *y, const float *b, const float *x, float s, int n) {
     int nf = n / EF_VL * EF_VL;
@@ -595,8 +612,9 @@ static ef_status centroid_logits(const ef_attn *a, cwork *w, const float *k, int
 }
 
 /* Softmax of one row of s x[0..n) in place (unaligned), vectorised: max, exp and the sum in
- * EF_VL lanes (added in a fixed order), then the normalisation. */
-static void softmax_row(float *x, int n, float s) {
+ * EF_VL lanes (added in a fixed order), then the normalisation; with inv_out != NULL the row is
+ * left unnormalised, exp(s x - max), and 1 / sum is written there instead. */
+static void softmax_row(float *x, int n, float s, float *inv_out) {
     int nf = n / EF_VL * EF_VL;
     vf vm = vf_set1(-__builtin_inff()), vs = vf_set1(s);
     if (s != 1) {
@@ -616,6 +634,10 @@ static void softmax_row(float *x, int n, float s) {
     for (int j = nf; j < n; j++) x[j] = ef_expf(x[j] - mx), sum += x[j];
     sum += hsum(sum_v);
     float inv = 1 / sum;
+    if (inv_out) {
+        *inv_out = inv;
+        return;
+    }
     vf vi_ = vf_set1(inv);
     for (int j = 0; j < nf; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * vi_);
     for (int j = nf; j < n; j++) x[j] *= inv;
@@ -624,7 +646,7 @@ static void softmax_row(float *x, int n, float s) {
 /* Row softmax of S in place: A. */
 static void centroid_softmax(const ef_attn *a, cwork *w, int C, int mv) {
     int m = a->shape.kv_len;
-    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1);
+    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1, NULL);
 }
 
 /* Top-kb of each centroid row (logits ordered as the probabilities) into w->tk; the slots of a
@@ -658,7 +680,7 @@ static void top_softmax(const ef_attn *a, cwork *w, int nr, int kb) {
     const cplan *p = a->impl;
     ef_tile_gemm(nr, a->shape.head_dim, p->Kp, w->qm, p->dp, 1, w->ktT, p->Kp, w->P, p->Kp, 0);
     for (int r = 0; r < nr; r++) {
-        softmax_row(w->P + (size_t)r * p->Kp, kb, a->scale);
+        softmax_row(w->P + (size_t)r * p->Kp, kb, a->scale, NULL);
     }
 }
 
@@ -710,9 +732,12 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     centroids(a, w, q, nv, C);
     if ((st = centroid_logits(a, w, k, C, mv))) return st;
     if (p->improved && !cx->replay) select_topk(a, w, C, mv, kb);
-    centroid_softmax(a, w, C, mv);
+    /* E = exp(S - rowmax), unnormalised (A = E / rowsum): the 1 / rowsum scale the C x Dv
+     * products instead of the C x M probabilities */
+    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1, w->rinv + c);
     if (!p->improved) {
         if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
+        for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
         for (int i = 0; i < nv; i++)
             memcpy(out + (size_t)i * dv, w->vb + (size_t)w->asg[i] * dv, sizeof(float) * dv);
         return EF_OK;
@@ -724,9 +749,10 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
         const int32_t *tk = w->tk + (size_t)c * K;
         double ms = 0;
         for (int x = 0; x < kb; x++) ms += r[tk[x]], r[tk[x]] = 0;
-        w->mass[c] = (float)ms;
+        w->mass[c] = (float)(ms * w->rinv[c]);
     }
     if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
+    for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
     /* top part, per cluster in blocks of RB members: out = m_c P V_T + Vb_c */
     sort_members(w, nv, C);
     for (int c = 0; c < C; c++) {
@@ -1341,8 +1367,8 @@ static ef_status clu_init(ef_attn *a) {
                      4 * C * dv,  4 * C * dv, 4 * C,       4 * C,      4 * n,
                      4 * (C + 1), 4 * C,      4 * K * dp,  4 * K * dp, 4 * K * dvp,
                      4 * K * dvp, 4 * rb * dp, 4 * rb * dvp, 4 * rb * wd};
-    enum { NX = 5 };
-    size_t extra[NX] = {4 * rb * Kp, 4 * rb * Kp, 4 * HB * PLANE_ROW, 4 * d * Kp, 4 * dv * Kp};
+    enum { NX = 6 };
+    size_t extra[NX] = {4 * rb * Kp, 4 * rb * Kp, 4 * HB * PLANE_ROW, 4 * d * Kp, 4 * dv * Kp, 4 * C};
     size_t per = 0;
     for (int i = 0; i < NW; i++) per += align64(sz[i]);
     for (int i = 0; i < NX; i++) per += align64(extra[i]);
@@ -1367,7 +1393,7 @@ static ef_status clu_init(ef_attn *a) {
                         (void **)&w->cur,  (void **)&w->kt,   (void **)&w->dkt,   (void **)&w->vt,
                         (void **)&w->dvt,  (void **)&w->qm,   (void **)&w->gm,    (void **)&w->om};
         for (int i = 0; i < NW; i++) *f[i] = cur, cur += align64(sz[i]);
-        float **fx[NX] = {&w->P, &w->D1, &w->hs, &w->ktT, &w->vtT};
+        float **fx[NX] = {&w->P, &w->D1, &w->hs, &w->ktT, &w->vtT, &w->rinv};
         for (int i = 0; i < NX; i++) *fx[i] = (float *)cur, cur += align64(extra[i]);
     }
     /* zero once: the padding lanes of the top part's rows are never written but are read (and
