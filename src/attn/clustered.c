@@ -128,6 +128,43 @@ static inline uint32_t mask_bits(vi m) {
 #endif
 }
 
+/* Lane-wise max (the native instruction where there is one) and horizontal max / sum in a fixed
+ * tree order. */
+static inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__) && EF_VL == 16
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__) && EF_VL == 8
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    return vf_max(a, b);
+#endif
+}
+#if EF_VL == 16
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));   \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));   \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));   \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+#elif EF_VL == 8
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3}));                                 \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5}));                                 \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6}));
+#else
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1}));                                             \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2}));
+#endif
+static inline vf vadd_(vf a, vf b) { return a + b; }
+static inline float hmax(vf v) {
+    HSTEPS(vmax)
+    return v[0];
+}
+static inline float hsum(vf v) {
+    HSTEPS(vadd_)
+    return v[0];
+}
+
 /* sum_t x_t^2 in double (no overflow or underflow for floats), in 8 lanes then a fixed order. */
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
@@ -390,35 +427,48 @@ static void heap_offer(const float *s, int j, int k, int32_t *idx, int *size) {
     idx[pos] = j;
 }
 
+/* The k-th largest of x[0..g) (1 <= k <= g, no NaN), reordering x: quickselect. */
+static float kth_largest(float *x, int g, int k) {
+    int lo = 0, hi = g - 1, want = k - 1;
+    while (lo < hi) {
+        float piv = x[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) { /* descending: larger values to the left */
+            while (x[i] > piv) i++;
+            while (x[j] < piv) j--;
+            if (i <= j) {
+                float t = x[i];
+                x[i] = x[j], x[j] = t;
+                i++, j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return x[want];
+}
+
 /* The k best keys go through a heap in index order, but only the candidates: a key whose value is
  * below some lower bound t0 of the k-th best value has k better keys and cannot be kept. t0 is
- * the k-th largest of G ~ 2k group maxima (disjoint groups: lane l of the vectors of block b), as
- * each of those k groups holds a key at least that large. Exactly the keys the plain heap keeps,
- * and (Gaussian logits, 4096 keys, k = 32) about 2 k of them reach the heap instead of ~6 k. */
+ * the k-th largest of G ~ 2k group maxima (disjoint groups: lane l of the vectors of block b;
+ * each maximum is the value of a key of its group, so k keys are at least t0). Exactly the keys
+ * the plain heap keeps; with Gaussian logits, 4096 keys and k = 32, a few dozen reach the heap
+ * (the threshold rises to the worst kept key once it is full). */
 enum { TK_GROUPS = 128 };
 static void topk_select(const float *s, int n, int k, int32_t *idx) {
-    int size = 0, nb = EF_MIN((2 * k + EF_VL - 1) / EF_VL, n / (2 * EF_VL));
-    nb = EF_MIN(nb, TK_GROUPS / EF_VL);
+    int size = 0, nb = EF_MIN((2 * k + EF_VL - 1) / EF_VL, TK_GROUPS / EF_VL);
     float t0 = -__builtin_inff();
-    if (nb * EF_VL >= k && k <= 64) { /* else every key is a candidate */
-        float gm[TK_GROUPS], top[64];
-        int per = n / EF_VL / nb * EF_VL; /* block length, a multiple of EF_VL */
+    if (nb * EF_VL >= k && nb <= n / (2 * EF_VL)) { /* else every key is a candidate */
+        float gm[TK_GROUPS];
+        int per = n / EF_VL / nb * EF_VL, nan = 0; /* block length, a multiple of EF_VL */
         for (int b = 0; b < nb; b++) {
             vf m = vf_loadu(s + b * per);
-            for (int j = b * per + EF_VL; j < (b + 1) * per; j += EF_VL) m = vf_max(m, vf_loadu(s + j));
+            for (int j = b * per + EF_VL; j < (b + 1) * per; j += EF_VL) m = vmax(m, vf_loadu(s + j));
+            nan |= mask_bits(m != m) != 0;
             memcpy(gm + b * EF_VL, &m, sizeof m);
         }
-        /* the k-th largest of the nb EF_VL maxima (insertion into a sorted top list) */
-        int nt = 0, nan = 0;
-        for (int g = 0; g < nb * EF_VL; g++) {
-            float x = gm[g];
-            nan |= x != x;
-            if (nt == k && !(x > top[k - 1])) continue;
-            int pos = nt < k ? nt++ : k - 1;
-            while (pos > 0 && top[pos - 1] < x) top[pos] = top[pos - 1], pos--;
-            top[pos] = x;
-        }
-        if (!nan) t0 = top[k - 1]; /* NaN logits (NaN inputs): no bound */
+        if (!nan) t0 = kth_largest(gm, nb * EF_VL, k); /* NaN logits (NaN inputs): no bound */
     }
     int j = 0;
     for (; j + EF_VL <= n; j += EF_VL) {
@@ -516,43 +566,6 @@ static void load_choices(const ef_attn *a, cwork *w, const int32_t *sa, int nv, 
     memset(w->cnt, 0, sizeof(int32_t) * C);
     for (int i = 0; i < nv; i++) w->asg[i] = sa[i], w->cnt[sa[i]]++;
     if (p->improved) memcpy(w->tk, sa + a->shape.q_len, sizeof(int32_t) * C * p->K);
-}
-
-/* Lane-wise max (the native instruction where there is one) and horizontal max / sum in a fixed
- * tree order. */
-static inline vf vmax(vf a, vf b) {
-#if defined(__AVX512F__) && EF_VL == 16
-    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
-#elif defined(__AVX__) && EF_VL == 8
-    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
-#else
-    return vf_max(a, b);
-#endif
-}
-#if EF_VL == 16
-#define HSTEPS(op)                                                                                 \
-    v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));   \
-    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));   \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));   \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
-#elif EF_VL == 8
-#define HSTEPS(op)                                                                                 \
-    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3}));                                 \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5}));                                 \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6}));
-#else
-#define HSTEPS(op)                                                                                 \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1}));                                             \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2}));
-#endif
-static inline vf vadd_(vf a, vf b) { return a + b; }
-static inline float hmax(vf v) {
-    HSTEPS(vmax)
-    return v[0];
-}
-static inline float hsum(vf v) {
-    HSTEPS(vadd_)
-    return v[0];
 }
 
 /* y[0..n) += s x[0..n) (unaligned rows). */
