@@ -32,9 +32,12 @@
  * (checked against the call's lengths) instead of hashing, k-means and top-k selection; the
  * centroids, attention and outputs are then the forward's own code, on the current inputs.
  * Time O(N bits D + iters N C + C M (D + Dv) + N K (D + Dv)) per head; memory per thread
- * O(C M) for the centroid scores; the top part runs per cluster on blocks of RB members
- * with small GEMMs. Work items are (batch, head) pairs; their GEMMs run single-threaded so
- * results do not depend on the thread count.
+ * O(C M) for the centroid scores. Fast path: hashing is an ef_tile_gemm product with an exact
+ * double recompute of the signs the fp32 sum cannot vouch for; k-means compares codes as
+ * vectors of keys (popcount << 32 | id) and after the first round rescans only the centroids
+ * that moved; the top part runs per cluster on blocks of RB members with ef_tile_gemm.
+ * Work items are (batch, head) pairs, single-threaded inside, so results do not depend on the
+ * thread count.
  */
 #include "attn/attn.h"
 #include "core/vec.h"
