@@ -136,6 +136,23 @@ static void fast_vs_ref(void) {
                           pad ? kv[pad - 1] : NULL, pad > 1 ? ql[pad - 1] : NULL, 2e-5, 1e-4, 1);
         }
     ef_test_free_inputs(&in);
+    /* a longer sequence, D = Dv = 64: the fast paths' blocks (96 queries hashed per product,
+     * 32 codes per assignment block, several key vectors per top-k group, top-k sets of 32 of
+     * several hundred keys, clusters of dozens of members) all run more than once; logits over
+     * up to 500 keys in fp32: same tolerances */
+    ef_attn_shape s2 = {1, 2, 700, 500, 64, 64};
+    const int32_t kv2[1] = {437}, ql2[1] = {611};
+    ef_test_inputs(&in, s2, 13, 1.0f);
+    const char *specs2[] = {"clustered:clusters=23", "iclustered:clusters=23,topk=32"};
+    for (int i = 0; i < 2; i++)
+        for (int pad = 0; pad < 2; pad++) {
+            char label[256], ref[256];
+            snprintf(label, sizeof label, "%s vs ref, N=700 M=500 D=64%s", specs2[i],
+                     pad ? " (q_lens, kv_lens)" : "");
+            compare_specs(label, &in, specs2[i], with_ref(ref, sizeof ref, specs2[i]),
+                          pad ? kv2 : NULL, pad ? ql2 : NULL, 2e-5, 1e-4, 1);
+        }
+    ef_test_free_inputs(&in);
 }
 
 /* f(x) = <g, out(x)>; its derivative along a random direction of one input (q, k or v) against
