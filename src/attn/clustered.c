@@ -1442,14 +1442,18 @@ static void clu_destroy(ef_attn *a) {
 
 /* Analytic count per head: hashing 2 N bits D, k-means (iters + 1) N C popcounts (counted as 1),
  * centroid scores and values 2 C M (D + Dv), the top part 2 N K (D + Dv); backward recomputes
- * the scores and adds dA, dV, dQc, dK (2 C M (Dv + Dv + D + D)) and 2x the top part. */
+ * the scores and adds dA, dV, dQc, dK (2 C M (Dv + Dv + D + D)), recomputes the top logits
+ * (2 N K D; uncounted before 2026-12-03, like the centroid scores' recompute it is work every
+ * implementation that saves O(N + C K) does) and adds the top part's dP, dV, dQ, dK
+ * (2 N K (Dv + Dv + D + D)). */
 static double clu_flops(const ef_attn *a, int backward) {
     const cplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     double n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C, K = p->K;
     double fwd =
         2 * n * p->bits * d + (p->iters + 1) * n * C + 2 * C * m * (d + dv) + 2 * n * K * (d + dv);
-    double bwd = 2 * C * m * d + 2 * C * m * (2 * dv + 2 * d) + 2 * 2 * n * K * (d + dv);
+    double bwd = 2 * C * m * d + 2 * C * m * (2 * dv + 2 * d) + 2 * n * K * d +
+                 2 * n * K * (2 * dv + 2 * d);
     return (double)s->batch * s->heads * (backward ? fwd + bwd : fwd);
 }
 
