@@ -11,6 +11,9 @@
  *     written (prefilled with different bytes, it comes out identical);
  *   - the limit cases of ALGORITHMS.md (#4: identical queries make clustered == full; #3:
  *     topk >= keys makes iclustered == full); Hamming k-means on separable groups (#17);
+ *   - the fast hash codes (fp32 product + exact recompute of doubtful signs) equal the
+ *     double-sum specification bitwise, on queries nearly orthogonal to a plane; the fast
+ *     top-k selection equals a plain one (ties at the k-th place included);
  *   - thread-count independence, inference == training, kv_lens = 0, option errors, the
  *     refusal of causal=1 (with its reason) and a foreign `saved` buffer;
  *   - replay (ef_attn_forward_replay), fast and reference: == forward bitwise on the same
@@ -31,6 +34,11 @@
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work);
+/* Test hook: the fast path's top-k selection (larger first, ties to the lower index). */
+void ef_clustered_topk(const float *s, int n, int k, int32_t *idx);
+/* Test hook: the fast path's codes of n queries against planes_t [d][64] (64-byte aligned). */
+void ef_clustered_hash(const float *q, int n, int d, int bits, const float *planes_t,
+                       uint64_t *out);
 
 typedef ef_test_bufs bufs;
 
@@ -126,6 +134,23 @@ static void fast_vs_ref(void) {
             snprintf(label, sizeof label, "%s vs ref%s", specs[i], what[pad]);
             compare_specs(label, &in, specs[i], with_ref(ref, sizeof ref, specs[i]),
                           pad ? kv[pad - 1] : NULL, pad > 1 ? ql[pad - 1] : NULL, 2e-5, 1e-4, 1);
+        }
+    ef_test_free_inputs(&in);
+    /* a longer sequence, D = Dv = 64: the fast paths' blocks (96 queries hashed per product,
+     * 32 codes per assignment block, several key vectors per top-k group, top-k sets of 32 of
+     * several hundred keys, clusters of dozens of members) all run more than once; logits over
+     * up to 500 keys in fp32: same tolerances */
+    ef_attn_shape s2 = {1, 2, 700, 500, 64, 64};
+    const int32_t kv2[1] = {437}, ql2[1] = {611};
+    ef_test_inputs(&in, s2, 13, 1.0f);
+    const char *specs2[] = {"clustered:clusters=23", "iclustered:clusters=23,topk=32"};
+    for (int i = 0; i < 2; i++)
+        for (int pad = 0; pad < 2; pad++) {
+            char label[256], ref[256];
+            snprintf(label, sizeof label, "%s vs ref, N=700 M=500 D=64%s", specs2[i],
+                     pad ? " (q_lens, kv_lens)" : "");
+            compare_specs(label, &in, specs2[i], with_ref(ref, sizeof ref, specs2[i]),
+                          pad ? kv2 : NULL, pad ? ql2 : NULL, 2e-5, 1e-4, 1);
         }
     ef_test_free_inputs(&in);
 }
@@ -360,12 +385,183 @@ static void topk_equals_length(void) {
     ef_test_free_inputs(&in);
 }
 
+/* The fast path's codes (an fp32 product, with the exact double sum where its sign is in
+ * doubt) against the specification: bit b = [sum_t q_t a_bt > 0], summed in double in increasing
+ * t. Half the queries are Gaussian; the other half are made nearly orthogonal to one plane
+ * (x minus its projection, rounded to float: |q.a| ~ 1e-7 |q||a|, where the fp32 sum's sign is
+ * often wrong), plus a zero query, one with entries of 1e36 (fp32 products overflow) and one of
+ * 1e-30 (they underflow). Any differing bit fails (no tolerance: the codes are discrete). */
+static void hash_exact(void) {
+    const int dims[3] = {64, 40, 7}, nbits[3] = {63, 17, 1};
+    for (int c = 0; c < 3; c++) {
+        int d = dims[c], bits = nbits[c], n = 301;
+        float *pl = ef_malloc(sizeof(float) * d * 64), *q = malloc(sizeof(float) * n * d);
+        uint64_t *got = malloc(sizeof(uint64_t) * n);
+        memset(pl, 0, sizeof(float) * d * 64);
+        float *z = malloc(sizeof(float) * (size_t)(bits + n) * d);
+        ef_rng_normal(5, 77, 0, (size_t)(bits + n) * d, z);
+        for (int b = 0; b < bits; b++)
+            for (int t = 0; t < d; t++) pl[t * 64 + b] = z[b * d + t];
+        for (int i = 0; i < n; i++) {
+            float *qi = q + (size_t)i * d;
+            memcpy(qi, z + (size_t)(bits + i) * d, sizeof(float) * d);
+            if (i % 2 && d > 1) { /* remove the component along plane b */
+                int b = (i / 2) % bits;
+                double xa = 0, aa = 0;
+                for (int t = 0; t < d; t++) xa += (double)qi[t] * pl[t * 64 + b];
+                for (int t = 0; t < d; t++) aa += (double)pl[t * 64 + b] * pl[t * 64 + b];
+                for (int t = 0; t < d; t++) qi[t] = (float)(qi[t] - xa / aa * pl[t * 64 + b]);
+            }
+            if (i == 0) memset(qi, 0, sizeof(float) * d);
+            for (int t = 0; t < d && i == 2; t++) qi[t] = t % 2 ? 1e36f : -1e36f;
+            for (int t = 0; t < d && i == 4; t++) qi[t] *= 1e-30f;
+        }
+        ef_clustered_hash(q, n, d, bits, pl, got);
+        int bad = 0, first = -1, near = 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t want = 0;
+            for (int b = 0; b < bits; b++) {
+                double acc = 0;
+                float f = 0;
+                for (int t = 0; t < d; t++) acc += (double)q[i * d + t] * pl[t * 64 + b];
+                for (int t = 0; t < d; t++) f += q[i * d + t] * pl[t * 64 + b];
+                near += (f > 0) != (acc > 0);
+                if (acc > 0) want |= 1ull << b;
+            }
+            if (got[i] != want && !bad++) first = i;
+        }
+        char name[160];
+        snprintf(name, sizeof name, "hash: fast codes == double-sum codes (D=%d, bits=%d)", d, bits);
+        ef_check(name, !bad, "%d of %d codes differ (first: query %d); %d bits where a plain fp32 "
+                 "sum has the other sign", bad, n, first, near);
+        free(z), free(got), free(q), ef_free(pl);
+    }
+}
+
+/* The fast top-k selection (a lower bound from group maxima, a vector filter, then a heap)
+ * against "k passes of the largest not yet taken, ties to the lower index", on Gaussian values
+ * and on values from a set of 3 (many ties, at the k-th place too), for lengths around the
+ * vector and group sizes and k from 1 to n. Any differing index fails. */
+static void topk_exact(void) {
+    const int ns[] = {1, 15, 16, 63, 64, 65, 200, 257, 1000, 4096};
+    const int ks[] = {1, 2, 9, 16, 31, 32, 33, 64, 65, 200};
+    float *s = malloc(sizeof(float) * 4096), *z = malloc(sizeof(float) * 4096);
+    int32_t *got = malloc(sizeof(int32_t) * 4096), *want = malloc(sizeof(int32_t) * 4096);
+    char *taken = malloc(4096);
+    int cases = 0, bad = 0;
+    char first[128] = "";
+    for (int a = 0; a < 10; a++)
+        for (int b = 0; b < 10; b++)
+            for (int ties = 0; ties < 2; ties++) {
+                int n = ns[a], k = ks[b] > n ? n : ks[b];
+                ef_rng_normal(9, (uint64_t)(a * 10 + b), 0, (size_t)n, z);
+                for (int j = 0; j < n; j++) s[j] = ties ? (float)((int)(fabsf(z[j]) * 2) % 3) : z[j];
+                ef_clustered_topk(s, n, k, got);
+                memset(taken, 0, 4096);
+                for (int x = 0; x < k; x++) {
+                    int best = -1;
+                    for (int j = 0; j < n; j++)
+                        if (!taken[j] && (best < 0 || s[j] > s[best])) best = j;
+                    taken[best] = 1;
+                }
+                for (int j = 0, x = 0; j < n; j++)
+                    if (taken[j]) want[x++] = j;
+                cases++;
+                if (memcmp(got, want, sizeof(int32_t) * k) && !bad++)
+                    snprintf(first, sizeof first, " (first: n=%d k=%d ties=%d)", n, k, ties);
+            }
+    ef_check("top-k: fast selection == k passes of the largest (ties to the lower index)", !bad,
+             "%d of %d cases differ%s", bad, cases, first);
+    free(s), free(z), free(got), free(want), free(taken);
+}
+
+/* The fast k-means (vectorised scans; after the first round only the centroids that moved are
+ * rescanned for codes whose own centroid stayed) against a plain Lloyd's loop written from
+ * docs/clustered.md (full scans, bit-by-bit majority), on random codes and on codes of a few
+ * noisy prototypes (clusters settle, empty clusters get random codes): assignment, centroids
+ * and counts must be identical. */
+static void plain_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
+                         uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt) {
+    int32_t *perm = malloc(sizeof(int32_t) * n);
+    for (int i = 0; i < n; i++) perm[i] = i;
+    for (int i = 0; i < C; i++) {
+        uint32_t r[4];
+        ef_rng_raw(seed, stream, (uint64_t)i, r);
+        int j = i + (int)(r[0] % (uint32_t)(n - i)), t = perm[i];
+        perm[i] = perm[j], perm[j] = t;
+        cent[i] = hash[perm[i]];
+    }
+    for (int it = 0; it <= iters; it++) {
+        for (int i = 0; i < n; i++) {
+            int best = 0, bd = 99;
+            for (int c = 0; c < C; c++) {
+                int dd = 0;
+                for (int b = 0; b < 64; b++) dd += (int)((hash[i] ^ cent[c]) >> b & 1);
+                if (dd < bd) bd = dd, best = c;
+            }
+            asg[i] = best;
+        }
+        memset(cnt, 0, sizeof(int32_t) * C);
+        for (int i = 0; i < n; i++) cnt[asg[i]]++;
+        if (it == iters) break;
+        for (int c = 0; c < C; c++) {
+            uint64_t h = 0;
+            if (!cnt[c]) {
+                uint32_t r[4];
+                ef_rng_raw(seed, stream, (uint64_t)C + (uint64_t)it * C + c, r);
+                h = ((uint64_t)r[0] | (uint64_t)r[1] << 32) & ((1ull << bits) - 1);
+            }
+            for (int b = 0; b < bits && cnt[c]; b++) {
+                int ones = 0;
+                for (int i = 0; i < n; i++) ones += asg[i] == c && (hash[i] >> b & 1);
+                if (2 * ones > cnt[c]) h |= 1ull << b;
+            }
+            cent[c] = h;
+        }
+    }
+    free(perm);
+}
+
+static void kmeans_plain(void) {
+    enum { N = 700, CM = 61 };
+    static uint64_t hash[N], c1[CM], c2[CM];
+    static int32_t a1[N], a2[N], n1[CM], n2[CM], work[N + 67 * CM];
+    int bad = 0, cases = 0;
+    char first[128] = "";
+    for (int kind = 0; kind < 2; kind++)
+        for (int v = 0; v < 3; v++) {
+            int bits = (int[]){63, 20, 5}[v], C = (int[]){61, 17, 8}[v], n = N - 37 * v;
+            uint64_t keep = (1ull << bits) - 1, proto[6];
+            for (int x = 0; x < 6; x++) {
+                uint32_t r[4];
+                ef_rng_raw(3, 50, (uint64_t)x, r);
+                proto[x] = ((uint64_t)r[0] | (uint64_t)r[1] << 32) & keep;
+            }
+            for (int i = 0; i < n; i++) {
+                uint32_t r[4];
+                ef_rng_raw(3, 51 + (uint64_t)kind, (uint64_t)i, r);
+                uint64_t z = ((uint64_t)r[0] | (uint64_t)r[1] << 32) & keep;
+                /* kind 1: a prototype with each bit flipped with probability 1/16 */
+                hash[i] = kind ? proto[r[2] % 6] ^ (z & (z >> 1) & (z >> 2) & (z >> 3)) : z;
+            }
+            ef_clustered_kmeans(hash, n, bits, C, 10, 9, 4, a1, c1, n1, work);
+            plain_kmeans(hash, n, bits, C, 10, 9, 4, a2, c2, n2);
+            cases++;
+            if ((memcmp(a1, a2, sizeof(int32_t) * n) || memcmp(c1, c2, sizeof(uint64_t) * C) ||
+                 memcmp(n1, n2, sizeof(int32_t) * C)) &&
+                !bad++)
+                snprintf(first, sizeof first, " (first: kind %d, bits %d, C %d)", kind, bits, C);
+        }
+    ef_check("k-means: fast == plain Lloyd's loop (assignment, centroids, counts)", !bad,
+             "%d of %d cases differ%s", bad, cases, first);
+}
+
 /* ALGORITHMS #17 (FT test_cluster_cpu): codes 0 and 2^bits - 1, 50 each, interleaved, into 2
  * clusters must give exactly these centroids with counts 50/50, for every bits in 1..62. */
 static void kmeans_separable(void) {
     enum { N = 100 };
     uint64_t hash[N], cent[2];
-    int32_t asg[N], cnt[2], work[N + 2 * 63];
+    int32_t asg[N], cnt[2], work[N + 2 * 67];
     int bad = 0, first = 0;
     for (int bits = 1; bits <= 62; bits++) {
         uint64_t ones = (1ull << bits) - 1;
@@ -385,7 +581,7 @@ static void kmeans_separable(void) {
     int bits = 40;
     uint64_t g[3] = {0, (1ull << 20) - 1, ((1ull << 40) - 1) ^ ((1ull << 20) - 1)};
     uint64_t h3[90], c3[3];
-    int32_t a3[90], n3[3], w3[90 + 3 * 63];
+    int32_t a3[90], n3[3], w3[90 + 3 * 67];
     for (int i = 0; i < 90; i++) h3[i] = g[i % 3];
     ef_clustered_kmeans(h3, 90, bits, 3, 10, 3, 9, a3, c3, n3, w3);
     int ok = n3[0] == 30 && n3[1] == 30 && n3[2] == 30;
@@ -713,6 +909,9 @@ int main(void) {
     identical_queries();
     topk_equals_length();
     kmeans_separable();
+    hash_exact();
+    topk_exact();
+    kmeans_plain();
     const char *specs[] = {"clustered:clusters=6", "iclustered:clusters=6,topk=8",
                            "iclustered:clusters=6,topk=64", "clustered:clusters=6,ref=1",
                            "iclustered:clusters=6,topk=8,ref=1"};

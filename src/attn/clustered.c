@@ -32,12 +32,19 @@
  * (checked against the call's lengths) instead of hashing, k-means and top-k selection; the
  * centroids, attention and outputs are then the forward's own code, on the current inputs.
  * Time O(N bits D + iters N C + C M (D + Dv) + N K (D + Dv)) per head; memory per thread
- * O(C M) for the centroid scores; the top part runs per cluster on blocks of RB members
- * with small GEMMs. Work items are (batch, head) pairs; their GEMMs run single-threaded so
- * results do not depend on the thread count.
+ * O(C M) for the centroid scores. Fast path: hashing is an ef_tile_gemm product with an exact
+ * double recompute of the signs the fp32 sum cannot vouch for; k-means compares codes as
+ * vectors of keys (popcount << 32 | id) and after the first round rescans only the centroids
+ * that moved; the top part runs per cluster on blocks of RB members with ef_tile_gemm.
+ * Work items are (batch, head) pairs, single-threaded inside, so results do not depend on the
+ * thread count.
  */
 #include "attn/attn.h"
+#include "core/vec.h"
 
+#if defined(__AVX512F__) || defined(__AVX__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,18 +61,20 @@ enum { RB = 128 }; /* members of a cluster processed together in the top part */
 typedef struct cwork {
     uint64_t *hash, *cent;      /* [N], [C] */
     int32_t *asg, *cnt;         /* [N], [C] */
-    int32_t *kw;                /* [N + C bits] k-means scratch */
+    int32_t *kw;                /* [N + 67 C] k-means scratch */
+    float *hs;                  /* [HB][PLANE_ROW] a block's plane products */
     int32_t *tk;                /* [C][K] top-k keys */
     float *qc, *dqc;            /* [C][D] */
     float *S, *dP;              /* [C][M] scores / probabilities, their gradient */
     float *G, *vb;              /* [C][Dv] summed output gradients, bottom values */
-    float *mass, *dm;           /* [C] */
+    float *mass, *dm, *rinv;    /* [C]; rinv: 1 / the centroid softmax sums (forward) */
     int32_t *order, *off, *cur; /* [N] queries sorted by cluster, [C + 1] offsets, [C] */
-    float *kt, *dkt;            /* [K][D] top keys of a cluster, their gradient */
-    float *vt, *dvt;            /* [K][Dv] */
-    float *qm, *gm, *om;        /* [RB][D], [RB][Dv], [RB][max(D, Dv)] a block of members */
-    float *P, *D1;              /* [RB][K] top probabilities, their gradient */
-    double *row;                /* [M] one logit row for the top-k selection */
+    /* the top part; row strides padded to multiples of 16 (Kp, Dp, Dvp), 64-byte aligned */
+    float *kt, *dkt;            /* [K][Dp] top keys of a cluster, their gradient */
+    float *vt, *dvt;            /* [K][Dvp] */
+    float *ktT, *vtT;           /* [D][Kp], [Dv][Kp] the same, transposed */
+    float *qm, *gm, *om;        /* [RB][Dp], [RB][Dvp], [RB][max(Dp, Dvp)] a block of members */
+    float *P, *D1;              /* [RB][Kp] top probabilities, their gradient */
     ef_status st;               /* first failure of a work item run in this slot */
     char msg[256];              /* its message (ef_last_error is per thread) */
 } cwork;
@@ -86,7 +95,9 @@ typedef struct rws {
 typedef struct cplan {
     int improved;                /* iclustered: set from a->ops in clu_init, never inferred */
     int C, K, bits, iters, topk; /* C = min(clusters, N), K = min(topk, M) (0 for clustered) */
+    int Kp, dp, dvp;             /* K, D, Dv rounded up to multiples of 16 (ef_tile_gemm rows) */
     float *planes;               /* [H][D][PLANE_ROW] hyperplanes, transposed (fast path) */
+    float *pnorm;                /* [H][PLANE_ROW] their norms, rounded up, zero past bits */
     cwork *ws;                   /* [slots] (fast path) */
     void *block;                 /* everything above (fast path) */
     rws ref;                     /* the reference's own workspace (ref=1 plans only) */
@@ -97,30 +108,137 @@ typedef struct cplan {
  * Hashing and k-means of the fast path
  * ------------------------------------------------------------------------------------------- */
 /* planes_t is the head's hyperplane matrix transposed and padded, [D][PLANE_ROW] (zeros past
- * `bits`), so that the 64 codes' dot products are eight vectors of doubles held in registers.
- * Each dot product is accumulated in double over t in order (a product of two floats is exact
- * in double, so a fused multiply-add gives the same sum): the reference's scalar sums agree bit
- * for bit. */
-enum { PLANE_ROW = 64 };
-typedef double ef_v8d __attribute__((vector_size(64)));
-typedef float ef_v8f __attribute__((vector_size(32)));
-__attribute__((noinline)) static uint64_t hash_query(const float *q, const float *planes_t,
-                                                     int bits, int d) {
-    ef_v8d acc[8] = {{0}};
-    for (int t = 0; t < d; t++) {
-        double qt = q[t];
-        const float *pt = planes_t + (size_t)t * PLANE_ROW;
-#pragma GCC unroll 8
-        for (int c = 0; c < 8; c++) {
-            ef_v8f x;
-            memcpy(&x, pt + 8 * c, sizeof x);
-            acc[c] += qt * __builtin_convertvector(x, ef_v8d);
-        }
+ * `bits`). The code bit b of query i is the sign of q_i . a_b summed in double over t in order
+ * (a product of two floats is exact in double, so a fused multiply-add gives the same sum): the
+ * reference's scalar sums agree bit for bit. The fast path gets the same bits from an fp32
+ * product: a block of queries times planes_t with ef_tile_gemm, whose sum s differs from the
+ * exact one by at most gamma_D sum_t |q_t a_t| <= D u ||q|| ||a_b|| (u = 2^-24, fused multiply-
+ * adds in any order); wherever |s| is not above twice that bound (or s is not finite) the sign
+ * could differ, and the dot product is recomputed in double as the specification says. With
+ * Gaussian data that is about one plane in 10^4. */
+enum { PLANE_ROW = 64, HB = 96 }; /* HB queries hashed per product (a multiple of 6) */
+
+/* Bit l of the result is lane l of m (all-ones or zero lanes) is set. */
+static inline uint32_t mask_bits(vi m) {
+#if defined(__AVX512F__) && EF_VL == 16
+    return (uint32_t)_mm512_cmplt_epi32_mask((__m512i)m, _mm512_setzero_si512());
+#elif defined(__AVX__) && EF_VL == 8
+    return (uint32_t)_mm256_movemask_ps((__m256)m);
+#else
+    uint32_t r = 0;
+    for (int l = 0; l < EF_VL; l++) r |= (uint32_t)(m[l] < 0) << l;
+    return r;
+#endif
+}
+
+/* Lane-wise max (the native instruction where there is one) and horizontal max / sum in a fixed
+ * tree order. */
+static inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__) && EF_VL == 16
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__) && EF_VL == 8
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#else
+    return vf_max(a, b);
+#endif
+}
+#if EF_VL == 16
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));   \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));   \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));   \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+#elif EF_VL == 8
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3}));                                 \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5}));                                 \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6}));
+#else
+#define HSTEPS(op)                                                                                 \
+    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1}));                                             \
+    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2}));
+#endif
+static inline vf vadd_(vf a, vf b) { return a + b; }
+static inline float hmax(vf v) {
+    HSTEPS(vmax)
+    return v[0];
+}
+static inline float hsum(vf v) {
+    HSTEPS(vadd_)
+    return v[0];
+}
+
+/* sum_t x_t^2 in double (no overflow or underflow for floats), in 8 lanes then a fixed order. */
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+static double sum_squares(const float *x, int n) {
+    v8d acc = {0};
+    int nf = n / 8 * 8;
+    for (int t = 0; t < nf; t += 8) {
+        v8f f;
+        memcpy(&f, x + t, sizeof f);
+        v8d y = __builtin_convertvector(f, v8d);
+        acc += y * y;
     }
-    uint64_t h = 0;
-    for (int b = 0; b < bits; b++)
-        if (acc[b / 8][b % 8] > 0) h |= 1ull << b;
-    return h;
+    double s = 0;
+    for (int t = nf; t < n; t++) s += (double)x[t] * x[t];
+    for (int l = 0; l < 8; l++) s += acc[l];
+    return s;
+}
+
+/* Codes of nb <= HB queries q (rows of d) into out; hs holds HB x PLANE_ROW floats; pnorm the
+ * head's plane norms (rounded up, zero past bits). */
+static void hash_block(const float *q, int nb, int d, const float *planes_t, const float *pnorm,
+                       int bits, float *hs, uint64_t *out) {
+    ef_tile_gemm(nb, d, PLANE_ROW, q, d, 1, planes_t, PLANE_ROW, hs, PLANE_ROW, 0);
+    const double tolc = (d + 2) * 0x1p-23 * (1 + 0x1p-20);
+    uint64_t keep = bits >= 64 ? ~0ull : (1ull << bits) - 1;
+    for (int i = 0; i < nb; i++) {
+        const float *qi = q + (size_t)i * d, *si = hs + (size_t)i * PLANE_ROW;
+        float qn = (float)(sqrt(sum_squares(qi, d)) * tolc);
+        uint64_t pos = 0, unsure = 0;
+        for (int u = 0; u < PLANE_ROW / EF_VL; u++) {
+            vf x = vf_load(si + u * EF_VL);
+            vf tol = vf_load(pnorm + u * EF_VL) * qn + 1e-37f; /* 1e-37: fp32 underflow */
+            vf ax = (vf)((vi)x & 0x7fffffff);
+            pos |= (uint64_t)mask_bits(x > 0) << (u * EF_VL);
+            unsure |= (uint64_t)mask_bits(~((ax > tol) & (ax < __builtin_inff()))) << (u * EF_VL);
+        }
+        pos &= keep, unsure &= keep;
+        for (; unsure; unsure &= unsure - 1) {
+            int b = __builtin_ctzll(unsure);
+            double acc = 0;
+            for (int t = 0; t < d; t++) acc += (double)qi[t] * planes_t[(size_t)t * PLANE_ROW + b];
+            pos = acc > 0 ? pos | 1ull << b : pos & ~(1ull << b);
+        }
+        out[i] = pos;
+    }
+}
+
+/* pnorm[b] = ||column b of planes_t|| rounded up (b < bits), zero for b in [bits, PLANE_ROW). */
+static void plane_norms(const float *planes_t, int d, int bits, float *pnorm) {
+    for (int b = 0; b < PLANE_ROW; b++) {
+        double nn = 0;
+        for (int t = 0; t < d && b < bits; t++) {
+            double x = planes_t[(size_t)t * PLANE_ROW + b];
+            nn += x * x;
+        }
+        pnorm[b] = (float)(sqrt(nn) * (1 + 0x1p-20));
+    }
+}
+
+/* Test hook (declared again in tests/test_clustered.c; not part of the API): the codes of n
+ * queries (rows of d floats) against planes_t ([d][64], 64-byte aligned, columns past bits
+ * zero), as the fast path computes them. */
+void ef_clustered_hash(const float *q, int n, int d, int bits, const float *planes_t,
+                       uint64_t *out);
+void ef_clustered_hash(const float *q, int n, int d, int bits, const float *planes_t,
+                       uint64_t *out) {
+    float pnorm[PLANE_ROW] __attribute__((aligned(64)));
+    static _Thread_local float hs[HB * PLANE_ROW] __attribute__((aligned(64)));
+    plane_norms(planes_t, d, bits, pnorm);
+    for (int i0 = 0; i0 < n; i0 += HB)
+        hash_block(q + (size_t)i0 * d, EF_MIN(HB, n - i0), d, planes_t, pnorm, bits, hs, out + i0);
 }
 
 static uint64_t random_code(uint64_t seed, uint64_t stream, uint64_t ctr, int bits) {
@@ -130,27 +248,101 @@ static uint64_t random_code(uint64_t seed, uint64_t stream, uint64_t ctr, int bi
     return bits >= 64 ? x : x & ((1ull << bits) - 1);
 }
 
-static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C, int32_t *asg) {
-    for (int i = 0; i < n; i++) {
-        int best = 0, bd = 65;
-        for (int c = 0; c < C; c++) {
-            int dd = __builtin_popcountll(hash[i] ^ cent[c]);
-            if (dd < bd) bd = dd, best = c;
+/* Nearest centroid (lowest id among equals) of every code, AV codes at a time held in AV / 8
+ * vectors of 8: xor, popcount (vpopcntq where the CPU has it), compare and select. */
+typedef int64_t v8l __attribute__((vector_size(64)));
+static inline v8l popcount8(v8l x) {
+#if defined(__AVX512VPOPCNTDQ__)
+    return (v8l)_mm512_popcnt_epi64((__m512i)x);
+#else
+    for (int l = 0; l < 8; l++) x[l] = __builtin_popcountll((uint64_t)x[l]);
+    return x;
+#endif
+}
+static inline v8l min8(v8l a, v8l b) {
+#if defined(__AVX512F__)
+    return (v8l)_mm512_min_epi64((__m512i)a, (__m512i)b);
+#else
+    v8l lt = a < b;
+    return (lt & a) | (~lt & b);
+#endif
+}
+enum { AV = 32, AU = AV / 8 };
+/* For the codes of points pts[0..np) (all points 0..np-1 when pts is NULL): the nearest among
+ * centroids cl[0..nc) (ids in increasing order), lowest id among equals, compared as keys
+ * (distance << 32 | id); with keep = 1 the current assignment asg[i] competes too. */
+static void assign_list(const uint64_t *hash, const int32_t *pts, int np, const uint64_t *cent,
+                        const int32_t *cl, int nc, int keep, int32_t *asg) {
+    for (int i0 = 0; i0 < np; i0 += AV) {
+        int nb = EF_MIN(AV, np - i0);
+        v8l x[AU], best[AU];
+        for (int u = 0; u < AU; u++)
+            for (int l = 0; l < 8; l++) {
+                int r = 8 * u + l, i = r < nb ? (pts ? pts[i0 + r] : i0 + r) : -1;
+                uint64_t h = i >= 0 ? hash[i] : 0;
+                x[u][l] = (int64_t)h;
+                best[u][l] = keep && i >= 0
+                                 ? (int64_t)__builtin_popcountll(h ^ cent[asg[i]]) << 32 | asg[i]
+                                 : (int64_t)65 << 32;
+            }
+        for (int j = 0; j < nc; j++) {
+            v8l cc = (v8l){0} + (int64_t)cent[cl[j]], cv = (v8l){0} + cl[j];
+#pragma GCC unroll 4
+            for (int u = 0; u < AU; u++) {
+                best[u] = min8(best[u], popcount8(x[u] ^ cc) << 32 | cv);
+            }
         }
-        asg[i] = best;
+        for (int r = 0; r < nb; r++)
+            asg[pts ? pts[i0 + r] : i0 + r] = (int32_t)(best[r / 8][r % 8] & 0xffffffff);
     }
+}
+
+/* The nearest centroid of every code, given that only the centroids flagged in chg moved since
+ * asg was computed (chg = NULL: all, or no earlier assignment). A code whose centroid did not
+ * move was nearest to it among all the centroids that did not move either, so only the moved
+ * ones can take it (the keys keep the lowest-id rule); a code whose centroid moved is scanned
+ * against all. Exactly the assignment of a full scan; lists use `pts` (n ints) and `cl` (C). */
+static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C, const char *chg,
+                       int32_t *asg, int32_t *pts, int32_t *cl) {
+    int nc = 0;
+    for (int c = 0; c < C; c++)
+        if (!chg || chg[c]) cl[nc++] = c;
+    if (!chg || nc == C) {
+        for (int c = 0; c < C; c++) cl[c] = c;
+        assign_list(hash, NULL, n, cent, cl, C, 0, asg);
+        return;
+    }
+    if (nc == 0) return;
+    int nf = 0, np = n;
+    for (int i = 0; i < n; i++) { /* moved: from the front; kept: from the back */
+        int m = chg[asg[i]] != 0;
+        pts[m ? nf : np - 1] = i;
+        nf += m, np -= !m;
+    }
+    int32_t *all = cl + nc; /* the full list after the moved ones */
+    for (int c = 0; c < C; c++) all[c] = c;
+    assign_list(hash, pts + np, n - np, cent, cl, nc, 1, asg);
+    assign_list(hash, pts, nf, cent, all, C, 0, asg);
+}
+
+/* o[b] += bit b of h, b < 64 (vectorises as shifts by a lane index). */
+static void add_bits(int32_t *o, uint64_t h) {
+    uint32_t lo = (uint32_t)h, hi = (uint32_t)(h >> 32);
+    for (int l = 0; l < 32; l++) o[l] += (int32_t)((lo >> l) & 1);
+    for (int l = 0; l < 32; l++) o[32 + l] += (int32_t)((hi >> l) & 1);
 }
 
 /* Test hook (declared again in tests/test_clustered.c; not part of the API). Lloyd's k-means
  * of n codes of `bits` bits into 1 <= C <= n clusters, draws from (seed, stream). Writes the
- * final assignment, the centroids and the member counts; work holds n + C * bits ints. */
+ * final assignment, the centroids and the member counts; work holds n + 67 C ints. */
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work);
 void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters, uint64_t seed,
                          uint64_t stream, int32_t *asg, uint64_t *cent, int32_t *cnt,
                          int32_t *work) {
-    int32_t *perm = work, *ones = work + n;
+    int32_t *perm = work, *ones = work + n, *cl = ones + (size_t)64 * C;
+    char *chg = (char *)(cl + 2 * (size_t)C), *moved = NULL; /* C bytes: centroid c moved */
     /* C distinct positions: partial Fisher-Yates shuffle */
     for (int i = 0; i < n; i++) perm[i] = i;
     for (int i = 0; i < C; i++) {
@@ -162,26 +354,30 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
         cent[i] = hash[perm[i]];
     }
     for (int it = 0; it < iters; it++) {
-        assign_all(hash, n, cent, C, asg);
+        assign_all(hash, n, cent, C, moved, asg, perm, cl);
         memset(cnt, 0, sizeof(int32_t) * C);
-        memset(ones, 0, sizeof(int32_t) * C * bits);
+        memset(ones, 0, sizeof(int32_t) * C * 64);
         for (int i = 0; i < n; i++) {
             int c = asg[i];
             cnt[c]++;
-            for (uint64_t h = hash[i]; h; h &= h - 1) ones[c * bits + __builtin_ctzll(h)]++;
+            add_bits(ones + (size_t)c * 64, hash[i]);
         }
         for (int c = 0; c < C; c++) {
-            if (!cnt[c]) {
-                cent[c] = random_code(seed, stream, (uint64_t)C + (uint64_t)it * C + c, bits);
-                continue;
-            }
             uint64_t h = 0;
-            for (int b = 0; b < bits; b++)
-                if (2 * ones[c * bits + b] > cnt[c]) h |= 1ull << b;
+            if (!cnt[c])
+                h = random_code(seed, stream, (uint64_t)C + (uint64_t)it * C + c, bits);
+            else /* majority: bit b when 2 ones_b > cnt (64 lanes; ones past bits are 0) */
+                for (int u = 0; u < 64 / EF_VL; u++) {
+                    vi o;
+                    memcpy(&o, ones + (size_t)c * 64 + u * EF_VL, sizeof o);
+                    h |= (uint64_t)mask_bits(o + o > cnt[c]) << (u * EF_VL);
+                }
+            chg[c] = h != cent[c];
             cent[c] = h;
         }
+        moved = chg;
     }
-    assign_all(hash, n, cent, C, asg);
+    assign_all(hash, n, cent, C, moved, asg, perm, cl);
     memset(cnt, 0, sizeof(int32_t) * C);
     for (int i = 0; i < n; i++) cnt[asg[i]]++;
 }
@@ -190,50 +386,118 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
 static void cluster_head(const ef_attn *a, cwork *w, const float *q, int64_t bh, int nv, int C) {
     const cplan *p = a->impl;
     int d = a->shape.head_dim, h = (int)(bh % a->shape.heads);
-    const float *planes = p->planes + (size_t)h * PLANE_ROW * d;
-    for (int i = 0; i < nv; i++) w->hash[i] = hash_query(q + (size_t)i * d, planes, p->bits, d);
+    const float *planes = p->planes + (size_t)h * PLANE_ROW * d, *pn = p->pnorm + h * PLANE_ROW;
+    for (int i0 = 0; i0 < nv; i0 += HB)
+        hash_block(q + (size_t)i0 * d, EF_MIN(HB, nv - i0), d, planes, pn, p->bits, w->hs,
+                   w->hash + i0);
     ef_clustered_kmeans(w->hash, nv, p->bits, C, p->iters, a->seed, STREAM_KMEANS | (uint64_t)bh,
                         w->asg, w->cent, w->cnt, w->kw);
 }
 
 /* Indices of the k best values of s[0..n) (larger first, ties to the lower index), written to
  * idx in increasing index order. */
-static int better(const double *s, int x, int y) { return s[x] > s[y] || (s[x] == s[y] && x < y); }
+static int better(const float *s, int x, int y) { return s[x] > s[y] || (s[x] == s[y] && x < y); }
 
 static int cmp_int(const void *x, const void *y) {
     int a = *(const int32_t *)x, b = *(const int32_t *)y;
     return (a > b) - (a < b);
 }
 
-static void topk_select(const double *s, int n, int k, int32_t *idx) {
-    /* min-heap on "better": the root is the worst of the kept */
-    int size = 0;
-    for (int j = 0; j < n; j++) {
-        int pos;
-        if (size < k) {
-            pos = size++;
-            while (pos > 0 && better(s, idx[(pos - 1) / 2], j)) {
-                idx[pos] = idx[(pos - 1) / 2];
-                pos = (pos - 1) / 2;
-            }
-            idx[pos] = j;
-            continue;
-        }
-        if (!better(s, j, idx[0])) continue;
-        pos = 0;
-        for (;;) {
-            int l = 2 * pos + 1, r = l + 1, m = pos;
-            int cur = j;
-            if (l < size && better(s, cur, idx[l])) m = l, cur = idx[l];
-            if (r < size && better(s, cur, idx[r])) m = r;
-            if (m == pos) break;
-            idx[pos] = idx[m];
-            pos = m;
+/* One candidate j for a min-heap idx[0..*size) of at most k on "better" (the root is the worst
+ * kept). */
+static void heap_offer(const float *s, int j, int k, int32_t *idx, int *size) {
+    int pos;
+    if (*size < k) {
+        pos = (*size)++;
+        while (pos > 0 && better(s, idx[(pos - 1) / 2], j)) {
+            idx[pos] = idx[(pos - 1) / 2];
+            pos = (pos - 1) / 2;
         }
         idx[pos] = j;
+        return;
     }
-    qsort(idx, (size_t)size, sizeof(int32_t), cmp_int);
+    if (!better(s, j, idx[0])) return;
+    pos = 0;
+    for (;;) {
+        int l = 2 * pos + 1, r = l + 1, m = pos;
+        int cur = j;
+        if (l < *size && better(s, cur, idx[l])) m = l, cur = idx[l];
+        if (r < *size && better(s, cur, idx[r])) m = r;
+        if (m == pos) break;
+        idx[pos] = idx[m];
+        pos = m;
+    }
+    idx[pos] = j;
 }
+
+/* The k-th largest of x[0..g) (1 <= k <= g, no NaN), reordering x: quickselect. */
+static float kth_largest(float *x, int g, int k) {
+    int lo = 0, hi = g - 1, want = k - 1;
+    while (lo < hi) {
+        float piv = x[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) { /* descending: larger values to the left */
+            while (x[i] > piv) i++;
+            while (x[j] < piv) j--;
+            if (i <= j) {
+                float t = x[i];
+                x[i] = x[j], x[j] = t;
+                i++, j--;
+            }
+        }
+        if (want <= j) hi = j;
+        else if (want >= i) lo = i;
+        else break;
+    }
+    return x[want];
+}
+
+/* The k best keys go through a heap in index order, but only the candidates: a key whose value is
+ * below some lower bound t0 of the k-th best value has k better keys and cannot be kept. t0 is
+ * the k-th largest of G ~ 2k group maxima (disjoint groups: lane l of the vectors of block b;
+ * each maximum is the value of a key of its group, so k keys are at least t0). Exactly the keys
+ * the plain heap keeps; with Gaussian logits, 4096 keys and k = 32, a few dozen reach the heap
+ * (the threshold rises to the worst kept key once it is full). */
+enum { TK_GROUPS = 128 };
+static void topk_select(const float *s, int n, int k, int32_t *idx) {
+    int size = 0, nb = EF_MIN((2 * k + EF_VL - 1) / EF_VL, TK_GROUPS / EF_VL);
+    float t0 = -__builtin_inff();
+    if (nb * EF_VL >= k && nb <= n / (2 * EF_VL)) { /* else every key is a candidate */
+        float gm[TK_GROUPS];
+        int per = n / EF_VL / nb * EF_VL, nan = 0; /* block length, a multiple of EF_VL */
+        for (int b = 0; b < nb; b++) {
+            vf m = vf_loadu(s + b * per);
+            for (int j = b * per + EF_VL; j < (b + 1) * per; j += EF_VL) m = vmax(m, vf_loadu(s + j));
+            nan |= mask_bits(m != m) != 0;
+            memcpy(gm + b * EF_VL, &m, sizeof m);
+        }
+        if (!nan) t0 = kth_largest(gm, nb * EF_VL, k); /* NaN logits (NaN inputs): no bound */
+    }
+    int j = 0;
+    for (; j + EF_VL <= n; j += EF_VL) {
+        float th = size == k ? EF_MAX(t0, s[idx[0]]) : t0;
+        uint32_t in = mask_bits(~(vf_loadu(s + j) < vf_set1(th))); /* >= th, or NaN */
+        for (; in; in &= in - 1) heap_offer(s, j + __builtin_ctz(in), k, idx, &size);
+    }
+    for (; j < n; j++) heap_offer(s, j, k, idx, &size);
+    if (size < k) /* only with NaN logits, which the filter may have skipped: every key */
+        for (j = size = 0; j < n; j++) heap_offer(s, j, k, idx, &size);
+    if (size > 64) {
+        qsort(idx, (size_t)size, sizeof(int32_t), cmp_int);
+        return;
+    }
+    for (int x = 1; x < size; x++) { /* insertion sort: a few dozen indices */
+        int32_t v = idx[x];
+        int y = x;
+        for (; y > 0 && idx[y - 1] > v; y--) idx[y] = idx[y - 1];
+        idx[y] = v;
+    }
+}
+
+/* Test hook (declared again in tests/test_clustered.c; not part of the API): the fast path's
+ * top-k selection of s[0..n), 1 <= k <= n, into idx (increasing). */
+void ef_clustered_topk(const float *s, int n, int k, int32_t *idx);
+void ef_clustered_topk(const float *s, int n, int k, int32_t *idx) { topk_select(s, n, k, idx); }
 
 /* ---------------------------------------------------------------------------------------------
  * Fast path
@@ -307,14 +571,50 @@ static void load_choices(const ef_attn *a, cwork *w, const int32_t *sa, int nv, 
     if (p->improved) memcpy(w->tk, sa + a->shape.q_len, sizeof(int32_t) * C * p->K);
 }
 
+/* y[0..n) += s x[0..n) (unaligned rows). */
+static void add_row(float *y, const float *x, float s, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(s);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) + vs * vf_loadu(x + j));
+    for (int j = nf; j < n; j++) y[j] += s * x[j];
+}
+
+/* y[0..n) *= s (unaligned). */
+static void scale_row(float *y, float s, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(s);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) * vs);
+    for (int j = nf; j < n; j++) y[j] *= s;
+}
+
+/* y[0..n) = b + s x (unaligned rows). */
+static void mul_add_row(float *y, const float *b, const float *x, float s, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(s);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(b + j) + vs * vf_loadu(x + j));
+    for (int j = nf; j < n; j++) y[j] = b[j] + s * x[j];
+}
+
+/* Softmax backward of one row in place: dA <- A o (dA - sum_j A_j dA_j); the sum in EF_VL lanes
+ * added in a fixed order. */
+static void softmax_backward_row(const float *A, float *dA, int n) {
+    int nf = n / EF_VL * EF_VL;
+    vf vs = vf_set1(0);
+    for (int j = 0; j < nf; j += EF_VL) vs += vf_loadu(A + j) * vf_loadu(dA + j);
+    float dl = 0;
+    for (int j = nf; j < n; j++) dl += A[j] * dA[j];
+    dl += hsum(vs);
+    vf vd = vf_set1(dl);
+    for (int j = 0; j < nf; j += EF_VL)
+        vf_storeu(dA + j, vf_loadu(A + j) * (vf_loadu(dA + j) - vd));
+    for (int j = nf; j < n; j++) dA[j] = A[j] * (dA[j] - dl);
+}
+
 /* Qc = mean of the members among the nv valid queries (rows of empty clusters are zero). */
 static void centroids(const ef_attn *a, cwork *w, const float *q, int nv, int C) {
     int d = a->shape.head_dim;
     memset(w->qc, 0, sizeof(float) * C * d);
-    for (int i = 0; i < nv; i++) {
-        float *c = w->qc + (size_t)w->asg[i] * d;
-        for (int t = 0; t < d; t++) c[t] += q[(size_t)i * d + t];
-    }
+    for (int i = 0; i < nv; i++) add_row(w->qc + (size_t)w->asg[i] * d, q + (size_t)i * d, 1, d);
     for (int c = 0; c < C; c++) {
         float inv = w->cnt[c] ? 1.0f / (float)w->cnt[c] : 0;
         for (int t = 0; t < d; t++) w->qc[(size_t)c * d + t] *= inv;
@@ -327,19 +627,42 @@ static ef_status centroid_logits(const ef_attn *a, cwork *w, const float *k, int
     return ef_sgemm(0, 1, C, mv, d, a->scale, w->qc, d, k, d, 0, w->S, m);
 }
 
+/* Softmax of one row of s x[0..n) in place (unaligned), vectorised: max, exp and the sum in
+ * EF_VL lanes (added in a fixed order), then the normalisation; with inv_out != NULL the row is
+ * left unnormalised, exp(s x - max), and 1 / sum is written there instead. */
+static void softmax_row(float *x, int n, float s, float *inv_out) {
+    int nf = n / EF_VL * EF_VL;
+    vf vm = vf_set1(-__builtin_inff()), vs = vf_set1(s);
+    if (s != 1) {
+        for (int j = 0; j < nf; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * vs);
+        for (int j = nf; j < n; j++) x[j] *= s;
+    }
+    for (int j = 0; j < nf; j += EF_VL) vm = vmax(vm, vf_loadu(x + j));
+    float mx = hmax(vm);
+    for (int j = nf; j < n; j++) mx = x[j] > mx ? x[j] : mx;
+    vf sum_v = vf_set1(0), m = vf_set1(mx);
+    for (int j = 0; j < nf; j += EF_VL) {
+        vf e = vf_exp(vf_loadu(x + j) - m);
+        vf_storeu(x + j, e);
+        sum_v += e;
+    }
+    float sum = 0;
+    for (int j = nf; j < n; j++) x[j] = ef_expf(x[j] - mx), sum += x[j];
+    sum += hsum(sum_v);
+    float inv = 1 / sum;
+    if (inv_out) {
+        *inv_out = inv;
+        return;
+    }
+    vf vi_ = vf_set1(inv);
+    for (int j = 0; j < nf; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * vi_);
+    for (int j = nf; j < n; j++) x[j] *= inv;
+}
+
 /* Row softmax of S in place: A. */
 static void centroid_softmax(const ef_attn *a, cwork *w, int C, int mv) {
     int m = a->shape.kv_len;
-    for (int c = 0; c < C; c++) {
-        float *s = w->S + (size_t)c * m, mx = -INFINITY;
-        for (int j = 0; j < mv; j++) mx = s[j] > mx ? s[j] : mx;
-        for (int j = 0; j < mv; j++) s[j] -= mx;
-        ef_vexp(s, s, (size_t)mv);
-        double sum = 0;
-        for (int j = 0; j < mv; j++) sum += s[j];
-        float inv = (float)(1 / sum);
-        for (int j = 0; j < mv; j++) s[j] *= inv;
-    }
+    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1, NULL);
 }
 
 /* Top-kb of each centroid row (logits ordered as the probabilities) into w->tk; the slots of a
@@ -348,10 +671,8 @@ static void select_topk(const ef_attn *a, cwork *w, int C, int mv, int kb) {
     const cplan *p = a->impl;
     int m = a->shape.kv_len;
     for (int c = 0; c < C; c++) {
-        const float *s = w->S + (size_t)c * m;
         int32_t *tk = w->tk + (size_t)c * p->K;
-        for (int j = 0; j < mv; j++) w->row[j] = s[j];
-        topk_select(w->row, mv, kb, tk);
+        topk_select(w->S + (size_t)c * m, mv, kb, tk);
         for (int x = kb; x < p->K; x++) tk[x] = -1;
     }
 }
@@ -364,35 +685,35 @@ static void sort_members(cwork *w, int nv, int C) {
     for (int i = 0; i < nv; i++) w->order[w->cur[w->asg[i]]++] = i;
 }
 
-/* Rows rows[0..nr) of x (stride ld) into dst (nr x ld). */
-static void gather(float *dst, const float *x, const int32_t *rows, int nr, int ld) {
+/* Rows rows[0..nr) of x (n floats each, stride n) into dst (row stride ld >= n). */
+static void gather(float *dst, int ld, const float *x, int n, const int32_t *rows, int nr) {
     for (int r = 0; r < nr; r++)
-        memcpy(dst + (size_t)r * ld, x + (size_t)rows[r] * ld, sizeof(float) * ld);
+        memcpy(dst + (size_t)r * ld, x + (size_t)rows[r] * n, sizeof(float) * n);
 }
 
-/* P (nr x kb) = row softmax of scale Qm KT^T. */
-static ef_status top_softmax(const ef_attn *a, cwork *w, int nr, int kb) {
-    int d = a->shape.head_dim;
-    ef_status st = ef_sgemm(0, 1, nr, kb, d, a->scale, w->qm, d, w->kt, d, 0, w->P, kb);
-    if (st) return st;
+/* P (nr x kb, row stride Kp) = row softmax of scale Qm KT^T, with ef_tile_gemm. */
+static void top_softmax(const ef_attn *a, cwork *w, int nr, int kb) {
+    const cplan *p = a->impl;
+    ef_tile_gemm(nr, a->shape.head_dim, p->Kp, w->qm, p->dp, 1, w->ktT, p->Kp, w->P, p->Kp, 0);
     for (int r = 0; r < nr; r++) {
-        float *pr = w->P + (size_t)r * kb, mx = -INFINITY;
-        for (int x = 0; x < kb; x++) mx = pr[x] > mx ? pr[x] : mx;
-        for (int x = 0; x < kb; x++) pr[x] -= mx;
-        ef_vexp(pr, pr, (size_t)kb);
-        float sum = 0;
-        for (int x = 0; x < kb; x++) sum += pr[x];
-        float inv = 1 / sum;
-        for (int x = 0; x < kb; x++) pr[x] *= inv;
+        softmax_row(w->P + (size_t)r * p->Kp, kb, a->scale, NULL);
     }
-    return EF_OK;
 }
 
-/* Gathers the top keys and values of a cluster into kt (kb x D) and vt (kb x Dv). */
+/* Gathers the top keys and values of a cluster into kt [kb][Dp], ktT [D][Kp], vt [kb][Dvp], and
+ * for backward (all = 1) vtT [Dv][Kp]: whole rows first (random rows of k and v miss the cache;
+ * row copies overlap the misses), then the transposes from L1. */
 static void gather_top(const ef_attn *a, cwork *w, const int32_t *tk, int kb, const float *k,
-                       const float *v) {
-    gather(w->kt, k, tk, kb, a->shape.head_dim);
-    gather(w->vt, v, tk, kb, a->shape.v_dim);
+                       const float *v, int all) {
+    const cplan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim;
+    gather(w->kt, p->dp, k, d, tk, kb);
+    for (int x = 0; x < kb; x++)
+        for (int t = 0; t < d; t++) w->ktT[(size_t)t * p->Kp + x] = w->kt[(size_t)x * p->dp + t];
+    gather(w->vt, p->dvp, v, dv, tk, kb);
+    if (!all) return;
+    for (int x = 0; x < kb; x++)
+        for (int t = 0; t < dv; t++) w->vtT[(size_t)t * p->Kp + x] = w->vt[(size_t)x * p->dvp + t];
 }
 
 static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
@@ -427,9 +748,12 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     centroids(a, w, q, nv, C);
     if ((st = centroid_logits(a, w, k, C, mv))) return st;
     if (p->improved && !cx->replay) select_topk(a, w, C, mv, kb);
-    centroid_softmax(a, w, C, mv);
+    /* E = exp(S - rowmax), unnormalised (A = E / rowsum): the 1 / rowsum scale the C x Dv
+     * products instead of the C x M probabilities */
+    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1, w->rinv + c);
     if (!p->improved) {
         if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
+        for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
         for (int i = 0; i < nv; i++)
             memcpy(out + (size_t)i * dv, w->vb + (size_t)w->asg[i] * dv, sizeof(float) * dv);
         return EF_OK;
@@ -441,28 +765,25 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
         const int32_t *tk = w->tk + (size_t)c * K;
         double ms = 0;
         for (int x = 0; x < kb; x++) ms += r[tk[x]], r[tk[x]] = 0;
-        w->mass[c] = (float)ms;
+        w->mass[c] = (float)(ms * w->rinv[c]);
     }
     if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
+    for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
     /* top part, per cluster in blocks of RB members: out = m_c P V_T + Vb_c */
     sort_members(w, nv, C);
     for (int c = 0; c < C; c++) {
         const int32_t *tk = w->tk + (size_t)c * K;
         if (!w->cnt[c]) continue;
-        gather_top(a, w, tk, kb, k, v);
+        gather_top(a, w, tk, kb, k, v, 0);
         for (int r0 = w->off[c]; r0 < w->off[c + 1]; r0 += RB) {
             const int32_t *rows = w->order + r0;
             int nr = EF_MIN(RB, w->off[c + 1] - r0);
-            gather(w->qm, q, rows, nr, d);
-            if ((st = top_softmax(a, w, nr, kb))) return st;
-            st = ef_sgemm(0, 0, nr, dv, kb, w->mass[c], w->P, kb, w->vt, dv, 0, w->om, dv);
-            if (st) return st;
+            gather(w->qm, p->dp, q, d, rows, nr);
+            top_softmax(a, w, nr, kb);
+            ef_tile_gemm(nr, kb, p->dvp, w->P, p->Kp, 1, w->vt, p->dvp, w->om, p->dvp, 0);
             const float *vb = w->vb + (size_t)c * dv;
-            for (int r = 0; r < nr; r++) {
-                float *o = out + (size_t)rows[r] * dv;
-                const float *om = w->om + (size_t)r * dv;
-                for (int e = 0; e < dv; e++) o[e] = om[e] + vb[e];
-            }
+            for (int r = 0; r < nr; r++)
+                mul_add_row(out + (size_t)rows[r] * dv, vb, w->om + (size_t)r * p->dvp, w->mass[c], dv);
         }
     }
     return EF_OK;
@@ -528,48 +849,41 @@ static ef_status top_backward(const ef_attn *a, cwork *w, const float *q, const 
                               float *dk, float *dvv) {
     const cplan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim, K = p->K;
-    ef_status st;
     sort_members(w, nv, C);
     for (int c = 0; c < C; c++) {
         const int32_t *tk = w->tk + (size_t)c * K;
         w->dm[c] = 0;
         if (!w->cnt[c]) continue;
-        gather_top(a, w, tk, kb, k, v);
+        gather_top(a, w, tk, kb, k, v, 1);
         float mc = w->mass[c];
         double dm = 0;
+        int Kp = p->Kp, dp = p->dp, dvp = p->dvp;
         for (int r0 = w->off[c]; r0 < w->off[c + 1]; r0 += RB) {
             const int32_t *rows = w->order + r0;
-            int nr = EF_MIN(RB, w->off[c + 1] - r0);
-            gather(w->qm, q, rows, nr, d);
-            gather(w->gm, g, rows, nr, dv);
-            if ((st = top_softmax(a, w, nr, kb))) return st;
-            if ((st = ef_sgemm(0, 1, nr, kb, dv, 1, w->gm, dv, w->vt, dv, 0, w->D1, kb))) return st;
+            int nr = EF_MIN(RB, w->off[c + 1] - r0), acc = r0 > w->off[c];
+            gather(w->qm, dp, q, d, rows, nr);
+            gather(w->gm, dvp, g, dv, rows, nr);
+            top_softmax(a, w, nr, kb);
+            /* D1 = dO V_T^T, then dS (without tau) in place */
+            ef_tile_gemm(nr, dv, Kp, w->gm, dvp, 1, w->vtT, Kp, w->D1, Kp, 0);
             for (int r = 0; r < nr; r++) {
-                const float *pr = w->P + (size_t)r * kb;
-                float *ds = w->D1 + (size_t)r * kb, delta = 0;
+                const float *pr = w->P + (size_t)r * Kp;
+                float *ds = w->D1 + (size_t)r * Kp, delta = 0;
                 for (int x = 0; x < kb; x++) delta += pr[x] * ds[x];
                 dm += delta;
                 for (int x = 0; x < kb; x++) ds[x] = pr[x] * (ds[x] - delta) * mc;
             }
-            float beta = r0 == w->off[c] ? 0 : 1;
-            if ((st = ef_sgemm(1, 0, kb, dv, nr, mc, w->P, kb, w->gm, dv, beta, w->dvt, dv)))
-                return st;
-            if ((st = ef_sgemm(1, 0, kb, d, nr, a->scale, w->D1, kb, w->qm, d, beta, w->dkt, d)))
-                return st;
-            if ((st = ef_sgemm(0, 0, nr, d, kb, a->scale, w->D1, kb, w->kt, d, 0, w->om, d)))
-                return st;
-            for (int r = 0; r < nr; r++) {
-                float *dqi = dq + (size_t)rows[r] * d;
-                const float *src = w->om + (size_t)r * d;
-                for (int t = 0; t < d; t++) dqi[t] += src[t];
-            }
+            /* dvt (+)= P^T dO, dkt (+)= dS^T Qm (mc and tau applied at the scatter); dq += tau dS K_T */
+            ef_tile_gemm(kb, nr, dvp, w->P, 1, Kp, w->gm, dvp, w->dvt, dvp, acc);
+            ef_tile_gemm(kb, nr, dp, w->D1, 1, Kp, w->qm, dp, w->dkt, dp, acc);
+            ef_tile_gemm(nr, kb, dp, w->D1, Kp, 1, w->kt, dp, w->om, dp, 0);
+            for (int r = 0; r < nr; r++)
+                add_row(dq + (size_t)rows[r] * d, w->om + (size_t)r * dp, a->scale, d);
         }
         w->dm[c] = (float)dm;
         for (int x = 0; x < kb; x++) {
-            float *dkj = dk + (size_t)tk[x] * d, *dvj = dvv + (size_t)tk[x] * dv;
-            const float *a1 = w->dkt + (size_t)x * d, *a2 = w->dvt + (size_t)x * dv;
-            for (int t = 0; t < d; t++) dkj[t] += a1[t];
-            for (int e = 0; e < dv; e++) dvj[e] += a2[e];
+            add_row(dk + (size_t)tk[x] * d, w->dkt + (size_t)x * dp, a->scale, d);
+            add_row(dvv + (size_t)tk[x] * dv, w->dvt + (size_t)x * dvp, mc, dv);
         }
     }
     return EF_OK;
@@ -612,30 +926,24 @@ static ef_status backward_head(const cctx *cx, cwork *w, int64_t bh) {
     }
     /* G_c = sum of member dO; dA = G V^T (top columns: dm_c); dS = A (dA - rowsum(A dA)) */
     memset(w->G, 0, sizeof(float) * C * dv);
-    for (int i = 0; i < nv; i++) {
-        float *gc = w->G + (size_t)w->asg[i] * dv;
-        for (int e = 0; e < dv; e++) gc[e] += g[(size_t)i * dv + e];
-    }
+    for (int i = 0; i < nv; i++) add_row(w->G + (size_t)w->asg[i] * dv, g + (size_t)i * dv, 1, dv);
     if ((st = ef_sgemm(0, 1, C, mv, dv, 1, w->G, dv, v, dv, 0, w->dP, m))) return st;
     for (int c = 0; c < C; c++) {
         float *A = w->S + (size_t)c * m, *dA = w->dP + (size_t)c * m;
         const int32_t *tk = w->tk + (size_t)c * K;
         for (int x = 0; x < kb && p->improved; x++) dA[tk[x]] = w->dm[c];
-        double delta = 0;
-        for (int j = 0; j < mv; j++) delta += (double)A[j] * dA[j];
-        float dl = (float)delta;
-        for (int j = 0; j < mv; j++) dA[j] = A[j] * (dA[j] - dl);
+        softmax_backward_row(A, dA, mv);
         /* V_bottom uses A without the top columns */
         for (int x = 0; x < kb && p->improved; x++) A[tk[x]] = 0;
     }
     if ((st = ef_sgemm(1, 0, mv, dv, C, 1, w->S, m, w->G, dv, 1, dvv, dv))) return st;
     if ((st = ef_sgemm(0, 0, C, d, mv, a->scale, w->dP, m, k, d, 0, w->dqc, d))) return st;
     if ((st = ef_sgemm(1, 0, mv, d, C, a->scale, w->dP, m, w->qc, d, 1, dk, d))) return st;
-    for (int i = 0; i < nv; i++) {
-        int c = w->asg[i];
-        float inv = 1.0f / (float)w->cnt[c];
-        for (int t = 0; t < d; t++) dq[(size_t)i * d + t] += w->dqc[(size_t)c * d + t] * inv;
+    for (int c = 0; c < C; c++) { /* dQc / |c| */
+        float inv = w->cnt[c] ? 1.0f / (float)w->cnt[c] : 0;
+        for (int t = 0; t < d; t++) w->dqc[(size_t)c * d + t] *= inv;
     }
+    for (int i = 0; i < nv; i++) add_row(dq + (size_t)i * d, w->dqc + (size_t)w->asg[i] * d, 1, d);
     return EF_OK;
 }
 
@@ -679,6 +987,7 @@ static ef_status clu_backward(ef_attn *a, const ef_attn_io *io, const void *save
  * tests would show it as an O(1) error; it does not occur in them.
  * ------------------------------------------------------------------------------------------- */
 static size_t align64(size_t n) { return (n + 63) / 64 * 64; }
+static size_t pad16(size_t n) { return (n + 15) / 16 * 16; }
 
 /* Carves the reference workspace out of base (NULL: only counts); returns its bytes. */
 static size_t ref_layout(const ef_attn *a, rws *r, char *base) {
@@ -1065,18 +1374,21 @@ static ef_status clu_init(ef_attn *a) {
     if (a->ref) return ref_init(a);
     size_t n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C;
     size_t K = EF_MAX(p->K, 1);
-    size_t rb = RB, wd = EF_MAX(d, dv);
+    p->Kp = (int)pad16(K), p->dp = (int)pad16(d), p->dvp = (int)pad16(dv);
+    size_t Kp = p->Kp, dp = p->dp, dvp = p->dvp;
+    size_t rb = RB, wd = EF_MAX(dp, dvp);
     enum { NW = 24 };
-    size_t sz[NW] = {8 * n,       8 * C,      4 * n,       4 * C,      4 * (n + C * p->bits),
+    size_t sz[NW] = {8 * n,       8 * C,      4 * n,       4 * C,      4 * (n + C * 67),     
                      4 * C * K,   4 * C * d,  4 * C * d,   4 * C * m,  4 * C * m,
                      4 * C * dv,  4 * C * dv, 4 * C,       4 * C,      4 * n,
-                     4 * (C + 1), 4 * C,      4 * K * d,   4 * K * d,  4 * K * dv,
-                     4 * K * dv,  4 * rb * d, 4 * rb * dv, 4 * rb * wd};
-    size_t extra[2] = {4 * rb * K, 4 * rb * K};
-    size_t per = align64(8 * m);
+                     4 * (C + 1), 4 * C,      4 * K * dp,  4 * K * dp, 4 * K * dvp,
+                     4 * K * dvp, 4 * rb * dp, 4 * rb * dvp, 4 * rb * wd};
+    enum { NX = 6 };
+    size_t extra[NX] = {4 * rb * Kp, 4 * rb * Kp, 4 * HB * PLANE_ROW, 4 * d * Kp, 4 * dv * Kp, 4 * C};
+    size_t per = 0;
     for (int i = 0; i < NW; i++) per += align64(sz[i]);
-    per += align64(extra[0]) + align64(extra[1]);
-    size_t planes = align64(4 * (size_t)s->heads * PLANE_ROW * d);
+    for (int i = 0; i < NX; i++) per += align64(extra[i]);
+    size_t planes = align64(4 * (size_t)s->heads * PLANE_ROW * (d + 1));
     double total = (double)per * a->slots + planes;
     if (total > 1e12)
         return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total / 1e9);
@@ -1097,10 +1409,12 @@ static ef_status clu_init(ef_attn *a) {
                         (void **)&w->cur,  (void **)&w->kt,   (void **)&w->dkt,   (void **)&w->vt,
                         (void **)&w->dvt,  (void **)&w->qm,   (void **)&w->gm,    (void **)&w->om};
         for (int i = 0; i < NW; i++) *f[i] = cur, cur += align64(sz[i]);
-        w->P = (float *)cur, cur += align64(extra[0]);
-        w->D1 = (float *)cur, cur += align64(extra[1]);
-        w->row = (double *)cur, cur += align64(8 * m);
+        float **fx[NX] = {&w->P, &w->D1, &w->hs, &w->ktT, &w->vtT, &w->rinv};
+        for (int i = 0; i < NX; i++) *fx[i] = (float *)cur, cur += align64(extra[i]);
     }
+    /* zero once: the padding lanes of the top part's rows are never written but are read (and
+     * multiplied into lanes nobody reads) by ef_tile_gemm */
+    memset(p->block, 0, (size_t)total);
     /* hyperplane b of head h is elements [b D, (b + 1) D) of the head's draw; stored transposed
      * in rows of PLANE_ROW, zero past bits (the block was not zeroed: do it here) */
     memset(p->planes, 0, planes);
@@ -1109,6 +1423,10 @@ static ef_status clu_init(ef_attn *a) {
             for (size_t t = 0; t < d; t++)
                 ef_rng_normal(a->seed, STREAM_PLANES | (uint64_t)h, (uint64_t)b * d + t, 1,
                               p->planes + ((size_t)h * d + t) * PLANE_ROW + b);
+    p->pnorm = p->planes + (size_t)s->heads * PLANE_ROW * d;
+    for (int h = 0; h < s->heads; h++)
+        plane_norms(p->planes + (size_t)h * d * PLANE_ROW, (int)d, p->bits,
+                    p->pnorm + h * PLANE_ROW);
     return EF_OK;
 }
 
@@ -1124,14 +1442,18 @@ static void clu_destroy(ef_attn *a) {
 
 /* Analytic count per head: hashing 2 N bits D, k-means (iters + 1) N C popcounts (counted as 1),
  * centroid scores and values 2 C M (D + Dv), the top part 2 N K (D + Dv); backward recomputes
- * the scores and adds dA, dV, dQc, dK (2 C M (Dv + Dv + D + D)) and 2x the top part. */
+ * the scores and adds dA, dV, dQc, dK (2 C M (Dv + Dv + D + D)), recomputes the top logits
+ * (2 N K D; uncounted before 2026-12-03, like the centroid scores' recompute it is work every
+ * implementation that saves O(N + C K) does) and adds the top part's dP, dV, dQ, dK
+ * (2 N K (Dv + Dv + D + D)). */
 static double clu_flops(const ef_attn *a, int backward) {
     const cplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     double n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, C = p->C, K = p->K;
     double fwd =
         2 * n * p->bits * d + (p->iters + 1) * n * C + 2 * C * m * (d + dv) + 2 * n * K * (d + dv);
-    double bwd = 2 * C * m * d + 2 * C * m * (2 * dv + 2 * d) + 2 * 2 * n * K * (d + dv);
+    double bwd = 2 * C * m * d + 2 * C * m * (2 * dv + 2 * d) + 2 * n * K * d +
+                 2 * n * K * (2 * dv + 2 * d);
     return (double)s->batch * s->heads * (backward ? fwd + bwd : fwd);
 }
 
