@@ -41,10 +41,12 @@
 
 #if defined(__x86_64__) && defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 10)
 #define BF_X86 1
-#include <immintrin.h>
 #define BF_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #else
 #define BF_X86 0
+#endif
+#if BF_X86 || defined(__AVX512F__)
+#include <immintrin.h>
 #endif
 
 enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_MAX_DIM = 256 };
@@ -233,22 +235,26 @@ int ef_bf16_cpu_native(void) {
 typedef struct bf_ws { /* one per thread slot; pair arrays are uint32, 64-byte aligned rows */
     uint32_t *tmp;     /* [QT][max(D2, Dv2)]  a tile's rows as pairs, before the transpose */
     uint32_t *qb;      /* [D2][QT]   scaled Q tile, pairs along D, transposed */
-    uint32_t *kb;      /* [KT][D2]   K chunk, pairs along D */
-    uint32_t *vb;      /* [KT2][Dv]  V chunk, pairs of keys */
     float *st;         /* [KT][QT]   S^T, then P^T (fp32) */
     uint32_t *pb;      /* [KT2][QT]  P^T, pairs of keys */
     float *ot;         /* [Dv][QT]   O^T accumulator */
     uint32_t *dob;     /* [Dv2][QT]  dO tile, pairs along Dv, transposed (backward) */
     uint32_t *dop;     /* [QT2][Dvp] dO tile, pairs of queries (backward) */
     uint32_t *qp;      /* [QT2][Dp]  scaled Q tile, pairs of queries (backward) */
-    uint32_t *vn;      /* [KT][Dv2]  V chunk, pairs along Dv (backward) */
-    uint32_t *kp;      /* [KT2][D]   K chunk, pairs of keys (backward) */
     float *dpt;        /* [KT][QT]   dP^T then dS^T (backward) */
     uint32_t *pq;      /* [KT][QT2]  P^T, pairs of queries (backward) */
     uint32_t *sq;      /* [KT][QT2]  dS^T, pairs of queries (backward) */
     uint32_t *sk;      /* [KT2][QT]  dS^T, pairs of keys (backward) */
     float *dqt;        /* [D][QT]    dQ^T of one query tile (backward) */
-    float *dk, *dv;    /* [rows][Dp], [rows][Dvp] fp32 accumulators of one key range (backward) */
+    uint32_t *fix;     /* [max(D, Dv)] a chunk's last pair of keys when its second key is not in
+                        * the chunk (zeroed, so that a later key is never multiplied in) */
+    /* K and V of one (batch, head), converted once for all its tiles and chunks: */
+    uint32_t *kall;  /* [M][D2]    K, pairs along D (S = K Qt) */
+    uint32_t *vall;  /* [M2][Dv]   V, pairs of keys (forward: O^T += V^T P^T) */
+    uint32_t *kpall; /* [M2][D]    K, pairs of keys (backward: dQ^T += K^T dS^T) */
+    uint32_t *vnall; /* [M][Dv2]   V, pairs along Dv (backward: dP^T = V dO^T) */
+    float *dk, *dv;  /* [rows][Dp], [rows][Dvp] fp32 accumulators of one key range (backward) */
+    int64_t conv_bh; /* forward: the (batch, head) kall, vall hold; -1 = none in this call */
 } bf_ws;
 
 typedef struct bf_plan {
@@ -298,14 +304,15 @@ ef_status ef_bf16_init(ef_attn *a) {
     int nch = (s->kv_len + KT - 1) / KT;
     p->splits = bh >= BWD_ITEMS ? 1 : (int)EF_MIN((int64_t)nch, (BWD_ITEMS + bh - 1) / bh);
     p->bwd_slots = (int)EF_MIN((int64_t)a->slots, bh * p->splits);
-    enum { NSMALL = 17 };
+    enum { NSMALL = 18 };
+    int m = s->kv_len, m2 = (m + 1) / 2;
     size_t dmax2 = (size_t)EF_MAX(p->d2, p->dv2);
-    size_t small[NSMALL] = {QT * dmax2,          (size_t)p->d2 * QT,  (size_t)KT * p->d2,
-                            (size_t)KT2 * dv,    (size_t)KT * QT,     (size_t)KT2 * QT,
-                            (size_t)dv * QT,     (size_t)p->dv2 * QT, QT2 * (size_t)p->dvp,
-                            QT2 * (size_t)p->dp, (size_t)KT * p->dv2, (size_t)KT2 * d,
-                            (size_t)KT * QT,     (size_t)KT * QT2,    (size_t)KT * QT2,
-                            (size_t)KT2 * QT,    (size_t)d * QT};
+    size_t small[NSMALL] = {QT * dmax2,           (size_t)p->d2 * QT,    (size_t)KT * QT,
+                            (size_t)KT2 * QT,     (size_t)dv * QT,       (size_t)p->dv2 * QT,
+                            QT2 * (size_t)p->dvp, QT2 * (size_t)p->dp,   (size_t)KT * QT,
+                            (size_t)KT * QT2,     (size_t)KT * QT2,      (size_t)KT2 * QT,
+                            (size_t)d * QT,       (size_t)EF_MAX(d, dv), (size_t)m * p->d2,
+                            (size_t)m2 * dv,      (size_t)m2 * d,        (size_t)m * p->dv2};
     size_t rows =
         p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * KT : (size_t)s->kv_len;
     size_t big[2] = {rows * p->dp, rows * p->dvp};
@@ -326,11 +333,12 @@ ef_status ef_bf16_init(ef_attn *a) {
     cur += round16(part);
     for (int t = 0; t < a->slots; t++) {
         bf_ws *w = &p->ws[t];
-        void **f[NSMALL] = {(void **)&w->tmp, (void **)&w->qb, (void **)&w->kb, (void **)&w->vb,
-                            (void **)&w->st,  (void **)&w->pb, (void **)&w->ot, (void **)&w->dob,
-                            (void **)&w->dop, (void **)&w->qp, (void **)&w->vn, (void **)&w->kp,
-                            (void **)&w->dpt, (void **)&w->pq, (void **)&w->sq, (void **)&w->sk,
-                            (void **)&w->dqt};
+        void **f[NSMALL] = {(void **)&w->tmp,  (void **)&w->qb,    (void **)&w->st,
+                            (void **)&w->pb,   (void **)&w->ot,    (void **)&w->dob,
+                            (void **)&w->dop,  (void **)&w->qp,    (void **)&w->dpt,
+                            (void **)&w->pq,   (void **)&w->sq,    (void **)&w->sk,
+                            (void **)&w->dqt,  (void **)&w->fix,   (void **)&w->kall,
+                            (void **)&w->vall, (void **)&w->kpall, (void **)&w->vnall};
         for (int i = 0; i < NSMALL; i++) *f[i] = cur, cur += round16(small[i]);
         if (t < p->bwd_slots) {
             w->dk = cur, cur += round16(big[0]);
@@ -391,6 +399,67 @@ static void chunk_pairs(const bf_plan *p, uint32_t *dst, ptrdiff_t ldd, const fl
                    1.0f);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * The softmax's exp and max (fp32). exp runs on x = s - m <= 0 (or slightly above, by rounding)
+ * and -inf: a shorter form than vec.h's vf_exp, whose range checks for large positive x and
+ * whose degree-7 polynomial (2e-7) this path does not need. n = round(x log2 e),
+ * r = x - n ln 2 (two-part ln 2), exp(r) by its degree-5 Taylor polynomial (relative error
+ * < |r|^6/720 <= 2.5e-6 for |r| <= ln2/2, a thousandth of bf16's rounding of P), times 2^n;
+ * x < -87.34 (exp underflows fp32's normal range; -inf) gives exactly 0, NaN stays NaN.
+ * vmaxps has vf_max's semantics (a > b ? a : b) in one instruction.
+ * ------------------------------------------------------------------------------------------- */
+#define EXP_LO -87.3365479f
+#if defined(__AVX512F__) && EF_VL == 16
+EF_INLINE vf bf_exp(vf xv) {
+    __m512 x = (__m512)xv;
+    __mmask16 small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LO), _CMP_LT_OQ);
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 120), r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return (vf)_mm512_maskz_mov_ps((__mmask16)~small, _mm512_scalef_ps(p, n));
+}
+EF_INLINE vf bf_max(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
+#else
+EF_INLINE vf bf_exp(vf x) {
+    vi small = x < EXP_LO;
+    vf xc = vf_select(small, vf_set1(EXP_LO), x);
+    const float magic = 12582912.0f; /* round to nearest even: |x log2 e| < 2^22 */
+    vf n = (xc * 1.44269504088896341f + magic) - magic;
+    vf r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vf p = vf_set1(1.0f / 120) * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23; /* n >= -126: 2^n is a normal float */
+    return vf_select(small, vf_set1(0.0f), p * (vf)e);
+}
+EF_INLINE vf bf_max(vf a, vf b) { return vf_max(a, b); }
+#endif
+
+/* C[r][0:QT] += sum over the key pairs u of [j0, j0+kn) of A[u][r] . B[u][0:QT], with
+ * A = all + j0/2 * R the head's pairs of keys ([M2][R]). An odd kn takes its last pair from
+ * `fix` with the second key zeroed: the head's array pairs it with key j0+kn, which this
+ * chunk must not see (a later key under causal masking: 0 times an infinite value there would
+ * be NaN). The split leaves each lane's order of additions unchanged. */
+static void keypair_gemm(const bf_plan *p, uint32_t *fix, int R, int kn, const uint32_t *A,
+                         const uint32_t *B, float *C) {
+    int full = kn / 2;
+    p->k.gemm(R, full, QT, A, 1, R, B, QT, C, QT, 1);
+    if (kn & 1) {
+        const uint32_t *last = A + (size_t)full * R;
+        for (int e = 0; e < R; e++) fix[e] = last[e] & 0xffffu;
+        p->k.gemm(R, 1, QT, fix, 1, R, B + (size_t)full * QT, QT, C, QT, 1);
+    }
+}
+
 /* S^T masked for causality: lanes (queries i0+l) with j > i0+l get -inf (as tiled.c). */
 static void mask_causal(float *st, int rows, int j0, int i0) {
     vi iota = vi_iota();
@@ -441,28 +510,33 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     int kv_end = ef_attn_kv_valid(a, c->io, b);
     if (a->causal) kv_end = EF_MIN(kv_end, i0 + qv);
 
+    if (w->conv_bh != bh) { /* this slot's first tile of this head in this call */
+        int kv_valid = ef_attn_kv_valid(a, c->io, b);
+        for (int r = 0; r < kv_valid; r++)
+            p->k.rows(w->kall + (size_t)r * d2, k + (size_t)r * d, d, 1);
+        chunk_pairs(p, w->vall, dv, v, dv, dv, kv_valid);
+        w->conv_bh = bh;
+    }
     pack_t(p, w->qb, w->tmp, q, d, qv, a->scale);
     vf mx[QV], l[QV];
     for (int u = 0; u < QV; u++) mx[u] = vf_set1(-__builtin_inff()), l[u] = vf_set1(0);
     memset(w->ot, 0, sizeof(float) * dv * QT);
 
     for (int j0 = 0; j0 < kv_end; j0 += KT) {
-        int kn = EF_MIN(KT, kv_end - j0), kn2 = (kn + 1) / 2;
+        int kn = EF_MIN(KT, kv_end - j0);
         /* S^T[j][i] = sum_t (K[j][2t], K[j][2t+1]) . (Qt[2t][i], Qt[2t+1][i]) */
-        for (int r = 0; r < kn; r++)
-            p->k.rows(w->kb + (size_t)r * d2, k + (size_t)(j0 + r) * d, d, 1);
-        p->k.gemm(kn, d2, QT, w->kb, d2, 1, w->qb, QT, w->st, QT, 0);
+        p->k.gemm(kn, d2, QT, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0);
         if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
         vf alpha[QV];
         for (int u = 0; u < QV; u++) {
             vf tmax = mx[u];
-            for (int r = 0; r < kn; r++) tmax = vf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
+            for (int r = 0; r < kn; r++) tmax = bf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
             vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
-            alpha[u] = vf_exp(mx[u] - use);
+            alpha[u] = bf_exp(mx[u] - use);
             vf sum = vf_set1(0);
             for (int r = 0; r < kn; r++) {
                 float *ps = w->st + r * QT + u * EF_VL;
-                vf e = vf_exp(vf_load(ps) - use);
+                vf e = bf_exp(vf_load(ps) - use);
                 vf_store(ps, e);
                 sum += e;
             }
@@ -476,8 +550,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
             }
         /* O^T[e][i] += sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i], P^T[2u+1][i]) */
         chunk_pairs(p, w->pb, QT, w->st, QT, QT, kn);
-        chunk_pairs(p, w->vb, dv, v + (size_t)j0 * dv, dv, dv, kn);
-        p->k.gemm(dv, kn2, QT, w->vb, 1, dv, w->pb, QT, w->ot, QT, 1);
+        keypair_gemm(p, w->fix, dv, kn, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot);
     }
 
     float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));
@@ -496,6 +569,7 @@ ef_status ef_bf16_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     const ef_attn_shape *s = &a->shape;
     bf_plan *p = a->impl;
     bf_call c = {a, io, saved, NULL, NULL, NULL, NULL};
+    for (int t = 0; t < a->slots; t++) p->ws[t].conv_bh = -1; /* the inputs are new */
     ef_parallel_for((int64_t)s->batch * s->heads * p->ntiles, ef_attn_threads(a), forward_tile, &c);
     return EF_OK;
 }
@@ -527,6 +601,13 @@ static void backward_head(void *ctx, int64_t item, int tid) {
 
     memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
     memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
+    /* this range's valid keys, converted once: rows [klo, kend) */
+    int kend = EF_MIN(khi, kv_valid);
+    for (int r = klo; r < kend; r++) {
+        p->k.rows(w->kall + (size_t)(r - klo) * d2, k + (size_t)r * d, d, 1);
+        p->k.rows(w->vnall + (size_t)(r - klo) * dv2, v + (size_t)r * dv, dv, 1);
+    }
+    if (kend > klo) chunk_pairs(p, w->kpall, d, k + (size_t)klo * d, d, d, kend - klo);
     for (int it = 0; it < p->ntiles; it++) {
         int i0 = it * QT, qn = EF_MIN(QT, n - i0);
         int qv = EF_MAX(0, EF_MIN(qn, q_valid - i0));
@@ -555,17 +636,15 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         }
         memset(w->dqt, 0, sizeof(float) * d * QT);
         for (int j0 = klo; j0 < kv_end; j0 += KT) {
-            int kn = EF_MIN(KT, kv_end - j0), kn2 = (kn + 1) / 2;
-            const float *kj = k + (size_t)j0 * d, *vj = v + (size_t)j0 * dv;
+            int kn = EF_MIN(KT, kv_end - j0);
             /* P^T = exp(S^T - lse), S^T in bf16 products as forward */
-            for (int r = 0; r < kn; r++)
-                p->k.rows(w->kb + (size_t)r * d2, kj + (size_t)r * d, d, 1);
-            p->k.gemm(kn, d2, QT, w->kb, d2, 1, w->qb, QT, w->st, QT, 0);
+            p->k.gemm(kn, d2, QT, w->kall + (size_t)(j0 - klo) * d2, d2, 1, w->qb, QT, w->st, QT,
+                      0);
             if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
             for (int r = 0; r < kn; r++)
                 for (int u = 0; u < QV; u++) {
                     float *ps = w->st + r * QT + u * EF_VL;
-                    vf_store(ps, vf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
+                    vf_store(ps, bf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
                 }
             /* dV[j][e] += sum_i' (P^T[j][2i'], P^T[j][2i'+1]) . (dO[2i'][e], dO[2i'+1][e]) */
             for (int r = 0; r < kn; r++) p->k.rows(w->pq + (size_t)r * QT2, w->st + r * QT, QT, 1);
@@ -573,9 +652,8 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                       dvp, 1);
             /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i] (pairs along e);  dS^T = P^T o (dP^T - delta)
              */
-            for (int r = 0; r < kn; r++)
-                p->k.rows(w->vn + (size_t)r * dv2, vj + (size_t)r * dv, dv, 1);
-            p->k.gemm(kn, dv2, QT, w->vn, dv2, 1, w->dob, QT, w->dpt, QT, 0);
+            p->k.gemm(kn, dv2, QT, w->vnall + (size_t)(j0 - klo) * dv2, dv2, 1, w->dob, QT, w->dpt,
+                      QT, 0);
             for (int r = 0; r < kn; r++)
                 for (int u = 0; u < QV; u++) {
                     float *pd = w->dpt + r * QT + u * EF_VL;
@@ -587,9 +665,8 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             p->k.gemm(kn, QT2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp,
                       1);
             /* dQ^T[t][i] += sum_u (K[2u][t], K[2u+1][t]) . (dS^T[2u][i], dS^T[2u+1][i]) */
-            chunk_pairs(p, w->kp, d, kj, d, d, kn);
             chunk_pairs(p, w->sk, QT, w->dpt, QT, QT, kn);
-            p->k.gemm(d, kn2, QT, w->kp, 1, d, w->sk, QT, w->dqt, QT, 1);
+            keypair_gemm(p, w->fix, d, kn, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk, w->dqt);
         }
         for (int i = 0; i < qn; i++)
             for (int t = 0; t < d; t++)
