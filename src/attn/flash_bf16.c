@@ -54,12 +54,17 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
 /* The three operations every product needs, in a native and an emulated version:
  *   gemm:  C[r][0:L] (+)= sum_{t<T} A(r, t) . B[t][0:L], A(r, t) = A[r*ars + t*ats] a broadcast
  *          pair, B rows of L pairs (L a multiple of 16), C fp32; acc = 0 overwrites;
- *   rows:  dst[t] = (src[2t], src[2t+1]) * s for t < ceil(n/2) (an odd n pads with 0);
- *   pairs: dst[x] = (a[x], b[x]) * s for x < n (b = NULL: a zero high half). */
+ *   rows:  row r < rows of src (stride lds) as pairs along it: dst[r*ldd + t] =
+ *          (src[r][2t], src[r][2t+1]) * s for t < ceil(n/2) (an odd n pads with 0);
+ *   pairs: rows of src two by two: dst[u*ldd + x] = (src[2u][x], src[2u+1][x]) * s for x < n,
+ *          u < ceil(rows/2) (an odd count pads with 0).
+ * A whole tile per call: these run once per chunk and are short. */
 typedef void (*bf_gemm_fn)(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
                            const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc);
-typedef void (*bf_rows_fn)(uint32_t *dst, const float *src, int n, float s);
-typedef void (*bf_pairs_fn)(uint32_t *dst, const float *a, const float *b, int n, float s);
+typedef void (*bf_rows_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
+                           int n, float s);
+typedef void (*bf_pairs_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
+                            int n, float s);
 typedef struct bf_kernels {
     bf_gemm_fn gemm;
     bf_rows_fn rows;
@@ -80,15 +85,25 @@ static uint32_t bf16_round(float f) {
     return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
 
-static void rows_emul(uint32_t *dst, const float *src, int n, float s) {
-    for (int t = 0; t < n / 2; t++)
-        dst[t] = bf16_round(src[2 * t] * s) | bf16_round(src[2 * t + 1] * s) << 16;
-    if (n & 1) dst[n / 2] = bf16_round(src[n - 1] * s);
+static void rows_emul(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
+                      int n, float s) {
+    for (int r = 0; r < rows; r++) {
+        uint32_t *o = dst + r * ldd;
+        const float *x = src + r * lds;
+        for (int t = 0; t < n / 2; t++)
+            o[t] = bf16_round(x[2 * t] * s) | bf16_round(x[2 * t + 1] * s) << 16;
+        if (n & 1) o[n / 2] = bf16_round(x[n - 1] * s);
+    }
 }
 
-static void pairs_emul(uint32_t *dst, const float *a, const float *b, int n, float s) {
-    for (int x = 0; x < n; x++)
-        dst[x] = bf16_round(a[x] * s) | (b ? bf16_round(b[x] * s) << 16 : 0);
+static void pairs_emul(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
+                       int n, float s) {
+    for (int u = 0; 2 * u < rows; u++) {
+        uint32_t *o = dst + u * ldd;
+        const float *a = src + 2 * u * lds, *b = 2 * u + 1 < rows ? a + lds : NULL;
+        for (int x = 0; x < n; x++)
+            o[x] = bf16_round(a[x] * s) | (b ? bf16_round(b[x] * s) << 16 : 0);
+    }
 }
 
 typedef int32_t viu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias));
@@ -185,34 +200,43 @@ static __mmask16 mask16(int m) { /* the first m of 16 lanes (m may be <= 0 or >=
     return m >= 16 ? (__mmask16)0xffff : m <= 0 ? (__mmask16)0 : (__mmask16)((1u << m) - 1);
 }
 
-BF_TARGET static void rows_native(uint32_t *dst, const float *src, int n, float s) {
-    __m512 vs = _mm512_set1_ps(s);
-    int x = 0;
-    for (; x + 32 <= n; x += 32) {
-        __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(src + x), vs);
-        __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(src + x + 16), vs);
-        _mm512_storeu_si512(dst + x / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-    }
-    if (x < n) {
-        int m = n - x;
-        __m512 lo = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask16(m), src + x), vs);
-        __m512 hi = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask16(m - 16), src + x + 16), vs);
-        _mm512_mask_storeu_epi32(dst + x / 2, mask16((m + 1) / 2),
-                                 (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+BF_TARGET static void rows_native(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds,
+                                  int rows, int n, float s) {
+    const __m512 vs = _mm512_set1_ps(s);
+    const int scaled = s != 1.0f; /* x * 1 = x: skip the multiply */
+    for (int r = 0; r < rows; r++) {
+        uint32_t *o = dst + r * ldd;
+        const float *x = src + r * lds;
+        for (int c = 0; c < n; c += 32) {
+            int m = n - c;
+            __m512 lo = _mm512_maskz_loadu_ps(mask16(m), x + c);
+            __m512 hi = _mm512_maskz_loadu_ps(mask16(m - 16), x + c + 16);
+            if (scaled) lo = _mm512_mul_ps(lo, vs), hi = _mm512_mul_ps(hi, vs);
+            _mm512_mask_storeu_epi32(o + c / 2, mask16((m + 1) / 2),
+                                     (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
     }
 }
 
-BF_TARGET static void pairs_native(uint32_t *dst, const float *a, const float *b, int n, float s) {
+BF_TARGET static void pairs_native(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds,
+                                   int rows, int n, float s) {
     /* cvtne2ps2bf16(b, a) holds a's 16 halves then b's; vpermw interleaves them */
     const __m512i ix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    __m512 vs = _mm512_set1_ps(s);
-    for (int x = 0; x < n; x += 16) {
-        __mmask16 m = mask16(n - x);
-        __m512 va = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + x), vs);
-        __m512 vb = b ? _mm512_mul_ps(_mm512_maskz_loadu_ps(m, b + x), vs) : _mm512_setzero_ps();
-        __m512i p = _mm512_permutexvar_epi16(ix, (__m512i)_mm512_cvtne2ps_pbh(vb, va));
-        _mm512_mask_storeu_epi32(dst + x, m, p);
+    const __m512 vs = _mm512_set1_ps(s);
+    const int scaled = s != 1.0f;
+    for (int u = 0; 2 * u < rows; u++) {
+        uint32_t *o = dst + u * ldd;
+        const float *a = src + 2 * u * lds, *b = a + lds;
+        const int has_b = 2 * u + 1 < rows;
+        for (int x = 0; x < n; x += 16) {
+            __mmask16 m = mask16(n - x);
+            __m512 va = _mm512_maskz_loadu_ps(m, a + x);
+            __m512 vb = has_b ? _mm512_maskz_loadu_ps(m, b + x) : _mm512_setzero_ps();
+            if (scaled) va = _mm512_mul_ps(va, vs), vb = _mm512_mul_ps(vb, vs);
+            __m512i pr = _mm512_permutexvar_epi16(ix, (__m512i)_mm512_cvtne2ps_pbh(vb, va));
+            _mm512_mask_storeu_epi32(o + x, m, pr);
+        }
     }
 }
 
@@ -369,7 +393,7 @@ size_t ef_bf16_saved_bytes(const ef_attn *a) {
 static void pack_t(const bf_plan *p, uint32_t *dst, uint32_t *tmp, const float *x, int d, int n,
                    float scale) {
     int d2 = (d + 1) / 2;
-    for (int i = 0; i < n; i++) p->k.rows(tmp + (size_t)i * d2, x + (size_t)i * d, d, scale);
+    p->k.rows(tmp, d2, x, d, n, d, scale);
     for (int t = 0; t < d2; t++) {
         uint32_t *row = dst + (size_t)t * QT;
         for (int i = 0; i < n; i++) row[i] = tmp[(size_t)i * d2 + t];
@@ -381,22 +405,8 @@ static void pack_t(const bf_plan *p, uint32_t *dst, uint32_t *tmp, const float *
  * dst[QT2][ld]; rows >= n count as zero. Lanes d..ld-1 are never written (zero since init). */
 static void pack_rowpairs(const bf_plan *p, uint32_t *dst, int ld, const float *x, int d, int n,
                           float scale) {
-    for (int u = 0; u < QT2; u++) {
-        uint32_t *row = dst + (size_t)u * ld;
-        if (2 * u >= n)
-            memset(row, 0, sizeof(uint32_t) * (size_t)d);
-        else
-            p->k.pairs(row, x + (size_t)2 * u * d,
-                       2 * u + 1 < n ? x + (size_t)(2 * u + 1) * d : NULL, d, scale);
-    }
-}
-
-/* Rows [0, kn) of x (row stride ld) as pairs of consecutive rows into dst[ceil(kn/2)][ldd]. */
-static void chunk_pairs(const bf_plan *p, uint32_t *dst, ptrdiff_t ldd, const float *x,
-                        ptrdiff_t ld, int n, int kn) {
-    for (int u = 0; 2 * u < kn; u++)
-        p->k.pairs(dst + u * ldd, x + 2 * u * ld, 2 * u + 1 < kn ? x + (2 * u + 1) * ld : NULL, n,
-                   1.0f);
+    p->k.pairs(dst, ld, x, d, n, d, scale);
+    for (int u = (n + 1) / 2; u < QT2; u++) memset(dst + (size_t)u * ld, 0, sizeof(uint32_t) * d);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -512,9 +522,8 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
 
     if (w->conv_bh != bh) { /* this slot's first tile of this head in this call */
         int kv_valid = ef_attn_kv_valid(a, c->io, b);
-        for (int r = 0; r < kv_valid; r++)
-            p->k.rows(w->kall + (size_t)r * d2, k + (size_t)r * d, d, 1);
-        chunk_pairs(p, w->vall, dv, v, dv, dv, kv_valid);
+        p->k.rows(w->kall, d2, k, d, kv_valid, d, 1.0f);
+        p->k.pairs(w->vall, dv, v, dv, kv_valid, dv, 1.0f);
         w->conv_bh = bh;
     }
     pack_t(p, w->qb, w->tmp, q, d, qv, a->scale);
@@ -549,7 +558,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
                 vf_store(po, vf_load(po) * alpha[u]);
             }
         /* O^T[e][i] += sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i], P^T[2u+1][i]) */
-        chunk_pairs(p, w->pb, QT, w->st, QT, QT, kn);
+        p->k.pairs(w->pb, QT, w->st, QT, kn, QT, 1.0f);
         keypair_gemm(p, w->fix, dv, kn, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot);
     }
 
@@ -603,11 +612,11 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
     /* this range's valid keys, converted once: rows [klo, kend) */
     int kend = EF_MIN(khi, kv_valid);
-    for (int r = klo; r < kend; r++) {
-        p->k.rows(w->kall + (size_t)(r - klo) * d2, k + (size_t)r * d, d, 1);
-        p->k.rows(w->vnall + (size_t)(r - klo) * dv2, v + (size_t)r * dv, dv, 1);
+    if (kend > klo) {
+        p->k.rows(w->kall, d2, k + (size_t)klo * d, d, kend - klo, d, 1.0f);
+        p->k.rows(w->vnall, dv2, v + (size_t)klo * dv, dv, kend - klo, dv, 1.0f);
+        p->k.pairs(w->kpall, d, k + (size_t)klo * d, d, kend - klo, d, 1.0f);
     }
-    if (kend > klo) chunk_pairs(p, w->kpall, d, k + (size_t)klo * d, d, d, kend - klo);
     for (int it = 0; it < p->ntiles; it++) {
         int i0 = it * QT, qn = EF_MIN(QT, n - i0);
         int qv = EF_MAX(0, EF_MIN(qn, q_valid - i0));
@@ -647,7 +656,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                     vf_store(ps, bf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
                 }
             /* dV[j][e] += sum_i' (P^T[j][2i'], P^T[j][2i'+1]) . (dO[2i'][e], dO[2i'+1][e]) */
-            for (int r = 0; r < kn; r++) p->k.rows(w->pq + (size_t)r * QT2, w->st + r * QT, QT, 1);
+            p->k.rows(w->pq, QT2, w->st, QT, kn, QT, 1.0f);
             p->k.gemm(kn, QT2, dvp, w->pq, QT2, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
                       dvp, 1);
             /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i] (pairs along e);  dS^T = P^T o (dP^T - delta)
@@ -661,11 +670,11 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                     vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
                 }
             /* dK[j][t] += sum_i' (dS^T[j][2i'], dS^T[j][2i'+1]) . (sQ[2i'][t], sQ[2i'+1][t]) */
-            for (int r = 0; r < kn; r++) p->k.rows(w->sq + (size_t)r * QT2, w->dpt + r * QT, QT, 1);
+            p->k.rows(w->sq, QT2, w->dpt, QT, kn, QT, 1.0f);
             p->k.gemm(kn, QT2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp,
                       1);
             /* dQ^T[t][i] += sum_u (K[2u][t], K[2u+1][t]) . (dS^T[2u][i], dS^T[2u+1][i]) */
-            chunk_pairs(p, w->sk, QT, w->dpt, QT, QT, kn);
+            p->k.pairs(w->sk, QT, w->dpt, QT, kn, QT, 1.0f);
             keypair_gemm(p, w->fix, d, kn, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk, w->dqt);
         }
         for (int i = 0; i < qn; i++)
