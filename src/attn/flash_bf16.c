@@ -58,6 +58,9 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
  *          (src[r][2t], src[r][2t+1]) * s for t < ceil(n/2) (an odd n pads with 0);
  *   pairs: rows of src two by two: dst[u*ldd + x] = (src[2u][x], src[2u+1][x]) * s for x < n,
  *          u < ceil(rows/2) (an odd count pads with 0).
+ *   ds:    dS^T = P^T o (dP^T - delta) (fp32: a difference, then a product) for rows r < kn
+ *          of st and dpt ([KT][QT]; delta[QT]) into pairs of queries sq[r][QT2] and pairs of
+ *          keys sk[u][QT] (an odd kn pads with 0); dpt may be overwritten (with dS^T).
  * A whole tile per call: these run once per chunk and are short. */
 typedef void (*bf_gemm_fn)(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
                            const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc);
@@ -65,10 +68,13 @@ typedef void (*bf_rows_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdi
                            int n, float s);
 typedef void (*bf_pairs_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
                             int n, float s);
+typedef void (*bf_ds_fn)(int kn, const float *st, float *dpt, const float *delta, uint32_t *sq,
+                         uint32_t *sk);
 typedef struct bf_kernels {
     bf_gemm_fn gemm;
     bf_rows_fn rows;
     bf_pairs_fn pairs;
+    bf_ds_fn ds;
     int native;
 } bf_kernels;
 
@@ -106,6 +112,15 @@ static void pairs_emul(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t
     }
 }
 
+static void ds_emul(int kn, const float *st, float *dpt, const float *delta, uint32_t *sq,
+                    uint32_t *sk) {
+    for (int r = 0; r < kn; r++)
+        for (int i = 0; i < QT; i++)
+            dpt[r * QT + i] = st[r * QT + i] * (dpt[r * QT + i] - delta[i]);
+    rows_emul(sq, QT2, dpt, QT, kn, QT, 1.0f);
+    pairs_emul(sk, QT, dpt, QT, kn, QT, 1.0f);
+}
+
 typedef int32_t viu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias));
 
 static float bits_f(uint32_t u) {
@@ -133,7 +148,7 @@ static void gemm_emul(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptr
         }
 }
 
-static const bf_kernels kernels_emul = {gemm_emul, rows_emul, pairs_emul, 0};
+static const bf_kernels kernels_emul = {gemm_emul, rows_emul, pairs_emul, ds_emul, 0};
 
 /* ---------------------------------------------------------------------------------------------
  * AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), compiled for that target whatever the build's
@@ -240,7 +255,36 @@ BF_TARGET static void pairs_native(uint32_t *dst, ptrdiff_t ldd, const float *sr
     }
 }
 
-static const bf_kernels kernels_native = {gemm_native, rows_native, pairs_native, 1};
+BF_TARGET static void ds_native(int kn, const float *st, float *dpt, const float *delta,
+                                uint32_t *sq, uint32_t *sk) {
+    const __m512i ix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                        8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512 dl[QT / 16];
+    for (int v = 0; v < QT / 16; v++) dl[v] = _mm512_loadu_ps(delta + 16 * v);
+    for (int u = 0; 2 * u < kn; u++) {
+        const int has1 = 2 * u + 1 < kn;
+        __m512 d0[QT / 16], d1[QT / 16];
+        for (int v = 0; v < QT / 16; v++) {
+            const float *p0 = st + 2 * u * QT + 16 * v, *g0 = dpt + 2 * u * QT + 16 * v;
+            d0[v] = _mm512_mul_ps(_mm512_loadu_ps(p0), _mm512_sub_ps(_mm512_loadu_ps(g0), dl[v]));
+            d1[v] = has1 ? _mm512_mul_ps(_mm512_loadu_ps(p0 + QT),
+                                         _mm512_sub_ps(_mm512_loadu_ps(g0 + QT), dl[v]))
+                         : _mm512_setzero_ps();
+            _mm512_storeu_si512(
+                sk + u * QT + 16 * v,
+                _mm512_permutexvar_epi16(ix, (__m512i)_mm512_cvtne2ps_pbh(d1[v], d0[v])));
+        }
+        for (int v = 0; v < QT / 16; v += 2) {
+            _mm512_storeu_si512(sq + 2 * u * QT2 + 8 * v,
+                                (__m512i)_mm512_cvtne2ps_pbh(d0[v + 1], d0[v]));
+            if (has1)
+                _mm512_storeu_si512(sq + (2 * u + 1) * QT2 + 8 * v,
+                                    (__m512i)_mm512_cvtne2ps_pbh(d1[v + 1], d1[v]));
+        }
+    }
+}
+
+static const bf_kernels kernels_native = {gemm_native, rows_native, pairs_native, ds_native, 1};
 #endif
 
 int ef_bf16_cpu_native(void) {
@@ -663,18 +707,11 @@ static void backward_head(void *ctx, int64_t item, int tid) {
              */
             p->k.gemm(kn, dv2, QT, w->vnall + (size_t)(j0 - klo) * dv2, dv2, 1, w->dob, QT, w->dpt,
                       QT, 0);
-            for (int r = 0; r < kn; r++)
-                for (int u = 0; u < QV; u++) {
-                    float *pd = w->dpt + r * QT + u * EF_VL;
-                    vf pp = vf_load(w->st + r * QT + u * EF_VL);
-                    vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
-                }
+            p->k.ds(kn, w->st, w->dpt, dl, w->sq, w->sk);
             /* dK[j][t] += sum_i' (dS^T[j][2i'], dS^T[j][2i'+1]) . (sQ[2i'][t], sQ[2i'+1][t]) */
-            p->k.rows(w->sq, QT2, w->dpt, QT, kn, QT, 1.0f);
             p->k.gemm(kn, QT2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp,
                       1);
             /* dQ^T[t][i] += sum_u (K[2u][t], K[2u+1][t]) . (dS^T[2u][i], dS^T[2u+1][i]) */
-            p->k.pairs(w->sk, QT, w->dpt, QT, kn, QT, 1.0f);
             keypair_gemm(p, w->fix, d, kn, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk, w->dqt);
         }
         for (int i = 0; i < qn; i++)
