@@ -146,7 +146,7 @@ static const char usage_arena[] =
     "report.md and the plots (gnuplot). docs/arena.md explains every column.\n"
     "\n"
     "  --specs LIST      ';'-separated specs (quote it), or all: every mechanism with its\n"
-    "                    documented defaults                                 default all\n"
+    "                    documented defaults, and flash:precision=bf16       default all\n"
     "  --lens N,...      ascending lengths                  default 1024,2048,4096,8192,16384\n"
     "  --batch B --heads H --dim D                              defaults 1, 8, 64\n"
     "  --causal          causal=1 in every spec (mechanisms without a causal form are marked)\n"

@@ -12,8 +12,8 @@ enum { PREC_FP32 = 0, PREC_BF16 = 1 };
 
 static const ef_opt_desc flash_opts[] = {
     {"precision", EF_OPT_ENUM, "fp32", 0, 0, "fp32|bf16", 0,
-     "inputs of the matrix products: fp32, or bf16 with fp32 accumulation (softmax in fp32; "
-     "AVX512-BF16 when the CPU has it, else an fp32 emulation of the same rounding)"},
+     "inputs of the matrix products: fp32, or bf16 with fp32 accumulation and an fp32 "
+     "softmax (docs/flash.md)"},
 };
 
 static int is_bf16(const ef_attn *a) {
