@@ -14,7 +14,9 @@
  * What changes is the product. vdpbf16ps (AVX512-BF16) multiplies the two bf16 halves of
  * each 32-bit lane of two vectors and adds both products to an fp32 lane: a product must bring
  * its reduction index in *pairs*. Every operand is therefore a uint32 array of bf16 pairs
- * (low half = even reduction index, high half = odd), converted once per tile or chunk:
+ * (low half = even reduction index, high half = odd). K and V of a (batch, head) are converted
+ * once per thread (forward) or backward item, the query and dO tiles once per tile, P^T and dS^T
+ * once per chunk:
  *   - along D (S, dP): a row of K or V converted in place is already pairs (K[j][2t], K[j][2t+1]);
  *     the query (dO) tile is converted row by row and transposed to Qt2 [D/2][QT];
  *   - along the keys (P V, dQ): two rows of P^T (of V, of K, of dS^T) interleaved lane by
@@ -30,7 +32,8 @@
  * emulation is bitwise equal on normal numbers). The emulation runs where the CPU lacks the
  * instruction, in the portable build on such a CPU, and when EF_BF16=emulate.
  * Saved for backward: lse [batch][heads][q_len] floats. Time O(B H N M D), memory O(B H N)
- * saved + per thread a few tiles and (backward) dK, dV of one key range in fp32.
+ * saved + per thread a few tiles, K and V of one head in bf16 pairs (M (D + Dv) 32-bit words,
+ * the size of one head's fp32 K and V) and (backward) dK, dV of one key range in fp32.
  */
 #include "attn/flash_bf16.h"
 #include "core/vec.h"
@@ -51,7 +54,7 @@
 
 enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_MAX_DIM = 256 };
 
-/* The three operations every product needs, in a native and an emulated version:
+/* The operations of the products, in a native and an emulated version:
  *   gemm:  C[r][0:L] (+)= sum_{t<T} A(r, t) . B[t][0:L], A(r, t) = A[r*ars + t*ats] a broadcast
  *          pair, B rows of L pairs (L a multiple of 16), C fp32; acc = 0 overwrites;
  *   rows:  row r < rows of src (stride lds) as pairs along it: dst[r*ldd + t] =
