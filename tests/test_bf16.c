@@ -152,21 +152,23 @@ static void padding(void) {
                      kl, ql);
 }
 
-/* Padding is never read: NaN in padded keys, values, queries and output gradients changes no
- * valid result, and padded rows are exactly zero (out, dq) as are padded keys' dk, dv. */
-static void padding_nan(const char *env) {
+/* Padding is never read: NaN (mode 1) or +Inf (mode 2) in padded keys, values, queries and
+ * output gradients changes no valid result, and padded rows are exactly zero (out, dq) as are
+ * padded keys' dk, dv. kv_lens 77 is odd: the last pair of keys is half padding. */
+static void padding_nan(const char *env, int mode) {
     ef_attn_shape s = {2, 2, 150, 140, 40, 24};
     int32_t kl[2] = {140, 77}, ql[2] = {150, 101};
     const char *specs[] = {"flash:precision=bf16", "flash:precision=bf16,causal=1"};
+    const char *what = mode == 1 ? "NaN" : "Inf";
     for (int c = 0; c < 2; c++) {
         bufs in, a, b;
         ef_test_inputs(&in, s, 91, 1.0f);
         ef_test_outputs(&a, &in), ef_test_outputs(&b, &in);
         ef_status st = run_env(specs[c], env, &in, kl, ql, &a, NULL);
-        ef_test_spoil_rows(in.k, s, s.kv_len, s.head_dim, kl, 1, 0);
-        ef_test_spoil_rows(in.v, s, s.kv_len, s.v_dim, kl, 1, 0);
-        ef_test_spoil_rows(in.q, s, s.q_len, s.head_dim, ql, 1, 0);
-        ef_test_spoil_rows(in.g, s, s.q_len, s.v_dim, ql, 1, 0);
+        ef_test_spoil_rows(in.k, s, s.kv_len, s.head_dim, kl, mode, 0);
+        ef_test_spoil_rows(in.v, s, s.kv_len, s.v_dim, kl, mode, 0);
+        ef_test_spoil_rows(in.q, s, s.q_len, s.head_dim, ql, mode, 0);
+        ef_test_spoil_rows(in.g, s, s.q_len, s.v_dim, ql, mode, 0);
         /* NaN pre-fill of the outputs: a value never written cannot pass as zero */
         for (size_t j = 0; j < in.no; j++) b.out[j] = NAN;
         for (size_t j = 0; j < in.nq; j++) b.dq[j] = NAN;
@@ -174,10 +176,11 @@ static void padding_nan(const char *env) {
         for (size_t j = 0; j < in.nv; j++) b.dv[j] = NAN;
         if (!st) st = run_env(specs[c], env, &in, kl, ql, &b, NULL);
         char name[200];
-        snprintf(name, sizeof name, "%s%s: NaN padding runs", specs[c], env ? " (emulated)" : "");
+        snprintf(name, sizeof name, "%s%s: %s padding runs", specs[c], env ? " (emulated)" : "",
+                 what);
         if (ef_check_status(name, st, EF_OK)) {
-            snprintf(name, sizeof name, "%s%s: NaN in padding changes nothing (out, dq, dk, dv)",
-                     specs[c], env ? " (emulated)" : "");
+            snprintf(name, sizeof name, "%s%s: %s in padding changes nothing (out, dq, dk, dv)",
+                     specs[c], env ? " (emulated)" : "", what);
             int same = !memcmp(a.out, b.out, in.no * 4) && !memcmp(a.dq, b.dq, in.nq * 4) &&
                        !memcmp(a.dk, b.dk, in.nk * 4) && !memcmp(a.dv, b.dv, in.nv * 4);
             ef_check(name, same, "%s", same ? "bitwise identical" : "differ");
@@ -285,8 +288,10 @@ int main(void) {
     spec_and_refusals();
     shapes();
     padding();
-    padding_nan(NULL);
-    padding_nan("emulate");
+    for (int mode = 1; mode <= 2; mode++) {
+        padding_nan(NULL, mode);
+        padding_nan("emulate", mode);
+    }
     threads_bitwise();
     causality();
     return ef_test_finish();
