@@ -327,8 +327,9 @@ static void test_cli(const char *eformer) {
         return;
     }
     char cmd[2048], path[512];
-    const char *specs = "flash;local:window=32;performer:features=32;lsh;linformer:k=16";
-    int n_specs = 5, n_lens = 2, n_inputs = 2;
+    const char *specs =
+        "flash;flash:precision=bf16;local:window=32;performer:features=32;lsh;linformer:k=16";
+    int n_specs = 6, n_lens = 2, n_inputs = 2;
     snprintf(cmd, sizeof cmd,
              "'%s' arena --specs '%s' --lens 96,192 --heads 2 --dim 16 --reps 2 --out %s/a "
              "--threads 2 >%s/out.txt 2>%s/err.txt",
@@ -342,9 +343,9 @@ static void test_cli(const char *eformer) {
     char *csv = slurp(path, &len);
     ef_check("results.csv exists", csv != NULL, "%s", path);
     static char fields[64][256];
-    int rows = 0, bad = 0, ncol = -1, flash_rows = 0;
-    double flash_worst = 0;
-    int c_mech = -1, c_status = -1, c_err[4] = {-1, -1, -1, -1}, c_fwd = -1;
+    int rows = 0, bad = 0, ncol = -1, flash_rows = 0, bf16_rows = 0;
+    double flash_worst = 0, bf16_worst = 0, bf16_least = INFINITY;
+    int c_mech = -1, c_status = -1, c_err[4] = {-1, -1, -1, -1}, c_fwd = -1, c_spec = -1;
     for (char *line = csv; line && *line;) {
         char *nl = strchr(line, '\n');
         if (!nl) {
@@ -357,6 +358,7 @@ static void test_cli(const char *eformer) {
             ncol = n;
             for (int i = 0; i < n; i++) {
                 if (!strcmp(fields[i], "mechanism")) c_mech = i;
+                if (!strcmp(fields[i], "spec")) c_spec = i;
                 if (!strcmp(fields[i], "status")) c_status = i;
                 if (!strcmp(fields[i], "fwd_s")) c_fwd = i;
                 static const char *const ek[] = {"err_out", "err_dq", "err_dk", "err_dv"};
@@ -366,7 +368,17 @@ static void test_cli(const char *eformer) {
         } else {
             rows++;
             if (n != ncol) bad++;
-            else if (c_mech >= 0 && !strcmp(fields[c_mech], "flash")) {
+            else if (c_mech >= 0 && c_spec >= 0 && !strcmp(fields[c_mech], "flash") &&
+                     strstr(fields[c_spec], "precision=bf16")) {
+                /* the canonical spec tells bf16 flash from flash */
+                bf16_rows++;
+                if (strcmp(fields[c_status], "ok")) bad++;
+                for (int t = 0; t < 4; t++) {
+                    double e = c_err[t] >= 0 && fields[c_err[t]][0] ? atof(fields[c_err[t]]) : NAN;
+                    bf16_worst = isnan(e) || isnan(bf16_worst) ? NAN : fmax(bf16_worst, e);
+                    bf16_least = isnan(e) ? NAN : fmin(bf16_least, e);
+                }
+            } else if (c_mech >= 0 && !strcmp(fields[c_mech], "flash")) {
                 flash_rows++;
                 if (strcmp(fields[c_status], "ok")) bad++;
                 for (int t = 0; t < 4; t++) {
@@ -387,7 +399,20 @@ static void test_cli(const char *eformer) {
     /* flash against the independent exact attention: fp32 rounding only */
     ef_check_err("flash's error against exact attention (out, dq, dk, dv, both inputs)",
                  flash_worst, 1e-5);
+    /* bf16 products: bf16's rounding (tests/test_bf16.c: at most 1e-2 forward, 2e-2 gradients),
+     * and well above fp32's, so the bf16 kernel really ran */
+    ef_check("results.csv: flash:precision=bf16 has its records", bf16_rows == n_lens * n_inputs,
+             "%d", bf16_rows);
+    ef_check_err("flash:precision=bf16's error against exact attention (worst of all)", bf16_worst,
+                 2e-2);
+    ef_check("flash:precision=bf16's error is bf16's, not fp32's (least of all > 1e-4)",
+             bf16_least > 1e-4, "%.3g", bf16_least);
     free(csv);
+    snprintf(path, sizeof path, "%s/out.txt", dir);
+    char *table = slurp(path, NULL);
+    ef_check("the survey's table has a flash-bf16 row", table && strstr(table, "\nflash-bf16 "),
+             "%s", table ? "" : "no out.txt");
+    free(table);
 
 #ifdef EF_HAVE_CJSON
     snprintf(path, sizeof path, "%s/a/results.json", dir);

@@ -63,17 +63,17 @@ static void check_valid(const char *spec, const char *want) {
 static void test_valid(void) {
     static const char *const cases[][2] = {
         {"full", "full:causal=0,scale=auto,seed=0,ref=0"},
-        {"flash", "flash:causal=0,scale=auto,seed=0,ref=0"},
+        {"flash", "flash:precision=fp32,causal=0,scale=auto,seed=0,ref=0"},
         {"full:causal=1", "full:causal=1,scale=auto,seed=0,ref=0"},
-        {"flash:causal=1", "flash:causal=1,scale=auto,seed=0,ref=0"},
+        {"flash:causal=1", "flash:precision=fp32,causal=1,scale=auto,seed=0,ref=0"},
         {"full:causal=0", "full:causal=0,scale=auto,seed=0,ref=0"},
         {"full:causal=true", "full:causal=1,scale=auto,seed=0,ref=0"},
-        {"flash:causal=false,ref=false", "flash:causal=0,scale=auto,seed=0,ref=0"},
+        {"flash:causal=false,ref=false", "flash:precision=fp32,causal=0,scale=auto,seed=0,ref=0"},
         {"full:scale=0.125", "full:causal=0,scale=0.125,seed=0,ref=0"},
-        {"flash:scale=2.5e-1", "flash:causal=0,scale=0.25,seed=0,ref=0"},
+        {"flash:scale=2.5e-1", "flash:precision=fp32,causal=0,scale=0.25,seed=0,ref=0"},
         {"full:scale=auto", "full:causal=0,scale=auto,seed=0,ref=0"},
         /* 0.1 is not a float: the plan holds 0.100000001, and says so */
-        {"flash:scale=0.1", "flash:causal=0,scale=0.100000001,seed=0,ref=0"},
+        {"flash:scale=0.1", "flash:precision=fp32,causal=0,scale=0.100000001,seed=0,ref=0"},
         /* the ends of the scale range [1e-30, 1e30]; fp32 rounds 1e30 up to 1.00000002e+30,
          * and the description must still parse back to the same plan */
         {"full:scale=1e-30", "full:causal=0,scale=1e-30,seed=0,ref=0"},
@@ -82,14 +82,17 @@ static void test_valid(void) {
         {"full:seed=42", "full:causal=0,scale=auto,seed=42,ref=0"},
         {"full:seed=007", "full:causal=0,scale=auto,seed=7,ref=0"},
         {"flash:seed=18446744073709551615",
-         "flash:causal=0,scale=auto,seed=18446744073709551615,ref=0"},
+         "flash:precision=fp32,causal=0,scale=auto,seed=18446744073709551615,ref=0"},
         {"full:seed=9223372036854775808",
          "full:causal=0,scale=auto,seed=9223372036854775808,ref=0"},
         {"full:ref=1", "full:causal=0,scale=auto,seed=0,ref=1"},
-        {"flash:ref=1", "flash:causal=0,scale=auto,seed=0,ref=1"},
-        {"flash:ref=1,seed=3,scale=0.5,causal=1", "flash:causal=1,scale=0.5,seed=3,ref=1"},
+        {"flash:ref=1", "flash:precision=fp32,causal=0,scale=auto,seed=0,ref=1"},
+        {"flash:ref=1,seed=3,scale=0.5,causal=1",
+         "flash:precision=fp32,causal=1,scale=0.5,seed=3,ref=1"},
         {"full:causal=1,scale=2,seed=18446744073709551615,ref=1",
          "full:causal=1,scale=2,seed=18446744073709551615,ref=1"},
+        {"flash:causal=1,precision=bf16", "flash:precision=bf16,causal=1,scale=auto,seed=0,ref=0"},
+        {"flash:precision=fp32", "flash:precision=fp32,causal=0,scale=auto,seed=0,ref=0"},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         check_valid(cases[i][0], cases[i][1]);

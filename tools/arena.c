@@ -69,6 +69,7 @@ typedef struct arena_spec {
     char spec[512];  /* as run (causal=1 added with --causal) */
     char canon[768]; /* the plan's canonical spec (from the first plan made) */
     char name[32];
+    char label[40]; /* in tables, plots and file names: the name, "-bf16" for precision=bf16 */
     ef_attn_caps caps;
     int no_causal; /* --causal and the mechanism cannot */
 } arena_spec;
@@ -505,7 +506,7 @@ static summary summarise(const arena_run *R, int s) {
             if (R->cells[l][s].status == CELL_OK) m.err[i] = R->cells[l][s].err[i][0];
     int f = -1;
     for (int k = 0; k < R->n_specs; k++)
-        if (!strcmp(R->specs[k].name, "flash")) {
+        if (!strcmp(R->specs[k].label, "flash")) { /* fp32 flash */
             f = k;
             break;
         }
@@ -569,7 +570,7 @@ static void print_table(FILE *f, const arena_run *R, int markdown) {
         arena_claim cl = arena_claim_of(A->name);
         summary m = summarise(R, s);
         char col[13][48];
-        snprintf(col[0], 48, "%s", A->name);
+        snprintf(col[0], 48, "%s", A->label);
         snprintf(col[1], 48, "%s", family_code(cl.family));
         snprintf(col[2], 48, "%s", cl.complexity ? cl.complexity : "?");
         snprintf(col[3], 48, "%s", A->caps.causal ? "yes" : "no");
@@ -754,7 +755,7 @@ static int write_plots(const arena_run *R, const char *dir) {
     FILE *f = fopen(path, "w");
     if (!f) return -1;
     for (int s = 0; s < R->n_specs; s++) {
-        fprintf(f, "# %s\n", R->specs[s].name);
+        fprintf(f, "# %s\n", R->specs[s].label);
         for (int l = 0; l < R->n_lens; l++) {
             const cell *c = &R->cells[l][s];
             if (c->status != CELL_OK) continue;
@@ -771,7 +772,7 @@ static int write_plots(const arena_run *R, const char *dir) {
             summary m = summarise(R, s);
             if (!isfinite(m.speedup) || m.last < 0 || !isfinite(m.err[i])) continue;
             double e = m.err[i];
-            fprintf(f, "%.6g %.6g %s\n", m.speedup, e > 1e-9 ? e : 1e-9, R->specs[s].name);
+            fprintf(f, "%.6g %.6g %s\n", m.speedup, e > 1e-9 ? e : 1e-9, R->specs[s].label);
             npts++;
         }
         fprintf(f, "\n\n");
@@ -784,7 +785,7 @@ static int write_plots(const arena_run *R, const char *dir) {
             summary m = summarise(R, s);
             double y = R->q_text ? R->quality[s].bpb : 100 * R->quality[s].acc;
             if (!isfinite(m.speedup) || !isfinite(y)) continue;
-            fprintf(f, "%.6g %.6g %s\n", m.speedup, y, R->specs[s].name);
+            fprintf(f, "%.6g %.6g %s\n", m.speedup, y, R->specs[s].label);
             nq++;
         }
         fprintf(f, "\n\n");
@@ -813,7 +814,7 @@ static int write_plots(const arena_run *R, const char *dir) {
             summary m = summarise(R, s);
             if (m.last < 0) continue;
             fprintf(f, "%s'plots.dat' index %d using 1:%d with linespoints title '%s'",
-                    any ? ", \\\n     " : "", s, w ? 3 : 2, R->specs[s].name);
+                    any ? ", \\\n     " : "", s, w ? 3 : 2, R->specs[s].label);
             any = 1;
         }
         if (!any) fprintf(f, "NaN notitle");
@@ -922,7 +923,7 @@ static int write_report(const arena_run *R, const char *path, int plots_ok) {
             fmt_num(b[3], 48, "%.1f", 100 * gf / c->sgemm);
             fmt_num(b[4], 48, "%.1f", ok ? ((double)c->ws_bytes + c->saved_bytes) / 1e6 : NAN);
             fmt_num(b[5], 48, "%.0f", ok && c->rss_bytes ? c->rss_bytes / 1e6 : NAN);
-            fprintf(f, "| %s | %d | %s | %s | %s | %s | %s | %s |", R->specs[s].name, R->lens[l],
+            fprintf(f, "| %s | %d | %s | %s | %s | %s | %s | %s |", R->specs[s].label, R->lens[l],
                     b[0], b[1], b[2], b[3], b[4], b[5]);
             for (int i = 0; i < R->n_inputs; i++) {
                 char e[4][16];
@@ -987,6 +988,9 @@ static int add_spec(arena_run *R, const char *spec, size_t len) {
                                "arena: --specs: unknown mechanism '%s' (`eformer info "
                                "--mechanisms` lists them)",
                                A->name);
+    size_t ln = strlen(A->name); /* (no snprintf between two fields: GCC's -Wrestrict) */
+    memcpy(A->label, A->name, ln + 1);
+    if (cli_spec_key_is(tmp, "precision", "bf16")) memcpy(A->label + ln, "-bf16", 6);
     if (R->causal && !cli_spec_has_key(tmp, "causal")) {
         with_causal(tmp, A->spec, sizeof A->spec);
         A->no_causal = !A->caps.causal;
@@ -1022,10 +1026,10 @@ static void run_quality(arena_run *R) {
         progress(R, "arena: quality [%d/%d] %s on %s, %.0f s  (elapsed %s, about %s left)",
                  s + 1, R->n_specs, R->q_spec[s], c->task, c->seconds, el, left);
         double t = cli_now();
-        arena_quality_run(c, A->name, R->q_spec[s], q);
+        arena_quality_run(c, A->label, R->q_spec[s], q);
         q->seconds = cli_now() - t;
         if (!q->ok) fprintf(stderr, "%seformer: arena: quality of %s: %s\n", R->tty ? "\n" : "",
-                            A->name, q->note);
+                            A->label, q->note);
     }
 }
 
@@ -1050,10 +1054,10 @@ static void print_quality(FILE *f, const arena_run *R, int markdown) {
             fmt_num(b[3], 32, "%.2f%%", 100 * q->acc);
         fmt_num(b[4], 32, "%.3g", m.speedup);
         if (markdown)
-            fprintf(f, "| %s | %s | %s | %s | %s | %s | %s |\n", R->specs[s].name, b[0], b[1], b[2],
+            fprintf(f, "| %s | %s | %s | %s | %s | %s | %s |\n", R->specs[s].label, b[0], b[1], b[2],
                     b[3], b[4], q->note);
         else
-            fprintf(f, "%-12s %8s %9s %9s %9s %8s  %s\n", R->specs[s].name, b[0], b[1], b[2], b[3],
+            fprintf(f, "%-12s %8s %9s %9s %9s %8s  %s\n", R->specs[s].label, b[0], b[1], b[2], b[3],
                     b[4], q->note);
     }
 }
@@ -1294,8 +1298,13 @@ int cli_arena(int argc, char **argv) {
     {
         const char *s = opts[O_SPECS].value ? opts[O_SPECS].value : "all";
         if (!strcmp(s, "all")) {
-            for (int i = 0; i < ef_attn_count(); i++)
+            for (int i = 0; i < ef_attn_count(); i++) {
                 if ((rc = add_spec(R, ef_attn_name(i), strlen(ef_attn_name(i))))) goto done;
+                /* exact attention with bf16 products next to it: its time and its error */
+                static const char bf16[] = "flash:precision=bf16";
+                if (!strcmp(ef_attn_name(i), "flash") && (rc = add_spec(R, bf16, strlen(bf16))))
+                    goto done;
+            }
         } else {
             while (*s) {
                 size_t n = strcspn(s, ";");

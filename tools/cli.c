@@ -303,14 +303,23 @@ void cli_json_num(FILE *f, const char *key, double x, const char *fmt) {
         fputs("null", f);
 }
 
-int cli_spec_has_key(const char *spec, const char *key) {
+/* The value of item `key` in spec (the text after "key=", up to ',' or the end), or NULL. */
+static const char *spec_value(const char *spec, const char *key) {
     size_t n = strlen(key);
     const char *colon = strchr(spec, ':'), *eq = strchr(spec, '=');
     /* items start at the spec, after the name's ':' (when it comes before any '='), after ',' */
     const char *p = colon && (!eq || colon < eq) ? colon + 1 : spec;
     for (; p; p = strchr(p, ',')) {
         if (*p == ',') p++;
-        if (!strncmp(p, key, n) && p[n] == '=') return 1;
+        if (!strncmp(p, key, n) && p[n] == '=') return p + n + 1;
     }
-    return 0;
+    return NULL;
+}
+
+int cli_spec_has_key(const char *spec, const char *key) { return spec_value(spec, key) != NULL; }
+
+int cli_spec_key_is(const char *spec, const char *key, const char *value) {
+    const char *v = spec_value(spec, key);
+    size_t n = strlen(value);
+    return v && !strncmp(v, value, n) && (v[n] == ',' || v[n] == '\0');
 }

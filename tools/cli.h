@@ -60,6 +60,8 @@ int cli_parse_double(const char *cmd, const char *opt, const char *s, double min
  * key, or a model spec "k=v,...") has an item whose key is exactly `key` ("causal" matches
  * causal=1, not reformer_causal=1). */
 int cli_spec_has_key(const char *spec, const char *key);
+/* 1 when spec has the item key=value exactly ("precision=bf16" in "flash:precision=bf16,causal=1"). */
+int cli_spec_key_is(const char *spec, const char *key, const char *value);
 
 /* ---------------------------------------------------------------------------------------------
  * Models

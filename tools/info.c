@@ -4,8 +4,10 @@
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include "attn/flash_bf16.h" /* ef_bf16_cpu_native */
 #include "cli.h"
 
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -37,6 +39,13 @@ static void print_cpu(void) {
 #else
     printf("cpu:       not x86 (this build's vector code: %s)\n", build_isa());
 #endif
+    const char *env = getenv("EF_BF16");
+    int cpu = ef_bf16_cpu_native(), forced = env && !strcmp(env, "emulate");
+    printf("bf16:      flash:precision=bf16 runs %s\n",
+           forced ? (cpu ? "its fp32 emulation (EF_BF16=emulate; the CPU has AVX512-BF16)"
+                         : "its fp32 emulation (EF_BF16=emulate; the CPU has no AVX512-BF16)")
+           : cpu  ? "AVX512-BF16 (vdpbf16ps; no AMX kernel)"
+                  : "its fp32 emulation (this CPU has no AVX512-BF16)");
 }
 
 int cli_info(int argc, char **argv) {
