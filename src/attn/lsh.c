@@ -51,13 +51,13 @@
  * out by loops over all positions (lsh_ref_* below; no code or workspace shared).
  */
 #include "attn/attn.h"
+#include "core/vec.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { HB = 64 };   /* rows per fp32 projection block */
 enum { QB = 32 };   /* query rows per product in strict causal mode */
 enum { MSG = 256 }; /* bytes of a worker's error message */
 enum { OPT_HASHES, OPT_BUCKETS, OPT_CHUNK, OPT_BEFORE, OPT_AFTER, OPT_DEDUP, OPT_REFORMER };
@@ -84,7 +84,7 @@ typedef struct lwork {
     int32_t *selfc;     /* [N] rounds in which the row sees only itself */
     int32_t *cnt;       /* [nb + 1] counting sort */
     double *y;          /* [nb/2] projections */
-    float *yb;          /* [HB][nb/2] projections of a block of rows (fp32 GEMM) */
+    float *yb;          /* [hb][R nb/2] projections of a block of rows (fp32 GEMM) */
     float *m, *sw;      /* [N] online combination: running max, running weight sum */
     float *delta;       /* [N] dO . out */
     int32_t *qpos;      /* [Cq] positions of the gathered rows (-1: zero-filled) */
@@ -93,13 +93,26 @@ typedef struct lwork {
     float *S, *dP;      /* [Sr][Wk] */
     float *O, *dO, *dQ; /* [Sr][Dv], [Sr][Dv], [Sr][D] */
     float *dK, *dV;     /* [Wk][D], [Wk][Dv] */
+    /* sorted modes (tiles of QW query lanes; dp, dvp = D, Dv padded to 16), rows of a round
+     * in sorted order */
+    float *Ks, *Qs;   /* [N][dp] normalised queries (the keys), scale * queries */
+    float *Vs, *Gs;   /* [N][dvp] values; dout (backward) or the unnormalised O (forward) */
+    float *dQs, *dKs; /* [N][dp] gradients (backward; dQ without the scale) */
+    float *dVs;       /* [N][dvp] */
+    float *ls, *sm;   /* [N] the round's lse, sum of exponentials (forward) */
+    float *qt;        /* [D][QW] scaled queries of a tile, transposed */
+    float *st, *dpt;  /* [Wk][QW] scores then probabilities; dP then dS (transposed) */
+    float *dot;       /* [Dv][QW] dO transposed (backward) */
+    int32_t *cib;     /* [R][QW] (chunk - before) mod nc of each lane per round (dedup) */
 } lwork;
 
 typedef struct lplan {
     int mode, R, nb, C, before, after, dedup;
     int nwin;       /* distinct window chunks (sorted modes, nc = ceil(N / C)) */
     int Cq, Wk, Sr; /* rows gathered, keys gathered, rows per product */
-    float *rot;     /* [H][R][D][nb/2] */
+    int QW, dp, dvp; /* sorted modes: query lanes per tile, D and Dv padded to 16 */
+    float *rot;     /* [H][D][R][nb/2] (all rounds of a head in one product) */
+    int hb;         /* rows per projection block */
     float *rmax;    /* [H][R] max |rot| (error bound of the fp32 projections) */
     float logc[65]; /* log(count), count = 0..R */
     lwork *ws;
@@ -128,25 +141,39 @@ static int lsh_valid(const ef_attn *a, const ef_attn_io *io, int b) {
  * Hashing and sorting (fast path)
  * ------------------------------------------------------------------------------------------- */
 /* x = q / |q| in fp32 for rows [0, n) (double arithmetic: every product below is of two floats,
- * exact in double, so the result does not depend on FMA contraction); nrm = |q| (0: x = 0). */
+ * exact in double, so the result does not depend on FMA contraction; the squares are summed in
+ * the order t = 0..D-1, as the reference does); nrm = |q| (0: x = 0). */
 static void normalise(const float *q, int n, int d, float *x, float *nrm) {
+    typedef double vd8 __attribute__((vector_size(64)));
+    typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
     for (int i = 0; i < n; i++) {
+        const float *qi = q + (size_t)i * d;
+        float *xi = x + (size_t)i * d;
         double ss = 0;
-        for (int t = 0; t < d; t++) ss += (double)q[(size_t)i * d + t] * q[(size_t)i * d + t];
+        for (int t = 0; t < d; t++) ss += (double)qi[t] * qi[t];
         double r = sqrt(ss);
         nrm[i] = (float)r;
-        for (int t = 0; t < d; t++)
-            x[(size_t)i * d + t] = r > 0 ? (float)(q[(size_t)i * d + t] / r) : 0.0f;
+        if (!(r > 0)) {
+            for (int t = 0; t < d; t++) xi[t] = 0.0f;
+            continue;
+        }
+        int t = 0; /* the quotients in double, eight at a time (IEEE division: the same bits) */
+        for (; t + 8 <= d; t += 8) {
+            vd8 qd = __builtin_convertvector(*(const vf8 *)(qi + t), vd8);
+            *(vf8 *)(xi + t) = __builtin_convertvector(qd / r, vf8);
+        }
+        for (; t < d; t++) xi[t] = (float)(qi[t] / r);
     }
 }
 
 /* The bucket of one normalised row: first argmax of [xR, -xR], xR in double (exact products,
- * summed in the order t = 0..D-1). */
-static int exact_bucket(const float *x, const float *rot, int d, int half, double *y) {
+ * summed in the order t = 0..D-1); R is D x half with row stride ld. */
+static int exact_bucket(const float *x, const float *rot, ptrdiff_t ld, int d, int half,
+                        double *y) {
     for (int c = 0; c < half; c++) y[c] = 0;
     for (int t = 0; t < d; t++) {
         double xt = x[t];
-        for (int c = 0; c < half; c++) y[c] += xt * rot[(size_t)t * half + c];
+        for (int c = 0; c < half; c++) y[c] += xt * rot[(size_t)t * ld + c];
     }
     int best = 0;
     double bv = y[0];
@@ -157,37 +184,73 @@ static int exact_bucket(const float *x, const float *rot, int d, int half, doubl
     return best;
 }
 
-/* The same buckets from fp32 GEMM projections of HB rows at a time: a row whose best value
- * beats the runner-up by more than twice the rounding bound of a D-term fp32 dot product
+/* The largest value *b1 of [y, -y] (y of n floats) and the runner-up *b2 (the second largest
+ * |y_c|, or -b1 when n = 1); returns the index of b1 in [y, -y] (the first one; only used when
+ * b1 > b2, where it is unique). */
+static int top2(const float *y, int n, float *b1, float *b2) {
+    vf m1 = vf_set1(-INFINITY), m2 = m1;
+    int c = 0;
+    for (; c + EF_VL <= n; c += EF_VL) { /* lane-wise top two of |y| */
+        vf v = vf_loadu(y + c);
+        vf av = vf_select(v < 0, -v, v);
+        m2 = vf_max(m2, vf_select(av < m1, av, m1));
+        m1 = vf_max(m1, av);
+    }
+    float t1 = -INFINITY, t2 = -INFINITY;
+#define TOP2(v)                                                                                    \
+    do {                                                                                           \
+        float v_ = (v);                                                                            \
+        if (v_ > t1)                                                                               \
+            t2 = t1, t1 = v_;                                                                      \
+        else if (v_ > t2)                                                                          \
+            t2 = v_;                                                                               \
+    } while (0)
+    if (n >= EF_VL)
+        for (int l = 0; l < EF_VL; l++) {
+            TOP2(m1[l]);
+            TOP2(m2[l]);
+        }
+    for (; c < n; c++) TOP2(fabsf(y[c]));
+#undef TOP2
+    /* [y, -y] holds |y_c| and -|y_c| for each c: below the best comes the second largest |y_c|
+     * (>= 0 >= -b1) when n >= 2, else -b1 */
+    *b1 = t1, *b2 = -t1 > t2 ? -t1 : t2;
+    for (c = 0; c < n; c++)
+        if (y[c] == t1) return c;
+    for (c = 0; c < n; c++)
+        if (-y[c] == t1) return n + c;
+    return 0;
+}
+
+/* Every round's buckets from fp32 GEMM projections of hb rows at a time (all rounds in one
+ * product: the rotations are stored [H][D][R][nb/2]): a row whose best value beats the
+ * runner-up by more than twice the rounding bound of a D-term fp32 dot product
  * (D 2^-23 sum|x_t| max|R|, any summation order) has the same argmax as exact_bucket; the
  * others (near-ties) are recomputed by exact_bucket. Results are identical, only faster. Row
- * i's bucket depends on row i alone. */
-static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int r, int valid, const float *x,
-                              int32_t *bucket) {
+ * i's bucket depends on row i alone. bkt is [R][N]. */
+static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int valid, const float *x,
+                              int32_t *bkt) {
     const lplan *p = a->impl;
-    int d = a->shape.head_dim, half = p->nb / 2;
-    const float *rot = p->rot + ((size_t)h * p->R + r) * d * half;
-    double rmax = p->rmax[h * p->R + r];
-    for (int i0 = 0; i0 < valid; i0 += HB) {
-        int rows = EF_MIN(HB, valid - i0);
-        TRY(ef_sgemm(0, 0, rows, half, d, 1.0f, x + (size_t)i0 * d, d, rot, half, 0.0f, w->yb,
-                     half));
+    int n = a->shape.q_len, d = a->shape.head_dim, half = p->nb / 2, R = p->R;
+    int ld = R * half;
+    const float *rot = p->rot + (size_t)h * d * ld;
+    for (int i0 = 0; i0 < valid; i0 += p->hb) {
+        int rows = EF_MIN(p->hb, valid - i0);
+        TRY(ef_sgemm(0, 0, rows, ld, d, 1.0f, x + (size_t)i0 * d, d, rot, ld, 0.0f, w->yb, ld));
         for (int l = 0; l < rows; l++) {
-            const float *y = w->yb + (size_t)l * half, *xi = x + (size_t)(i0 + l) * d;
-            float b1 = -INFINITY, b2 = -INFINITY;
-            int best = 0;
-            for (int c = 0; c < 2 * half; c++) {
-                float v = c < half ? y[c] : -y[c - half];
-                if (v > b1)
-                    b2 = b1, b1 = v, best = c;
-                else if (v > b2)
-                    b2 = v;
-            }
+            int i = i0 + l;
+            const float *xi = x + (size_t)i * d;
             double ax = 0;
             for (int t = 0; t < d; t++) ax += fabsf(xi[t]);
-            double bound = (d + 2) * 0x1p-23 * ax * rmax + 1e-30;
-            bucket[i0 + l] =
-                (double)b1 - b2 > 2 * bound ? best : exact_bucket(xi, rot, d, half, w->y);
+            for (int r = 0; r < R; r++) {
+                float b1, b2;
+                int best = top2(w->yb + (size_t)l * ld + (size_t)r * half, half, &b1, &b2);
+                double bound = (d + 2) * 0x1p-23 * ax * p->rmax[h * R + r] + 1e-30;
+                bkt[(size_t)r * n + i] = (double)b1 - b2 > 2 * bound
+                                             ? best
+                                             : exact_bucket(xi, rot + (size_t)r * half, ld, d,
+                                                            half, w->y);
+            }
         }
     }
     return EF_OK;
@@ -220,19 +283,6 @@ static int window_chunks(const lplan *p, int nc, int c, int *out) {
 
 /* Lowest rank a query of rank rho sees in strict mode (its chunk minus `before` chunks). */
 static int strict_lo(const lplan *p, int rho) { return EF_MAX(0, (rho / p->C - p->before) * p->C); }
-
-/* Sorted modes: rounds in which query i sees key j != i (the key's masks do not depend on the
- * round, only the window does); kr = [N][R] chunk of each position. */
-static int pair_count_sorted(const lplan *p, int nc, const int32_t *kr, int i, int j) {
-    const int32_t *ci = kr + (size_t)i * p->R, *cj = kr + (size_t)j * p->R;
-    int c = 0;
-    for (int r = 0; r < p->R; r++) {
-        int dd = cj[r] - ci[r];
-        dd += dd < 0 ? nc : 0;
-        c += dd <= p->after || nc - dd <= p->before;
-    }
-    return c;
-}
 
 /* Strict mode: rounds in which query i sees key j < i: same bucket, rank >= i's lowest. */
 static int pair_count_strict(const lplan *p, const lwork *w, int i, int j) {
@@ -278,13 +328,15 @@ static ef_status prepare(const ef_attn *a, lwork *w, const float *q, int h, int 
     const lplan *p = a->impl;
     int n = a->shape.q_len, d = a->shape.head_dim, R = p->R;
     normalise(q, valid, d, w->xn, w->nrm);
+    if (rehash) {
+        TRY(fast_buckets(a, w, h, valid, w->xn, bkt));
+        for (int r = 0; r < R; r++)
+            for (int i = valid; i < n; i++) bkt[(size_t)r * n + i] = -1;
+    }
     for (int r = 0; r < R; r++) {
         int32_t *br = bkt + (size_t)r * n, *pr = w->perm + (size_t)r * n;
         int32_t *ir = w->inv + (size_t)r * n;
-        if (rehash) {
-            TRY(fast_buckets(a, w, h, r, valid, w->xn, br));
-            for (int i = valid; i < n; i++) br[i] = -1;
-        } else
+        if (!rehash)
             for (int i = 0; i < valid; i++)
                 if (br[i] < 0 || br[i] >= p->nb)
                     return ef_error(EF_ERR_ARG,
@@ -323,28 +375,6 @@ static ef_status scores(const ef_attn *a, lwork *w, const float *Qb, int nq, int
     const lplan *p = a->impl;
     int d = a->shape.head_dim;
     return ef_sgemm(0, 1, nq, nk, d, a->scale, Qb, d, w->K, d, 0.0f, w->S, p->Wk);
-}
-
-/* Sorted modes: masks and dedup of a chunk's scores; the key of row l itself is at self_base+l. */
-static void mask_sorted(const ef_attn *a, lwork *w, const int32_t *qp, int nq, int nk,
-                        int self_base, int nc) {
-    const lplan *p = a->impl;
-    int causal = p->mode == LSH_SORTED, dd = p->dedup && p->R > 1;
-    for (int l = 0; l < nq; l++) {
-        int i = qp[l], any = 0;
-        float *srow = w->S + (size_t)l * p->Wk, selfv = srow[self_base + l];
-        for (int x = 0; x < nk; x++) {
-            int j = w->kpos[x];
-            if ((causal && j > i) || j == i) {
-                srow[x] = -INFINITY;
-                continue;
-            }
-            any = 1;
-            if (dd) srow[x] -= p->logc[pair_count_sorted(p, nc, w->kr, i, j)];
-        }
-        if (!any) /* the self-mask: itself only when nothing else is visible */
-            srow[self_base + l] = selfv - (dd ? p->logc[w->selfc[i]] : 0.0f);
-    }
 }
 
 /* Strict mode: rows of ranks rho0 + l, keys of ranks lo + x. Row of rank rho sees the keys of
@@ -452,33 +482,6 @@ static ef_status backward_rows(const ef_attn *a, lwork *w, const float *Qb, cons
     return EF_OK;
 }
 
-/* Sorted modes: gathers chunk c of a round (sorted indices [cC, min(L, (c+1)C))) into Q and its
- * window's keys into K, V. Returns the number of keys; *nq the rows, *self_base the index of
- * the chunk's own first key. */
-static int gather_sorted(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
-                         int nc, const int32_t *pr, int c, int *nq, int *self_base) {
-    const lplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, chunks[130], nk = 0;
-    int m = window_chunks(p, nc, c, chunks);
-    for (int t = 0; t < m; t++) {
-        int s0 = chunks[t] * p->C, s1 = EF_MIN(valid, s0 + p->C);
-        if (chunks[t] == c) *self_base = nk;
-        for (int sidx = s0; sidx < s1; sidx++, nk++) {
-            int j = pr[sidx];
-            w->kpos[nk] = j;
-            memcpy(w->K + (size_t)nk * d, w->xn + (size_t)j * d, sizeof(float) * d);
-            memcpy(w->V + (size_t)nk * dv, v + (size_t)j * dv, sizeof(float) * dv);
-        }
-    }
-    int s0 = c * p->C;
-    *nq = EF_MIN(valid, s0 + p->C) - s0;
-    for (int l = 0; l < *nq; l++) {
-        w->qpos[l] = pr[s0 + l];
-        memcpy(w->Q + (size_t)l * d, q + (size_t)w->qpos[l] * d, sizeof(float) * d);
-    }
-    return nk;
-}
-
 /* Strict mode: gathers chunk kap of the bucket whose members are pm[0..m) (position order):
  * rows of ranks [kap C, hi) into Q, keys of ranks [lo, hi) into K, V; ranks >= m are
  * zero-filled (position -1), so that every block has the shape its (kap, block, L) gives. */
@@ -511,6 +514,282 @@ static void gather_strict(const ef_attn *a, lwork *w, const float *q, const floa
     }
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Sorted modes: tiles of QW query lanes against their window, on the tiled engine's kernel
+ * ------------------------------------------------------------------------------------------- */
+/* As in tiled.c, a vector holds EF_VL *queries* (lanes) and scores are kept transposed,
+ * S^T[x][l] for key x of the window and query lane l, so that the per-query softmax statistics
+ * are vertical vector operations and every product is an ef_tile_gemm. Per round, the rows
+ * are gathered once into sorted order (Ks keys, Qs scaled queries, Vs values, Gs dout) and
+ * the per-row results are written in sorted order (Os, dQs, dKs, dVs) and scattered back to
+ * their positions once: the only accesses by position are these two streaming passes (with
+ * prefetch), and a window is one contiguous run of sorted rows or a few (a segment each;
+ * chunk 0 wraps onto the last chunk). ef_tile_gemm sums every element over t in order whatever
+ * the tile shape, and each (batch, head) is one thread's work in a fixed order: results do not
+ * depend on the thread count. */
+typedef struct lseg {
+    int k0, kn, off; /* sorted indices [k0, k0 + kn) are rows [off, off + kn) of S^T */
+} lseg;
+
+enum { PF = 8 }; /* rows prefetched ahead in the passes by position */
+
+static inline void prefetch_row(const float *x, int n) {
+    for (int t = 0; t < n; t += 16) __builtin_prefetch(x + t);
+}
+
+/* dst[0:n] = s src[0:n] (dst aligned to 64 bytes, src anywhere). */
+static inline void copy_row(float *dst, const float *src, int n, float s) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_store(dst + t, vf_loadu(src + t) * s);
+    for (; t < n; t++) dst[t] = src[t] * s;
+}
+
+/* dst[0:n] += s src[0:n] (src aligned to 64 bytes, dst anywhere). */
+static inline void add_row(float *dst, const float *src, int n, float s) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(dst + t, vf_loadu(dst + t) + vf_load(src + t) * s);
+    for (; t < n; t++) dst[t] += src[t] * s;
+}
+
+/* Round r's rows in sorted order: Ks = normalised queries, Qs = scale q, Vs = v, Gs = dout
+ * (backward only, g != NULL); rows padded to dp, dvp. */
+static void gather_round(const ef_attn *a, lwork *w, const float *q, const float *v,
+                         const float *g, const int32_t *pr, int valid) {
+    const lplan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim;
+    for (int s = 0; s < valid; s++) {
+        int j = pr[s];
+        if (s + PF < valid) {
+            int jn = pr[s + PF];
+            prefetch_row(w->xn + (size_t)jn * d, d), prefetch_row(q + (size_t)jn * d, d);
+            prefetch_row(v + (size_t)jn * dv, dv);
+            if (g) prefetch_row(g + (size_t)jn * dv, dv);
+        }
+        copy_row(w->Ks + (size_t)s * p->dp, w->xn + (size_t)j * d, d, 1.0f);
+        copy_row(w->Qs + (size_t)s * p->dp, q + (size_t)j * d, d, a->scale);
+        copy_row(w->Vs + (size_t)s * p->dvp, v + (size_t)j * dv, dv, 1.0f);
+        if (g) copy_row(w->Gs + (size_t)s * p->dvp, g + (size_t)j * dv, dv, 1.0f);
+    }
+}
+
+/* The window of chunk c as segments of consecutive sorted indices (window order; adjacent
+ * chunks merged); *self_off = the row of chunk c's first key. Returns the segment count. */
+static int window_segments(const lplan *p, int valid, int nc, int c, lseg *seg, int *self_off) {
+    int chunks[130], m = window_chunks(p, nc, c, chunks), ns = 0, off = 0;
+    for (int t = 0; t < m; t++) {
+        int k0 = chunks[t] * p->C, kn = EF_MIN(valid, k0 + p->C) - k0;
+        if (chunks[t] == c) *self_off = off;
+        if (ns && seg[ns - 1].k0 + seg[ns - 1].kn == k0)
+            seg[ns - 1].kn += kn;
+        else
+            seg[ns++] = (lseg){k0, kn, off};
+        off += kn;
+    }
+    return ns;
+}
+
+/* S^T of the queries at sorted indices [s0, s0 + nq) of chunk c (round r) against the window:
+ * st[x][l] = scale q_l . k_x, minus log(rounds that attend the pair) with dedup, -inf where
+ * the key is the query itself (or later, reformer_causal); a lane that sees no other key sees
+ * itself (the self-mask). mx gets each lane's max. Returns the window's key count. */
+static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t *pr, int c,
+                       int s0, int nq, const lseg *seg, int nseg, int self_off, vf *mx) {
+    const lplan *p = a->impl;
+    int d = a->shape.head_dim, R = p->R, QW = p->QW, QV = QW / EF_VL;
+    int causal = p->mode == LSH_SORTED, dd = p->dedup && R > 1;
+    int allwin = p->before + p->after + 1 >= nc, span = p->before + p->after;
+    int nk = seg[nseg - 1].off + seg[nseg - 1].kn;
+    int32_t qpos[EF_QT] __attribute__((aligned(64)));
+    float selfv[EF_QT];
+    for (int l = 0; l < QW; l++) {
+        int i = l < nq ? pr[s0 + l] : -1;
+        qpos[l] = i;
+        const float *qs = w->Qs + (size_t)(s0 + l) * p->dp;
+        for (int t = 0; t < d; t++) w->qt[(size_t)t * QW + l] = i >= 0 ? qs[t] : 0.0f;
+        /* dedup: per other round, (chunk of the query - before) mod nc (before < nc here) */
+        for (int rr = 0; rr < R && dd && !allwin; rr++) {
+            int cb = i >= 0 ? w->kr[(size_t)i * R + rr] - p->before : 0;
+            w->cib[(size_t)rr * QW + l] = cb < 0 ? cb + nc : cb;
+        }
+    }
+    for (int x = 0; x < nseg; x++)
+        ef_tile_gemm(seg[x].kn, d, QW, w->Ks + (size_t)seg[x].k0 * p->dp, p->dp, 1, w->qt, QW,
+                     w->st + (size_t)seg[x].off * QW, QW, 0);
+    int selfrow = self_off + s0 - c * p->C; /* row of lane 0's own key; lane l's is + l */
+    for (int l = 0; l < nq; l++) selfv[l] = w->st[(size_t)(selfrow + l) * QW + l];
+    for (int u = 0; u < QV; u++) mx[u] = vf_set1(-INFINITY);
+    float lall = dd && allwin ? p->logc[R] : 0.0f;
+    for (int x = 0; x < nseg; x++)
+        for (int xx = 0; xx < seg[x].kn; xx++) {
+            int j = pr[seg[x].k0 + xx];
+            const int32_t *kj = w->kr + (size_t)j * R;
+            float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
+            for (int u = 0; u < QV; u++) {
+                vi qi = *(const vi *)(qpos + u * EF_VL);
+                vi msk = qi == j;
+                if (causal) msk |= qi < j;
+                vf sv = vf_load(srow + u * EF_VL);
+                if (dd && allwin)
+                    sv -= lall;
+                else if (dd) { /* rounds in which the pair is attended: r, and others' windows */
+                    vi cnt = (vi){0} + 1;
+                    for (int rr = 0; rr < R; rr++) {
+                        if (rr == r) continue;
+                        vi t = kj[rr] - *(const vi *)(w->cib + (size_t)rr * QW + u * EF_VL);
+                        t += (t < 0) & nc;
+                        cnt -= t <= span;
+                    }
+                    vf sub = vf_set1(0);
+                    for (int cc = 2; cc <= R; cc++)
+                        sub = vf_select(cnt == cc, vf_set1(p->logc[cc]), sub);
+                    sv -= sub;
+                }
+                sv = vf_select(msk, vf_set1(-INFINITY), sv);
+                vf_store(srow + u * EF_VL, sv);
+                mx[u] = vf_max(mx[u], sv);
+            }
+        }
+    for (int l = 0; l < nq; l++) { /* the self-mask: itself only when nothing else is visible */
+        if (mx[l / EF_VL][l % EF_VL] != -INFINITY) continue;
+        float sv = selfv[l] - (dd ? p->logc[w->selfc[qpos[l]]] : 0.0f);
+        w->st[(size_t)(selfrow + l) * QW + l] = sv;
+        mx[l / EF_VL][l % EF_VL] = sv;
+    }
+    return nk;
+}
+
+/* Forward of a tile: the unnormalised O = exp(S - max) V into Os (sorted rows), and per row
+ * its round's lse and the sum of the exponentials (ls, sm). */
+static void tile_forward(const ef_attn *a, lwork *w, int r, int nc, const int32_t *pr, int c,
+                         int s0, int nq, const lseg *seg, int nseg, int self_off) {
+    const lplan *p = a->impl;
+    int QW = p->QW, QV = QW / EF_VL;
+    vf mx[EF_QT / EF_VL];
+    int nk = tile_scores(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off, mx);
+    float sum[EF_QT] __attribute__((aligned(64))), use[EF_QT] __attribute__((aligned(64)));
+    for (int u = 0; u < QV; u++) {
+        /* lanes past nq may have seen only -inf: subtract 0 there (never NaN) */
+        vf m = vf_select(mx[u] == -INFINITY, vf_set1(0), mx[u]), sm = vf_set1(0);
+        for (int x = 0; x < nk; x++) {
+            float *ps = w->st + (size_t)x * QW + u * EF_VL;
+            vf e = vf_exp(vf_load(ps) - m);
+            vf_store(ps, e);
+            sm += e;
+        }
+        vf_store(sum + u * EF_VL, sm);
+        vf_store(use + u * EF_VL, m);
+    }
+    /* O[l][e] = sum_x P^T[x][l] V[x][e] */
+    for (int x = 0; x < nseg; x++)
+        ef_tile_gemm(nq, seg[x].kn, p->dvp, w->st + (size_t)seg[x].off * QW, 1, QW,
+                     w->Vs + (size_t)seg[x].k0 * p->dvp, p->dvp, w->Gs + (size_t)s0 * p->dvp,
+                     p->dvp, x > 0);
+    for (int l = 0; l < nq; l++) w->ls[s0 + l] = use[l] + logf(sum[l]), w->sm[s0 + l] = sum[l];
+}
+
+/* Backward of a tile: P = exp(S - L_i) (L_i in w->m), dV += P^T dO, dP = dO V^T,
+ * dS = P (dP - delta), dK += dS^T (scale Q), dQ = dS K (sorted rows: dVs, dKs, dQs). */
+static void tile_backward(const ef_attn *a, lwork *w, int r, int nc, const int32_t *pr, int c,
+                          int s0, int nq, const lseg *seg, int nseg, int self_off) {
+    const lplan *p = a->impl;
+    int dv = a->shape.v_dim, QW = p->QW, QV = QW / EF_VL, dp = p->dp, dvp = p->dvp;
+    float Lq[EF_QT] __attribute__((aligned(64))), dl[EF_QT] __attribute__((aligned(64)));
+    const float *gs = w->Gs + (size_t)s0 * dvp, *qs = w->Qs + (size_t)s0 * dp;
+    for (int l = 0; l < QW; l++) {
+        if (l < nq) { /* lanes past the tile: P = exp(S - inf) = 0, dO = 0 */
+            int i = pr[s0 + l];
+            Lq[l] = w->m[i], dl[l] = w->delta[i];
+        } else
+            Lq[l] = INFINITY, dl[l] = 0.0f;
+        for (int e = 0; e < dv; e++)
+            w->dot[(size_t)e * QW + l] = l < nq ? gs[(size_t)l * dvp + e] : 0.0f;
+    }
+    vf mx[EF_QT / EF_VL];
+    int nk = tile_scores(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off, mx);
+    for (int x = 0; x < nk; x++)
+        for (int u = 0; u < QV; u++) {
+            float *ps = w->st + (size_t)x * QW + u * EF_VL;
+            vf_store(ps, vf_exp(vf_load(ps) - vf_load(Lq + u * EF_VL)));
+        }
+    for (int x = 0; x < nseg; x++) {
+        const float *pt = w->st + (size_t)seg[x].off * QW;
+        /* dV[k][e] += sum_l P^T[k][l] dO[l][e];  dP^T[k][l] = sum_e V[k][e] dO^T[e][l] */
+        ef_tile_gemm(seg[x].kn, nq, dvp, pt, QW, 1, gs, dvp, w->dVs + (size_t)seg[x].k0 * dvp,
+                     dvp, 1);
+        ef_tile_gemm(seg[x].kn, dv, QW, w->Vs + (size_t)seg[x].k0 * dvp, dvp, 1, w->dot, QW,
+                     w->dpt + (size_t)seg[x].off * QW, QW, 0);
+    }
+    for (int x = 0; x < nk; x++)
+        for (int u = 0; u < QV; u++) {
+            float *pd = w->dpt + (size_t)x * QW + u * EF_VL;
+            vf pp = vf_load(w->st + (size_t)x * QW + u * EF_VL);
+            vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
+        }
+    for (int x = 0; x < nseg; x++) {
+        const float *ds = w->dpt + (size_t)seg[x].off * QW;
+        /* dK[k][t] += sum_l dS^T[k][l] (scale Q)[l][t];  dQ[l][t] (+)= sum_k dS^T[k][l] K[k][t] */
+        ef_tile_gemm(seg[x].kn, nq, dp, ds, QW, 1, qs, dp, w->dKs + (size_t)seg[x].k0 * dp, dp,
+                     1);
+        ef_tile_gemm(nq, seg[x].kn, dp, ds, 1, QW, w->Ks + (size_t)seg[x].k0 * dp, dp,
+                     w->dQs + (size_t)s0 * dp, dp, x > 0);
+    }
+}
+
+/* Sorted modes, one head: every round, every chunk, tiles of QW queries; forward (g == NULL:
+ * lse into lse, the online combination over the rounds into out, w->m, w->sw) or backward
+ * (g = dout: gradients into dq, dvo, w->dkn). */
+static void run_sorted(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
+                       const float *g, float *out, float *lse, float *dq, float *dvo) {
+    const lplan *p = a->impl;
+    int n = a->shape.q_len, d = a->shape.head_dim, dv = a->shape.v_dim, C = p->C;
+    int nc = (valid + C - 1) / C, dp = p->dp, dvp = p->dvp;
+    lseg seg[130];
+    for (int r = 0; r < p->R; r++) {
+        const int32_t *pr = w->perm + (size_t)r * n;
+        gather_round(a, w, q, v, g, pr, valid);
+        if (g) {
+            memset(w->dKs, 0, sizeof(float) * (size_t)valid * dp);
+            memset(w->dVs, 0, sizeof(float) * (size_t)valid * dvp);
+        }
+        for (int c = 0; c < nc; c++) {
+            int self_off = 0, nseg = window_segments(p, valid, nc, c, seg, &self_off);
+            int end = EF_MIN(valid, (c + 1) * C);
+            for (int s0 = c * C; s0 < end; s0 += p->QW) {
+                int nq = EF_MIN(p->QW, end - s0);
+                if (g)
+                    tile_backward(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off);
+                else
+                    tile_forward(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off);
+            }
+        }
+        for (int s = 0; s < valid; s++) { /* the round's rows, back to their positions */
+            int i = pr[s];
+            if (g) {
+                if (s + PF < valid) {
+                    int jn = pr[s + PF];
+                    prefetch_row(dq + (size_t)jn * d, d), prefetch_row(dvo + (size_t)jn * dv, dv);
+                    prefetch_row(w->dkn + (size_t)jn * d, d);
+                }
+                add_row(dq + (size_t)i * d, w->dQs + (size_t)s * dp, d, a->scale);
+                add_row(w->dkn + (size_t)i * d, w->dKs + (size_t)s * dp, d, 1.0f);
+                add_row(dvo + (size_t)i * dv, w->dVs + (size_t)s * dvp, dv, 1.0f);
+                continue;
+            }
+            if (s + PF < valid) prefetch_row(out + (size_t)pr[s + PF] * dv, dv);
+            /* online combination over the rounds: out_i = sum_r e^(lse_r - m) O_r / sum_r e^.. */
+            float lr = w->ls[s], mo = w->m[i], mnew = lr > mo ? lr : mo;
+            float fo = mo == -INFINITY ? 0.0f : expf(mo - mnew), fr = expf(lr - mnew);
+            float *o = out + (size_t)i * dv;
+            lse[(size_t)r * n + i] = lr;
+            if (fo != 1.0f)
+                for (int e = 0; e < dv; e++) o[e] *= fo;
+            add_row(o, w->Gs + (size_t)s * dvp, dv, fr / w->sm[s]);
+            w->sw[i] = w->sw[i] * fo + fr;
+            w->m[i] = mnew;
+        }
+    }
+}
+
 /* One head's attention over every round and block: forward (g == NULL: softmax, products and
  * the combination into out, lse) or backward (g = dout: gradients into dq, dvo, w->dkn). */
 static ef_status run_blocks(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
@@ -518,22 +797,12 @@ static ef_status run_blocks(const ef_attn *a, lwork *w, const float *q, const fl
                             float *dvo) {
     const lplan *p = a->impl;
     int n = a->shape.q_len, d = a->shape.head_dim, C = p->C;
-    int nc = (valid + C - 1) / C;
+    if (p->mode != LSH_STRICT) {
+        run_sorted(a, w, q, v, valid, g, out, lse, dq, dvo);
+        return EF_OK;
+    }
     for (int r = 0; r < p->R; r++) {
         const int32_t *pr = w->perm + (size_t)r * n, *br = bkt + (size_t)r * n;
-        if (p->mode != LSH_STRICT) {
-            for (int c = 0; c < nc; c++) {
-                int nq, self_base = 0;
-                int nk = gather_sorted(a, w, q, v, valid, nc, pr, c, &nq, &self_base);
-                TRY(scores(a, w, w->Q, nq, nk));
-                mask_sorted(a, w, w->qpos, nq, nk, self_base, nc);
-                if (g)
-                    TRY(backward_rows(a, w, w->Q, w->qpos, nq, nk, g, dq, dvo));
-                else
-                    TRY(forward_rows(a, w, r, w->qpos, nq, nk, out, lse));
-            }
-            continue;
-        }
         /* strict: each bucket is a run of the sorted order, its members in position order */
         for (int s0 = 0, s1; s0 < valid; s0 = s1) {
             int bucket = br[pr[s0]];
@@ -593,7 +862,7 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
         off += ((size_t)(cnt) * sizeof *(ptr) + 63) / 64 * 64;                                     \
     } while (0)
     TAKE(w->y, half);
-    TAKE(w->yb, (size_t)HB * half);
+    TAKE(w->yb, (size_t)p->hb * R * half);
     TAKE(w->xn, n * d);
     TAKE(w->dkn, n * d);
     TAKE(w->nrm, n);
@@ -609,18 +878,36 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
     TAKE(w->kl, R * n);
     TAKE(w->selfc, n);
     TAKE(w->cnt, (size_t)p->nb + 1);
-    TAKE(w->qpos, Cq);
-    TAKE(w->kpos, Wk);
-    TAKE(w->Q, Cq * d);
-    TAKE(w->K, Wk * d);
-    TAKE(w->V, Wk * dv);
-    TAKE(w->dK, Wk * d);
-    TAKE(w->dV, Wk * dv);
-    TAKE(w->S, Sr * Wk);
-    TAKE(w->dP, Sr * Wk);
-    TAKE(w->O, Sr * dv);
-    TAKE(w->dO, Sr * dv);
-    TAKE(w->dQ, Sr * d);
+    if (p->mode == LSH_STRICT) { /* blocks of gathered rows, ef_sgemm products */
+        TAKE(w->qpos, Cq);
+        TAKE(w->kpos, Wk);
+        TAKE(w->Q, Cq * d);
+        TAKE(w->K, Wk * d);
+        TAKE(w->V, Wk * dv);
+        TAKE(w->dK, Wk * d);
+        TAKE(w->dV, Wk * dv);
+        TAKE(w->S, Sr * Wk);
+        TAKE(w->dP, Sr * Wk);
+        TAKE(w->O, Sr * dv);
+        TAKE(w->dO, Sr * dv);
+        TAKE(w->dQ, Sr * d);
+    } else { /* tiles of QW lanes, ef_tile_gemm products */
+        size_t QW = p->QW, dp = p->dp, dvp = p->dvp;
+        TAKE(w->Ks, n * dp);
+        TAKE(w->Qs, n * dp);
+        TAKE(w->Vs, n * dvp);
+        TAKE(w->Gs, n * dvp);
+        TAKE(w->dQs, n * dp);
+        TAKE(w->dKs, n * dp);
+        TAKE(w->dVs, n * dvp);
+        TAKE(w->ls, n);
+        TAKE(w->sm, n);
+        TAKE(w->qt, d * QW);
+        TAKE(w->st, Wk * QW);
+        TAKE(w->dpt, Wk * QW);
+        TAKE(w->dot, dv * QW);
+        TAKE(w->cib, R * QW);
+    }
 #undef TAKE
     return off;
 }
@@ -670,19 +957,32 @@ static ef_status lsh_init(ef_attn *a) {
     } else {
         p->Wk = (int)EF_MIN((int64_t)n, (int64_t)p->nwin * p->C);
         p->Sr = p->Cq;
+        p->QW = EF_MIN(EF_QT, (p->Cq + 15) / 16 * 16);
+        p->dp = (d + 15) / 16 * 16;
+        p->dvp = (s->v_dim + 15) / 16 * 16;
     }
     size_t nrot = (size_t)s->heads * R * d * half;
     p->rot = ef_malloc(nrot * sizeof(float));
     p->rmax = malloc(sizeof(float) * s->heads * R);
     if (!p->rot || !p->rmax) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
+    /* the draw of (h, r) is D x nb/2 row-major; stored interleaved, row t of head h holds
+     * every round's row t */
+    float *draw = malloc(sizeof(float) * d * half);
+    if (!draw) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
     for (int h = 0; h < s->heads; h++)
         for (int r = 0; r < R; r++) {
-            float *rot = p->rot + ((size_t)h * R + r) * d * half, mx = 0;
-            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, (size_t)d * half, rot);
+            float mx = 0;
+            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, (size_t)d * half, draw);
             for (size_t x = 0; x < (size_t)d * half; x++)
-                mx = fabsf(rot[x]) > mx ? fabsf(rot[x]) : mx;
+                mx = fabsf(draw[x]) > mx ? fabsf(draw[x]) : mx;
             p->rmax[h * R + r] = mx;
+            for (int t = 0; t < d; t++)
+                memcpy(p->rot + (((size_t)h * d + t) * R + r) * half, draw + (size_t)t * half,
+                       sizeof(float) * half);
         }
+    free(draw);
+    /* about 64K floats of projections per block, 1 to 256 rows */
+    p->hb = (int)EF_MAX(1, EF_MIN(256, 65536 / ((int64_t)R * half)));
     lwork probe;
     size_t per = slot_layout(a, NULL, &probe);
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
@@ -692,6 +992,7 @@ static ef_status lsh_init(ef_attn *a) {
     if (!p->ws || !p->status || !p->msg || !p->block)
         return ef_error(EF_ERR_NOMEM, "lsh: out of memory for workspace");
     a->ws_bytes = per * a->slots + nrot * sizeof(float);
+    if (!a->ws_borrowed) memset(p->block, 0, per * a->slots); /* zero padding columns */
     for (int t = 0; t < a->slots; t++) slot_layout(a, (char *)p->block + per * t, &p->ws[t]);
     return EF_OK;
 }
