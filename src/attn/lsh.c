@@ -103,7 +103,8 @@ typedef struct lwork {
     float *qt;        /* [D][QW] scaled queries of a tile, transposed */
     float *st, *dpt;  /* [Wk][QW] scores then probabilities; dP then dS (transposed) */
     float *dot;       /* [Dv][QW] dO transposed (backward) */
-    int32_t *cib;     /* [R][QW] (chunk - before) mod nc of each lane per round (dedup) */
+    uint64_t *lw;     /* [R][nc] lanes of the tile whose window holds the chunk (dedup; zero
+                       * between tiles) */
 } lwork;
 
 typedef struct lplan {
@@ -197,21 +198,21 @@ static int top2(const float *y, int n, float *b1, float *b2) {
         m1 = vf_max(m1, av);
     }
     float t1 = -INFINITY, t2 = -INFINITY;
-#define TOP2(v)                                                                                    \
-    do {                                                                                           \
-        float v_ = (v);                                                                            \
-        if (v_ > t1)                                                                               \
-            t2 = t1, t1 = v_;                                                                      \
-        else if (v_ > t2)                                                                          \
-            t2 = v_;                                                                               \
-    } while (0)
-    if (n >= EF_VL)
+    if (n >= EF_VL) { /* across lanes: t1 = the largest m1; t2 = the largest m2 or other m1 */
+        for (int l = 0; l < EF_VL; l++) t1 = m1[l] > t1 ? m1[l] : t1;
+        int ties = 0;
         for (int l = 0; l < EF_VL; l++) {
-            TOP2(m1[l]);
-            TOP2(m2[l]);
+            ties += m1[l] == t1;
+            float o = m1[l] == t1 ? m2[l] : m1[l];
+            t2 = o > t2 ? o : t2;
         }
-    for (; c < n; c++) TOP2(fabsf(y[c]));
-#undef TOP2
+        t2 = ties > 1 ? t1 : t2;
+    }
+    for (; c < n; c++) {
+        float v = fabsf(y[c]);
+        t2 = v > t1 ? t1 : v > t2 ? v : t2;
+        t1 = v > t1 ? v : t1;
+    }
     /* [y, -y] holds |y_c| and -|y_c| for each c: below the best comes the second largest |y_c|
      * (>= 0 >= -b1) when n >= 2, else -b1 */
     *b1 = t1, *b2 = -t1 > t2 ? -t1 : t2;
@@ -588,73 +589,109 @@ static int window_segments(const lplan *p, int valid, int nc, int c, lseg *seg, 
     return ns;
 }
 
+/* Dedup: sets (set = 1) or clears the bits of the nq lanes (queries at positions qp[0..nq)) in
+ * w->lw[rr][chunk] for the chunks of their round-rr windows, every round rr != r. */
+static void lane_windows(const ef_attn *a, lwork *w, int r, int nc, const int32_t *qp, int nq,
+                         int set) {
+    const lplan *p = a->impl;
+    int R = p->R, span = p->before + p->after;
+    for (int l = 0; l < nq; l++) {
+        const int32_t *ki = w->kr + (size_t)qp[l] * R;
+        for (int rr = 0; rr < R; rr++) {
+            if (rr == r) continue;
+            uint64_t *lw = w->lw + (size_t)rr * nc;
+            int cb = ki[rr] - p->before; /* before < nc - after here */
+            cb += cb < 0 ? nc : 0;
+            for (int o = 0; o <= span; o++) {
+                int ch = cb + o < nc ? cb + o : cb + o - nc;
+                lw[ch] = set ? lw[ch] | (uint64_t)1 << l : 0;
+            }
+        }
+    }
+}
+
 /* S^T of the queries at sorted indices [s0, s0 + nq) of chunk c (round r) against the window:
  * st[x][l] = scale q_l . k_x, minus log(rounds that attend the pair) with dedup, -inf where
  * the key is the query itself (or later, reformer_causal); a lane that sees no other key sees
- * itself (the self-mask). mx gets each lane's max. Returns the window's key count. */
+ * itself (the self-mask). mx (may be NULL) gets each lane's max. Returns the window's key
+ * count.
+ * Dedup: a pair of the window is attended in round r and in each other round rr whose window
+ * of the query holds the key's chunk. Per tile, lw[rr][chunk] is the bit set of the lanes whose
+ * round-rr window holds that chunk, so a key's other rounds are a few table reads and its
+ * count exceeds 1 only on the lanes in the union of its bit sets (a few of the QW <= 64). */
 static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t *pr, int c,
                        int s0, int nq, const lseg *seg, int nseg, int self_off, vf *mx) {
     const lplan *p = a->impl;
     int d = a->shape.head_dim, R = p->R, QW = p->QW, QV = QW / EF_VL;
     int causal = p->mode == LSH_SORTED, dd = p->dedup && R > 1;
-    int allwin = p->before + p->after + 1 >= nc, span = p->before + p->after;
+    int allwin = p->before + p->after + 1 >= nc;
     int nk = seg[nseg - 1].off + seg[nseg - 1].kn;
-    int32_t qpos[EF_QT] __attribute__((aligned(64)));
-    float selfv[EF_QT];
-    for (int l = 0; l < QW; l++) {
-        int i = l < nq ? pr[s0 + l] : -1;
-        qpos[l] = i;
-        const float *qs = w->Qs + (size_t)(s0 + l) * p->dp;
-        for (int t = 0; t < d; t++) w->qt[(size_t)t * QW + l] = i >= 0 ? qs[t] : 0.0f;
-        /* dedup: per other round, (chunk of the query - before) mod nc (before < nc here) */
-        for (int rr = 0; rr < R && dd && !allwin; rr++) {
-            int cb = i >= 0 ? w->kr[(size_t)i * R + rr] - p->before : 0;
-            w->cib[(size_t)rr * QW + l] = cb < 0 ? cb + nc : cb;
-        }
+    const float *qs = w->Qs + (size_t)s0 * p->dp;
+    for (int t = 0; t < d; t++) {
+        float *qt = w->qt + (size_t)t * QW;
+        for (int l = 0; l < nq; l++) qt[l] = qs[(size_t)l * p->dp + t];
+        for (int l = nq; l < QW; l++) qt[l] = 0.0f;
     }
     for (int x = 0; x < nseg; x++)
         ef_tile_gemm(seg[x].kn, d, QW, w->Ks + (size_t)seg[x].k0 * p->dp, p->dp, 1, w->qt, QW,
                      w->st + (size_t)seg[x].off * QW, QW, 0);
     int selfrow = self_off + s0 - c * p->C; /* row of lane 0's own key; lane l's is + l */
+    float selfv[EF_QT];
     for (int l = 0; l < nq; l++) selfv[l] = w->st[(size_t)(selfrow + l) * QW + l];
-    for (int u = 0; u < QV; u++) mx[u] = vf_set1(-INFINITY);
-    float lall = dd && allwin ? p->logc[R] : 0.0f;
-    for (int x = 0; x < nseg; x++)
-        for (int xx = 0; xx < seg[x].kn; xx++) {
-            int j = pr[seg[x].k0 + xx];
-            const int32_t *kj = w->kr + (size_t)j * R;
-            float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
+    if (dd && allwin) /* every pair is attended in every round */
+        for (int x = 0; x < nk; x++)
             for (int u = 0; u < QV; u++) {
-                vi qi = *(const vi *)(qpos + u * EF_VL);
-                vi msk = qi == j;
-                if (causal) msk |= qi < j;
-                vf sv = vf_load(srow + u * EF_VL);
-                if (dd && allwin)
-                    sv -= lall;
-                else if (dd) { /* rounds in which the pair is attended: r, and others' windows */
-                    vi cnt = (vi){0} + 1;
-                    for (int rr = 0; rr < R; rr++) {
-                        if (rr == r) continue;
-                        vi t = kj[rr] - *(const vi *)(w->cib + (size_t)rr * QW + u * EF_VL);
-                        t += (t < 0) & nc;
-                        cnt -= t <= span;
-                    }
-                    vf sub = vf_set1(0);
-                    for (int cc = 2; cc <= R; cc++)
-                        sub = vf_select(cnt == cc, vf_set1(p->logc[cc]), sub);
-                    sv -= sub;
-                }
-                sv = vf_select(msk, vf_set1(-INFINITY), sv);
-                vf_store(srow + u * EF_VL, sv);
-                mx[u] = vf_max(mx[u], sv);
+                float *ps = w->st + (size_t)x * QW + u * EF_VL;
+                vf_store(ps, vf_load(ps) - p->logc[R]);
             }
-        }
-    for (int l = 0; l < nq; l++) { /* the self-mask: itself only when nothing else is visible */
-        if (mx[l / EF_VL][l % EF_VL] != -INFINITY) continue;
-        float sv = selfv[l] - (dd ? p->logc[w->selfc[qpos[l]]] : 0.0f);
-        w->st[(size_t)(selfrow + l) * QW + l] = sv;
-        mx[l / EF_VL][l % EF_VL] = sv;
+    else if (dd) {
+        lane_windows(a, w, r, nc, pr + s0, nq, 1);
+        for (int x = 0; x < nseg; x++)
+            for (int xx = 0; xx < seg[x].kn; xx++) {
+                const int32_t *kj = w->kr + (size_t)pr[seg[x].k0 + xx] * R;
+                float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
+                uint64_t any = 0;
+                for (int rr = 0; rr < R; rr++)
+                    if (rr != r) any |= w->lw[(size_t)rr * nc + kj[rr]];
+                while (any) { /* lanes that attend this key in another round too */
+                    int l = __builtin_ctzll(any), cnt = 1;
+                    any &= any - 1;
+                    for (int rr = 0; rr < R; rr++)
+                        if (rr != r) cnt += (int)(w->lw[(size_t)rr * nc + kj[rr]] >> l) & 1;
+                    srow[l] -= p->logc[cnt];
+                }
+            }
+        lane_windows(a, w, r, nc, pr + s0, nq, 0);
     }
+    if (causal) { /* reformer_causal: keys later than the query */
+        int32_t qpos[EF_QT] __attribute__((aligned(64)));
+        for (int l = 0; l < QW; l++) qpos[l] = l < nq ? pr[s0 + l] : INT32_MAX;
+        for (int x = 0; x < nseg; x++)
+            for (int xx = 0; xx < seg[x].kn; xx++) {
+                int j = pr[seg[x].k0 + xx];
+                float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
+                for (int u = 0; u < QV; u++) {
+                    vi later = *(const vi *)(qpos + u * EF_VL) < j;
+                    vf_store(srow + u * EF_VL,
+                             vf_select(later, vf_set1(-INFINITY), vf_load(srow + u * EF_VL)));
+                }
+            }
+    }
+    for (int l = 0; l < nq; l++) w->st[(size_t)(selfrow + l) * QW + l] = -INFINITY;
+    vf m[EF_QT / EF_VL];
+    for (int u = 0; u < QV; u++) {
+        vf mu = vf_set1(-INFINITY);
+        for (int x = 0; x < nk; x++) mu = vf_max(mu, vf_load(w->st + (size_t)x * QW + u * EF_VL));
+        m[u] = mu;
+    }
+    for (int l = 0; l < nq; l++) { /* the self-mask: itself only when nothing else is visible */
+        if (m[l / EF_VL][l % EF_VL] != -INFINITY) continue;
+        float sv = selfv[l] - (dd ? p->logc[w->selfc[pr[s0 + l]]] : 0.0f);
+        w->st[(size_t)(selfrow + l) * QW + l] = sv;
+        m[l / EF_VL][l % EF_VL] = sv;
+    }
+    if (mx)
+        for (int u = 0; u < QV; u++) mx[u] = m[u];
     return nk;
 }
 
@@ -704,8 +741,7 @@ static void tile_backward(const ef_attn *a, lwork *w, int r, int nc, const int32
         for (int e = 0; e < dv; e++)
             w->dot[(size_t)e * QW + l] = l < nq ? gs[(size_t)l * dvp + e] : 0.0f;
     }
-    vf mx[EF_QT / EF_VL];
-    int nk = tile_scores(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off, mx);
+    int nk = tile_scores(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off, NULL);
     for (int x = 0; x < nk; x++)
         for (int u = 0; u < QV; u++) {
             float *ps = w->st + (size_t)x * QW + u * EF_VL;
@@ -906,7 +942,7 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
         TAKE(w->st, Wk * QW);
         TAKE(w->dpt, Wk * QW);
         TAKE(w->dot, dv * QW);
-        TAKE(w->cib, R * QW);
+        TAKE(w->lw, R * ((n + p->C - 1) / p->C));
     }
 #undef TAKE
     return off;
