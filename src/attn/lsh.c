@@ -186,41 +186,44 @@ static int exact_bucket(const float *x, const float *rot, ptrdiff_t ld, int d, i
 }
 
 /* The largest value *b1 of [y, -y] (y of n floats) and the runner-up *b2 (the second largest
- * |y_c|, or -b1 when n = 1); returns the index of b1 in [y, -y] (the first one; only used when
- * b1 > b2, where it is unique). */
+ * |y_c|, or -b1 when n = 1); returns an index of b1 in [y, -y] (used only when b1 > b2, where
+ * it is unique). */
 static int top2(const float *y, int n, float *b1, float *b2) {
     vf m1 = vf_set1(-INFINITY), m2 = m1;
+    vi at = (vi){0}, cv = vi_iota();
     int c = 0;
-    for (; c + EF_VL <= n; c += EF_VL) { /* lane-wise top two of |y| */
+    for (; c + EF_VL <= n; c += EF_VL, cv += EF_VL) { /* lane-wise top two of |y|, where */
         vf v = vf_loadu(y + c);
         vf av = vf_select(v < 0, -v, v);
-        m2 = vf_max(m2, vf_select(av < m1, av, m1));
-        m1 = vf_max(m1, av);
+        vi up = av > m1;
+        m2 = vf_max(m2, vf_select(up, m1, av));
+        m1 = vf_select(up, av, m1);
+        at = (at & ~up) | (cv & up);
     }
     float t1 = -INFINITY, t2 = -INFINITY;
+    int best = 0;
     if (n >= EF_VL) { /* across lanes: t1 = the largest m1; t2 = the largest m2 or other m1 */
         for (int l = 0; l < EF_VL; l++) t1 = m1[l] > t1 ? m1[l] : t1;
         int ties = 0;
         for (int l = 0; l < EF_VL; l++) {
-            ties += m1[l] == t1;
-            float o = m1[l] == t1 ? m2[l] : m1[l];
+            int top = m1[l] == t1;
+            ties += top;
+            best = top ? at[l] : best;
+            float o = top ? m2[l] : m1[l];
             t2 = o > t2 ? o : t2;
         }
         t2 = ties > 1 ? t1 : t2;
     }
     for (; c < n; c++) {
         float v = fabsf(y[c]);
+        best = v > t1 ? c : best;
         t2 = v > t1 ? t1 : v > t2 ? v : t2;
         t1 = v > t1 ? v : t1;
     }
     /* [y, -y] holds |y_c| and -|y_c| for each c: below the best comes the second largest |y_c|
      * (>= 0 >= -b1) when n >= 2, else -b1 */
     *b1 = t1, *b2 = -t1 > t2 ? -t1 : t2;
-    for (c = 0; c < n; c++)
-        if (y[c] == t1) return c;
-    for (c = 0; c < n; c++)
-        if (-y[c] == t1) return n + c;
-    return 0;
+    return y[best] > 0 ? best : n + best;
 }
 
 /* Every round's buckets from fp32 GEMM projections of hb rows at a time (all rounds in one
@@ -241,8 +244,17 @@ static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int valid, cons
         for (int l = 0; l < rows; l++) {
             int i = i0 + l;
             const float *xi = x + (size_t)i * d;
-            double ax = 0;
-            for (int t = 0; t < d; t++) ax += fabsf(xi[t]);
+            double ax = 0; /* sum |x_t| (any order: a bound with slack) */
+            {
+                vf sa = vf_set1(0);
+                int t = 0;
+                for (; t + EF_VL <= d; t += EF_VL) {
+                    vf xv = vf_loadu(xi + t);
+                    sa += vf_select(xv < 0, -xv, xv);
+                }
+                for (int l = 0; l < EF_VL; l++) ax += sa[l];
+                for (; t < d; t++) ax += fabsf(xi[t]);
+            }
             for (int r = 0; r < R; r++) {
                 float b1, b2;
                 int best = top2(w->yb + (size_t)l * ld + (size_t)r * half, half, &b1, &b2);
@@ -650,12 +662,15 @@ static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t 
             for (int xx = 0; xx < seg[x].kn; xx++) {
                 const int32_t *kj = w->kr + (size_t)pr[seg[x].k0 + xx] * R;
                 float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
-                uint64_t any = 0;
-                for (int rr = 0; rr < R; rr++)
-                    if (rr != r) any |= w->lw[(size_t)rr * nc + kj[rr]];
-                while (any) { /* lanes that attend this key in another round too */
-                    int l = __builtin_ctzll(any), cnt = 1;
-                    any &= any - 1;
+                uint64_t one = 0, two = 0; /* lanes of >= 1, >= 2 other rounds */
+                for (int rr = 0; rr < R; rr++) {
+                    if (rr == r) continue;
+                    uint64_t m = w->lw[(size_t)rr * nc + kj[rr]];
+                    two |= one & m, one |= m;
+                }
+                for (uint64_t b = one & ~two; b; b &= b - 1) srow[__builtin_ctzll(b)] -= p->logc[2];
+                for (; two; two &= two - 1) { /* rare: count the rounds */
+                    int l = __builtin_ctzll(two), cnt = 1;
                     for (int rr = 0; rr < R; rr++)
                         if (rr != r) cnt += (int)(w->lw[(size_t)rr * nc + kj[rr]] >> l) & 1;
                     srow[l] -= p->logc[cnt];
