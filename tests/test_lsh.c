@@ -130,6 +130,10 @@ static void versus_reference(void) {
     ef_attn_shape s2 = {1, 3, 203, 203, 16, 12};
     int32_t l2[1] = {190}, q2[1] = {181};
     ef_attn_shape s3 = {1, 1, 5, 5, 8, 3};
+    /* sorted modes run chunks as tiles of <= 64 query lanes: chunk=130 gives tiles 64+64+2, the
+     * last chunk of 519 valid positions holds 129 (64+64+1) */
+    ef_attn_shape s4 = {1, 2, 530, 530, 40, 36};
+    int32_t l4[1] = {519};
     int32_t l3[1] = {0};
     for (int m = 0; m < 3; m++) {
         char o[256], lab[256];
@@ -152,6 +156,9 @@ static void versus_reference(void) {
         CASE("N=203 chunk=72 buckets=2 (blocks 32+32+8)", s2, "chunk=72,buckets=2,hashes=3", l2,
              NULL, 0);
         CASE("N=203 window > chunks", s2, "chunk=64,before=3,after=2", l2, NULL, 0);
+        CASE("N=256 chunk=72 hashes=5 (tiles 64+8)", s1, "chunk=72,hashes=5", lens, qlens, 0);
+        CASE("N=530 chunk=130 before=2 (tiles 64+64+2)", s4, "chunk=130,before=2,hashes=3", l4,
+             NULL, 0);
         CASE("N=5 chunk=64 (one chunk)", s3, "hashes=2", NULL, NULL, 0);
         CASE("N=5 all padded", s3, "hashes=2", l3, NULL, 0);
         CASE("N=203 zero query rows", s2, "chunk=32,seed=5", l2, NULL, 1);
@@ -746,8 +753,9 @@ static void threads(void) {
     ef_attn_shape s = {2, 3, 300, 300, 32, 32};
     int32_t lens[2] = {300, 211}, ql[2] = {250, 300};
     const char *specs[] = {"lsh:chunk=32", "lsh:chunk=32,causal=1",
-                           "lsh:chunk=32,causal=1,reformer_causal=1"};
-    for (size_t c = 0; c < 3; c++) {
+                           "lsh:chunk=32,causal=1,reformer_causal=1",
+                           "lsh:chunk=72,hashes=5,before=2"};
+    for (size_t c = 0; c < sizeof specs / sizeof specs[0]; c++) {
         bufs in, o1, o2;
         ef_test_inputs(&in, s, 61, 1.0f);
         ef_test_outputs(&o1, &in), ef_test_outputs(&o2, &in);
