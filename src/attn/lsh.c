@@ -39,8 +39,12 @@
  * Replay (ef_attn_forward_replay, both paths): the buckets are read from saved instead of hashed
  * (after checking them against io's lengths); everything after the hashing is the forward's own
  * code, so saved comes out as a forward with those buckets would write it.
- * Work: (batch, head) items in parallel, one workspace slot per thread, GEMMs single-threaded,
- * every failure of a product reported. Sorted modes: per chunk C x W scores, W = C |window|.
+ * Work: (batch, head) items in parallel, one workspace slot per thread, products
+ * single-threaded, every failure of a product reported. Hashing: one fp32 GEMM per block of rows
+ * for every round. Sorted modes: per round the rows are gathered into sorted order once; each
+ * chunk's tiles of <= 64 queries against the window's keys (W = C |window|) run on the tiled
+ * engine's micro-kernel (ef_tile_gemm), scores transposed (lanes = queries); results go back
+ * to their positions once per round.
  * Strict mode: per bucket, per chunk, products of QB query rows against the chunk's keys up to
  * the block's last rank; their shapes depend only on (chunk, block, L), never on how many later
  * positions share the bucket, so earlier rows are computed bit for bit the same whatever
