@@ -107,6 +107,7 @@ typedef struct lwork {
     float *qt;        /* [D][QW] scaled queries of a tile, transposed */
     float *st, *dpt;  /* [Wk][QW] scores then probabilities; dP then dS (transposed) */
     float *dot;       /* [Dv][QW] dO transposed (backward) */
+    int32_t *krs;     /* [N][R] kr of the round's sorted rows (dedup) */
     uint64_t *lw;     /* [R][nc] lanes of the tile whose window holds the chunk (dedup; zero
                        * between tiles) */
 } lwork;
@@ -207,16 +208,19 @@ static int top2(const float *y, int n, float *b1, float *b2) {
     float t1 = -INFINITY, t2 = -INFINITY;
     int best = 0;
     if (n >= EF_VL) { /* across lanes: t1 = the largest m1; t2 = the largest m2 or other m1 */
-        for (int l = 0; l < EF_VL; l++) t1 = m1[l] > t1 ? m1[l] : t1;
-        int ties = 0;
-        for (int l = 0; l < EF_VL; l++) {
-            int top = m1[l] == t1;
-            ties += top;
-            best = top ? at[l] : best;
-            float o = top ? m2[l] : m1[l];
-            t2 = o > t2 ? o : t2;
+        vf h1 = m1;
+        for (int sh = EF_VL / 2; sh > 0; sh /= 2) /* butterfly: every lane gets the max */
+            h1 = vf_max(h1, __builtin_shuffle(h1, vi_iota() ^ sh));
+        t1 = h1[0];
+        vi top = m1 == h1, ties = top & 1, at1 = at & top;
+        vf h2 = vf_select(top, m2, m1);
+        for (int sh = EF_VL / 2; sh > 0; sh /= 2) {
+            h2 = vf_max(h2, __builtin_shuffle(h2, vi_iota() ^ sh));
+            ties += __builtin_shuffle(ties, vi_iota() ^ sh);
+            at1 += __builtin_shuffle(at1, vi_iota() ^ sh);
         }
-        t2 = ties > 1 ? t1 : t2;
+        t2 = ties[0] > 1 ? t1 : h2[0];
+        best = at1[0]; /* the argmax when unique (else unused) */
     }
     for (; c < n; c++) {
         float v = fabsf(y[c]);
@@ -568,6 +572,14 @@ static inline void add_row(float *dst, const float *src, int n, float s) {
     for (; t < n; t++) dst[t] += src[t] * s;
 }
 
+/* dst[0:n] = fo dst[0:n] + f src[0:n] (src aligned to 64 bytes, dst anywhere). */
+static inline void combine_row(float *dst, float fo, const float *src, float f, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL)
+        vf_storeu(dst + t, vf_loadu(dst + t) * fo + vf_load(src + t) * f);
+    for (; t < n; t++) dst[t] = dst[t] * fo + src[t] * f;
+}
+
 /* Round r's rows in sorted order: Ks = normalised queries, Qs = scale q, Vs = v, Gs = dout
  * (backward only, g != NULL); rows padded to dp, dvp. */
 static void gather_round(const ef_attn *a, lwork *w, const float *q, const float *v,
@@ -586,6 +598,8 @@ static void gather_round(const ef_attn *a, lwork *w, const float *q, const float
         copy_row(w->Qs + (size_t)s * p->dp, q + (size_t)j * d, d, a->scale);
         copy_row(w->Vs + (size_t)s * p->dvp, v + (size_t)j * dv, dv, 1.0f);
         if (g) copy_row(w->Gs + (size_t)s * p->dvp, g + (size_t)j * dv, dv, 1.0f);
+        if (p->dedup && p->R > 1)
+            memcpy(w->krs + (size_t)s * p->R, w->kr + (size_t)j * p->R, sizeof(int32_t) * p->R);
     }
 }
 
@@ -605,14 +619,17 @@ static int window_segments(const lplan *p, int valid, int nc, int c, lseg *seg, 
     return ns;
 }
 
-/* Dedup: sets (set = 1) or clears the bits of the nq lanes (queries at positions qp[0..nq)) in
- * w->lw[rr][chunk] for the chunks of their round-rr windows, every round rr != r. */
-static void lane_windows(const ef_attn *a, lwork *w, int r, int nc, const int32_t *qp, int nq,
-                         int set) {
+/* Dedup: sets (set = 1) or clears the bits of the nq lanes (the queries at sorted indices
+ * s0 + l) in w->lw[rr][chunk] for the chunks of their round-rr windows, every round rr != r. */
+static void lane_windows(const ef_attn *a, lwork *w, int r, int nc, int s0, int nq, int set) {
     const lplan *p = a->impl;
     int R = p->R, span = p->before + p->after;
+    if (!set && (size_t)nc <= (size_t)nq * (span + 1)) { /* fewer words than lanes' chunks */
+        memset(w->lw, 0, sizeof(uint64_t) * R * nc);
+        return;
+    }
     for (int l = 0; l < nq; l++) {
-        const int32_t *ki = w->kr + (size_t)qp[l] * R;
+        const int32_t *ki = w->krs + (size_t)(s0 + l) * R;
         for (int rr = 0; rr < R; rr++) {
             if (rr == r) continue;
             uint64_t *lw = w->lw + (size_t)rr * nc;
@@ -661,10 +678,10 @@ static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t 
                 vf_store(ps, vf_load(ps) - p->logc[R]);
             }
     else if (dd) {
-        lane_windows(a, w, r, nc, pr + s0, nq, 1);
+        lane_windows(a, w, r, nc, s0, nq, 1);
         for (int x = 0; x < nseg; x++)
             for (int xx = 0; xx < seg[x].kn; xx++) {
-                const int32_t *kj = w->kr + (size_t)pr[seg[x].k0 + xx] * R;
+                const int32_t *kj = w->krs + (size_t)(seg[x].k0 + xx) * R;
                 float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
                 uint64_t one = 0, two = 0; /* lanes of >= 1, >= 2 other rounds */
                 for (int rr = 0; rr < R; rr++) {
@@ -680,7 +697,7 @@ static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t 
                     srow[l] -= p->logc[cnt];
                 }
             }
-        lane_windows(a, w, r, nc, pr + s0, nq, 0);
+        lane_windows(a, w, r, nc, s0, nq, 0);
     }
     if (causal) { /* reformer_causal: keys later than the query */
         int32_t qpos[EF_QT] __attribute__((aligned(64)));
@@ -836,9 +853,7 @@ static void run_sorted(const ef_attn *a, lwork *w, const float *q, const float *
             float fo = mo == -INFINITY ? 0.0f : expf(mo - mnew), fr = expf(lr - mnew);
             float *o = out + (size_t)i * dv;
             lse[(size_t)r * n + i] = lr;
-            if (fo != 1.0f)
-                for (int e = 0; e < dv; e++) o[e] *= fo;
-            add_row(o, w->Gs + (size_t)s * dvp, dv, fr / w->sm[s]);
+            combine_row(o, fo, w->Gs + (size_t)s * dvp, fr / w->sm[s], dv);
             w->sw[i] = w->sw[i] * fo + fr;
             w->m[i] = mnew;
         }
@@ -962,6 +977,7 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
         TAKE(w->dpt, Wk * QW);
         TAKE(w->dot, dv * QW);
         TAKE(w->lw, R * ((n + p->C - 1) / p->C));
+        TAKE(w->krs, R * n);
     }
 #undef TAKE
     return off;
