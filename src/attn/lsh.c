@@ -62,7 +62,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { QB = 32 };   /* query rows per product in strict causal mode */
 enum { MSG = 256 }; /* bytes of a worker's error message */
 enum { OPT_HASHES, OPT_BUCKETS, OPT_CHUNK, OPT_BEFORE, OPT_AFTER, OPT_DEDUP, OPT_REFORMER };
 /* causal=0; causal=1 (strict); causal=1,reformer_causal=1 (sorted chunks, j <= i) */
@@ -91,14 +90,7 @@ typedef struct lwork {
     float *yb;          /* [hb][R nb/2] projections of a block of rows (fp32 GEMM) */
     float *m, *sw;      /* [N] online combination: running max, running weight sum */
     float *delta;       /* [N] dO . out */
-    int32_t *qpos;      /* [Cq] positions of the gathered rows (-1: zero-filled) */
-    int32_t *kpos;      /* [Wk] positions of the gathered keys (-1: zero-filled) */
-    float *Q, *K, *V;   /* [Cq][D], [Wk][D], [Wk][Dv] */
-    float *S, *dP;      /* [Sr][Wk] */
-    float *O, *dO, *dQ; /* [Sr][Dv], [Sr][Dv], [Sr][D] */
-    float *dK, *dV;     /* [Wk][D], [Wk][Dv] */
-    /* sorted modes (tiles of QW query lanes; dp, dvp = D, Dv padded to 16), rows of a round
-     * in sorted order */
+    /* tiles of QW query lanes (dp, dvp = D, Dv padded to 16); rows of a round in sorted order */
     float *Ks, *Qs;   /* [N][dp] normalised queries (the keys), scale * queries */
     float *Vs, *Gs;   /* [N][dvp] values; dout (backward) or the unnormalised O (forward) */
     float *dQs, *dKs; /* [N][dp] gradients (backward; dQ without the scale) */
@@ -108,6 +100,7 @@ typedef struct lwork {
     float *st, *dpt;  /* [Wk][QW] scores then probabilities; dP then dS (transposed) */
     float *dot;       /* [Dv][QW] dO transposed (backward) */
     int32_t *krs;     /* [N][R] kr of the round's sorted rows (dedup) */
+    int32_t *cib;     /* [2][R][QW] strict dedup: each lane's bucket and lowest rank per round */
     uint64_t *lw;     /* [R][nc] lanes of the tile whose window holds the chunk (dedup; zero
                        * between tiles) */
 } lwork;
@@ -115,8 +108,8 @@ typedef struct lwork {
 typedef struct lplan {
     int mode, R, nb, C, before, after, dedup;
     int nwin;       /* distinct window chunks (sorted modes, nc = ceil(N / C)) */
-    int Cq, Wk, Sr; /* rows gathered, keys gathered, rows per product */
-    int QW, dp, dvp; /* sorted modes: query lanes per tile, D and Dv padded to 16 */
+    int Wk;          /* keys of a tile, at most */
+    int QW, dp, dvp; /* query lanes per tile, D and Dv padded to 16 */
     float *rot;     /* [H][D][R][nb/2] (all rounds of a head in one product) */
     int hb;         /* rows per projection block */
     float *rmax;    /* [H][R] max |rot| (error bound of the fp32 projections) */
@@ -305,15 +298,6 @@ static int window_chunks(const lplan *p, int nc, int c, int *out) {
 /* Lowest rank a query of rank rho sees in strict mode (its chunk minus `before` chunks). */
 static int strict_lo(const lplan *p, int rho) { return EF_MAX(0, (rho / p->C - p->before) * p->C); }
 
-/* Strict mode: rounds in which query i sees key j < i: same bucket, rank >= i's lowest. */
-static int pair_count_strict(const lplan *p, const lwork *w, int i, int j) {
-    const int32_t *bi = w->kb + (size_t)i * p->R, *bj = w->kb + (size_t)j * p->R;
-    const int32_t *rj = w->kr + (size_t)j * p->R, *li = w->kl + (size_t)i * p->R;
-    int c = 0;
-    for (int r = 0; r < p->R; r++) c += bi[r] == bj[r] && rj[r] >= li[r];
-    return c;
-}
-
 /* Sorted modes: rounds in which each row has no visible key but itself. */
 static void self_counts_sorted(const ef_attn *a, lwork *w, int valid, int nc) {
     const lplan *p = a->impl;
@@ -386,153 +370,6 @@ static ef_status prepare(const ef_attn *a, lwork *w, const float *q, int h, int 
     else
         self_counts_sorted(a, w, valid, (valid + p->C - 1) / p->C);
     return EF_OK;
-}
-
-/* ---------------------------------------------------------------------------------------------
- * Blocks of rows against gathered keys
- * ------------------------------------------------------------------------------------------- */
-/* S = scale Qb K^T for nq rows and nk keys (row stride Wk). */
-static ef_status scores(const ef_attn *a, lwork *w, const float *Qb, int nq, int nk) {
-    const lplan *p = a->impl;
-    int d = a->shape.head_dim;
-    return ef_sgemm(0, 1, nq, nk, d, a->scale, Qb, d, w->K, d, 0.0f, w->S, p->Wk);
-}
-
-/* Strict mode: rows of ranks rho0 + l, keys of ranks lo + x. Row of rank rho sees the keys of
- * ranks [lo, rho) (x < rho - lo), or itself (x = 0) when that range is empty. Zero-filled rows
- * (qp = -1) are left for the callers to skip. */
-static void mask_strict(const ef_attn *a, lwork *w, const int32_t *qp, int nq, int nk, int rho0,
-                        int lo) {
-    const lplan *p = a->impl;
-    int dd = p->dedup && p->R > 1;
-    for (int l = 0; l < nq; l++) {
-        int i = qp[l], nvis = rho0 + l - lo;
-        if (i < 0) continue;
-        float *srow = w->S + (size_t)l * p->Wk;
-        if (nvis == 0) {
-            srow[0] -= dd ? p->logc[w->selfc[i]] : 0.0f;
-            nvis = 1;
-        } else if (dd)
-            for (int x = 0; x < nvis; x++)
-                srow[x] -= p->logc[pair_count_strict(p, w, i, w->kpos[x])];
-        for (int x = nvis; x < nk; x++) srow[x] = -INFINITY;
-    }
-}
-
-/* Forward of a masked block of round r: per-row softmax (lse_r), O = P V, and the online
- * combination into out over the rounds. Rows with qp = -1 are skipped. */
-static ef_status forward_rows(const ef_attn *a, lwork *w, int r, const int32_t *qp, int nq, int nk,
-                              float *out, float *lse) {
-    const lplan *p = a->impl;
-    int n = a->shape.q_len, dv = a->shape.v_dim, W = p->Wk;
-    for (int l = 0; l < nq; l++) {
-        float *srow = w->S + (size_t)l * W, mx = -INFINITY;
-        int i = qp[l];
-        if (i >= 0)
-            for (int x = 0; x < nk; x++) mx = srow[x] > mx ? srow[x] : mx;
-        if (mx == -INFINITY) {
-            for (int x = 0; x < nk; x++) srow[x] = 0;
-            if (i >= 0) lse[(size_t)r * n + i] = -INFINITY;
-            continue;
-        }
-        for (int x = 0; x < nk; x++) srow[x] -= mx;
-        ef_vexp(srow, srow, (size_t)nk);
-        double sum = 0;
-        for (int x = 0; x < nk; x++) sum += srow[x];
-        float inv = (float)(1.0 / sum);
-        for (int x = 0; x < nk; x++) srow[x] *= inv;
-        lse[(size_t)r * n + i] = mx + (float)log(sum);
-    }
-    TRY(ef_sgemm(0, 0, nq, dv, nk, 1.0f, w->S, W, w->V, dv, 0.0f, w->O, dv));
-    for (int l = 0; l < nq; l++) { /* online combination over the rounds */
-        int i = qp[l];
-        if (i < 0) continue;
-        float lr = lse[(size_t)r * n + i];
-        if (lr == -INFINITY) continue;
-        float mnew = lr > w->m[i] ? lr : w->m[i];
-        float fo = w->m[i] == -INFINITY ? 0.0f : expf(w->m[i] - mnew), fr = expf(lr - mnew);
-        float *o = out + (size_t)i * dv;
-        for (int e = 0; e < dv; e++) o[e] = o[e] * fo + w->O[(size_t)l * dv + e] * fr;
-        w->sw[i] = w->sw[i] * fo + fr;
-        w->m[i] = mnew;
-    }
-    return EF_OK;
-}
-
-/* Backward of a masked block: P = exp(S - L_i) (L_i in w->m), dP = dO V^T,
- * dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, scattered to the rows'
- * and keys' positions (zero-filled rows and keys, qp or kpos = -1, are skipped). */
-static ef_status backward_rows(const ef_attn *a, lwork *w, const float *Qb, const int32_t *qp,
-                               int nq, int nk, const float *g, float *dq, float *dvo) {
-    const lplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, W = p->Wk;
-    for (int l = 0; l < nq; l++) {
-        int i = qp[l];
-        float *srow = w->S + (size_t)l * W;
-        if (i < 0 || w->m[i] == -INFINITY) {
-            for (int x = 0; x < nk; x++) srow[x] = 0;
-            memset(w->dO + (size_t)l * dv, 0, sizeof(float) * dv);
-            continue;
-        }
-        memcpy(w->dO + (size_t)l * dv, g + (size_t)i * dv, sizeof(float) * dv);
-        float L = w->m[i];
-        for (int x = 0; x < nk; x++) srow[x] -= L;
-        ef_vexp(srow, srow, (size_t)nk);
-    }
-    TRY(ef_sgemm(0, 1, nq, nk, dv, 1.0f, w->dO, dv, w->V, dv, 0.0f, w->dP, W));
-    for (int l = 0; l < nq; l++) {
-        float *pp = w->S + (size_t)l * W, *dp = w->dP + (size_t)l * W;
-        float de = qp[l] >= 0 ? w->delta[qp[l]] : 0.0f;
-        for (int x = 0; x < nk; x++) dp[x] = pp[x] * (dp[x] - de);
-    }
-    TRY(ef_sgemm(0, 0, nq, d, nk, a->scale, w->dP, W, w->K, d, 0.0f, w->dQ, d));
-    TRY(ef_sgemm(1, 0, nk, d, nq, a->scale, w->dP, W, Qb, d, 0.0f, w->dK, d));
-    TRY(ef_sgemm(1, 0, nk, dv, nq, 1.0f, w->S, W, w->dO, dv, 0.0f, w->dV, dv));
-    for (int l = 0; l < nq; l++) {
-        if (qp[l] < 0) continue;
-        float *dst = dq + (size_t)qp[l] * d;
-        for (int t = 0; t < d; t++) dst[t] += w->dQ[(size_t)l * d + t];
-    }
-    for (int x = 0; x < nk; x++) {
-        int jj = w->kpos[x];
-        if (jj < 0) continue;
-        float *dk = w->dkn + (size_t)jj * d, *dvv = dvo + (size_t)jj * dv;
-        for (int t = 0; t < d; t++) dk[t] += w->dK[(size_t)x * d + t];
-        for (int e = 0; e < dv; e++) dvv[e] += w->dV[(size_t)x * dv + e];
-    }
-    return EF_OK;
-}
-
-/* Strict mode: gathers chunk kap of the bucket whose members are pm[0..m) (position order):
- * rows of ranks [kap C, hi) into Q, keys of ranks [lo, hi) into K, V; ranks >= m are
- * zero-filled (position -1), so that every block has the shape its (kap, block, L) gives. */
-static void gather_strict(const ef_attn *a, lwork *w, const float *q, const float *v,
-                          const int32_t *pm, int m, int kap, int lo, int hi) {
-    const lplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, q0 = kap * p->C;
-    for (int rho = lo; rho < hi; rho++) {
-        int x = rho - lo;
-        if (rho < m) {
-            int j = pm[rho];
-            w->kpos[x] = j;
-            memcpy(w->K + (size_t)x * d, w->xn + (size_t)j * d, sizeof(float) * d);
-            memcpy(w->V + (size_t)x * dv, v + (size_t)j * dv, sizeof(float) * dv);
-        } else {
-            w->kpos[x] = -1;
-            memset(w->K + (size_t)x * d, 0, sizeof(float) * d);
-            memset(w->V + (size_t)x * dv, 0, sizeof(float) * dv);
-        }
-    }
-    for (int rho = q0; rho < hi; rho++) {
-        int l = rho - q0;
-        if (rho < m) {
-            w->qpos[l] = pm[rho];
-            memcpy(w->Q + (size_t)l * d, q + (size_t)pm[rho] * d, sizeof(float) * d);
-        } else {
-            w->qpos[l] = -1;
-            memset(w->Q + (size_t)l * d, 0, sizeof(float) * d);
-        }
-    }
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -643,22 +480,81 @@ static void lane_windows(const ef_attn *a, lwork *w, int r, int nc, int s0, int 
     }
 }
 
+/* One tile: the queries at sorted indices [s0, s0 + nq) of round r against keys (segments of
+ * sorted indices). Sorted modes: chunk c of nc, its own keys from row self_off. Strict mode:
+ * the keys are ranks [lo, ...) of the queries' bucket and lane l (rank lo + rel + l) sees the
+ * keys x < rel + l. */
+typedef struct ltile {
+    int r, s0, nq, nseg, nk;
+    const int32_t *pr; /* the round's sorted index -> position */
+    lseg seg[130];
+    int nc, c, self_off; /* sorted modes */
+    int rel;             /* strict mode */
+} ltile;
+
+/* Strict mode: masks and dedup of a tile's S^T (one segment, keys of ranks lo + x). Row i
+ * attends key j in round rr when they share its bucket and j's rank is at least i's lowest
+ * (kb, kr, kl); a lane that sees no key (rank lo: only lane 0 of a tile with rel = 0) sees
+ * itself, key x = 0. */
+static void strict_masks(const ef_attn *a, lwork *w, const ltile *t) {
+    const lplan *p = a->impl;
+    int R = p->R, QW = p->QW, QV = QW / EF_VL, dd = p->dedup && R > 1, r = t->r;
+    int32_t *vb = w->cib, *vl = w->cib + (size_t)R * QW; /* [R][QW] lanes' buckets, lowest ranks */
+    if (dd)
+        for (int l = 0; l < QW; l++) {
+            const int32_t *bi = w->kb + (size_t)(l < t->nq ? t->pr[t->s0 + l] : 0) * R;
+            const int32_t *li = w->kl + (size_t)(l < t->nq ? t->pr[t->s0 + l] : 0) * R;
+            for (int rr = 0; rr < R; rr++) {
+                vb[(size_t)rr * QW + l] = l < t->nq ? bi[rr] : -1;
+                vl[(size_t)rr * QW + l] = li[rr];
+            }
+        }
+    float self0 = w->st[0];
+    for (int x = 0; x < t->nk; x++) {
+        int j = t->pr[t->seg[0].k0 + x];
+        const int32_t *bj = w->kb + (size_t)j * R, *rj = w->kr + (size_t)j * R;
+        float *srow = w->st + (size_t)x * QW;
+        for (int u = 0; u < QV; u++) {
+            vi lane = vi_iota() + u * EF_VL;
+            vf sv = vf_load(srow + u * EF_VL);
+            if (dd) {
+                vi cnt = (vi){0} + 1;
+                for (int rr = 0; rr < R; rr++) {
+                    if (rr == r) continue;
+                    vi same = *(const vi *)(vb + (size_t)rr * QW + u * EF_VL) == bj[rr];
+                    vi inwin = *(const vi *)(vl + (size_t)rr * QW + u * EF_VL) <= rj[rr];
+                    cnt -= same & inwin;
+                }
+                vf sub = vf_set1(0);
+                for (int cc = 2; cc <= R; cc++)
+                    sub = vf_select(cnt == cc, vf_set1(p->logc[cc]), sub);
+                sv -= sub;
+            }
+            /* key x is visible to lane l when x < rel + l */
+            vf_store(srow + u * EF_VL, vf_select(lane + t->rel <= x, vf_set1(-INFINITY), sv));
+        }
+    }
+    if (t->rel == 0) /* the self-mask: the lowest rank sees only itself */
+        w->st[0] = self0 - (dd ? p->logc[w->selfc[t->pr[t->s0]]] : 0.0f);
+}
+
 /* S^T of the queries at sorted indices [s0, s0 + nq) of chunk c (round r) against the window:
  * st[x][l] = scale q_l . k_x, minus log(rounds that attend the pair) with dedup, -inf where
  * the key is the query itself (or later, reformer_causal); a lane that sees no other key sees
  * itself (the self-mask). mx (may be NULL) gets each lane's max. Returns the window's key
- * count.
+ * count. Strict mode: strict_masks instead.
  * Dedup: a pair of the window is attended in round r and in each other round rr whose window
  * of the query holds the key's chunk. Per tile, lw[rr][chunk] is the bit set of the lanes whose
  * round-rr window holds that chunk, so a key's other rounds are a few table reads and its
  * count exceeds 1 only on the lanes in the union of its bit sets (a few of the QW <= 64). */
-static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t *pr, int c,
-                       int s0, int nq, const lseg *seg, int nseg, int self_off, vf *mx) {
+static int tile_scores(const ef_attn *a, lwork *w, const ltile *t, vf *mx) {
     const lplan *p = a->impl;
     int d = a->shape.head_dim, R = p->R, QW = p->QW, QV = QW / EF_VL;
     int causal = p->mode == LSH_SORTED, dd = p->dedup && R > 1;
-    int allwin = p->before + p->after + 1 >= nc;
-    int nk = seg[nseg - 1].off + seg[nseg - 1].kn;
+    int r = t->r, nc = t->nc, c = t->c, s0 = t->s0, nq = t->nq, nseg = t->nseg, nk = t->nk;
+    int allwin = p->before + p->after + 1 >= nc, self_off = t->self_off;
+    const int32_t *pr = t->pr;
+    const lseg *seg = t->seg;
     const float *qs = w->Qs + (size_t)s0 * p->dp;
     for (int t = 0; t < d; t++) {
         float *qt = w->qt + (size_t)t * QW;
@@ -668,6 +564,17 @@ static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t 
     for (int x = 0; x < nseg; x++)
         ef_tile_gemm(seg[x].kn, d, QW, w->Ks + (size_t)seg[x].k0 * p->dp, p->dp, 1, w->qt, QW,
                      w->st + (size_t)seg[x].off * QW, QW, 0);
+    if (p->mode == LSH_STRICT) {
+        strict_masks(a, w, t);
+        if (mx)
+            for (int u = 0; u < QV; u++) {
+                vf mu = vf_set1(-INFINITY);
+                for (int x = 0; x < nk; x++)
+                    mu = vf_max(mu, vf_load(w->st + (size_t)x * QW + u * EF_VL));
+                mx[u] = mu;
+            }
+        return nk;
+    }
     int selfrow = self_off + s0 - c * p->C; /* row of lane 0's own key; lane l's is + l */
     float selfv[EF_QT];
     for (int l = 0; l < nq; l++) selfv[l] = w->st[(size_t)(selfrow + l) * QW + l];
@@ -733,12 +640,12 @@ static int tile_scores(const ef_attn *a, lwork *w, int r, int nc, const int32_t 
 
 /* Forward of a tile: the unnormalised O = exp(S - max) V into Os (sorted rows), and per row
  * its round's lse and the sum of the exponentials (ls, sm). */
-static void tile_forward(const ef_attn *a, lwork *w, int r, int nc, const int32_t *pr, int c,
-                         int s0, int nq, const lseg *seg, int nseg, int self_off) {
+static void tile_forward(const ef_attn *a, lwork *w, const ltile *t) {
     const lplan *p = a->impl;
-    int QW = p->QW, QV = QW / EF_VL;
+    int QW = p->QW, QV = QW / EF_VL, s0 = t->s0, nq = t->nq, nseg = t->nseg;
+    const lseg *seg = t->seg;
     vf mx[EF_QT / EF_VL];
-    int nk = tile_scores(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off, mx);
+    int nk = tile_scores(a, w, t, mx);
     float sum[EF_QT] __attribute__((aligned(64))), use[EF_QT] __attribute__((aligned(64)));
     for (int u = 0; u < QV; u++) {
         /* lanes past nq may have seen only -inf: subtract 0 there (never NaN) */
@@ -762,10 +669,12 @@ static void tile_forward(const ef_attn *a, lwork *w, int r, int nc, const int32_
 
 /* Backward of a tile: P = exp(S - L_i) (L_i in w->m), dV += P^T dO, dP = dO V^T,
  * dS = P (dP - delta), dK += dS^T (scale Q), dQ = dS K (sorted rows: dVs, dKs, dQs). */
-static void tile_backward(const ef_attn *a, lwork *w, int r, int nc, const int32_t *pr, int c,
-                          int s0, int nq, const lseg *seg, int nseg, int self_off) {
+static void tile_backward(const ef_attn *a, lwork *w, const ltile *t) {
     const lplan *p = a->impl;
     int dv = a->shape.v_dim, QW = p->QW, QV = QW / EF_VL, dp = p->dp, dvp = p->dvp;
+    int s0 = t->s0, nq = t->nq, nseg = t->nseg;
+    const int32_t *pr = t->pr;
+    const lseg *seg = t->seg;
     float Lq[EF_QT] __attribute__((aligned(64))), dl[EF_QT] __attribute__((aligned(64)));
     const float *gs = w->Gs + (size_t)s0 * dvp, *qs = w->Qs + (size_t)s0 * dp;
     for (int l = 0; l < QW; l++) {
@@ -777,7 +686,7 @@ static void tile_backward(const ef_attn *a, lwork *w, int r, int nc, const int32
         for (int e = 0; e < dv; e++)
             w->dot[(size_t)e * QW + l] = l < nq ? gs[(size_t)l * dvp + e] : 0.0f;
     }
-    int nk = tile_scores(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off, NULL);
+    int nk = tile_scores(a, w, t, NULL);
     for (int x = 0; x < nk; x++)
         for (int u = 0; u < QV; u++) {
             float *ps = w->st + (size_t)x * QW + u * EF_VL;
@@ -811,29 +720,49 @@ static void tile_backward(const ef_attn *a, lwork *w, int r, int nc, const int32
  * lse into lse, the online combination over the rounds into out, w->m, w->sw) or backward
  * (g = dout: gradients into dq, dvo, w->dkn). */
 static void run_sorted(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
-                       const float *g, float *out, float *lse, float *dq, float *dvo) {
+                       const int32_t *bkt, const float *g, float *out, float *lse, float *dq,
+                       float *dvo) {
     const lplan *p = a->impl;
     int n = a->shape.q_len, d = a->shape.head_dim, dv = a->shape.v_dim, C = p->C;
     int nc = (valid + C - 1) / C, dp = p->dp, dvp = p->dvp;
-    lseg seg[130];
+    ltile t;
     for (int r = 0; r < p->R; r++) {
-        const int32_t *pr = w->perm + (size_t)r * n;
+        const int32_t *pr = w->perm + (size_t)r * n, *br = bkt + (size_t)r * n;
         gather_round(a, w, q, v, g, pr, valid);
         if (g) {
             memset(w->dKs, 0, sizeof(float) * (size_t)valid * dp);
             memset(w->dVs, 0, sizeof(float) * (size_t)valid * dvp);
         }
-        for (int c = 0; c < nc; c++) {
-            int self_off = 0, nseg = window_segments(p, valid, nc, c, seg, &self_off);
-            int end = EF_MIN(valid, (c + 1) * C);
-            for (int s0 = c * C; s0 < end; s0 += p->QW) {
-                int nq = EF_MIN(p->QW, end - s0);
-                if (g)
-                    tile_backward(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off);
-                else
-                    tile_forward(a, w, r, nc, pr, c, s0, nq, seg, nseg, self_off);
+        t.r = r, t.pr = pr;
+        if (p->mode == LSH_STRICT) /* per bucket (a run of the sorted order), per chunk */
+            for (int s0b = 0, s1b; s0b < valid; s0b = s1b) {
+                for (s1b = s0b + 1; s1b < valid && br[pr[s1b]] == br[pr[s0b]];) s1b++;
+                int m = s1b - s0b;
+                for (int q0 = 0; q0 < m; q0 += C) {
+                    int lo = strict_lo(p, q0), qend = EF_MIN(m, q0 + C);
+                    for (int t0 = q0; t0 < qend; t0 += p->QW) {
+                        t.s0 = s0b + t0, t.nq = EF_MIN(p->QW, qend - t0), t.rel = t0 - lo;
+                        t.nk = t0 + t.nq - lo, t.nseg = 1, t.seg[0] = (lseg){s0b + lo, t.nk, 0};
+                        if (g)
+                            tile_backward(a, w, &t);
+                        else
+                            tile_forward(a, w, &t);
+                    }
+                }
             }
-        }
+        else
+            for (int c = 0; c < nc; c++) {
+                t.nc = nc, t.c = c, t.nseg = window_segments(p, valid, nc, c, t.seg, &t.self_off);
+                t.nk = t.seg[t.nseg - 1].off + t.seg[t.nseg - 1].kn;
+                int end = EF_MIN(valid, (c + 1) * C);
+                for (t.s0 = c * C; t.s0 < end; t.s0 += p->QW) {
+                    t.nq = EF_MIN(p->QW, end - t.s0);
+                    if (g)
+                        tile_backward(a, w, &t);
+                    else
+                        tile_forward(a, w, &t);
+                }
+            }
         for (int s = 0; s < valid; s++) { /* the round's rows, back to their positions */
             int i = pr[s];
             if (g) {
@@ -860,48 +789,6 @@ static void run_sorted(const ef_attn *a, lwork *w, const float *q, const float *
     }
 }
 
-/* One head's attention over every round and block: forward (g == NULL: softmax, products and
- * the combination into out, lse) or backward (g = dout: gradients into dq, dvo, w->dkn). */
-static ef_status run_blocks(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
-                            const int32_t *bkt, const float *g, float *out, float *lse, float *dq,
-                            float *dvo) {
-    const lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim, C = p->C;
-    if (p->mode != LSH_STRICT) {
-        run_sorted(a, w, q, v, valid, g, out, lse, dq, dvo);
-        return EF_OK;
-    }
-    for (int r = 0; r < p->R; r++) {
-        const int32_t *pr = w->perm + (size_t)r * n, *br = bkt + (size_t)r * n;
-        /* strict: each bucket is a run of the sorted order, its members in position order */
-        for (int s0 = 0, s1; s0 < valid; s0 = s1) {
-            int bucket = br[pr[s0]];
-            for (s1 = s0 + 1; s1 < valid && br[pr[s1]] == bucket;) s1++;
-            const int32_t *pm = pr + s0;
-            int m = s1 - s0;
-            for (int kap = 0; kap < (m + C - 1) / C; kap++) {
-                int q0 = kap * C, lo = strict_lo(p, q0);
-                int hi = (int)EF_MIN((int64_t)valid, (int64_t)q0 + C);
-                /* the blocks that exist use ranks below `used` (zero-filled past m) */
-                int used = (int)EF_MIN((int64_t)hi, q0 + ((int64_t)m - q0 + QB - 1) / QB * QB);
-                gather_strict(a, w, q, v, pm, m, kap, lo, used);
-                for (int rho0 = q0; rho0 < EF_MIN(m, hi); rho0 += QB) {
-                    int nrow = EF_MIN(QB, hi - rho0), nk = rho0 + nrow - lo;
-                    const float *Qb = w->Q + (size_t)(rho0 - q0) * d;
-                    const int32_t *qp = w->qpos + (rho0 - q0);
-                    TRY(scores(a, w, Qb, nrow, nk));
-                    mask_strict(a, w, qp, nrow, nk, rho0, lo);
-                    if (g)
-                        TRY(backward_rows(a, w, Qb, qp, nrow, nk, g, dq, dvo));
-                    else
-                        TRY(forward_rows(a, w, r, qp, nrow, nk, out, lse));
-                }
-            }
-        }
-    }
-    return EF_OK;
-}
-
 /* ---------------------------------------------------------------------------------------------
  * Plan
  * ------------------------------------------------------------------------------------------- */
@@ -925,7 +812,7 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
     const lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, half = p->nb / 2;
-    size_t Cq = p->Cq, Wk = p->Wk, Sr = p->Sr, off = 0;
+    size_t Wk = p->Wk, off = 0;
 #define TAKE(ptr, cnt)                                                                             \
     do {                                                                                           \
         ptr = (void *)(base ? base + off : NULL);                                                  \
@@ -948,20 +835,7 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
     TAKE(w->kl, R * n);
     TAKE(w->selfc, n);
     TAKE(w->cnt, (size_t)p->nb + 1);
-    if (p->mode == LSH_STRICT) { /* blocks of gathered rows, ef_sgemm products */
-        TAKE(w->qpos, Cq);
-        TAKE(w->kpos, Wk);
-        TAKE(w->Q, Cq * d);
-        TAKE(w->K, Wk * d);
-        TAKE(w->V, Wk * dv);
-        TAKE(w->dK, Wk * d);
-        TAKE(w->dV, Wk * dv);
-        TAKE(w->S, Sr * Wk);
-        TAKE(w->dP, Sr * Wk);
-        TAKE(w->O, Sr * dv);
-        TAKE(w->dO, Sr * dv);
-        TAKE(w->dQ, Sr * d);
-    } else { /* tiles of QW lanes, ef_tile_gemm products */
+    { /* tiles of QW lanes, ef_tile_gemm products */
         size_t QW = p->QW, dp = p->dp, dvp = p->dvp;
         TAKE(w->Ks, n * dp);
         TAKE(w->Qs, n * dp);
@@ -977,6 +851,7 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
         TAKE(w->dpt, Wk * QW);
         TAKE(w->dot, dv * QW);
         TAKE(w->lw, R * ((n + p->C - 1) / p->C));
+        TAKE(w->cib, 2 * R * QW);
         TAKE(w->krs, R * n);
     }
 #undef TAKE
@@ -1018,20 +893,15 @@ static ef_status lsh_init(ef_attn *a) {
     for (int c = 1; c <= p->R; c++) p->logc[c] = logf((float)c);
     int tmp[130];
     p->nwin = window_chunks(p, (n + p->C - 1) / p->C, 0, tmp);
+    /* tile shapes (also what lsh_flops counts, for either path) */
+    int64_t win = p->mode == LSH_STRICT ? p->before + 1 : p->nwin;
+    p->Wk = (int)EF_MIN((int64_t)n, win * p->C);
+    p->QW = EF_MIN(EF_QT, (EF_MIN(p->C, n) + 15) / 16 * 16);
+    p->dp = (d + 15) / 16 * 16;
+    p->dvp = (s->v_dim + 15) / 16 * 16;
     if (a->ref) return ref_init(a);
 
     int half = p->nb / 2, R = p->R;
-    p->Cq = EF_MIN(p->C, n);
-    if (p->mode == LSH_STRICT) {
-        p->Wk = (int)EF_MIN((int64_t)n, (int64_t)(p->before + 1) * p->C);
-        p->Sr = EF_MIN(QB, p->Cq);
-    } else {
-        p->Wk = (int)EF_MIN((int64_t)n, (int64_t)p->nwin * p->C);
-        p->Sr = p->Cq;
-        p->QW = EF_MIN(EF_QT, (p->Cq + 15) / 16 * 16);
-        p->dp = (d + 15) / 16 * 16;
-        p->dvp = (s->v_dim + 15) / 16 * 16;
-    }
     size_t nrot = (size_t)s->heads * R * d * half;
     p->rot = ef_malloc(nrot * sizeof(float));
     p->rmax = malloc(sizeof(float) * s->heads * R);
@@ -1074,15 +944,14 @@ static size_t lsh_saved_bytes(const ef_attn *a) {
            (sizeof(int32_t) + sizeof(float));
 }
 
-/* Strict mode: (query, key) products of one bucket of m members (fast path's block shapes). */
-static double strict_bucket_products(const lplan *p, int n, int m) {
+/* Strict mode: (query, key) products of one bucket of m members (fast path's tile shapes). */
+static double strict_bucket_products(const lplan *p, int m) {
     double t = 0;
-    for (int kap = 0; (int64_t)kap * p->C < m; kap++) {
-        int q0 = kap * p->C, lo = strict_lo(p, q0);
-        int hi = (int)EF_MIN((int64_t)n, (int64_t)q0 + p->C);
-        for (int rho0 = q0; rho0 < EF_MIN(m, hi); rho0 += QB) {
-            int nrow = EF_MIN(QB, hi - rho0);
-            t += (double)nrow * (rho0 + nrow - lo);
+    for (int q0 = 0; q0 < m; q0 += p->C) {
+        int lo = strict_lo(p, q0), qend = EF_MIN(m, q0 + p->C);
+        for (int t0 = q0; t0 < qend; t0 += p->QW) {
+            int nq = EF_MIN(p->QW, qend - t0);
+            t += (double)nq * (t0 + nq - lo);
         }
     }
     return t;
@@ -1094,8 +963,8 @@ static double strict_bucket_products(const lplan *p, int n, int m) {
 static double round_products(const lplan *p, int n) {
     if (p->mode == LSH_STRICT) {
         int nbe = EF_MIN(p->nb, n), small = n / nbe, extra = n % nbe;
-        return extra * strict_bucket_products(p, n, small + 1) +
-               (double)(nbe - extra) * strict_bucket_products(p, n, small);
+        return extra * strict_bucket_products(p, small + 1) +
+               (double)(nbe - extra) * strict_bucket_products(p, small);
     }
     int nc = (n + p->C - 1) / p->C, ch[130];
     double t = 0;
@@ -1159,7 +1028,7 @@ static ef_status forward_one(ljob *j, int64_t item, lwork *w) {
         for (int i = valid; i < n; i++) lse[(size_t)r * n + i] = -INFINITY;
     TRY(prepare(a, w, q, h, valid, bkt, !j->replay));
     for (int i = 0; i < valid; i++) w->m[i] = -INFINITY, w->sw[i] = 0;
-    TRY(run_blocks(a, w, q, v, valid, bkt, NULL, out, lse, NULL, NULL));
+    run_sorted(a, w, q, v, valid, bkt, NULL, out, lse, NULL, NULL);
     for (int i = 0; i < valid; i++) {
         if (w->sw[i] == 0) continue;
         float inv = 1.0f / w->sw[i];
@@ -1200,7 +1069,7 @@ static ef_status backward_one(ljob *j, int64_t item, lwork *w) {
         w->delta[i] = (float)dl;
     }
     memset(w->dkn, 0, sizeof(float) * valid * d);
-    TRY(run_blocks(a, w, q, v, valid, bkt, g, NULL, NULL, dq, dvo));
+    run_sorted(a, w, q, v, valid, bkt, g, NULL, NULL, dq, dvo);
     /* k = q/|q|: dq += (dk - k (k . dk)) / |q| */
     for (int i = 0; i < valid; i++) {
         if (w->nrm[i] == 0) continue;
