@@ -41,15 +41,13 @@
  * code, so saved comes out as a forward with those buckets would write it.
  * Work: (batch, head) items in parallel, one workspace slot per thread, products
  * single-threaded, every failure of a product reported. Hashing: one fp32 GEMM per block of rows
- * for every round. Sorted modes: per round the rows are gathered into sorted order once; each
- * chunk's tiles of <= 64 queries against the window's keys (W = C |window|) run on the tiled
- * engine's micro-kernel (ef_tile_gemm), scores transposed (lanes = queries); results go back
- * to their positions once per round.
- * Strict mode: per bucket, per chunk, products of QB query rows against the chunk's keys up to
- * the block's last rank; their shapes depend only on (chunk, block, L), never on how many later
- * positions share the bucket, so earlier rows are computed bit for bit the same whatever
- * (finite) values come later: later entries enter only as exact zeros (missing rows and keys
- * are zero-filled). Time O(B H R (N D nb/2 + N W (D + Dv))),
+ * for every round. Attention: per round the rows are gathered into sorted order once; tiles of
+ * <= 64 queries against their keys (sorted modes: the chunk's window, W = C |window|; strict:
+ * ranks [lo, end of tile) of the bucket) run on the tiled engine's micro-kernel (ef_tile_gemm),
+ * scores transposed (lanes = queries); results go back to their positions once per round.
+ * Strict mode: ef_tile_gemm sums every element in a fixed order whatever the tile's shape, so
+ * earlier rows are computed bit for bit the same whatever (finite) values come later: later
+ * entries enter only as exact zeros at the end of a sum. Time O(B H R (N D nb/2 + N W (D + Dv))),
  * memory O(B H R N) saved + per thread O(N (D + Dv + R) + C W); no N x N buffer.
  * Reference (ref=1): its own double hashing, sort, windows and per-query visible sets, written
  * out by loops over all positions (lsh_ref_* below; no code or workspace shared).
