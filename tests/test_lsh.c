@@ -130,6 +130,10 @@ static void versus_reference(void) {
     ef_attn_shape s2 = {1, 3, 203, 203, 16, 12};
     int32_t l2[1] = {190}, q2[1] = {181};
     ef_attn_shape s3 = {1, 1, 5, 5, 8, 3};
+    /* sorted modes run chunks as tiles of <= 64 query lanes: chunk=130 gives tiles 64+64+2, the
+     * last chunk of 519 valid positions holds 129 (64+64+1) */
+    ef_attn_shape s4 = {1, 2, 530, 530, 40, 36};
+    int32_t l4[1] = {519};
     int32_t l3[1] = {0};
     for (int m = 0; m < 3; m++) {
         char o[256], lab[256];
@@ -152,6 +156,9 @@ static void versus_reference(void) {
         CASE("N=203 chunk=72 buckets=2 (blocks 32+32+8)", s2, "chunk=72,buckets=2,hashes=3", l2,
              NULL, 0);
         CASE("N=203 window > chunks", s2, "chunk=64,before=3,after=2", l2, NULL, 0);
+        CASE("N=256 chunk=72 hashes=5 (tiles 64+8)", s1, "chunk=72,hashes=5", lens, qlens, 0);
+        CASE("N=530 chunk=130 before=2 (tiles 64+64+2)", s4, "chunk=130,before=2,hashes=3", l4,
+             NULL, 0);
         CASE("N=5 chunk=64 (one chunk)", s3, "hashes=2", NULL, NULL, 0);
         CASE("N=5 all padded", s3, "hashes=2", l3, NULL, 0);
         CASE("N=203 zero query rows", s2, "chunk=32,seed=5", l2, NULL, 1);
@@ -212,34 +219,77 @@ static int32_t *my_buckets(ef_attn_shape s, const float *q, int R, int nb, uint6
     return my_buckets_gap(s, q, R, nb, seed, kv, ql, NULL);
 }
 
+/* Rows of q (batch 0, head h, round 0's rotation) on the boundary between buckets c1 and c2:
+ * x = z - (z.u / u.u) u with z = R_c1 + R_c2, u = R_c1 - R_c2, so x.R_c1 = x.R_c2 up to
+ * rounding (near-ties that the fast path must recompute exactly); rows 20, 27, 34, ... */
+static void near_tie_rows(bufs *in, int R, int nb, uint64_t seed) {
+    int d = in->s.head_dim, half = nb / 2, n = in->s.q_len;
+    float *rot = malloc(sizeof(float) * d * half);
+    for (int h = 0; h < in->s.heads; h++) {
+        ef_rng_normal(seed, (0x4c534800ull << 32) | (uint64_t)(h * R), 0, (size_t)d * half, rot);
+        for (int i = 20, k = 0; i < n; i += 7, k++) {
+            int c1 = k % half, c2 = (k * 7 + 3) % half;
+            if (c2 == c1) c2 = (c1 + 1) % half;
+            double zu = 0, uu = 0;
+            for (int t = 0; t < d; t++) {
+                double z = rot[t * half + c1] + rot[t * half + c2];
+                double u = rot[t * half + c1] - rot[t * half + c2];
+                zu += z * u, uu += u * u;
+            }
+            float *qi = in->q + ((size_t)h * n + i) * d;
+            for (int t = 0; t < d; t++) {
+                double u = rot[t * half + c1] - rot[t * half + c2];
+                qi[t] = (float)(rot[t * half + c1] + rot[t * half + c2] - zu / uu * u);
+            }
+        }
+    }
+    free(rot);
+}
+
+/* nb covers the fast path's top-two search: scalar only (nb/2 < 16), vectors plus a tail, and
+ * whole vectors; near-tie rows make it fall back to the double computation. */
 static void buckets_exact(void) {
     ef_attn_shape s = {2, 3, 150, 150, 20, 4};
-    int R = 3, nb = 8;
+    int R = 3;
     uint64_t seed = 1234567;
-    bufs in, o;
-    ef_test_inputs(&in, s, 9, 1.5f);
-    zero_rows(&in);
-    int32_t lens[2] = {150, 101}, ql[2] = {140, 150};
-    int32_t *want = my_buckets(s, in.q, R, nb, seed, lens, ql);
-    size_t cnt = (size_t)s.batch * s.heads * R * s.q_len;
-    for (int pass = 0; pass < 3; pass++) {
-        char spec[128], name[256];
-        snprintf(spec, sizeof spec, "lsh:hashes=%d,buckets=%d,chunk=16,seed=%llu%s", R, nb,
-                 (unsigned long long)seed,
-                 pass == 0   ? ""
-                 : pass == 1 ? ",causal=1"
-                             : ",causal=1,ref=1");
-        ef_test_outputs(&o, &in);
-        ef_status st = run(spec, &in, lens, ql, &o);
-        long bad = 0;
-        if (!st)
-            for (size_t x = 0; x < cnt; x++) bad += ((const int32_t *)o.saved)[x] != want[x];
-        snprintf(name, sizeof name, "buckets: %s saved == scalar re-implementation", spec + 4);
-        ef_check(name, !st && bad == 0, "%ld mismatches %s", bad, st ? ef_last_error() : "");
-        ef_test_free_outputs(&o);
+    const int nbs[] = {2, 8, 34, 64};
+    for (size_t k = 0; k < sizeof nbs / sizeof nbs[0]; k++) {
+        int nb = nbs[k];
+        bufs in, o;
+        ef_test_inputs(&in, s, 9, 1.5f);
+        zero_rows(&in);
+        if (nb > 2) near_tie_rows(&in, R, nb, seed);
+        int32_t lens[2] = {150, 101}, ql[2] = {140, 150};
+        double *gap = malloc(sizeof(double) * s.batch * s.heads * s.q_len);
+        int32_t *want = my_buckets_gap(s, in.q, R, nb, seed, lens, ql, gap);
+        int near = 0; /* rows whose round-0 margin is within fp32 rounding of a tie */
+        for (int i = 20; i < 100 && nb > 2; i += 7) near += gap[i] < 1e-5 && gap[i] > 0;
+        size_t cnt = (size_t)s.batch * s.heads * R * s.q_len;
+        for (int pass = 0; pass < 3; pass++) {
+            char spec[128], name[256];
+            snprintf(spec, sizeof spec, "lsh:hashes=%d,buckets=%d,chunk=16,seed=%llu%s", R, nb,
+                     (unsigned long long)seed,
+                     pass == 0   ? ""
+                     : pass == 1 ? ",causal=1"
+                                 : ",causal=1,ref=1");
+            ef_test_outputs(&o, &in);
+            ef_status st = run(spec, &in, lens, ql, &o);
+            long bad = 0;
+            if (!st)
+                for (size_t x = 0; x < cnt; x++) bad += ((const int32_t *)o.saved)[x] != want[x];
+            snprintf(name, sizeof name, "buckets: %s saved == scalar re-implementation", spec + 4);
+            ef_check(name, !st && bad == 0, "%ld mismatches (%d near-tie rows) %s", bad, near,
+                     st ? ef_last_error() : "");
+            ef_test_free_outputs(&o);
+        }
+        if (nb > 2) {
+            char name[128];
+            snprintf(name, sizeof name, "buckets: nb=%d inputs hold near-tie rows", nb);
+            ef_check(name, near >= 5, "%d rows with margin < 1e-5", near);
+        }
+        free(want), free(gap);
+        ef_test_free_inputs(&in);
     }
-    free(want);
-    ef_test_free_inputs(&in);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -703,8 +753,9 @@ static void threads(void) {
     ef_attn_shape s = {2, 3, 300, 300, 32, 32};
     int32_t lens[2] = {300, 211}, ql[2] = {250, 300};
     const char *specs[] = {"lsh:chunk=32", "lsh:chunk=32,causal=1",
-                           "lsh:chunk=32,causal=1,reformer_causal=1"};
-    for (size_t c = 0; c < 3; c++) {
+                           "lsh:chunk=32,causal=1,reformer_causal=1",
+                           "lsh:chunk=72,hashes=5,before=2"};
+    for (size_t c = 0; c < sizeof specs / sizeof specs[0]; c++) {
         bufs in, o1, o2;
         ef_test_inputs(&in, s, 61, 1.0f);
         ef_test_outputs(&o1, &in), ef_test_outputs(&o2, &in);

@@ -39,26 +39,27 @@
  * Replay (ef_attn_forward_replay, both paths): the buckets are read from saved instead of hashed
  * (after checking them against io's lengths); everything after the hashing is the forward's own
  * code, so saved comes out as a forward with those buckets would write it.
- * Work: (batch, head) items in parallel, one workspace slot per thread, GEMMs single-threaded,
- * every failure of a product reported. Sorted modes: per chunk C x W scores, W = C |window|.
- * Strict mode: per bucket, per chunk, products of QB query rows against the chunk's keys up to
- * the block's last rank; their shapes depend only on (chunk, block, L), never on how many later
- * positions share the bucket, so earlier rows are computed bit for bit the same whatever
- * (finite) values come later: later entries enter only as exact zeros (missing rows and keys
- * are zero-filled). Time O(B H R (N D nb/2 + N W (D + Dv))),
+ * Work: (batch, head) items in parallel, one workspace slot per thread, products
+ * single-threaded, every failure of a product reported. Hashing: one fp32 GEMM per block of rows
+ * for every round. Attention: per round the rows are gathered into sorted order once; tiles of
+ * <= 64 queries against their keys (sorted modes: the chunk's window, W = C |window|; strict:
+ * ranks [lo, end of tile) of the bucket) run on the tiled engine's micro-kernel (ef_tile_gemm),
+ * scores transposed (lanes = queries); results go back to their positions once per round.
+ * Strict mode: ef_tile_gemm sums every element in a fixed order whatever the tile's shape, so
+ * earlier rows are computed bit for bit the same whatever (finite) values come later: later
+ * entries enter only as exact zeros at the end of a sum. Time O(B H R (N D nb/2 + N W (D + Dv))),
  * memory O(B H R N) saved + per thread O(N (D + Dv + R) + C W); no N x N buffer.
  * Reference (ref=1): its own double hashing, sort, windows and per-query visible sets, written
  * out by loops over all positions (lsh_ref_* below; no code or workspace shared).
  */
 #include "attn/attn.h"
+#include "core/vec.h"
 
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-enum { HB = 64 };   /* rows per fp32 projection block */
-enum { QB = 32 };   /* query rows per product in strict causal mode */
 enum { MSG = 256 }; /* bytes of a worker's error message */
 enum { OPT_HASHES, OPT_BUCKETS, OPT_CHUNK, OPT_BEFORE, OPT_AFTER, OPT_DEDUP, OPT_REFORMER };
 /* causal=0; causal=1 (strict); causal=1,reformer_causal=1 (sorted chunks, j <= i) */
@@ -84,22 +85,31 @@ typedef struct lwork {
     int32_t *selfc;     /* [N] rounds in which the row sees only itself */
     int32_t *cnt;       /* [nb + 1] counting sort */
     double *y;          /* [nb/2] projections */
-    float *yb;          /* [HB][nb/2] projections of a block of rows (fp32 GEMM) */
+    float *yb;          /* [hb][R nb/2] projections of a block of rows (fp32 GEMM) */
     float *m, *sw;      /* [N] online combination: running max, running weight sum */
     float *delta;       /* [N] dO . out */
-    int32_t *qpos;      /* [Cq] positions of the gathered rows (-1: zero-filled) */
-    int32_t *kpos;      /* [Wk] positions of the gathered keys (-1: zero-filled) */
-    float *Q, *K, *V;   /* [Cq][D], [Wk][D], [Wk][Dv] */
-    float *S, *dP;      /* [Sr][Wk] */
-    float *O, *dO, *dQ; /* [Sr][Dv], [Sr][Dv], [Sr][D] */
-    float *dK, *dV;     /* [Wk][D], [Wk][Dv] */
+    /* tiles of QW query lanes (dp, dvp = D, Dv padded to 16); rows of a round in sorted order */
+    float *Ks, *Qs;   /* [N][dp] normalised queries (the keys), scale * queries */
+    float *Vs, *Gs;   /* [N][dvp] values; dout (backward) or the unnormalised O (forward) */
+    float *dQs, *dKs; /* [N][dp] gradients (backward; dQ without the scale) */
+    float *dVs;       /* [N][dvp] */
+    float *ls, *sm;   /* [N] the round's lse, sum of exponentials (forward) */
+    float *qt;        /* [D][QW] scaled queries of a tile, transposed */
+    float *st, *dpt;  /* [Wk][QW] scores then probabilities; dP then dS (transposed) */
+    float *dot;       /* [Dv][QW] dO transposed (backward) */
+    int32_t *krs;     /* [N][R] kr of the round's sorted rows (dedup) */
+    int32_t *cib;     /* [2][R][QW] strict dedup: each lane's bucket and lowest rank per round */
+    uint64_t *lw;     /* [R][nc] lanes of the tile whose window holds the chunk (dedup; zero
+                       * between tiles) */
 } lwork;
 
 typedef struct lplan {
     int mode, R, nb, C, before, after, dedup;
     int nwin;       /* distinct window chunks (sorted modes, nc = ceil(N / C)) */
-    int Cq, Wk, Sr; /* rows gathered, keys gathered, rows per product */
-    float *rot;     /* [H][R][D][nb/2] */
+    int Wk;          /* keys of a tile, at most */
+    int QW, dp, dvp; /* query lanes per tile, D and Dv padded to 16 */
+    float *rot;     /* [H][D][R][nb/2] (all rounds of a head in one product) */
+    int hb;         /* rows per projection block */
     float *rmax;    /* [H][R] max |rot| (error bound of the fp32 projections) */
     float logc[65]; /* log(count), count = 0..R */
     lwork *ws;
@@ -128,25 +138,39 @@ static int lsh_valid(const ef_attn *a, const ef_attn_io *io, int b) {
  * Hashing and sorting (fast path)
  * ------------------------------------------------------------------------------------------- */
 /* x = q / |q| in fp32 for rows [0, n) (double arithmetic: every product below is of two floats,
- * exact in double, so the result does not depend on FMA contraction); nrm = |q| (0: x = 0). */
+ * exact in double, so the result does not depend on FMA contraction; the squares are summed in
+ * the order t = 0..D-1, as the reference does); nrm = |q| (0: x = 0). */
 static void normalise(const float *q, int n, int d, float *x, float *nrm) {
+    typedef double vd8 __attribute__((vector_size(64)));
+    typedef float vf8 __attribute__((vector_size(32), aligned(4), may_alias));
     for (int i = 0; i < n; i++) {
+        const float *qi = q + (size_t)i * d;
+        float *xi = x + (size_t)i * d;
         double ss = 0;
-        for (int t = 0; t < d; t++) ss += (double)q[(size_t)i * d + t] * q[(size_t)i * d + t];
+        for (int t = 0; t < d; t++) ss += (double)qi[t] * qi[t];
         double r = sqrt(ss);
         nrm[i] = (float)r;
-        for (int t = 0; t < d; t++)
-            x[(size_t)i * d + t] = r > 0 ? (float)(q[(size_t)i * d + t] / r) : 0.0f;
+        if (!(r > 0)) {
+            for (int t = 0; t < d; t++) xi[t] = 0.0f;
+            continue;
+        }
+        int t = 0; /* the quotients in double, eight at a time (IEEE division: the same bits) */
+        for (; t + 8 <= d; t += 8) {
+            vd8 qd = __builtin_convertvector(*(const vf8 *)(qi + t), vd8);
+            *(vf8 *)(xi + t) = __builtin_convertvector(qd / r, vf8);
+        }
+        for (; t < d; t++) xi[t] = (float)(qi[t] / r);
     }
 }
 
 /* The bucket of one normalised row: first argmax of [xR, -xR], xR in double (exact products,
- * summed in the order t = 0..D-1). */
-static int exact_bucket(const float *x, const float *rot, int d, int half, double *y) {
+ * summed in the order t = 0..D-1); R is D x half with row stride ld. */
+static int exact_bucket(const float *x, const float *rot, ptrdiff_t ld, int d, int half,
+                        double *y) {
     for (int c = 0; c < half; c++) y[c] = 0;
     for (int t = 0; t < d; t++) {
         double xt = x[t];
-        for (int c = 0; c < half; c++) y[c] += xt * rot[(size_t)t * half + c];
+        for (int c = 0; c < half; c++) y[c] += xt * rot[(size_t)t * ld + c];
     }
     int best = 0;
     double bv = y[0];
@@ -157,37 +181,88 @@ static int exact_bucket(const float *x, const float *rot, int d, int half, doubl
     return best;
 }
 
-/* The same buckets from fp32 GEMM projections of HB rows at a time: a row whose best value
- * beats the runner-up by more than twice the rounding bound of a D-term fp32 dot product
+/* The largest value *b1 of [y, -y] (y of n floats) and the runner-up *b2 (the second largest
+ * |y_c|, or -b1 when n = 1); returns an index of b1 in [y, -y] (used only when b1 > b2, where
+ * it is unique). */
+static int top2(const float *y, int n, float *b1, float *b2) {
+    vf m1 = vf_set1(-INFINITY), m2 = m1;
+    vi at = (vi){0}, cv = vi_iota();
+    int c = 0;
+    for (; c + EF_VL <= n; c += EF_VL, cv += EF_VL) { /* lane-wise top two of |y|, where */
+        vf v = vf_loadu(y + c);
+        vf av = vf_select(v < 0, -v, v);
+        vi up = av > m1;
+        m2 = vf_max(m2, vf_select(up, m1, av));
+        m1 = vf_select(up, av, m1);
+        at = (at & ~up) | (cv & up);
+    }
+    float t1 = -INFINITY, t2 = -INFINITY;
+    int best = 0;
+    if (n >= EF_VL) { /* across lanes: t1 = the largest m1; t2 = the largest m2 or other m1 */
+        vf h1 = m1;
+        for (int sh = EF_VL / 2; sh > 0; sh /= 2) /* butterfly: every lane gets the max */
+            h1 = vf_max(h1, __builtin_shuffle(h1, vi_iota() ^ sh));
+        t1 = h1[0];
+        vi top = m1 == h1, ties = top & 1, at1 = at & top;
+        vf h2 = vf_select(top, m2, m1);
+        for (int sh = EF_VL / 2; sh > 0; sh /= 2) {
+            h2 = vf_max(h2, __builtin_shuffle(h2, vi_iota() ^ sh));
+            ties += __builtin_shuffle(ties, vi_iota() ^ sh);
+            at1 += __builtin_shuffle(at1, vi_iota() ^ sh);
+        }
+        t2 = ties[0] > 1 ? t1 : h2[0];
+        best = at1[0]; /* the argmax when unique (else unused) */
+    }
+    for (; c < n; c++) {
+        float v = fabsf(y[c]);
+        best = v > t1 ? c : best;
+        t2 = v > t1 ? t1 : v > t2 ? v : t2;
+        t1 = v > t1 ? v : t1;
+    }
+    /* [y, -y] holds |y_c| and -|y_c| for each c: below the best comes the second largest |y_c|
+     * (>= 0 >= -b1) when n >= 2, else -b1 */
+    *b1 = t1, *b2 = -t1 > t2 ? -t1 : t2;
+    return y[best] > 0 ? best : n + best;
+}
+
+/* Every round's buckets from fp32 GEMM projections of hb rows at a time (all rounds in one
+ * product: the rotations are stored [H][D][R][nb/2]): a row whose best value beats the
+ * runner-up by more than twice the rounding bound of a D-term fp32 dot product
  * (D 2^-23 sum|x_t| max|R|, any summation order) has the same argmax as exact_bucket; the
  * others (near-ties) are recomputed by exact_bucket. Results are identical, only faster. Row
- * i's bucket depends on row i alone. */
-static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int r, int valid, const float *x,
-                              int32_t *bucket) {
+ * i's bucket depends on row i alone. bkt is [R][N]. */
+static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int valid, const float *x,
+                              int32_t *bkt) {
     const lplan *p = a->impl;
-    int d = a->shape.head_dim, half = p->nb / 2;
-    const float *rot = p->rot + ((size_t)h * p->R + r) * d * half;
-    double rmax = p->rmax[h * p->R + r];
-    for (int i0 = 0; i0 < valid; i0 += HB) {
-        int rows = EF_MIN(HB, valid - i0);
-        TRY(ef_sgemm(0, 0, rows, half, d, 1.0f, x + (size_t)i0 * d, d, rot, half, 0.0f, w->yb,
-                     half));
+    int n = a->shape.q_len, d = a->shape.head_dim, half = p->nb / 2, R = p->R;
+    int ld = R * half;
+    const float *rot = p->rot + (size_t)h * d * ld;
+    for (int i0 = 0; i0 < valid; i0 += p->hb) {
+        int rows = EF_MIN(p->hb, valid - i0);
+        TRY(ef_sgemm(0, 0, rows, ld, d, 1.0f, x + (size_t)i0 * d, d, rot, ld, 0.0f, w->yb, ld));
         for (int l = 0; l < rows; l++) {
-            const float *y = w->yb + (size_t)l * half, *xi = x + (size_t)(i0 + l) * d;
-            float b1 = -INFINITY, b2 = -INFINITY;
-            int best = 0;
-            for (int c = 0; c < 2 * half; c++) {
-                float v = c < half ? y[c] : -y[c - half];
-                if (v > b1)
-                    b2 = b1, b1 = v, best = c;
-                else if (v > b2)
-                    b2 = v;
+            int i = i0 + l;
+            const float *xi = x + (size_t)i * d;
+            double ax = 0; /* sum |x_t| (any order: a bound with slack) */
+            {
+                vf sa = vf_set1(0);
+                int t = 0;
+                for (; t + EF_VL <= d; t += EF_VL) {
+                    vf xv = vf_loadu(xi + t);
+                    sa += vf_select(xv < 0, -xv, xv);
+                }
+                for (int l = 0; l < EF_VL; l++) ax += sa[l];
+                for (; t < d; t++) ax += fabsf(xi[t]);
             }
-            double ax = 0;
-            for (int t = 0; t < d; t++) ax += fabsf(xi[t]);
-            double bound = (d + 2) * 0x1p-23 * ax * rmax + 1e-30;
-            bucket[i0 + l] =
-                (double)b1 - b2 > 2 * bound ? best : exact_bucket(xi, rot, d, half, w->y);
+            for (int r = 0; r < R; r++) {
+                float b1, b2;
+                int best = top2(w->yb + (size_t)l * ld + (size_t)r * half, half, &b1, &b2);
+                double bound = (d + 2) * 0x1p-23 * ax * p->rmax[h * R + r] + 1e-30;
+                bkt[(size_t)r * n + i] = (double)b1 - b2 > 2 * bound
+                                             ? best
+                                             : exact_bucket(xi, rot + (size_t)r * half, ld, d,
+                                                            half, w->y);
+            }
         }
     }
     return EF_OK;
@@ -220,28 +295,6 @@ static int window_chunks(const lplan *p, int nc, int c, int *out) {
 
 /* Lowest rank a query of rank rho sees in strict mode (its chunk minus `before` chunks). */
 static int strict_lo(const lplan *p, int rho) { return EF_MAX(0, (rho / p->C - p->before) * p->C); }
-
-/* Sorted modes: rounds in which query i sees key j != i (the key's masks do not depend on the
- * round, only the window does); kr = [N][R] chunk of each position. */
-static int pair_count_sorted(const lplan *p, int nc, const int32_t *kr, int i, int j) {
-    const int32_t *ci = kr + (size_t)i * p->R, *cj = kr + (size_t)j * p->R;
-    int c = 0;
-    for (int r = 0; r < p->R; r++) {
-        int dd = cj[r] - ci[r];
-        dd += dd < 0 ? nc : 0;
-        c += dd <= p->after || nc - dd <= p->before;
-    }
-    return c;
-}
-
-/* Strict mode: rounds in which query i sees key j < i: same bucket, rank >= i's lowest. */
-static int pair_count_strict(const lplan *p, const lwork *w, int i, int j) {
-    const int32_t *bi = w->kb + (size_t)i * p->R, *bj = w->kb + (size_t)j * p->R;
-    const int32_t *rj = w->kr + (size_t)j * p->R, *li = w->kl + (size_t)i * p->R;
-    int c = 0;
-    for (int r = 0; r < p->R; r++) c += bi[r] == bj[r] && rj[r] >= li[r];
-    return c;
-}
 
 /* Sorted modes: rounds in which each row has no visible key but itself. */
 static void self_counts_sorted(const ef_attn *a, lwork *w, int valid, int nc) {
@@ -278,13 +331,15 @@ static ef_status prepare(const ef_attn *a, lwork *w, const float *q, int h, int 
     const lplan *p = a->impl;
     int n = a->shape.q_len, d = a->shape.head_dim, R = p->R;
     normalise(q, valid, d, w->xn, w->nrm);
+    if (rehash) {
+        TRY(fast_buckets(a, w, h, valid, w->xn, bkt));
+        for (int r = 0; r < R; r++)
+            for (int i = valid; i < n; i++) bkt[(size_t)r * n + i] = -1;
+    }
     for (int r = 0; r < R; r++) {
         int32_t *br = bkt + (size_t)r * n, *pr = w->perm + (size_t)r * n;
         int32_t *ir = w->inv + (size_t)r * n;
-        if (rehash) {
-            TRY(fast_buckets(a, w, h, r, valid, w->xn, br));
-            for (int i = valid; i < n; i++) br[i] = -1;
-        } else
+        if (!rehash)
             for (int i = 0; i < valid; i++)
                 if (br[i] < 0 || br[i] >= p->nb)
                     return ef_error(EF_ERR_ARG,
@@ -316,251 +371,420 @@ static ef_status prepare(const ef_attn *a, lwork *w, const float *q, int h, int 
 }
 
 /* ---------------------------------------------------------------------------------------------
- * Blocks of rows against gathered keys
+ * Sorted modes: tiles of QW query lanes against their window, on the tiled engine's kernel
  * ------------------------------------------------------------------------------------------- */
-/* S = scale Qb K^T for nq rows and nk keys (row stride Wk). */
-static ef_status scores(const ef_attn *a, lwork *w, const float *Qb, int nq, int nk) {
-    const lplan *p = a->impl;
-    int d = a->shape.head_dim;
-    return ef_sgemm(0, 1, nq, nk, d, a->scale, Qb, d, w->K, d, 0.0f, w->S, p->Wk);
+/* As in tiled.c, a vector holds EF_VL *queries* (lanes) and scores are kept transposed,
+ * S^T[x][l] for key x of the window and query lane l, so that the per-query softmax statistics
+ * are vertical vector operations and every product is an ef_tile_gemm. Per round, the rows
+ * are gathered once into sorted order (Ks keys, Qs scaled queries, Vs values, Gs dout) and
+ * the per-row results are written in sorted order (Os, dQs, dKs, dVs) and scattered back to
+ * their positions once: the only accesses by position are these two streaming passes (with
+ * prefetch), and a window is one contiguous run of sorted rows or a few (a segment each;
+ * chunk 0 wraps onto the last chunk). ef_tile_gemm sums every element over t in order whatever
+ * the tile shape, and each (batch, head) is one thread's work in a fixed order: results do not
+ * depend on the thread count. */
+typedef struct lseg {
+    int k0, kn, off; /* sorted indices [k0, k0 + kn) are rows [off, off + kn) of S^T */
+} lseg;
+
+enum { PF = 8 }; /* rows prefetched ahead in the passes by position */
+
+static inline void prefetch_row(const float *x, int n) {
+    for (int t = 0; t < n; t += 16) __builtin_prefetch(x + t);
 }
 
-/* Sorted modes: masks and dedup of a chunk's scores; the key of row l itself is at self_base+l. */
-static void mask_sorted(const ef_attn *a, lwork *w, const int32_t *qp, int nq, int nk,
-                        int self_base, int nc) {
+/* dst[0:n] = s src[0:n] (dst aligned to 64 bytes, src anywhere). */
+static inline void copy_row(float *dst, const float *src, int n, float s) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_store(dst + t, vf_loadu(src + t) * s);
+    for (; t < n; t++) dst[t] = src[t] * s;
+}
+
+/* dst[0:n] += s src[0:n] (src aligned to 64 bytes, dst anywhere). */
+static inline void add_row(float *dst, const float *src, int n, float s) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(dst + t, vf_loadu(dst + t) + vf_load(src + t) * s);
+    for (; t < n; t++) dst[t] += src[t] * s;
+}
+
+/* dst[0:n] = fo dst[0:n] + f src[0:n] (src aligned to 64 bytes, dst anywhere). */
+static inline void combine_row(float *dst, float fo, const float *src, float f, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL)
+        vf_storeu(dst + t, vf_loadu(dst + t) * fo + vf_load(src + t) * f);
+    for (; t < n; t++) dst[t] = dst[t] * fo + src[t] * f;
+}
+
+/* Round r's rows in sorted order: Ks = normalised queries, Qs = scale q, Vs = v, Gs = dout
+ * (backward only, g != NULL); rows padded to dp, dvp. */
+static void gather_round(const ef_attn *a, lwork *w, const float *q, const float *v,
+                         const float *g, const int32_t *pr, int valid) {
     const lplan *p = a->impl;
-    int causal = p->mode == LSH_SORTED, dd = p->dedup && p->R > 1;
-    for (int l = 0; l < nq; l++) {
-        int i = qp[l], any = 0;
-        float *srow = w->S + (size_t)l * p->Wk, selfv = srow[self_base + l];
-        for (int x = 0; x < nk; x++) {
-            int j = w->kpos[x];
-            if ((causal && j > i) || j == i) {
-                srow[x] = -INFINITY;
-                continue;
-            }
-            any = 1;
-            if (dd) srow[x] -= p->logc[pair_count_sorted(p, nc, w->kr, i, j)];
+    int d = a->shape.head_dim, dv = a->shape.v_dim;
+    for (int s = 0; s < valid; s++) {
+        int j = pr[s];
+        if (s + PF < valid) {
+            int jn = pr[s + PF];
+            prefetch_row(w->xn + (size_t)jn * d, d), prefetch_row(q + (size_t)jn * d, d);
+            prefetch_row(v + (size_t)jn * dv, dv);
+            if (g) prefetch_row(g + (size_t)jn * dv, dv);
         }
-        if (!any) /* the self-mask: itself only when nothing else is visible */
-            srow[self_base + l] = selfv - (dd ? p->logc[w->selfc[i]] : 0.0f);
+        copy_row(w->Ks + (size_t)s * p->dp, w->xn + (size_t)j * d, d, 1.0f);
+        copy_row(w->Qs + (size_t)s * p->dp, q + (size_t)j * d, d, a->scale);
+        copy_row(w->Vs + (size_t)s * p->dvp, v + (size_t)j * dv, dv, 1.0f);
+        if (g) copy_row(w->Gs + (size_t)s * p->dvp, g + (size_t)j * dv, dv, 1.0f);
+        if (p->dedup && p->R > 1)
+            memcpy(w->krs + (size_t)s * p->R, w->kr + (size_t)j * p->R, sizeof(int32_t) * p->R);
     }
 }
 
-/* Strict mode: rows of ranks rho0 + l, keys of ranks lo + x. Row of rank rho sees the keys of
- * ranks [lo, rho) (x < rho - lo), or itself (x = 0) when that range is empty. Zero-filled rows
- * (qp = -1) are left for the callers to skip. */
-static void mask_strict(const ef_attn *a, lwork *w, const int32_t *qp, int nq, int nk, int rho0,
-                        int lo) {
-    const lplan *p = a->impl;
-    int dd = p->dedup && p->R > 1;
-    for (int l = 0; l < nq; l++) {
-        int i = qp[l], nvis = rho0 + l - lo;
-        if (i < 0) continue;
-        float *srow = w->S + (size_t)l * p->Wk;
-        if (nvis == 0) {
-            srow[0] -= dd ? p->logc[w->selfc[i]] : 0.0f;
-            nvis = 1;
-        } else if (dd)
-            for (int x = 0; x < nvis; x++)
-                srow[x] -= p->logc[pair_count_strict(p, w, i, w->kpos[x])];
-        for (int x = nvis; x < nk; x++) srow[x] = -INFINITY;
-    }
-}
-
-/* Forward of a masked block of round r: per-row softmax (lse_r), O = P V, and the online
- * combination into out over the rounds. Rows with qp = -1 are skipped. */
-static ef_status forward_rows(const ef_attn *a, lwork *w, int r, const int32_t *qp, int nq, int nk,
-                              float *out, float *lse) {
-    const lplan *p = a->impl;
-    int n = a->shape.q_len, dv = a->shape.v_dim, W = p->Wk;
-    for (int l = 0; l < nq; l++) {
-        float *srow = w->S + (size_t)l * W, mx = -INFINITY;
-        int i = qp[l];
-        if (i >= 0)
-            for (int x = 0; x < nk; x++) mx = srow[x] > mx ? srow[x] : mx;
-        if (mx == -INFINITY) {
-            for (int x = 0; x < nk; x++) srow[x] = 0;
-            if (i >= 0) lse[(size_t)r * n + i] = -INFINITY;
-            continue;
-        }
-        for (int x = 0; x < nk; x++) srow[x] -= mx;
-        ef_vexp(srow, srow, (size_t)nk);
-        double sum = 0;
-        for (int x = 0; x < nk; x++) sum += srow[x];
-        float inv = (float)(1.0 / sum);
-        for (int x = 0; x < nk; x++) srow[x] *= inv;
-        lse[(size_t)r * n + i] = mx + (float)log(sum);
-    }
-    TRY(ef_sgemm(0, 0, nq, dv, nk, 1.0f, w->S, W, w->V, dv, 0.0f, w->O, dv));
-    for (int l = 0; l < nq; l++) { /* online combination over the rounds */
-        int i = qp[l];
-        if (i < 0) continue;
-        float lr = lse[(size_t)r * n + i];
-        if (lr == -INFINITY) continue;
-        float mnew = lr > w->m[i] ? lr : w->m[i];
-        float fo = w->m[i] == -INFINITY ? 0.0f : expf(w->m[i] - mnew), fr = expf(lr - mnew);
-        float *o = out + (size_t)i * dv;
-        for (int e = 0; e < dv; e++) o[e] = o[e] * fo + w->O[(size_t)l * dv + e] * fr;
-        w->sw[i] = w->sw[i] * fo + fr;
-        w->m[i] = mnew;
-    }
-    return EF_OK;
-}
-
-/* Backward of a masked block: P = exp(S - L_i) (L_i in w->m), dP = dO V^T,
- * dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q, dV = P^T dO, scattered to the rows'
- * and keys' positions (zero-filled rows and keys, qp or kpos = -1, are skipped). */
-static ef_status backward_rows(const ef_attn *a, lwork *w, const float *Qb, const int32_t *qp,
-                               int nq, int nk, const float *g, float *dq, float *dvo) {
-    const lplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, W = p->Wk;
-    for (int l = 0; l < nq; l++) {
-        int i = qp[l];
-        float *srow = w->S + (size_t)l * W;
-        if (i < 0 || w->m[i] == -INFINITY) {
-            for (int x = 0; x < nk; x++) srow[x] = 0;
-            memset(w->dO + (size_t)l * dv, 0, sizeof(float) * dv);
-            continue;
-        }
-        memcpy(w->dO + (size_t)l * dv, g + (size_t)i * dv, sizeof(float) * dv);
-        float L = w->m[i];
-        for (int x = 0; x < nk; x++) srow[x] -= L;
-        ef_vexp(srow, srow, (size_t)nk);
-    }
-    TRY(ef_sgemm(0, 1, nq, nk, dv, 1.0f, w->dO, dv, w->V, dv, 0.0f, w->dP, W));
-    for (int l = 0; l < nq; l++) {
-        float *pp = w->S + (size_t)l * W, *dp = w->dP + (size_t)l * W;
-        float de = qp[l] >= 0 ? w->delta[qp[l]] : 0.0f;
-        for (int x = 0; x < nk; x++) dp[x] = pp[x] * (dp[x] - de);
-    }
-    TRY(ef_sgemm(0, 0, nq, d, nk, a->scale, w->dP, W, w->K, d, 0.0f, w->dQ, d));
-    TRY(ef_sgemm(1, 0, nk, d, nq, a->scale, w->dP, W, Qb, d, 0.0f, w->dK, d));
-    TRY(ef_sgemm(1, 0, nk, dv, nq, 1.0f, w->S, W, w->dO, dv, 0.0f, w->dV, dv));
-    for (int l = 0; l < nq; l++) {
-        if (qp[l] < 0) continue;
-        float *dst = dq + (size_t)qp[l] * d;
-        for (int t = 0; t < d; t++) dst[t] += w->dQ[(size_t)l * d + t];
-    }
-    for (int x = 0; x < nk; x++) {
-        int jj = w->kpos[x];
-        if (jj < 0) continue;
-        float *dk = w->dkn + (size_t)jj * d, *dvv = dvo + (size_t)jj * dv;
-        for (int t = 0; t < d; t++) dk[t] += w->dK[(size_t)x * d + t];
-        for (int e = 0; e < dv; e++) dvv[e] += w->dV[(size_t)x * dv + e];
-    }
-    return EF_OK;
-}
-
-/* Sorted modes: gathers chunk c of a round (sorted indices [cC, min(L, (c+1)C))) into Q and its
- * window's keys into K, V. Returns the number of keys; *nq the rows, *self_base the index of
- * the chunk's own first key. */
-static int gather_sorted(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
-                         int nc, const int32_t *pr, int c, int *nq, int *self_base) {
-    const lplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, chunks[130], nk = 0;
-    int m = window_chunks(p, nc, c, chunks);
+/* The window of chunk c as segments of consecutive sorted indices (window order; adjacent
+ * chunks merged); *self_off = the row of chunk c's first key. Returns the segment count. */
+static int window_segments(const lplan *p, int valid, int nc, int c, lseg *seg, int *self_off) {
+    int chunks[130], m = window_chunks(p, nc, c, chunks), ns = 0, off = 0;
     for (int t = 0; t < m; t++) {
-        int s0 = chunks[t] * p->C, s1 = EF_MIN(valid, s0 + p->C);
-        if (chunks[t] == c) *self_base = nk;
-        for (int sidx = s0; sidx < s1; sidx++, nk++) {
-            int j = pr[sidx];
-            w->kpos[nk] = j;
-            memcpy(w->K + (size_t)nk * d, w->xn + (size_t)j * d, sizeof(float) * d);
-            memcpy(w->V + (size_t)nk * dv, v + (size_t)j * dv, sizeof(float) * dv);
+        int k0 = chunks[t] * p->C, kn = EF_MIN(valid, k0 + p->C) - k0;
+        if (chunks[t] == c) *self_off = off;
+        if (ns && seg[ns - 1].k0 + seg[ns - 1].kn == k0)
+            seg[ns - 1].kn += kn;
+        else
+            seg[ns++] = (lseg){k0, kn, off};
+        off += kn;
+    }
+    return ns;
+}
+
+/* Dedup: sets (set = 1) or clears the bits of the nq lanes (the queries at sorted indices
+ * s0 + l) in w->lw[rr][chunk] for the chunks of their round-rr windows, every round rr != r. */
+static void lane_windows(const ef_attn *a, lwork *w, int r, int nc, int s0, int nq, int set) {
+    const lplan *p = a->impl;
+    int R = p->R, span = p->before + p->after;
+    if (!set && (size_t)nc <= (size_t)nq * (span + 1)) { /* fewer words than lanes' chunks */
+        memset(w->lw, 0, sizeof(uint64_t) * R * nc);
+        return;
+    }
+    for (int l = 0; l < nq; l++) {
+        const int32_t *ki = w->krs + (size_t)(s0 + l) * R;
+        for (int rr = 0; rr < R; rr++) {
+            if (rr == r) continue;
+            uint64_t *lw = w->lw + (size_t)rr * nc;
+            int cb = ki[rr] - p->before; /* before < nc - after here */
+            cb += cb < 0 ? nc : 0;
+            for (int o = 0; o <= span; o++) {
+                int ch = cb + o < nc ? cb + o : cb + o - nc;
+                lw[ch] = set ? lw[ch] | (uint64_t)1 << l : 0;
+            }
         }
     }
-    int s0 = c * p->C;
-    *nq = EF_MIN(valid, s0 + p->C) - s0;
-    for (int l = 0; l < *nq; l++) {
-        w->qpos[l] = pr[s0 + l];
-        memcpy(w->Q + (size_t)l * d, q + (size_t)w->qpos[l] * d, sizeof(float) * d);
+}
+
+/* One tile: the queries at sorted indices [s0, s0 + nq) of round r against keys (segments of
+ * sorted indices). Sorted modes: chunk c of nc, its own keys from row self_off. Strict mode:
+ * the keys are ranks [lo, ...) of the queries' bucket and lane l (rank lo + rel + l) sees the
+ * keys x < rel + l. */
+typedef struct ltile {
+    int r, s0, nq, nseg, nk;
+    const int32_t *pr; /* the round's sorted index -> position */
+    lseg seg[130];
+    int nc, c, self_off; /* sorted modes */
+    int rel;             /* strict mode */
+} ltile;
+
+/* Strict mode: masks and dedup of a tile's S^T (one segment, keys of ranks lo + x). Row i
+ * attends key j in round rr when they share its bucket and j's rank is at least i's lowest
+ * (kb, kr, kl); a lane that sees no key (rank lo: only lane 0 of a tile with rel = 0) sees
+ * itself, key x = 0. */
+static void strict_masks(const ef_attn *a, lwork *w, const ltile *t) {
+    const lplan *p = a->impl;
+    int R = p->R, QW = p->QW, QV = QW / EF_VL, dd = p->dedup && R > 1, r = t->r;
+    int32_t *vb = w->cib, *vl = w->cib + (size_t)R * QW; /* [R][QW] lanes' buckets, lowest ranks */
+    if (dd)
+        for (int l = 0; l < QW; l++) {
+            const int32_t *bi = w->kb + (size_t)(l < t->nq ? t->pr[t->s0 + l] : 0) * R;
+            const int32_t *li = w->kl + (size_t)(l < t->nq ? t->pr[t->s0 + l] : 0) * R;
+            for (int rr = 0; rr < R; rr++) {
+                vb[(size_t)rr * QW + l] = l < t->nq ? bi[rr] : -1;
+                vl[(size_t)rr * QW + l] = li[rr];
+            }
+        }
+    float self0 = w->st[0];
+    for (int x = 0; x < t->nk; x++) {
+        int j = t->pr[t->seg[0].k0 + x];
+        const int32_t *bj = w->kb + (size_t)j * R, *rj = w->kr + (size_t)j * R;
+        float *srow = w->st + (size_t)x * QW;
+        for (int u = 0; u < QV; u++) {
+            vi lane = vi_iota() + u * EF_VL;
+            vf sv = vf_load(srow + u * EF_VL);
+            if (dd) {
+                vi cnt = (vi){0} + 1;
+                for (int rr = 0; rr < R; rr++) {
+                    if (rr == r) continue;
+                    vi same = *(const vi *)(vb + (size_t)rr * QW + u * EF_VL) == bj[rr];
+                    vi inwin = *(const vi *)(vl + (size_t)rr * QW + u * EF_VL) <= rj[rr];
+                    cnt -= same & inwin;
+                }
+                vf sub = vf_set1(0);
+                for (int cc = 2; cc <= R; cc++)
+                    sub = vf_select(cnt == cc, vf_set1(p->logc[cc]), sub);
+                sv -= sub;
+            }
+            /* key x is visible to lane l when x < rel + l */
+            vf_store(srow + u * EF_VL, vf_select(lane + t->rel <= x, vf_set1(-INFINITY), sv));
+        }
     }
+    if (t->rel == 0) /* the self-mask: the lowest rank sees only itself */
+        w->st[0] = self0 - (dd ? p->logc[w->selfc[t->pr[t->s0]]] : 0.0f);
+}
+
+/* S^T of the queries at sorted indices [s0, s0 + nq) of chunk c (round r) against the window:
+ * st[x][l] = scale q_l . k_x, minus log(rounds that attend the pair) with dedup, -inf where
+ * the key is the query itself (or later, reformer_causal); a lane that sees no other key sees
+ * itself (the self-mask). mx (may be NULL) gets each lane's max. Returns the window's key
+ * count. Strict mode: strict_masks instead.
+ * Dedup: a pair of the window is attended in round r and in each other round rr whose window
+ * of the query holds the key's chunk. Per tile, lw[rr][chunk] is the bit set of the lanes whose
+ * round-rr window holds that chunk, so a key's other rounds are a few table reads and its
+ * count exceeds 1 only on the lanes in the union of its bit sets (a few of the QW <= 64). */
+static int tile_scores(const ef_attn *a, lwork *w, const ltile *t, vf *mx) {
+    const lplan *p = a->impl;
+    int d = a->shape.head_dim, R = p->R, QW = p->QW, QV = QW / EF_VL;
+    int causal = p->mode == LSH_SORTED, dd = p->dedup && R > 1;
+    int r = t->r, nc = t->nc, c = t->c, s0 = t->s0, nq = t->nq, nseg = t->nseg, nk = t->nk;
+    int allwin = p->before + p->after + 1 >= nc, self_off = t->self_off;
+    const int32_t *pr = t->pr;
+    const lseg *seg = t->seg;
+    const float *qs = w->Qs + (size_t)s0 * p->dp;
+    for (int t = 0; t < d; t++) {
+        float *qt = w->qt + (size_t)t * QW;
+        for (int l = 0; l < nq; l++) qt[l] = qs[(size_t)l * p->dp + t];
+        for (int l = nq; l < QW; l++) qt[l] = 0.0f;
+    }
+    for (int x = 0; x < nseg; x++)
+        ef_tile_gemm(seg[x].kn, d, QW, w->Ks + (size_t)seg[x].k0 * p->dp, p->dp, 1, w->qt, QW,
+                     w->st + (size_t)seg[x].off * QW, QW, 0);
+    if (p->mode == LSH_STRICT) {
+        strict_masks(a, w, t);
+        if (mx)
+            for (int u = 0; u < QV; u++) {
+                vf mu = vf_set1(-INFINITY);
+                for (int x = 0; x < nk; x++)
+                    mu = vf_max(mu, vf_load(w->st + (size_t)x * QW + u * EF_VL));
+                mx[u] = mu;
+            }
+        return nk;
+    }
+    int selfrow = self_off + s0 - c * p->C; /* row of lane 0's own key; lane l's is + l */
+    float selfv[EF_QT];
+    for (int l = 0; l < nq; l++) selfv[l] = w->st[(size_t)(selfrow + l) * QW + l];
+    if (dd && allwin) /* every pair is attended in every round */
+        for (int x = 0; x < nk; x++)
+            for (int u = 0; u < QV; u++) {
+                float *ps = w->st + (size_t)x * QW + u * EF_VL;
+                vf_store(ps, vf_load(ps) - p->logc[R]);
+            }
+    else if (dd) {
+        lane_windows(a, w, r, nc, s0, nq, 1);
+        for (int x = 0; x < nseg; x++)
+            for (int xx = 0; xx < seg[x].kn; xx++) {
+                const int32_t *kj = w->krs + (size_t)(seg[x].k0 + xx) * R;
+                float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
+                uint64_t one = 0, two = 0; /* lanes of >= 1, >= 2 other rounds */
+                for (int rr = 0; rr < R; rr++) {
+                    if (rr == r) continue;
+                    uint64_t m = w->lw[(size_t)rr * nc + kj[rr]];
+                    two |= one & m, one |= m;
+                }
+                for (uint64_t b = one & ~two; b; b &= b - 1) srow[__builtin_ctzll(b)] -= p->logc[2];
+                for (; two; two &= two - 1) { /* rare: count the rounds */
+                    int l = __builtin_ctzll(two), cnt = 1;
+                    for (int rr = 0; rr < R; rr++)
+                        if (rr != r) cnt += (int)(w->lw[(size_t)rr * nc + kj[rr]] >> l) & 1;
+                    srow[l] -= p->logc[cnt];
+                }
+            }
+        lane_windows(a, w, r, nc, s0, nq, 0);
+    }
+    if (causal) { /* reformer_causal: keys later than the query */
+        int32_t qpos[EF_QT] __attribute__((aligned(64)));
+        for (int l = 0; l < QW; l++) qpos[l] = l < nq ? pr[s0 + l] : INT32_MAX;
+        for (int x = 0; x < nseg; x++)
+            for (int xx = 0; xx < seg[x].kn; xx++) {
+                int j = pr[seg[x].k0 + xx];
+                float *srow = w->st + (size_t)(seg[x].off + xx) * QW;
+                for (int u = 0; u < QV; u++) {
+                    vi later = *(const vi *)(qpos + u * EF_VL) < j;
+                    vf_store(srow + u * EF_VL,
+                             vf_select(later, vf_set1(-INFINITY), vf_load(srow + u * EF_VL)));
+                }
+            }
+    }
+    for (int l = 0; l < nq; l++) w->st[(size_t)(selfrow + l) * QW + l] = -INFINITY;
+    vf m[EF_QT / EF_VL];
+    for (int u = 0; u < QV; u++) {
+        vf mu = vf_set1(-INFINITY);
+        for (int x = 0; x < nk; x++) mu = vf_max(mu, vf_load(w->st + (size_t)x * QW + u * EF_VL));
+        m[u] = mu;
+    }
+    for (int l = 0; l < nq; l++) { /* the self-mask: itself only when nothing else is visible */
+        if (m[l / EF_VL][l % EF_VL] != -INFINITY) continue;
+        float sv = selfv[l] - (dd ? p->logc[w->selfc[pr[s0 + l]]] : 0.0f);
+        w->st[(size_t)(selfrow + l) * QW + l] = sv;
+        m[l / EF_VL][l % EF_VL] = sv;
+    }
+    if (mx)
+        for (int u = 0; u < QV; u++) mx[u] = m[u];
     return nk;
 }
 
-/* Strict mode: gathers chunk kap of the bucket whose members are pm[0..m) (position order):
- * rows of ranks [kap C, hi) into Q, keys of ranks [lo, hi) into K, V; ranks >= m are
- * zero-filled (position -1), so that every block has the shape its (kap, block, L) gives. */
-static void gather_strict(const ef_attn *a, lwork *w, const float *q, const float *v,
-                          const int32_t *pm, int m, int kap, int lo, int hi) {
+/* Forward of a tile: the unnormalised O = exp(S - max) V into Os (sorted rows), and per row
+ * its round's lse and the sum of the exponentials (ls, sm). */
+static void tile_forward(const ef_attn *a, lwork *w, const ltile *t) {
     const lplan *p = a->impl;
-    int d = a->shape.head_dim, dv = a->shape.v_dim, q0 = kap * p->C;
-    for (int rho = lo; rho < hi; rho++) {
-        int x = rho - lo;
-        if (rho < m) {
-            int j = pm[rho];
-            w->kpos[x] = j;
-            memcpy(w->K + (size_t)x * d, w->xn + (size_t)j * d, sizeof(float) * d);
-            memcpy(w->V + (size_t)x * dv, v + (size_t)j * dv, sizeof(float) * dv);
-        } else {
-            w->kpos[x] = -1;
-            memset(w->K + (size_t)x * d, 0, sizeof(float) * d);
-            memset(w->V + (size_t)x * dv, 0, sizeof(float) * dv);
+    int QW = p->QW, QV = QW / EF_VL, s0 = t->s0, nq = t->nq, nseg = t->nseg;
+    const lseg *seg = t->seg;
+    vf mx[EF_QT / EF_VL];
+    int nk = tile_scores(a, w, t, mx);
+    float sum[EF_QT] __attribute__((aligned(64))), use[EF_QT] __attribute__((aligned(64)));
+    for (int u = 0; u < QV; u++) {
+        /* lanes past nq may have seen only -inf: subtract 0 there (never NaN) */
+        vf m = vf_select(mx[u] == -INFINITY, vf_set1(0), mx[u]), sm = vf_set1(0);
+        for (int x = 0; x < nk; x++) {
+            float *ps = w->st + (size_t)x * QW + u * EF_VL;
+            vf e = vf_exp(vf_load(ps) - m);
+            vf_store(ps, e);
+            sm += e;
         }
+        vf_store(sum + u * EF_VL, sm);
+        vf_store(use + u * EF_VL, m);
     }
-    for (int rho = q0; rho < hi; rho++) {
-        int l = rho - q0;
-        if (rho < m) {
-            w->qpos[l] = pm[rho];
-            memcpy(w->Q + (size_t)l * d, q + (size_t)pm[rho] * d, sizeof(float) * d);
-        } else {
-            w->qpos[l] = -1;
-            memset(w->Q + (size_t)l * d, 0, sizeof(float) * d);
+    /* O[l][e] = sum_x P^T[x][l] V[x][e] */
+    for (int x = 0; x < nseg; x++)
+        ef_tile_gemm(nq, seg[x].kn, p->dvp, w->st + (size_t)seg[x].off * QW, 1, QW,
+                     w->Vs + (size_t)seg[x].k0 * p->dvp, p->dvp, w->Gs + (size_t)s0 * p->dvp,
+                     p->dvp, x > 0);
+    for (int l = 0; l < nq; l++) w->ls[s0 + l] = use[l] + logf(sum[l]), w->sm[s0 + l] = sum[l];
+}
+
+/* Backward of a tile: P = exp(S - L_i) (L_i in w->m), dV += P^T dO, dP = dO V^T,
+ * dS = P (dP - delta), dK += dS^T (scale Q), dQ = dS K (sorted rows: dVs, dKs, dQs). */
+static void tile_backward(const ef_attn *a, lwork *w, const ltile *t) {
+    const lplan *p = a->impl;
+    int dv = a->shape.v_dim, QW = p->QW, QV = QW / EF_VL, dp = p->dp, dvp = p->dvp;
+    int s0 = t->s0, nq = t->nq, nseg = t->nseg;
+    const int32_t *pr = t->pr;
+    const lseg *seg = t->seg;
+    float Lq[EF_QT] __attribute__((aligned(64))), dl[EF_QT] __attribute__((aligned(64)));
+    const float *gs = w->Gs + (size_t)s0 * dvp, *qs = w->Qs + (size_t)s0 * dp;
+    for (int l = 0; l < QW; l++) {
+        if (l < nq) { /* lanes past the tile: P = exp(S - inf) = 0, dO = 0 */
+            int i = pr[s0 + l];
+            Lq[l] = w->m[i], dl[l] = w->delta[i];
+        } else
+            Lq[l] = INFINITY, dl[l] = 0.0f;
+        for (int e = 0; e < dv; e++)
+            w->dot[(size_t)e * QW + l] = l < nq ? gs[(size_t)l * dvp + e] : 0.0f;
+    }
+    int nk = tile_scores(a, w, t, NULL);
+    for (int x = 0; x < nk; x++)
+        for (int u = 0; u < QV; u++) {
+            float *ps = w->st + (size_t)x * QW + u * EF_VL;
+            vf_store(ps, vf_exp(vf_load(ps) - vf_load(Lq + u * EF_VL)));
         }
+    for (int x = 0; x < nseg; x++) {
+        const float *pt = w->st + (size_t)seg[x].off * QW;
+        /* dV[k][e] += sum_l P^T[k][l] dO[l][e];  dP^T[k][l] = sum_e V[k][e] dO^T[e][l] */
+        ef_tile_gemm(seg[x].kn, nq, dvp, pt, QW, 1, gs, dvp, w->dVs + (size_t)seg[x].k0 * dvp,
+                     dvp, 1);
+        ef_tile_gemm(seg[x].kn, dv, QW, w->Vs + (size_t)seg[x].k0 * dvp, dvp, 1, w->dot, QW,
+                     w->dpt + (size_t)seg[x].off * QW, QW, 0);
+    }
+    for (int x = 0; x < nk; x++)
+        for (int u = 0; u < QV; u++) {
+            float *pd = w->dpt + (size_t)x * QW + u * EF_VL;
+            vf pp = vf_load(w->st + (size_t)x * QW + u * EF_VL);
+            vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
+        }
+    for (int x = 0; x < nseg; x++) {
+        const float *ds = w->dpt + (size_t)seg[x].off * QW;
+        /* dK[k][t] += sum_l dS^T[k][l] (scale Q)[l][t];  dQ[l][t] (+)= sum_k dS^T[k][l] K[k][t] */
+        ef_tile_gemm(seg[x].kn, nq, dp, ds, QW, 1, qs, dp, w->dKs + (size_t)seg[x].k0 * dp, dp,
+                     1);
+        ef_tile_gemm(nq, seg[x].kn, dp, ds, 1, QW, w->Ks + (size_t)seg[x].k0 * dp, dp,
+                     w->dQs + (size_t)s0 * dp, dp, x > 0);
     }
 }
 
-/* One head's attention over every round and block: forward (g == NULL: softmax, products and
- * the combination into out, lse) or backward (g = dout: gradients into dq, dvo, w->dkn). */
-static ef_status run_blocks(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
-                            const int32_t *bkt, const float *g, float *out, float *lse, float *dq,
-                            float *dvo) {
+/* Sorted modes, one head: every round, every chunk, tiles of QW queries; forward (g == NULL:
+ * lse into lse, the online combination over the rounds into out, w->m, w->sw) or backward
+ * (g = dout: gradients into dq, dvo, w->dkn). */
+static void run_sorted(const ef_attn *a, lwork *w, const float *q, const float *v, int valid,
+                       const int32_t *bkt, const float *g, float *out, float *lse, float *dq,
+                       float *dvo) {
     const lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim, C = p->C;
-    int nc = (valid + C - 1) / C;
+    int n = a->shape.q_len, d = a->shape.head_dim, dv = a->shape.v_dim, C = p->C;
+    int nc = (valid + C - 1) / C, dp = p->dp, dvp = p->dvp;
+    ltile t;
     for (int r = 0; r < p->R; r++) {
         const int32_t *pr = w->perm + (size_t)r * n, *br = bkt + (size_t)r * n;
-        if (p->mode != LSH_STRICT) {
-            for (int c = 0; c < nc; c++) {
-                int nq, self_base = 0;
-                int nk = gather_sorted(a, w, q, v, valid, nc, pr, c, &nq, &self_base);
-                TRY(scores(a, w, w->Q, nq, nk));
-                mask_sorted(a, w, w->qpos, nq, nk, self_base, nc);
-                if (g)
-                    TRY(backward_rows(a, w, w->Q, w->qpos, nq, nk, g, dq, dvo));
-                else
-                    TRY(forward_rows(a, w, r, w->qpos, nq, nk, out, lse));
-            }
-            continue;
+        gather_round(a, w, q, v, g, pr, valid);
+        if (g) {
+            memset(w->dKs, 0, sizeof(float) * (size_t)valid * dp);
+            memset(w->dVs, 0, sizeof(float) * (size_t)valid * dvp);
         }
-        /* strict: each bucket is a run of the sorted order, its members in position order */
-        for (int s0 = 0, s1; s0 < valid; s0 = s1) {
-            int bucket = br[pr[s0]];
-            for (s1 = s0 + 1; s1 < valid && br[pr[s1]] == bucket;) s1++;
-            const int32_t *pm = pr + s0;
-            int m = s1 - s0;
-            for (int kap = 0; kap < (m + C - 1) / C; kap++) {
-                int q0 = kap * C, lo = strict_lo(p, q0);
-                int hi = (int)EF_MIN((int64_t)valid, (int64_t)q0 + C);
-                /* the blocks that exist use ranks below `used` (zero-filled past m) */
-                int used = (int)EF_MIN((int64_t)hi, q0 + ((int64_t)m - q0 + QB - 1) / QB * QB);
-                gather_strict(a, w, q, v, pm, m, kap, lo, used);
-                for (int rho0 = q0; rho0 < EF_MIN(m, hi); rho0 += QB) {
-                    int nrow = EF_MIN(QB, hi - rho0), nk = rho0 + nrow - lo;
-                    const float *Qb = w->Q + (size_t)(rho0 - q0) * d;
-                    const int32_t *qp = w->qpos + (rho0 - q0);
-                    TRY(scores(a, w, Qb, nrow, nk));
-                    mask_strict(a, w, qp, nrow, nk, rho0, lo);
-                    if (g)
-                        TRY(backward_rows(a, w, Qb, qp, nrow, nk, g, dq, dvo));
-                    else
-                        TRY(forward_rows(a, w, r, qp, nrow, nk, out, lse));
+        t.r = r, t.pr = pr;
+        if (p->mode == LSH_STRICT) /* per bucket (a run of the sorted order), per chunk */
+            for (int s0b = 0, s1b; s0b < valid; s0b = s1b) {
+                for (s1b = s0b + 1; s1b < valid && br[pr[s1b]] == br[pr[s0b]];) s1b++;
+                int m = s1b - s0b;
+                for (int q0 = 0; q0 < m; q0 += C) {
+                    int lo = strict_lo(p, q0), qend = EF_MIN(m, q0 + C);
+                    for (int t0 = q0; t0 < qend; t0 += p->QW) {
+                        t.s0 = s0b + t0, t.nq = EF_MIN(p->QW, qend - t0), t.rel = t0 - lo;
+                        t.nk = t0 + t.nq - lo, t.nseg = 1, t.seg[0] = (lseg){s0b + lo, t.nk, 0};
+                        if (g)
+                            tile_backward(a, w, &t);
+                        else
+                            tile_forward(a, w, &t);
+                    }
                 }
             }
+        else
+            for (int c = 0; c < nc; c++) {
+                t.nc = nc, t.c = c, t.nseg = window_segments(p, valid, nc, c, t.seg, &t.self_off);
+                t.nk = t.seg[t.nseg - 1].off + t.seg[t.nseg - 1].kn;
+                int end = EF_MIN(valid, (c + 1) * C);
+                for (t.s0 = c * C; t.s0 < end; t.s0 += p->QW) {
+                    t.nq = EF_MIN(p->QW, end - t.s0);
+                    if (g)
+                        tile_backward(a, w, &t);
+                    else
+                        tile_forward(a, w, &t);
+                }
+            }
+        for (int s = 0; s < valid; s++) { /* the round's rows, back to their positions */
+            int i = pr[s];
+            if (g) {
+                if (s + PF < valid) {
+                    int jn = pr[s + PF];
+                    prefetch_row(dq + (size_t)jn * d, d), prefetch_row(dvo + (size_t)jn * dv, dv);
+                    prefetch_row(w->dkn + (size_t)jn * d, d);
+                }
+                add_row(dq + (size_t)i * d, w->dQs + (size_t)s * dp, d, a->scale);
+                add_row(w->dkn + (size_t)i * d, w->dKs + (size_t)s * dp, d, 1.0f);
+                add_row(dvo + (size_t)i * dv, w->dVs + (size_t)s * dvp, dv, 1.0f);
+                continue;
+            }
+            if (s + PF < valid) prefetch_row(out + (size_t)pr[s + PF] * dv, dv);
+            /* online combination over the rounds: out_i = sum_r e^(lse_r - m) O_r / sum_r e^.. */
+            float lr = w->ls[s], mo = w->m[i], mnew = lr > mo ? lr : mo;
+            float fo = mo == -INFINITY ? 0.0f : expf(mo - mnew), fr = expf(lr - mnew);
+            float *o = out + (size_t)i * dv;
+            lse[(size_t)r * n + i] = lr;
+            combine_row(o, fo, w->Gs + (size_t)s * dvp, fr / w->sm[s], dv);
+            w->sw[i] = w->sw[i] * fo + fr;
+            w->m[i] = mnew;
         }
     }
-    return EF_OK;
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -586,14 +810,14 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
     const lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, half = p->nb / 2;
-    size_t Cq = p->Cq, Wk = p->Wk, Sr = p->Sr, off = 0;
+    size_t Wk = p->Wk, off = 0;
 #define TAKE(ptr, cnt)                                                                             \
     do {                                                                                           \
         ptr = (void *)(base ? base + off : NULL);                                                  \
         off += ((size_t)(cnt) * sizeof *(ptr) + 63) / 64 * 64;                                     \
     } while (0)
     TAKE(w->y, half);
-    TAKE(w->yb, (size_t)HB * half);
+    TAKE(w->yb, (size_t)p->hb * R * half);
     TAKE(w->xn, n * d);
     TAKE(w->dkn, n * d);
     TAKE(w->nrm, n);
@@ -609,18 +833,25 @@ static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
     TAKE(w->kl, R * n);
     TAKE(w->selfc, n);
     TAKE(w->cnt, (size_t)p->nb + 1);
-    TAKE(w->qpos, Cq);
-    TAKE(w->kpos, Wk);
-    TAKE(w->Q, Cq * d);
-    TAKE(w->K, Wk * d);
-    TAKE(w->V, Wk * dv);
-    TAKE(w->dK, Wk * d);
-    TAKE(w->dV, Wk * dv);
-    TAKE(w->S, Sr * Wk);
-    TAKE(w->dP, Sr * Wk);
-    TAKE(w->O, Sr * dv);
-    TAKE(w->dO, Sr * dv);
-    TAKE(w->dQ, Sr * d);
+    { /* tiles of QW lanes, ef_tile_gemm products */
+        size_t QW = p->QW, dp = p->dp, dvp = p->dvp;
+        TAKE(w->Ks, n * dp);
+        TAKE(w->Qs, n * dp);
+        TAKE(w->Vs, n * dvp);
+        TAKE(w->Gs, n * dvp);
+        TAKE(w->dQs, n * dp);
+        TAKE(w->dKs, n * dp);
+        TAKE(w->dVs, n * dvp);
+        TAKE(w->ls, n);
+        TAKE(w->sm, n);
+        TAKE(w->qt, d * QW);
+        TAKE(w->st, Wk * QW);
+        TAKE(w->dpt, Wk * QW);
+        TAKE(w->dot, dv * QW);
+        TAKE(w->lw, R * ((n + p->C - 1) / p->C));
+        TAKE(w->cib, 2 * R * QW);
+        TAKE(w->krs, R * n);
+    }
 #undef TAKE
     return off;
 }
@@ -660,29 +891,37 @@ static ef_status lsh_init(ef_attn *a) {
     for (int c = 1; c <= p->R; c++) p->logc[c] = logf((float)c);
     int tmp[130];
     p->nwin = window_chunks(p, (n + p->C - 1) / p->C, 0, tmp);
+    /* tile shapes (also what lsh_flops counts, for either path) */
+    int64_t win = p->mode == LSH_STRICT ? p->before + 1 : p->nwin;
+    p->Wk = (int)EF_MIN((int64_t)n, win * p->C);
+    p->QW = EF_MIN(EF_QT, (EF_MIN(p->C, n) + 15) / 16 * 16);
+    p->dp = (d + 15) / 16 * 16;
+    p->dvp = (s->v_dim + 15) / 16 * 16;
     if (a->ref) return ref_init(a);
 
     int half = p->nb / 2, R = p->R;
-    p->Cq = EF_MIN(p->C, n);
-    if (p->mode == LSH_STRICT) {
-        p->Wk = (int)EF_MIN((int64_t)n, (int64_t)(p->before + 1) * p->C);
-        p->Sr = EF_MIN(QB, p->Cq);
-    } else {
-        p->Wk = (int)EF_MIN((int64_t)n, (int64_t)p->nwin * p->C);
-        p->Sr = p->Cq;
-    }
     size_t nrot = (size_t)s->heads * R * d * half;
     p->rot = ef_malloc(nrot * sizeof(float));
     p->rmax = malloc(sizeof(float) * s->heads * R);
     if (!p->rot || !p->rmax) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
+    /* the draw of (h, r) is D x nb/2 row-major; stored interleaved, row t of head h holds
+     * every round's row t */
+    float *draw = malloc(sizeof(float) * d * half);
+    if (!draw) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
     for (int h = 0; h < s->heads; h++)
         for (int r = 0; r < R; r++) {
-            float *rot = p->rot + ((size_t)h * R + r) * d * half, mx = 0;
-            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, (size_t)d * half, rot);
+            float mx = 0;
+            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, (size_t)d * half, draw);
             for (size_t x = 0; x < (size_t)d * half; x++)
-                mx = fabsf(rot[x]) > mx ? fabsf(rot[x]) : mx;
+                mx = fabsf(draw[x]) > mx ? fabsf(draw[x]) : mx;
             p->rmax[h * R + r] = mx;
+            for (int t = 0; t < d; t++)
+                memcpy(p->rot + (((size_t)h * d + t) * R + r) * half, draw + (size_t)t * half,
+                       sizeof(float) * half);
         }
+    free(draw);
+    /* about 64K floats of projections per block, 1 to 256 rows */
+    p->hb = (int)EF_MAX(1, EF_MIN(256, 65536 / ((int64_t)R * half)));
     lwork probe;
     size_t per = slot_layout(a, NULL, &probe);
     p->ws = calloc((size_t)a->slots, sizeof *p->ws);
@@ -692,6 +931,7 @@ static ef_status lsh_init(ef_attn *a) {
     if (!p->ws || !p->status || !p->msg || !p->block)
         return ef_error(EF_ERR_NOMEM, "lsh: out of memory for workspace");
     a->ws_bytes = per * a->slots + nrot * sizeof(float);
+    if (!a->ws_borrowed) memset(p->block, 0, per * a->slots); /* zero padding columns */
     for (int t = 0; t < a->slots; t++) slot_layout(a, (char *)p->block + per * t, &p->ws[t]);
     return EF_OK;
 }
@@ -702,15 +942,14 @@ static size_t lsh_saved_bytes(const ef_attn *a) {
            (sizeof(int32_t) + sizeof(float));
 }
 
-/* Strict mode: (query, key) products of one bucket of m members (fast path's block shapes). */
-static double strict_bucket_products(const lplan *p, int n, int m) {
+/* Strict mode: (query, key) products of one bucket of m members (fast path's tile shapes). */
+static double strict_bucket_products(const lplan *p, int m) {
     double t = 0;
-    for (int kap = 0; (int64_t)kap * p->C < m; kap++) {
-        int q0 = kap * p->C, lo = strict_lo(p, q0);
-        int hi = (int)EF_MIN((int64_t)n, (int64_t)q0 + p->C);
-        for (int rho0 = q0; rho0 < EF_MIN(m, hi); rho0 += QB) {
-            int nrow = EF_MIN(QB, hi - rho0);
-            t += (double)nrow * (rho0 + nrow - lo);
+    for (int q0 = 0; q0 < m; q0 += p->C) {
+        int lo = strict_lo(p, q0), qend = EF_MIN(m, q0 + p->C);
+        for (int t0 = q0; t0 < qend; t0 += p->QW) {
+            int nq = EF_MIN(p->QW, qend - t0);
+            t += (double)nq * (t0 + nq - lo);
         }
     }
     return t;
@@ -722,8 +961,8 @@ static double strict_bucket_products(const lplan *p, int n, int m) {
 static double round_products(const lplan *p, int n) {
     if (p->mode == LSH_STRICT) {
         int nbe = EF_MIN(p->nb, n), small = n / nbe, extra = n % nbe;
-        return extra * strict_bucket_products(p, n, small + 1) +
-               (double)(nbe - extra) * strict_bucket_products(p, n, small);
+        return extra * strict_bucket_products(p, small + 1) +
+               (double)(nbe - extra) * strict_bucket_products(p, small);
     }
     int nc = (n + p->C - 1) / p->C, ch[130];
     double t = 0;
@@ -787,7 +1026,7 @@ static ef_status forward_one(ljob *j, int64_t item, lwork *w) {
         for (int i = valid; i < n; i++) lse[(size_t)r * n + i] = -INFINITY;
     TRY(prepare(a, w, q, h, valid, bkt, !j->replay));
     for (int i = 0; i < valid; i++) w->m[i] = -INFINITY, w->sw[i] = 0;
-    TRY(run_blocks(a, w, q, v, valid, bkt, NULL, out, lse, NULL, NULL));
+    run_sorted(a, w, q, v, valid, bkt, NULL, out, lse, NULL, NULL);
     for (int i = 0; i < valid; i++) {
         if (w->sw[i] == 0) continue;
         float inv = 1.0f / w->sw[i];
@@ -828,7 +1067,7 @@ static ef_status backward_one(ljob *j, int64_t item, lwork *w) {
         w->delta[i] = (float)dl;
     }
     memset(w->dkn, 0, sizeof(float) * valid * d);
-    TRY(run_blocks(a, w, q, v, valid, bkt, g, NULL, NULL, dq, dvo));
+    run_sorted(a, w, q, v, valid, bkt, g, NULL, NULL, dq, dvo);
     /* k = q/|q|: dq += (dk - k (k . dk)) / |q| */
     for (int i = 0; i < valid; i++) {
         if (w->nrm[i] == 0) continue;
