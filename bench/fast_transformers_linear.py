@@ -145,8 +145,16 @@ def main():
         os.environ.get("TMPDIR", "/tmp"), f"eformer-ft-build-{os.getuid()}"),
         help="where causal_product_cpu is compiled when the checkout has no build of it")
     ap.add_argument("--json", action="store_true", help="also one JSON line at the end")
+    ap.add_argument("--no-malloc-keep", dest="malloc_keep", action="store_false",
+                    help="leave glibc malloc's defaults (by default it is told to keep freed "
+                    "memory, as torch_twin.py does, for both sides)")
     a = ap.parse_args()
-    prepare_env(os.environ, False)  # OPENBLAS_CORETYPE, as eformer and torch_twin.py do
+    # OPENBLAS_CORETYPE (as eformer and torch_twin.py) and, unless --no-malloc-keep, glibc
+    # malloc keeping freed memory: both sides allocate their outputs and gradients (tens of MB)
+    # every pass, and with the default thresholds every pass page-faults them in again. glibc
+    # reads MALLOC_* at start-up only: when they had to be set, the script re-executes itself.
+    if any(k.startswith("MALLOC_") for k in prepare_env(os.environ, a.malloc_keep)):
+        os.execv(sys.executable, [sys.executable, os.path.abspath(__file__)] + sys.argv[1:])
     import torch
     import eformer
     import eformer.torch as et
@@ -188,7 +196,8 @@ def main():
         res["eformer"].append(median_time(run_eformer, a.reps))
     med = {n: statistics.median(ts) for n, ts in res.items()}
     print(f"# forward+backward, linear{' causal' if a.causal else ''}, B={B} H={H} N={N} D={D}, "
-          f"{a.threads} threads, torch {torch.__version__}, blas {loaded_blas()}, "
+          f"{a.threads} threads, torch {torch.__version__}, blas {loaded_blas()}, malloc keep "
+          f"{'on' if 'MALLOC_MMAP_MAX_' in os.environ else 'off'}, "
           f"median of {a.reps} reps per round, 1-min load before each round: "
           + " ".join(f"{x:.2f}" for x in loads))
     for n, ts in res.items():
@@ -198,6 +207,7 @@ def main():
     if a.json:
         print(json.dumps({"batch": B, "heads": H, "len": N, "dim": D, "causal": a.causal,
                           "threads": a.threads, "torch": torch.__version__,
+                          "malloc_keep": "MALLOC_MMAP_MAX_" in os.environ,
                           "ft_ms": [t * 1e3 for t in res["ft"]],
                           "eformer_ms": [t * 1e3 for t in res["eformer"]],
                           "ft_median_ms": med["ft"] * 1e3,
