@@ -7,6 +7,9 @@
  *              kernel, phi(x) ~ exp(W x^ - |x^|^2/2) / sqrt(m), x^ = x sqrt(scale)
  * docs/kernel.md derives the forward, the backward and the stabilisation.
  *
+ * `linear` has a path of its own (lin_forward / lin_backward, "linear" section below): elu+1
+ * needs no shift, so the feature map is fused into the chunk products and the quotient rule
+ * into their epilogues. What follows describes the generic engine, which performer runs.
  * Per (batch, head), in chunks of KC positions:
  *   non-causal: pass 1 over key chunks accumulates S, z; pass 2 over query chunks computes
  *     num = Phi_q S, den = Phi_q z (+ eps), out = num / den;
@@ -1623,10 +1626,12 @@ const ef_attn_ops ef_attn_ops_linear = {
     .caps = {.causal = 1, .cross = 1, .decode = 1, .deterministic = 1},
     .name = "linear",
     .summary = "Linear Transformer: phi(x) = elu(x)+1, O(N D Dv) time, O(D Dv) state",
-    .notes = "  padded keys (kv_lens) and queries (q_lens) are skipped, never read; causal=1 runs\n"
-             "  in chunks of 128 (prefix sums at matrix speed); incremental decoding with\n"
-             "  ef_attn_step. saves the normaliser per row; reference (ref=1): the explicit\n"
-             "  N x M form in double, with its own feature map.",
+    .notes = "  padded keys (kv_lens) and queries (q_lens) are skipped, never read; the feature\n"
+             "  map is fused into the chunk products; causal=1 runs in chunks of 64 (masked\n"
+             "  product inside, the running state across: prefix sums at matrix speed);\n"
+             "  incremental decoding with ef_attn_step. saves the normaliser per row (and,\n"
+             "  non-causal, S and z per head); reference (ref=1): the explicit N x M form in\n"
+             "  double, with its own feature map.",
     .opts = linear_opts,
     .n_opts = (int)(sizeof linear_opts / sizeof linear_opts[0]),
     .init = kernel_init,
