@@ -16,11 +16,14 @@ extension causal_product_cpu is compiled from the checkout's causal_product_cpu.
 torch.utils.cpp_extension, with setup.py's flags (-fopenmp -ffast-math; -O2 as setuptools),
 into --build-dir. Nothing is copied.
 
-Before timing, both are run on a small shape (B=2, H=3, L=37, E=20, Gaussian inputs) and their
+Before timing, both are run on a small shape (B=2, H=3, L=300, E=20, Gaussian inputs) and their
 outputs and gradients compared (the script stops when they differ by more than 1e-4 of the
 largest value). Then, for --rounds rounds, each is timed as the median of --reps
 forward+backward passes after a warm-up, alternating (ft, eformer, ft, eformer, ...); the
-medians over rounds and the ratio ft / eformer are printed.
+medians over rounds, the ratio ft / eformer of the medians and of each round (a pair run back
+to back) are printed, and the same for the process's CPU time (user + system of all its
+threads: with --threads 1 a measure of work that other processes on the machine barely move;
+with more threads it also counts OpenMP's spinning).
 
     /usr/bin/python3 bench/fast_transformers_linear.py --ft /path/to/fast-transformers \\
         [--len 16384] [--heads 8] [--dim 64] [--batch 1] [--causal] [--reps 5] [--rounds 3] \\
@@ -98,7 +101,7 @@ def make_ft(torch, cls, masking, B, L, E, causal):
 
 def compare_small(torch, et, cls, masking, causal):
     """Max |difference| / max |value| of out, dq, dk, dv between ft and eformer."""
-    B, H, L, E = 2, 3, 37, 20
+    B, H, L, E = 2, 3, 300, 20  # L crosses eformer's chunks (64 causal, 256 not)
     g = torch.Generator().manual_seed(7)
     q, k, v, dout = (torch.randn(B, H, L, E, generator=g, dtype=torch.float64).float()
                      for _ in range(4))
@@ -121,13 +124,16 @@ def compare_small(torch, et, cls, masking, causal):
 
 
 def median_time(fn, reps):
+    """Median wall seconds and median CPU seconds of this process (all its threads) over reps
+    runs after one warm-up."""
     fn()
-    t = []
+    t, c = [], []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         t.append(time.perf_counter() - t0)
-    return statistics.median(t)
+        c.append(time.process_time() - c0)
+    return statistics.median(t), statistics.median(c)
 
 
 def main():
@@ -163,7 +169,7 @@ def main():
     cls, masking, how = import_ft(a.ft, a.causal, a.build_dir)
     errs = compare_small(torch, et, cls, masking, a.causal)
     print(f"# fast-transformers from {os.path.abspath(a.ft)} ({how})")
-    print("# same function (B=2 H=3 L=37 E=20): max relative difference " +
+    print("# same function (B=2 H=3 L=300 E=20): max relative difference " +
           ", ".join(f"{k} {v:.1e}" for k, v in errs.items()))
     if max(errs.values()) > 1e-4:
         sys.exit("fast_transformers_linear: the two differ; not timing them")
@@ -189,12 +195,17 @@ def main():
         et.attention(eq, ek, ev, spec=spec).backward(dout)
 
     res = {"ft": [], "eformer": []}
+    cpu = {"ft": [], "eformer": []}
     loads = []
     for _ in range(a.rounds):
         loads.append(os.getloadavg()[0])
-        res["ft"].append(median_time(run_ft, a.reps))
-        res["eformer"].append(median_time(run_eformer, a.reps))
+        for n, fn in (("ft", run_ft), ("eformer", run_eformer)):
+            t, c = median_time(fn, a.reps)
+            res[n].append(t)
+            cpu[n].append(c)
     med = {n: statistics.median(ts) for n, ts in res.items()}
+    cmed = {n: statistics.median(ts) for n, ts in cpu.items()}
+    pair = [f / e for f, e in zip(res["ft"], res["eformer"])]
     print(f"# forward+backward, linear{' causal' if a.causal else ''}, B={B} H={H} N={N} D={D}, "
           f"{a.threads} threads, torch {torch.__version__}, blas {loaded_blas()}, malloc keep "
           f"{'on' if 'MALLOC_MMAP_MAX_' in os.environ else 'off'}, "
@@ -202,8 +213,10 @@ def main():
           + " ".join(f"{x:.2f}" for x in loads))
     for n, ts in res.items():
         print(f"{n:8s} " + "  ".join(f"{t * 1e3:9.1f}" for t in ts) +
-              f"   median {med[n] * 1e3:9.1f} ms")
-    print(f"ft / eformer = {med['ft'] / med['eformer']:.2f}")
+              f"   median {med[n] * 1e3:9.1f} ms   (CPU time {cmed[n] * 1e3:.1f} ms)")
+    print(f"ft / eformer = {med['ft'] / med['eformer']:.2f} (medians); per round "
+          + " ".join(f"{r:.2f}" for r in pair) + f", median {statistics.median(pair):.2f}; "
+          f"CPU time {cmed['ft'] / cmed['eformer']:.2f}")
     if a.json:
         print(json.dumps({"batch": B, "heads": H, "len": N, "dim": D, "causal": a.causal,
                           "threads": a.threads, "torch": torch.__version__,
@@ -212,7 +225,11 @@ def main():
                           "eformer_ms": [t * 1e3 for t in res["eformer"]],
                           "ft_median_ms": med["ft"] * 1e3,
                           "eformer_median_ms": med["eformer"] * 1e3,
-                          "ratio": med["ft"] / med["eformer"], "check": errs, "loads": loads}))
+                          "ratio": med["ft"] / med["eformer"], "round_ratios": pair,
+                          "ft_cpu_ms": [t * 1e3 for t in cpu["ft"]],
+                          "eformer_cpu_ms": [t * 1e3 for t in cpu["eformer"]],
+                          "cpu_ratio": cmed["ft"] / cmed["eformer"], "check": errs,
+                          "loads": loads}))
 
 
 if __name__ == "__main__":
