@@ -32,7 +32,7 @@
 
 EF_INLINE vf lin_phi(vf x) { /* elu(x) + 1 */
     vi pos = x > 0;
-    return vf_select(pos, x + 1.0f, vf_exp(vf_select(pos, vf_set1(0), x)));
+    return vf_select(pos, x + 1.0f, vf_exp_nonpos(vf_select(pos, vf_set1(0), x)));
 }
 
 /* ph[r][:] = phi(x[r][:]) for n rows of d; z[:] += sum_r ph[r][:] when z != NULL. */
