@@ -11,6 +11,7 @@
 
 #include "harness.h"
 #include "core/core.h"
+#include "core/vec.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -371,6 +372,33 @@ static double exp_rel_err(float x, float y) {
     return fabs((double)y - r) / r;
 }
 
+/* vf_exp_nonpos is vf_exp on x <= 0 without the overflow cases: bitwise the same values there
+ * (a grid over [-100, 0], the underflow edge, -0, -inf, NaN). */
+static void test_vexp_nonpos(void) {
+    const size_t ng = (size_t)1 << 18;
+    const float lo = -87.3365479f; /* vec.h's underflow edge */
+    const float special[] = {0.0f,   -0.0f,   lo,      nextafterf(lo, -1e9f),
+                             lo / 2, -1e-30f, -1e-45f, -INFINITY,
+                             NAN,    -88.0f,  -87.0f,  -0.34657f};
+    size_t ns = sizeof special / sizeof special[0], diff = 0;
+    float worst = 0;
+    for (size_t i0 = 0; i0 < ng + ns; i0 += EF_VL) {
+        float x[EF_VL] __attribute__((aligned(64))), a[EF_VL] __attribute__((aligned(64))),
+            b[EF_VL] __attribute__((aligned(64)));
+        for (int l = 0; l < EF_VL; l++) {
+            size_t i = i0 + (size_t)l;
+            x[l] = i < ng ? -100.0f * (float)i / (float)ng : special[(i - ng) % ns];
+        }
+        vf_store(a, vf_exp(vf_load(x)));
+        vf_store(b, vf_exp_nonpos(vf_load(x)));
+        for (int l = 0; l < EF_VL; l++)
+            if (memcmp(&a[l], &b[l], sizeof(float)) && !(isnan(a[l]) && isnan(b[l])))
+                diff++, worst = x[l];
+    }
+    ef_check("vf_exp_nonpos == vf_exp bitwise on x <= 0 (grid, edges, -0, -inf, NaN)", diff == 0,
+             "%zu of %zu differ (last at x=%.9g)", diff, ng + ns, worst);
+}
+
 static void test_vexp(void) {
     /* a fine grid over [-87, 88], plus the points around the range-reduction boundaries
      * x = (j + 1/2) ln 2 where |r| is largest and round-to-nearest switches n */
@@ -697,6 +725,7 @@ int main(void) {
     test_rng_uniform_stats();
     test_rng_normal_stats();
     test_vexp();
+    test_vexp_nonpos();
     test_sgemm();
     test_sgemm_errors();
     test_sgemm_signals();

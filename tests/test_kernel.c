@@ -9,6 +9,8 @@
  *      (lengths 0 and 131), query padding (q_lens, lengths 0, 1, 7, 97, ...) and key norms
  *      growing over three chunks (the per-chunk key shifts differ); `linear` also against
  *      elu+1 attention written out here (an oracle independent of kernel.c);
+ *   1b. `linear`'s own fast path at its chunk edges (64 causal, 256 non-causal: lengths one
+ *      below, at and above, padding ending there) and head dims not a multiple of 16;
  *   2. causal forward == step-by-step decoding (ef_attn_step), also with growing key norms
  *      (the running key shift rises, S and z are rescaled) and eps > 0, the decoding state API,
  *      and a row's output not depending on later keys of its chunk;
@@ -253,6 +255,39 @@ static void test_fast_vs_ref(void) {
     int32_t lens1[2] = {200, 131};
     fast_vs_ref("performer:features=64,causal=1", s1, lens1, 1.0f);
     fast_vs_ref("performer:kernel=hyp,features=64", s1, lens1, 1.0f);
+}
+
+/* The chunk edges of `linear`'s own fast path (kernel.c: causal chunks of 64 positions, the
+ * non-causal key and query chunks of 256 rows): lengths one below, at and one above them,
+ * padding that ends inside or at the edge of a chunk, and head dims that are not a multiple of
+ * the vector width (16) so that the vector feature map, dot products and epilogues run their
+ * tails. Tolerances tighter than part 1's: linear's products are plain fp32 GEMMs over at most
+ * 513 rows of sigma-1 inputs (measured <= 6e-7 forward, <= 1e-6 backward); an edge off by one
+ * (a key counted twice or missed, a masked entry left in) is an error of order 1e-3..1. */
+static void test_linear_chunks(void) {
+    printf("# 1b. linear: chunk edges (64 causal, 256 non-causal), odd head dims\n");
+    static const kcase cases[] = {
+        {NULL, 1, 0, 0, 63, 63, 17, 19, {-1, 0}},
+        {NULL, 1, 0, 0, 64, 64, 33, 16, {64, 63}},
+        {NULL, 1, 0, 0, 65, 65, 16, 7, {65, 64}, {64, 65}},
+        {NULL, 1, 0, 0, 193, 193, 20, 33, {129, 192}, {193, 128}},
+        {NULL, 1, 0, 0, 130, 200, 3, 1, {200, 65}},
+        {NULL, 1, 0, 0, 200, 130, 48, 64, {130, 65}, {199, 66}},
+        {NULL, 0, 0, 0, 257, 257, 20, 33, {257, 256}, {255, 257}},
+        {NULL, 0, 0, 0, 513, 300, 17, 16, {-1, 0}},
+        {NULL, 0, 0, 0, 255, 512, 64, 64, {512, 257}},
+        {NULL, 0, 0, 0, 1, 257, 1, 1, {257, 256}},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const kcase *c = &cases[i];
+        char spec[64];
+        snprintf(spec, sizeof spec, "linear:causal=%d", c->causal);
+        ef_attn_shape s = {2, 2, c->n, c->m, c->d, c->dv};
+        int32_t lens[2] = {c->lens[0], c->lens[1]}, qlens[2] = {c->qlens[0], c->qlens[1]};
+        int has_q = c->qlens[0] || c->qlens[1];
+        fast_vs_ref_grow(spec, s, c->lens[0] < 0 ? NULL : lens, has_q ? qlens : NULL, 1.0f, 0, 0,
+                         1e-5, 1e-5);
+    }
 }
 
 /* elu + 1 attention written out from its definition (Katharopoulos et al.; eps 1e-6 as
@@ -1313,6 +1348,7 @@ static void test_errors(void) {
 
 int main(void) {
     test_fast_vs_ref();
+    test_linear_chunks();
     test_linear_oracle();
     test_decode();
     test_state_api();

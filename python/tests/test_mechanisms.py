@@ -410,7 +410,7 @@ def test_patterns_match_docs():
 # ------------------------------------------------------------------------------------------
 # linear: phi = elu + 1, eps = 1e-6 added to the normaliser
 # ------------------------------------------------------------------------------------------
-# causal runs in chunks of 128: N crosses a chunk boundary
+# causal runs in chunks of 64: N crosses two chunk boundaries
 NL, ML = 149, 163
 
 

@@ -7,6 +7,9 @@
  *              kernel, phi(x) ~ exp(W x^ - |x^|^2/2) / sqrt(m), x^ = x sqrt(scale)
  * docs/kernel.md derives the forward, the backward and the stabilisation.
  *
+ * `linear` has a path of its own (kernel_linear.c, through kernel.h): elu+1
+ * needs no shift, so the feature map is fused into the chunk products and the quotient rule
+ * into their epilogues. What follows describes the generic engine, which performer runs.
  * Per (batch, head), in chunks of KC positions:
  *   non-causal: pass 1 over key chunks accumulates S, z; pass 2 over query chunks computes
  *     num = Phi_q S, den = Phi_q z (+ eps), out = num / den;
@@ -32,7 +35,7 @@
  * loop is kept (the first one, with its message) and returned by forward / backward.
  * The reference (ref=1, bottom of the file) shares no code with the fast path.
  */
-#include "attn/attn.h"
+#include "attn/kernel.h"
 
 #include <float.h>
 #include <math.h>
@@ -40,54 +43,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-enum { KC = 128 };
-enum { KM_ELU, KM_SOFTMAX, KM_HYP, KM_TRIG, KM_RELU };
-
-extern const ef_attn_ops ef_attn_ops_linear, ef_attn_ops_performer;
-
-/* Returns the status of `expr` from the enclosing function when it is not EF_OK. */
-#define TRY(expr)                                                                                  \
-    do {                                                                                           \
-        ef_status try_st_ = (expr);                                                                \
-        if (try_st_ != EF_OK) return try_st_;                                                      \
-    } while (0)
-
-typedef struct kwork {
-    float *phq, *phk; /* [KC][F] features of a query / key chunk (log values before exp) */
-    float *uq, *uk;   /* [KC][m] projections W x^ (performer) */
-    float *nq, *nk;   /* [KC] |x^|^2 / 2 */
-    float *shq;       /* [KC] per-row query shifts (0 without stabilisation) */
-    float *shk;       /* [KC] per-key own shifts (causal) */
-    float *pr, *rho;  /* [KC] per-row prefix key shift P_r, exp(c_prev - P_r) (causal) */
-    float *ksc;       /* [KC] per-key factor exp(s_j - c) (causal backward) */
-    float *A;         /* [KC][KC] intra-chunk scores (causal) */
-    float *num;       /* [KC][Dv] */
-    float *S, *z;     /* [F][Dv], [F] */
-    float *dS, *dz;   /* [F][Dv], [F] */
-    float *G, *dd;    /* [KC][Dv] dO / den, [KC] -(dO . out) / den */
-    float *dph;       /* [KC][F] gradient wrt features */
-    float *dA;        /* [KC][KC] */
-    float *tmp;       /* [KC][max(F, D)] */
-} kwork;
-
-typedef struct kplan {
-    int kind, F, m; /* feature map, features, random projections */
-    float xs;       /* x^ = x * xs */
-    float eps;      /* added to the (unshifted) normaliser */
-    int stabilize, ortho, redraw, nchunks;
-    int64_t epoch, calls; /* feature draw in use; training forwards since the last draw */
-    int replaying;        /* inside ef_attn_forward_replay: the record's draw, no counting */
-    float *W;             /* [m][D] random projections (performer) */
-    double *qr;           /* QR workspace (D x D doubles) */
-    float *gtmp;          /* [D] Gaussian draws for the row norms */
-    kwork *ws;
-    void *block;
-    /* reference path (ref=1), doubles, one (batch, head): features and projections of q and k,
-     * their shifts, gradients wrt the features, dV accumulators, one row of scratch */
-    double *rfq, *rfk, *ruq, *ruk, *rsq, *rsk, *rgq, *rgk, *rdv, *rrow;
-    void *rblock;
-} kplan;
 
 /* ---------------------------------------------------------------------------------------------
  * Random features: orthogonal blocks (Gram-Schmidt on Gaussian D x D blocks, rows rescaled to
@@ -397,17 +352,6 @@ static float den_total(const kplan *p, double den, double shift) {
 /* ---------------------------------------------------------------------------------------------
  * Forward
  * ------------------------------------------------------------------------------------------- */
-typedef struct kcall {
-    ef_attn *a;
-    const ef_attn_io *io;
-    float *saved;
-    const float *dout;
-    float *dq, *dk, *dv;
-    atomic_int failed; /* 0 until a work item fails; the first failure is kept below */
-    ef_status st;
-    char msg[256];
-} kcall;
-
 static void kcall_init(kcall *c, ef_attn *a, const ef_attn_io *io, float *saved, const float *dout,
                        float *dq, float *dk, float *dv) {
     c->a = a, c->io = io, c->saved = saved, c->dout = dout, c->dq = dq, c->dk = dk, c->dv = dv;
@@ -429,15 +373,6 @@ static void kcall_fail(kcall *c, ef_status st) {
 static ef_status kcall_status(const kcall *c) {
     if (c->st == EF_OK) return EF_OK;
     return ef_error(c->st, "%s: %s", c->a->ops->name, c->msg);
-}
-
-static float *den_of(const ef_attn *a, float *saved, int64_t bh) {
-    return saved + (size_t)bh * a->shape.q_len;
-}
-static float *shifts_of(const ef_attn *a, float *saved, int64_t bh) {
-    const kplan *p = a->impl;
-    return saved + (size_t)a->shape.batch * a->shape.heads * a->shape.q_len +
-           (size_t)bh * p->nchunks;
 }
 
 /* out rows [0, n) of a chunk from num and den (a row whose normaliser is 0 or inf: zeros). */
@@ -550,7 +485,8 @@ static void forward_head(void *ctx, int64_t bh, int tid) {
     kcall *c = ctx;
     kplan *p = c->a->impl;
     int old = ef_gemm_local_threads(1);
-    ef_status st = forward_one(c, bh, &p->ws[tid]);
+    ef_status st = p->kind == KM_ELU ? ef_kernel_linear_forward(c, bh, &p->ws[tid])
+                                     : forward_one(c, bh, &p->ws[tid]);
     ef_gemm_local_threads(old);
     if (st) kcall_fail(c, st);
 }
@@ -804,7 +740,8 @@ static void backward_head(void *ctx, int64_t bh, int tid) {
     kcall *c = ctx;
     kplan *p = c->a->impl;
     int old = ef_gemm_local_threads(1);
-    ef_status st = backward_one(c, bh, &p->ws[tid]);
+    ef_status st = p->kind == KM_ELU ? ef_kernel_linear_backward(c, bh, &p->ws[tid])
+                                     : backward_one(c, bh, &p->ws[tid]);
     ef_gemm_local_threads(old);
     if (st) kcall_fail(c, st);
 }
@@ -1122,6 +1059,11 @@ static ef_status kernel_init(ef_attn *a) {
                       KC};
     size_t per = round16((size_t)KC * wide);
     for (int i = 0; i < NWS; i++) per += round16(sz[i]);
+    enum { NLW = 6 };
+    int lin = p->kind == KM_ELU;
+    size_t lsz[NLW] = {(size_t)LN * F * lin,    (size_t)LN * F * lin, (size_t)LCC * LCC * lin,
+                       (size_t)LCC * LCC * lin, (size_t)LN * lin,     (size_t)LN * lin};
+    for (int i = 0; i < NLW; i++) per += round16(lsz[i]);
     size_t extra =
         p->m ? round16((size_t)p->m * d) + round16((size_t)d) + 2 * round16((size_t)d * d) : 0;
     double total = (double)per * a->slots + extra;
@@ -1141,6 +1083,8 @@ static ef_status kernel_init(ef_attn *a) {
                           &w->dd,  &w->dph, &w->dA, &w->shk, &w->pr, &w->rho, &w->ksc};
         for (int i = 0; i < NWS; i++) *f[i] = cur, cur += round16(sz[i]);
         w->tmp = cur, cur += round16((size_t)KC * wide);
+        float **lf[NLW] = {&w->lq, &w->lk, &w->lA, &w->lM, &w->linv, &w->le};
+        for (int i = 0; i < NLW; i++) *lf[i] = cur, cur += round16(lsz[i]);
     }
     if (a->ref) { /* the reference path holds one (batch, head) in double */
         size_t n = (size_t)s->q_len, mk = (size_t)s->kv_len;
@@ -1184,21 +1128,27 @@ static void kernel_destroy(ef_attn *a) {
 static size_t kernel_saved_bytes(const ef_attn *a) {
     const kplan *p = a->impl;
     size_t bh = (size_t)a->shape.batch * a->shape.heads;
-    return (bh * a->shape.q_len + bh * p->nchunks) * sizeof(float) + sizeof(int64_t);
+    /* non-causal linear also keeps S, z per (batch, head): its backward reads no key for them */
+    size_t state = p->kind == KM_ELU && !a->causal ? (size_t)p->F * a->shape.v_dim + p->F : 0;
+    return (bh * a->shape.q_len + bh * p->nchunks + bh * state) * sizeof(float) + sizeof(int64_t);
 }
 
 /* Analytic count: feature maps (projections 2 n D m per map, none for elu), S and z
  * (2 M F Dv), num and den (2 N F (Dv + 1)), the causal triangle (N KC (F + Dv)); backward:
- * the maps twice more and their gradients, dPhi_q, dS, dPhi_k, dV (each 2 x F x Dv). */
+ * the maps twice more and their gradients, dPhi_q, dS, dPhi_k, dV (each 2 x F x Dv), S again
+ * (not for non-causal linear, which saves it). The triangle is counted at the chunk in use. */
 static double kernel_flops(const ef_attn *a, int backward) {
     const kplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
     double n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, F = p->F, pm = p->m;
     double maps = 2 * (n + m) * d * pm;
-    double tri = a->causal ? n * KC * (F + dv) : 0;
+    int lin = p->kind == KM_ELU, chunk = lin ? LCC : KC;
+    double tri = a->causal ? n * chunk * (F + dv) : 0;
     double fwd = maps + 2 * m * F * dv + 2 * n * F * (dv + 1) + tri;
-    double bwd =
-        2 * maps + maps /* map gradients */ + 2 * n * F * dv * 2 + 2 * m * F * dv * 3 + 3 * tri;
+    /* non-causal linear saves S, z: its backward does not rebuild them */
+    double rebuild = lin && !a->causal ? 0 : 1;
+    double bwd = 2 * maps + maps /* map gradients */ + 2 * n * F * dv * 2 +
+                 2 * m * F * dv * (2 + rebuild) + 3 * tri;
     return (double)s->batch * s->heads * (backward ? fwd + bwd : fwd);
 }
 
@@ -1268,10 +1218,12 @@ const ef_attn_ops ef_attn_ops_linear = {
     .caps = {.causal = 1, .cross = 1, .decode = 1, .deterministic = 1},
     .name = "linear",
     .summary = "Linear Transformer: phi(x) = elu(x)+1, O(N D Dv) time, O(D Dv) state",
-    .notes = "  padded keys (kv_lens) and queries (q_lens) are skipped, never read; causal=1 runs\n"
-             "  in chunks of 128 (prefix sums at matrix speed); incremental decoding with\n"
-             "  ef_attn_step. saves the normaliser per row; reference (ref=1): the explicit\n"
-             "  N x M form in double, with its own feature map.",
+    .notes = "  padded keys (kv_lens) and queries (q_lens) are skipped, never read; the feature\n"
+             "  map is fused into the chunk products; causal=1 runs in chunks of 64 (masked\n"
+             "  product inside, the running state across: prefix sums at matrix speed);\n"
+             "  incremental decoding with ef_attn_step. saves the normaliser per row (and,\n"
+             "  non-causal, S and z per head); reference (ref=1): the explicit N x M form in\n"
+             "  double, with its own feature map.",
     .opts = linear_opts,
     .n_opts = (int)(sizeof linear_opts / sizeof linear_opts[0]),
     .init = kernel_init,

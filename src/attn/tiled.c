@@ -506,11 +506,11 @@ static void fwd_chunk(tiled_ws *w, fwd_state *f, const float *v, int kn, int dv,
         for (int r = 0; r < kn; r++) tmax = vf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
         /* a lane that has seen only -inf subtracts 0, so exp(-inf - 0) = 0, never NaN */
         vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
-        alpha[u] = vf_exp_le0(f->mx[u] - use);
+        alpha[u] = vf_exp_nonpos(f->mx[u] - use);
         vf sum = vf_set1(0);
         for (int r = 0; r < kn; r++) {
             float *ps = w->st + r * QT + u * EF_VL;
-            vf e = vf_exp_le0(vf_load(ps) - use);
+            vf e = vf_exp_nonpos(vf_load(ps) - use);
             vf_store(ps, e);
             sum += e;
         }
@@ -695,7 +695,7 @@ static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float
     for (int r = 0; r < kn; r++)
         for (int u = 0; u < p->nv; u++) {
             float *ps = w->st + r * QT + u * EF_VL;
-            vf_store(ps, vf_exp_le0(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
+            vf_store(ps, vf_exp_nonpos(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
         }
     /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
     ef_tile_gemm(kn, qt, dvp, w->st, QT, 1, w->dop, dvp, dvacc, dvp, 1);

@@ -95,13 +95,15 @@ EF_INLINE vf vf_exp(vf x) {
     return vf_select(nan, x, y);
 }
 
-/* vf_exp for x <= 88.3 (the softmax's x - max <= 0): the same bits, without the overflow
- * lanes' fix-up. */
-EF_INLINE vf vf_exp_le0(vf x) {
+/* vf_exp for x <= 0 (and NaN): the same reduction and polynomial, hence the same values, without
+ * the overflow and 2^128 cases that only x > 0 reaches (x < -87.34 gives 0, NaN gives NaN).
+ * Positive x is not allowed. The softmax's exp(s - max) and exp(s - lse) (tiled.c) and elu+1
+ * (kernel_linear.c) use it. */
+EF_INLINE vf vf_exp_nonpos(vf x) {
     const float lo = -87.3365479f;
     vi small = ~(x >= lo); /* x < lo, or NaN */
     vi nan = x != x;
-    vf xc = vf_max(x, vf_set1(lo)); /* lo for NaN lanes too (they are restored below) */
+    vf xc = vf_select(small, vf_set1(lo), x);
     const float magic = 12582912.0f;
     vf t = xc * 1.44269504088896341f + magic;
     vf n = t - magic;
@@ -115,8 +117,7 @@ EF_INLINE vf vf_exp_le0(vf x) {
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r;
     p = p + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-    vf y = p * (vf)e;
+    vf y = p * (vf)((__builtin_convertvector(n, vi) + 127) << 23); /* n in [-126, 0] */
     y = vf_select(small, vf_set1(0.0f), y);
     return vf_select(nan, x, y);
 }
