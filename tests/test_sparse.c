@@ -573,11 +573,12 @@ static void limit_cases(void) {
     must_differ("near miss: local:window=397 != flash", s, "local:window=397", "flash", NULL);
     must_differ("near miss: local:window=199,causal=1 != flash:causal=1", s,
                 "local:window=199,causal=1", "flash:causal=1", NULL);
-    /* block=auto: sqrt(N) to a multiple of 16 (sqrt 200 = 14.1 -> 16); summary=auto = block/4 */
+    /* block=auto: sqrt(N) to a multiple of 16 (sqrt 200 = 14.1 -> 16); summary=auto = min(32,
+     * block) */
     compare_specs("strided:block=auto == strided:block=16 at N=200", s, "strided:block=auto",
                   "strided:block=16", lens);
-    compare_specs("fixed:block=auto,summary=auto == fixed:block=16,summary=4 at N=200", s,
-                  "fixed:block=auto,summary=auto,causal=1", "fixed:block=16,summary=4,causal=1",
+    compare_specs("fixed:block=auto,summary=auto == fixed:block=16,summary=16 at N=200", s,
+                  "fixed:block=auto,summary=auto,causal=1", "fixed:block=16,summary=16,causal=1",
                   lens);
     must_differ("near miss: strided:block=auto != strided:block=32", s, "strided:block=auto",
                 "strided:block=32", NULL);

@@ -189,7 +189,7 @@ static void strided_mask(const ef_attn *a, int head, int i0, int j0, int kn, flo
 static const ef_opt_desc fixed_opts[] = {
     {"block", EF_OPT_INT, "128", 1, 1 << 30, NULL, 1, "block length l; auto = sqrt(N)"},
     {"summary", EF_OPT_INT, "32", 1, 1 << 30, NULL, 1,
-     "c: the last c tokens of every block are seen by every query (c <= block); auto = l/4"},
+     "c: the last c tokens of every block are seen by every query (c <= block); auto = min(32, l)"},
 };
 enum { FX_BLOCK, FX_SUMMARY };
 
@@ -238,7 +238,10 @@ static void fixed_mask(const ef_attn *a, int head, int i0, int j0, int kn, float
 
 static ef_status fixed_check(ef_attn *a) {
     sqrt_block(a, FX_BLOCK);
-    if (a->opt[FX_SUMMARY].is_auto) a->opt[FX_SUMMARY].i = EF_MAX(1, ef_opt_i(a, FX_BLOCK) / 4);
+    /* summary=auto: LRA's 32, or the whole block when it is shorter. A summary that grows with
+     * the block (say block/4) would keep the summary part at N^2/4: the O(N sqrt N) of
+     * block=auto needs a constant c. */
+    if (a->opt[FX_SUMMARY].is_auto) a->opt[FX_SUMMARY].i = EF_MIN(32, ef_opt_i(a, FX_BLOCK));
     if (ef_opt_i(a, FX_SUMMARY) > ef_opt_i(a, FX_BLOCK))
         return ef_error(EF_ERR_ARG, "fixed: summary=%lld is larger than block=%lld",
                         (long long)ef_opt_i(a, FX_SUMMARY), (long long)ef_opt_i(a, FX_BLOCK));
