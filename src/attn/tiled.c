@@ -606,12 +606,13 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
     int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
     int c_end = a->causal ? EF_MIN(nk, a0 + qv - 1) : nk;
     if (qv <= 0 || c_end <= 0) return;
+    int lanes = pad16(qv), nv = lanes / EF_VL; /* a short class fills fewer lanes */
     size_t first = (size_t)bh * n + r + (size_t)a0 * st; /* row of the tile's first query */
     const float *k = c->io->k + ((size_t)bh * m + r) * d;
     const float *v = c->io->v + ((size_t)bh * m + r) * dv;
     float *out = c->io->out + first * dv, *lse = c->lse + first;
-    pack_qt(w->qt, c->io->q + first * d, (size_t)st * d, d, qv, p->qt, a->scale);
-    pack_qt(w->ot, out, (size_t)st * dv, dv, qv, p->qt, 1.0f);
+    pack_qt(w->qt, c->io->q + first * d, (size_t)st * d, d, qv, lanes, a->scale);
+    pack_qt(w->ot, out, (size_t)st * dv, dv, qv, lanes, 1.0f);
     fwd_state f;
     float m0[QT] __attribute__((aligned(64)));
     for (int l = 0; l < QT; l++) m0[l] = l < qv ? lse[(size_t)l * st] : -__builtin_inff();
@@ -623,12 +624,12 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
         int kn = EF_MIN(KT, c_end - c0);
         gather_rows(w->kg, k + (size_t)c0 * st * d, (size_t)st * d, d, kn);
         gather_rows(w->vg, v + (size_t)c0 * st * dv, (size_t)st * dv, dv, kn);
-        ef_tile_gemm(kn, d, p->qt, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
+        ef_tile_gemm(kn, d, lanes, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
         if (a->causal)
-            mask_causal(w->st, kn, c0, a0 - 1, p->nv); /* hides c > a - 1 */
+            mask_causal(w->st, kn, c0, a0 - 1, nv); /* hides c > a - 1 */
         else
             mask_diagonal(w->st, kn, c0, a0);
-        fwd_chunk(w, &f, w->vg, kn, dv, p->nv);
+        fwd_chunk(w, &f, w->vg, kn, dv, nv);
     }
     fwd_finish(w, &f, qv, dv, out, (size_t)st * dv, lse, st);
 }
@@ -687,13 +688,13 @@ static void bwd_pack(const ef_attn *a, tiled_ws *w, const float *q, size_t ldq, 
  * P^T = exp(S^T - lse); dV += P^T dO; dP^T = V dO^T; dS^T = P^T o (dP^T - delta);
  * dK += dS^T (scale Q); dQ^T += K^T dS^T (times scale later). dk, dvacc: rows of this chunk. */
 static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float *v, int kn,
-                      const float *lse_use, const float *dl, float *dk, float *dvacc) {
+                      int qt, const float *lse_use, const float *dl, float *dk, float *dvacc) {
     int d = a->shape.head_dim, dv = a->shape.v_dim;
     const tiled_plan *p = a->impl;
     int dp = p->dp, dvp = p->dvp;
-    int qt = p->qt;
+    int nv = qt / EF_VL;
     for (int r = 0; r < kn; r++)
-        for (int u = 0; u < p->nv; u++) {
+        for (int u = 0; u < nv; u++) {
             float *ps = w->st + r * QT + u * EF_VL;
             vf_store(ps, vf_exp_nonpos(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
         }
@@ -702,7 +703,7 @@ static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float
     /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
     ef_tile_gemm(kn, dv, qt, v, dv, 1, w->dot, QT, w->dpt, QT, 0);
     for (int r = 0; r < kn; r++)
-        for (int u = 0; u < p->nv; u++) {
+        for (int u = 0; u < nv; u++) {
             float *pd = w->dpt + r * QT + u * EF_VL;
             vf pp = vf_load(w->st + r * QT + u * EF_VL);
             vf_store(pd, pp * (vf_load(pd) - vf_load(dl + u * EF_VL)));
@@ -764,7 +765,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                 ef_tile_gemm(kn, d, p->qt, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
                 if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, p->nv);
                 if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-                bwd_chunk(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, lse_use, dl,
+                bwd_chunk(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, p->qt, lse_use, dl,
                           w->dk + (size_t)(j0 - klo) * dp, w->dv + (size_t)(j0 - klo) * dvp);
             }
         unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
@@ -802,7 +803,7 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
     memset(w->dk, 0, sizeof(float) * (size_t)nk * dp);
     memset(w->dv, 0, sizeof(float) * (size_t)nk * dvp);
     for (int a0 = 0; a0 < nq; a0 += p->qt) {
-        int qv = EF_MIN(p->qt, nq - a0);
+        int qv = EF_MIN(p->qt, nq - a0), lanes = pad16(qv);
         int c_end = a->causal ? EF_MIN(nk, a0 + qv - 1) : nk;
         if (c_end <= 0) continue;
         size_t first = base_q + (size_t)a0 * st;
@@ -813,12 +814,12 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
             int kn = EF_MIN(KT, c_end - c0);
             gather_rows(w->kg, k + (size_t)c0 * ldq, ldq, d, kn);
             gather_rows(w->vg, v + (size_t)c0 * ldv, ldv, dv, kn);
-            ef_tile_gemm(kn, d, p->qt, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
+            ef_tile_gemm(kn, d, lanes, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
             if (a->causal)
-                mask_causal(w->st, kn, c0, a0 - 1, p->nv);
+                mask_causal(w->st, kn, c0, a0 - 1, lanes / EF_VL);
             else
                 mask_diagonal(w->st, kn, c0, a0);
-            bwd_chunk(a, w, w->kg, w->vg, kn, lse_use, dl, w->dk + (size_t)c0 * dp,
+            bwd_chunk(a, w, w->kg, w->vg, kn, lanes, lse_use, dl, w->dk + (size_t)c0 * dp,
                       w->dv + (size_t)c0 * dvp);
         }
         float *dq = c->dq + first * d;
