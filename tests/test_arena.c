@@ -328,8 +328,9 @@ static void test_cli(const char *eformer) {
     }
     char cmd[2048], path[512];
     const char *specs =
-        "flash;flash:precision=bf16;local:window=32;performer:features=32;lsh;linformer:k=16";
-    int n_specs = 6, n_lens = 2, n_inputs = 2;
+        "flash;flash:precision=bf16;local:window=32;performer:features=32;lsh;linformer:k=16;"
+        "strided:block=auto";
+    int n_specs = 7, n_lens = 2, n_inputs = 2;
     snprintf(cmd, sizeof cmd,
              "'%s' arena --specs '%s' --lens 96,192 --heads 2 --dim 16 --reps 2 --out %s/a "
              "--threads 2 >%s/out.txt 2>%s/err.txt",
@@ -461,6 +462,8 @@ static void test_cli(const char *eformer) {
              rep && strstr(rep, "| mechanism |") && strstr(rep, "](time.png)") &&
                  strstr(rep, "](error_vs_speedup.png)"),
              "%s", "");
+    ef_check("report.md labels block=auto as strided-auto and bf16 as flash-bf16",
+             rep && strstr(rep, "| strided-auto |") && strstr(rep, "| flash-bf16 |"), "%s", "");
     free(rep);
     snprintf(path, sizeof path, "%s/out.txt", dir);
     char *out = slurp(path, NULL);

@@ -69,7 +69,8 @@ typedef struct arena_spec {
     char spec[512];  /* as run (causal=1 added with --causal) */
     char canon[768]; /* the plan's canonical spec (from the first plan made) */
     char name[32];
-    char label[40]; /* in tables, plots and file names: the name, "-bf16" for precision=bf16 */
+    char label[40]; /* in tables, plots and file names: the name, "-bf16" for precision=bf16,
+                     * "-auto" for block=auto */
     ef_attn_caps caps;
     int no_causal; /* --causal and the mechanism cannot */
 } arena_spec;
@@ -991,6 +992,7 @@ static int add_spec(arena_run *R, const char *spec, size_t len) {
     size_t ln = strlen(A->name); /* (no snprintf between two fields: GCC's -Wrestrict) */
     memcpy(A->label, A->name, ln + 1);
     if (cli_spec_key_is(tmp, "precision", "bf16")) memcpy(A->label + ln, "-bf16", 6);
+    if (cli_spec_key_is(tmp, "block", "auto")) memcpy(A->label + ln, "-auto", 6);
     if (R->causal && !cli_spec_has_key(tmp, "causal")) {
         with_causal(tmp, A->spec, sizeof A->spec);
         A->no_causal = !A->caps.causal;
@@ -1300,10 +1302,17 @@ int cli_arena(int argc, char **argv) {
         if (!strcmp(s, "all")) {
             for (int i = 0; i < ef_attn_count(); i++) {
                 if ((rc = add_spec(R, ef_attn_name(i), strlen(ef_attn_name(i))))) goto done;
-                /* exact attention with bf16 products next to it: its time and its error */
-                static const char bf16[] = "flash:precision=bf16";
-                if (!strcmp(ef_attn_name(i), "flash") && (rc = add_spec(R, bf16, strlen(bf16))))
-                    goto done;
+                /* exact attention with bf16 products next to it: its time and its error; the
+                 * Sparse Transformer patterns also with a block of sqrt N, the setting of the
+                 * survey's O(N^1.5) */
+                static const char *const extra[][2] = {
+                    {"flash", "flash:precision=bf16"},
+                    {"strided", "strided:block=auto"},
+                    {"fixed", "fixed:block=auto,summary=auto"}};
+                for (size_t x = 0; x < sizeof extra / sizeof extra[0]; x++)
+                    if (!strcmp(ef_attn_name(i), extra[x][0]) &&
+                        (rc = add_spec(R, extra[x][1], strlen(extra[x][1]))))
+                        goto done;
             }
         } else {
             while (*s) {
