@@ -64,8 +64,15 @@ EF_API void *ef_malloc(size_t bytes);
 EF_API void ef_free(void *p);
 
 /* Threads used by every parallel loop of the library (and by the BLAS it calls). n <= 0 selects
- * the machine default (the number of online processors, or OMP_NUM_THREADS when set). Results
- * never depend on the thread count. */
+ * the machine default (the number of online processors, or OMP_NUM_THREADS when set).
+ * Determinism: for identical inputs, options and seeds, every mechanism (ef_attn_caps
+ * .deterministic, all of them today), a model's forward and backward and a whole training step
+ * (the trainer's ef_train_step, src/train/optim.h, clipping and AdamW included) give bitwise
+ * identical results on every run, on every plan or model made with the same spec and seed, and
+ * at any thread count (tested at 1, 2 and 4 threads: tests/test_props.c, tests/test_optim.c). Work is split into items of fixed
+ * extent, each done by one thread in a fixed order, and partial sums are combined in a fixed
+ * order. The same binary on the same CPU is assumed: another build or GEMM library (oneDNN,
+ * OpenBLAS, the built-in kernel) may round differently. */
 EF_API void ef_set_num_threads(int n);
 EF_API int ef_get_num_threads(void);
 

@@ -16,7 +16,8 @@
  *   c. query padding: padded q and dout rows redrawn / NaN / +Inf: valid results bitwise
  *      unchanged, padded output rows and their dq exactly 0; both paddings at once; a sequence
  *      with kv_lens = 0 or q_lens = 0 gives zeros there and no NaN anywhere;
- *   d. determinism: rerun on one plan, on two plans, 1 vs 2 threads: bitwise equal;
+ *   d. determinism: rerun on one plan, on two plans, 1 vs 2 and 1 vs 4 threads (a plan made
+ *      for 4): bitwise equal;
  *   e. directional finite differences of f = <dout, out> for q, k, v and learned parameters,
  *      unpadded and padded; parameter gradients accumulate;
  *   f. `saved`: forward writes every byte of it, backward does not depend on stale content,
@@ -516,6 +517,17 @@ static void test_determinism(ef_attn *a, const char *spec, const char *label, co
         describe_res_diff(det, sizeof det, p, &r1, &r, &bad);
         check_named(label, "determinism: 1 vs 2 threads bitwise equal", !bad, det);
     }
+    /* 4 threads (oversubscribed on small machines): a plan sized for 4 workspace slots */
+    ef_attn *a4 = NULL;
+    ef_set_num_threads(4);
+    ef_status s4 = ef_attn_new(&a4, spec, &p->s);
+    if (!s4) s4 = run(a4, p, &r, 0, NULL);
+    ef_set_num_threads(nt);
+    if (ran(label, "determinism: 1 thread", s1) && ran(label, "determinism: 4 threads", s4)) {
+        describe_res_diff(det, sizeof det, p, &r1, &r, &bad);
+        check_named(label, "determinism: 1 vs 4 threads bitwise equal", !bad, det);
+    }
+    ef_attn_free(a4);
     res_free(&r1), res_free(&r);
 }
 
