@@ -131,17 +131,8 @@ static inline uint32_t mask_bits(vi m) {
 #endif
 }
 
-/* Lane-wise max (the native instruction where there is one) and horizontal max / sum in a fixed
- * tree order. */
-static inline vf vmax(vf a, vf b) {
-#if defined(__AVX512F__) && EF_VL == 16
-    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
-#elif defined(__AVX__) && EF_VL == 8
-    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
-#else
-    return vf_max(a, b);
-#endif
-}
+/* Horizontal max / sum in a fixed tree order (the lane-wise max is vec.h's vf_max, the native
+ * instruction). */
 #if EF_VL == 16
 #define HSTEPS(op)                                                                                 \
     v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));   \
@@ -160,7 +151,7 @@ static inline vf vmax(vf a, vf b) {
 #endif
 static inline vf vadd_(vf a, vf b) { return a + b; }
 static inline float hmax(vf v) {
-    HSTEPS(vmax)
+    HSTEPS(vf_max)
     return v[0];
 }
 static inline float hsum(vf v) {
@@ -467,7 +458,7 @@ static void topk_select(const float *s, int n, int k, int32_t *idx) {
         int per = n / EF_VL / nb * EF_VL, nan = 0; /* block length, a multiple of EF_VL */
         for (int b = 0; b < nb; b++) {
             vf m = vf_loadu(s + b * per);
-            for (int j = b * per + EF_VL; j < (b + 1) * per; j += EF_VL) m = vmax(m, vf_loadu(s + j));
+            for (int j = b * per + EF_VL; j < (b + 1) * per; j += EF_VL) m = vf_max(m, vf_loadu(s + j));
             nan |= mask_bits(m != m) != 0;
             memcpy(gm + b * EF_VL, &m, sizeof m);
         }
@@ -637,7 +628,7 @@ static void softmax_row(float *x, int n, float s, float *inv_out) {
         for (int j = 0; j < nf; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * vs);
         for (int j = nf; j < n; j++) x[j] *= s;
     }
-    for (int j = 0; j < nf; j += EF_VL) vm = vmax(vm, vf_loadu(x + j));
+    for (int j = 0; j < nf; j += EF_VL) vm = vf_max(vm, vf_loadu(x + j));
     float mx = hmax(vm);
     for (int j = nf; j < n; j++) mx = x[j] > mx ? x[j] : mx;
     vf sum_v = vf_set1(0), m = vf_set1(mx);
