@@ -229,9 +229,9 @@ typedef struct ef_tiled_pattern {
      * pattern at O(N (N/s) D)). classify, tile_mask and spans must then not include those
      * pairs; `visible` must. */
     int (*stride)(const ef_attn *a);
-    /* Optional (NULL = 64): the pattern's block length when it is below 64. Query tiles are then
-     * that many rows (rounded up to the vector width) and classify is asked about key chunks of
-     * that width, so that no tile mixes two query blocks and no chunk two key blocks. */
+    /* Optional (NULL = 64): the pattern's block length when it is below 64. Query tiles and the
+     * key chunks classify is asked about are then that long (rounded up to the vector width),
+     * so that no tile mixes two query blocks and no chunk two key blocks. */
     int (*grid)(const ef_attn *a);
 } ef_tiled_pattern;
 

@@ -215,8 +215,10 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     p->q0 = pat->origin ? EF_MIN(pat->origin(a), EF_MIN(s->q_len, s->kv_len)) : 0;
     p->stride = pat->stride ? pat->stride(a) : 0;
     /* a pattern of small blocks gets tiles of one block: no query tile holds two blocks */
-    p->kt = pat->grid ? EF_MAX(1, EF_MIN(KT, pat->grid(a))) : KT;
-    p->qt = EF_MIN(QT, pad16(p->kt)), p->nv = p->qt / EF_VL;
+    /* (blocks below the vector width share a tile anyway: the key grid is no finer than the
+     * tile, which keeps the (tiles x chunks) classification at plan creation in bounds) */
+    p->kt = pat->grid ? EF_MIN(KT, pad16(EF_MAX(1, pat->grid(a)))) : KT;
+    p->qt = p->kt, p->nv = p->qt / EF_VL;
     p->dp = pad16(d), p->dvp = pad16(dv), p->ntiles = grid_count(p->q0, p->qt, s->q_len);
     /* Backward gives each thread a head; with fewer heads than EF_BWD_ITEMS it also splits each
      * head's keys into ranges, whose partial dQ are summed in a fixed order. The split depends
