@@ -750,8 +750,8 @@ static void test_threads(void) {
         "layers=2,dim=16,heads=4,ff=32,vocab=13,max_len=16,attn=linear:causal=1",
         "layers=2,dim=16,heads=4,ff=32,vocab=13,max_len=16,attn=performer:features=8,causal=1",
         "layers=2,dim=16,heads=4,ff=32,vocab=13,max_len=16,attn=lsh:chunk=4,causal=1",
-        "layers=2,dim=16,heads=4,ff=32,vocab=13,max_len=16,reversible=1,"
-        "attn=strided:block=3,causal=1",
+        ("layers=2,dim=16,heads=4,ff=32,vocab=13,max_len=16,reversible=1,"
+         "attn=strided:block=3,causal=1"),
     };
     for (size_t x = 0; x < sizeof specs / sizeof specs[0]; x++) test_threads_spec(specs[x]);
 }

@@ -34,6 +34,7 @@
  *
  * Usage: test_props [mechanism ...]   (no argument: every registered mechanism)
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include "eformer.h"
 #include "harness.h"
 

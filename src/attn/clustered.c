@@ -135,19 +135,19 @@ static inline uint32_t mask_bits(vi m) {
  * instruction). */
 #if EF_VL == 16
 #define HSTEPS(op)                                                                                 \
-    v = op(v, __builtin_shuffle(v, (vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7}));   \
-    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11}));   \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13}));   \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14}));
+    v = op(v, EF_SHUFFLE(v, ((vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})));        \
+    v = op(v, EF_SHUFFLE(v, ((vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11})));        \
+    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13})));        \
+    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})));
 #elif EF_VL == 8
 #define HSTEPS(op)                                                                                 \
-    v = op(v, __builtin_shuffle(v, (vi){4, 5, 6, 7, 0, 1, 2, 3}));                                 \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1, 6, 7, 4, 5}));                                 \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2, 5, 4, 7, 6}));
+    v = op(v, EF_SHUFFLE(v, ((vi){4, 5, 6, 7, 0, 1, 2, 3})));                                      \
+    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1, 6, 7, 4, 5})));                                      \
+    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2, 5, 4, 7, 6})));
 #else
 #define HSTEPS(op)                                                                                 \
-    v = op(v, __builtin_shuffle(v, (vi){2, 3, 0, 1}));                                             \
-    v = op(v, __builtin_shuffle(v, (vi){1, 0, 3, 2}));
+    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1})));                                                  \
+    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2})));
 #endif
 static inline vf vadd_(vf a, vf b) { return a + b; }
 static inline float hmax(vf v) {

@@ -201,14 +201,14 @@ static int top2(const float *y, int n, float *b1, float *b2) {
     if (n >= EF_VL) { /* across lanes: t1 = the largest m1; t2 = the largest m2 or other m1 */
         vf h1 = m1;
         for (int sh = EF_VL / 2; sh > 0; sh /= 2) /* butterfly: every lane gets the max */
-            h1 = vf_max(h1, __builtin_shuffle(h1, vi_iota() ^ sh));
+            h1 = vf_max(h1, EF_SHUFFLE(h1, vi_iota() ^ sh));
         t1 = h1[0];
         vi top = m1 == h1, ties = top & 1, at1 = at & top;
         vf h2 = vf_select(top, m2, m1);
         for (int sh = EF_VL / 2; sh > 0; sh /= 2) {
-            h2 = vf_max(h2, __builtin_shuffle(h2, vi_iota() ^ sh));
-            ties += __builtin_shuffle(ties, vi_iota() ^ sh);
-            at1 += __builtin_shuffle(at1, vi_iota() ^ sh);
+            h2 = vf_max(h2, EF_SHUFFLE(h2, vi_iota() ^ sh));
+            ties += EF_SHUFFLE(ties, vi_iota() ^ sh);
+            at1 += EF_SHUFFLE(at1, vi_iota() ^ sh);
         }
         t2 = ties[0] > 1 ? t1 : h2[0];
         best = at1[0]; /* the argmax when unique (else unused) */

@@ -390,8 +390,8 @@ EF_INLINE void transpose(vf *r, const tr_masks *m) {
         for (int x = 0; x < EF_VL; x++)
             if (!(x & b)) {
                 vf a = r[x], c = r[x + b];
-                r[x] = __builtin_shuffle(a, c, m->lo[s]);
-                r[x + b] = __builtin_shuffle(a, c, m->hi[s]);
+                r[x] = EF_SHUFFLE2(a, c, m->lo[s]);
+                r[x + b] = EF_SHUFFLE2(a, c, m->hi[s]);
             }
     }
 }

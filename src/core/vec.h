@@ -16,6 +16,9 @@
 
 #include <stdint.h>
 #include <string.h>
+#if defined(__SSE__)
+#include <immintrin.h>
+#endif
 
 #if defined(__AVX512F__)
 #define EF_VL 16
@@ -29,6 +32,34 @@ typedef int32_t vi __attribute__((vector_size(EF_VL * 4), aligned(EF_VL * 4)));
 typedef float vfu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias));
 
 #define EF_INLINE static inline __attribute__((always_inline))
+
+/* Lane permutations of a vector (vf or vi) by an index vector: EF_SHUFFLE(a, idx) picks
+ * a[idx[l]], EF_SHUFFLE2(a, b, idx) picks from the concatenation (a, b). GCC's
+ * __builtin_shuffle; clang has no variable-index form, so it gets the same permutation lane by
+ * lane. (Wrap a compound-literal index in parentheses: its commas would split the macro
+ * arguments.) */
+#if defined(__clang__)
+#define EF_SHUFFLE(a, idx)                                                                         \
+    ({                                                                                             \
+        __typeof__(a) ef_a_ = (a), ef_r_;                                                          \
+        vi ef_i_ = (idx);                                                                          \
+        for (int ef_l_ = 0; ef_l_ < EF_VL; ef_l_++) ef_r_[ef_l_] = ef_a_[ef_i_[ef_l_] & (EF_VL - 1)]; \
+        ef_r_;                                                                                     \
+    })
+#define EF_SHUFFLE2(a, b, idx)                                                                     \
+    ({                                                                                             \
+        __typeof__(a) ef_a_ = (a), ef_b_ = (b), ef_r_;                                             \
+        vi ef_i_ = (idx);                                                                          \
+        for (int ef_l_ = 0; ef_l_ < EF_VL; ef_l_++) {                                              \
+            int ef_j_ = ef_i_[ef_l_] & (2 * EF_VL - 1);                                            \
+            ef_r_[ef_l_] = ef_j_ < EF_VL ? ef_a_[ef_j_] : ef_b_[ef_j_ - EF_VL];                    \
+        }                                                                                          \
+        ef_r_;                                                                                     \
+    })
+#else
+#define EF_SHUFFLE(a, idx) __builtin_shuffle((a), (idx))
+#define EF_SHUFFLE2(a, b, idx) __builtin_shuffle((a), (b), (idx))
+#endif
 
 /* Written as a loop, not (vf){0} + x: that is a scalar add of +0 before the broadcast (the
  * compiler must keep it, -0 + 0 = +0), one more instruction on the kernels' critical path. */
@@ -48,11 +79,11 @@ EF_INLINE vf vf_select(vi m, vf a, vf b) { /* m ? a : b, m lanes all-ones or zer
  * this, where there is one. */
 EF_INLINE vf vf_max(vf a, vf b) {
 #if defined(__AVX512F__) && EF_VL == 16
-    return (vf)__builtin_ia32_maxps512_mask(a, b, b, (unsigned short)-1, 4);
+    return (vf)_mm512_max_ps((__m512)a, (__m512)b);
 #elif defined(__AVX__) && EF_VL == 8
-    return (vf)__builtin_ia32_maxps256(a, b);
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
 #elif defined(__SSE__) && EF_VL == 4
-    return (vf)__builtin_ia32_maxps(a, b);
+    return (vf)_mm_max_ps((__m128)a, (__m128)b);
 #else
     return vf_select(a > b, a, b);
 #endif
