@@ -5,6 +5,9 @@
 #   ./run.sh bench            install missing packages, build, run the benchmark sweep
 #   ./run.sh data             install the training data packages, write data/kjv.txt
 #   ./run.sh twin             install PyTorch, check the PyTorch twin against eformer, compare speed
+#   ./run.sh fuzz [SECONDS]   install clang and libFuzzer, build the fuzz targets (fuzz/) in
+#                             build-fuzz/, run each for SECONDS (default 30) on a copy of its
+#                             seed corpus; a crash, leak or sanitizer report fails
 #   ./run.sh test [--sanitize|--portable]
 #                             install missing packages, build, run every test (CTest);
 #                             --sanitize builds with AddressSanitizer + UBSan in build-asan/,
@@ -104,8 +107,37 @@ test)
     fi
     ctest --output-on-failure -j 2
     ;;
+fuzz)
+    install_missing
+    install_missing clang libclang-rt-14-dev
+    secs=${2:-30}
+    CC=clang cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=Release -DEF_FUZZ=ON -DEF_WERROR=ON \
+        >/dev/null
+    targets=()
+    for f in fuzz/fuzz_*.c; do targets+=("$(basename "$f" .c)"); done
+    cmake --build build-fuzz -j "$(nproc)" --target "${targets[@]}"
+    # the built-in GEMM: oneDNN's own OpenMP runtime (libgomp) next to clang's (libomp) is
+    # neither what the fuzzer is about nor quiet under LeakSanitizer
+    export EF_BLAS=builtin
+    for t in "${targets[@]}"; do
+        corpus=$(mktemp -d)
+        cp fuzz/corpus/"${t#fuzz_}"/* "$corpus"/
+        echo "run.sh: $t for ${secs}s"
+        log="$corpus.log"
+        status=0
+        ./build-fuzz/"$t" -max_total_time="$secs" -max_len=4096 -timeout=20 -rss_limit_mb=4096 \
+            -seed=1 -print_final_stats=1 "$corpus" >"$log" 2>&1 || status=$?
+        grep -E "^stat::number_of_executed_units|DONE" "$log" || true
+        if [ "$status" -ne 0 ]; then
+            tail -60 "$log"
+            echo "run.sh: $t failed (status $status); the input is in the log above" >&2
+            exit 1
+        fi
+        rm -rf "$corpus" "$log"
+    done
+    ;;
 *)
-    echo "usage: ./run.sh arena [OPTIONS] | bench | data | twin | test [--sanitize|--portable]" >&2
+    echo "usage: ./run.sh arena [OPTIONS] | bench | data | twin | fuzz [SECONDS] | test [--sanitize|--portable]" >&2
     exit 2
     ;;
 esac
