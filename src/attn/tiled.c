@@ -588,6 +588,22 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     fwd_finish(w, &f, qv, dv, out, dv, c->lse ? c->lse + (size_t)bh * n + i0 : NULL, 1);
 }
 
+/* Keys c0 .. c0+kn-1 of a residue class (rows st apart from k and v, the class's first key)
+ * gathered into w->kg, w->vg, and their masked scores against the packed class queries
+ * a0 .. in w->st (lanes of them): the class pattern is c != a (causal: c < a). */
+static void class_scores(const ef_attn *a, tiled_ws *w, const float *k, const float *v, int st,
+                         int c0, int kn, int a0, int lanes) {
+    int d = a->shape.head_dim, dv = a->shape.v_dim;
+    size_t ldk = (size_t)st * d, ldv = (size_t)st * dv;
+    gather_rows(w->kg, k + (size_t)c0 * ldk, ldk, d, kn);
+    gather_rows(w->vg, v + (size_t)c0 * ldv, ldv, dv, kn);
+    ef_tile_gemm(kn, d, lanes, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
+    if (a->causal)
+        mask_causal(w->st, kn, c0, a0 - 1, lanes / EF_VL); /* hides c > a - 1 */
+    else
+        mask_diagonal(w->st, kn, c0, a0);
+}
+
 /* The stride pass: query i also sees the keys j = i (mod s) with |i - j| >= s (causal:
  * j <= i - s). Work item (batch, head, residue r, tile): the queries r + (a0 + l) s of class r
  * against the keys r + c s, gathered into dense tiles; the online softmax resumes from the
@@ -624,13 +640,7 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
     }
     for (int c0 = 0; c0 < c_end; c0 += KT) {
         int kn = EF_MIN(KT, c_end - c0);
-        gather_rows(w->kg, k + (size_t)c0 * st * d, (size_t)st * d, d, kn);
-        gather_rows(w->vg, v + (size_t)c0 * st * dv, (size_t)st * dv, dv, kn);
-        ef_tile_gemm(kn, d, lanes, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
-        if (a->causal)
-            mask_causal(w->st, kn, c0, a0 - 1, nv); /* hides c > a - 1 */
-        else
-            mask_diagonal(w->st, kn, c0, a0);
+        class_scores(a, w, k, v, st, c0, kn, a0, lanes);
         fwd_chunk(w, &f, w->vg, kn, dv, nv);
     }
     fwd_finish(w, &f, qv, dv, out, (size_t)st * dv, lse, st);
@@ -814,13 +824,7 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
                  c->io->out + first * dv, ldv, c->lse + first, st, qv, lse_use, dl);
         for (int c0 = 0; c0 < c_end; c0 += KT) {
             int kn = EF_MIN(KT, c_end - c0);
-            gather_rows(w->kg, k + (size_t)c0 * ldq, ldq, d, kn);
-            gather_rows(w->vg, v + (size_t)c0 * ldv, ldv, dv, kn);
-            ef_tile_gemm(kn, d, lanes, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
-            if (a->causal)
-                mask_causal(w->st, kn, c0, a0 - 1, lanes / EF_VL);
-            else
-                mask_diagonal(w->st, kn, c0, a0);
+            class_scores(a, w, k, v, st, c0, kn, a0, lanes);
             bwd_chunk(a, w, w->kg, w->vg, kn, lanes, lse_use, dl, w->dk + (size_t)c0 * dp,
                       w->dv + (size_t)c0 * dvp);
         }

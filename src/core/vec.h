@@ -94,13 +94,10 @@ EF_INLINE vi vi_iota(void) {
     return r;
 }
 
-EF_INLINE vf vf_exp(vf x) {
-    const float lo = -87.3365479f, hi = 88.7228317f;
-    vi small = ~(x >= lo); /* x < lo, or NaN */
-    vi nan = x != x;
-    vi big = x > hi;
-    vf xc = vf_select(small, vf_set1(lo), vf_select(big, vf_set1(hi), x));
-    /* round to nearest even with the 1.5*2^23 trick (|x*log2e| < 2^22 here) */
+/* The shared core of the two exps, for xc already clamped to [lo, hi]: p(r) with
+ * r = xc - n ln2, and *n = round(xc log2 e) (ties to even, the 1.5*2^23 trick: |xc log2 e| <
+ * 2^22). exp(xc) = 2^n p. */
+EF_INLINE vf exp_reduce_poly(vf xc, vi *ni) {
     const float magic = 12582912.0f;
     vf t = xc * 1.44269504088896341f + magic;
     vf n = t - magic;
@@ -113,10 +110,20 @@ EF_INLINE vf vf_exp(vf x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r;
-    p = p + 1.0f;
+    *ni = __builtin_convertvector(n, vi);
+    return p + 1.0f;
+}
+
+EF_INLINE vf vf_exp(vf x) {
+    const float lo = -87.3365479f, hi = 88.7228317f;
+    vi small = ~(x >= lo); /* x < lo, or NaN */
+    vi nan = x != x;
+    vi big = x > hi;
+    vf xc = vf_select(small, vf_set1(lo), vf_select(big, vf_set1(hi), x));
+    vi ni;
+    vf p = exp_reduce_poly(xc, &ni);
     /* 2^n from the exponent field; n = 128 (x in [88.38, 88.72]) is not a float: build 2^127
      * and double the result */
-    vi ni = __builtin_convertvector(n, vi);
     vi top = ni > 127;
     vi e = (ni + top + 127) << 23; /* top lanes are -1 */
     vf y = p * (vf)e;
@@ -135,20 +142,9 @@ EF_INLINE vf vf_exp_nonpos(vf x) {
     vi small = ~(x >= lo); /* x < lo, or NaN */
     vi nan = x != x;
     vf xc = vf_select(small, vf_set1(lo), x);
-    const float magic = 12582912.0f;
-    vf t = xc * 1.44269504088896341f + magic;
-    vf n = t - magic;
-    vf r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf p = vf_set1(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r;
-    p = p + 1.0f;
-    vf y = p * (vf)((__builtin_convertvector(n, vi) + 127) << 23); /* n in [-126, 0] */
+    vi ni;
+    vf p = exp_reduce_poly(xc, &ni);
+    vf y = p * (vf)((ni + 127) << 23); /* n in [-126, 0] */
     y = vf_select(small, vf_set1(0.0f), y);
     return vf_select(nan, x, y);
 }
