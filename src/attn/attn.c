@@ -276,7 +276,7 @@ static ef_status build_desc(ef_attn *a) {
     else
         append(buf, sizeof buf, &len, "%.9g", a->scale);
     append(buf, sizeof buf, &len, ",seed=%llu,ref=%d", (unsigned long long)a->seed, a->ref);
-    a->desc = malloc(len + 1);
+    a->desc = ef_mem_malloc(len + 1);
     if (!a->desc) return ef_error(EF_ERR_NOMEM, "out of memory for the plan description");
     memcpy(a->desc, buf, len + 1);
     return EF_OK;
@@ -423,10 +423,10 @@ void *ef_attn_ws_alloc(ef_attn *a, size_t bytes) {
         a->wshare = d->wshare, a->wshare->refs++, a->ws_borrowed = 1;
         return a->wshare->ptr;
     }
-    struct ef_ws_share *s = calloc(1, sizeof *s);
+    struct ef_ws_share *s = ef_mem_calloc(1, sizeof *s);
     void *ptr = s ? ef_malloc(bytes) : NULL;
     if (!ptr) {
-        free(s);
+        ef_free(s);
         return NULL;
     }
     s->ptr = ptr, s->bytes = bytes, s->refs = 1;
@@ -442,7 +442,7 @@ void ef_attn_ws_free(ef_attn *a, void *block) {
     }
     if (--a->wshare->refs == 0) {
         ef_free(a->wshare->ptr);
-        free(a->wshare);
+        ef_free(a->wshare);
     }
     a->wshare = NULL;
 }
@@ -463,7 +463,7 @@ ef_status ef_attn_new_sharing(ef_attn **out, const char *spec, const ef_attn_sha
     if (!shape) return ef_error(EF_ERR_ARG, "ef_attn_new: shape is NULL");
     ef_status st = check_shape(shape);
     if (st) return st;
-    ef_attn *a = calloc(1, sizeof *a);
+    ef_attn *a = ef_mem_calloc(1, sizeof *a);
     if (!a) return ef_error(EF_ERR_NOMEM, "out of memory for a plan");
     a->shape = *shape;
     a->slots = ef_max_threads();
@@ -501,8 +501,8 @@ void ef_attn_free(ef_attn *a) {
     ef_free(a->grads);
     ef_free(a->dense_ws);
     ef_free(a->ref_ws);
-    free(a->desc);
-    free(a);
+    ef_free(a->desc);
+    ef_free(a);
 }
 
 const char *ef_attn_describe(const ef_attn *a) { return a ? a->desc : NULL; }
@@ -690,12 +690,12 @@ ef_status ef_attn_state_new(ef_attn_state **out, const ef_attn *a) {
                         "%s: incremental decoding needs causal=1 (a non-causal "
                         "output depends on keys that have not arrived)",
                         a->ops->name);
-    ef_attn_state *st = calloc(1, sizeof *st);
+    ef_attn_state *st = ef_mem_calloc(1, sizeof *st);
     if (!st) return ef_error(EF_ERR_NOMEM, "out of memory for a decoding state");
     st->a = a;
     st->buf = ef_malloc(a->ops->state_bytes(a));
     if (!st->buf) {
-        free(st);
+        ef_free(st);
         return EF_ERR_NOMEM;
     }
     a->ops->state_init(a, st->buf);
@@ -707,7 +707,7 @@ ef_status ef_attn_state_new(ef_attn_state **out, const ef_attn *a) {
 void ef_attn_state_free(ef_attn_state *st) {
     if (!st) return;
     ef_free(st->buf);
-    free(st);
+    ef_free(st);
 }
 
 ef_status ef_attn_state_reset(ef_attn_state *st) {

@@ -243,7 +243,7 @@ void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t 
                   ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc);
 
 /* Builds the spans and the workspace. `user` (may be NULL) is the pattern's own data, handed
- * back by ef_tiled_user and released with free() by ef_tiled_destroy. On failure `user` is
+ * back by ef_tiled_user and released with ef_free() by ef_tiled_destroy. On failure `user` is
  * still owned (and released) by the engine once ef_tiled_destroy runs. */
 ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user);
 void *ef_tiled_user(const ef_attn *a);

@@ -1353,7 +1353,7 @@ static ef_status clu_init(ef_attn *a) {
                         "iclustered: causal=1 is not supported: the clusters, their centroids and "
                         "each cluster's top-k keys come from k-means over all queries of a "
                         "sequence, so every row would depend on later positions");
-    cplan *p = calloc(1, sizeof *p);
+    cplan *p = ef_mem_calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "%s: out of memory", a->ops->name);
     a->impl = p;
     p->improved = improved;
@@ -1383,7 +1383,7 @@ static ef_status clu_init(ef_attn *a) {
     double total = (double)per * a->slots + planes;
     if (total > 1e12)
         return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total / 1e9);
-    p->ws = calloc((size_t)a->slots, sizeof *p->ws);
+    p->ws = ef_mem_calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_malloc((size_t)total);
     if (!p->ws || !p->block)
         return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name,
@@ -1426,8 +1426,8 @@ static void clu_destroy(ef_attn *a) {
     if (!p) return;
     ef_free(p->block);
     ef_free(p->rblock);
-    free(p->ws);
-    free(p);
+    ef_free(p->ws);
+    ef_free(p);
     a->impl = NULL;
 }
 

@@ -342,7 +342,7 @@ static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
 ef_status ef_bf16_init(ef_attn *a) {
     const ef_attn_shape *s = &a->shape;
-    bf_plan *p = calloc(1, sizeof *p);
+    bf_plan *p = ef_mem_calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "%s: out of memory", a->ops->name);
     a->impl = p;
     if (s->head_dim > BF_MAX_DIM || s->v_dim > BF_MAX_DIM)
@@ -392,7 +392,7 @@ ef_status ef_bf16_init(ef_attn *a) {
     for (int i = 0; i < 2; i++) total += round16(big[i]) * p->bwd_slots;
     size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
     total += round16(part);
-    p->ws = calloc((size_t)a->slots, sizeof *p->ws);
+    p->ws = ef_mem_calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_attn_ws_alloc(a, total * 4); /* shareable: only zero padding persists */
     if (!p->ws || !p->block)
         return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name,
@@ -423,8 +423,8 @@ void ef_bf16_destroy(ef_attn *a) {
     bf_plan *p = a->impl;
     if (!p) return;
     ef_attn_ws_free(a, p->block);
-    free(p->ws);
-    free(p);
+    ef_free(p->ws);
+    ef_free(p);
     a->impl = NULL;
 }
 

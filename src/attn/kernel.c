@@ -1011,7 +1011,7 @@ static size_t round16(size_t n) { return (n + 15) / 16 * 16; }
 
 static ef_status kernel_init(ef_attn *a) {
     const ef_attn_shape *s = &a->shape;
-    kplan *p = calloc(1, sizeof *p);
+    kplan *p = ef_mem_calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "%s: out of memory", a->ops->name);
     a->impl = p;
     int d = s->head_dim, dv = s->v_dim;
@@ -1069,7 +1069,7 @@ static ef_status kernel_init(ef_attn *a) {
     double total = (double)per * a->slots + extra;
     if (total * 4 > 1e12)
         return ef_error(EF_ERR_NOMEM, "%s: workspace of %.3g GB", a->ops->name, total * 4 / 1e9);
-    p->ws = calloc((size_t)a->slots, sizeof *p->ws);
+    p->ws = ef_mem_calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_malloc((size_t)total * sizeof(float));
     if (!p->ws || !p->block)
         return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name,
@@ -1120,8 +1120,8 @@ static void kernel_destroy(ef_attn *a) {
     if (!p) return;
     ef_free(p->block);
     ef_free(p->rblock);
-    free(p->ws);
-    free(p);
+    ef_free(p->ws);
+    ef_free(p);
     a->impl = NULL;
 }
 

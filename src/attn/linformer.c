@@ -131,7 +131,7 @@ static void lin_destroy(ef_attn *a) {
     ef_free(p->dkp);
     ef_free(p->dvp);
     ef_free(p->rw);
-    free(p);
+    ef_free(p);
     a->impl = NULL;
 }
 
@@ -146,7 +146,7 @@ static ef_status lin_init(ef_attn *a) {
                         "linformer: head_dim=%d v_dim=%d; the inner flash kernel supports "
                         "dimensions up to 256",
                         s->head_dim, s->v_dim);
-    lin_plan *p = calloc(1, sizeof *p);
+    lin_plan *p = ef_mem_calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "linformer: out of memory");
     a->impl = p;
     p->k = (int)ef_opt_i(a, LIN_K);

@@ -794,14 +794,14 @@ static void lsh_destroy(ef_attn *a) {
     lplan *p = a->impl;
     if (!p) return;
     ef_free(p->rot);
-    free(p->rmax);
+    ef_free(p->rmax);
     ef_attn_ws_free(a, p->block);
     ef_free(p->rblock);
     ef_free(p->rrot);
-    free(p->ws);
-    free(p->status);
-    free(p->msg);
-    free(p);
+    ef_free(p->ws);
+    ef_free(p->status);
+    ef_free(p->msg);
+    ef_free(p);
     a->impl = NULL;
 }
 
@@ -864,7 +864,7 @@ static ef_status lsh_init(ef_attn *a) {
         return ef_error(EF_ERR_UNSUPPORTED,
                         "lsh: shared-QK attention needs q_len == kv_len (got %d and %d)", s->q_len,
                         s->kv_len);
-    lplan *p = calloc(1, sizeof *p);
+    lplan *p = ef_mem_calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the plan");
     a->impl = p;
     int n = s->q_len, d = s->head_dim;
@@ -902,11 +902,11 @@ static ef_status lsh_init(ef_attn *a) {
     int half = p->nb / 2, R = p->R;
     size_t nrot = (size_t)s->heads * R * d * half;
     p->rot = ef_malloc(nrot * sizeof(float));
-    p->rmax = malloc(sizeof(float) * s->heads * R);
+    p->rmax = ef_mem_malloc(sizeof(float) * s->heads * R);
     if (!p->rot || !p->rmax) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
     /* the draw of (h, r) is D x nb/2 row-major; stored interleaved, row t of head h holds
      * every round's row t */
-    float *draw = malloc(sizeof(float) * d * half);
+    float *draw = ef_mem_malloc(sizeof(float) * d * half);
     if (!draw) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
     for (int h = 0; h < s->heads; h++)
         for (int r = 0; r < R; r++) {
@@ -919,14 +919,14 @@ static ef_status lsh_init(ef_attn *a) {
                 memcpy(p->rot + (((size_t)h * d + t) * R + r) * half, draw + (size_t)t * half,
                        sizeof(float) * half);
         }
-    free(draw);
+    ef_free(draw);
     /* about 64K floats of projections per block, 1 to 256 rows */
     p->hb = (int)EF_MAX(1, EF_MIN(256, 65536 / ((int64_t)R * half)));
     lwork probe;
     size_t per = slot_layout(a, NULL, &probe);
-    p->ws = calloc((size_t)a->slots, sizeof *p->ws);
-    p->status = calloc((size_t)a->slots, sizeof *p->status);
-    p->msg = calloc((size_t)a->slots, MSG);
+    p->ws = ef_mem_calloc((size_t)a->slots, sizeof *p->ws);
+    p->status = ef_mem_calloc((size_t)a->slots, sizeof *p->status);
+    p->msg = ef_mem_calloc((size_t)a->slots, MSG);
     p->block = ef_attn_ws_alloc(a, per * a->slots); /* shareable: see attn.h */
     if (!p->ws || !p->status || !p->msg || !p->block)
         return ef_error(EF_ERR_NOMEM, "lsh: out of memory for workspace");

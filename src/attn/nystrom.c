@@ -955,8 +955,8 @@ static void nys_destroy(ef_attn *a) {
     if (!p) return;
     ef_free(p->ws);
     ef_free(p->rws);
-    free(p->status);
-    free(p);
+    ef_free(p->status);
+    ef_free(p);
     a->impl = NULL;
 }
 
@@ -967,7 +967,7 @@ static ef_status nys_init(ef_attn *a) {
                         "segments of the whole sequence, so every output would mix in future "
                         "tokens (masking K3 alone is not causal; xformers #751)");
     const ef_attn_shape *s = &a->shape;
-    nys_plan *p = calloc(1, sizeof *p);
+    nys_plan *p = ef_mem_calloc(1, sizeof *p);
     if (!p) return ef_error(EF_ERR_NOMEM, "nystrom: out of memory");
     a->impl = p;
     p->m = (int)ef_opt_i(a, NYS_LANDMARKS);
@@ -986,7 +986,7 @@ static ef_status nys_init(ef_attn *a) {
     p->rec_floats = rec_layout(a, p->iters + 1, NULL, NULL);
     p->slot_floats = slot_layout(a, NULL, NULL);
     p->slots = (int)EF_MIN((int64_t)a->slots, (int64_t)s->batch * s->heads);
-    p->status = calloc((size_t)p->slots, sizeof(ef_status));
+    p->status = ef_mem_calloc((size_t)p->slots, sizeof(ef_status));
     size_t nf = (size_t)p->slots * p->slot_floats;
     p->ws = ef_malloc(nf * sizeof(float));
     if (!p->status || !p->ws)

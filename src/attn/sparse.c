@@ -328,14 +328,14 @@ static ef_status longformer_init(ef_attn *a) {
     const ef_attn_shape *s = &a->shape;
     const ef_opt_val *gv = &a->opt[LF_GLOBAL];
     int n = EF_MAX(s->q_len, s->kv_len), lim = EF_MIN(s->q_len, s->kv_len);
-    lf_data *g = calloc(1, sizeof *g + (size_t)n + sizeof(int32_t) * (size_t)(n + 1) + 8);
+    lf_data *g = ef_mem_calloc(1, sizeof *g + (size_t)n + sizeof(int32_t) * (size_t)(n + 1) + 8);
     if (!g) return ef_error(EF_ERR_NOMEM, "longformer: out of memory");
     g->n = n;
     g->pre = (int32_t *)(g + 1);
     g->g = (uint8_t *)(g->pre + n + 1);
     if (!gv->f && gv->i == 1) { /* a count: the first G positions */
         if (gv->list[0] > lim) {
-            free(g);
+            ef_free(g);
             return ef_error(EF_ERR_ARG,
                             "longformer: global=%lld asks for more global tokens than the "
                             "sequence has (%d)",
@@ -345,7 +345,7 @@ static ef_status longformer_init(ef_attn *a) {
     } else {
         for (int64_t x = 0; x < gv->i; x++) {
             if (gv->list[x] >= lim) {
-                free(g);
+                ef_free(g);
                 return ef_error(EF_ERR_ARG,
                                 "longformer: global position %lld is outside the sequence "
                                 "(q_len=%d, kv_len=%d)",
@@ -502,7 +502,7 @@ static ef_status bigbird_init(ef_attn *a) {
                         name, r, nb, bs, w, g, worst);
     size_t nrand = (size_t)s->heads * nb * r;
     bb_data *d =
-        calloc(1, sizeof *d + sizeof(int32_t) * (nrand ? nrand : 1) + sizeof(int32_t) * nb);
+        ef_mem_calloc(1, sizeof *d + sizeof(int32_t) * (nrand ? nrand : 1) + sizeof(int32_t) * nb);
     if (!d) return ef_error(EF_ERR_NOMEM, "%s: out of memory", name);
     *d = (bb_data){bs, nb, w, r, g, extra, (int32_t *)(d + 1)};
     int32_t *cand = d->rand + (nrand ? nrand : 1);

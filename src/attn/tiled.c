@@ -198,9 +198,9 @@ static ef_status build_spans(ef_attn *a);
 
 ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     const ef_attn_shape *s = &a->shape;
-    tiled_plan *p = calloc(1, sizeof *p);
+    tiled_plan *p = ef_mem_calloc(1, sizeof *p);
     if (!p) {
-        free(user);
+        ef_free(user);
         return ef_error(EF_ERR_NOMEM, "%s: out of memory", a->ops->name);
     }
     a->impl = p;
@@ -245,7 +245,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
     size_t lse_tmp = p->stride ? (size_t)bh * s->q_len : 0;
     total += round16(part) + round16(lse_tmp);
-    p->ws = calloc((size_t)a->slots, sizeof *p->ws);
+    p->ws = ef_mem_calloc((size_t)a->slots, sizeof *p->ws);
     p->block = ef_attn_ws_alloc(a, total * sizeof(float)); /* shareable: see attn.h */
     if (!p->ws || !p->block)
         return ef_error(EF_ERR_NOMEM, "%s: out of memory for %.1f MB of workspace", a->ops->name,
@@ -304,7 +304,7 @@ static ef_status build_spans(ef_attn *a) {
     int nchunks = grid_count(p->q0, p->kt, s->kv_len);
     p->layout_heads = p->pat.per_head ? s->heads : 1;
     int64_t cells = (int64_t)p->layout_heads * p->ntiles;
-    p->off = malloc(sizeof(int64_t) * (size_t)(cells + 1));
+    p->off = ef_mem_malloc(sizeof(int64_t) * (size_t)(cells + 1));
     if (!p->off) return ef_error(EF_ERR_NOMEM, "%s: out of memory for the layout", a->ops->name);
     for (int pass = 0; pass < 2; pass++) {
         int64_t n = 0;
@@ -333,7 +333,7 @@ static ef_status build_spans(ef_attn *a) {
             }
         p->off[cells] = n;
         if (!pass) {
-            p->spans = malloc(sizeof(ef_span) * (size_t)(n ? n : 1));
+            p->spans = ef_mem_malloc(sizeof(ef_span) * (size_t)(n ? n : 1));
             if (!p->spans)
                 return ef_error(EF_ERR_NOMEM, "%s: out of memory for %lld spans", a->ops->name,
                                 (long long)n);
@@ -353,11 +353,11 @@ void ef_tiled_destroy(ef_attn *a) {
     tiled_plan *p = a->impl;
     if (!p) return;
     ef_attn_ws_free(a, p->block);
-    free(p->ws);
-    free(p->off);
-    free(p->spans);
-    free(p->user);
-    free(p);
+    ef_free(p->ws);
+    ef_free(p->off);
+    ef_free(p->spans);
+    ef_free(p->user);
+    ef_free(p);
     a->impl = NULL;
 }
 

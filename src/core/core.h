@@ -56,6 +56,21 @@ ef_status ef_sgemm_fixed(int trans_a, int trans_b, int m, int n, int k, float al
                          const float *a, int lda, const float *b, int ldb, float beta, float *c,
                          int ldc);
 
+/* Allocation. Every allocation of the library goes through ef_malloc (64-byte aligned, sets the
+ * error) or these libc-like ones (set no error: the caller says what failed), and every release
+ * through ef_free; a test (tests/test_faults.c) checks that src/ calls nothing else.
+ * ef_mem_realloc leaves p valid when it fails; sizes of 0 allocate 1 byte. */
+void *ef_mem_malloc(size_t bytes);
+void *ef_mem_calloc(size_t n, size_t size);
+void *ef_mem_realloc(void *p, size_t bytes);
+char *ef_mem_strdup(const char *s);
+/* Allocation-failure injection (issue 14): from now on, allocation number n (1-based, counted
+ * over all threads) returns NULL, and with `persistent` every one after it too; n = 0 disarms.
+ * Resets the counts. ef_alloc_counts gives the allocations since then, the failures injected,
+ * and the blocks now live (allocated and not yet freed, since the process started). */
+void ef_alloc_fail(long n, int persistent);
+void ef_alloc_counts(long *calls, long *failed, long *live);
+
 /* Seconds on a monotonic clock (for durations only). */
 double ef_now(void);
 

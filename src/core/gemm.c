@@ -195,9 +195,9 @@ static pthread_key_t g_buf_key;
 static pthread_once_t g_buf_once = PTHREAD_ONCE_INIT;
 static void bufs_release(void *p) {
     gemm_bufs *g = p;
-    free(g->b);
-    free(g->a);
-    free(g);
+    ef_free(g->b);
+    ef_free(g->a);
+    ef_free(g);
 }
 static void bufs_key_init(void) { (void)pthread_key_create(&g_buf_key, bufs_release); }
 
@@ -206,7 +206,7 @@ static float *grow(float **buf, size_t *cap, size_t floats) {
     size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
     float *nb = aligned_alloc(64, bytes ? bytes : 64);
     if (!nb) return NULL;
-    free(*buf);
+    ef_free(*buf);
     *buf = nb, *cap = floats;
     return nb;
 }
@@ -216,9 +216,9 @@ static int thread_bufs(size_t bfl, size_t afl, float **bbuf, float **abuf) {
     pthread_once(&g_buf_once, bufs_key_init);
     gemm_bufs *g = pthread_getspecific(g_buf_key);
     if (!g) {
-        g = calloc(1, sizeof *g);
+        g = ef_mem_calloc(1, sizeof *g);
         if (!g || pthread_setspecific(g_buf_key, g) != 0) {
-            free(g);
+            ef_free(g);
             return 0;
         }
     }

@@ -27,6 +27,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -80,6 +81,18 @@ ef_status ef_ckpt_read_meta(const char *path, const char *key, char **value) {
 
 int ef_ckpt_supported(void) { return 1; }
 
+/* cJSON allocates through the library's allocator, so that its failures can be injected and its
+ * blocks counted (core.h). The hooks are process-wide: another cJSON user in the process then
+ * allocates through ef_mem_malloc too, which is malloc unless a test arms a failure. */
+static void json_hooks_once(void) {
+    cJSON_Hooks h = {ef_mem_malloc, ef_free};
+    cJSON_InitHooks(&h);
+}
+static void json_hooks(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, json_hooks_once);
+}
+
 /* 1 when s[0..n) is valid UTF-8 (no overlongs, no surrogates, <= U+10FFFF); else 0 and *bad is
  * the offset of the first invalid sequence. */
 static int utf8_valid(const unsigned char *s, size_t n, size_t *bad) {
@@ -128,7 +141,7 @@ static void sb_reserve(sbuf *b, size_t more) {
     if (b->failed || b->len + more + 1 <= b->cap) return;
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + more + 1) cap *= 2;
-    char *s = realloc(b->s, cap);
+    char *s = ef_mem_realloc(b->s, cap);
     if (!s) {
         b->failed = 1;
         return;
@@ -239,11 +252,11 @@ static ef_status build_header(const ef_params *p, const ef_ckpt_meta *meta, int 
     sb_put(&b, "}", 1);
     while (!b.failed && b.len % 8) sb_put(&b, " ", 1);
     if (b.failed) {
-        free(b.s);
+        ef_free(b.s);
         return ef_error(EF_ERR_NOMEM, "ef_ckpt_save: out of memory building the header");
     }
     if (b.len > CKPT_MAX_HEADER) {
-        free(b.s);
+        ef_free(b.s);
         return ef_error(EF_ERR_ARG,
                         "ef_ckpt_save: the header would be %zu bytes, beyond the "
                         "format's limit of %llu (metadata too large?)",
@@ -272,7 +285,7 @@ static int write_all(int fd, const void *buf, size_t n) {
 static char *folder_of(const char *path) {
     const char *slash = strrchr(path, '/');
     size_t n = !slash ? 0 : slash == path ? 1 : (size_t)(slash - path);
-    char *d = malloc(n ? n + 1 : 2);
+    char *d = ef_mem_malloc(n ? n + 1 : 2);
     if (d && n)
         memcpy(d, path, n), d[n] = '\0';
     else if (d)
@@ -293,9 +306,9 @@ ef_status ef_ckpt_save(const ef_params *p, const char *path, const ef_ckpt_meta 
      * created exclusively so that concurrent writers never share one */
     static atomic_uint counter;
     size_t tlen = strlen(path) + 64;
-    char *tmp = malloc(tlen);
+    char *tmp = ef_mem_malloc(tlen);
     if (!tmp) {
-        free(header);
+        ef_free(header);
         return ef_error(EF_ERR_NOMEM, "ef_ckpt_save: out of memory");
     }
     int fd = -1;
@@ -309,7 +322,7 @@ ef_status ef_ckpt_save(const ef_params *p, const char *path, const ef_ckpt_meta 
                       "cannot write checkpoint '%s': creating the temporary file '%s' "
                       "failed: %s",
                       path, tmp, strerror(errno));
-        free(header), free(tmp);
+        ef_free(header), ef_free(tmp);
         return st;
     }
 
@@ -323,17 +336,17 @@ ef_status ef_ckpt_save(const ef_params *p, const char *path, const ef_ckpt_meta 
     int err = errno;
     if (close(fd) != 0 && !bad) step = "closing", bad = 1, err = errno;
     if (!bad) step = "renaming", bad = rename(tmp, path) != 0, err = errno;
-    free(header);
+    ef_free(header);
     if (bad) {
         unlink(tmp);
         st = ef_error(EF_ERR_IO,
                       "cannot write checkpoint '%s': %s the temporary file '%s' "
                       "failed: %s",
                       path, step, tmp, strerror(err));
-        free(tmp);
+        ef_free(tmp);
         return st;
     }
-    free(tmp);
+    ef_free(tmp);
 
     /* the rename is durable once the folder's entry is on disk */
     char *dir = folder_of(path);
@@ -348,7 +361,7 @@ ef_status ef_ckpt_save(const ef_params *p, const char *path, const ef_ckpt_meta 
                       path, dir, strerror(err));
     }
     if (dfd >= 0) close(dfd);
-    free(dir);
+    ef_free(dir);
     if (st == EF_OK) ef_clear_error();
     return st;
 }
@@ -382,9 +395,9 @@ typedef struct ckpt_file {
 static void ckpt_close(ckpt_file *f) {
     if (f->fd >= 0) close(f->fd);
     cJSON_Delete(f->root);
-    free(f->header);
-    free(f->e);
-    free(f->order);
+    ef_free(f->header);
+    ef_free(f->e);
+    ef_free(f->order);
     memset(f, 0, sizeof *f);
     f->fd = -1;
 }
@@ -438,7 +451,7 @@ static int cmp_str(const void *a, const void *b) {
 static void shape_text(const entry *e, char *buf, size_t cap) {
     char *s = cJSON_PrintUnformatted(e->shape);
     snprintf(buf, cap, "%s", s ? s : "?");
-    free(s);
+    ef_free(s);
 }
 
 /* One tensor entry: {"dtype": "F32", "shape": [...], "data_offsets": [b, e]}, nothing else. */
@@ -534,6 +547,7 @@ static ef_status ckpt_open(ckpt_file *f, const char *path) {
     memset(f, 0, sizeof *f);
     f->fd = -1;
     f->path = path;
+    json_hooks();
     if (!path || !path[0]) return ef_error(EF_ERR_ARG, "checkpoint path is NULL or empty");
     f->fd = open(path, O_RDONLY | O_CLOEXEC);
     if (f->fd < 0)
@@ -564,7 +578,7 @@ static ef_status ckpt_open(ckpt_file *f, const char *path) {
                         "checkpoint '%s': header length %llu exceeds the format's "
                         "limit of %llu bytes",
                         path, (unsigned long long)f->hlen, CKPT_MAX_HEADER);
-    f->header = malloc((size_t)f->hlen + 1);
+    f->header = ef_mem_malloc((size_t)f->hlen + 1);
     if (!f->header)
         return ef_error(EF_ERR_NOMEM, "checkpoint '%s': out of memory for a %llu-byte header", path,
                         (unsigned long long)f->hlen);
@@ -602,7 +616,7 @@ static ef_status ckpt_open(ckpt_file *f, const char *path) {
 
     int n = 0;
     for (const cJSON *it = f->root->child; it; it = it->next) n++;
-    f->e = calloc(n > 0 ? (size_t)n : 1, sizeof(entry));
+    f->e = ef_mem_calloc(n > 0 ? (size_t)n : 1, sizeof(entry));
     if (!f->e) return ef_error(EF_ERR_NOMEM, "checkpoint '%s': out of memory", path);
     for (const cJSON *it = f->root->child; it; it = it->next) {
         if (strcmp(it->string, "__metadata__") == 0) {
@@ -623,7 +637,7 @@ static ef_status ckpt_open(ckpt_file *f, const char *path) {
                                     path, m->string);
             f->meta = it;
             if (nm > 1) {
-                const char **keys = malloc((size_t)nm * sizeof *keys);
+                const char **keys = ef_mem_malloc((size_t)nm * sizeof *keys);
                 if (!keys) return ef_error(EF_ERR_NOMEM, "checkpoint '%s': out of memory", path);
                 nm = 0;
                 for (const cJSON *m = it->child; m; m = m->next) keys[nm++] = m->string;
@@ -634,10 +648,10 @@ static ef_status ckpt_open(ckpt_file *f, const char *path) {
                                                 "checkpoint '%s': metadata key "
                                                 "'%.100s' appears twice",
                                                 path, keys[i]);
-                        free(keys);
+                        ef_free(keys);
                         return st;
                     }
-                free(keys);
+                ef_free(keys);
             }
             continue;
         }
@@ -672,7 +686,7 @@ static ef_status ckpt_open(ckpt_file *f, const char *path) {
                         "data (file size %llu, expected 8 + %llu + %llu)",
                         path, (unsigned long long)(avail - data_end), (unsigned long long)f->size,
                         (unsigned long long)f->hlen, (unsigned long long)data_end);
-    f->order = malloc((f->n > 0 ? (size_t)f->n : 1) * sizeof(int));
+    f->order = ef_mem_malloc((f->n > 0 ? (size_t)f->n : 1) * sizeof(int));
     if (!f->order) return ef_error(EF_ERR_NOMEM, "checkpoint '%s': out of memory", path);
     for (int i = 0; i < f->n; i++) f->order[i] = i;
     sort_entries = f->e;
@@ -772,7 +786,7 @@ ef_status ef_ckpt_read_meta(const char *path, const char *key, char **value) {
             st = ef_error(EF_ERR_FORMAT, "checkpoint '%s' has no metadata key '%.100s'", path, key);
         } else {
             size_t n = strlen(v->valuestring);
-            *value = malloc(n + 1);
+            *value = ef_mem_malloc(n + 1);
             if (!*value)
                 st = ef_error(EF_ERR_NOMEM, "ef_ckpt_read_meta: out of memory");
             else

@@ -99,7 +99,7 @@ static int is_model_key(const char *item) {
 }
 
 static void cfg_free(model_cfg *c) {
-    for (int i = 0; i < c->n_attn; i++) free(c->attn[i]);
+    for (int i = 0; i < c->n_attn; i++) ef_free(c->attn[i]);
     c->n_attn = 0;
 }
 
@@ -132,7 +132,7 @@ bad:
 static char *trim_dup(const char *s, size_t n) {
     while (n && isspace((unsigned char)*s)) s++, n--;
     while (n && isspace((unsigned char)s[n - 1])) n--;
-    char *r = malloc(n + 1);
+    char *r = ef_mem_malloc(n + 1);
     if (r) memcpy(r, s, n), r[n] = 0;
     return r;
 }
@@ -149,7 +149,7 @@ static ef_status parse_cfg(const char *spec, model_cfg *c) {
     size_t len = strlen(spec);
     if (len > SPEC_MAX)
         return ef_error(EF_ERR_ARG, "model spec: %zu characters (at most %d)", len, SPEC_MAX);
-    char *buf = malloc(len + 1), **open = NULL;
+    char *buf = ef_mem_malloc(len + 1), **open = NULL;
     if (!buf) return ef_error(EF_ERR_NOMEM, "out of memory parsing a model spec");
     memcpy(buf, spec, len + 1);
     ef_status st = EF_OK;
@@ -161,7 +161,7 @@ static ef_status parse_cfg(const char *spec, model_cfg *c) {
             break;
         }
         if (!*it) {
-            free(it);
+            ef_free(it);
             continue;
         }
         if (!is_model_key(it)) {
@@ -171,27 +171,27 @@ static ef_status parse_cfg(const char *spec, model_cfg *c) {
                               "vocab, max_len, ln_eps, pos, axial_shape, axial_dims, attn, "
                               "reversible, chunks, head)",
                               it);
-                free(it);
+                ef_free(it);
                 break;
             }
             /* an option of the attention or head spec before it */
             size_t a = strlen(*open), b = strlen(it);
-            char *grown = realloc(*open, a + b + 2);
+            char *grown = ef_mem_realloc(*open, a + b + 2);
             if (!grown) {
-                free(it);
+                ef_free(it);
                 st = ef_error(EF_ERR_NOMEM, "out of memory parsing a model spec");
                 break;
             }
             grown[a] = ',', memcpy(grown + a + 1, it, b + 1);
             *open = grown;
-            free(it);
+            ef_free(it);
             continue;
         }
         open = NULL;
         char *eq = strchr(it, '=');
         if (!eq || !eq[1]) {
             st = ef_error(EF_ERR_FORMAT, "model spec: '%s' is not key=value", it);
-            free(it);
+            ef_free(it);
             break;
         }
         *eq = 0;
@@ -228,15 +228,15 @@ static ef_status parse_cfg(const char *spec, model_cfg *c) {
             char **dst = !strcmp(k, "attn") ? &attn_raw : &head_raw;
             if (*dst) {
                 st = ef_error(EF_ERR_ARG, "model spec: %s= given twice", k);
-            } else if (!(*dst = strdup(v))) {
+            } else if (!(*dst = ef_mem_strdup(v))) {
                 st = ef_error(EF_ERR_NOMEM, "out of memory parsing a model spec");
             }
             open = dst;
         }
-        free(it);
+        ef_free(it);
         if (st) break;
     }
-    free(buf);
+    ef_free(buf);
     if (!st && !c->ff) c->ff = 4 * c->dim;
     if (!st && c->dim % c->heads)
         st = ef_error(EF_ERR_SHAPE, "model spec: dim=%d is not a multiple of heads=%d", c->dim,
@@ -254,7 +254,7 @@ static ef_status parse_cfg(const char *spec, model_cfg *c) {
             char *one = trim_dup(a, n);
             if (!one) st = ef_error(EF_ERR_NOMEM, "out of memory parsing a model spec");
             else if (!*one) {
-                free(one);
+                ef_free(one);
                 st = ef_error(EF_ERR_ARG, "model spec: attn=%s has an empty attention spec",
                               attn_raw);
             } else c->attn[c->n_attn++] = one;
@@ -304,8 +304,8 @@ static ef_status parse_cfg(const char *spec, model_cfg *c) {
     } else if (!st && (have_axs || have_axd)) {
         st = ef_error(EF_ERR_ARG, "model spec: axial_shape / axial_dims need pos=axial");
     }
-    free(attn_raw);
-    free(head_raw);
+    ef_free(attn_raw);
+    ef_free(head_raw);
     if (st) cfg_free(c);
     return st;
 }
@@ -354,7 +354,7 @@ static ef_status add_t(ef_model *m, const char *name, int ndim, int64_t d0, int6
     int64_t shape[2] = {d0, d1};
     ef_status st = ef_params_add(m->P, name, ndim, shape, init, idx);
     if (st) return st;
-    unsigned char *g = realloc(m->decay, (size_t)m->P->n);
+    unsigned char *g = ef_mem_realloc(m->decay, (size_t)m->P->n);
     if (!g) return ef_error(EF_ERR_NOMEM, "out of memory for the tensor table");
     m->decay = g, g[*idx] = (unsigned char)decay;
     return EF_OK;
@@ -443,7 +443,7 @@ static ef_status make_desc(ef_model *m) {
     size_t cap = 1024;
     for (int i = 0; i < c->n_attn && i < c->layers; i++) /* specs past the layers are unused */
         cap += strlen(ef_attn_describe(m->L[i].attn)) + 2;
-    char *d = malloc(cap);
+    char *d = ef_mem_malloc(cap);
     if (!d) return ef_error(EF_ERR_NOMEM, "out of memory for a model description");
     static const char *pos_names[] = {"none", "sinusoidal", "learned", "axial"};
     int n = snprintf(d, cap, "layers=%d,dim=%d,heads=%d,ff=%d,vocab=%d,max_len=%d,ln_eps=%g,pos=%s",
@@ -474,17 +474,17 @@ void ef_model_free(ef_model *m) {
         ef_block_free(m->L[l].blk);
         ef_free(m->L[l].saved);
     }
-    free(m->L);
+    ef_free(m->L);
     ef_params_free(m->P);
-    free(m->decay);
+    ef_free(m->decay);
     ef_free(m->a1), ef_free(m->a2), ef_free(m->d1), ef_free(m->d2), ef_free(m->ws);
     ef_free(m->h_f), ef_free(m->h_xn), ef_free(m->h_lg), ef_free(m->h_dxn);
     ef_free(m->h_mean), ef_free(m->h_rstd);
     ef_free(m->pooled), ef_free(m->dpooled), ef_free(m->cls_lg);
     ef_free(m->tok), ef_free(m->tgt), ef_free(m->lens), ef_free(m->pe);
-    free(m->desc);
+    ef_free(m->desc);
     cfg_free(&m->cfg);
-    free(m);
+    ef_free(m);
 }
 
 /* ef_malloc of `floats` floats, counted into *acc. */
@@ -502,11 +502,11 @@ ef_status ef_model_new(ef_model **out, const char *spec, const ef_model_opts *op
         return ef_error(EF_ERR_ARG, "ef_model_new: batch=%d must be >= 0", o.batch);
     if (o.train != 0 && o.train != 1)
         return ef_error(EF_ERR_ARG, "ef_model_new: train=%d is neither 0 nor 1", o.train);
-    ef_model *m = calloc(1, sizeof *m);
+    ef_model *m = ef_mem_calloc(1, sizeof *m);
     if (!m) return ef_error(EF_ERR_NOMEM, "out of memory for a model");
     ef_status st = parse_cfg(spec, &m->cfg);
     if (st) {
-        free(m);
+        ef_free(m);
         return st;
     }
     model_cfg *c = &m->cfg;
@@ -521,7 +521,7 @@ ef_status ef_model_new(ef_model **out, const char *spec, const ef_model_opts *op
         return st;
     }
     /* layers: attention specs cycle; each gets seed = model seed + layer unless it sets one */
-    m->L = calloc((size_t)c->layers, sizeof *m->L);
+    m->L = ef_mem_calloc((size_t)c->layers, sizeof *m->L);
     if (!m->L) {
         ef_model_free(m);
         return ef_error(EF_ERR_NOMEM, "out of memory for a model's layers");
@@ -1106,11 +1106,11 @@ struct ef_model_decoder {
 void ef_model_decoder_free(ef_model_decoder *d) {
     if (!d) return;
     for (int l = 0; d->st && l < d->m->cfg.layers; l++) ef_attn_state_free(d->st[l]);
-    free(d->st);
+    ef_free(d->st);
     ef_free(d->pos_table), ef_free(d->x1), ef_free(d->u), ef_free(d->t);
     ef_free(d->hid), ef_free(d->q), ef_free(d->k), ef_free(d->v), ef_free(d->o);
     ef_free(d->f), ef_free(d->fx);
-    free(d);
+    ef_free(d);
 }
 
 ef_status ef_model_decoder_new(ef_model_decoder **out, ef_model *m) {
@@ -1134,11 +1134,11 @@ ef_status ef_model_decoder_new(ef_model_decoder **out, ef_model *m) {
                             "prefix)",
                             l, name);
     }
-    ef_model_decoder *d = calloc(1, sizeof *d);
+    ef_model_decoder *d = ef_mem_calloc(1, sizeof *d);
     if (!d) return ef_error(EF_ERR_NOMEM, "ef_model_decoder_new: out of memory");
     d->m = m;
     size_t C = (size_t)c->dim, row = (size_t)m->B * C;
-    d->st = calloc((size_t)c->layers, sizeof *d->st);
+    d->st = ef_mem_calloc((size_t)c->layers, sizeof *d->st);
     ef_status st = d->st ? EF_OK : ef_error(EF_ERR_NOMEM, "ef_model_decoder_new: out of memory");
     for (int l = 0; l < c->layers && !st; l++) st = ef_attn_state_new(&d->st[l], m->L[l].attn);
     if (!st) {
@@ -1319,10 +1319,10 @@ ef_status ef_model_load_params(ef_model *m, const char *path) {
     if (strcmp(spec, m->desc)) {
         st = ef_error(EF_ERR_FORMAT, "%s: its model spec '%s' differs from this model's '%s'",
                       path, spec, m->desc);
-        free(spec);
+        ef_free(spec);
         return st;
     }
-    free(spec);
+    ef_free(spec);
     if ((st = ef_ckpt_load(m->P, path))) return st;
     m->ready = 0;
     return EF_OK;
@@ -1351,8 +1351,8 @@ ef_status ef_model_load(ef_model **out, const char *path, const ef_model_opts *o
         st = ef_error(EF_ERR_FORMAT, "%s: its model spec cannot be built: %s", path, msg);
     }
     if (!st && (st = ef_model_load_params(m, path))) ef_model_free(m), m = NULL;
-    free(spec);
-    free(seed_s);
+    ef_free(spec);
+    ef_free(seed_s);
     if (!st) *out = m;
     return st;
 }

@@ -12,18 +12,18 @@
 
 ef_status ef_params_new(ef_params **out) {
     if (!out) return ef_error(EF_ERR_ARG, "ef_params_new: out is NULL");
-    *out = calloc(1, sizeof(ef_params));
+    *out = ef_mem_calloc(1, sizeof(ef_params));
     if (!*out) return ef_error(EF_ERR_NOMEM, "ef_params_new: out of memory");
     return EF_OK;
 }
 
 void ef_params_free(ef_params *p) {
     if (!p) return;
-    for (int i = 0; i < p->n; i++) free(p->t[i].name);
-    free(p->t);
+    for (int i = 0; i < p->n; i++) ef_free(p->t[i].name);
+    ef_free(p->t);
     ef_free(p->data);
     ef_free(p->grad);
-    free(p);
+    ef_free(p);
 }
 
 /* Names end up unescaped in the checkpoint's JSON header, so they are restricted to characters
@@ -105,13 +105,13 @@ ef_status ef_params_add(ef_params *p, const char *name, int ndim, const int64_t 
         return ef_error(EF_ERR_ARG, "parameter '%s': the table is too large", name);
     if (p->n == p->cap) {
         int cap = p->cap ? 2 * p->cap : 16;
-        ef_param *t = realloc(p->t, (size_t)cap * sizeof *t);
+        ef_param *t = ef_mem_realloc(p->t, (size_t)cap * sizeof *t);
         if (!t) return ef_error(EF_ERR_NOMEM, "ef_params_add: out of memory");
         p->t = t, p->cap = cap;
     }
     ef_param *t = &p->t[p->n];
     memset(t, 0, sizeof *t);
-    t->name = malloc(strlen(name) + 1);
+    t->name = ef_mem_malloc(strlen(name) + 1);
     if (!t->name) return ef_error(EF_ERR_NOMEM, "ef_params_add: out of memory");
     strcpy(t->name, name);
     t->ndim = ndim;

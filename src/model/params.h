@@ -139,7 +139,7 @@ ef_status ef_ckpt_load(ef_params *p, const char *path);
 
 /* The metadata value of `key` in checkpoint `path`, validated as a checkpoint (everything except
  * the match against a table), so a model can read its spec before building its table.
- * *value is a NUL-terminated copy; release it with free(). EF_ERR_FORMAT for a malformed file or
+ * *value is a NUL-terminated copy; release it with ef_free(). EF_ERR_FORMAT for a malformed file or
  * a missing key, EF_ERR_IO, EF_ERR_NOMEM. */
 ef_status ef_ckpt_read_meta(const char *path, const char *key, char **value);
 

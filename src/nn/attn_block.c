@@ -47,7 +47,7 @@ ef_status ef_attn_block_new_sharing(ef_attn_block **out, const char *spec, int b
     ef_attn *attn = NULL;
     ef_status st = ef_attn_new_sharing(&attn, spec, &s, donor ? donor->attn : NULL);
     if (st) return st;
-    ef_attn_block *blk = calloc(1, sizeof *blk);
+    ef_attn_block *blk = ef_mem_calloc(1, sizeof *blk);
     if (!blk) {
         ef_attn_free(attn);
         return ef_error(EF_ERR_NOMEM, "out of memory for an attention block");
@@ -75,7 +75,7 @@ ef_status ef_attn_block_new_sharing(ef_attn_block **out, const char *spec, int b
 void ef_attn_block_free(ef_attn_block *blk) {
     if (!blk) return;
     ef_attn_free(blk->attn);
-    free(blk);
+    ef_free(blk);
 }
 
 ef_attn *ef_attn_block_attn(const ef_attn_block *blk) { return blk ? blk->attn : NULL; }

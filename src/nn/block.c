@@ -75,7 +75,7 @@ ef_status ef_block_new(ef_block **out, const ef_block_config *cfg) {
     ef_status st = ef_attn_block_new_sharing(&ab, cfg->attn, cfg->batch, cfg->len, cfg->dim,
                                              cfg->heads, cfg->share ? cfg->share->attn : NULL);
     if (st) return st;
-    ef_block *blk = calloc(1, sizeof *blk);
+    ef_block *blk = ef_mem_calloc(1, sizeof *blk);
     if (!blk) {
         ef_attn_block_free(ab);
         return ef_error(EF_ERR_NOMEM, "out of memory for a block");
@@ -108,7 +108,7 @@ ef_status ef_block_new(ef_block **out, const ef_block_config *cfg) {
 void ef_block_free(ef_block *blk) {
     if (!blk) return;
     ef_attn_block_free(blk->attn);
-    free(blk);
+    ef_free(blk);
 }
 
 ef_block_kind ef_block_get_kind(const ef_block *blk) { return blk ? blk->kind : EF_BLOCK_RESIDUAL; }

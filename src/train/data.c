@@ -37,7 +37,7 @@ ef_status ef_file_read(const char *path, uint8_t **data, size_t *bytes) {
                         err ? strerror(err) : "");
     }
     size_t n = (size_t)sb.st_size;
-    uint8_t *buf = malloc(n ? n : 1);
+    uint8_t *buf = ef_mem_malloc(n ? n : 1);
     if (!buf) {
         fclose(f);
         return ef_error(EF_ERR_NOMEM, "out of memory reading '%s' (%zu bytes)", path, n);
@@ -46,7 +46,7 @@ ef_status ef_file_read(const char *path, uint8_t **data, size_t *bytes) {
     int err = ferror(f) ? errno : 0;
     fclose(f);
     if (got != n) {
-        free(buf);
+        ef_free(buf);
         return ef_error(EF_ERR_IO, "cannot read '%s': %s", path,
                         err ? strerror(err) : "the file shrank while being read");
     }
@@ -56,7 +56,7 @@ ef_status ef_file_read(const char *path, uint8_t **data, size_t *bytes) {
 
 void ef_idx_free(ef_idx *x) {
     if (!x) return;
-    free(x->data);
+    ef_free(x->data);
     memset(x, 0, sizeof *x);
 }
 
@@ -165,7 +165,7 @@ ef_status ef_idx_read(const char *path, int want_ndim, ef_idx *out) {
     }
     out->ndim = want_ndim;
     out->bytes = total;
-    out->data = malloc(total);
+    out->data = ef_mem_malloc(total);
     if (!out->data) {
         st = ef_error(EF_ERR_NOMEM, "out of memory reading '%s' (%zu bytes)", path, total);
         goto done;
@@ -204,21 +204,21 @@ done:
 
 void ef_image_set_free(ef_image_set *s) {
     if (!s) return;
-    free(s->images), free(s->labels);
+    ef_free(s->images), ef_free(s->labels);
     memset(s, 0, sizeof *s);
 }
 
 /* dir/name, or dir/name.gz when only that exists; EF_ERR_IO naming both when neither does. */
 static ef_status find_file(const char *dir, const char *name, char **path) {
     size_t n = strlen(dir) + strlen(name) + 8;
-    char *p = malloc(n);
+    char *p = ef_mem_malloc(n);
     if (!p) return ef_error(EF_ERR_NOMEM, "out of memory");
     struct stat sb;
     snprintf(p, n, "%s/%s", dir, name);
     if (stat(p, &sb) == 0) return *path = p, EF_OK;
     snprintf(p, n, "%s/%s.gz", dir, name);
     if (stat(p, &sb) == 0) return *path = p, EF_OK;
-    free(p);
+    ef_free(p);
     return ef_error(EF_ERR_IO, "neither '%s/%s' nor '%s/%s.gz' exists", dir, name, dir, name);
 }
 
@@ -247,6 +247,6 @@ ef_status ef_image_set_load(const char *dir, const char *prefix, ef_image_set *o
         img.data = lab.data = NULL;
     }
     ef_idx_free(&img), ef_idx_free(&lab);
-    free(paths[0]), free(paths[1]);
+    ef_free(paths[0]), ef_free(paths[1]);
     return st;
 }

@@ -321,7 +321,7 @@ ef_status ef_optim_new(ef_optim **out, ef_model *m, const ef_optim_opts *opts) {
                         "ef_optim_new: the model was made with train=0 (it has no gradients)");
     ef_status st = ef_optim_check(opts);
     if (st) return st;
-    ef_optim *o = calloc(1, sizeof *o);
+    ef_optim *o = ef_mem_calloc(1, sizeof *o);
     if (!o) return ef_error(EF_ERR_NOMEM, "ef_optim_new: out of memory");
     o->model = m, o->opts = *opts, o->floats = ef_model_param_floats(m);
     int nt = ef_model_tensor_count(m);
@@ -345,7 +345,7 @@ ef_status ef_optim_new(ef_optim **out, ef_model *m, const ef_optim_opts *opts) {
         }
         if (!st && !pass) {
             o->n_chunks = k;
-            o->chunks = malloc((size_t)(k ? k : 1) * sizeof *o->chunks);
+            o->chunks = ef_mem_malloc((size_t)(k ? k : 1) * sizeof *o->chunks);
             if (!o->chunks) st = ef_error(EF_ERR_NOMEM, "ef_optim_new: out of memory");
         }
     }
@@ -364,8 +364,8 @@ ef_status ef_optim_new(ef_optim **out, ef_model *m, const ef_optim_opts *opts) {
 void ef_optim_free(ef_optim *o) {
     if (!o) return;
     ef_params_free(o->state);
-    free(o->chunks);
-    free(o);
+    ef_free(o->chunks);
+    ef_free(o);
 }
 
 ef_model *ef_optim_model(const ef_optim *o) { return o ? o->model : NULL; }
@@ -526,7 +526,7 @@ static uint64_t params_hash(const float *p, size_t n) {
 
 static char *opt_path_of(const char *path) {
     size_t n = strlen(path);
-    char *s = malloc(n + sizeof EF_TRAIN_OPT_SUFFIX);
+    char *s = ef_mem_malloc(n + sizeof EF_TRAIN_OPT_SUFFIX);
     if (s) memcpy(s, path, n), memcpy(s + n, EF_TRAIN_OPT_SUFFIX, sizeof EF_TRAIN_OPT_SUFFIX);
     return s;
 }
@@ -556,10 +556,10 @@ ef_status ef_train_save(const ef_optim *o, const char *path, const ef_ckpt_meta 
     snprintf(hash, sizeof hash, "%016" PRIx64, params_hash(ef_model_params(o->model), o->floats));
     ef_status st = ef_optim_describe(&o->opts, optim, sizeof optim);
     if (st) return st;
-    ef_ckpt_meta *all = malloc((size_t)(N_OWN_META + n_meta) * sizeof *all);
+    ef_ckpt_meta *all = ef_mem_malloc((size_t)(N_OWN_META + n_meta) * sizeof *all);
     char *opt_path = opt_path_of(path);
     if (!all || !opt_path) {
-        free(all), free(opt_path);
+        ef_free(all), ef_free(opt_path);
         return ef_error(EF_ERR_NOMEM, "ef_train_save: out of memory");
     }
     all[0] = (ef_ckpt_meta){"eformer.step", step};
@@ -572,8 +572,8 @@ ef_status ef_train_save(const ef_optim *o, const char *path, const ef_ckpt_meta 
     for (int i = 0; i < n_meta; i++) all[N_OWN_META + i] = meta[i];
     st = ef_ckpt_save(o->state, opt_path, all, N_OWN_META + n_meta);
     if (!st) st = ef_model_save(o->model, path);
-    free(all);
-    free(opt_path);
+    ef_free(all);
+    ef_free(opt_path);
     if (!st) ef_clear_error();
     return st;
 }
@@ -631,7 +631,7 @@ static ef_status load_state(ef_optim *o, const char *path, int load_model) {
         ef_clear_error();
     }
     ef_params_free(state);
-    free(floats_s), free(spec), free(step_s), free(hash_s), free(opt_path);
+    ef_free(floats_s), ef_free(spec), ef_free(step_s), ef_free(hash_s), ef_free(opt_path);
     return st;
 }
 
@@ -669,6 +669,6 @@ ef_status ef_train_read_meta(const char *path, const char *key, char **value) {
     char *opt_path = opt_path_of(path);
     if (!opt_path) return ef_error(EF_ERR_NOMEM, "ef_train_read_meta: out of memory");
     ef_status st = ef_ckpt_read_meta(opt_path, key, value);
-    free(opt_path);
+    ef_free(opt_path);
     return st;
 }

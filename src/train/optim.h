@@ -216,7 +216,7 @@ ef_status ef_train_load(ef_optim *o, const char *path);
 ef_status ef_train_resume(ef_model **m, ef_optim **o, const char *path, const ef_model_opts *mopts,
                           const ef_optim_opts *oopts);
 
-/* The metadata value of `key` in PATH.opt (a malloc'd copy: free() it). EF_ERR_FORMAT for a
+/* The metadata value of `key` in PATH.opt (a malloc'd copy: ef_free() it). EF_ERR_FORMAT for a
  * missing key or a malformed file, EF_ERR_IO, EF_ERR_NOMEM. */
 ef_status ef_train_read_meta(const char *path, const char *key, char **value);
 

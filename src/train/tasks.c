@@ -131,9 +131,9 @@ struct ef_task {
 
 void ef_task_free(ef_task *t) {
     if (!t) return;
-    free(t->spec), free(t->model_keys), free(t->path), free(t->text);
+    ef_free(t->spec), ef_free(t->model_keys), ef_free(t->path), ef_free(t->text);
     ef_image_set_free(&t->train), ef_image_set_free(&t->test);
-    free(t);
+    ef_free(t);
 }
 
 const char *ef_task_describe(const ef_task *t) { return t ? t->spec : ""; }
@@ -189,7 +189,7 @@ static void fmt_real(char *buf, size_t cap, double x) {
 
 static char *xstrdup(const char *s) {
     size_t n = strlen(s) + 1;
-    char *r = malloc(n);
+    char *r = ef_mem_malloc(n);
     if (r) memcpy(r, s, n);
     return r;
 }
@@ -254,7 +254,7 @@ static ef_status parse_item(ef_task *t, const char *k, const char *v) {
         if (!strcmp(k, "len")) return parse_int(name, k, v, 1, 1 << 24, &t->len);
         if (!strcmp(k, "heldout")) return parse_real(name, k, v, 0, 1, &t->heldout);
         if (!strcmp(k, "file")) {
-            free(t->path);
+            ef_free(t->path);
             return (t->path = xstrdup(v)) ? EF_OK : ef_error(EF_ERR_NOMEM, "out of memory");
         }
         return ef_error(EF_ERR_ARG, "task spec '%s': unknown key '%s' (keys: file, len, heldout)",
@@ -264,7 +264,7 @@ static ef_status parse_item(ef_task *t, const char *k, const char *v) {
         if (!strcmp(k, "levels")) return parse_int(name, k, v, 2, 256, &t->levels);
         if (!strcmp(k, "side")) return parse_int(name, k, v, 1, 4096, &t->side);
         if (!strcmp(k, "dir")) {
-            free(t->path);
+            ef_free(t->path);
             return (t->path = xstrdup(v)) ? EF_OK : ef_error(EF_ERR_NOMEM, "out of memory");
         }
         return ef_error(EF_ERR_ARG, "task spec '%s': unknown key '%s' (keys: dir, levels, side)",
@@ -294,7 +294,7 @@ static ef_status parse_spec(ef_task *t, const char *spec) {
                                 "task spec: unknown task '%s' (dup, copy, recall, listops, text, "
                                 "mnist, fashion-mnist)",
                                 name);
-        free(buf);
+        ef_free(buf);
         return st;
     }
     set_defaults(t);
@@ -309,7 +309,7 @@ static ef_status parse_spec(ef_task *t, const char *spec) {
         char *eq = strchr(it, '=');
         if (!eq) {
             if (first && takes_path) {
-                free(t->path);
+                ef_free(t->path);
                 if (!(t->path = xstrdup(it))) st = ef_error(EF_ERR_NOMEM, "out of memory");
             } else {
                 st = ef_error(EF_ERR_ARG, "task spec '%s': '%s' is not key=value%s", name, it,
@@ -323,7 +323,7 @@ static ef_status parse_spec(ef_task *t, const char *spec) {
         else
             st = parse_item(t, it, eq + 1);
     }
-    free(buf);
+    ef_free(buf);
     return st;
 }
 
@@ -589,7 +589,7 @@ ef_status ef_task_new(ef_task **out, const char *spec, uint64_t seed) {
     if (!out) return ef_error(EF_ERR_ARG, "ef_task_new: out is NULL");
     *out = NULL;
     if (!spec) return ef_error(EF_ERR_ARG, "ef_task_new: spec is NULL");
-    ef_task *t = calloc(1, sizeof *t);
+    ef_task *t = ef_mem_calloc(1, sizeof *t);
     if (!t) return ef_error(EF_ERR_NOMEM, "out of memory");
     t->seed = seed;
     ef_status st = parse_spec(t, spec);
@@ -683,10 +683,10 @@ static ef_status sample_recall(const ef_task *t, draw *d, int32_t *tok, int32_t 
     uint32_t cap = 4;
     while (cap < 2u * (uint32_t)P + 2) cap *= 2;
     size_t words = 2 * (size_t)P + 2 * (size_t)cap;
-    int32_t *ibuf = malloc(words * sizeof(int32_t));
-    double *w = malloc(2 * ((size_t)space + 1) * sizeof(double));
+    int32_t *ibuf = ef_mem_malloc(words * sizeof(int32_t));
+    double *w = ef_mem_malloc(2 * ((size_t)space + 1) * sizeof(double));
     if (!ibuf || !w) {
-        free(ibuf), free(w);
+        ef_free(ibuf), ef_free(w);
         return ef_error(EF_ERR_NOMEM, "recall: out of memory");
     }
     int32_t *keys = ibuf, *vals = ibuf + P, *kset = ibuf + 2 * P, *vset = kset + cap;
@@ -739,7 +739,7 @@ static ef_status sample_recall(const ef_task *t, draw *d, int32_t *tok, int32_t 
     if (t->noise)
         for (int i = 2 * P; i < n; i++)
             if (tok[i] == 0) tok[i] = (int32_t)draw_below(d, (uint32_t)V);
-    free(ibuf), free(w);
+    ef_free(ibuf), ef_free(w);
     *len = n;
     return EF_OK;
 }
