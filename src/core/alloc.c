@@ -13,6 +13,10 @@
  * whatever the interleaving; which allocation is "the n-th" is deterministic with one thread. */
 static atomic_long fail_at, n_calls, n_failed, n_live;
 static atomic_int persist;
+/* allocations of this thread that returned NULL, injected or not */
+static _Thread_local unsigned long failed_here;
+
+unsigned long ef_alloc_failures(void) { return failed_here; }
 
 void ef_alloc_fail(long n, int persistent) {
     atomic_store_explicit(&fail_at, 0, memory_order_relaxed);
@@ -35,11 +39,15 @@ static int injected(void) {
     if (at <= 0 || c < at || (c > at && !atomic_load_explicit(&persist, memory_order_relaxed)))
         return 0;
     atomic_fetch_add_explicit(&n_failed, 1, memory_order_relaxed);
+    failed_here++;
     return 1;
 }
 
 static void *counted(void *p) {
-    if (p) atomic_fetch_add_explicit(&n_live, 1, memory_order_relaxed);
+    if (p)
+        atomic_fetch_add_explicit(&n_live, 1, memory_order_relaxed);
+    else
+        failed_here++;
     return p;
 }
 
@@ -52,7 +60,9 @@ void *ef_mem_calloc(size_t n, size_t size) {
 void *ef_mem_realloc(void *p, size_t bytes) {
     if (!p) return ef_mem_malloc(bytes);
     if (injected()) return NULL; /* p stays valid, as with realloc */
-    return realloc(p, bytes ? bytes : 1);
+    void *q = realloc(p, bytes ? bytes : 1);
+    if (!q) failed_here++;
+    return q;
 }
 
 char *ef_mem_strdup(const char *s) {

@@ -70,6 +70,10 @@ char *ef_mem_strdup(const char *s);
  * and the blocks now live (allocated and not yet freed, since the process started). */
 void ef_alloc_fail(long n, int persistent);
 void ef_alloc_counts(long *calls, long *failed, long *live);
+/* How many allocations of the calling thread have returned NULL so far (injected or real): a
+ * caller of code that hides the cause of its failure (cJSON's parser returns NULL for bad
+ * text and for no memory alike) compares it before and after. */
+unsigned long ef_alloc_failures(void);
 
 /* Seconds on a monotonic clock (for durations only). */
 double ef_now(void);

@@ -204,7 +204,7 @@ static void bufs_key_init(void) { (void)pthread_key_create(&g_buf_key, bufs_rele
 static float *grow(float **buf, size_t *cap, size_t floats) {
     if (floats <= *cap && *buf) return *buf;
     size_t bytes = (floats * sizeof(float) + 63) & ~(size_t)63;
-    float *nb = aligned_alloc(64, bytes ? bytes : 64);
+    float *nb = ef_malloc(bytes ? bytes : 64);
     if (!nb) return NULL;
     ef_free(*buf);
     *buf = nb, *cap = floats;

@@ -307,8 +307,11 @@ ef_status ef_ckpt_save(const ef_params *p, const char *path, const ef_ckpt_meta 
     static atomic_uint counter;
     size_t tlen = strlen(path) + 64;
     char *tmp = ef_mem_malloc(tlen);
-    if (!tmp) {
-        ef_free(header);
+    /* the folder, for the sync after the rename: allocated now, since once the file is renamed
+     * the save has happened and must not be reported as failed for want of memory */
+    char *dir = tmp ? folder_of(path) : NULL;
+    if (!dir) {
+        ef_free(header), ef_free(tmp);
         return ef_error(EF_ERR_NOMEM, "ef_ckpt_save: out of memory");
     }
     int fd = -1;
@@ -322,7 +325,7 @@ ef_status ef_ckpt_save(const ef_params *p, const char *path, const ef_ckpt_meta 
                       "cannot write checkpoint '%s': creating the temporary file '%s' "
                       "failed: %s",
                       path, tmp, strerror(errno));
-        ef_free(header), ef_free(tmp);
+        ef_free(header), ef_free(tmp), ef_free(dir);
         return st;
     }
 
@@ -343,14 +346,12 @@ ef_status ef_ckpt_save(const ef_params *p, const char *path, const ef_ckpt_meta 
                       "cannot write checkpoint '%s': %s the temporary file '%s' "
                       "failed: %s",
                       path, step, tmp, strerror(err));
-        ef_free(tmp);
+        ef_free(tmp), ef_free(dir);
         return st;
     }
     ef_free(tmp);
 
     /* the rename is durable once the folder's entry is on disk */
-    char *dir = folder_of(path);
-    if (!dir) return ef_error(EF_ERR_NOMEM, "ef_ckpt_save: out of memory");
     int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     /* EINVAL: a file system that cannot sync folders; there is nothing more to do */
     if (dfd < 0 || (fsync(dfd) != 0 && errno != EINVAL)) {
@@ -598,7 +599,11 @@ static ef_status ckpt_open(ckpt_file *f, const char *path) {
         return ef_error(EF_ERR_FORMAT, "checkpoint '%s': header is not valid UTF-8 (byte %zu)",
                         path, bad);
     const char *end = NULL;
+    unsigned long failures = ef_alloc_failures();
     f->root = cJSON_ParseWithLengthOpts(f->header, (size_t)f->hlen, &end, 0);
+    if (!f->root && ef_alloc_failures() != failures)
+        return ef_error(EF_ERR_NOMEM, "checkpoint '%s': out of memory parsing the %llu-byte header",
+                        path, (unsigned long long)f->hlen);
     if (!f->root)
         return ef_error(EF_ERR_FORMAT,
                         "checkpoint '%s': header is not valid JSON (parse error "
