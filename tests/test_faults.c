@@ -18,6 +18,7 @@
 #include "harness.h"
 #include "core/core.h"
 #include "train/optim.h"
+#include "train/tasks.h"
 
 #include <dirent.h>
 #include <stdio.h>
@@ -594,6 +595,48 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
     remove(opt2);
 }
 
+/* ef_task_new and a batch of 3 samples from each split */
+static void task_sweep(const char *spec, int persistent) {
+    enum { TB = 3, TMAX = 600 };
+    static int32_t ref[2][TB * TMAX * 2 + TB], got[2][TB * TMAX * 2 + TB];
+    ef_task *t = NULL;
+    ef_task_info info = {0};
+    ef_status st = ef_task_new(&t, spec, 9);
+    if (!st) ef_task_get_info(t, &info);
+    if (!st && info.len > TMAX) st = ef_error(EF_ERR_ARG, "len %d > %d", info.len, TMAX);
+    for (int s = 0; s < 2 && !st; s++)
+        st = ef_task_batch(t, (ef_split)s, 1, TB, ref[s], ref[s] + TB * info.len,
+                           ref[s] + TB * info.len + TB);
+    ef_task_free(t);
+    int bad = st != EF_OK;
+    if (bad) ef_check(LABEL("task %s: reference", spec), 0, "%s", ef_last_error());
+    size_t words = (size_t)TB * info.len * 2 + TB;
+    long n, nomem = 0;
+    for (n = 1; !bad; n++) {
+        long live0 = live_now();
+        t = NULL;
+        ef_alloc_fail(n, persistent);
+        st = ef_task_new(&t, spec, 9);
+        for (int s = 0; s < 2 && !st; s++)
+            st = ef_task_batch(t, (ef_split)s, 1, TB, got[s], got[s] + TB * info.len,
+                               got[s] + TB * info.len + TB);
+        int more = armed_outcome(spec, n, persistent, st, &bad);
+        nomem += st == EF_ERR_NOMEM;
+        if (st == EF_OK && (memcmp(got[0], ref[0], words * 4) || memcmp(got[1], ref[1], words * 4))) {
+            ef_check(LABEL("task %s: n=%ld succeeded with other samples", spec, n), 0, "%s", "");
+            bad++;
+        }
+        ef_task_free(t);
+        if (live_now() != live0) {
+            ef_check(LABEL("task %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
+                     live_now() - live0);
+            bad++;
+        }
+        if (!more) break;
+    }
+    sweep_done("ef_task_new + batches", spec, persistent, n - 1, nomem, bad);
+}
+
 int main(int argc, char **argv) {
     /* a name on the command line: only the sweeps whose spec contains it */
     const char *only = argc > 1 ? argv[1] : NULL;
@@ -640,6 +683,16 @@ int main(int argc, char **argv) {
                                    p);
         }
     }
+    char text[600], spec[700];
+    snprintf(text, sizeof text, "%s/t.txt", dir);
+    FILE *f = fopen(text, "w");
+    for (int i = 0; f && i < 400; i++) fprintf(f, "line %d of a small text for the task.\n", i);
+    if (f) fclose(f);
+    snprintf(spec, sizeof spec, "text:%s,len=64", text);
+    const char *tasks[] = {"dup:len=32", "listops:min=20,max=60,eval=10", spec};
+    for (int i = 0; i < 3; i++)
+        if (!only || strstr(tasks[i], only)) task_sweep(tasks[i], 0), task_sweep(tasks[i], 1);
+    remove(text);
     rmdir(dir);
     return ef_test_finish();
 }
