@@ -8,6 +8,9 @@
 #   ./run.sh fuzz [SECONDS]   install clang and libFuzzer, build the fuzz targets (fuzz/) in
 #                             build-fuzz/, run each for SECONDS (default 30) on a copy of its
 #                             seed corpus; a crash, leak or sanitizer report fails
+#   ./run.sh coverage         build with gcov in build-cov/, run every test, report line coverage
+#                             per file of src/ and each error return (ef_error) no test reaches
+#                             (build-cov/coverage.txt)
 #   ./run.sh test [--sanitize|--portable]
 #                             install missing packages, build, run every test (CTest);
 #                             --sanitize builds with AddressSanitizer + UBSan in build-asan/,
@@ -107,6 +110,43 @@ test)
     fi
     ctest --output-on-failure -j 2
     ;;
+coverage)
+    install_missing
+    build build-cov -DEF_COVERAGE=ON -DCMAKE_BUILD_TYPE=Debug
+    find build-cov -name '*.gcda' -delete
+    (cd build-cov && ctest -j 2 --output-on-failure)
+    rm -rf build-cov/gcov && mkdir build-cov/gcov
+    (cd build-cov/gcov && find ../CMakeFiles/eformer_objs.dir -name '*.gcda' -exec gcov -p -o {} {} \; >/dev/null)
+    # per file: executed lines / executable lines, reached error returns / all; then the
+    # error returns never reached (the lines gcov marks #####)
+    {
+        total_x=0 total_l=0 total_e=0 total_r=0
+        for f in build-cov/gcov/*"#src#"*.c.gcov; do
+            name=src/${f##*#src#}
+            name=${name%.gcov}
+            name=${name//#//}
+            x=$(grep -cE '^ +[0-9]+[*]?:' "$f" || true)
+            u=$(grep -cE '^ +#####:' "$f" || true)
+            e=$(grep -E 'ef_error[(]' "$f" | grep -cE '^ +([0-9]+[*]?|#####):' || true)
+            eu=$(grep -E 'ef_error[(]' "$f" | grep -cE '^ +#####:' || true)
+            printf '%-28s lines %5d / %5d   error returns reached %3d / %3d\n' "$name" "$x" \
+                $((x + u)) $((e - eu)) "$e"
+            total_x=$((total_x + x)) total_l=$((total_l + x + u))
+            total_e=$((total_e + e)) total_r=$((total_r + e - eu))
+        done
+        printf '%-28s lines %5d / %5d   error returns reached %3d / %3d\n' total "$total_x" \
+            "$total_l" "$total_r" "$total_e"
+        echo
+        echo "error returns no test reaches:"
+        for f in build-cov/gcov/*"#src#"*.c.gcov; do
+            name=src/${f##*#src#}
+            name=${name%.gcov}
+            name=${name//#//}
+            grep -E 'ef_error[(]' "$f" | grep -E '^ +#####:' |
+                sed -E "s|^ +#####: +([0-9]+):(.*)|$name:\1:\2|" || true
+        done
+    } | tee build-cov/coverage.txt
+    ;;
 fuzz)
     install_missing
     install_missing clang libclang-rt-14-dev
@@ -137,7 +177,7 @@ fuzz)
     done
     ;;
 *)
-    echo "usage: ./run.sh arena [OPTIONS] | bench | data | twin | fuzz [SECONDS] | test [--sanitize|--portable]" >&2
+    echo "usage: ./run.sh arena [OPTIONS] | bench | data | twin | coverage | fuzz [SECONDS] | test [--sanitize|--portable]" >&2
     exit 2
     ;;
 esac
