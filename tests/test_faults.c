@@ -663,6 +663,11 @@ int main(int argc, char **argv) {
                 fb_sweep(spec, 1, p);
             }
             fb_sweep(spec, 2, 0);
+            /* the slow reference path (ref=1) has its own workspace */
+            char ref[160];
+            snprintf(ref, sizeof ref, "%s%sref=1", spec, strchr(spec, ':') ? "," : ":");
+            plan_sweep(ref, 0);
+            fb_sweep(ref, 1, 0);
             if (c && caps.decode) decode_sweep(spec, 0), decode_sweep(spec, 1);
         }
     }
@@ -689,8 +694,9 @@ int main(int argc, char **argv) {
     for (int i = 0; f && i < 400; i++) fprintf(f, "line %d of a small text for the task.\n", i);
     if (f) fclose(f);
     snprintf(spec, sizeof spec, "text:%s,len=64", text);
-    const char *tasks[] = {"dup:len=32", "listops:min=20,max=60,eval=10", spec};
-    for (int i = 0; i < 3; i++)
+    const char *tasks[] = {"dup:len=32", "copy:len=32", "recall:len=64",
+                           "listops:min=20,max=60,eval=10", spec};
+    for (int i = 0; i < 5; i++)
         if (!only || strstr(tasks[i], only)) task_sweep(tasks[i], 0), task_sweep(tasks[i], 1);
     remove(text);
     rmdir(dir);
