@@ -511,7 +511,8 @@ static ef_status bigbird_init(ef_attn *a) {
     int cap = 4;
     while (cap < 4 * r) cap *= 2;
     int32_t *front = malloc(sizeof(int32_t) * (size_t)(r ? r : 1));
-    int32_t *hkey = malloc(sizeof(int32_t) * (size_t)cap), *hval = malloc(sizeof(int32_t) * (size_t)cap);
+    int32_t *hkey = malloc(sizeof(int32_t) * (size_t)cap),
+            *hval = malloc(sizeof(int32_t) * (size_t)cap);
     if (!d || !front || !hkey || !hval) {
         free(d), free(front), free(hkey), free(hval);
         return ef_error(EF_ERR_NOMEM, "%s: out of memory for %zu random blocks", name, nrand);
@@ -540,9 +541,12 @@ static ef_status bigbird_init(ef_attn *a) {
                     front[x] = front[pick], front[pick] = t;
                 } else {
                     unsigned slot = (unsigned)pick * 2654435761u & (unsigned)(cap - 1);
-                    while (hkey[slot] >= 0 && hkey[slot] != pick) slot = (slot + 1) & (unsigned)(cap - 1);
-                    if (hkey[slot] < 0) /* untouched: the virtual array's own value */
-                        hkey[slot] = pick, hval[slot] = pick < left ? g0 + pick : hi + 1 + (pick - left);
+                    while (hkey[slot] >= 0 && hkey[slot] != pick)
+                        slot = (slot + 1) & (unsigned)(cap - 1);
+                    if (hkey[slot] < 0) { /* untouched: the virtual array's own value */
+                        hkey[slot] = pick;
+                        hval[slot] = pick < left ? g0 + pick : hi + 1 + (pick - left);
+                    }
                     front[x] = hval[slot], hval[slot] = t;
                 }
                 out[x] = front[x];
