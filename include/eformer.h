@@ -145,8 +145,9 @@ typedef struct ef_attn ef_attn; /* opaque plan */
 
 /* Parses `spec`, checks it against `shape`, allocates the plan's workspace and parameters.
  * Errors: EF_ERR_ARG (unknown mechanism or key, bad value), EF_ERR_FORMAT (spec syntax),
- * EF_ERR_SHAPE (a non-positive size), EF_ERR_UNSUPPORTED (a combination the mechanism cannot
- * do), EF_ERR_NOMEM. *out is NULL on failure. */
+ * EF_ERR_SHAPE (a size < 1 or > 2^30, a tensor beyond 2^48 elements, B*H*N*M beyond 4e18),
+ * EF_ERR_UNSUPPORTED (a combination the mechanism cannot do), EF_ERR_NOMEM (docs/hostile.md).
+ * *out is NULL on failure. */
 EF_API ef_status ef_attn_new(ef_attn **out, const char *spec, const ef_attn_shape *shape);
 EF_API void ef_attn_free(ef_attn *a);
 /* The canonical spec with every option filled in; parsing it gives the same plan. Owned by a. */

@@ -248,15 +248,26 @@ static ef_status check_shape(const ef_attn_shape *s) {
         int v;
     } f[] = {{"batch", s->batch},   {"heads", s->heads},       {"q_len", s->q_len},
              {"kv_len", s->kv_len}, {"head_dim", s->head_dim}, {"v_dim", s->v_dim}};
-    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) {
         if (f[i].v < 1)
             return ef_error(EF_ERR_SHAPE, "shape: %s=%d must be >= 1", f[i].name, f[i].v);
-    /* every tensor (and the dense N x M scores) must be indexable with int64 and size_t */
+        /* the mechanisms round sizes up to tiles, blocks and chunks (x + w - 1 with options
+         * up to 2^30) in int: every size stays at most 2^30, so no such sum overflows */
+        if (f[i].v > EF_ATTN_MAX_DIM)
+            return ef_error(EF_ERR_SHAPE, "shape: %s=%d is too large (at most 2^30 = %d)",
+                            f[i].name, f[i].v, EF_ATTN_MAX_DIM);
+    }
+    /* every tensor has at most 2^48 elements (1 PiB of fp32), so that the byte counts the
+     * mechanisms derive from them (saved records, workspace: a few times a tensor's size, or a
+     * tensor's rows times a few small factors) stay far from 2^64; and the dense N x M scores
+     * (full's saved probabilities) are indexable with int64 and size_t */
     double bh = (double)s->batch * s->heads;
     double big = EF_MAX(EF_MAX(s->q_len, s->kv_len), 1) * (double)EF_MAX(s->head_dim, s->v_dim);
-    if (bh * big > 4.0e18 || bh * s->q_len * (double)s->kv_len > 4.0e18)
-        return ef_error(EF_ERR_SHAPE, "shape: batch=%d heads=%d q_len=%d kv_len=%d is too large",
-                        s->batch, s->heads, s->q_len, s->kv_len);
+    if (bh * big > EF_ATTN_MAX_ELEMS || bh * s->q_len * (double)s->kv_len > 4.0e18)
+        return ef_error(EF_ERR_SHAPE,
+                        "shape: batch=%d heads=%d q_len=%d kv_len=%d head_dim=%d v_dim=%d is too "
+                        "large (a tensor beyond 2^48 elements or B*H*N*M beyond 4e18)",
+                        s->batch, s->heads, s->q_len, s->kv_len, s->head_dim, s->v_dim);
     return EF_OK;
 }
 
@@ -470,7 +481,11 @@ ef_status ef_attn_new_sharing(ef_attn **out, const char *spec, const ef_attn_sha
     st = parse_spec(a, spec);
     if (!st && a->ops->param_count) {
         a->n_params = a->ops->param_count(a);
-        if (a->n_params) {
+        if (a->n_params > SIZE_MAX / sizeof(float)) { /* its bytes would not fit a size_t */
+            st = ef_error(EF_ERR_NOMEM, "%s: %zu%s learned parameters do not fit in memory",
+                          a->ops->name, a->n_params, a->n_params == SIZE_MAX ? "+" : "");
+            a->n_params = 0;
+        } else if (a->n_params) {
             a->params = ef_malloc(a->n_params * sizeof(float));
             a->grads = ef_malloc(a->n_params * sizeof(float));
             if (!a->params || !a->grads)

@@ -47,6 +47,13 @@ typedef struct ef_opt_val {
 
 #define EF_MAX_OPTS 24
 
+/* The largest size ef_attn_new accepts in any field of a shape (and the largest length-like
+ * option value): 2^30, so that a size plus an option (a tile, block or window length) still
+ * fits an int. */
+#define EF_ATTN_MAX_DIM (1 << 30)
+/* The most elements a tensor of a plan may have: 2^48. */
+#define EF_ATTN_MAX_ELEMS 281474976710656.0
+
 /* The path a call runs: the fast kernels or the slow reference. */
 typedef struct ef_attn_ops {
     const char *name;

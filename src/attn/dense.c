@@ -62,15 +62,21 @@ static void softmax_rows(void *ctx, int64_t item, int tid) {
         int mv = i < c->q_valid ? c->kv_valid : 0, lim = ef_attn_row_limit(a, mv, i);
         memset(row + mv, 0, sizeof(float) * (size_t)(m - mv));
         float mx = -INFINITY;
+        int seen = 0;
         for (int j = 0; j < mv; j++) {
             if (j >= lim || (a->ops->visible && !a->ops->visible(a, c->head, i, j)))
                 row[j] = -INFINITY;
+            else
+                seen = 1;
             if (row[j] > mx) mx = row[j];
         }
-        if (mx == -INFINITY) { /* nothing visible: zeros, and zero gradient downstream */
+        if (!seen) { /* nothing visible: zeros, and zero gradient downstream */
             memset(row, 0, sizeof(float) * mv);
             continue;
         }
+        /* visible scores that are all NaN or -inf (a NaN or infinite q or k) leave mx = -inf:
+         * row - mx is then NaN or +inf and the row's NaN propagates, as in flash, instead of
+         * passing for a row that sees no key */
         for (int j = 0; j < mv; j++) row[j] -= mx;
         ef_vexp(row, row, (size_t)mv);
         double sum = 0;

@@ -379,8 +379,9 @@ static ef_status kcall_status(const kcall *c) {
 static void finish_rows(const ef_attn *a, kwork *w, int n, float *out, const float *den) {
     int dv = a->shape.v_dim;
     for (int r = 0; r < n; r++) {
-        float inv = den[r] != 0 ? 1 / den[r] : 0;
-        for (int e = 0; e < dv; e++) out[(size_t)r * dv + e] = w->num[(size_t)r * dv + e] * inv;
+        float dn = den[r];
+        for (int e = 0; e < dv; e++)
+            out[(size_t)r * dv + e] = dn != 0 && dn != INFINITY ? w->num[(size_t)r * dv + e] / dn : 0;
     }
 }
 

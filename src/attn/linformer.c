@@ -64,12 +64,12 @@ typedef struct lin_layout {
     size_t mat;     /* k * M floats, one matrix */
     size_t hstride; /* E of head h = params + h * hstride */
     size_t f_off;   /* F of head h = E of head h + f_off (0: F = E) */
-    int nmat;       /* matrices in the buffer */
+    int64_t nmat;   /* matrices in the buffer (2 x heads may exceed an int) */
 } lin_layout;
 
 static lin_layout layout_of(const ef_attn *a) {
     size_t mat = (size_t)ef_opt_i(a, LIN_K) * (size_t)a->shape.kv_len;
-    int h = a->shape.heads;
+    int64_t h = a->shape.heads;
     switch (ef_opt_i(a, LIN_SHARE)) {
     case SHARE_NONE: return (lin_layout){mat, 2 * mat, mat, 2 * h};
     case SHARE_KV: return (lin_layout){mat, mat, 0, h};
@@ -90,8 +90,10 @@ typedef struct lin_plan {
 
 static size_t round64(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
+/* SIZE_MAX when the count does not fit a size_t (the core then refuses the plan) */
 static size_t lin_param_count(const ef_attn *a) {
     lin_layout l = layout_of(a);
+    if (l.nmat > 0 && l.mat > SIZE_MAX / (size_t)l.nmat) return SIZE_MAX;
     return l.mat * (size_t)l.nmat;
 }
 

@@ -484,15 +484,15 @@ static ef_status bigbird_init(ef_attn *a) {
         return ef_error(EF_ERR_ARG,
                         "%s: global=%d blocks but the sequence has only %d blocks of %d", name, g,
                         nb, bs);
-    /* the block with the fewest candidates for random blocks: window and global excluded */
-    int ng = g, worst = nb;
-    for (int qb = 0; qb < nb; qb++) {
-        int gq = qb < (g + 1) / 2 || qb >= nb - g / 2;
-        if (gq) continue;
-        int c = nb - ng;
-        for (int kb = EF_MAX(0, qb - w / 2); kb <= EF_MIN(nb - 1, qb + w / 2); kb++)
-            c -= !(kb < (g + 1) / 2 || kb >= nb - g / 2);
-        worst = EF_MIN(worst, c);
+    /* The candidates for the random blocks of a non-global query block qb: the non-global
+     * blocks [g0, g1) except its window [lo, hi] (which holds qb, so it is never empty), as the
+     * virtual array cand(i) = g0 + i below the window, hi + 1 + (i - left) above it; count
+     * c = (g1 - g0) - (hi - lo + 1). Closed forms: O(1) per block, whatever nb and w. */
+    int g0 = (g + 1) / 2, g1 = nb - g / 2, hw = w / 2;
+    int worst = nb;
+    for (int qb = g0; qb < g1; qb++) {
+        int lo = EF_MAX(g0, qb - EF_MIN(hw, qb)), hi = EF_MIN(g1 - 1, qb + EF_MIN(hw, nb - qb));
+        worst = EF_MIN(worst, (g1 - g0) - (hi - lo + 1));
     }
     if (r > 0 && worst < r)
         return ef_error(EF_ERR_ARG,
@@ -500,12 +500,24 @@ static ef_status bigbird_init(ef_attn *a) {
                         "and global=%d, a query block has only %d other blocks to draw from (use a "
                         "longer sequence, a smaller block or fewer random blocks)",
                         name, r, nb, bs, w, g, worst);
+    /* r <= worst < nb: heads * nb * r int32 must fit a size_t */
+    if ((double)s->heads * nb * (double)r * sizeof(int32_t) > (double)(SIZE_MAX / 2))
+        return ef_error(EF_ERR_NOMEM, "%s: %d heads x %d blocks x random=%d do not fit in memory",
+                        name, s->heads, nb, r);
     size_t nrand = (size_t)s->heads * nb * r;
-    bb_data *d =
-        ef_mem_calloc(1, sizeof *d + sizeof(int32_t) * (nrand ? nrand : 1) + sizeof(int32_t) * nb);
-    if (!d) return ef_error(EF_ERR_NOMEM, "%s: out of memory", name);
+    bb_data *d = ef_mem_calloc(1, sizeof *d + sizeof(int32_t) * (nrand ? nrand : 1));
+    /* the partial Fisher-Yates below touches positions x < r (front) and at most r picks >= r
+     * (kept in a small open-addressing table: key position, value block) */
+    int cap = 4;
+    while (cap < 4 * r) cap *= 2;
+    int32_t *front = ef_mem_malloc(sizeof(int32_t) * (size_t)(r ? r : 1));
+    int32_t *hkey = ef_mem_malloc(sizeof(int32_t) * (size_t)cap),
+            *hval = ef_mem_malloc(sizeof(int32_t) * (size_t)cap);
+    if (!d || !front || !hkey || !hval) {
+        ef_free(d), ef_free(front), ef_free(hkey), ef_free(hval);
+        return ef_error(EF_ERR_NOMEM, "%s: out of memory for %zu random blocks", name, nrand);
+    }
     *d = (bb_data){bs, nb, w, r, g, extra, (int32_t *)(d + 1)};
-    int32_t *cand = d->rand + (nrand ? nrand : 1);
     for (int h = 0; h < s->heads; h++)
         for (int qb = 0; qb < nb; qb++) {
             int32_t *out = d->rand + ((size_t)h * nb + qb) * r;
@@ -513,23 +525,34 @@ static ef_status bigbird_init(ef_attn *a) {
                 for (int x = 0; x < r; x++) out[x] = -1;
                 continue;
             }
-            int c = 0;
-            for (int kb = 0; kb < nb; kb++) {
-                int diff = qb - kb;
-                if (!bb_global(d, kb) && (diff > w / 2 || -diff > w / 2)) cand[c++] = kb;
-            }
-            /* partial Fisher-Yates; draw x of (head, query block) is counter (qb << 20) + x of
-             * stream `head`, so the layout depends only on the seed */
+            int lo = EF_MAX(g0, qb - EF_MIN(hw, qb)), hi = EF_MIN(g1 - 1, qb + EF_MIN(hw, nb - qb));
+            int left = lo - g0, c = (g1 - g0) - (hi - lo + 1);
+            for (int x = 0; x < r; x++) front[x] = x < left ? g0 + x : hi + 1 + (x - left);
+            for (int i = 0; i < cap; i++) hkey[i] = -1;
+            /* partial Fisher-Yates over cand[0..c); draw x of (head, query block) is counter
+             * (qb << 20) + x of stream `head`, so the layout depends only on the seed */
             for (int x = 0; x < r; x++) {
                 uint32_t word[4];
                 ef_rng_raw(a->seed, 0x6269676269726400ull + (uint64_t)h, ((uint64_t)qb << 20) + x,
                            word);
                 int pick = x + (int)(((uint64_t)word[0] * (uint64_t)(c - x)) >> 32);
-                int32_t t = cand[x];
-                cand[x] = cand[pick], cand[pick] = t;
-                out[x] = cand[x];
+                int32_t t = front[x];
+                if (pick < r) {
+                    front[x] = front[pick], front[pick] = t;
+                } else {
+                    unsigned slot = (unsigned)pick * 2654435761u & (unsigned)(cap - 1);
+                    while (hkey[slot] >= 0 && hkey[slot] != pick)
+                        slot = (slot + 1) & (unsigned)(cap - 1);
+                    if (hkey[slot] < 0) { /* untouched: the virtual array's own value */
+                        hkey[slot] = pick;
+                        hval[slot] = pick < left ? g0 + pick : hi + 1 + (pick - left);
+                    }
+                    front[x] = hval[slot], hval[slot] = t;
+                }
+                out[x] = front[x];
             }
         }
+    ef_free(front), ef_free(hkey), ef_free(hval);
     static const ef_tiled_pattern pat = {.per_head = 1,
                                          .classify = bigbird_classify,
                                          .tile_mask = bigbird_mask,
