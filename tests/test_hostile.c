@@ -28,6 +28,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include "harness.h"
+#include "core/core.h" /* ef_alloc_counts: "before anything is allocated" */
 
 #include <dirent.h>
 #include <errno.h>
@@ -150,10 +151,16 @@ static void test_shapes(void) {
         for (size_t i = 0; i < sizeof huge / sizeof huge[0]; i++) {
             const ef_attn_shape *h = &huge[i];
             ef_attn *a = NULL;
+            long calls = -1;
+            ef_alloc_fail(0, 0); /* resets the count */
             ef_status st = ef_attn_new(&a, name, h);
+            ef_alloc_counts(&calls, NULL, NULL);
             check_msg(LABEL("%s: {%d,%d,%d,%d,%d,%d} (products overflow): EF_ERR_SHAPE", name,
                             h->batch, h->heads, h->q_len, h->kv_len, h->head_dim, h->v_dim),
                       st, EF_ERR_SHAPE, "too large");
+            ef_check(LABEL("%s: {%d,%d,%d,%d,%d,%d} refused before any allocation", name,
+                           h->batch, h->heads, h->q_len, h->kv_len, h->head_dim, h->v_dim),
+                     calls == 0, "%ld allocations", calls);
             if (a) ef_attn_free(a);
         }
     }
