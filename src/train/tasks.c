@@ -829,9 +829,8 @@ ef_status ef_task_batch(const ef_task *t, ef_split split, int64_t first, int bat
     if (batch < 1) return ef_error(EF_ERR_ARG, "ef_task_batch: batch=%d (>= 1)", batch);
     size_t n = (size_t)t->info.len;
     int cls = t->info.classes > 0;
+    /* first + b cannot overflow: ef_task_sample refuses any index past 2^48 at b = 0 */
     for (int b = 0; b < batch; b++) {
-        if (first > INT64_MAX - b)
-            return ef_error(EF_ERR_ARG, "ef_task_batch: first=%lld overflows", (long long)first);
         ef_status st = ef_task_sample(t, split, first + b, tokens + b * n, lens + b,
                                       cls ? targets + b : targets + b * n);
         if (st) return st;
