@@ -7,6 +7,7 @@
 #define _DEFAULT_SOURCE /* mkdtemp */
 #include "harness.h"
 #include "model/params.h"
+#include "nn/nn.h"
 #include "train/optim.h"
 #include "train/tasks.h"
 
@@ -421,6 +422,51 @@ static void test_tasks(void) {
     ef_task_free(t);
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * The layers' argument checks (src/nn/nn.h: the model calls them; a NULL or a negative size
+ * there is a bug of the caller, refused rather than followed)
+ * ------------------------------------------------------------------------------------------- */
+static void test_layers(void) {
+    float x[64] = {0}, y[64] = {0}, w[64] = {0}, ws[4096];
+    int32_t tok[4] = {0, 1, 2, 3};
+    want("linear_forward(out NULL)", ef_linear_forward(NULL, x, w, NULL, 2, 2, 2), EF_ERR_ARG,
+         "out is NULL");
+    want("linear_forward(w NULL)", ef_linear_forward(y, x, NULL, NULL, 2, 2, 2), EF_ERR_ARG,
+         "w is NULL");
+    want("linear_backward(dw NULL)", ef_linear_backward(y, NULL, NULL, x, x, w, 2, 2, 2),
+         EF_ERR_ARG, "dw is NULL");
+    want("linear_backward(w NULL with dinp)", ef_linear_backward(y, w, NULL, x, x, NULL, 2, 2, 2),
+         EF_ERR_ARG, "w is NULL");
+    want("ffn_forward(ws NULL)", ef_ffn_forward(y, x, w, NULL, w, NULL, NULL, 2, 2, 2, 1),
+         EF_ERR_ARG, "ws is NULL");
+    want("ffn_forward(out NULL, ff=0)", ef_ffn_forward(NULL, x, w, NULL, w, NULL, ws, 2, 2, 0, 1),
+         EF_ERR_ARG, "out is NULL");
+    want("ffn_backward(dw2 NULL)",
+         ef_ffn_backward(y, w, NULL, NULL, NULL, x, x, w, NULL, w, ws, 2, 2, 2, 1), EF_ERR_ARG,
+         "dw2 is NULL");
+    want("ffn_backward(dout NULL, ff=0)",
+         ef_ffn_backward(y, NULL, NULL, NULL, NULL, NULL, x, w, NULL, w, ws, 2, 2, 0, 1),
+         EF_ERR_ARG, "dout is NULL");
+    want("embedding_forward n=-1", ef_embedding_forward(y, tok, w, -1, 4, 2), EF_ERR_SHAPE,
+         "n=-1");
+    want("embedding_forward(tok NULL)", ef_embedding_forward(y, NULL, w, 2, 4, 2), EF_ERR_ARG,
+         "tok is NULL");
+    want("embedding_backward(dtable NULL)", ef_embedding_backward(NULL, x, tok, 2, 4, 2),
+         EF_ERR_ARG, "a tensor is NULL");
+    want("pos_learned_forward batch=-1", ef_pos_learned_forward(x, w, -1, 2, 4, 2), EF_ERR_SHAPE,
+         "batch=-1");
+    want("pos_learned_backward len=5 > max_len=4", ef_pos_learned_backward(w, x, 1, 5, 4, 2),
+         EF_ERR_SHAPE, "len=5 exceeds max_len=4");
+    want("pos_axial_forward n1=-1", ef_pos_axial_forward(x, w, w, 1, 4, 4, -1, 2, 2, 2),
+         EF_ERR_SHAPE, "n1=-1");
+    want("pos_axial_forward d1+d2 != C", ef_pos_axial_forward(x, w, w, 1, 4, 4, 2, 2, 2, 3),
+         EF_ERR_SHAPE, "d1=2 + d2=3 != C=4");
+    want("pos_axial_forward(e2 NULL)", ef_pos_axial_forward(x, w, NULL, 1, 4, 4, 2, 2, 2, 2),
+         EF_ERR_ARG, "e2 is NULL");
+    want("pos_axial_backward(dx NULL)", ef_pos_axial_backward(w, w, NULL, 1, 4, 4, 2, 2, 2, 2),
+         EF_ERR_ARG, "x is NULL");
+}
+
 int main(void) {
     if (!mkdtemp(dir)) {
         ef_check("a temporary folder", 0, "%s", "mkdtemp failed");
@@ -432,6 +478,7 @@ int main(void) {
     test_safetensors();
     test_optim();
     test_tasks();
+    test_layers();
     rmdir(dir);
     return ef_test_finish();
 }
