@@ -83,9 +83,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 11) return 0;
     uint64_t seed = 0, stream = 0;
     for (int i = 0; i < 4; i++) seed = seed << 8 | data[1 + i], stream = stream << 8 | data[5 + i];
-    /* windows of 16 .. 143 lengths below 400: each generation takes a few hundred trees at
+    /* windows of 16 .. 143 lengths from below 128: each generation takes a few hundred trees at
      * most, where narrow windows far out take up to a million (LRA's own is 500 .. 2000) */
-    int min_len = data[9], max_len = min_len + 16 + data[10] % 128;
+    int min_len = data[9] % 128, max_len = min_len + 16 + data[10] % 128;
     int len = -1, value = -1, check = -1;
     ef_listops_stats stats = {0};
     ef_status st = ef_listops_generate(seed, stream, min_len, max_len, tok, &len, &value, &stats);
