@@ -9,8 +9,10 @@
  * gigabytes (see fuzz_util.h); the library is not asked to refuse them.
  * Accepted spec: the canonical spec (ef_model_describe) parses to the same canonical spec;
  * the info, tensor table and byte counts are consistent; a forward with targets gives a finite
- * loss, count and correct within their ranges; a train model runs backward and its gradients
- * are finite. Refused spec: a status and a message.
+ * loss, count and correct within their ranges; the captured q, k, v of a layer are finite;
+ * a model with a decoding state decodes sequence 0 to the forward's logits up to rounding;
+ * a train model runs backward and its gradients are finite. Refused spec: a status and a
+ * message.
  * Build: `./run.sh fuzz`; corpus in fuzz/corpus/model.
  */
 #include "fuzz_util.h"
@@ -100,6 +102,34 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             if (!isfinite(g[i])) abort();
     } else if (ef_model_backward(m) == EF_OK || !ef_last_error()[0]) {
         abort();
+    }
+    /* the attention inputs of a layer: an evaluation forward, which overwrites what backward
+     * reads (so after it) */
+    size_t nqkv = (size_t)B * N * in.dim;
+    float *q = malloc(nqkv * sizeof *q), *k = malloc(nqkv * sizeof *k), *v = malloc(nqkv * 4);
+    if (ef_model_capture_qkv(m, &batch, data[1] % in.layers, q, k, v) != EF_OK) abort();
+    for (size_t i = 0; i < nqkv; i++)
+        if (!isfinite(q[i]) || !isfinite(k[i]) || !isfinite(v[i])) abort();
+    free(q), free(k), free(v);
+    /* incremental decoding, where the layers have a state: sequence 0's logits again */
+    ef_model_decoder *d = NULL;
+    if (ef_model_decoder_new(&d, m) != EF_OK) {
+        if (d || !ef_last_error()[0]) abort();
+    } else {
+        float *row = malloc((size_t)in.vocab * sizeof *row);
+        for (int t = 0; t < lens[0]; t++) {
+            if (ef_model_decode_step(d, tok[t], row) != EF_OK) abort();
+            const float *want = logits + (size_t)t * in.vocab;
+            double scale = 1, err = 0;
+            for (int j = 0; j < in.vocab; j++) {
+                scale = fmax(scale, fabs(want[j]));
+                err = fmax(err, fabs((double)row[j] - want[j]));
+            }
+            if (!(err <= 1e-3 * scale)) abort(); /* rounding only: different summation orders */
+        }
+        if (ef_model_decoder_position(d) != lens[0]) abort();
+        free(row);
+        ef_model_decoder_free(d);
     }
     free(tok), free(tgt), free(logits);
     ef_model_free(m);
