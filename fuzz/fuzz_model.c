@@ -24,7 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { SPEC_CAP = 1024 };
+enum { SPEC_CAP = 4096 };
 
 static void check_tables(const ef_model *m) {
     size_t sum = 0, end = 0;
@@ -49,7 +49,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t n = size - 2 < SPEC_CAP - 1 ? size - 2 : SPEC_CAP - 1;
     memcpy(spec, data + 2, n);
     spec[n] = 0;
-    if (!fuzz_model_small(spec)) return 0;
+    if (!fuzz_model_small(spec, fuzz_dims_prefixed)) return 0;
     snprintf(full, sizeof full, "%s%s", FUZZ_MODEL_DEFAULTS, spec);
 
     ef_set_num_threads(1);

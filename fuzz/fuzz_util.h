@@ -48,41 +48,49 @@ static inline void fuzz_write(const char *path, const void *data, size_t n) {
     if (!f || (n && fwrite(data, 1, n, f) != n) || fclose(f) != 0) abort();
 }
 
-/* 1 when the model spec, read as ef_model_new reads it (items at commas, trimmed, key=value,
- * numbers by strtol), asks for a small model: layers, dim, ff, max_len, vocab, classes and
- * the axial table within the bounds below. Big values are legitimate specs that would allocate
- * and compute for seconds or gigabytes, which is not what the fuzzer is looking for; the
- * caller prepends small defaults (FUZZ_MODEL_DEFAULTS) so that an absent key is small too.
- * Over-strict on purpose: any "classes=" or "dim=" anywhere (also inside an attention spec's
- * options) is bounded. */
+/* A model's sizes as a spec sets them; FUZZ_MODEL_DEFAULTS and FUZZ_MODEL_LIBRARY are where
+ * they start (ff 0: 4 x dim, as the library). */
+typedef struct fuzz_dims {
+    long layers, dim, ff, vocab, max_len, classes, axial;
+} fuzz_dims;
 #define FUZZ_MODEL_DEFAULTS "layers=1,dim=8,heads=2,ff=16,vocab=16,max_len=16,"
-static inline int fuzz_model_small(const char *spec) {
-    static const struct {
-        const char *key;
-        long max;
-    } keys[] = {{"layers=", 3}, {"dim=", 32},   {"ff=", 128},   {"max_len=", 32},
-                {"vocab=", 256}, {"heads=", 32}, {"chunks=", 64}};
-    for (const char *p = spec; (p = strstr(p, "classes=")); p++)
-        if (strtol(p + 8, NULL, 10) > 256) return 0;
-    for (const char *p = spec; (p = strstr(p, "dim=")); p++)
-        if (strtol(p + 4, NULL, 10) > 32) return 0;
-    const char *item = spec;
-    while (item) {
+static const fuzz_dims fuzz_dims_prefixed = {1, 8, 16, 16, 16, 0, 0}; /* after the prefix */
+static const fuzz_dims fuzz_dims_library = {2, 256, 0, 256, 1024, 0, 0};
+
+/* 1 when the model spec, read as ef_model_new reads it (items at commas, trimmed, key=value,
+ * later items win, numbers by strtol), is small: at most 2^18 parameters and 2^22
+ * multiply-adds per position-row of a forward over max_len positions. Big values are
+ * legitimate specs that would allocate gigabytes or compute for seconds, which is not what
+ * the fuzzers look for; the library is not asked to refuse them. Over-strict on purpose: any
+ * "classes=K" anywhere (also inside an attention spec) counts. */
+static inline int fuzz_model_small(const char *spec, fuzz_dims d) {
+    static const char *const keys[] = {"layers=", "dim=", "ff=", "vocab=", "max_len=", NULL};
+    long *slot[] = {&d.layers, &d.dim, &d.ff, &d.vocab, &d.max_len};
+    for (const char *p = spec; (p = strstr(p, "classes=")); p++) d.classes = strtol(p + 8, NULL, 10);
+    for (const char *item = spec; item;) {
         while (*item && isspace((unsigned char)*item)) item++;
-        for (size_t k = 0; k < sizeof keys / sizeof *keys; k++) {
-            size_t n = strlen(keys[k].key);
-            if (!strncmp(item, keys[k].key, n) && strtol(item + n, NULL, 10) > keys[k].max)
-                return 0;
-        }
+        for (int k = 0; keys[k]; k++)
+            if (!strncmp(item, keys[k], strlen(keys[k])))
+                *slot[k] = strtol(item + strlen(keys[k]), NULL, 10);
         if (!strncmp(item, "axial_shape=", 12)) {
             char *end;
             long a = strtol(item + 12, &end, 10), b = *end == 'x' ? strtol(end + 1, NULL, 10) : 1;
-            if (a > 4096 || b > 4096 || a * b > 4096) return 0;
+            d.axial = a > 4096 || b > 4096 ? LONG_MAX : a + b;
         }
         item = strchr(item, ',');
         if (item) item++;
     }
-    return 1;
+    if (!d.ff) d.ff = 4 * d.dim;
+    /* beyond these the parser refuses anyway, and the products below cannot overflow */
+    if (d.layers > 1024 || d.dim > 4096 || d.ff > 1 << 20 || d.vocab > 1 << 24 ||
+        d.max_len > 1 << 24 || d.classes > 1 << 24 || d.axial > 8192)
+        return 0;
+    double C = (double)d.dim, K = (double)(d.classes > 0 ? d.classes : d.vocab);
+    double layer = 4 * C * C + 2 * C * (double)d.ff;
+    double params = (double)d.layers * layer + (double)d.vocab * C + K * C +
+                    (double)(d.max_len + d.axial) * C;
+    double work = (double)d.max_len * ((double)d.layers * (layer + (double)d.max_len * C) + C * K);
+    return params <= (1 << 18) && work <= (1 << 22);
 }
 
 #endif
