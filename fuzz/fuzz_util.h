@@ -58,7 +58,7 @@ static const fuzz_dims fuzz_dims_prefixed = {1, 8, 16, 16, 16, 0, 0}; /* after t
 static const fuzz_dims fuzz_dims_library = {2, 256, 0, 256, 1024, 0, 0};
 
 /* 1 when the model spec, read as ef_model_new reads it (items at commas, trimmed, key=value,
- * later items win, numbers by strtol), is small: at most 2^18 parameters and 2^22
+ * later items win, numbers by strtol), is small: at most 2^17 parameters and 2^20
  * multiply-adds per position-row of a forward over max_len positions. Big values are
  * legitimate specs that would allocate gigabytes or compute for seconds, which is not what
  * the fuzzers look for; the library is not asked to refuse them. Over-strict on purpose: any
@@ -90,7 +90,7 @@ static inline int fuzz_model_small(const char *spec, fuzz_dims d) {
     double params = (double)d.layers * layer + (double)d.vocab * C + K * C +
                     (double)(d.max_len + d.axial) * C;
     double work = (double)d.max_len * ((double)d.layers * (layer + (double)d.max_len * C) + C * K);
-    return params <= (1 << 18) && work <= (1 << 22);
+    return params <= (1 << 17) && work <= (1 << 20);
 }
 
 #endif
