@@ -34,8 +34,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const uint8_t *file = data + 1;
     size_t n = size - 1;
     const char *path = fuzz_path("train-images-idx3-ubyte");
-    if (flags & 2) write_gz(path, file, n, (flags >> 2) & 3);
-    else fuzz_write(path, file, n);
+    if (flags & 2)
+        write_gz(path, file, n, (flags >> 2) & 3);
+    else
+        fuzz_write(path, file, n);
 
     ef_idx x;
     memset(&x, 0x5a, sizeof x);

@@ -8,8 +8,8 @@
  *     ef_listops_value must agree with an independent evaluator written here (an explicit
  *     stack, children's values sorted for the median): the same acceptance, the same value
  *     (0..9); a refusal is EF_ERR_FORMAT with a message.
- *   odd: bytes 1..10 are a seed, a stream and a window of lengths; one generated tree must be in the
- *     window, made of valid tokens, and evaluate to the generator's label.
+ *   odd: bytes 1..10 are a seed, a stream and a window of lengths; one generated tree must
+ *     be in the window, made of valid tokens, and evaluate to the generator's label.
  * Build: `./run.sh fuzz`; corpus in fuzz/corpus/listops.
  */
 #include "eformer.h"
@@ -25,9 +25,9 @@ static int cmp_int(const void *a, const void *b) { return *(const int *)a - *(co
 
 /* The value of tok[0..n) or -1 when it is not one well-formed expression. */
 static int reference_value(const int32_t *tok, int n) {
-    static int vals[MAX_TOKENS];     /* the values of the open operators' children, in order */
-    static int open_op[MAX_TOKENS];  /* operator of each open node */
-    static int open_at[MAX_TOKENS];  /* where its children start in vals */
+    static int vals[MAX_TOKENS];    /* the values of the open operators' children, in order */
+    static int open_op[MAX_TOKENS]; /* operator of each open node */
+    static int open_at[MAX_TOKENS]; /* where its children start in vals */
     int depth = 0, nv = 0, root = -1;
     for (int i = 0; i < n; i++) {
         int t = tok[i], v;
@@ -53,14 +53,16 @@ static int reference_value(const int32_t *tok, int n) {
         } else {
             return -1;
         }
-        if (depth == 0) root = v;
-        else vals[nv++] = v;
+        if (depth == 0)
+            root = v;
+        else
+            vals[nv++] = v;
     }
     return depth == 0 ? root : -1;
 }
 
-static const int32_t odd_ids[16] = {-1, 16, 17, 255, 256, INT32_MIN, INT32_MAX, -16,
-                                    -15, 1 << 16, 31, 32, -2, 100, 1 << 30, -(1 << 30)};
+static const int32_t odd_ids[16] = {-1,  16,      17, 255, 256, INT32_MIN, INT32_MAX, -16,
+                                    -15, 1 << 16, 31, 32,  -2,  100,       1 << 30,   -(1 << 30)};
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     static int32_t tok[MAX_TOKENS];

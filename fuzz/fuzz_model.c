@@ -65,8 +65,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     const char *desc = ef_model_describe(m);
     if (ef_model_new(&m2, desc, &o) != EF_OK || strcmp(ef_model_describe(m2), desc)) abort();
     if (ef_model_param_count(m2) != ef_model_param_count(m) ||
-        memcmp(ef_model_params(m2), ef_model_params(m),
-               ef_model_param_floats(m) * sizeof(float)))
+        memcmp(ef_model_params(m2), ef_model_params(m), ef_model_param_floats(m) * sizeof(float)))
         abort();
     ef_model_free(m2);
 
@@ -85,7 +84,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     float *logits = malloc((size_t)B * N * K * sizeof *logits);
     for (int i = 0; i < B * N; i++) {
         tok[i] = (int32_t)((data[(size_t)i % size] * 31u + (unsigned)i) % (unsigned)in.vocab);
-        tgt[i] = (data[1] >> (i % 8)) & 1 && i % 3 == 0 ? -1 : (int32_t)((unsigned)i * 7 % (unsigned)K);
+        tgt[i] =
+            (data[1] >> (i % 8)) & 1 && i % 3 == 0 ? -1 : (int32_t)((unsigned)i * 7 % (unsigned)K);
     }
     for (int b = 0; b < B; b++) lens[b] = data[1] & (1 << b) ? (data[1] >> 2) % (N + 1) : N;
     ef_model_batch batch = {B, N, tok, lens, tgt, 0};

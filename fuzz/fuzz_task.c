@@ -42,7 +42,8 @@ static void check_sample(const ef_task *t, const ef_task_info *in, ef_split spli
     if (in->classes) {
         if (tgt[0] < 0 || tgt[0] >= in->classes) abort();
         int v = -1;
-        if (!strcmp(in->kind, "listops") && (ef_listops_value(tok, len, &v) || v != tgt[0])) abort();
+        if (!strcmp(in->kind, "listops") && (ef_listops_value(tok, len, &v) || v != tgt[0]))
+            abort();
         return;
     }
     int scored = 0;
@@ -64,13 +65,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     size_t k = 0;
     int at = 0;
     for (size_t i = 0; i < n; i++) {
-        if (data[i] == '@') memcpy(spec + k, file, fl), k += fl, at = 1;
-        else spec[k++] = (char)data[i];
+        if (data[i] == '@')
+            memcpy(spec + k, file, fl), k += fl, at = 1;
+        else
+            spec[k++] = (char)data[i];
     }
     spec[k] = 0;
     if (strstr(spec, "mnist") && !at) return 0;
-    if (nul) fuzz_write(file, nul + 1, size - n - 1);
-    else fuzz_write(file, "", 0);
+    if (nul)
+        fuzz_write(file, nul + 1, size - n - 1);
+    else
+        fuzz_write(file, "", 0);
 
     ef_task *t = NULL, *t2 = NULL;
     uint64_t seed = size;
@@ -91,8 +96,14 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     ef_task_free(t2);
     if (in.len <= 1 << 16) {
         int32_t *tok = malloc((size_t)in.len * sizeof *tok), *tgt = malloc((size_t)in.len * 4);
-        int64_t idx[] = {0, 1, in.n_eval - 1, in.n_eval, -1, ((int64_t)1 << 48) - 1,
-                         in.n_train ? in.n_train - 1 : 12345, in.n_train ? in.n_train : 1 << 30};
+        int64_t idx[] = {0,
+                         1,
+                         in.n_eval - 1,
+                         in.n_eval,
+                         -1,
+                         ((int64_t)1 << 48) - 1,
+                         in.n_train ? in.n_train - 1 : 12345,
+                         in.n_train ? in.n_train : 1 << 30};
         for (size_t i = 0; i < sizeof idx / sizeof *idx; i++) {
             check_sample(t, &in, EF_SPLIT_EVAL, idx[i], tok, tgt);
             check_sample(t, &in, EF_SPLIT_TRAIN, idx[i], tok, tgt);

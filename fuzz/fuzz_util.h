@@ -66,7 +66,8 @@ static const fuzz_dims fuzz_dims_library = {2, 256, 0, 256, 1024, 0, 0};
 static inline int fuzz_model_small(const char *spec, fuzz_dims d) {
     static const char *const keys[] = {"layers=", "dim=", "ff=", "vocab=", "max_len=", NULL};
     long *slot[] = {&d.layers, &d.dim, &d.ff, &d.vocab, &d.max_len};
-    for (const char *p = spec; (p = strstr(p, "classes=")); p++) d.classes = strtol(p + 8, NULL, 10);
+    for (const char *p = spec; (p = strstr(p, "classes=")); p++)
+        d.classes = strtol(p + 8, NULL, 10);
     for (const char *item = spec; item;) {
         while (*item && isspace((unsigned char)*item)) item++;
         for (int k = 0; keys[k]; k++)
@@ -87,8 +88,8 @@ static inline int fuzz_model_small(const char *spec, fuzz_dims d) {
         return 0;
     double C = (double)d.dim, K = (double)(d.classes > 0 ? d.classes : d.vocab);
     double layer = 4 * C * C + 2 * C * (double)d.ff;
-    double params = (double)d.layers * layer + (double)d.vocab * C + K * C +
-                    (double)(d.max_len + d.axial) * C;
+    double params =
+        (double)d.layers * layer + (double)d.vocab * C + K * C + (double)(d.max_len + d.axial) * C;
     double work = (double)d.max_len * ((double)d.layers * (layer + (double)d.max_len * C) + C * K);
     return params <= (1 << 17) && work <= (1 << 20);
 }

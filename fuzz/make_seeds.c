@@ -74,19 +74,20 @@ int main(int argc, char **argv) {
     dir = argv[1];
     /* the table of fuzz_safetensors.c */
     ef_params *p = NULL;
-    if (ef_params_new(&p) ||
-        ef_params_add(p, "a", 2, (int64_t[]){2, 3}, ef_init_normal(1), NULL) ||
+    if (ef_params_new(&p) || ef_params_add(p, "a", 2, (int64_t[]){2, 3}, ef_init_normal(1), NULL) ||
         ef_params_add(p, "b.weight", 1, (int64_t[]){5}, ef_init_ones(), NULL) ||
         ef_params_add(p, "c", 4, (int64_t[]){1, 2, 1, 2}, ef_init_uniform(-1, 1), NULL) ||
         ef_params_alloc(p) || ef_params_init(p, 3))
         die("table");
     ef_ckpt_meta meta[] = {{"eformer.version", ef_version()}, {"note", "\xc3\xa9t\xc3\xa9"}};
-    if (ef_ckpt_save(p, path_of("table"), meta, 2) || ef_ckpt_save(p, path_of("table_nometa"), NULL, 0))
+    if (ef_ckpt_save(p, path_of("table"), meta, 2) ||
+        ef_ckpt_save(p, path_of("table_nometa"), NULL, 0))
         die("table save");
     ef_params_free(p);
 
     model_seed("model", "layers=1,dim=4,heads=1,ff=4,vocab=4,max_len=4");
-    model_seed("model_linformer", "layers=1,dim=4,heads=2,ff=4,vocab=5,max_len=4,attn=linformer:k=2");
+    model_seed("model_linformer",
+               "layers=1,dim=4,heads=2,ff=4,vocab=5,max_len=4,attn=linformer:k=2");
     model_seed("model_cls", "layers=1,dim=4,heads=2,ff=4,vocab=3,max_len=4,head=cls:classes=2,"
                             "pool=mean,pos=learned");
     model_seed("model_rev", "layers=2,dim=4,heads=1,ff=4,vocab=3,max_len=4,reversible=1,"
