@@ -76,15 +76,16 @@ static inline int fuzz_model_small(const char *spec, fuzz_dims d) {
         if (!strncmp(item, "axial_shape=", 12)) {
             char *end;
             long a = strtol(item + 12, &end, 10), b = *end == 'x' ? strtol(end + 1, NULL, 10) : 1;
-            d.axial = a > 4096 || b > 4096 ? LONG_MAX : a + b;
+            d.axial = a < 1 || b < 1 ? 0 : a > 4096 || b > 4096 ? LONG_MAX : a + b;
         }
         item = strchr(item, ',');
         if (item) item++;
     }
-    if (!d.ff) d.ff = 4 * d.dim;
     /* beyond these the parser refuses anyway, and the products below cannot overflow */
-    if (d.layers > 1024 || d.dim > 4096 || d.ff > 1 << 20 || d.vocab > 1 << 24 ||
-        d.max_len > 1 << 24 || d.classes > 1 << 24 || d.axial > 8192)
+    if (d.dim > 4096) return 0;
+    if (!d.ff) d.ff = 4 * d.dim;
+    if (d.layers > 1024 || d.ff > 1 << 20 || d.vocab > 1 << 24 || d.max_len > 1 << 24 ||
+        d.classes > 1 << 24 || d.axial > 8192)
         return 0;
     double C = (double)d.dim, K = (double)(d.classes > 0 ? d.classes : d.vocab);
     double layer = 4 * C * C + 2 * C * (double)d.ff;
