@@ -83,7 +83,7 @@ static inline int fuzz_model_small(const char *spec, fuzz_dims d) {
     }
     /* beyond these the parser refuses anyway, and the products below cannot overflow */
     if (d.dim > 4096) return 0;
-    if (!d.ff) d.ff = 4 * d.dim;
+    if (!d.ff && d.dim > 0) d.ff = 4 * d.dim;
     if (d.layers > 1024 || d.ff > 1 << 20 || d.vocab > 1 << 24 || d.max_len > 1 << 24 ||
         d.classes > 1 << 24 || d.axial > 8192)
         return 0;
