@@ -165,7 +165,10 @@ fuzz)
         echo "run.sh: $t for ${secs}s"
         log="$corpus.log"
         status=0
-        ./build-fuzz/"$t" -max_total_time="$secs" -max_len=4096 -timeout=20 -rss_limit_mb=4096 \
+        # inputs up to 4 KB; checkpoints up to 8 KB (the seeds are tiny models saved whole)
+        max_len=4096
+        [ "$t" = fuzz_safetensors ] && max_len=8192
+        ./build-fuzz/"$t" -max_total_time="$secs" -max_len="$max_len" -timeout=20 -rss_limit_mb=4096 \
             -seed=1 -print_final_stats=1 "$corpus" >"$log" 2>&1 || status=$?
         grep -E "^stat::number_of_executed_units|DONE" "$log" || true
         if [ "$status" -ne 0 ]; then

@@ -397,6 +397,34 @@ static void test_spec(void) {
     ef_check("spec error: a model too large to address refused (SHAPE or NOMEM), *out NULL",
              (st == EF_ERR_SHAPE || st == EF_ERR_NOMEM) && m == NULL && ef_last_error()[0],
              "%s: %s", ef_status_str(st), ef_last_error());
+    /* 64 layers of 64 written-out attention specs: the canonical spec would be ~5300 characters,
+     * which no spec may have, so neither it nor a checkpoint of the model would parse (found by
+     * fuzzing, issue 14): refused at creation. 16 of them (~1500) are fine and round-trip. */
+    {
+        char spec[4096];
+        for (int k = 0; k < 2; k++) {
+            int cycle = k ? 16 : 64;
+            int n = snprintf(spec, sizeof spec, "layers=%d,dim=8,heads=2,ff=8,vocab=4,max_len=16,attn=",
+                             cycle);
+            for (int i = 0; i < cycle; i++)
+                n += snprintf(spec + n, sizeof spec - n, "%sbigbird-etc:block=8,random=1,extra=3",
+                              i ? "|" : "");
+            m = (ef_model *)&o;
+            st = ef_model_new(&m, spec, &o);
+            if (!k) {
+                check_err_msg("spec error: a canonical spec longer than a spec may be is refused",
+                              st, EF_ERR_ARG, "canonical", "4096");
+                ef_check("spec error: the long canonical spec leaves *out NULL", m == NULL, " ");
+                continue;
+            }
+            ef_model *m2 = NULL;
+            ef_status st2 = st ? st : ef_model_new(&m2, ef_model_describe(m), &o);
+            ef_check("spec: 16 written-out bigbird-etc specs: the canonical spec parses to itself",
+                     !st2 && !strcmp(ef_model_describe(m), ef_model_describe(m2)), "%s",
+                     st2 ? ef_last_error() : "");
+            ef_model_free(m), ef_model_free(m2);
+        }
+    }
     check_err_msg("spec error: NULL out", ef_model_new(NULL, "dim=16,heads=2", &o), EF_ERR_ARG,
                   "out", NULL);
     m = (ef_model *)&o;

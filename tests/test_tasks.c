@@ -12,7 +12,8 @@
  *  5. text: windows and shifted targets, train windows inside the train part, the held-out
  *     part covered once in order, a missing file named;
  *  6. IDX files written here (plain and gzipped): loaded exactly; truncated, wrong magic,
- *     count mismatch, label >= 10, trailing bytes refused with messages; the mnist tasks on
+ *     count mismatch, label >= 10, trailing bytes refused with messages (a header announcing
+ *     2^63 bytes too, without allocating them); the mnist tasks on
  *     them (padding, quantisation, epochs);
  *  7. the real data when installed (Fashion-MNIST, MNIST, the King James Bible), else a
  *     printed skip. EF_TEST_MNIST_DIR / EF_TEST_FASHION_DIR / EF_TEST_BIBLE_DATA (the folder
@@ -997,6 +998,17 @@ static void test_idx(void) {
     write_file(p, bad, ni);
     check_msg("IDX: a zero dimension refused", ef_idx_read(p, 3, &x), EF_ERR_FORMAT, "dimension 1",
               NULL);
+    /* a 24-byte file whose header announces (2^31 - 1) x 65536 x 65536 bytes: found by
+     * fuzz_idx (the reader allocated what the header said before reading; now its buffer grows
+     * with the data that arrives), plain and gzipped */
+    be32(bad + 4, 0x7fffffffu), be32(bad + 8, 65536), be32(bad + 12, 65536);
+    for (int gz = 0; gz <= 1; gz++) {
+        write_maybe_gz(p, bad, 24, gz);
+        check_msg(LABEL("IDX %s: a header announcing 2^63 bytes over 8 is truncated, not "
+                        "out of memory",
+                        gz ? "gzipped" : "plain"),
+                  ef_idx_read(p, 3, &x), EF_ERR_FORMAT, "truncated", "8 bytes follow");
+    }
     remove(p);
     free(bad), free(im);
 

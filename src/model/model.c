@@ -454,7 +454,7 @@ static ef_status make_desc(ef_model *m) {
                       c->ax_d1, c->ax_d2);
     n += snprintf(d + n, cap - n, ",attn=");
     for (int i = 0; i < c->n_attn && i < c->layers; i++) {
-        char one[2048];
+        char one[4096]; /* an attention plan's canonical spec has at most 4095 (attn.c) */
         snprintf(one, sizeof one, "%s", ef_attn_describe(m->L[i].attn));
         if (!spec_has_seed(c->attn[i])) strip_seed(one);
         n += snprintf(d + n, cap - n, "%s%s", i ? "|" : "", one);
@@ -464,6 +464,17 @@ static ef_status make_desc(ef_model *m) {
         snprintf(d + n, cap - n, ",head=cls:classes=%d,pool=%s", c->classes,
                  c->pool == POOL_MEAN ? "mean" : "first");
     else snprintf(d + n, cap - n, ",head=lm");
+    /* the canonical spec must parse (ef_model_load builds a checkpoint's model from it): every
+     * attention option written out can make it longer than the spec that was given */
+    size_t len = strlen(d);
+    if (len > SPEC_MAX) {
+        ef_free(d);
+        return ef_error(EF_ERR_ARG,
+                        "model spec: its canonical form (every option of every attention spec "
+                        "written out) has %zu characters, more than a spec may have (%d): use "
+                        "fewer distinct attention specs",
+                        len, SPEC_MAX);
+    }
     m->desc = d;
     return EF_OK;
 }

@@ -165,13 +165,24 @@ ef_status ef_idx_read(const char *path, int want_ndim, ef_idx *out) {
     }
     out->ndim = want_ndim;
     out->bytes = total;
-    out->data = ef_mem_malloc(total);
-    if (!out->data) {
-        st = ef_error(EF_ERR_NOMEM, "out of memory reading '%s' (%zu bytes)", path, total);
-        goto done;
+    /* the buffer grows with the data that actually arrives (doubling from 64 KB): a header
+     * announcing more than the file holds (up to 2^63 bytes) must not allocate it up front */
+    size_t cap = 0, have = 0;
+    got = 0;
+    while (have < total) {
+        size_t grow = EF_MIN(total, cap ? 2 * cap : (size_t)1 << 16);
+        uint8_t *p = ef_mem_realloc(out->data, grow);
+        if (!p) {
+            st = ef_error(EF_ERR_NOMEM, "out of memory reading '%s' (%zu bytes)", path, grow);
+            goto done;
+        }
+        out->data = p;
+        got = gz_read_all(g, path, out->data + have, grow - have, &st);
+        if (got < 0) goto done;
+        have += (size_t)got, cap = grow;
+        if (have < cap) break; /* the end of the data */
     }
-    got = gz_read_all(g, path, out->data, total, &st);
-    if (got < 0) goto done;
+    got = (int64_t)have;
     if ((size_t)got < total) {
         if (want_ndim == 3)
             st = ef_error(EF_ERR_FORMAT,
