@@ -183,3 +183,26 @@ int ef_test_any_nonfinite(const float *x, size_t n) {
         if (!isfinite(x[i])) return 1;
     return 0;
 }
+
+unsigned char *ef_test_read_file(const char *path, size_t *n) {
+    *n = 0;
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long sz = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *b = sz >= 0 ? malloc((size_t)sz + 1) : NULL;
+    if (b && fread(b, 1, (size_t)sz, f) != (size_t)sz) free(b), b = NULL;
+    fclose(f);
+    if (!b) return NULL;
+    b[sz] = 0;
+    *n = (size_t)sz;
+    return b;
+}
+
+int ef_test_write_file(const char *path, const void *b, size_t n) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return -1;
+    size_t w = fwrite(b, 1, n, f);
+    return fclose(f) == 0 && w == n ? 0 : -1;
+}

@@ -71,4 +71,10 @@ double ef_test_padded_max(const float *x, ef_attn_shape s, int rows, int w, cons
  * NULL for a plan that saves nothing). Release with ef_free. */
 void *ef_test_saved(const ef_attn *a);
 
+/* The whole file at path (malloc'd, NUL-terminated after its *n bytes); NULL when it cannot be
+ * opened or read. */
+unsigned char *ef_test_read_file(const char *path, size_t *n);
+/* Writes n bytes to path (replacing it); 0 on success, -1 on failure. */
+int ef_test_write_file(const char *path, const void *b, size_t n);
+
 #endif

@@ -162,45 +162,23 @@ static void test_model(void) {
 /* ---------------------------------------------------------------------------------------------
  * Checkpoints whose metadata was changed: the same length, so the file stays well formed
  * ------------------------------------------------------------------------------------------- */
-static size_t file_size(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return 0;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fclose(f);
-    return n > 0 ? (size_t)n : 0;
-}
-
 /* Replaces the first `from` in the file by `to` (same length); 1 on success. */
 static int patch_file(const char *path, const char *from, const char *to) {
-    size_t n = file_size(path), k = strlen(from);
-    if (!n || strlen(to) != k) return 0;
-    char *b = malloc(n);
-    FILE *f = fopen(path, "rb");
-    size_t got = f ? fread(b, 1, n, f) : 0;
-    if (f) fclose(f);
-    char *at = NULL;
-    for (size_t i = 0; got == n && i + k <= n && !at; i++)
+    size_t n, k = strlen(from);
+    unsigned char *b = ef_test_read_file(path, &n);
+    unsigned char *at = NULL;
+    for (size_t i = 0; b && strlen(to) == k && i + k <= n && !at; i++)
         if (!memcmp(b + i, from, k)) at = b + i;
-    if (at) {
-        memcpy(at, to, k);
-        f = fopen(path, "wb");
-        fwrite(b, 1, n, f);
-        fclose(f);
-    }
+    if (at) memcpy(at, to, k);
+    int ok = at && ef_test_write_file(path, b, n) == 0;
     free(b);
-    return at != NULL;
+    return ok;
 }
 
 static void copy_file(const char *from, const char *to) {
-    size_t n = file_size(from);
-    char *b = malloc(n + 1);
-    FILE *f = fopen(from, "rb");
-    size_t got = fread(b, 1, n, f);
-    fclose(f);
-    f = fopen(to, "wb");
-    fwrite(b, 1, got, f);
-    fclose(f);
+    size_t n;
+    unsigned char *b = ef_test_read_file(from, &n);
+    if (b) ef_test_write_file(to, b, n);
     free(b);
 }
 

@@ -60,6 +60,17 @@ static int armed_outcome(const char *what, long n, int persistent, ef_status st,
     return 1;
 }
 
+/* The live-block count is back where it was before the armed call (and its clean-up). */
+static void check_no_leak(const char *op, const char *what, long n, int persistent, long live0,
+                          int *bad) {
+    long live = live_now();
+    if (live == live0) return;
+    ef_check(LABEL("%s%s%s: n=%ld%s leaks nothing", op, op[0] ? " " : "", what, n,
+                   persistent ? " (p)" : ""),
+             0, "%ld blocks", live - live0);
+    (*bad)++;
+}
+
 static void sweep_done(const char *op, const char *what, int persistent, long points, long nomem,
                        int bad) {
     /* forward, backward and a training step allocate nothing (plans and models allocate all
@@ -102,12 +113,7 @@ static void plan_sweep(const char *spec, int persistent) {
         }
         nomem += st == EF_ERR_NOMEM;
         ef_attn_free(a);
-        if (live_now() != live0) {
-            ef_check(LABEL("%s: n=%ld%s plan creation leaks nothing", spec, n,
-                           persistent ? " (p)" : ""),
-                     0, "%ld blocks", live_now() - live0);
-            bad++;
-        }
+        check_no_leak("ef_attn_new", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("ef_attn_new", spec, persistent, n - 1, nomem, bad);
@@ -174,11 +180,7 @@ static void fb_sweep(const char *spec, int threads, int persistent) {
                 bad++;
             }
         }
-        if (live_now() != live0) {
-            ef_check(LABEL("%s: n=%ld%s leaks nothing", name, n, persistent ? " (p)" : ""), 0,
-                     "%ld blocks", live_now() - live0);
-            bad++;
-        }
+        check_no_leak("", name, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("fwd+bwd", name + 8, persistent, n - 1, nomem, bad);
@@ -219,11 +221,7 @@ static void decode_sweep(const char *spec, int persistent) {
         }
         nomem += st == EF_ERR_NOMEM;
         ef_attn_state_free(d);
-        if (live_now() != live0) {
-            ef_check(LABEL("decode %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
-                     live_now() - live0);
-            bad++;
-        }
+        check_no_leak("decode", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("decode", spec, persistent, n - 1, nomem, bad);
@@ -267,11 +265,7 @@ static void model_new_sweep(const char *spec, int persistent) {
         nomem += st == EF_ERR_NOMEM;
         ef_optim_free(o);
         ef_model_free(m);
-        if (live_now() != live0) {
-            ef_check(LABEL("model %s: n=%ld%s leaks nothing", spec, n, persistent ? " (p)" : ""),
-                     0, "%ld blocks", live_now() - live0);
-            bad++;
-        }
+        check_no_leak("model", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("ef_model_new + ef_optim_new", spec, persistent, n - 1, nomem, bad);
@@ -305,11 +299,7 @@ static void model_decode_sweep(const char *spec, int persistent) {
             bad++;
         }
         ef_model_decoder_free(d);
-        if (live_now() != live0) {
-            ef_check(LABEL("decoder %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
-                     live_now() - live0);
-            bad++;
-        }
+        check_no_leak("decoder", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("ef_model_decoder_new + 2 steps", spec, persistent, n - 1, nomem, bad);
@@ -390,28 +380,12 @@ static void train_sweep(const char *spec, int persistent) {
         }
         ef_optim_free(o);
         ef_model_free(m);
-        if (live_now() != live0) {
-            ef_check(LABEL("train %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
-                     live_now() - live0);
-            bad++;
-        }
+        check_no_leak("train", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("ef_train_step", spec, persistent, n - 1, nomem, bad);
     free(ref);
     free(before);
-}
-
-static char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long len = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *b = malloc((size_t)len + 1);
-    *n = fread(b, 1, (size_t)len, f);
-    fclose(f);
-    return b;
 }
 
 static int dir_entries(const char *dir) {
@@ -464,11 +438,7 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
         }
         ef_model_free(m2);
         m2 = NULL;
-        if (live_now() != live0) {
-            ef_check(LABEL("ef_model_load %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
-                     live_now() - live0);
-            bad++;
-        }
+        check_no_leak("ef_model_load", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("ef_model_load", spec, persistent, n - 1, nomem, bad);
@@ -490,11 +460,7 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
                      0, "%s", ef_status_str(st));
             bad++;
         }
-        if (live_now() != live0) {
-            ef_check(LABEL("ef_model_load_params %s: n=%ld leaks nothing", spec, n), 0,
-                     "%ld blocks", live_now() - live0);
-            bad++;
-        }
+        check_no_leak("ef_model_load_params", spec, n, persistent, live0, &bad);
         st = EF_OK;
         if (!more) break;
     }
@@ -521,11 +487,7 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
         ef_optim_free(o2);
         ef_model_free(m2);
         o2 = NULL, m2 = NULL;
-        if (live_now() != live0) {
-            ef_check(LABEL("ef_train_resume %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
-                     live_now() - live0);
-            bad++;
-        }
+        check_no_leak("ef_train_resume", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("ef_train_resume", spec, persistent, n - 1, nomem, bad);
@@ -534,10 +496,10 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
      * temporary file is left behind; on success the new state loads back */
     bad = 0, nomem = 0;
     st = ef_train_save(o, path2, NULL, 0);
-    size_t n_old = 0, n_old_opt = 0, n_now = 0;
+    size_t n_old = 0, n_old_opt = 0;
     char opt2[600];
     snprintf(opt2, sizeof opt2, "%s%s", path2, EF_TRAIN_OPT_SUFFIX);
-    char *old = read_all(path2, &n_old), *old_opt = read_all(opt2, &n_old_opt);
+    char *old = (char *)ef_test_read_file(path2, &n_old), *old_opt = (char *)ef_test_read_file(opt2, &n_old_opt);
     int entries = dir_entries(dir);
     if (!st) st = ef_train_step(o, &t.b, 1, NULL); /* the state to save differs from the file */
     for (n = 1; !st; n++) {
@@ -548,7 +510,7 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
         nomem += st == EF_ERR_NOMEM;
         if (st != EF_OK) {
             size_t a = 0, b = 0;
-            char *now = read_all(path2, &a), *now_opt = read_all(opt2, &b);
+            char *now = (char *)ef_test_read_file(path2, &a), *now_opt = (char *)ef_test_read_file(opt2, &b);
             /* PATH.opt is written first: a failure on PATH leaves the new PATH.opt beside the
              * old PATH (optim.h), which ef_train_load then refuses */
             int model_kept = now && a == n_old && !memcmp(now, old, a);
@@ -563,16 +525,10 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
             }
             free(now), free(now_opt);
         }
-        if (live_now() != live0) {
-            ef_check(LABEL("ef_train_save %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
-                     live_now() - live0);
-            bad++;
-        }
+        check_no_leak("ef_train_save", spec, n, persistent, live0, &bad);
         if (more) { /* put the old pair back for the next n */
-            FILE *f = fopen(path2, "wb");
-            fwrite(old, 1, n_old, f), fclose(f);
-            f = fopen(opt2, "wb");
-            fwrite(old_opt, 1, n_old_opt, f), fclose(f);
+            ef_test_write_file(path2, old, n_old);
+            ef_test_write_file(opt2, old_opt, n_old_opt);
         }
         st = EF_OK;
         if (!more) break;
@@ -584,7 +540,6 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
              st == EF_OK && same_bits(ef_model_params(m2), ef_model_params(m), np) &&
                  ef_optim_steps(o2) == 2,
              "%s", st ? ef_last_error() : "");
-    (void)n_now;
     free(old), free(old_opt), free(want);
     ef_optim_free(o2);
     ef_model_free(m2);
@@ -627,11 +582,7 @@ static void task_sweep(const char *spec, int persistent) {
             bad++;
         }
         ef_task_free(t);
-        if (live_now() != live0) {
-            ef_check(LABEL("task %s: n=%ld leaks nothing", spec, n), 0, "%ld blocks",
-                     live_now() - live0);
-            bad++;
-        }
+        check_no_leak("task", spec, n, persistent, live0, &bad);
         if (!more) break;
     }
     sweep_done("ef_task_new + batches", spec, persistent, n - 1, nomem, bad);

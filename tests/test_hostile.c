@@ -470,25 +470,6 @@ static void test_scales(void) {
  * ------------------------------------------------------------------------------------------- */
 static char tmpdir[256];
 
-static unsigned char *read_file(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = malloc(sz > 0 ? (size_t)sz : 1);
-    *n = b ? fread(b, 1, sz > 0 ? (size_t)sz : 0, f) : 0;
-    fclose(f);
-    return b;
-}
-
-static int write_file(const char *path, const unsigned char *b, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return -1;
-    size_t w = fwrite(b, 1, n, f);
-    return fclose(f) == 0 && w == n ? 0 : -1;
-}
-
 static const char *MODEL = "layers=1,dim=8,heads=2,ff=8,vocab=5,max_len=8,pos=learned,"
                            "attn=lsh:chunk=4,hashes=2";
 
@@ -511,7 +492,7 @@ static void test_ckpt_bitflips(void) {
         return;
     }
     size_t n = 0;
-    unsigned char *file = read_file(path, &n), *c = malloc(n);
+    unsigned char *file = ef_test_read_file(path, &n), *c = malloc(n);
     uint64_t hl = 0;
     for (int i = 0; i < 8; i++) hl |= (uint64_t)file[i] << (8 * i);
     const char *hdr = (const char *)file + 8;
@@ -532,7 +513,7 @@ static void test_ckpt_bitflips(void) {
     for (size_t i = 0; i < n; i += i < 8 + hl ? 1 : 16) {
         memcpy(c, file, n);
         c[i] ^= (unsigned char)(1u << (i % 8));
-        write_file(bad, c, n);
+        ef_test_write_file(bad, c, n);
         ef_model *l = (ef_model *)&o;
         ef_status st = ef_model_load(&l, bad, &o);
         if (i < 8 + hl) {
@@ -577,7 +558,7 @@ static void test_ckpt_bitflips(void) {
     /* truncation at every 7th length, and the file with extra trailing bytes */
     int all = 1;
     for (size_t cut = 0; cut < n; cut += 29) {
-        write_file(bad, file, cut);
+        ef_test_write_file(bad, file, cut);
         ef_model *l = (ef_model *)&o;
         ef_status st = ef_model_load(&l, bad, &o);
         all &= st == EF_ERR_FORMAT && !l && ef_last_error()[0];
@@ -587,23 +568,23 @@ static void test_ckpt_bitflips(void) {
     unsigned char *big = malloc(n + 4096);
     memcpy(big, file, n);
     memset(big + n, 0, 4096);
-    write_file(bad, big, n + 4096);
+    ef_test_write_file(bad, big, n + 4096);
     ef_model *l = (ef_model *)&o;
     check_msg("checkpoint with 4096 trailing bytes: EF_ERR_FORMAT", ef_model_load(&l, bad, &o),
               EF_ERR_FORMAT, "4096 trailing bytes");
     /* the header claims more data than the file holds: the last tensor's end offset raised
      * by its own length, file unchanged */
-    write_file(bad, file, n - 4);
+    ef_test_write_file(bad, file, n - 4);
     check_msg("header claims 4 bytes more than the file holds: EF_ERR_FORMAT",
               ef_model_load(&l, bad, &o), EF_ERR_FORMAT, "truncated");
     /* header length field: huge, beyond the file, zero */
     memcpy(big, file, n);
     memset(big, 0xff, 8);
-    write_file(bad, big, n);
+    ef_test_write_file(bad, big, n);
     check_msg("header length 2^64 - 1: EF_ERR_FORMAT", ef_model_load(&l, bad, &o), EF_ERR_FORMAT,
               "beyond the end");
     memset(big, 0, 8);
-    write_file(bad, big, n);
+    ef_test_write_file(bad, big, n);
     check_msg("header length 0: EF_ERR_FORMAT", ef_model_load(&l, bad, &o), EF_ERR_FORMAT,
               "JSON object");
     unlink(bad);
@@ -627,7 +608,7 @@ static void test_ckpt_disk_full(void) {
         return;
     }
     size_t n = 0;
-    unsigned char *old = read_file(path, &n);
+    unsigned char *old = ef_test_read_file(path, &n);
     struct rlimit keep;
     getrlimit(RLIMIT_FSIZE, &keep);
     void (*prev)(int) = signal(SIGXFSZ, SIG_IGN);
@@ -639,7 +620,7 @@ static void test_ckpt_disk_full(void) {
         snprintf(msg, sizeof msg, "%s", ef_last_error());
         setrlimit(RLIMIT_FSIZE, &keep);
         size_t n2 = 0;
-        unsigned char *now = read_file(path, &n2);
+        unsigned char *now = ef_test_read_file(path, &n2);
         int intact = now && n2 == n && !memcmp(now, old, n);
         free(now);
         int tmp_left = 0;

@@ -1534,25 +1534,6 @@ static void test_bytes(void) {
 /* ---------------------------------------------------------------------------------------------
  * 11. Checkpoints
  * ------------------------------------------------------------------------------------------- */
-static unsigned char *read_all(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long sz = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    unsigned char *b = malloc(sz > 0 ? (size_t)sz : 1);
-    *n = fread(b, 1, sz > 0 ? (size_t)sz : 0, f);
-    fclose(f);
-    return b;
-}
-
-static int write_all(const char *path, const unsigned char *b, size_t n) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return 0;
-    int ok = fwrite(b, 1, n, f) == n;
-    return fclose(f) == 0 && ok;
-}
-
 /* logits of the model on p (inference) */
 static float *logits_of(ef_model *m, const problem *p) {
     result r = run(m, p, 1, 0);
@@ -1584,7 +1565,7 @@ static void test_checkpoints(void) {
     }
     ef_check_status("checkpoints: save", st, EF_OK);
     size_t n = 0;
-    unsigned char *file = read_all(path, &n);
+    unsigned char *file = ef_test_read_file(path, &n);
 
     /* a valid safetensors file: u64 LE header length, a JSON object with __metadata__
      * (eformer.spec = the describe string) and every tensor, then the packed F32 data */
@@ -1670,7 +1651,7 @@ static void test_checkpoints(void) {
     /* malformed files: EF_ERR_FORMAT with a message; a missing file EF_ERR_IO */
     if (file && header_ok) {
         ef_model *x = (ef_model *)&lo;
-        write_all(bad, file, n - 100);
+        ef_test_write_file(bad, file, n - 100);
         check_err_msg("checkpoints: truncated file refused", ef_model_load(&x, bad, &lo),
                       EF_ERR_FORMAT, "bad.safetensors", NULL);
         ef_check("checkpoints: a refused load leaves *out NULL", x == NULL, "%p", (void *)x);
@@ -1682,7 +1663,7 @@ static void test_checkpoints(void) {
             size_t at = 8 + (size_t)(e - hdr) + strlen("\"embed.weight\"");
             while (at < 8 + hl && c[at] == ' ') at++;
             c[at] = '#';
-            write_all(bad, c, n);
+            ef_test_write_file(bad, c, n);
             check_err_msg("checkpoints: corrupted JSON header byte refused",
                           ef_model_load(&x, bad, &lo), EF_ERR_FORMAT, "bad.safetensors", NULL);
             /* a header claiming another shape for embed.weight: [dim, vocab] for [vocab, dim]
@@ -1697,7 +1678,7 @@ static void test_checkpoints(void) {
                 if ((size_t)k <= w) {
                     memset(c + 8 + (br + 1 - hdr), ' ', w);
                     memcpy(c + 8 + (br + 1 - hdr), repl, (size_t)k);
-                    write_all(bad, c, n);
+                    ef_test_write_file(bad, c, n);
                     check_err_msg("checkpoints: header shape [dim, vocab] for embed.weight "
                                   "refused",
                                   ef_model_load(&x, bad, &lo), EF_ERR_FORMAT, "embed.weight", NULL);
