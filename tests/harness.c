@@ -10,8 +10,10 @@
 static int n_pass, n_fail;
 
 static int record(int ok) {
-    if (ok) n_pass++;
-    else n_fail++;
+    if (ok)
+        n_pass++;
+    else
+        n_fail++;
     return ok;
 }
 
@@ -139,8 +141,8 @@ ef_status ef_test_run(const char *spec, const ef_test_bufs *in, const int32_t *k
     return ef_test_run_lens(spec, in, kv_lens, NULL, o);
 }
 
-void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens,
-                        int mode, uint64_t seed) {
+void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens, int mode,
+                        uint64_t seed) {
     float *r = ef_test_randn((size_t)rows * w, seed, 3.0f);
     for (int b = 0; b < s.batch; b++)
         for (int h = 0; h < s.heads; h++)

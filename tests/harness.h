@@ -32,7 +32,6 @@ double ef_max_rel_diff(const float *a, const float *b, size_t n);
 float *ef_test_randn(size_t n, uint64_t seed, float sigma);
 float *ef_test_zeros(size_t n);
 
-
 /* Inputs and outputs of one attention problem, shared by the mechanism tests.
  * Inputs are Gaussian: q and k with `sigma`, v and the output gradient g with sigma 1. */
 typedef struct ef_test_bufs {
@@ -62,8 +61,8 @@ int ef_test_any_nonfinite(const float *x, size_t n);
 /* Spoils the padded rows i >= lens[b] of x [batch][heads][rows][w] (batch and heads from s):
  * mode 0 redraws them (Gaussian, sigma 3, from seed), 1 fills them with NaN, 2 with +Inf, 3 with
  * -Inf. */
-void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens,
-                        int mode, uint64_t seed);
+void ef_test_spoil_rows(float *x, ef_attn_shape s, int rows, int w, const int32_t *lens, int mode,
+                        uint64_t seed);
 /* max |x| over the padded rows i >= lens[b] of x [batch][heads][rows][w]; +inf when one of them
  * is NaN (a padded row must be exactly zero, and fmax would skip a NaN). */
 double ef_test_padded_max(const float *x, ef_attn_shape s, int rows, int w, const int32_t *lens);

@@ -48,13 +48,14 @@ static void test_attn(void) {
     } bad[] = {
         {"longformer:global=1;;3", "empty or too long item"},
         {"longformer:global=;", "empty or too long item"},
-        {"longformer:global=1;000000000000000000000000000000000000000000000000000000000000000000002",
+        {"longformer:global=1;"
+         "000000000000000000000000000000000000000000000000000000000000000000002",
          "empty or too long item"},
     };
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         ef_attn *a = NULL;
-        want(LABEL("ef_attn_new '%.60s'", bad[i].spec), ef_attn_new(&a, bad[i].spec, &s), EF_ERR_ARG,
-             bad[i].needle);
+        want(LABEL("ef_attn_new '%.60s'", bad[i].spec), ef_attn_new(&a, bad[i].spec, &s),
+             EF_ERR_ARG, bad[i].needle);
         ef_attn_free(a);
     }
     /* 65 items: one more than a list holds */
@@ -363,10 +364,11 @@ static void test_tasks(void) {
 
     int32_t tok[4096];
     int len, value;
-    want("ef_listops_generate(NULL tokens)", ef_listops_generate(1, 0, 10, 40, NULL, &len, &value, NULL),
-         EF_ERR_ARG, "NULL argument");
-    want("ef_listops_generate min=10 max=11", ef_listops_generate(1, 0, 10, 11, tok, &len, &value, NULL),
-         EF_ERR_ARG, "min=10 max=11 leave nothing");
+    want("ef_listops_generate(NULL tokens)",
+         ef_listops_generate(1, 0, 10, 40, NULL, &len, &value, NULL), EF_ERR_ARG, "NULL argument");
+    want("ef_listops_generate min=10 max=11",
+         ef_listops_generate(1, 0, 10, 11, tok, &len, &value, NULL), EF_ERR_ARG,
+         "min=10 max=11 leave nothing");
     /* a nest deeper than the evaluator goes: [MAX [MAX ... 1 ] ] */
     int n = 0;
     for (int i = 0; i < 300; i++) tok[n++] = EF_LISTOPS_MAX;
@@ -425,8 +427,7 @@ static void test_layers(void) {
     want("ffn_backward(dout NULL, ff=0)",
          ef_ffn_backward(y, NULL, NULL, NULL, NULL, NULL, x, w, NULL, w, ws, 2, 2, 0, 1),
          EF_ERR_ARG, "dout is NULL");
-    want("embedding_forward n=-1", ef_embedding_forward(y, tok, w, -1, 4, 2), EF_ERR_SHAPE,
-         "n=-1");
+    want("embedding_forward n=-1", ef_embedding_forward(y, tok, w, -1, 4, 2), EF_ERR_SHAPE, "n=-1");
     want("embedding_forward(tok NULL)", ef_embedding_forward(y, NULL, w, 2, 4, 2), EF_ERR_ARG,
          "tok is NULL");
     want("embedding_backward(dtable NULL)", ef_embedding_backward(NULL, x, tok, 2, 4, 2),

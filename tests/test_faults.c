@@ -44,8 +44,9 @@ static int armed_outcome(const char *what, long n, int persistent, ef_status st,
     ef_alloc_fail(0, 0);
     if (failed == 0) {
         if (st != EF_OK) {
-            ef_check(LABEL("%s: n=%ld%s with no failure injected", what, n, persistent ? " (p)" : ""),
-                     0, "%s: %s", ef_status_str(st), ef_last_error());
+            ef_check(
+                LABEL("%s: n=%ld%s with no failure injected", what, n, persistent ? " (p)" : ""), 0,
+                "%s: %s", ef_status_str(st), ef_last_error());
             (*bad)++;
         }
         return 0;
@@ -155,8 +156,8 @@ static void fb_sweep(const char *spec, int threads, int persistent) {
     if (!st) st = fwd_bwd(a, &in, &o);
     r.out = malloc(in.no * 4), r.dq = malloc(in.nq * 4), r.dk = malloc(in.nk * 4),
     r.dv = malloc(in.nv * 4);
-    memcpy(r.out, o.out, in.no * 4), memcpy(r.dq, o.dq, in.nq * 4),
-        memcpy(r.dk, o.dk, in.nk * 4), memcpy(r.dv, o.dv, in.nv * 4);
+    memcpy(r.out, o.out, in.no * 4), memcpy(r.dq, o.dq, in.nq * 4), memcpy(r.dk, o.dk, in.nk * 4),
+        memcpy(r.dv, o.dv, in.nv * 4);
     char name[256];
     snprintf(name, sizeof name, "fwd+bwd %s, %d thread%s", spec, threads, threads > 1 ? "s" : "");
     int bad = st != EF_OK;
@@ -175,8 +176,8 @@ static void fb_sweep(const char *spec, int threads, int persistent) {
         if (st != EF_OK) { /* the plan is usable: the clean call gives the reference */
             ef_status st2 = fwd_bwd(a, &in, &o);
             if (st2 != EF_OK || !same_as_ref(&in, &o, &r)) {
-                ef_check(LABEL("%s: n=%ld the plan works after the failure", name, n), 0,
-                         "%s: %s", ef_status_str(st2), ef_last_error());
+                ef_check(LABEL("%s: n=%ld the plan works after the failure", name, n), 0, "%s: %s",
+                         ef_status_str(st2), ef_last_error());
                 bad++;
             }
         }
@@ -364,8 +365,8 @@ static void train_sweep(const char *spec, int persistent) {
         nomem += st == EF_ERR_NOMEM;
         if (st != EF_OK) {
             if (!same_bits(ef_model_params(m), before, np) || ef_optim_steps(o) != 0) {
-                ef_check(LABEL("train %s: n=%ld a failed step changes nothing", spec, n), 0,
-                         "%s", "");
+                ef_check(LABEL("train %s: n=%ld a failed step changes nothing", spec, n), 0, "%s",
+                         "");
                 bad++;
             }
             st = ef_train_step(o, &t.b, 1, NULL);
@@ -477,9 +478,9 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
         st = ef_train_resume(&m2, &o2, path, &mo, NULL);
         int more = armed_outcome("ef_train_resume", n, persistent, st, &bad);
         nomem += st == EF_ERR_NOMEM;
-        if (st == EF_OK ? !m2 || !o2 || !same_bits(ef_model_params(m2), want, np) ||
-                              ef_optim_steps(o2) != 1
-                        : m2 != NULL || o2 != NULL) {
+        if (st == EF_OK
+                ? !m2 || !o2 || !same_bits(ef_model_params(m2), want, np) || ef_optim_steps(o2) != 1
+                : m2 != NULL || o2 != NULL) {
             ef_check(LABEL("ef_train_resume %s: n=%ld the saved state, or both NULL", spec, n), 0,
                      "%s", ef_status_str(st));
             bad++;
@@ -499,7 +500,8 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
     size_t n_old = 0, n_old_opt = 0;
     char opt2[600];
     snprintf(opt2, sizeof opt2, "%s%s", path2, EF_TRAIN_OPT_SUFFIX);
-    char *old = (char *)ef_test_read_file(path2, &n_old), *old_opt = (char *)ef_test_read_file(opt2, &n_old_opt);
+    char *old = (char *)ef_test_read_file(path2, &n_old),
+         *old_opt = (char *)ef_test_read_file(opt2, &n_old_opt);
     int entries = dir_entries(dir);
     if (!st) st = ef_train_step(o, &t.b, 1, NULL); /* the state to save differs from the file */
     for (n = 1; !st; n++) {
@@ -510,7 +512,8 @@ static void ckpt_sweeps(const char *spec, const char *dir, int persistent) {
         nomem += st == EF_ERR_NOMEM;
         if (st != EF_OK) {
             size_t a = 0, b = 0;
-            char *now = (char *)ef_test_read_file(path2, &a), *now_opt = (char *)ef_test_read_file(opt2, &b);
+            char *now = (char *)ef_test_read_file(path2, &a),
+                 *now_opt = (char *)ef_test_read_file(opt2, &b);
             /* PATH.opt is written first: a failure on PATH leaves the new PATH.opt beside the
              * old PATH (optim.h), which ef_train_load then refuses */
             int model_kept = now && a == n_old && !memcmp(now, old, a);
@@ -577,7 +580,8 @@ static void task_sweep(const char *spec, int persistent) {
                                got[s] + TB * info.len + TB);
         int more = armed_outcome(spec, n, persistent, st, &bad);
         nomem += st == EF_ERR_NOMEM;
-        if (st == EF_OK && (memcmp(got[0], ref[0], words * 4) || memcmp(got[1], ref[1], words * 4))) {
+        if (st == EF_OK &&
+            (memcmp(got[0], ref[0], words * 4) || memcmp(got[1], ref[1], words * 4))) {
             ef_check(LABEL("task %s: n=%ld succeeded with other samples", spec, n), 0, "%s", "");
             bad++;
         }

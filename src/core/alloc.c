@@ -86,8 +86,8 @@ void *ef_malloc(size_t bytes) {
      * deep inside the allocator (or, under a sanitizer, as an abort) */
     long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
     if (pages > 0 && page > 0 && bytes / (size_t)page > (size_t)pages) {
-        ef_error(EF_ERR_NOMEM, "ef_malloc: %.3g GB requested, the machine has %.3g GB",
-                 bytes / 1e9, (double)pages * page / 1e9);
+        ef_error(EF_ERR_NOMEM, "ef_malloc: %.3g GB requested, the machine has %.3g GB", bytes / 1e9,
+                 (double)pages * page / 1e9);
         return NULL;
     }
     size_t rounded = (bytes + 63) & ~(size_t)63;
