@@ -469,6 +469,12 @@ static void bigbird_grid(void) {
         for (int y = 0; y < 3; y++)
             for (int z = 0; z < 3; z++)
                 for (int t = 0; t < 3; t++) bigbird_combo(idx++, BS[x], RND[y], WIN[z], GLB[t]);
+    /* blocks that do not divide the 16-row vector tile (a tile then straddles two or three
+     * query blocks and the spans merge their lists), and one longer than a tile */
+    bigbird_combo(idx++, 24, 3, 3, 2);
+    bigbird_combo(idx++, 5, 2, 3, 1);
+    bigbird_combo(idx++, 40, 1, 1, 2);
+    bigbird_combo(idx++, 96, 1, 3, 1);
 }
 
 /* Seeds and heads: the same seed gives the same layout in two plans, another seed another one,

@@ -383,6 +383,11 @@ typedef struct bb_data {
     int32_t *rand; /* [heads][nb][r] random key blocks, -1 for global query blocks */
 } bb_data;
 
+static int cmp_i32(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
 static int bb_global(const bb_data *d, int b) {
     return b < (d->g + 1) / 2 || b >= d->nb - d->g / 2;
 }
@@ -403,21 +408,53 @@ static int bigbird_visible(const ef_attn *a, int head, int i, int j) {
     return bb_vis(d, head, (i - d->extra) / d->bs, (j - d->extra) / d->bs);
 }
 
-static int bigbird_classify(const ef_attn *a, int head, int i0, int i1, int j0, int j1) {
-    const bb_data *d = ef_tiled_user(a);
-    int e = d->extra;
-    int any = i0 < e || j0 < e; /* ETC rows see every key, ETC keys are seen by every row */
-    int all = 1;
-    if (i1 > e && j1 > e) { /* normal rows against normal keys: block by block */
-        int qa = (EF_MAX(i0, e) - e) / d->bs, qz = (i1 - 1 - e) / d->bs;
-        int ka = (EF_MAX(j0, e) - e) / d->bs, kz = (j1 - 1 - e) / d->bs;
-        for (int qb = qa; qb <= qz; qb++)
-            for (int kb = ka; kb <= kz; kb++) {
-                int v = bb_vis(d, head, qb, kb);
-                any |= v, all &= v;
-            }
+/* The first key block at or after kb that query block qb sees (nb if none): the smallest of
+ * the next global block, the window and the next random block (each row of d->rand sorted). */
+static int bb_next(const bb_data *d, int h, int qb, int kb) {
+    int g0 = (d->g + 1) / 2, g1 = d->nb - d->g / 2;
+    if (kb >= d->nb || bb_global(d, qb) || kb < g0 || kb >= g1) return kb;
+    int best = g1, lo = qb - d->w / 2, hi = qb + d->w / 2;
+    if (kb <= hi) best = EF_MAX(kb, lo);
+    const int32_t *r = d->rand + ((size_t)h * d->nb + qb) * d->r;
+    int a = 0, z = d->r; /* first random block >= kb */
+    while (a < z) {
+        int mid = (a + z) / 2;
+        if (r[mid] < kb)
+            a = mid + 1;
+        else
+            z = mid;
     }
-    return !any ? EF_CHUNK_NONE : all ? EF_CHUNK_ALL : EF_CHUNK_PARTIAL;
+    if (a < d->r) best = EF_MIN(best, r[a]);
+    return best;
+}
+
+/* The visible key blocks of queries [i0, i1), listed in increasing order by merging the
+ * tile's query blocks' own lists: O(visible blocks x query blocks in the tile x log random)
+ * per tile, instead of asking about every (tile, chunk) pair. A block is masked when some
+ * query block of the tile does not see it. */
+static void bigbird_spans(const ef_attn *a, int head, int i0, int i1,
+                          void (*emit)(void *ctx, int j0, int j1, int masked), void *ctx) {
+    const bb_data *d = ef_tiled_user(a);
+    int e = d->extra, m = a->shape.kv_len;
+    if (i0 < e) { /* ETC rows see every key (rows past them: the mask) */
+        emit(ctx, 0, m, i1 > e);
+        return;
+    }
+    if (e > 0) emit(ctx, 0, e, 0); /* ETC keys are seen by every row */
+    int qa = (i0 - e) / d->bs, qz = (i1 - 1 - e) / d->bs;
+    for (int kb = 0; kb < d->nb;) {
+        int next = d->nb, seen = 0;
+        for (int qb = qa; qb <= qz; qb++) {
+            int x = bb_next(d, head, qb, kb);
+            if (x < next)
+                next = x, seen = 1;
+            else if (x == next)
+                seen++;
+        }
+        if (next >= d->nb) break;
+        emit(ctx, e + next * d->bs, e + (next + 1) * d->bs, seen < qz - qa + 1);
+        kb = next + 1;
+    }
 }
 
 /* Lanes of the tile fall into a few query blocks (and the ETC tokens): visibility is decided
@@ -551,10 +588,11 @@ static ef_status bigbird_init(ef_attn *a) {
                 }
                 out[x] = front[x];
             }
+            qsort(out, (size_t)r, sizeof *out, cmp_i32); /* set semantics; bb_next searches */
         }
     ef_free(front), ef_free(hkey), ef_free(hval);
     static const ef_tiled_pattern pat = {.per_head = 1,
-                                         .classify = bigbird_classify,
+                                         .spans = bigbird_spans,
                                          .tile_mask = bigbird_mask,
                                          .origin = bigbird_origin,
                                          .grid = bigbird_grid};
