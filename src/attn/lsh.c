@@ -389,9 +389,6 @@ typedef struct lseg {
 
 enum { PF = 8 }; /* rows prefetched ahead in the passes by position */
 
-static inline void prefetch_row(const float *x, int n) {
-    for (int t = 0; t < n; t += 16) __builtin_prefetch(x + t);
-}
 
 /* dst[0:n] = s src[0:n] (dst aligned to 64 bytes, src anywhere). */
 static inline void copy_row(float *dst, const float *src, int n, float s) {
@@ -425,9 +422,9 @@ static void gather_round(const ef_attn *a, lwork *w, const float *q, const float
         int j = pr[s];
         if (s + PF < valid) {
             int jn = pr[s + PF];
-            prefetch_row(w->xn + (size_t)jn * d, d), prefetch_row(q + (size_t)jn * d, d);
-            prefetch_row(v + (size_t)jn * dv, dv);
-            if (g) prefetch_row(g + (size_t)jn * dv, dv);
+            ef_prefetch(w->xn + (size_t)jn * d, d), ef_prefetch(q + (size_t)jn * d, d);
+            ef_prefetch(v + (size_t)jn * dv, dv);
+            if (g) ef_prefetch(g + (size_t)jn * dv, dv);
         }
         copy_row(w->Ks + (size_t)s * p->dp, w->xn + (size_t)j * d, d, 1.0f);
         copy_row(w->Qs + (size_t)s * p->dp, q + (size_t)j * d, d, a->scale);
@@ -766,15 +763,15 @@ static void run_sorted(const ef_attn *a, lwork *w, const float *q, const float *
             if (g) {
                 if (s + PF < valid) {
                     int jn = pr[s + PF];
-                    prefetch_row(dq + (size_t)jn * d, d), prefetch_row(dvo + (size_t)jn * dv, dv);
-                    prefetch_row(w->dkn + (size_t)jn * d, d);
+                    ef_prefetch(dq + (size_t)jn * d, d), ef_prefetch(dvo + (size_t)jn * dv, dv);
+                    ef_prefetch(w->dkn + (size_t)jn * d, d);
                 }
                 add_row(dq + (size_t)i * d, w->dQs + (size_t)s * dp, d, a->scale);
                 add_row(w->dkn + (size_t)i * d, w->dKs + (size_t)s * dp, d, 1.0f);
                 add_row(dvo + (size_t)i * dv, w->dVs + (size_t)s * dvp, dv, 1.0f);
                 continue;
             }
-            if (s + PF < valid) prefetch_row(out + (size_t)pr[s + PF] * dv, dv);
+            if (s + PF < valid) ef_prefetch(out + (size_t)pr[s + PF] * dv, dv);
             /* online combination over the rounds: out_i = sum_r e^(lse_r - m) O_r / sum_r e^.. */
             float lr = w->ls[s], mo = w->m[i], mnew = lr > mo ? lr : mo;
             float fo = mo == -INFINITY ? 0.0f : expf(mo - mnew), fr = expf(lr - mnew);

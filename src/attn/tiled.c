@@ -66,12 +66,15 @@ static int pad16(int x) { return (x + EF_VL - 1) / EF_VL * EF_VL; }
 #endif
 
 EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t ars, ptrdiff_t ats,
-                  const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
+                  const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc, const float *cs) {
     vf c[MK_RB][MK_NV];
 #pragma GCC unroll 6
     for (int r = 0; r < RB; r++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) c[r][v] = acc ? vf_load(C + r * ldc + v * EF_VL) : vf_set1(0);
+        for (int v = 0; v < NV; v++) {
+            c[r][v] = acc ? vf_load(C + r * ldc + v * EF_VL) : vf_set1(0);
+            if (cs) c[r][v] *= vf_load(cs + v * EF_VL);
+        }
     for (int t = 0; t < T; t++) {
         vf b[MK_NV];
 #pragma GCC unroll 4
@@ -91,7 +94,8 @@ EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t a
 
 /* Calls mk with compile-time RB (1..MK_RB) and NV (1..MK_NV). */
 #define MK_CALL(RB, NV)                                                                            \
-    mk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc)
+    mk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc,              \
+       cs ? cs + l0 : NULL)
 #if MK_NV >= 4
 #define MK_CASE_34(RB)                                                                             \
     case 3: MK_CALL(RB, 3); break;                                                                 \
@@ -111,8 +115,12 @@ EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t a
     default: break;                                                                                \
     }
 
-void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats, const float *B,
-                  ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
+/* ef_tile_gemm with the accumulator's columns (lanes) scaled first: C[r][l] = C[r][l] * cs[l]
+ * + sum_t A(r, t) B[t][l] (cs NULL: no scaling). The online softmax's O^T e^(m - m') + V^T P^T
+ * in one pass over O^T. */
+static void tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats,
+                      const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc,
+                      const float *cs) {
     for (int l0 = 0; l0 < L; l0 += MK_NV * EF_VL) {
         int nv = EF_MIN(MK_NV, (L - l0) / EF_VL);
         int r0 = 0;
@@ -128,6 +136,11 @@ void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t 
         default: break;
         }
     }
+}
+
+void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats, const float *B,
+                  ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
+    tile_gemm(R, T, L, A, ars, ats, B, ldb, C, ldc, acc, NULL);
 }
 
 /* ---------------------------------------------------------------------------------------------
@@ -519,13 +532,8 @@ static void fwd_chunk(tiled_ws *w, fwd_state *f, const float *v, int kn, int dv,
         f->l[u] = f->l[u] * alpha[u] + sum;
         f->mx[u] = tmax;
     }
-    for (int e = 0; e < dv; e++)
-        for (int u = 0; u < nv; u++) {
-            float *po = w->ot + (size_t)e * QT + u * EF_VL;
-            vf_store(po, vf_load(po) * alpha[u]);
-        }
-    /* O^T[e][i] += sum_j V[j][e] P^T[j][i] */
-    ef_tile_gemm(dv, kn, nv * EF_VL, v, 1, dv, w->st, QT, w->ot, QT, 1);
+    /* O^T[e][i] = O^T[e][i] alpha[i] + sum_j V[j][e] P^T[j][i] */
+    tile_gemm(dv, kn, nv * EF_VL, v, 1, dv, w->st, QT, w->ot, QT, 1, (const float *)alpha);
 }
 
 /* O = O^T / l and lse = m + log l (l = 0: O = 0, lse = -inf) for the first qv lanes: output
@@ -664,6 +672,18 @@ ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
 /* ---------------------------------------------------------------------------------------------
  * Backward
  * ------------------------------------------------------------------------------------------- */
+/* x . y over n floats: fp32 products summed in the vector lanes, the lanes and the tail in
+ * double (a scalar double chain was most of bwd_pack's time on 16-row tiles). */
+static double dot_rows(const float *x, const float *y, int n) {
+    vf acc = vf_set1(0);
+    int e = 0;
+    for (; e + EF_VL <= n; e += EF_VL) acc += vf_loadu(x + e) * vf_loadu(y + e);
+    double sum = 0;
+    for (int l = 0; l < EF_VL; l++) sum += acc[l];
+    for (; e < n; e++) sum += (double)x[e] * y[e];
+    return sum;
+}
+
 /* Packs qv query rows (ldq, ldg, ldo floats apart) of a tile for backward: Q^T and dO^T
  * (w->qt, w->dot), Q and dO row-padded (w->qp, w->dop), delta_i = dO_i . O_i and the lse to
  * subtract (+inf for rows that saw no key and for padding lanes, so that P = 0 there). */
@@ -673,18 +693,19 @@ static void bwd_pack(const ef_attn *a, tiled_ws *w, const float *q, size_t ldq, 
     int d = a->shape.head_dim, dv = a->shape.v_dim;
     const tiled_plan *p = a->impl;
     int dp = p->dp, dvp = p->dvp;
-    pack_qt(w->qt, q, ldq, d, qv, p->qt, a->scale);
+    float scale = a->scale;
+    pack_qt(w->qt, q, ldq, d, qv, p->qt, scale);
     pack_qt(w->dot, g, ldg, dv, qv, p->qt, 1.0f);
     for (int i = 0; i < p->qt; i++) {
         float *qr = w->qp + (size_t)i * dp, *gr = w->dop + (size_t)i * dvp;
         if (i < qv) {
             const float *qi = q + (size_t)i * ldq, *gi = g + (size_t)i * ldg;
             const float *oi = o + (size_t)i * ldo;
-            for (int t = 0; t < d; t++) qr[t] = qi[t] * a->scale;
+            int t = 0;
+            for (; t + EF_VL <= d; t += EF_VL) vf_store(qr + t, vf_loadu(qi + t) * scale);
+            for (; t < d; t++) qr[t] = qi[t] * scale;
             memcpy(gr, gi, sizeof(float) * dv);
-            double acc = 0; /* delta_i = dO_i . O_i */
-            for (int e = 0; e < dv; e++) acc += (double)gi[e] * oi[e];
-            dl[i] = (float)acc;
+            dl[i] = (float)dot_rows(gi, oi, dv); /* delta_i = dO_i . O_i */
             float li = lse[(size_t)i * ldl];
             lse_use[i] = li != -__builtin_inff() ? li : __builtin_inff();
         } else {
@@ -769,6 +790,10 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
         bwd_pack(a, w, q + (size_t)i0 * d, d, g + (size_t)i0 * dv, dv, o + (size_t)i0 * dv, dv,
                  lse + i0, 1, qv, lse_use, dl);
+        /* the next tile's rows load while this one computes (short tiles waited for them) */
+        for (int i = i0 + qn; i < EF_MIN(i0 + 2 * qn, q_valid); i++)
+            ef_prefetch(q + (size_t)i * d, d), ef_prefetch(g + (size_t)i * dv, dv),
+                ef_prefetch(o + (size_t)i * dv, dv);
         int nspans, h = (int)(bh % s->heads);
         const ef_span *sp = spans_of(p, h, it, &nspans);
         for (int x = 0; x < nspans; x++)
