@@ -418,8 +418,10 @@ static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int widt
     for (; i + EF_VL <= n; i += EF_VL) { /* whole EF_VL x EF_VL blocks in registers */
         for (int t = 0; t < d_full; t += EF_VL) {
             vf r[EF_VL];
+#pragma GCC unroll 16
             for (int x = 0; x < EF_VL; x++) r[x] = vf_loadu(q + (size_t)(i + x) * ld + t) * scale;
             transpose(r, &m);
+#pragma GCC unroll 16
             for (int x = 0; x < EF_VL; x++) vf_store(qt + (size_t)(t + x) * QT + i, r[x]);
         }
         for (int x = i; x < i + EF_VL; x++)
@@ -441,8 +443,10 @@ static void unpack_tile(float *out, size_t ld, const float *xt, int d, int n, co
     for (; i + EF_VL <= n; i += EF_VL) {
         for (int t = 0; t < d_full; t += EF_VL) {
             vf r[EF_VL];
+#pragma GCC unroll 16
             for (int x = 0; x < EF_VL; x++) r[x] = vf_load(xt + (size_t)(t + x) * QT + i);
             transpose(r, &m);
+#pragma GCC unroll 16
             for (int x = 0; x < EF_VL; x++) {
                 float *o = out + (size_t)(i + x) * ld + t;
                 vf y = r[x] * (rs ? rs[i + x] : 1.0f) * scale;
