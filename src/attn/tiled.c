@@ -582,20 +582,23 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     int kv_end = ef_attn_kv_valid(a, c->io, b);
     if (a->causal) kv_end = EF_MIN(kv_end, i0 + qv);
 
-    pack_qt(w->qt, q, d, d, qv, p->qt, a->scale);
+    /* a short tile (the last one, a short q_len, the positions before the origin) computes
+     * the vectors its queries fill, not the whole tile */
+    int lanes = EF_MIN(p->qt, pad16(qv)), nv = lanes / EF_VL;
+    pack_qt(w->qt, q, d, d, qv, lanes, a->scale);
     fwd_state f;
     for (int u = 0; u < QV; u++) f.mx[u] = vf_set1(-__builtin_inff()), f.l[u] = vf_set1(0);
-    zero_lanes(w->ot, dv, p->qt);
+    zero_lanes(w->ot, dv, lanes);
 
     int h = (int)(bh % s->heads), nspans;
     const ef_span *sp = spans_of(p, h, it, &nspans);
     for (int x = 0; x < nspans; x++)
         for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
             int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
-            ef_tile_gemm(kn, d, p->qt, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
-            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, p->nv);
+            ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
             if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-            fwd_chunk(w, &f, v + (size_t)j0 * dv, kn, dv, p->nv);
+            fwd_chunk(w, &f, v + (size_t)j0 * dv, kn, dv, nv);
         }
     fwd_finish(w, &f, qv, dv, out, dv, c->lse ? c->lse + (size_t)bh * n + i0 : NULL, 1);
 }
@@ -794,6 +797,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
         bwd_pack(a, w, q + (size_t)i0 * d, d, g + (size_t)i0 * dv, dv, o + (size_t)i0 * dv, dv,
                  lse + i0, 1, qv, lse_use, dl);
+        int lanes = EF_MIN(p->qt, pad16(qv)); /* as forward: the vectors the queries fill */
         /* the next tile's rows load while this one computes (short tiles waited for them) */
         for (int i = i0 + qn; i < EF_MIN(i0 + 2 * qn, q_valid); i++)
             ef_prefetch(q + (size_t)i * d, d), ef_prefetch(g + (size_t)i * dv, dv),
@@ -803,10 +807,10 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         for (int x = 0; x < nspans; x++)
             for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
                 int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
-                ef_tile_gemm(kn, d, p->qt, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
-                if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, p->nv);
+                ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+                if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, lanes / EF_VL);
                 if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-                bwd_chunk(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, p->qt, lse_use, dl,
+                bwd_chunk(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, lanes, lse_use, dl,
                           w->dk + (size_t)(j0 - klo) * dp, w->dv + (size_t)(j0 - klo) * dvp);
             }
         unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
