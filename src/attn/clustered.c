@@ -389,11 +389,6 @@ static void cluster_head(const ef_attn *a, cwork *w, const float *q, int64_t bh,
  * idx in increasing index order. */
 static int better(const float *s, int x, int y) { return s[x] > s[y] || (s[x] == s[y] && x < y); }
 
-static int cmp_int(const void *x, const void *y) {
-    int a = *(const int32_t *)x, b = *(const int32_t *)y;
-    return (a > b) - (a < b);
-}
-
 /* One candidate j for a min-heap idx[0..*size) of at most k on "better" (the root is the worst
  * kept). */
 static void heap_offer(const float *s, int j, int k, int32_t *idx, int *size) {
@@ -474,7 +469,7 @@ static void topk_select(const float *s, int n, int k, int32_t *idx) {
     if (size < k) /* only with NaN logits, which the filter may have skipped: every key */
         for (j = size = 0; j < n; j++) heap_offer(s, j, k, idx, &size);
     if (size > 64) {
-        qsort(idx, (size_t)size, sizeof(int32_t), cmp_int);
+        qsort(idx, (size_t)size, sizeof(int32_t), ef_cmp_i32);
         return;
     }
     for (int x = 1; x < size; x++) { /* insertion sort: a few dozen indices */

@@ -389,7 +389,6 @@ typedef struct lseg {
 
 enum { PF = 8 }; /* rows prefetched ahead in the passes by position */
 
-
 /* dst[0:n] = s src[0:n] (dst aligned to 64 bytes, src anywhere). */
 static inline void copy_row(float *dst, const float *src, int n, float s) {
     int t = 0;

@@ -383,11 +383,6 @@ typedef struct bb_data {
     int32_t *rand; /* [heads][nb][r] random key blocks, -1 for global query blocks */
 } bb_data;
 
-static int cmp_i32(const void *x, const void *y) {
-    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
-    return (a > b) - (a < b);
-}
-
 static int bb_global(const bb_data *d, int b) {
     return b < (d->g + 1) / 2 || b >= d->nb - d->g / 2;
 }
@@ -588,7 +583,7 @@ static ef_status bigbird_init(ef_attn *a) {
                 }
                 out[x] = front[x];
             }
-            qsort(out, (size_t)r, sizeof *out, cmp_i32); /* set semantics; bb_next searches */
+            qsort(out, (size_t)r, sizeof *out, ef_cmp_i32); /* set semantics; bb_next searches */
         }
     ef_free(front), ef_free(hkey), ef_free(hval);
     static const ef_tiled_pattern pat = {.per_head = 1,

@@ -66,7 +66,8 @@ static int pad16(int x) { return (x + EF_VL - 1) / EF_VL * EF_VL; }
 #endif
 
 EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t ars, ptrdiff_t ats,
-                  const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc, const float *cs) {
+                  const float *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc,
+                  const float *cs) {
     vf c[MK_RB][MK_NV];
 #pragma GCC unroll 6
     for (int r = 0; r < RB; r++)
@@ -94,7 +95,7 @@ EF_INLINE void mk(const int RB, const int NV, int T, const float *A, ptrdiff_t a
 
 /* Calls mk with compile-time RB (1..MK_RB) and NV (1..MK_NV). */
 #define MK_CALL(RB, NV)                                                                            \
-    mk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc,              \
+    mk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc,                \
        cs ? cs + l0 : NULL)
 #if MK_NV >= 4
 #define MK_CASE_34(RB)                                                                             \

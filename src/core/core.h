@@ -37,6 +37,12 @@ int ef_max_threads(void);
 void ef_vexp(const float *x, float *y, size_t n);
 float ef_expf(float x);
 
+/* qsort's order on int32_t values, increasing. */
+static inline int ef_cmp_i32(const void *x, const void *y) {
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return (a > b) - (a < b);
+}
+
 /* Tells the BLAS in use how many threads it may use. */
 void ef_gemm_set_threads(int n);
 /* Limits the ef_sgemm calls of the calling thread to n threads (0 = no limit); returns the

@@ -71,11 +71,11 @@ EF_INLINE vf vf_set1(float x) {
 EF_INLINE vf vf_load(const float *p) { return *(const vf *)p; } /* aligned to EF_VL floats */
 EF_INLINE void vf_store(float *p, vf x) { *(vf *)p = x; }
 EF_INLINE vf vf_loadu(const float *p) { return *(const vfu *)p; }
+EF_INLINE void vf_storeu(float *p, vf x) { *(vfu *)p = x; }
 /* Asks for the n floats at x to be brought into cache (one request per 64-byte line). */
 EF_INLINE void ef_prefetch(const float *x, int n) {
     for (int t = 0; t < n; t += 16) __builtin_prefetch(x + t);
 }
-EF_INLINE void vf_storeu(float *p, vf x) { *(vfu *)p = x; }
 EF_INLINE vf vf_select(vi m, vf a, vf b) { /* m ? a : b, m lanes all-ones or zero */
     return (vf)(((vi)a & m) | ((vi)b & ~m));
 }
