@@ -31,9 +31,10 @@
  * order vdpbf16ps uses (the odd pair element first; both products are exact in fp32, so the
  * emulation is bitwise equal on normal numbers). The emulation runs where the CPU lacks the
  * instruction, in the portable build on such a CPU, and when EF_BF16=emulate.
- * Saved for backward: lse [batch][heads][q_len] floats. Time O(B H N M D), memory O(B H N)
- * saved + per thread a few tiles, K and V of one head in bf16 pairs (M (D + Dv) 32-bit words,
- * the size of one head's fp32 K and V) and (backward) dK, dV of one key range in fp32.
+ * Saved for backward: lse [batch][heads][q_len] floats, in base 2 (below, "softmax in base 2").
+ * Time O(B H N M D), memory O(B H N) saved + per thread a few tiles, K and V of one head in bf16
+ * pairs (M (D + Dv) 32-bit words, the size of one head's fp32 K and V) and (backward) dK, dV of one
+ * key range in fp32.
  */
 #include "attn/flash_bf16.h"
 #include "core/vec.h"
@@ -56,6 +57,7 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
 
 /* The operations of the products, in a native and an emulated version:
  *   gemm:  C[r][0:L] (+)= sum_{t<T} A(r, t) . B[t][0:L], A(r, t) = A[r*ars + t*ats] a broadcast
+ *          (cs non-NULL: C[r][l] scaled by cs[l] first, the online softmax's rescale of O^T)
  *          pair, B rows of L pairs (L a multiple of 16), C fp32; acc = 0 overwrites;
  *   rows:  row r < rows of src (stride lds) as pairs along it: dst[r*ldd + t] =
  *          (src[r][2t], src[r][2t+1]) * s for t < ceil(n/2) (an odd n pads with 0);
@@ -66,7 +68,8 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
  *          keys sk[u][QT] (an odd kn pads with 0); dpt may be overwritten (with dS^T).
  * A whole tile per call: these run once per chunk and are short. */
 typedef void (*bf_gemm_fn)(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
-                           const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc);
+                           const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc,
+                           const float *cs);
 typedef void (*bf_rows_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
                            int n, float s);
 typedef void (*bf_pairs_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
@@ -133,11 +136,13 @@ static float bits_f(uint32_t u) {
 }
 
 static void gemm_emul(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
-                      const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
+                      const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc,
+                      const float *cs) {
     const vi hi_mask = (vi){0} + (int32_t)0xffff0000u;
     for (int r = 0; r < R; r++)
         for (int l0 = 0; l0 < L; l0 += EF_VL) {
             vf c = acc ? vf_loadu(C + (size_t)r * ldc + l0) : vf_set1(0);
+            if (cs) c *= vf_loadu(cs + l0);
             for (int t = 0; t < T; t++) {
                 uint32_t a = A[r * ars + t * ats];
                 vf ahi = vf_set1(bits_f(a & 0xffff0000u)), alo = vf_set1(bits_f(a << 16));
@@ -161,13 +166,15 @@ static const bf_kernels kernels_emul = {gemm_emul, rows_emul, pairs_emul, ds_emu
 #if BF_X86
 BF_TARGET static inline __attribute__((always_inline)) void
 bmk(const int RB, const int NV, int T, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
-    const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc) {
+    const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc, const float *cs) {
     __m512 c[6][4];
 #pragma GCC unroll 6
     for (int r = 0; r < RB; r++)
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; v++)
+        for (int v = 0; v < NV; v++) {
             c[r][v] = acc ? _mm512_loadu_ps(C + r * ldc + v * 16) : _mm512_setzero_ps();
+            if (cs) c[r][v] = _mm512_mul_ps(c[r][v], _mm512_loadu_ps(cs + v * 16));
+        }
     for (int t = 0; t < T; t++) {
         __m512i b[4];
 #pragma GCC unroll 4
@@ -186,7 +193,9 @@ bmk(const int RB, const int NV, int T, const uint32_t *A, ptrdiff_t ars, ptrdiff
         for (int v = 0; v < NV; v++) _mm512_storeu_ps(C + r * ldc + v * 16, c[r][v]);
 }
 
-#define BMK(RB, NV) bmk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc)
+#define BMK(RB, NV)                                                                                \
+    bmk(RB, NV, T, A + r0 * ars, ars, ats, B + l0, ldb, C + r0 * ldc + l0, ldc, acc,               \
+        cs ? cs + l0 : NULL)
 #define BMK_NV(RB)                                                                                 \
     switch (nv) {                                                                                  \
     case 1: BMK(RB, 1); break;                                                                     \
@@ -198,7 +207,7 @@ bmk(const int RB, const int NV, int T, const uint32_t *A, ptrdiff_t ars, ptrdiff
 
 BF_TARGET static void gemm_native(int R, int T, int L, const uint32_t *A, ptrdiff_t ars,
                                   ptrdiff_t ats, const uint32_t *B, ptrdiff_t ldb, float *C,
-                                  ptrdiff_t ldc, int acc) {
+                                  ptrdiff_t ldc, int acc, const float *cs) {
     for (int l0 = 0; l0 < L; l0 += 64) {
         int nv = EF_MIN(4, (L - l0) / 16);
         int r0 = 0;
@@ -457,44 +466,46 @@ static void pack_rowpairs(const bf_plan *p, uint32_t *dst, int ld, const float *
 }
 
 /* ---------------------------------------------------------------------------------------------
- * The softmax's exp and max (fp32). exp runs on x = s - m <= 0 (or slightly above, by rounding)
- * and -inf: a shorter form than vec.h's vf_exp, whose range checks for large positive x and
- * whose degree-7 polynomial (2e-7) this path does not need. n = round(x log2 e),
- * r = x - n ln 2 (two-part ln 2), exp(r) by its degree-5 Taylor polynomial (relative error
- * < |r|^6/720 <= 2.5e-6 for |r| <= ln2/2, a thousandth of bf16's rounding of P), times 2^n;
- * x < -87.34 (exp underflows fp32's normal range; -inf) gives exactly 0, NaN stays NaN.
- * vmaxps has vf_max's semantics (a > b ? a : b) in one instruction.
+ * The softmax in base 2 (fp32). The query tile of the S product is scaled by scale * log2(e),
+ * so that the scores are s' = s log2(e) and exp(s - m) = 2^(s' - m'); lse is kept in base 2
+ * too (lse' = m' + log2(l), natural lse = lse' ln 2). bf_exp2 runs on x = s' - m' <= 0 (or
+ * slightly above, by rounding), -inf and NaN: n = round(x), f = x - n (exact) in [-1/2, 1/2],
+ * 2^f by a degree-4 polynomial fitted for relative error (2.9e-6 measured over [-1/2, 1/2] in
+ * fp32, a thousandth of bf16's rounding of P; the natural-base form this replaces, a degree-5
+ * Taylor polynomial, was at 2.5e-6), times 2^n by vscalefps. x is first raised to -150, where
+ * f = 0, p = 1 and 2^-150 rounds (to even) to exactly 0: -inf (a masked key) gives 0 with no
+ * compare and select; x in (-150, -126) gives the denormal 2^x. vmaxps(-150, x) returns x when
+ * x is NaN, so NaN stays NaN. The portable form builds 2^n from the exponent field (n >= -126)
+ * and gives 0 below -126. vmaxps has vf_max's semantics (a > b ? a : b) in one instruction.
  * ------------------------------------------------------------------------------------------- */
-#define EXP_LO -87.3365479f
+#define EXP2_C1 0.6931241750717163f
+#define EXP2_C2 0.24024099111557007f
+#define EXP2_C3 0.055906400084495544f
+#define EXP2_C4 0.009582829661667347f
+#define BF_LOG2E 1.44269504088896341f
 #if defined(__AVX512F__) && EF_VL == 16
-EF_INLINE vf bf_exp(vf xv) {
-    __m512 x = (__m512)xv;
-    __mmask16 small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_LO), _CMP_LT_OQ);
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.0f / 120), r, _mm512_set1_ps(1.0f / 24));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return (vf)_mm512_maskz_mov_ps((__mmask16)~small, _mm512_scalef_ps(p, n));
+EF_INLINE vf bf_exp2(vf xv) {
+    __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.0f), (__m512)xv);
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_C4), f, _mm512_set1_ps(EXP2_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return (vf)_mm512_scalef_ps(p, n);
 }
 EF_INLINE vf bf_max(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 #else
-EF_INLINE vf bf_exp(vf x) {
-    vi small = x < EXP_LO;
-    vf xc = vf_select(small, vf_set1(EXP_LO), x);
-    const float magic = 12582912.0f; /* round to nearest even: |x log2 e| < 2^22 */
-    vf n = (xc * 1.44269504088896341f + magic) - magic;
-    vf r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vf p = vf_set1(1.0f / 120) * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
+EF_INLINE vf bf_exp2(vf x) {
+    vi small = x < -126.0f;
+    vf xc = vf_select(small, vf_set1(-126.0f), x);
+    const float magic = 12582912.0f; /* round to nearest even: |x| < 2^22 */
+    vf n = (xc + magic) - magic;
+    vf f = xc - n;
+    vf p = vf_set1(EXP2_C4) * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + 1.0f;
     vi e = (__builtin_convertvector(n, vi) + 127) << 23; /* n >= -126: 2^n is a normal float */
     return vf_select(small, vf_set1(0.0f), p * (vf)e);
 }
@@ -505,15 +516,16 @@ EF_INLINE vf bf_max(vf a, vf b) { return vf_max(a, b); }
  * A = all + j0/2 * R the head's pairs of keys ([M2][R]). An odd kn takes its last pair from
  * `fix` with the second key zeroed: the head's array pairs it with key j0+kn, which this
  * chunk must not see (a later key under causal masking: 0 times an infinite value there would
- * be NaN). The split leaves each lane's order of additions unchanged. */
+ * be NaN). The split leaves each lane's order of additions unchanged. cs (or NULL) scales C's
+ * lanes first, once. */
 static void keypair_gemm(const bf_plan *p, uint32_t *fix, int R, int kn, const uint32_t *A,
-                         const uint32_t *B, float *C) {
+                         const uint32_t *B, float *C, const float *cs) {
     int full = kn / 2;
-    p->k.gemm(R, full, QT, A, 1, R, B, QT, C, QT, 1);
+    p->k.gemm(R, full, QT, A, 1, R, B, QT, C, QT, 1, cs);
     if (kn & 1) {
         const uint32_t *last = A + (size_t)full * R;
         for (int e = 0; e < R; e++) fix[e] = last[e] & 0xffffu;
-        p->k.gemm(R, 1, QT, fix, 1, R, B + (size_t)full * QT, QT, C, QT, 1);
+        p->k.gemm(R, 1, QT, fix, 1, R, B + (size_t)full * QT, QT, C, QT, 1, NULL);
     }
 }
 
@@ -573,7 +585,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         p->k.pairs(w->vall, dv, v, dv, kv_valid, dv, 1.0f);
         w->conv_bh = bh;
     }
-    pack_t(p, w->qb, w->tmp, q, d, qv, a->scale);
+    pack_t(p, w->qb, w->tmp, q, d, qv, a->scale * BF_LOG2E);
     vf mx[QV], l[QV];
     for (int u = 0; u < QV; u++) mx[u] = vf_set1(-__builtin_inff()), l[u] = vf_set1(0);
     memset(w->ot, 0, sizeof(float) * dv * QT);
@@ -581,32 +593,35 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     for (int j0 = 0; j0 < kv_end; j0 += KT) {
         int kn = EF_MIN(KT, kv_end - j0);
         /* S^T[j][i] = sum_t (K[j][2t], K[j][2t+1]) . (Qt[2t][i], Qt[2t+1][i]) */
-        p->k.gemm(kn, d2, QT, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0);
+        p->k.gemm(kn, d2, QT, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0, NULL);
         if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
-        vf alpha[QV];
+        /* the QV vectors of a row side by side: QV independent max and sum chains */
+        float alpha[QT] __attribute__((aligned(64)));
+        vf tmax[QV], use[QV], sum[QV];
+        for (int u = 0; u < QV; u++) tmax[u] = mx[u];
+        for (int r = 0; r < kn; r++)
+#pragma GCC unroll 4
+            for (int u = 0; u < QV; u++)
+                tmax[u] = bf_max(tmax[u], vf_load(w->st + r * QT + u * EF_VL));
         for (int u = 0; u < QV; u++) {
-            vf tmax = mx[u];
-            for (int r = 0; r < kn; r++) tmax = bf_max(tmax, vf_load(w->st + r * QT + u * EF_VL));
-            vf use = vf_select(tmax == -__builtin_inff(), vf_set1(0), tmax);
-            alpha[u] = bf_exp(mx[u] - use);
-            vf sum = vf_set1(0);
-            for (int r = 0; r < kn; r++) {
-                float *ps = w->st + r * QT + u * EF_VL;
-                vf e = bf_exp(vf_load(ps) - use);
-                vf_store(ps, e);
-                sum += e;
-            }
-            l[u] = l[u] * alpha[u] + sum;
-            mx[u] = tmax;
+            use[u] = vf_select(tmax[u] == -__builtin_inff(), vf_set1(0), tmax[u]);
+            vf_store(alpha + u * EF_VL, bf_exp2(mx[u] - use[u]));
+            sum[u] = vf_set1(0);
         }
-        for (int e = 0; e < dv; e++)
+        for (int r = 0; r < kn; r++)
+#pragma GCC unroll 4
             for (int u = 0; u < QV; u++) {
-                float *po = w->ot + (size_t)e * QT + u * EF_VL;
-                vf_store(po, vf_load(po) * alpha[u]);
+                float *ps = w->st + r * QT + u * EF_VL;
+                vf e = bf_exp2(vf_load(ps) - use[u]);
+                vf_store(ps, e);
+                sum[u] += e;
             }
-        /* O^T[e][i] += sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i], P^T[2u+1][i]) */
+        for (int u = 0; u < QV; u++)
+            l[u] = l[u] * vf_load(alpha + u * EF_VL) + sum[u], mx[u] = tmax[u];
+        /* O^T[e][i] = O^T[e][i] alpha[i] + sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i],
+         * P^T[2u+1][i]) */
         p->k.pairs(w->pb, QT, w->st, QT, kn, QT, 1.0f);
-        keypair_gemm(p, w->fix, dv, kn, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot);
+        keypair_gemm(p, w->fix, dv, kn, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot, alpha);
     }
 
     float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));
@@ -614,7 +629,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         vf has = vf_select(l[u] > 0, vf_set1(1), vf_set1(0));
         vf_store(inv + u * EF_VL, has / vf_select(l[u] > 0, l[u], vf_set1(1)));
         for (int t = 0; t < EF_VL; t++)
-            lse[u * EF_VL + t] = l[u][t] > 0 ? mx[u][t] + logf(l[u][t]) : -__builtin_inff();
+            lse[u * EF_VL + t] = l[u][t] > 0 ? mx[u][t] + log2f(l[u][t]) : -__builtin_inff();
     }
     for (int i = 0; i < qv; i++)
         for (int e = 0; e < dv; e++) out[(size_t)i * dv + e] = w->ot[(size_t)e * QT + i] * inv[i];
@@ -674,7 +689,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             continue;
         }
         const float *qi = q + (size_t)i0 * d, *gi = g + (size_t)i0 * dv;
-        pack_t(p, w->qb, w->tmp, qi, d, qv, a->scale);
+        pack_t(p, w->qb, w->tmp, qi, d, qv, a->scale * BF_LOG2E);
         pack_t(p, w->dob, w->tmp, gi, dv, qv, 1.0f);
         pack_rowpairs(p, w->qp, dp, qi, d, qv, a->scale);
         pack_rowpairs(p, w->dop, dvp, gi, dv, qv, 1.0f);
@@ -694,28 +709,29 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         for (int j0 = klo; j0 < kv_end; j0 += KT) {
             int kn = EF_MIN(KT, kv_end - j0);
             /* P^T = exp(S^T - lse), S^T in bf16 products as forward */
-            p->k.gemm(kn, d2, QT, w->kall + (size_t)(j0 - klo) * d2, d2, 1, w->qb, QT, w->st, QT,
-                      0);
+            p->k.gemm(kn, d2, QT, w->kall + (size_t)(j0 - klo) * d2, d2, 1, w->qb, QT, w->st, QT, 0,
+                      NULL);
             if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
             for (int r = 0; r < kn; r++)
                 for (int u = 0; u < QV; u++) {
                     float *ps = w->st + r * QT + u * EF_VL;
-                    vf_store(ps, bf_exp(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
+                    vf_store(ps, bf_exp2(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
                 }
             /* dV[j][e] += sum_i' (P^T[j][2i'], P^T[j][2i'+1]) . (dO[2i'][e], dO[2i'+1][e]) */
             p->k.rows(w->pq, QT2, w->st, QT, kn, QT, 1.0f);
             p->k.gemm(kn, QT2, dvp, w->pq, QT2, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
-                      dvp, 1);
+                      dvp, 1, NULL);
             /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i] (pairs along e);  dS^T = P^T o (dP^T - delta)
              */
             p->k.gemm(kn, dv2, QT, w->vnall + (size_t)(j0 - klo) * dv2, dv2, 1, w->dob, QT, w->dpt,
-                      QT, 0);
+                      QT, 0, NULL);
             p->k.ds(kn, w->st, w->dpt, dl, w->sq, w->sk);
             /* dK[j][t] += sum_i' (dS^T[j][2i'], dS^T[j][2i'+1]) . (sQ[2i'][t], sQ[2i'+1][t]) */
-            p->k.gemm(kn, QT2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp,
-                      1);
+            p->k.gemm(kn, QT2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp, 1,
+                      NULL);
             /* dQ^T[t][i] += sum_u (K[2u][t], K[2u+1][t]) . (dS^T[2u][i], dS^T[2u+1][i]) */
-            keypair_gemm(p, w->fix, d, kn, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk, w->dqt);
+            keypair_gemm(p, w->fix, d, kn, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk, w->dqt,
+                         NULL);
         }
         for (int i = 0; i < qn; i++)
             for (int t = 0; t < d; t++)
