@@ -169,20 +169,24 @@ static void versus_reference(void) {
 /* ---------------------------------------------------------------------------------------------
  * Hashing re-implemented from docs/lsh.md (this file's own code)
  * ------------------------------------------------------------------------------------------- */
-/* Buckets [B][H][R][N] of q (-1 past the length): rotation from
- * ef_rng_normal(seed, 0x4c534800 << 32 | (h * R + r), 0, D * nb/2), x = q/|q| rounded to
- * fp32, y = x R in double, bucket = first argmax over [y, -y]. gap (optional, [B][H][N]): the
- * smallest margin, over the rounds, between a row's best and second-best value. */
-static int32_t *my_buckets_gap(ef_attn_shape s, const float *q, int R, int nb, uint64_t seed,
-                               const int32_t *kv, const int32_t *ql, double *gap) {
-    int half = nb / 2, n = s.q_len, d = s.head_dim;
+/* Buckets [B][H][R][N] of q (-1 past the length) for bucket factors bf[0..nf) (one factor:
+ * bf[0] = nb): rotation D x cols from ef_rng_normal(seed, 0x4c534800 << 32 | (h * R + r), 0,
+ * D * cols), cols = sum bf[f]/2, x = q/|q| rounded to fp32, y = x R in double; factor f owns
+ * the next bf[f]/2 columns, a_f = first argmax over its [y, -y], bucket = a_0 + bf[0] a_1.
+ * gap (optional, [B][H][N]): the smallest margin, over the rounds and factors, between a best
+ * and second-best value. */
+static int32_t *my_buckets_fgap(ef_attn_shape s, const float *q, int R, const int *bf, int nf,
+                                uint64_t seed, const int32_t *kv, const int32_t *ql,
+                                double *gap) {
+    int cols = 0, n = s.q_len, d = s.head_dim;
+    for (int f = 0; f < nf; f++) cols += bf[f] / 2;
     int32_t *bk = malloc(sizeof(int32_t) * s.batch * s.heads * R * n);
-    float *rot = malloc(sizeof(float) * d * half), *x = malloc(sizeof(float) * d);
+    float *rot = malloc(sizeof(float) * d * cols), *x = malloc(sizeof(float) * d);
     for (int b = 0; b < s.batch; b++)
         for (int h = 0; h < s.heads; h++)
             for (int r = 0; r < R; r++) {
                 ef_rng_normal(seed, (0x4c534800ull << 32) | (uint64_t)(h * R + r), 0,
-                              (size_t)d * half, rot);
+                              (size_t)d * cols, rot);
                 const float *qq = q + ((size_t)b * s.heads + h) * n * d;
                 int32_t *out = bk + (((size_t)b * s.heads + h) * R + r) * n;
                 int L = len_of(kv, ql, b, n);
@@ -195,55 +199,69 @@ static int32_t *my_buckets_gap(ef_attn_shape s, const float *q, int R, int nb, u
                     for (int t = 0; t < d; t++) ss += (double)qq[i * d + t] * qq[i * d + t];
                     for (int t = 0; t < d; t++)
                         x[t] = ss > 0 ? (float)(qq[i * d + t] / sqrt(ss)) : 0.0f;
-                    int best = 0;
-                    double bv = -INFINITY, b2 = -INFINITY;
-                    for (int c = 0; c < nb; c++) {
-                        double y = 0;
-                        for (int t = 0; t < d; t++) y += (double)x[t] * rot[t * half + c % half];
-                        if (c >= half) y = -y;
-                        if (y > bv)
-                            b2 = bv, bv = y, best = c;
-                        else if (y > b2)
-                            b2 = y;
-                    }
-                    out[i] = best;
+                    int bucket = 0, unit = 1, c0 = 0;
                     double *gp = gap ? gap + ((size_t)b * s.heads + h) * n + i : NULL;
-                    if (gp) *gp = r == 0 ? bv - b2 : fmin(*gp, bv - b2);
+                    for (int f = 0; f < nf; f++) {
+                        int half = bf[f] / 2, best = 0;
+                        double bv = -INFINITY, b2 = -INFINITY;
+                        for (int c = 0; c < bf[f]; c++) {
+                            double y = 0;
+                            for (int t = 0; t < d; t++)
+                                y += (double)x[t] * rot[t * cols + c0 + c % half];
+                            if (c >= half) y = -y;
+                            if (y > bv)
+                                b2 = bv, bv = y, best = c;
+                            else if (y > b2)
+                                b2 = y;
+                        }
+                        bucket += unit * best, unit *= bf[f], c0 += half;
+                        if (gp) *gp = r == 0 && f == 0 ? bv - b2 : fmin(*gp, bv - b2);
+                    }
+                    out[i] = bucket;
                 }
             }
     free(rot), free(x);
     return bk;
+}
+static int32_t *my_buckets_gap(ef_attn_shape s, const float *q, int R, int nb, uint64_t seed,
+                               const int32_t *kv, const int32_t *ql, double *gap) {
+    return my_buckets_fgap(s, q, R, &nb, 1, seed, kv, ql, gap);
 }
 static int32_t *my_buckets(ef_attn_shape s, const float *q, int R, int nb, uint64_t seed,
                            const int32_t *kv, const int32_t *ql) {
     return my_buckets_gap(s, q, R, nb, seed, kv, ql, NULL);
 }
 
-/* Rows of q (batch 0, head h, round 0's rotation) on the boundary between buckets c1 and c2:
- * x = z - (z.u / u.u) u with z = R_c1 + R_c2, u = R_c1 - R_c2, so x.R_c1 = x.R_c2 up to
- * rounding (near-ties that the fast path must recompute exactly); rows 20, 27, 34, ... */
-static void near_tie_rows(bufs *in, int R, int nb, uint64_t seed) {
-    int d = in->s.head_dim, half = nb / 2, n = in->s.q_len;
-    float *rot = malloc(sizeof(float) * d * half);
+/* Rows of q (batch 0, head h, round 0's rotation of `cols` columns) on the boundary between
+ * columns c1 and c2 of [lo, lo + width): x = z - (z.u / u.u) u with z = R_c1 + R_c2,
+ * u = R_c1 - R_c2, so x.R_c1 = x.R_c2 up to rounding (near-ties that the fast path must
+ * recompute exactly); rows 20, 27, 34, ... */
+static void near_tie_cols(bufs *in, int R, int cols, int lo, int width, uint64_t seed) {
+    int d = in->s.head_dim, n = in->s.q_len;
+    float *rot = malloc(sizeof(float) * d * cols);
     for (int h = 0; h < in->s.heads; h++) {
-        ef_rng_normal(seed, (0x4c534800ull << 32) | (uint64_t)(h * R), 0, (size_t)d * half, rot);
+        ef_rng_normal(seed, (0x4c534800ull << 32) | (uint64_t)(h * R), 0, (size_t)d * cols, rot);
         for (int i = 20, k = 0; i < n; i += 7, k++) {
-            int c1 = k % half, c2 = (k * 7 + 3) % half;
-            if (c2 == c1) c2 = (c1 + 1) % half;
+            int c1 = k % width, c2 = (k * 7 + 3) % width;
+            if (c2 == c1) c2 = (c1 + 1) % width;
+            c1 += lo, c2 += lo;
             double zu = 0, uu = 0;
             for (int t = 0; t < d; t++) {
-                double z = rot[t * half + c1] + rot[t * half + c2];
-                double u = rot[t * half + c1] - rot[t * half + c2];
+                double z = rot[t * cols + c1] + rot[t * cols + c2];
+                double u = rot[t * cols + c1] - rot[t * cols + c2];
                 zu += z * u, uu += u * u;
             }
             float *qi = in->q + ((size_t)h * n + i) * d;
             for (int t = 0; t < d; t++) {
-                double u = rot[t * half + c1] - rot[t * half + c2];
-                qi[t] = (float)(rot[t * half + c1] + rot[t * half + c2] - zu / uu * u);
+                double u = rot[t * cols + c1] - rot[t * cols + c2];
+                qi[t] = (float)(rot[t * cols + c1] + rot[t * cols + c2] - zu / uu * u);
             }
         }
     }
     free(rot);
+}
+static void near_tie_rows(bufs *in, int R, int nb, uint64_t seed) {
+    near_tie_cols(in, R, nb / 2, 0, nb / 2, seed);
 }
 
 /* nb covers the fast path's top-two search: scalar only (nb/2 < 16), vectors plus a tail, and
@@ -287,6 +305,60 @@ static void buckets_exact(void) {
             snprintf(name, sizeof name, "buckets: nb=%d inputs hold near-tie rows", nb);
             ef_check(name, near >= 5, "%d rows with margin < 1e-5", near);
         }
+        free(want), free(gap);
+        ef_test_free_inputs(&in);
+    }
+}
+
+/* buckets=auto past HF's limit: nb = 2^floor(log2(2N/C)) split into 2^floor(lg/2) and
+ * 2^ceil(lg/2) buckets when nb > 2 max(floor(sqrt(floor(N/C))), C) (HF's _set_num_buckets with
+ * max_position_embeddings = N). N = 150: C = 4 gives nb = 64 > 12, factors 8 x 8; C = 8 gives
+ * 32 > 16, factors 4 x 8; C = 16 gives 16 <= 32, one factor. Saved buckets against this file's
+ * own factored hash, with near-ties inside the second factor's columns. */
+static void buckets_factored(void) {
+    ef_attn_shape s = {2, 3, 150, 150, 20, 4};
+    int R = 2;
+    uint64_t seed = 77;
+    struct {
+        int chunk, nf, bf[2];
+    } cs[] = {{4, 2, {8, 8}}, {8, 2, {4, 8}}, {16, 1, {16, 0}}};
+    for (size_t k = 0; k < sizeof cs / sizeof cs[0]; k++) {
+        bufs in, o;
+        ef_test_inputs(&in, s, 21, 1.5f);
+        int cols = cs[k].bf[0] / 2 + (cs[k].nf > 1 ? cs[k].bf[1] / 2 : 0);
+        int lo = cs[k].nf > 1 ? cs[k].bf[0] / 2 : 0, width = cols - lo;
+        near_tie_cols(&in, R, cols, lo, width, seed);
+        int32_t lens[2] = {150, 131}, ql[2] = {150, 140};
+        double *gap = malloc(sizeof(double) * s.batch * s.heads * s.q_len);
+        int32_t *want = my_buckets_fgap(s, in.q, R, cs[k].bf, cs[k].nf, seed, lens, ql, gap);
+        int near = 0, nb = cs[k].nf > 1 ? cs[k].bf[0] * cs[k].bf[1] : cs[k].bf[0];
+        for (int i = 20; i < 100; i += 7) near += gap[i] < 1e-5 && gap[i] > 0;
+        size_t cnt = (size_t)s.batch * s.heads * R * s.q_len;
+        int top = -1; /* the largest bucket any row got: factored buckets reach past bf[0] */
+        for (size_t x = 0; x < cnt; x++) top = want[x] > top ? want[x] : top;
+        for (int pass = 0; pass < 3; pass++) {
+            char spec[128], name[256];
+            snprintf(spec, sizeof spec, "lsh:hashes=%d,chunk=%d,seed=%llu%s", R, cs[k].chunk,
+                     (unsigned long long)seed,
+                     pass == 0   ? ""
+                     : pass == 1 ? ",causal=1"
+                                 : ",ref=1");
+            ef_test_outputs(&o, &in);
+            ef_status st = run(spec, &in, lens, ql, &o);
+            long bad = 0;
+            if (!st)
+                for (size_t x = 0; x < cnt; x++) bad += ((const int32_t *)o.saved)[x] != want[x];
+            snprintf(name, sizeof name, "buckets=auto factors %d x %d: %s saved == own hash",
+                     cs[k].bf[0], cs[k].nf > 1 ? cs[k].bf[1] : 1, spec + 4);
+            ef_check(name, !st && bad == 0, "%ld mismatches (%d near-tie rows) %s", bad, near,
+                     st ? ef_last_error() : "");
+            ef_test_free_outputs(&o);
+        }
+        char name[128];
+        snprintf(name, sizeof name, "buckets=auto chunk=%d: buckets span [0, %d), near-ties held",
+                 cs[k].chunk, nb);
+        ef_check(name, top < nb && top >= nb / 2 && near >= 5, "largest %d, %d near-tie rows",
+                 top, near);
         free(want), free(gap);
         ef_test_free_inputs(&in);
     }
@@ -1089,6 +1161,7 @@ int main(void) {
     versus_reference();
     limit_cases();
     buckets_exact();
+    buckets_factored();
     rounds_help();
     causality();
     reformer_leaks();

@@ -6,10 +6,13 @@
  * q_len must equal kv_len). Logits are scale * q_i . k_j (HF/trax use no scale; see the docs).
  * Per (batch b, head h) only the first L = min(kv_lens[b], q_lens[b]) positions exist: later
  * ones are never hashed, sorted or read, output zeros and get zero gradients. Per round r:
- *   hashing  x = q / |q| (fp32, computed in double and rounded), R = rotation [D][nb/2] drawn
- *            with ef_rng_normal(seed, LSH_STREAM | (h * hashes + r)), bucket = first argmax of
- *            [xR, -xR] with xR in double; the fast path projects with an fp32 GEMM and redoes
- *            near-ties in double, so the result is the double definition's, bit for bit;
+ *   hashing  x = q / |q| (fp32, computed in double and rounded), R = rotation [D][cols] drawn
+ *            with ef_rng_normal(seed, LSH_STREAM | (h * hashes + r)); the nb buckets are one
+ *            factor (cols = nb/2, bucket = first argmax of [xR, -xR]) or, with buckets=auto
+ *            past HF's limit, two factors b1 b2 = nb on consecutive column slices (cols =
+ *            b1/2 + b2/2, bucket = a1 + b1 a2 with a_f the first argmax of [xR_f, -xR_f]); xR
+ *            in double; the fast path projects with an fp32 GEMM and redoes near-ties in
+ *            double, so the result is the double definition's, bit for bit;
  *   sorting  stable counting sort of positions [0, L) by (bucket, position);
  *   visible  causal=0 (and causal=1,reformer_causal=1): Reformer's sorted chunks - sorted
  *            indices cut into chunks of C, chunk c sees the set of chunks
@@ -47,7 +50,7 @@
  * scores transposed (lanes = queries); results go back to their positions once per round.
  * Strict mode: ef_tile_gemm sums every element in a fixed order whatever the tile's shape, so
  * earlier rows are computed bit for bit the same whatever (finite) values come later: later
- * entries enter only as exact zeros at the end of a sum. Time O(B H R (N D nb/2 + N W (D + Dv))),
+ * entries enter only as exact zeros at the end of a sum. Time O(B H R (N D cols + N W (D + Dv))),
  * memory O(B H R N) saved + per thread O(N (D + Dv + R) + C W); no N x N buffer.
  * Reference (ref=1): its own double hashing, sort, windows and per-query visible sets, written
  * out by loops over all positions (lsh_ref_* below; no code or workspace shared).
@@ -84,8 +87,8 @@ typedef struct lwork {
     int32_t *kl;        /* [N][R] lowest visible rank (strict) */
     int32_t *selfc;     /* [N] rounds in which the row sees only itself */
     int32_t *cnt;       /* [nb + 1] counting sort */
-    double *y;          /* [nb/2] projections */
-    float *yb;          /* [hb][R nb/2] projections of a block of rows (fp32 GEMM) */
+    double *y;          /* [cols] projections */
+    float *yb;          /* [hb][R cols] projections of a block of rows (fp32 GEMM) */
     float *m, *sw;      /* [N] online combination: running max, running weight sum */
     float *delta;       /* [N] dO . out */
     /* tiles of QW query lanes (dp, dvp = D, Dv padded to 16); rows of a round in sorted order */
@@ -105,10 +108,11 @@ typedef struct lwork {
 
 typedef struct lplan {
     int mode, R, nb, C, before, after, dedup;
+    int nf, bf[2], cols; /* bucket factors (nb = bf[0] bf[1] when nf = 2); rotation columns */
     int nwin;       /* distinct window chunks (sorted modes, nc = ceil(N / C)) */
     int Wk;          /* keys of a tile, at most */
     int QW, dp, dvp; /* query lanes per tile, D and Dv padded to 16 */
-    float *rot;     /* [H][D][R][nb/2] (all rounds of a head in one product) */
+    float *rot;     /* [H][D][R][cols] (all rounds of a head in one product) */
     int hb;         /* rows per projection block */
     float *rmax;    /* [H][R] max |rot| (error bound of the fp32 projections) */
     float logc[65]; /* log(count), count = 0..R */
@@ -117,11 +121,11 @@ typedef struct lplan {
     ef_status *status; /* [slots] first failure of each worker */
     char *msg;         /* [slots][MSG] its message (ef_last_error is per thread) */
     /* reference path (ref=1): nothing above is allocated or used */
-    float *rrot;             /* [H][R][D][nb/2], its own copy of the draw */
+    float *rrot;             /* [H][R][D][cols], its own copy of the draw */
     double *rk, *rn;         /* [N][D] keys in double, [N] |q| */
     double *rdot;            /* [N] q_i . k_j of the current row */
     double *rgq, *rgk, *rgv; /* [N][D], [N][D], [N][Dv] gradients */
-    double *ry;              /* [nb/2] */
+    double *ry;              /* [cols] */
     int32_t *rbk;            /* [R][N] buckets (forward without saved) */
     int32_t *rord;           /* [R][N] sorted index (sorted modes) or rank in bucket (strict) */
     int32_t *rcnt;           /* [N] rounds in which the current row sees key j */
@@ -226,7 +230,7 @@ static int top2(const float *y, int n, float *b1, float *b2) {
 }
 
 /* Every round's buckets from fp32 GEMM projections of hb rows at a time (all rounds in one
- * product: the rotations are stored [H][D][R][nb/2]): a row whose best value beats the
+ * product: the rotations are stored [H][D][R][cols]): per factor, a row whose best value beats the
  * runner-up by more than twice the rounding bound of a D-term fp32 dot product
  * (D 2^-23 sum|x_t| max|R|, any summation order) has the same argmax as exact_bucket; the
  * others (near-ties) are recomputed by exact_bucket. Results are identical, only faster. Row
@@ -234,8 +238,8 @@ static int top2(const float *y, int n, float *b1, float *b2) {
 static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int valid, const float *x,
                               int32_t *bkt) {
     const lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim, half = p->nb / 2, R = p->R;
-    int ld = R * half;
+    int n = a->shape.q_len, d = a->shape.head_dim, cols = p->cols, R = p->R;
+    int ld = R * cols;
     const float *rot = p->rot + (size_t)h * d * ld;
     for (int i0 = 0; i0 < valid; i0 += p->hb) {
         int rows = EF_MIN(p->hb, valid - i0);
@@ -255,13 +259,17 @@ static ef_status fast_buckets(const ef_attn *a, lwork *w, int h, int valid, cons
                 for (; t < d; t++) ax += fabsf(xi[t]);
             }
             for (int r = 0; r < R; r++) {
-                float b1, b2;
-                int best = top2(w->yb + (size_t)l * ld + (size_t)r * half, half, &b1, &b2);
                 double bound = (d + 2) * 0x1p-23 * ax * p->rmax[h * R + r] + 1e-30;
-                bkt[(size_t)r * n + i] = (double)b1 - b2 > 2 * bound
-                                             ? best
-                                             : exact_bucket(xi, rot + (size_t)r * half, ld, d,
-                                                            half, w->y);
+                int bucket = 0, unit = 1, off = r * cols;
+                for (int f = 0; f < p->nf; f++) {
+                    int half = p->bf[f] / 2;
+                    float b1, b2;
+                    int best = top2(w->yb + (size_t)l * ld + off, half, &b1, &b2);
+                    if (!((double)b1 - b2 > 2 * bound))
+                        best = exact_bucket(xi, rot + off, ld, d, half, w->y);
+                    bucket += unit * best, unit *= p->bf[f], off += half;
+                }
+                bkt[(size_t)r * n + i] = bucket;
             }
         }
     }
@@ -805,15 +813,15 @@ static void lsh_destroy(ef_attn *a) {
 static size_t slot_layout(const ef_attn *a, char *base, lwork *w) {
     const lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, half = p->nb / 2;
+    size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, cols = p->cols;
     size_t Wk = p->Wk, off = 0;
 #define TAKE(ptr, cnt)                                                                             \
     do {                                                                                           \
         ptr = (void *)(base ? base + off : NULL);                                                  \
         off += ((size_t)(cnt) * sizeof *(ptr) + 63) / 64 * 64;                                     \
     } while (0)
-    TAKE(w->y, half);
-    TAKE(w->yb, (size_t)p->hb * R * half);
+    TAKE(w->y, cols);
+    TAKE(w->yb, (size_t)p->hb * R * cols);
     TAKE(w->xn, n * d);
     TAKE(w->dkn, n * d);
     TAKE(w->nrm, n);
@@ -875,15 +883,27 @@ static ef_status lsh_init(ef_attn *a) {
                         "lsh: reformer_causal=1 chooses the causal rule of causal=1; it means "
                         "nothing with causal=0");
     p->mode = !a->causal ? LSH_BIDIR : reformer ? LSH_SORTED : LSH_STRICT;
+    p->nf = 1;
     if (a->opt[OPT_BUCKETS].is_auto) {
-        p->nb = 2; /* 2^floor(log2(2N / chunk)), at least 2 */
-        while ((double)p->nb * 2 <= 2.0 * n / p->C) p->nb *= 2;
+        int lg = 1; /* nb = 2^lg = 2^floor(log2(2N / chunk)), at least 2 */
+        while (lg < 30 && (double)(2 << lg) <= 2.0 * n / p->C) lg++;
+        p->nb = 1 << lg;
+        /* HF's _set_num_buckets, with max_position_embeddings = N: past
+         * 2 max(floor(sqrt(floor(N / chunk))), chunk) buckets, two factors 2^floor(lg/2) and
+         * 2^ceil(lg/2), so that hashing costs N D (b1 + b2)/2 instead of N D nb/2 */
+        int root = (int)sqrt((double)(n / p->C));
+        while ((int64_t)(root + 1) * (root + 1) <= n / p->C) root++;
+        while ((int64_t)root * root > n / p->C) root--;
+        if ((int64_t)p->nb > 2 * (int64_t)EF_MAX(root, p->C))
+            p->nf = 2, p->bf[0] = 1 << (lg / 2), p->bf[1] = 1 << (lg - lg / 2);
     } else {
         p->nb = (int)ef_opt_i(a, OPT_BUCKETS);
         if (p->nb % 2)
             return ef_error(EF_ERR_ARG, "lsh: buckets=%d must be even (argmax over [xR, -xR])",
                             p->nb);
     }
+    if (p->nf == 1) p->bf[0] = p->nb;
+    p->cols = p->nf == 1 ? p->nb / 2 : p->bf[0] / 2 + p->bf[1] / 2;
     for (int c = 1; c <= p->R; c++) p->logc[c] = logf((float)c);
     int tmp[130];
     p->nwin = window_chunks(p, (n + p->C - 1) / p->C, 0, tmp);
@@ -895,29 +915,29 @@ static ef_status lsh_init(ef_attn *a) {
     p->dvp = (s->v_dim + 15) / 16 * 16;
     if (a->ref) return ref_init(a);
 
-    int half = p->nb / 2, R = p->R;
-    size_t nrot = (size_t)s->heads * R * d * half;
+    int cols = p->cols, R = p->R;
+    size_t nrot = (size_t)s->heads * R * d * cols;
     p->rot = ef_malloc(nrot * sizeof(float));
     p->rmax = ef_mem_malloc(sizeof(float) * s->heads * R);
     if (!p->rot || !p->rmax) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
-    /* the draw of (h, r) is D x nb/2 row-major; stored interleaved, row t of head h holds
+    /* the draw of (h, r) is D x cols row-major; stored interleaved, row t of head h holds
      * every round's row t */
-    float *draw = ef_mem_malloc(sizeof(float) * d * half);
+    float *draw = ef_mem_malloc(sizeof(float) * d * cols);
     if (!draw) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
     for (int h = 0; h < s->heads; h++)
         for (int r = 0; r < R; r++) {
             float mx = 0;
-            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, (size_t)d * half, draw);
-            for (size_t x = 0; x < (size_t)d * half; x++)
+            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, (size_t)d * cols, draw);
+            for (size_t x = 0; x < (size_t)d * cols; x++)
                 mx = fabsf(draw[x]) > mx ? fabsf(draw[x]) : mx;
             p->rmax[h * R + r] = mx;
             for (int t = 0; t < d; t++)
-                memcpy(p->rot + (((size_t)h * d + t) * R + r) * half, draw + (size_t)t * half,
-                       sizeof(float) * half);
+                memcpy(p->rot + (((size_t)h * d + t) * R + r) * cols, draw + (size_t)t * cols,
+                       sizeof(float) * cols);
         }
     ef_free(draw);
     /* about 64K floats of projections per block, 1 to 256 rows */
-    p->hb = (int)EF_MAX(1, EF_MIN(256, 65536 / ((int64_t)R * half)));
+    p->hb = (int)EF_MAX(1, EF_MIN(256, 65536 / ((int64_t)R * cols)));
     lwork probe;
     size_t per = slot_layout(a, NULL, &probe);
     p->ws = ef_mem_calloc((size_t)a->slots, sizeof *p->ws);
@@ -990,7 +1010,7 @@ static double lsh_flops(const ef_attn *a, int backward) {
     const ef_attn_shape *s = &a->shape;
     double bh = (double)s->batch * s->heads, d = s->head_dim, dv = s->v_dim;
     double prod = bh * p->R * round_products(p, s->q_len);
-    double hash = bh * p->R * s->q_len * d * p->nb;
+    double hash = bh * p->R * s->q_len * d * 2.0 * p->cols;
     return hash + (backward ? prod * (2 * (3 * d + 2 * dv) + 2 * (d + dv)) : prod * 2 * (d + dv));
 }
 
@@ -1210,16 +1230,16 @@ static ef_status lsh_backward(ef_attn *a, const ef_attn_io *io, const void *save
 static ef_status ref_init(ef_attn *a) {
     lplan *p = a->impl;
     const ef_attn_shape *s = &a->shape;
-    size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, half = p->nb / 2;
-    size_t nrot = (size_t)s->heads * R * d * half;
+    size_t n = s->q_len, d = s->head_dim, dv = s->v_dim, R = p->R, cols = p->cols;
+    size_t nrot = (size_t)s->heads * R * d * cols;
     /* the shared random choice: the same Philox draw as the fast path, read into our own copy */
     p->rrot = ef_malloc(nrot * sizeof(float));
     if (!p->rrot) return ef_error(EF_ERR_NOMEM, "lsh: out of memory for the rotations");
     for (int h = 0; h < s->heads; h++)
         for (size_t r = 0; r < R; r++)
-            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, d * half,
-                          p->rrot + ((size_t)h * R + r) * d * half);
-    size_t nd = n * d * 3 + n * 2 + n * dv + half;
+            ef_rng_normal(a->seed, LSH_STREAM | (uint64_t)(h * R + r), 0, d * cols,
+                          p->rrot + ((size_t)h * R + r) * d * cols);
+    size_t nd = n * d * 3 + n * 2 + n * dv + cols;
     size_t bytes =
         nd * sizeof(double) + (R * n * 2 + n) * sizeof(int32_t) + d * sizeof(float) + R * n;
     p->rblock = ef_malloc(bytes);
@@ -1232,7 +1252,7 @@ static ef_status ref_init(ef_attn *a) {
     p->rn = x, x += n;
     p->rdot = x, x += n;
     p->rgv = x, x += n * dv;
-    p->ry = x, x += half;
+    p->ry = x, x += cols;
     int32_t *iw = (int32_t *)x;
     p->rbk = iw, iw += R * n;
     p->rord = iw, iw += R * n;
@@ -1243,28 +1263,36 @@ static ef_status ref_init(ef_attn *a) {
 }
 
 /* The documented hash of one row: x = fp32(q / |q|) (norm and quotient in double), y = x R in
- * double summed over t = 0..D-1, bucket = the first index of the largest entry of [y, -y].
+ * double summed over t = 0..D-1 (R is D x cols), bucket = the first index of the largest entry
+ * of [y, -y] (one factor), or a1 + b1 a2 with a_f that index within factor f's columns (y_1 =
+ * columns [0, b1/2), y_2 = the next b2/2).
  * Discrete choices this reuses from the definition (not from the fast path's code): the fp32
  * rounding of x and the first-index rule for exact ties (a zero row ties everywhere and takes
  * bucket 0). Every product x_t R_tc is exact in double, so the sum is the same with or without
  * FMA contraction. */
-static int ref_bucket(const float *q, int d, const float *rot, int half, float *x, double *y) {
+static int ref_bucket(const float *q, int d, const float *rot, const lplan *p, float *x,
+                      double *y) {
+    int cols = p->cols;
     double ss = 0;
     for (int t = 0; t < d; t++) ss += (double)q[t] * q[t];
     double nr = sqrt(ss);
     for (int t = 0; t < d; t++) x[t] = nr > 0 ? (float)(q[t] / nr) : 0.0f;
-    for (int c = 0; c < half; c++) {
+    for (int c = 0; c < cols; c++) {
         double acc = 0;
-        for (int t = 0; t < d; t++) acc += (double)x[t] * rot[(size_t)t * half + c];
+        for (int t = 0; t < d; t++) acc += (double)x[t] * rot[(size_t)t * cols + c];
         y[c] = acc;
     }
-    int best = -1;
-    double bv = 0;
-    for (int c = 0; c < 2 * half; c++) {
-        double val = c < half ? y[c] : -y[c - half];
-        if (best < 0 || val > bv) best = c, bv = val;
+    int bucket = 0, unit = 1;
+    for (int f = 0; f < p->nf; f++) {
+        int half = p->bf[f] / 2, best = -1;
+        double bv = 0;
+        for (int c = 0; c < 2 * half; c++) {
+            double val = c < half ? y[c] : -y[c - half];
+            if (best < 0 || val > bv) best = c, bv = val;
+        }
+        bucket += unit * best, unit *= p->bf[f], y += half;
     }
-    return best;
+    return bucket;
 }
 
 /* ord[i] for i < L: the rank of i among the earlier positions of its bucket (strict), or its
@@ -1299,13 +1327,13 @@ static int ref_sees(const lplan *p, const int32_t *bk, const int32_t *ord, int L
  * double keys k_j = q_j / |q_j| of the L valid rows. */
 static void ref_head(const ef_attn *a, const float *q, int h, int L, int32_t *bk, int hash) {
     lplan *p = a->impl;
-    int n = a->shape.q_len, d = a->shape.head_dim, half = p->nb / 2;
+    int n = a->shape.q_len, d = a->shape.head_dim;
     for (int r = 0; r < p->R; r++) {
         int32_t *br = bk + (size_t)r * n;
-        const float *rot = p->rrot + ((size_t)h * p->R + r) * d * half;
+        const float *rot = p->rrot + ((size_t)h * p->R + r) * d * p->cols;
         if (hash) {
             for (int i = 0; i < L; i++)
-                br[i] = ref_bucket(q + (size_t)i * d, d, rot, half, p->rx, p->ry);
+                br[i] = ref_bucket(q + (size_t)i * d, d, rot, p, p->rx, p->ry);
             for (int i = L; i < n; i++) br[i] = -1;
         }
         ref_order(p, br, L, p->rord + (size_t)r * n);
