@@ -176,8 +176,7 @@ static void versus_reference(void) {
  * gap (optional, [B][H][N]): the smallest margin, over the rounds and factors, between a best
  * and second-best value. */
 static int32_t *my_buckets_fgap(ef_attn_shape s, const float *q, int R, const int *bf, int nf,
-                                uint64_t seed, const int32_t *kv, const int32_t *ql,
-                                double *gap) {
+                                uint64_t seed, const int32_t *kv, const int32_t *ql, double *gap) {
     int cols = 0, n = s.q_len, d = s.head_dim;
     for (int f = 0; f < nf; f++) cols += bf[f] / 2;
     int32_t *bk = malloc(sizeof(int32_t) * s.batch * s.heads * R * n);
@@ -357,8 +356,8 @@ static void buckets_factored(void) {
         char name[128];
         snprintf(name, sizeof name, "buckets=auto chunk=%d: buckets span [0, %d), near-ties held",
                  cs[k].chunk, nb);
-        ef_check(name, top < nb && top >= nb / 2 && near >= 5, "largest %d, %d near-tie rows",
-                 top, near);
+        ef_check(name, top < nb && top >= nb / 2 && near >= 5, "largest %d, %d near-tie rows", top,
+                 near);
         free(want), free(gap);
         ef_test_free_inputs(&in);
     }
