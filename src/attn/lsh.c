@@ -1486,7 +1486,8 @@ static ef_status lsh_ref_backward(ef_attn *a, const ef_attn_io *io, const void *
 static const ef_opt_desc lsh_opts[] = {
     {"hashes", EF_OPT_INT, "4", 1, 64, NULL, 0, "hashing rounds, combined by their log-sum-exp"},
     {"buckets", EF_OPT_INT, "auto", 2, 1 << 24, NULL, 1,
-     "buckets per round (even); auto = 2^floor(log2(2N/chunk)), at least 2"},
+     "buckets per round (even); auto = 2^floor(log2(2N/chunk)), at least 2, as two factors past "
+     "2 max(sqrt(N/chunk), chunk) (HF)"},
     {"chunk", EF_OPT_INT, "64", 1, 1 << 20, NULL, 0,
      "positions per chunk (of the sorted order; of each bucket with strict causal=1)"},
     {"before", EF_OPT_INT, "1", 0, 64, NULL, 0,
