@@ -64,8 +64,9 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
  *   pairs: rows of src two by two: dst[u*ldd + x] = (src[2u][x], src[2u+1][x]) * s for x < n,
  *          u < ceil(rows/2) (an odd count pads with 0).
  *   ds:    dS^T = P^T o (dP^T - delta) (fp32: a difference, then a product) for rows r < kn
- *          of st and dpt ([KT][QT]; delta[QT]) into pairs of queries sq[r][QT2] and pairs of
- *          keys sk[u][QT] (an odd kn pads with 0); dpt may be overwritten (with dS^T).
+ *          and lanes < L (a multiple of 16) of st and dpt ([KT][QT]; delta[QT]) into pairs of
+ *          queries sq[r][0:L/2] and pairs of keys sk[u][0:L] (an odd kn pads with 0); dpt may
+ *          be overwritten (with dS^T).
  * A whole tile per call: these run once per chunk and are short. */
 typedef void (*bf_gemm_fn)(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
                            const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc,
@@ -74,8 +75,8 @@ typedef void (*bf_rows_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdi
                            int n, float s);
 typedef void (*bf_pairs_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t lds, int rows,
                             int n, float s);
-typedef void (*bf_ds_fn)(int kn, const float *st, float *dpt, const float *delta, uint32_t *sq,
-                         uint32_t *sk);
+typedef void (*bf_ds_fn)(int kn, int L, const float *st, float *dpt, const float *delta,
+                         uint32_t *sq, uint32_t *sk);
 typedef struct bf_kernels {
     bf_gemm_fn gemm;
     bf_rows_fn rows;
@@ -118,13 +119,12 @@ static void pairs_emul(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrdiff_t
     }
 }
 
-static void ds_emul(int kn, const float *st, float *dpt, const float *delta, uint32_t *sq,
+static void ds_emul(int kn, int L, const float *st, float *dpt, const float *delta, uint32_t *sq,
                     uint32_t *sk) {
     for (int r = 0; r < kn; r++)
-        for (int i = 0; i < QT; i++)
-            dpt[r * QT + i] = st[r * QT + i] * (dpt[r * QT + i] - delta[i]);
-    rows_emul(sq, QT2, dpt, QT, kn, QT, 1.0f);
-    pairs_emul(sk, QT, dpt, QT, kn, QT, 1.0f);
+        for (int i = 0; i < L; i++) dpt[r * QT + i] = st[r * QT + i] * (dpt[r * QT + i] - delta[i]);
+    rows_emul(sq, QT2, dpt, QT, kn, L, 1.0f);
+    pairs_emul(sk, QT, dpt, QT, kn, L, 1.0f);
 }
 
 typedef int32_t viu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias));
@@ -267,16 +267,20 @@ BF_TARGET static void pairs_native(uint32_t *dst, ptrdiff_t ldd, const float *sr
     }
 }
 
-BF_TARGET static void ds_native(int kn, const float *st, float *dpt, const float *delta,
-                                uint32_t *sq, uint32_t *sk) {
+BF_TARGET static inline __attribute__((always_inline)) void ds_nv(const int NV, int kn,
+                                                                  const float *st, float *dpt,
+                                                                  const float *delta, uint32_t *sq,
+                                                                  uint32_t *sk) {
     const __m512i ix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     __m512 dl[QT / 16];
-    for (int v = 0; v < QT / 16; v++) dl[v] = _mm512_loadu_ps(delta + 16 * v);
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) dl[v] = _mm512_loadu_ps(delta + 16 * v);
     for (int u = 0; 2 * u < kn; u++) {
         const int has1 = 2 * u + 1 < kn;
-        __m512 d0[QT / 16], d1[QT / 16];
-        for (int v = 0; v < QT / 16; v++) {
+        __m512 d0[QT / 16 + 1], d1[QT / 16 + 1];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) {
             const float *p0 = st + 2 * u * QT + 16 * v, *g0 = dpt + 2 * u * QT + 16 * v;
             d0[v] = _mm512_mul_ps(_mm512_loadu_ps(p0), _mm512_sub_ps(_mm512_loadu_ps(g0), dl[v]));
             d1[v] = has1 ? _mm512_mul_ps(_mm512_loadu_ps(p0 + QT),
@@ -286,13 +290,25 @@ BF_TARGET static void ds_native(int kn, const float *st, float *dpt, const float
                 sk + u * QT + 16 * v,
                 _mm512_permutexvar_epi16(ix, (__m512i)_mm512_cvtne2ps_pbh(d1[v], d0[v])));
         }
-        for (int v = 0; v < QT / 16; v += 2) {
+        d0[NV] = d1[NV] = _mm512_setzero_ps(); /* an odd NV pairs its last vector with zeros */
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v += 2) {
             _mm512_storeu_si512(sq + 2 * u * QT2 + 8 * v,
                                 (__m512i)_mm512_cvtne2ps_pbh(d0[v + 1], d0[v]));
             if (has1)
                 _mm512_storeu_si512(sq + (2 * u + 1) * QT2 + 8 * v,
                                     (__m512i)_mm512_cvtne2ps_pbh(d1[v + 1], d1[v]));
         }
+    }
+}
+
+BF_TARGET static void ds_native(int kn, int L, const float *st, float *dpt, const float *delta,
+                                uint32_t *sq, uint32_t *sk) {
+    switch (L / 16) {
+    case 1: ds_nv(1, kn, st, dpt, delta, sq, sk); break;
+    case 2: ds_nv(2, kn, st, dpt, delta, sq, sk); break;
+    case 3: ds_nv(3, kn, st, dpt, delta, sq, sk); break;
+    default: ds_nv(QT / 16, kn, st, dpt, delta, sq, sk); break;
     }
 }
 
@@ -512,30 +528,31 @@ EF_INLINE vf bf_exp2(vf x) {
 EF_INLINE vf bf_max(vf a, vf b) { return vf_max(a, b); }
 #endif
 
-/* C[r][0:QT] += sum over the key pairs u of [j0, j0+kn) of A[u][r] . B[u][0:QT], with
+/* C[r][0:L] += sum over the key pairs u of [j0, j0+kn) of A[u][r] . B[u][0:L], with
  * A = all + j0/2 * R the head's pairs of keys ([M2][R]). An odd kn takes its last pair from
  * `fix` with the second key zeroed: the head's array pairs it with key j0+kn, which this
  * chunk must not see (a later key under causal masking: 0 times an infinite value there would
  * be NaN). The split leaves each lane's order of additions unchanged. cs (or NULL) scales C's
  * lanes first, once. */
-static void keypair_gemm(const bf_plan *p, uint32_t *fix, int R, int kn, const uint32_t *A,
+static void keypair_gemm(const bf_plan *p, uint32_t *fix, int R, int kn, int L, const uint32_t *A,
                          const uint32_t *B, float *C, const float *cs) {
     int full = kn / 2;
-    p->k.gemm(R, full, QT, A, 1, R, B, QT, C, QT, 1, cs);
+    p->k.gemm(R, full, L, A, 1, R, B, QT, C, QT, 1, cs);
     if (kn & 1) {
         const uint32_t *last = A + (size_t)full * R;
         for (int e = 0; e < R; e++) fix[e] = last[e] & 0xffffu;
-        p->k.gemm(R, 1, QT, fix, 1, R, B + (size_t)full * QT, QT, C, QT, 1, NULL);
+        p->k.gemm(R, 1, L, fix, 1, R, B + (size_t)full * QT, QT, C, QT, 1, NULL);
     }
 }
 
-/* S^T masked for causality: lanes (queries i0+l) with j > i0+l get -inf (as tiled.c). */
-static void mask_causal(float *st, int rows, int j0, int i0) {
+/* S^T masked for causality: lanes (queries i0+l) with j > i0+l get -inf (as tiled.c), in the
+ * first nv vectors. */
+static void mask_causal(float *st, int rows, int j0, int i0, int nv) {
     vi iota = vi_iota();
     for (int r = 0; r < rows; r++) {
         int j = j0 + r;
         if (j <= i0) continue;
-        for (int v = 0; v < QV; v++) {
+        for (int v = 0; v < nv; v++) {
             vi qi = iota + (i0 + v * EF_VL);
             vi hide = qi < j;
             float *ps = st + (size_t)r * QT + v * EF_VL;
@@ -547,6 +564,33 @@ static void mask_causal(float *st, int rows, int j0, int i0) {
 /* ---------------------------------------------------------------------------------------------
  * Forward
  * ------------------------------------------------------------------------------------------- */
+/* The online softmax of one chunk over the first NV vectors of lanes (a compile-time count, so
+ * that the NV running maxima and sums stay in registers: NV independent chains): m' = max(m,
+ * max_j S^T); P^T = 2^(S^T - m') in place; alpha = 2^(m - m'); l = l alpha + sum_j P^T. */
+EF_INLINE void online_softmax(const int NV, float *st, int kn, vf *mx, vf *l, float *alpha) {
+    vf tmax[QV], use[QV], sum[QV];
+#pragma GCC unroll 16
+    for (int u = 0; u < NV; u++) tmax[u] = mx[u];
+    for (int r = 0; r < kn; r++)
+#pragma GCC unroll 16
+        for (int u = 0; u < NV; u++) tmax[u] = bf_max(tmax[u], vf_load(st + r * QT + u * EF_VL));
+#pragma GCC unroll 16
+    for (int u = 0; u < NV; u++) {
+        use[u] = vf_select(tmax[u] == -__builtin_inff(), vf_set1(0), tmax[u]);
+        vf_store(alpha + u * EF_VL, bf_exp2(mx[u] - use[u]));
+        sum[u] = vf_set1(0);
+    }
+    for (int r = 0; r < kn; r++)
+#pragma GCC unroll 16
+        for (int u = 0; u < NV; u++) {
+            float *ps = st + r * QT + u * EF_VL;
+            vf e = bf_exp2(vf_load(ps) - use[u]);
+            vf_store(ps, e);
+            sum[u] += e;
+        }
+#pragma GCC unroll 16
+    for (int u = 0; u < NV; u++) l[u] = l[u] * vf_load(alpha + u * EF_VL) + sum[u], mx[u] = tmax[u];
+}
 typedef struct bf_call {
     ef_attn *a;
     const ef_attn_io *io;
@@ -586,6 +630,9 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         w->conv_bh = bh;
     }
     pack_t(p, w->qb, w->tmp, q, d, qv, a->scale * BF_LOG2E);
+    /* a short tile (the last one, a short q_len, padded queries) computes the 16-lane groups
+     * its queries fill, not the whole tile: lanes past them are never read */
+    int lanes = EF_MIN(QT, pad16(qv)), nv = lanes / EF_VL;
     vf mx[QV], l[QV];
     for (int u = 0; u < QV; u++) mx[u] = vf_set1(-__builtin_inff()), l[u] = vf_set1(0);
     memset(w->ot, 0, sizeof(float) * dv * QT);
@@ -593,35 +640,20 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     for (int j0 = 0; j0 < kv_end; j0 += KT) {
         int kn = EF_MIN(KT, kv_end - j0);
         /* S^T[j][i] = sum_t (K[j][2t], K[j][2t+1]) . (Qt[2t][i], Qt[2t+1][i]) */
-        p->k.gemm(kn, d2, QT, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0, NULL);
-        if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
-        /* the QV vectors of a row side by side: QV independent max and sum chains */
+        p->k.gemm(kn, d2, lanes, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0, NULL);
+        if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
         float alpha[QT] __attribute__((aligned(64)));
-        vf tmax[QV], use[QV], sum[QV];
-        for (int u = 0; u < QV; u++) tmax[u] = mx[u];
-        for (int r = 0; r < kn; r++)
-#pragma GCC unroll 4
-            for (int u = 0; u < QV; u++)
-                tmax[u] = bf_max(tmax[u], vf_load(w->st + r * QT + u * EF_VL));
-        for (int u = 0; u < QV; u++) {
-            use[u] = vf_select(tmax[u] == -__builtin_inff(), vf_set1(0), tmax[u]);
-            vf_store(alpha + u * EF_VL, bf_exp2(mx[u] - use[u]));
-            sum[u] = vf_set1(0);
+        enum { G = 16 / EF_VL }; /* vectors per 16 lanes */
+        switch (lanes / 16) {
+        case 1: online_softmax(G, w->st, kn, mx, l, alpha); break;
+        case 2: online_softmax(2 * G, w->st, kn, mx, l, alpha); break;
+        case 3: online_softmax(3 * G, w->st, kn, mx, l, alpha); break;
+        default: online_softmax(QV, w->st, kn, mx, l, alpha); break;
         }
-        for (int r = 0; r < kn; r++)
-#pragma GCC unroll 4
-            for (int u = 0; u < QV; u++) {
-                float *ps = w->st + r * QT + u * EF_VL;
-                vf e = bf_exp2(vf_load(ps) - use[u]);
-                vf_store(ps, e);
-                sum[u] += e;
-            }
-        for (int u = 0; u < QV; u++)
-            l[u] = l[u] * vf_load(alpha + u * EF_VL) + sum[u], mx[u] = tmax[u];
         /* O^T[e][i] = O^T[e][i] alpha[i] + sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i],
          * P^T[2u+1][i]) */
-        p->k.pairs(w->pb, QT, w->st, QT, kn, QT, 1.0f);
-        keypair_gemm(p, w->fix, dv, kn, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot, alpha);
+        p->k.pairs(w->pb, QT, w->st, QT, kn, lanes, 1.0f);
+        keypair_gemm(p, w->fix, dv, kn, lanes, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot, alpha);
     }
 
     float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));
@@ -688,6 +720,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             memset(dq + (size_t)i0 * d, 0, sizeof(float) * (size_t)qn * d);
             continue;
         }
+        int lanes = EF_MIN(QT, pad16(qv)), nv = lanes / EF_VL, l2 = lanes / 2; /* as forward */
         const float *qi = q + (size_t)i0 * d, *gi = g + (size_t)i0 * dv;
         pack_t(p, w->qb, w->tmp, qi, d, qv, a->scale * BF_LOG2E);
         pack_t(p, w->dob, w->tmp, gi, dv, qv, 1.0f);
@@ -709,29 +742,29 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         for (int j0 = klo; j0 < kv_end; j0 += KT) {
             int kn = EF_MIN(KT, kv_end - j0);
             /* P^T = exp(S^T - lse), S^T in bf16 products as forward */
-            p->k.gemm(kn, d2, QT, w->kall + (size_t)(j0 - klo) * d2, d2, 1, w->qb, QT, w->st, QT, 0,
-                      NULL);
-            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0);
+            p->k.gemm(kn, d2, lanes, w->kall + (size_t)(j0 - klo) * d2, d2, 1, w->qb, QT, w->st, QT,
+                      0, NULL);
+            if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
             for (int r = 0; r < kn; r++)
-                for (int u = 0; u < QV; u++) {
+                for (int u = 0; u < nv; u++) {
                     float *ps = w->st + r * QT + u * EF_VL;
                     vf_store(ps, bf_exp2(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
                 }
             /* dV[j][e] += sum_i' (P^T[j][2i'], P^T[j][2i'+1]) . (dO[2i'][e], dO[2i'+1][e]) */
-            p->k.rows(w->pq, QT2, w->st, QT, kn, QT, 1.0f);
-            p->k.gemm(kn, QT2, dvp, w->pq, QT2, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
+            p->k.rows(w->pq, QT2, w->st, QT, kn, lanes, 1.0f);
+            p->k.gemm(kn, l2, dvp, w->pq, QT2, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
                       dvp, 1, NULL);
             /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i] (pairs along e);  dS^T = P^T o (dP^T - delta)
              */
-            p->k.gemm(kn, dv2, QT, w->vnall + (size_t)(j0 - klo) * dv2, dv2, 1, w->dob, QT, w->dpt,
-                      QT, 0, NULL);
-            p->k.ds(kn, w->st, w->dpt, dl, w->sq, w->sk);
+            p->k.gemm(kn, dv2, lanes, w->vnall + (size_t)(j0 - klo) * dv2, dv2, 1, w->dob, QT,
+                      w->dpt, QT, 0, NULL);
+            p->k.ds(kn, lanes, w->st, w->dpt, dl, w->sq, w->sk);
             /* dK[j][t] += sum_i' (dS^T[j][2i'], dS^T[j][2i'+1]) . (sQ[2i'][t], sQ[2i'+1][t]) */
-            p->k.gemm(kn, QT2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp, 1,
+            p->k.gemm(kn, l2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp, 1,
                       NULL);
             /* dQ^T[t][i] += sum_u (K[2u][t], K[2u+1][t]) . (dS^T[2u][i], dS^T[2u+1][i]) */
-            keypair_gemm(p, w->fix, d, kn, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk, w->dqt,
-                         NULL);
+            keypair_gemm(p, w->fix, d, kn, lanes, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk,
+                         w->dqt, NULL);
         }
         for (int i = 0; i < qn; i++)
             for (int t = 0; t < d; t++)
