@@ -43,7 +43,8 @@ typedef float vfu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias))
     ({                                                                                             \
         __typeof__(a) ef_a_ = (a), ef_r_;                                                          \
         vi ef_i_ = (idx);                                                                          \
-        for (int ef_l_ = 0; ef_l_ < EF_VL; ef_l_++) ef_r_[ef_l_] = ef_a_[ef_i_[ef_l_] & (EF_VL - 1)]; \
+        for (int ef_l_ = 0; ef_l_ < EF_VL; ef_l_++)                                                \
+            ef_r_[ef_l_] = ef_a_[ef_i_[ef_l_] & (EF_VL - 1)];                                      \
         ef_r_;                                                                                     \
     })
 #define EF_SHUFFLE2(a, b, idx)                                                                     \
@@ -143,6 +144,28 @@ EF_INLINE vf vf_exp(vf x) {
  * (kernel_linear.c) use it. */
 EF_INLINE vf vf_exp_nonpos(vf x) {
     const float lo = -87.3365479f;
+#if defined(__AVX512F__) && defined(__FMA__) && EF_VL == 16
+    /* The same operations as exp_reduce_poly with the contractions GCC makes of it (a fused
+     * x log2e + magic, fused reductions and polynomial steps), hence the same bits, with 2^n
+     * applied by vscalefps and the x < lo lanes zeroed by a mask: a NaN lane compares false
+     * and stays NaN through every step. 15 instructions instead of about 21. */
+    __m512 xm = (__m512)x;
+    __mmask16 keep = _mm512_cmp_ps_mask(xm, _mm512_set1_ps(lo), _CMP_NLT_UQ); /* x >= lo, NaN */
+    const __m512 magic = _mm512_set1_ps(12582912.0f);
+    __m512 n =
+        _mm512_sub_ps(_mm512_fmadd_ps(xm, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xm);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p =
+        _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
+    return (vf)_mm512_maskz_scalef_ps(keep, p, n);
+#else
     vi small = ~(x >= lo); /* x < lo, or NaN */
     vi nan = x != x;
     vf xc = vf_select(small, vf_set1(lo), x);
@@ -151,6 +174,7 @@ EF_INLINE vf vf_exp_nonpos(vf x) {
     vf y = p * (vf)((ni + 127) << 23); /* n in [-126, 0] */
     y = vf_select(small, vf_set1(0.0f), y);
     return vf_select(nan, x, y);
+#endif
 }
 
 #endif
