@@ -119,36 +119,14 @@ EF_INLINE vf exp_reduce_poly(vf xc, vi *ni) {
     return p + 1.0f;
 }
 
-EF_INLINE vf vf_exp(vf x) {
-    const float lo = -87.3365479f, hi = 88.7228317f;
-    vi small = ~(x >= lo); /* x < lo, or NaN */
-    vi nan = x != x;
-    vi big = x > hi;
-    vf xc = vf_select(small, vf_set1(lo), vf_select(big, vf_set1(hi), x));
-    vi ni;
-    vf p = exp_reduce_poly(xc, &ni);
-    /* 2^n from the exponent field; n = 128 (x in [88.38, 88.72]) is not a float: build 2^127
-     * and double the result */
-    vi top = ni > 127;
-    vi e = (ni + top + 127) << 23; /* top lanes are -1 */
-    vf y = p * (vf)e;
-    y = vf_select(top, y + y, y);
-    y = vf_select(big, vf_set1(__builtin_inff()), y);
-    y = vf_select(small, vf_set1(0.0f), y);
-    return vf_select(nan, x, y);
-}
-
-/* vf_exp for x <= 0 (and NaN): the same reduction and polynomial, hence the same values, without
- * the overflow and 2^128 cases that only x > 0 reaches (x < -87.34 gives 0, NaN gives NaN).
- * Positive x is not allowed. The softmax's exp(s - max) and exp(s - lse) (tiled.c) and elu+1
- * (kernel_linear.c) use it. */
-EF_INLINE vf vf_exp_nonpos(vf x) {
-    const float lo = -87.3365479f;
 #if defined(__AVX512F__) && defined(__FMA__) && EF_VL == 16
-    /* The same operations as exp_reduce_poly with the contractions GCC makes of it (a fused
-     * x log2e + magic, fused reductions and polynomial steps), hence the same bits, with 2^n
-     * applied by vscalefps and the x < lo lanes zeroed by a mask: a NaN lane compares false
-     * and stays NaN through every step. 15 instructions instead of about 21. */
+/* exp_reduce_poly's operations with the contractions GCC makes of them (a fused x log2e + magic,
+ * fused reductions and polynomial steps), hence the same bits as the portable forms below, with
+ * 2^n applied by vscalefps (exact, as the multiply by 2^n is, up to overflow, which both round
+ * to inf) and the x < lo lanes zeroed by a mask; a NaN lane compares false and stays NaN
+ * through every step; big_check: x > 88.72 gives inf (vf_exp). About 15 instructions instead
+ * of 21 (vf_exp_nonpos) and 27 (vf_exp). */
+EF_INLINE vf vf_exp_avx512(vf x, float lo, int big_check) {
     __m512 xm = (__m512)x;
     __mmask16 keep = _mm512_cmp_ps_mask(xm, _mm512_set1_ps(lo), _CMP_NLT_UQ); /* x >= lo, NaN */
     const __m512 magic = _mm512_set1_ps(12582912.0f);
@@ -164,7 +142,47 @@ EF_INLINE vf vf_exp_nonpos(vf x) {
     p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
     p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-    return (vf)_mm512_maskz_scalef_ps(keep, p, n);
+    __m512 y = _mm512_maskz_scalef_ps(keep, p, n);
+    if (big_check) { /* vf_exp's hi */
+        __mmask16 big = _mm512_cmp_ps_mask(xm, _mm512_set1_ps(88.7228317f), _CMP_GT_OQ);
+        y = _mm512_mask_mov_ps(y, big, _mm512_set1_ps(__builtin_inff()));
+    }
+    return (vf)y;
+}
+#endif
+
+EF_INLINE vf vf_exp(vf x) {
+    const float lo = -87.3365479f, hi = 88.7228317f;
+#if defined(__AVX512F__) && defined(__FMA__) && EF_VL == 16
+    (void)hi;
+    return vf_exp_avx512(x, lo, 1);
+#else
+    vi small = ~(x >= lo); /* x < lo, or NaN */
+    vi nan = x != x;
+    vi big = x > hi;
+    vf xc = vf_select(small, vf_set1(lo), vf_select(big, vf_set1(hi), x));
+    vi ni;
+    vf p = exp_reduce_poly(xc, &ni);
+    /* 2^n from the exponent field; n = 128 (x in [88.38, 88.72]) is not a float: build 2^127
+     * and double the result */
+    vi top = ni > 127;
+    vi e = (ni + top + 127) << 23; /* top lanes are -1 */
+    vf y = p * (vf)e;
+    y = vf_select(top, y + y, y);
+    y = vf_select(big, vf_set1(__builtin_inff()), y);
+    y = vf_select(small, vf_set1(0.0f), y);
+    return vf_select(nan, x, y);
+#endif
+}
+
+/* vf_exp for x <= 0 (and NaN): the same reduction and polynomial, hence the same values, without
+ * the overflow and 2^128 cases that only x > 0 reaches (x < -87.34 gives 0, NaN gives NaN).
+ * Positive x is not allowed. The softmax's exp(s - max) and exp(s - lse) (tiled.c) and elu+1
+ * (kernel_linear.c) use it. */
+EF_INLINE vf vf_exp_nonpos(vf x) {
+    const float lo = -87.3365479f;
+#if defined(__AVX512F__) && defined(__FMA__) && EF_VL == 16
+    return vf_exp_avx512(x, lo, 0);
 #else
     vi small = ~(x >= lo); /* x < lo, or NaN */
     vi nan = x != x;
