@@ -263,6 +263,23 @@ static void near_tie_rows(bufs *in, int R, int nb, uint64_t seed) {
     near_tie_cols(in, R, nb / 2, 0, nb / 2, seed);
 }
 
+/* Runs spec on in and checks that the buckets it saves equal want (cnt of them); label names
+ * the check after the spec. */
+static void check_saved_buckets(const char *spec, bufs *in, const int32_t *lens, const int32_t *ql,
+                                const int32_t *want, size_t cnt, int near, const char *label) {
+    bufs o;
+    char name[256];
+    ef_test_outputs(&o, in);
+    ef_status st = run(spec, in, lens, ql, &o);
+    long bad = 0;
+    if (!st)
+        for (size_t x = 0; x < cnt; x++) bad += ((const int32_t *)o.saved)[x] != want[x];
+    snprintf(name, sizeof name, "%s: %s", label, spec + 4);
+    ef_check(name, !st && bad == 0, "%ld mismatches (%d near-tie rows) %s", bad, near,
+             st ? ef_last_error() : "");
+    ef_test_free_outputs(&o);
+}
+
 /* nb covers the fast path's top-two search: scalar only (nb/2 < 16), vectors plus a tail, and
  * whole vectors; near-tie rows make it fall back to the double computation. */
 static void buckets_exact(void) {
@@ -272,7 +289,7 @@ static void buckets_exact(void) {
     const int nbs[] = {2, 8, 34, 64};
     for (size_t k = 0; k < sizeof nbs / sizeof nbs[0]; k++) {
         int nb = nbs[k];
-        bufs in, o;
+        bufs in;
         ef_test_inputs(&in, s, 9, 1.5f);
         zero_rows(&in);
         if (nb > 2) near_tie_rows(&in, R, nb, seed);
@@ -283,21 +300,14 @@ static void buckets_exact(void) {
         for (int i = 20; i < 100 && nb > 2; i += 7) near += gap[i] < 1e-5 && gap[i] > 0;
         size_t cnt = (size_t)s.batch * s.heads * R * s.q_len;
         for (int pass = 0; pass < 3; pass++) {
-            char spec[128], name[256];
+            char spec[128];
             snprintf(spec, sizeof spec, "lsh:hashes=%d,buckets=%d,chunk=16,seed=%llu%s", R, nb,
                      (unsigned long long)seed,
                      pass == 0   ? ""
                      : pass == 1 ? ",causal=1"
                                  : ",causal=1,ref=1");
-            ef_test_outputs(&o, &in);
-            ef_status st = run(spec, &in, lens, ql, &o);
-            long bad = 0;
-            if (!st)
-                for (size_t x = 0; x < cnt; x++) bad += ((const int32_t *)o.saved)[x] != want[x];
-            snprintf(name, sizeof name, "buckets: %s saved == scalar re-implementation", spec + 4);
-            ef_check(name, !st && bad == 0, "%ld mismatches (%d near-tie rows) %s", bad, near,
-                     st ? ef_last_error() : "");
-            ef_test_free_outputs(&o);
+            check_saved_buckets(spec, &in, lens, ql, want, cnt, near,
+                                "buckets: saved == scalar re-implementation");
         }
         if (nb > 2) {
             char name[128];
@@ -322,7 +332,7 @@ static void buckets_factored(void) {
         int chunk, nf, bf[2];
     } cs[] = {{4, 2, {8, 8}}, {8, 2, {4, 8}}, {16, 1, {16, 0}}};
     for (size_t k = 0; k < sizeof cs / sizeof cs[0]; k++) {
-        bufs in, o;
+        bufs in;
         ef_test_inputs(&in, s, 21, 1.5f);
         int cols = cs[k].bf[0] / 2 + (cs[k].nf > 1 ? cs[k].bf[1] / 2 : 0);
         int lo = cs[k].nf > 1 ? cs[k].bf[0] / 2 : 0, width = cols - lo;
@@ -336,22 +346,15 @@ static void buckets_factored(void) {
         int top = -1; /* the largest bucket any row got: factored buckets reach past bf[0] */
         for (size_t x = 0; x < cnt; x++) top = want[x] > top ? want[x] : top;
         for (int pass = 0; pass < 3; pass++) {
-            char spec[128], name[256];
+            char spec[128], label[128];
             snprintf(spec, sizeof spec, "lsh:hashes=%d,chunk=%d,seed=%llu%s", R, cs[k].chunk,
                      (unsigned long long)seed,
                      pass == 0   ? ""
                      : pass == 1 ? ",causal=1"
                                  : ",ref=1");
-            ef_test_outputs(&o, &in);
-            ef_status st = run(spec, &in, lens, ql, &o);
-            long bad = 0;
-            if (!st)
-                for (size_t x = 0; x < cnt; x++) bad += ((const int32_t *)o.saved)[x] != want[x];
-            snprintf(name, sizeof name, "buckets=auto factors %d x %d: %s saved == own hash",
-                     cs[k].bf[0], cs[k].nf > 1 ? cs[k].bf[1] : 1, spec + 4);
-            ef_check(name, !st && bad == 0, "%ld mismatches (%d near-tie rows) %s", bad, near,
-                     st ? ef_last_error() : "");
-            ef_test_free_outputs(&o);
+            snprintf(label, sizeof label, "buckets=auto factors %d x %d: saved == own hash",
+                     cs[k].bf[0], cs[k].nf > 1 ? cs[k].bf[1] : 1);
+            check_saved_buckets(spec, &in, lens, ql, want, cnt, near, label);
         }
         char name[128];
         snprintf(name, sizeof name, "buckets=auto chunk=%d: buckets span [0, %d), near-ties held",

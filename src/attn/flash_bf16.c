@@ -37,6 +37,7 @@
  * key range in fp32.
  */
 #include "attn/flash_bf16.h"
+#include "attn/softmax.h"
 #include "core/vec.h"
 
 #include <math.h>
@@ -57,8 +58,8 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
 
 /* The operations of the products, in a native and an emulated version:
  *   gemm:  C[r][0:L] (+)= sum_{t<T} A(r, t) . B[t][0:L], A(r, t) = A[r*ars + t*ats] a broadcast
- *          (cs non-NULL: C[r][l] scaled by cs[l] first, the online softmax's rescale of O^T)
- *          pair, B rows of L pairs (L a multiple of 16), C fp32; acc = 0 overwrites;
+ *          pair, B rows of L pairs (L a multiple of 16), C fp32; acc = 0 overwrites; cs
+ *          non-NULL: C[r][l] is scaled by cs[l] first (the online softmax's rescale of O^T);
  *   rows:  row r < rows of src (stride lds) as pairs along it: dst[r*ldd + t] =
  *          (src[r][2t], src[r][2t+1]) * s for t < ceil(n/2) (an odd n pads with 0);
  *   pairs: rows of src two by two: dst[u*ldd + x] = (src[2u][x], src[2u+1][x]) * s for x < n,
@@ -492,7 +493,7 @@ static void pack_rowpairs(const bf_plan *p, uint32_t *dst, int ld, const float *
  * f = 0, p = 1 and 2^-150 rounds (to even) to exactly 0: -inf (a masked key) gives 0 with no
  * compare and select; x in (-150, -126) gives the denormal 2^x. vmaxps(-150, x) returns x when
  * x is NaN, so NaN stays NaN. The portable form builds 2^n from the exponent field (n >= -126)
- * and gives 0 below -126. vmaxps has vf_max's semantics (a > b ? a : b) in one instruction.
+ * and gives 0 below -126.
  * ------------------------------------------------------------------------------------------- */
 #define EXP2_C1 0.6931241750717163f
 #define EXP2_C2 0.24024099111557007f
@@ -510,7 +511,6 @@ EF_INLINE vf bf_exp2(vf xv) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return (vf)_mm512_scalef_ps(p, n);
 }
-EF_INLINE vf bf_max(vf a, vf b) { return (vf)_mm512_max_ps((__m512)a, (__m512)b); }
 #else
 EF_INLINE vf bf_exp2(vf x) {
     vi small = x < -126.0f;
@@ -525,7 +525,6 @@ EF_INLINE vf bf_exp2(vf x) {
     vi e = (__builtin_convertvector(n, vi) + 127) << 23; /* n >= -126: 2^n is a normal float */
     return vf_select(small, vf_set1(0.0f), p * (vf)e);
 }
-EF_INLINE vf bf_max(vf a, vf b) { return vf_max(a, b); }
 #endif
 
 /* C[r][0:L] += sum over the key pairs u of [j0, j0+kn) of A[u][r] . B[u][0:L], with
@@ -564,33 +563,6 @@ static void mask_causal(float *st, int rows, int j0, int i0, int nv) {
 /* ---------------------------------------------------------------------------------------------
  * Forward
  * ------------------------------------------------------------------------------------------- */
-/* The online softmax of one chunk over the first NV vectors of lanes (a compile-time count, so
- * that the NV running maxima and sums stay in registers: NV independent chains): m' = max(m,
- * max_j S^T); P^T = 2^(S^T - m') in place; alpha = 2^(m - m'); l = l alpha + sum_j P^T. */
-EF_INLINE void online_softmax(const int NV, float *st, int kn, vf *mx, vf *l, float *alpha) {
-    vf tmax[QV], use[QV], sum[QV];
-#pragma GCC unroll 16
-    for (int u = 0; u < NV; u++) tmax[u] = mx[u];
-    for (int r = 0; r < kn; r++)
-#pragma GCC unroll 16
-        for (int u = 0; u < NV; u++) tmax[u] = bf_max(tmax[u], vf_load(st + r * QT + u * EF_VL));
-#pragma GCC unroll 16
-    for (int u = 0; u < NV; u++) {
-        use[u] = vf_select(tmax[u] == -__builtin_inff(), vf_set1(0), tmax[u]);
-        vf_store(alpha + u * EF_VL, bf_exp2(mx[u] - use[u]));
-        sum[u] = vf_set1(0);
-    }
-    for (int r = 0; r < kn; r++)
-#pragma GCC unroll 16
-        for (int u = 0; u < NV; u++) {
-            float *ps = st + r * QT + u * EF_VL;
-            vf e = bf_exp2(vf_load(ps) - use[u]);
-            vf_store(ps, e);
-            sum[u] += e;
-        }
-#pragma GCC unroll 16
-    for (int u = 0; u < NV; u++) l[u] = l[u] * vf_load(alpha + u * EF_VL) + sum[u], mx[u] = tmax[u];
-}
 typedef struct bf_call {
     ef_attn *a;
     const ef_attn_io *io;
@@ -642,18 +614,13 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         /* S^T[j][i] = sum_t (K[j][2t], K[j][2t+1]) . (Qt[2t][i], Qt[2t+1][i]) */
         p->k.gemm(kn, d2, lanes, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0, NULL);
         if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
-        float alpha[QT] __attribute__((aligned(64)));
-        enum { G = 16 / EF_VL }; /* vectors per 16 lanes */
-        switch (lanes / 16) {
-        case 1: online_softmax(G, w->st, kn, mx, l, alpha); break;
-        case 2: online_softmax(2 * G, w->st, kn, mx, l, alpha); break;
-        case 3: online_softmax(3 * G, w->st, kn, mx, l, alpha); break;
-        default: online_softmax(QV, w->st, kn, mx, l, alpha); break;
-        }
+        vf alpha[QV];
+        ef_online_softmax(w->st, QT, kn, nv, mx, l, alpha, bf_exp2);
         /* O^T[e][i] = O^T[e][i] alpha[i] + sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i],
          * P^T[2u+1][i]) */
         p->k.pairs(w->pb, QT, w->st, QT, kn, lanes, 1.0f);
-        keypair_gemm(p, w->fix, dv, kn, lanes, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot, alpha);
+        keypair_gemm(p, w->fix, dv, kn, lanes, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot,
+                     (const float *)alpha);
     }
 
     float inv[QT] __attribute__((aligned(64))), lse[QT] __attribute__((aligned(64)));

@@ -75,22 +75,22 @@ enum { LSH_BIDIR, LSH_STRICT, LSH_SORTED };
     } while (0)
 
 typedef struct lwork {
-    float *xn;      /* [N][D] normalised queries (the keys), rows < L */
-    float *nrm;     /* [N] |q| */
-    float *dkn;     /* [N][D] gradient wrt the normalised keys (backward) */
-    int32_t *bkt;   /* [R][N] buckets when forward saves nothing */
-    float *lse;     /* [R][N] when forward saves nothing */
-    int32_t *perm;  /* [R][N] sorted index -> position */
-    int32_t *inv;   /* [R][N] position -> sorted index */
-    int32_t *kb;    /* [N][R] bucket (strict dedup) */
-    int32_t *kr;    /* [N][R] rank in the bucket (strict) or chunk (sorted modes) */
-    int32_t *kl;    /* [N][R] lowest visible rank (strict) */
-    int32_t *selfc; /* [N] rounds in which the row sees only itself */
-    int32_t *cnt;   /* [nb + 1] counting sort */
-    double *y;      /* [cols] projections */
-    float *yb;      /* [hb][R cols] projections of a block of rows (fp32 GEMM) */
-    float *m, *sw;  /* [N] online combination: running max, running weight sum */
-    float *delta;   /* [N] dO . out */
+    float *xn;          /* [N][D] normalised queries (the keys), rows < L */
+    float *nrm;         /* [N] |q| */
+    float *dkn;         /* [N][D] gradient wrt the normalised keys (backward) */
+    int32_t *bkt;       /* [R][N] buckets when forward saves nothing */
+    float *lse;         /* [R][N] when forward saves nothing */
+    int32_t *perm;      /* [R][N] sorted index -> position */
+    int32_t *inv;       /* [R][N] position -> sorted index */
+    int32_t *kb;        /* [N][R] bucket (strict dedup) */
+    int32_t *kr;        /* [N][R] rank in the bucket (strict) or chunk (sorted modes) */
+    int32_t *kl;        /* [N][R] lowest visible rank (strict) */
+    int32_t *selfc;     /* [N] rounds in which the row sees only itself */
+    int32_t *cnt;       /* [nb + 1] counting sort */
+    double *y;          /* [cols] projections */
+    float *yb;          /* [hb][R cols] projections of a block of rows (fp32 GEMM) */
+    float *m, *sw;      /* [N] online combination: running max, running weight sum */
+    float *delta;       /* [N] dO . out */
     /* tiles of QW query lanes (dp, dvp = D, Dv padded to 16); rows of a round in sorted order */
     float *Ks, *Qs;   /* [N][dp] normalised queries (the keys), scale * queries */
     float *Vs, *Gs;   /* [N][dvp] values; dout (backward) or the unnormalised O (forward) */
@@ -108,14 +108,15 @@ typedef struct lwork {
 
 typedef struct lplan {
     int mode, R, nb, C, before, after, dedup;
-    int nf, bf[2], cols; /* bucket factors (nb = bf[0] bf[1] when nf = 2); rotation columns */
-    int nwin;            /* distinct window chunks (sorted modes, nc = ceil(N / C)) */
-    int Wk;              /* keys of a tile, at most */
-    int QW, dp, dvp;     /* query lanes per tile, D and Dv padded to 16 */
-    float *rot;          /* [H][D][R][cols] (all rounds of a head in one product) */
-    int hb;              /* rows per projection block */
-    float *rmax;         /* [H][R] max |rot| (error bound of the fp32 projections) */
-    float logc[65];      /* log(count), count = 0..R */
+    /* bucket factors (nb = bf[0] bf[1] when nf = 2) and rotation columns per round */
+    int nf, bf[2], cols;
+    int nwin;       /* distinct window chunks (sorted modes, nc = ceil(N / C)) */
+    int Wk;          /* keys of a tile, at most */
+    int QW, dp, dvp; /* query lanes per tile, D and Dv padded to 16 */
+    float *rot;     /* [H][D][R][cols] (all rounds of a head in one product) */
+    int hb;         /* rows per projection block */
+    float *rmax;    /* [H][R] max |rot| (error bound of the fp32 projections) */
+    float logc[65]; /* log(count), count = 0..R */
     lwork *ws;
     void *block;
     ef_status *status; /* [slots] first failure of each worker */
@@ -230,8 +231,8 @@ static int top2(const float *y, int n, float *b1, float *b2) {
 }
 
 /* Every round's buckets from fp32 GEMM projections of hb rows at a time (all rounds in one
- * product: the rotations are stored [H][D][R][cols]): per factor, a row whose best value beats the
- * runner-up by more than twice the rounding bound of a D-term fp32 dot product
+ * product: the rotations are stored [H][D][R][cols]): per factor, a row whose best value beats
+ * the runner-up by more than twice the rounding bound of a D-term fp32 dot product
  * (D 2^-23 sum|x_t| max|R|, any summation order) has the same argmax as exact_bucket; the
  * others (near-ties) are recomputed by exact_bucket. Results are identical, only faster. Row
  * i's bucket depends on row i alone. bkt is [R][N]. */
@@ -421,8 +422,8 @@ static inline void combine_row(float *dst, float fo, const float *src, float f, 
 
 /* Round r's rows in sorted order: Ks = normalised queries, Qs = scale q, Vs = v, Gs = dout
  * (backward only, g != NULL); rows padded to dp, dvp. */
-static void gather_round(const ef_attn *a, lwork *w, const float *q, const float *v, const float *g,
-                         const int32_t *pr, int valid) {
+static void gather_round(const ef_attn *a, lwork *w, const float *q, const float *v,
+                         const float *g, const int32_t *pr, int valid) {
     const lplan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim;
     for (int s = 0; s < valid; s++) {
@@ -697,8 +698,8 @@ static void tile_backward(const ef_attn *a, lwork *w, const ltile *t) {
     for (int x = 0; x < nseg; x++) {
         const float *pt = w->st + (size_t)seg[x].off * QW;
         /* dV[k][e] += sum_l P^T[k][l] dO[l][e];  dP^T[k][l] = sum_e V[k][e] dO^T[e][l] */
-        ef_tile_gemm(seg[x].kn, nq, dvp, pt, QW, 1, gs, dvp, w->dVs + (size_t)seg[x].k0 * dvp, dvp,
-                     1);
+        ef_tile_gemm(seg[x].kn, nq, dvp, pt, QW, 1, gs, dvp, w->dVs + (size_t)seg[x].k0 * dvp,
+                     dvp, 1);
         ef_tile_gemm(seg[x].kn, dv, QW, w->Vs + (size_t)seg[x].k0 * dvp, dvp, 1, w->dot, QW,
                      w->dpt + (size_t)seg[x].off * QW, QW, 0);
     }
@@ -711,7 +712,8 @@ static void tile_backward(const ef_attn *a, lwork *w, const ltile *t) {
     for (int x = 0; x < nseg; x++) {
         const float *ds = w->dpt + (size_t)seg[x].off * QW;
         /* dK[k][t] += sum_l dS^T[k][l] (scale Q)[l][t];  dQ[l][t] (+)= sum_k dS^T[k][l] K[k][t] */
-        ef_tile_gemm(seg[x].kn, nq, dp, ds, QW, 1, qs, dp, w->dKs + (size_t)seg[x].k0 * dp, dp, 1);
+        ef_tile_gemm(seg[x].kn, nq, dp, ds, QW, 1, qs, dp, w->dKs + (size_t)seg[x].k0 * dp, dp,
+                     1);
         ef_tile_gemm(nq, seg[x].kn, dp, ds, 1, QW, w->Ks + (size_t)seg[x].k0 * dp, dp,
                      w->dQs + (size_t)s0 * dp, dp, x > 0);
     }
@@ -890,9 +892,8 @@ static ef_status lsh_init(ef_attn *a) {
         /* HF's _set_num_buckets, with max_position_embeddings = N: past
          * 2 max(floor(sqrt(floor(N / chunk))), chunk) buckets, two factors 2^floor(lg/2) and
          * 2^ceil(lg/2), so that hashing costs N D (b1 + b2)/2 instead of N D nb/2 */
-        int root = (int)sqrt((double)(n / p->C));
+        int root = 0; /* floor(sqrt(floor(N / chunk))), at most 2^15 steps */
         while ((int64_t)(root + 1) * (root + 1) <= n / p->C) root++;
-        while ((int64_t)root * root > n / p->C) root--;
         if ((int64_t)p->nb > 2 * (int64_t)EF_MAX(root, p->C))
             p->nf = 2, p->bf[0] = 1 << (lg / 2), p->bf[1] = 1 << (lg - lg / 2);
     } else {

@@ -36,6 +36,7 @@
  * pairs' gradient terms with the same lse and delta.
  */
 #include "attn/attn.h"
+#include "attn/softmax.h"
 #include "core/vec.h"
 
 #include <math.h>
@@ -243,13 +244,14 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     p->splits = bh >= EF_BWD_ITEMS ? 1 : (int)EF_MIN((int64_t)nch, (EF_BWD_ITEMS + bh - 1) / bh);
     p->bwd_slots = (int)EF_MIN((int64_t)a->slots, bh * p->splits);
     enum { NSMALL = 10 };
-    size_t small[NSMALL] = {
-        (size_t)d * QT,      (size_t)KT * QT, (size_t)dv * QT, (size_t)QT * p->dp, (size_t)dv * QT,
-        (size_t)QT * p->dvp, (size_t)KT * QT, (size_t)d * QT,  (size_t)KT * d,     (size_t)KT * dv};
+    size_t small[NSMALL] = {(size_t)d * QT,     (size_t)KT * QT, (size_t)dv * QT,
+                            (size_t)QT * p->dp, (size_t)dv * QT, (size_t)QT * p->dvp,
+                            (size_t)KT * QT,    (size_t)d * QT,  (size_t)KT * d,
+                            (size_t)KT * dv};
     /* a backward item accumulates dK, dV of its key range only: at most ceil(nch / splits)
      * chunks, or (stride pass) one residue class of keys */
-    size_t rows =
-        p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * p->kt : (size_t)s->kv_len;
+    size_t rows = p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * p->kt
+                                : (size_t)s->kv_len;
     if (p->stride) rows = EF_MAX(rows, (size_t)class_count(s->kv_len, 0, p->stride));
     size_t big[2] = {rows * p->dp, rows * p->dvp};
     size_t total = 0;
@@ -272,7 +274,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     cur += round16(lse_tmp);
     for (int t = 0; t < a->slots; t++) {
         tiled_ws *w = &p->ws[t];
-        float **f[NSMALL] = {&w->qt,  &w->st,  &w->ot,  &w->qp, &w->dot,
+        float **f[NSMALL] = {&w->qt, &w->st, &w->ot,  &w->qp, &w->dot,
                              &w->dop, &w->dpt, &w->dqt, &w->kg, &w->vg};
         for (int i = 0; i < NSMALL; i++) *f[i] = cur, cur += round16(small[i]);
         if (t < p->bwd_slots) {
@@ -328,9 +330,7 @@ static ef_status build_spans(ef_attn *a) {
                 int i1 = i0 + qn;
                 p->off[(int64_t)h * p->ntiles + t] = n;
                 /* keys past the tile's last query are never visible when causal */
-                span_sink k = {pass ? p->spans + n : NULL,
-                               {0, 0, 0},
-                               0,
+                span_sink k = {pass ? p->spans + n : NULL, {0, 0, 0}, 0,
                                a->causal ? EF_MIN(s->kv_len, i1) : s->kv_len};
                 if (p->pat.spans) {
                     p->pat.spans(a, h, i0, i1, span_emit, &k);
@@ -520,47 +520,9 @@ typedef struct fwd_state {
 /* One key chunk of kn keys (rows of v, dv floats each) whose masked scores are in w->st:
  * m' = max(m, max_j S^T);  P^T = exp(S^T - m');  l = l e^(m-m') + sum_j P^T;
  * O^T = O^T e^(m-m') + V^T P^T. */
-/* The softmax part for vectors u0 .. u0+NV-1 of the tile (NV <= 4 a compile-time count: the
- * running maxima and sums are registers, NV independent chains; each lane's operations are
- * the same whichever group it is in). */
-EF_INLINE void fwd_softmax(const int NV, int u0, float *st, fwd_state *f, int kn, vf *alpha) {
-    vf tmax[4], use[4], sum[4];
-    st += u0 * EF_VL;
-#pragma GCC unroll 4
-    for (int u = 0; u < NV; u++) tmax[u] = f->mx[u0 + u];
-    for (int r = 0; r < kn; r++)
-#pragma GCC unroll 4
-        for (int u = 0; u < NV; u++) tmax[u] = vf_max(tmax[u], vf_load(st + r * QT + u * EF_VL));
-#pragma GCC unroll 4
-    for (int u = 0; u < NV; u++) {
-        /* a lane that has seen only -inf subtracts 0, so exp(-inf - 0) = 0, never NaN */
-        use[u] = vf_select(tmax[u] == -__builtin_inff(), vf_set1(0), tmax[u]);
-        alpha[u0 + u] = vf_exp_nonpos(f->mx[u0 + u] - use[u]);
-        sum[u] = vf_set1(0);
-    }
-    for (int r = 0; r < kn; r++)
-#pragma GCC unroll 4
-        for (int u = 0; u < NV; u++) {
-            float *ps = st + r * QT + u * EF_VL;
-            vf e = vf_exp_nonpos(vf_load(ps) - use[u]);
-            vf_store(ps, e);
-            sum[u] += e;
-        }
-#pragma GCC unroll 4
-    for (int u = 0; u < NV; u++)
-        f->l[u0 + u] = f->l[u0 + u] * alpha[u0 + u] + sum[u], f->mx[u0 + u] = tmax[u];
-}
-
 static void fwd_chunk(tiled_ws *w, fwd_state *f, const float *v, int kn, int dv, int nv) {
     vf alpha[QV];
-    for (int u0 = 0; u0 < nv; u0 += 4) {
-        switch (EF_MIN(4, nv - u0)) {
-        case 1: fwd_softmax(1, u0, w->st, f, kn, alpha); break;
-        case 2: fwd_softmax(2, u0, w->st, f, kn, alpha); break;
-        case 3: fwd_softmax(3, u0, w->st, f, kn, alpha); break;
-        default: fwd_softmax(4, u0, w->st, f, kn, alpha); break;
-        }
-    }
+    ef_online_softmax(w->st, QT, kn, nv, f->mx, f->l, alpha, vf_exp_nonpos);
     /* O^T[e][i] = O^T[e][i] alpha[i] + sum_j V[j][e] P^T[j][i] */
     tile_gemm(dv, kn, nv * EF_VL, v, 1, dv, w->st, QT, w->ot, QT, 1, (const float *)alpha);
 }
@@ -574,7 +536,8 @@ static void fwd_finish(const tiled_ws *w, const fwd_state *f, int qv, int dv, fl
         vf has = vf_select(f->l[u] > 0, vf_set1(1), vf_set1(0));
         vf_store(inv + u * EF_VL, has / vf_select(f->l[u] > 0, f->l[u], vf_set1(1)));
         for (int t = 0; t < EF_VL; t++)
-            ls[u * EF_VL + t] = f->l[u][t] > 0 ? f->mx[u][t] + logf(f->l[u][t]) : -__builtin_inff();
+            ls[u * EF_VL + t] =
+                f->l[u][t] > 0 ? f->mx[u][t] + logf(f->l[u][t]) : -__builtin_inff();
     }
     unpack_tile(out, ldo, w->ot, dv, qv, inv, 1.0f, 0);
     if (lse)
@@ -663,7 +626,7 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
     int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
     int c_end = a->causal ? EF_MIN(nk, a0 + qv - 1) : nk;
     if (qv <= 0 || c_end <= 0) return;
-    int lanes = pad16(qv), nv = lanes / EF_VL;           /* a short class fills fewer lanes */
+    int lanes = pad16(qv), nv = lanes / EF_VL; /* a short class fills fewer lanes */
     size_t first = (size_t)bh * n + r + (size_t)a0 * st; /* row of the tile's first query */
     const float *k = c->io->k + ((size_t)bh * m + r) * d;
     const float *v = c->io->v + ((size_t)bh * m + r) * dv;
@@ -751,8 +714,8 @@ static void bwd_pack(const ef_attn *a, tiled_ws *w, const float *q, size_t ldq, 
 /* One key chunk of kn keys (k, v rows of d, dv floats) whose masked scores are in w->st:
  * P^T = exp(S^T - lse); dV += P^T dO; dP^T = V dO^T; dS^T = P^T o (dP^T - delta);
  * dK += dS^T (scale Q); dQ^T += K^T dS^T (times scale later). dk, dvacc: rows of this chunk. */
-static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float *v, int kn, int qt,
-                      const float *lse_use, const float *dl, float *dk, float *dvacc) {
+static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float *v, int kn,
+                      int qt, const float *lse_use, const float *dl, float *dk, float *dvacc) {
     int d = a->shape.head_dim, dv = a->shape.v_dim;
     const tiled_plan *p = a->impl;
     int dp = p->dp, dvp = p->dvp;

@@ -43,8 +43,7 @@ typedef float vfu __attribute__((vector_size(EF_VL * 4), aligned(4), may_alias))
     ({                                                                                             \
         __typeof__(a) ef_a_ = (a), ef_r_;                                                          \
         vi ef_i_ = (idx);                                                                          \
-        for (int ef_l_ = 0; ef_l_ < EF_VL; ef_l_++)                                                \
-            ef_r_[ef_l_] = ef_a_[ef_i_[ef_l_] & (EF_VL - 1)];                                      \
+        for (int ef_l_ = 0; ef_l_ < EF_VL; ef_l_++) ef_r_[ef_l_] = ef_a_[ef_i_[ef_l_] & (EF_VL - 1)]; \
         ef_r_;                                                                                     \
     })
 #define EF_SHUFFLE2(a, b, idx)                                                                     \
