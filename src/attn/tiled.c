@@ -31,7 +31,7 @@
  * saved + O(threads (N D + tiles)).
  * Patterns beyond chunk classification (attn.h, docs/sparse.md): a grid origin (tiles start
  * after a prefix), one-block tiles for blocks below 64, key spans listed by the pattern, and a
- * stride pass: each residue class (queries and keys r, r + s, ...) gathered into dense tiles,
+ * stride pass: each residue class (queries and keys r, r + s, ...) as a dense problem,
  * resuming the first pass's online softmax from its (out, lse); its backward adds the class
  * pairs' gradient terms with the same lse and delta.
  */
@@ -157,7 +157,6 @@ typedef struct tiled_ws { /* one per thread slot; every array 64-byte aligned */
     float *dop;           /* [QT][Dvp] dO tile, zero-padded rows (backward) */
     float *dpt;           /* [KT][QT]  dP^T then dS^T (backward) */
     float *dqt;           /* [D][QT]   dQ^T of one query tile (backward) */
-    float *kg, *vg;       /* [KT][D], [KT][Dv] gathered keys and values (stride pass) */
     float *dk;            /* [rows][Dp]  dK accumulator of one key range (backward; NULL past
                              bwd_slots) */
     float *dv;            /* [rows][Dvp] dV accumulator of one key range (idem) */
@@ -174,6 +173,7 @@ typedef struct tiled_plan {
     int qt, nv;          /* query tile height (lanes used, <= QT) and its vectors */
     int kt;              /* the key grid the pattern is asked about (chunk width, <= KT) */
     int stride;          /* the pattern's stride (0 = none): the gathered pass */
+    int cgroup;          /* classes per stride-pass work item */
     int bwd_slots;       /* threads backward may use: (head, split) pairs are its work items */
     int splits;          /* key ranges per head in backward (> 1 only when heads are few) */
     float *dqpart;       /* [(splits-1)][B*H][N][D] partial dQ of splits 1.. (summed in order) */
@@ -206,6 +206,12 @@ static void chunk_range(const tiled_plan *p, int m, int t, int *j0, int *len) {
     grid_range(p->q0, p->kt, m, t, j0, len);
 }
 
+/* Prefetches rows [r0, r1) (ld floats apart, n floats each) of x: the stride pass's rows are a
+ * residue class, s rows apart, which the hardware prefetchers do not follow across pages. */
+static void prefetch_rows(const float *x, size_t ld, int n, int r0, int r1) {
+    for (int r = r0; r < r1; r++) ef_prefetch(x + (size_t)r * ld, n);
+}
+
 /* Members of residue class r (positions r, r + s, ...) below `limit`. */
 static int class_count(int limit, int r, int s) { return limit > r ? (limit - r + s - 1) / s : 0; }
 
@@ -229,6 +235,12 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     int d = s->head_dim, dv = s->v_dim;
     p->q0 = pat->origin ? EF_MIN(pat->origin(a), EF_MIN(s->q_len, s->kv_len)) : 0;
     p->stride = pat->stride ? pat->stride(a) : 0;
+    /* classes per stride-pass work item: up to 16, as long as each thread gets several items */
+    p->cgroup = 16;
+    while (p->cgroup > 1 && (int64_t)s->batch * s->heads *
+                                    ((EF_MIN(p->stride, s->q_len) + p->cgroup - 1) / p->cgroup) <
+                                8 * a->slots)
+        p->cgroup /= 2;
     /* a pattern of small blocks gets tiles of one block: no query tile holds two blocks */
     /* (blocks below the vector width share a tile anyway: the key grid is no finer than the
      * tile, which keeps the (tiles x chunks) classification at plan creation in bounds) */
@@ -243,11 +255,10 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     int nch = grid_count(p->q0, p->kt, s->kv_len);
     p->splits = bh >= EF_BWD_ITEMS ? 1 : (int)EF_MIN((int64_t)nch, (EF_BWD_ITEMS + bh - 1) / bh);
     p->bwd_slots = (int)EF_MIN((int64_t)a->slots, bh * p->splits);
-    enum { NSMALL = 10 };
+    enum { NSMALL = 8 };
     size_t small[NSMALL] = {(size_t)d * QT,     (size_t)KT * QT, (size_t)dv * QT,
                             (size_t)QT * p->dp, (size_t)dv * QT, (size_t)QT * p->dvp,
-                            (size_t)KT * QT,    (size_t)d * QT,  (size_t)KT * d,
-                            (size_t)KT * dv};
+                            (size_t)KT * QT,    (size_t)d * QT};
     /* a backward item accumulates dK, dV of its key range only: at most ceil(nch / splits)
      * chunks, or (stride pass) one residue class of keys */
     size_t rows = p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * p->kt
@@ -274,8 +285,8 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     cur += round16(lse_tmp);
     for (int t = 0; t < a->slots; t++) {
         tiled_ws *w = &p->ws[t];
-        float **f[NSMALL] = {&w->qt, &w->st, &w->ot,  &w->qp, &w->dot,
-                             &w->dop, &w->dpt, &w->dqt, &w->kg, &w->vg};
+        float **f[NSMALL] = {&w->qt,  &w->st,  &w->ot,  &w->qp,
+                             &w->dot, &w->dop, &w->dpt, &w->dqt};
         for (int i = 0; i < NSMALL; i++) *f[i] = cur, cur += round16(small[i]);
         if (t < p->bwd_slots) {
             w->dk = cur, cur += round16(big[0]);
@@ -473,11 +484,6 @@ static void zero_lanes(float *x, int rows, int width) {
     for (int r = 0; r < rows; r++) memset(x + (size_t)r * QT, 0, sizeof(float) * width);
 }
 
-/* Copies n rows of x (ld floats apart, d wide) into out (d floats apart). */
-static void gather_rows(float *out, const float *x, size_t ld, int d, int n) {
-    for (int r = 0; r < n; r++) memcpy(out + (size_t)r * d, x + (size_t)r * ld, sizeof(float) * d);
-}
-
 /* S^T masked for causality: lanes (queries i0+l) with j > i0+l get -inf. */
 static void mask_causal(float *st, int rows, int j0, int i0, int nv) {
     vi iota = vi_iota();
@@ -517,14 +523,17 @@ typedef struct fwd_state {
     vf mx[QV], l[QV];
 } fwd_state;
 
-/* One key chunk of kn keys (rows of v, dv floats each) whose masked scores are in w->st:
+/* One key chunk of kn keys (rows of v, ldv floats apart, dv wide) whose masked scores are in
+ * w->st:
  * m' = max(m, max_j S^T);  P^T = exp(S^T - m');  l = l e^(m-m') + sum_j P^T;
  * O^T = O^T e^(m-m') + V^T P^T. */
-static void fwd_chunk(tiled_ws *w, fwd_state *f, const float *v, int kn, int dv, int nv) {
+static void fwd_chunk(tiled_ws *w, fwd_state *f, const float *v, size_t ldv, int kn, int dv,
+                      int nv) {
     vf alpha[QV];
     ef_online_softmax(w->st, QT, kn, nv, f->mx, f->l, alpha, vf_exp_nonpos);
     /* O^T[e][i] = O^T[e][i] alpha[i] + sum_j V[j][e] P^T[j][i] */
-    tile_gemm(dv, kn, nv * EF_VL, v, 1, dv, w->st, QT, w->ot, QT, 1, (const float *)alpha);
+    tile_gemm(dv, kn, nv * EF_VL, v, 1, (ptrdiff_t)ldv, w->st, QT, w->ot, QT, 1,
+              (const float *)alpha);
 }
 
 /* O = O^T / l and lse = m + log l (l = 0: O = 0, lse = -inf) for the first qv lanes: output
@@ -585,21 +594,18 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
             ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
             if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
             if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-            fwd_chunk(w, &f, v + (size_t)j0 * dv, kn, dv, nv);
+            fwd_chunk(w, &f, v + (size_t)j0 * dv, dv, kn, dv, nv);
         }
     fwd_finish(w, &f, qv, dv, out, dv, c->lse ? c->lse + (size_t)bh * n + i0 : NULL, 1);
 }
 
-/* Keys c0 .. c0+kn-1 of a residue class (rows st apart from k and v, the class's first key)
- * gathered into w->kg, w->vg, and their masked scores against the packed class queries
- * a0 .. in w->st (lanes of them): the class pattern is c != a (causal: c < a). */
-static void class_scores(const ef_attn *a, tiled_ws *w, const float *k, const float *v, int st,
-                         int c0, int kn, int a0, int lanes) {
-    int d = a->shape.head_dim, dv = a->shape.v_dim;
-    size_t ldk = (size_t)st * d, ldv = (size_t)st * dv;
-    gather_rows(w->kg, k + (size_t)c0 * ldk, ldk, d, kn);
-    gather_rows(w->vg, v + (size_t)c0 * ldv, ldv, dv, kn);
-    ef_tile_gemm(kn, d, lanes, w->kg, d, 1, w->qt, QT, w->st, QT, 0);
+/* The masked scores of keys c0 .. c0+kn-1 of a residue class (k: the class's first key, rows
+ * ldk floats apart, read in place) against the packed class queries a0 .. in w->st (lanes of
+ * them): the class pattern is c != a (causal: c < a). */
+static void class_scores(const ef_attn *a, tiled_ws *w, const float *k, size_t ldk, int c0,
+                         int kn, int a0, int lanes) {
+    ef_tile_gemm(kn, a->shape.head_dim, lanes, k + (size_t)c0 * ldk, (ptrdiff_t)ldk, 1, w->qt, QT,
+                 w->st, QT, 0);
     if (a->causal)
         mask_causal(w->st, kn, c0, a0 - 1, lanes / EF_VL); /* hides c > a - 1 */
     else
@@ -607,20 +613,16 @@ static void class_scores(const ef_attn *a, tiled_ws *w, const float *k, const fl
 }
 
 /* The stride pass: query i also sees the keys j = i (mod s) with |i - j| >= s (causal:
- * j <= i - s). Work item (batch, head, residue r, tile): the queries r + (a0 + l) s of class r
- * against the keys r + c s, gathered into dense tiles; the online softmax resumes from the
- * first pass's result (running max = lse, sum = 1, O^T = out). In class coordinates (a, c) the
- * pattern is c != a (causal: c < a). */
-static void stride_forward(void *ctx, int64_t item, int tid) {
-    const tiled_call *c = ctx;
+ * j <= i - s). For (batch bh, residue r, class tile from a0): the queries r + (a0 + l) s of
+ * class r, packed into a dense transposed tile, against the keys r + c s, read in place (rows
+ * s apart, prefetched: the hardware does not follow such strides across pages); the online
+ * softmax resumes from the first pass's result (running max = lse, sum = 1, O^T = out). In
+ * class coordinates (a, c) the pattern is c != a (causal: c < a). */
+static void stride_forward_class(const tiled_call *c, tiled_ws *w, int64_t bh, int r, int a0) {
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
-    tiled_plan *p = a->impl;
-    tiled_ws *w = &p->ws[tid];
+    const tiled_plan *p = a->impl;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride;
-    int ncls = EF_MIN(st, n), tpc = (class_count(n, 0, st) + p->qt - 1) / p->qt;
-    int64_t bh = item / ((int64_t)ncls * tpc);
-    int rest = (int)(item % ((int64_t)ncls * tpc)), r = rest / tpc, a0 = rest % tpc * p->qt;
     int b = (int)(bh / s->heads);
     int qv = EF_MIN(p->qt, class_count(ef_attn_q_valid(a, c->io, b), r, st) - a0);
     int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
@@ -631,6 +633,10 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
     const float *k = c->io->k + ((size_t)bh * m + r) * d;
     const float *v = c->io->v + ((size_t)bh * m + r) * dv;
     float *out = c->io->out + first * dv, *lse = c->lse + first;
+    prefetch_rows(c->io->q + first * d, (size_t)st * d, d, 0, qv);
+    prefetch_rows(out, (size_t)st * dv, dv, 0, qv);
+    prefetch_rows(k, (size_t)st * d, d, 0, EF_MIN(KT, c_end));
+    prefetch_rows(v, (size_t)st * dv, dv, 0, EF_MIN(KT, c_end));
     pack_qt(w->qt, c->io->q + first * d, (size_t)st * d, d, qv, lanes, a->scale);
     pack_qt(w->ot, out, (size_t)st * dv, dv, qv, lanes, 1.0f);
     fwd_state f;
@@ -642,15 +648,34 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
     }
     for (int c0 = 0; c0 < c_end; c0 += KT) {
         int kn = EF_MIN(KT, c_end - c0);
-        class_scores(a, w, k, v, st, c0, kn, a0, lanes);
-        fwd_chunk(w, &f, w->vg, kn, dv, nv);
+        class_scores(a, w, k, (size_t)st * d, c0, kn, a0, lanes);
+        prefetch_rows(k, (size_t)st * d, d, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
+        prefetch_rows(v, (size_t)st * dv, dv, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
+        fwd_chunk(w, &f, v + (size_t)c0 * st * dv, (size_t)st * dv, kn, dv, nv);
     }
     fwd_finish(w, &f, qv, dv, out, (size_t)st * dv, lse, st);
 }
 
-static int64_t stride_items(const tiled_plan *p, const ef_attn_shape *s) {
-    int tpc = (class_count(s->q_len, 0, p->stride) + p->qt - 1) / p->qt;
-    return (int64_t)s->batch * s->heads * EF_MIN(p->stride, s->q_len) * tpc;
+/* Stride-pass work items: (batch, head, group of p->cgroup consecutive classes, class tile).
+ * Neighbouring classes share pages and cache lines (the rows of classes r .. r + 15 are
+ * contiguous), so one thread takes them together. Each class is computed alone: the grouping
+ * does not change results. */
+static int stride_tiles(const tiled_plan *p, const ef_attn_shape *s) { /* per class */
+    return (class_count(s->q_len, 0, p->stride) + p->qt - 1) / p->qt;
+}
+static int stride_groups(const tiled_plan *p, const ef_attn_shape *s) { /* per head */
+    return (EF_MIN(p->stride, s->q_len) + p->cgroup - 1) / p->cgroup;
+}
+
+static void stride_forward(void *ctx, int64_t item, int tid) {
+    const tiled_call *c = ctx;
+    const ef_attn_shape *s = &c->a->shape;
+    tiled_plan *p = c->a->impl;
+    int tpc = stride_tiles(p, s), ng = stride_groups(p, s);
+    int64_t bh = item / ((int64_t)ng * tpc);
+    int rest = (int)(item % ((int64_t)ng * tpc)), g = rest / tpc, a0 = rest % tpc * p->qt;
+    int r1 = EF_MIN(EF_MIN(p->stride, s->q_len), (g + 1) * p->cgroup);
+    for (int r = g * p->cgroup; r < r1; r++) stride_forward_class(c, &p->ws[tid], bh, r, a0);
 }
 
 ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
@@ -659,7 +684,9 @@ ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     tiled_call c = {a, io, saved ? saved : p->lse_tmp, NULL, NULL, NULL, NULL};
     int threads = ef_attn_threads(a);
     ef_parallel_for((int64_t)s->batch * s->heads * p->ntiles, threads, forward_tile, &c);
-    if (p->stride) ef_parallel_for(stride_items(p, s), threads, stride_forward, &c);
+    if (p->stride)
+        ef_parallel_for((int64_t)s->batch * s->heads * stride_groups(p, s) * stride_tiles(p, s),
+                        threads, stride_forward, &c);
     return EF_OK;
 }
 
@@ -711,11 +738,12 @@ static void bwd_pack(const ef_attn *a, tiled_ws *w, const float *q, size_t ldq, 
     zero_lanes(w->dqt, d, p->qt);
 }
 
-/* One key chunk of kn keys (k, v rows of d, dv floats) whose masked scores are in w->st:
+/* One key chunk of kn keys (k, v rows ldk, ldv floats apart) whose masked scores are in w->st:
  * P^T = exp(S^T - lse); dV += P^T dO; dP^T = V dO^T; dS^T = P^T o (dP^T - delta);
  * dK += dS^T (scale Q); dQ^T += K^T dS^T (times scale later). dk, dvacc: rows of this chunk. */
-static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float *v, int kn,
-                      int qt, const float *lse_use, const float *dl, float *dk, float *dvacc) {
+static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, size_t ldk, const float *v,
+                      size_t ldv, int kn, int qt, const float *lse_use, const float *dl,
+                      float *dk, float *dvacc) {
     int d = a->shape.head_dim, dv = a->shape.v_dim;
     const tiled_plan *p = a->impl;
     int dp = p->dp, dvp = p->dvp;
@@ -728,7 +756,7 @@ static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float
     /* dV[j][e] += sum_i P^T[j][i] dO[i][e] */
     ef_tile_gemm(kn, qt, dvp, w->st, QT, 1, w->dop, dvp, dvacc, dvp, 1);
     /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i];  dS^T = P^T o (dP^T - delta) */
-    ef_tile_gemm(kn, dv, qt, v, dv, 1, w->dot, QT, w->dpt, QT, 0);
+    ef_tile_gemm(kn, dv, qt, v, (ptrdiff_t)ldv, 1, w->dot, QT, w->dpt, QT, 0);
     for (int r = 0; r < kn; r++)
         for (int u = 0; u < nv; u++) {
             float *pd = w->dpt + r * QT + u * EF_VL;
@@ -738,7 +766,7 @@ static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, const float
     /* dK[j][t] += sum_i dS^T[j][i] (scale Q)[i][t] */
     ef_tile_gemm(kn, qt, dp, w->dpt, QT, 1, w->qp, dp, dk, dp, 1);
     /* dQ^T[t][i] += sum_j K[j][t] dS^T[j][i] */
-    ef_tile_gemm(d, kn, qt, k, 1, d, w->dpt, QT, w->dqt, QT, 1);
+    ef_tile_gemm(d, kn, qt, k, 1, (ptrdiff_t)ldk, w->dpt, QT, w->dqt, QT, 1);
 }
 
 static void backward_head(void *ctx, int64_t item, int tid) {
@@ -797,8 +825,9 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                 ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
                 if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, lanes / EF_VL);
                 if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-                bwd_chunk(a, w, k + (size_t)j0 * d, v + (size_t)j0 * dv, kn, lanes, lse_use, dl,
-                          w->dk + (size_t)(j0 - klo) * dp, w->dv + (size_t)(j0 - klo) * dvp);
+                bwd_chunk(a, w, k + (size_t)j0 * d, d, v + (size_t)j0 * dv, dv, kn, lanes,
+                          lse_use, dl, w->dk + (size_t)(j0 - klo) * dp,
+                          w->dv + (size_t)(j0 - klo) * dvp);
             }
         unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
     }
@@ -812,20 +841,16 @@ static void add_row(float *restrict dst, const float *restrict src, int n) {
     for (int t = 0; t < n; t++) dst[t] += src[t];
 }
 
-/* The stride pass's backward, added to the first pass's gradients. Work item (batch, head,
- * residue r): the class's queries tile by tile against its keys, gathered; dK, dV of the
- * class accumulate in w->dk, w->dv (row c = key r + c s) and are added at the end. Classes
+/* The stride pass's backward, added to the first pass's gradients, for (batch bh, residue r):
+ * the class's queries tile by tile against its keys, read in place; dK, dV of the class
+ * accumulate in w->dk, w->dv (row c = key r + c s) and are added at the end. Classes
  * touch disjoint rows of dQ, dK and dV, so items are independent. */
-static void stride_backward(void *ctx, int64_t item, int tid) {
-    const tiled_call *c = ctx;
+static void stride_backward_class(const tiled_call *c, tiled_ws *w, int64_t bh, int r) {
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
-    tiled_plan *p = a->impl;
-    tiled_ws *w = &p->ws[tid];
+    const tiled_plan *p = a->impl;
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride;
-    int dp = p->dp, dvp = p->dvp, ncls = EF_MIN(st, n);
-    int64_t bh = item / ncls;
-    int r = (int)(item % ncls), b = (int)(bh / s->heads);
+    int dp = p->dp, dvp = p->dvp, b = (int)(bh / s->heads);
     int nq = class_count(ef_attn_q_valid(a, c->io, b), r, st);
     int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
     if (nq == 0 || nk == 0 || (a->causal && nq < 2)) return;
@@ -840,22 +865,46 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
         if (c_end <= 0) continue;
         size_t first = base_q + (size_t)a0 * st;
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
+        prefetch_rows(c->io->q + first * d, ldq, d, 0, qv);
+        prefetch_rows(c->dout + first * dv, ldv, dv, 0, qv);
+        prefetch_rows(c->io->out + first * dv, ldv, dv, 0, qv);
+        prefetch_rows(k, ldq, d, 0, EF_MIN(KT, c_end));
+        prefetch_rows(v, ldv, dv, 0, EF_MIN(KT, c_end));
+        prefetch_rows(c->dq + first * d, ldq, d, 0, qv);
         bwd_pack(a, w, c->io->q + first * d, ldq, c->dout + first * dv, ldv,
                  c->io->out + first * dv, ldv, c->lse + first, st, qv, lse_use, dl);
         for (int c0 = 0; c0 < c_end; c0 += KT) {
             int kn = EF_MIN(KT, c_end - c0);
-            class_scores(a, w, k, v, st, c0, kn, a0, lanes);
-            bwd_chunk(a, w, w->kg, w->vg, kn, lanes, lse_use, dl, w->dk + (size_t)c0 * dp,
-                      w->dv + (size_t)c0 * dvp);
+            class_scores(a, w, k, ldq, c0, kn, a0, lanes);
+            prefetch_rows(k, ldq, d, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
+            prefetch_rows(v, ldv, dv, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
+            bwd_chunk(a, w, k + (size_t)c0 * ldq, ldq, v + (size_t)c0 * ldv, ldv, kn, lanes,
+                      lse_use, dl, w->dk + (size_t)c0 * dp, w->dv + (size_t)c0 * dvp);
         }
         float *dq = c->dq + first * d;
         unpack_tile(dq, ldq, w->dqt, d, qv, NULL, a->scale, 1);
     }
     float *dk = c->dk + base_k * d, *dvo = c->dv + base_k * dv;
+    enum { AHEAD = 8 }; /* rows prefetched ahead of the additions */
+    prefetch_rows(dk, ldq, d, 0, EF_MIN(AHEAD, nk));
+    prefetch_rows(dvo, ldv, dv, 0, EF_MIN(AHEAD, nk));
     for (int j = 0; j < nk; j++) {
+        if (j + AHEAD < nk)
+            ef_prefetch(dk + (size_t)(j + AHEAD) * ldq, d),
+                ef_prefetch(dvo + (size_t)(j + AHEAD) * ldv, dv);
         add_row(dk + (size_t)j * ldq, w->dk + (size_t)j * dp, d);
         add_row(dvo + (size_t)j * ldv, w->dv + (size_t)j * dvp, dv);
     }
+}
+
+/* Work item (batch, head, group of classes), as forward. */
+static void stride_backward(void *ctx, int64_t item, int tid) {
+    const tiled_call *c = ctx;
+    const ef_attn_shape *s = &c->a->shape;
+    tiled_plan *p = c->a->impl;
+    int ng = stride_groups(p, s), g = (int)(item % ng);
+    int r1 = EF_MIN(EF_MIN(p->stride, s->q_len), (g + 1) * p->cgroup);
+    for (int r = g * p->cgroup; r < r1; r++) stride_backward_class(c, &p->ws[tid], item / ng, r);
 }
 
 ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
@@ -873,7 +922,7 @@ ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved,
             float *dst = dq + (size_t)h * per;
             for (size_t x = 0; x < per; x++) dst[x] += src[x];
         }
-    if (p->stride) ef_parallel_for(bh * EF_MIN(p->stride, s->q_len), threads, stride_backward, &c);
+    if (p->stride) ef_parallel_for(bh * stride_groups(p, s), threads, stride_backward, &c);
     return EF_OK;
 }
 
