@@ -68,6 +68,9 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
  *          and lanes < L (a multiple of 16) of st and dpt ([KT][QT]; delta[QT]) into pairs of
  *          queries sq[r][0:L/2] and pairs of keys sk[u][0:L] (an odd kn pads with 0); dpt may
  *          be overwritten (with dS^T).
+ *   smpairs: the online softmax step of a key chunk (ef_online_softmax with bf_exp2 on the kn
+ *          rows and first nv vectors of st; mx, l, alpha: [QT] floats) with P^T written as
+ *          pairs of keys, pb[u][0:16 nv] (the pairs function's layout), instead of into st.
  * A whole tile per call: these run once per chunk and are short. */
 typedef void (*bf_gemm_fn)(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
                            const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc,
@@ -78,13 +81,66 @@ typedef void (*bf_pairs_fn)(uint32_t *dst, ptrdiff_t ldd, const float *src, ptrd
                             int n, float s);
 typedef void (*bf_ds_fn)(int kn, int L, const float *st, float *dpt, const float *delta,
                          uint32_t *sq, uint32_t *sk);
+typedef void (*bf_smpairs_fn)(float *st, int kn, int nv, float *mx, float *l, float *alpha,
+                              uint32_t *pb);
 typedef struct bf_kernels {
     bf_gemm_fn gemm;
     bf_rows_fn rows;
     bf_pairs_fn pairs;
     bf_ds_fn ds;
+    bf_smpairs_fn smpairs;
     int native;
 } bf_kernels;
+
+/* ---------------------------------------------------------------------------------------------
+ * The softmax in base 2 (fp32). The query tile of the S product is scaled by scale * log2(e),
+ * so that the scores are s' = s log2(e) and exp(s - m) = 2^(s' - m'); lse is kept in base 2
+ * too (lse' = m' + log2(l), natural lse = lse' ln 2). bf_exp2 runs on x = s' - m' <= 0 (or
+ * slightly above, by rounding), -inf and NaN: n = round(x), f = x - n (exact) in [-1/2, 1/2],
+ * 2^f by a degree-4 polynomial fitted for relative error (2.9e-6 measured over [-1/2, 1/2] in
+ * fp32, a thousandth of bf16's rounding of P; the natural-base form this replaces, a degree-5
+ * Taylor polynomial, was at 2.5e-6), times 2^n by vscalefps. x is first raised to -150, where
+ * f = 0, p = 1 and 2^-150 rounds (to even) to exactly 0: -inf (a masked key) gives 0 with no
+ * compare and select; x in (-150, -126) gives the denormal 2^x. vmaxps(-150, x) returns x when
+ * x is NaN, so NaN stays NaN. The portable form builds 2^n from the exponent field (n >= -126)
+ * and gives 0 below -126.
+ * ------------------------------------------------------------------------------------------- */
+#define EXP2_C1 0.6931241750717163f
+#define EXP2_C2 0.24024099111557007f
+#define EXP2_C3 0.055906400084495544f
+#define EXP2_C4 0.009582829661667347f
+#define BF_LOG2E 1.44269504088896341f
+#if BF_X86 || defined(__AVX512F__)
+/* (avx512f only, so that it inlines into AVX-512 builds and into the native kernels alike) */
+__attribute__((target("avx512f"))) static inline __attribute__((always_inline)) __m512
+exp2_512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-150.0f), x);
+    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_C4), f, _mm512_set1_ps(EXP2_C3));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+#if defined(__AVX512F__) && EF_VL == 16
+EF_INLINE vf bf_exp2(vf x) { return (vf)exp2_512((__m512)x); }
+#else
+EF_INLINE vf bf_exp2(vf x) {
+    vi small = x < -126.0f;
+    vf xc = vf_select(small, vf_set1(-126.0f), x);
+    const float magic = 12582912.0f; /* round to nearest even: |x| < 2^22 */
+    vf n = (xc + magic) - magic;
+    vf f = xc - n;
+    vf p = vf_set1(EXP2_C4) * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
+    p = p * f + 1.0f;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23; /* n >= -126: 2^n is a normal float */
+    return vf_select(small, vf_set1(0.0f), p * (vf)e);
+}
+#endif
 
 /* ---------------------------------------------------------------------------------------------
  * The emulation (portable C)
@@ -157,7 +213,14 @@ static void gemm_emul(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptr
         }
 }
 
-static const bf_kernels kernels_emul = {gemm_emul, rows_emul, pairs_emul, ds_emul, 0};
+static void smpairs_emul(float *st, int kn, int nv, float *mx, float *l, float *alpha,
+                         uint32_t *pb) {
+    ef_online_softmax(st, QT, kn, nv, (vf *)mx, (vf *)l, (vf *)alpha, bf_exp2);
+    pairs_emul(pb, QT, st, QT, kn, nv * 16, 1.0f);
+}
+
+static const bf_kernels kernels_emul = {gemm_emul, rows_emul, pairs_emul, ds_emul, smpairs_emul,
+                                        0};
 
 /* ---------------------------------------------------------------------------------------------
  * AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), compiled for that target whatever the build's
@@ -313,7 +376,66 @@ BF_TARGET static void ds_native(int kn, int L, const float *st, float *dpt, cons
     }
 }
 
-static const bf_kernels kernels_native = {gemm_native, rows_native, pairs_native, ds_native, 1};
+/* ef_softmax_group for NV vectors from u0, in intrinsics, with P^T converted to pairs of keys as
+ * it is made: the same operations on each lane in the same order (so the same bits as
+ * ef_online_softmax followed by pairs_native), without storing P^T in fp32 and loading it
+ * again. */
+BF_TARGET static inline __attribute__((always_inline)) void
+smpairs_nv(const int NV, int u0, float *st, int kn, float *mx, float *l, float *alpha,
+           uint32_t *pb) {
+    const __m512i ix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
+                                        8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512 tmax[4], use[4], sum[4];
+    st += u0 * 16, pb += u0 * 16;
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; u++) tmax[u] = _mm512_loadu_ps(mx + (u0 + u) * 16);
+    for (int r = 0; r < kn; r++)
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++)
+            tmax[u] = _mm512_max_ps(tmax[u], _mm512_loadu_ps(st + r * QT + u * 16));
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; u++) {
+        __mmask16 none = _mm512_cmp_ps_mask(tmax[u], _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
+        use[u] = _mm512_mask_blend_ps(none, tmax[u], _mm512_setzero_ps());
+        __m512 al = exp2_512(_mm512_loadu_ps(mx + (u0 + u) * 16) - use[u]);
+        _mm512_storeu_ps(alpha + (u0 + u) * 16, al);
+        sum[u] = _mm512_setzero_ps();
+    }
+    for (int r = 0; r < kn; r += 2) {
+        const int has1 = r + 1 < kn;
+#pragma GCC unroll 4
+        for (int u = 0; u < NV; u++) {
+            __m512 e0 = exp2_512(_mm512_loadu_ps(st + r * QT + u * 16) - use[u]);
+            sum[u] += e0;
+            __m512 e1 = _mm512_setzero_ps();
+            if (has1) {
+                e1 = exp2_512(_mm512_loadu_ps(st + (r + 1) * QT + u * 16) - use[u]);
+                sum[u] += e1;
+            }
+            _mm512_storeu_si512(pb + r / 2 * QT + u * 16,
+                                _mm512_permutexvar_epi16(ix, (__m512i)_mm512_cvtne2ps_pbh(e1, e0)));
+        }
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < NV; u++) {
+        __m512 lv = _mm512_loadu_ps(l + (u0 + u) * 16), al = _mm512_loadu_ps(alpha + (u0 + u) * 16);
+        _mm512_storeu_ps(l + (u0 + u) * 16, lv * al + sum[u]);
+        _mm512_storeu_ps(mx + (u0 + u) * 16, tmax[u]);
+    }
+}
+
+BF_TARGET static void smpairs_native(float *st, int kn, int nv, float *mx, float *l, float *alpha,
+                                     uint32_t *pb) {
+    switch (nv) { /* nv <= QT / 16 = 4: one group */
+    case 1: smpairs_nv(1, 0, st, kn, mx, l, alpha, pb); break;
+    case 2: smpairs_nv(2, 0, st, kn, mx, l, alpha, pb); break;
+    case 3: smpairs_nv(3, 0, st, kn, mx, l, alpha, pb); break;
+    default: smpairs_nv(4, 0, st, kn, mx, l, alpha, pb); break;
+    }
+}
+
+static const bf_kernels kernels_native = {gemm_native,  rows_native,    pairs_native,
+                                          ds_native,    smpairs_native, 1};
 #endif
 
 int ef_bf16_cpu_native(void) {
@@ -482,50 +604,6 @@ static void pack_rowpairs(const bf_plan *p, uint32_t *dst, int ld, const float *
     for (int u = (n + 1) / 2; u < QT2; u++) memset(dst + (size_t)u * ld, 0, sizeof(uint32_t) * d);
 }
 
-/* ---------------------------------------------------------------------------------------------
- * The softmax in base 2 (fp32). The query tile of the S product is scaled by scale * log2(e),
- * so that the scores are s' = s log2(e) and exp(s - m) = 2^(s' - m'); lse is kept in base 2
- * too (lse' = m' + log2(l), natural lse = lse' ln 2). bf_exp2 runs on x = s' - m' <= 0 (or
- * slightly above, by rounding), -inf and NaN: n = round(x), f = x - n (exact) in [-1/2, 1/2],
- * 2^f by a degree-4 polynomial fitted for relative error (2.9e-6 measured over [-1/2, 1/2] in
- * fp32, a thousandth of bf16's rounding of P; the natural-base form this replaces, a degree-5
- * Taylor polynomial, was at 2.5e-6), times 2^n by vscalefps. x is first raised to -150, where
- * f = 0, p = 1 and 2^-150 rounds (to even) to exactly 0: -inf (a masked key) gives 0 with no
- * compare and select; x in (-150, -126) gives the denormal 2^x. vmaxps(-150, x) returns x when
- * x is NaN, so NaN stays NaN. The portable form builds 2^n from the exponent field (n >= -126)
- * and gives 0 below -126.
- * ------------------------------------------------------------------------------------------- */
-#define EXP2_C1 0.6931241750717163f
-#define EXP2_C2 0.24024099111557007f
-#define EXP2_C3 0.055906400084495544f
-#define EXP2_C4 0.009582829661667347f
-#define BF_LOG2E 1.44269504088896341f
-#if defined(__AVX512F__) && EF_VL == 16
-EF_INLINE vf bf_exp2(vf xv) {
-    __m512 x = _mm512_max_ps(_mm512_set1_ps(-150.0f), (__m512)xv);
-    __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(EXP2_C4), f, _mm512_set1_ps(EXP2_C3));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C2));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(EXP2_C1));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return (vf)_mm512_scalef_ps(p, n);
-}
-#else
-EF_INLINE vf bf_exp2(vf x) {
-    vi small = x < -126.0f;
-    vf xc = vf_select(small, vf_set1(-126.0f), x);
-    const float magic = 12582912.0f; /* round to nearest even: |x| < 2^22 */
-    vf n = (xc + magic) - magic;
-    vf f = xc - n;
-    vf p = vf_set1(EXP2_C4) * f + EXP2_C3;
-    p = p * f + EXP2_C2;
-    p = p * f + EXP2_C1;
-    p = p * f + 1.0f;
-    vi e = (__builtin_convertvector(n, vi) + 127) << 23; /* n >= -126: 2^n is a normal float */
-    return vf_select(small, vf_set1(0.0f), p * (vf)e);
-}
-#endif
 
 /* C[r][0:L] += sum over the key pairs u of [j0, j0+kn) of A[u][r] . B[u][0:L], with
  * A = all + j0/2 * R the head's pairs of keys ([M2][R]). An odd kn takes its last pair from
@@ -615,10 +693,9 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         p->k.gemm(kn, d2, lanes, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0, NULL);
         if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
         vf alpha[QV];
-        ef_online_softmax(w->st, QT, kn, nv, mx, l, alpha, bf_exp2);
+        p->k.smpairs(w->st, kn, nv, (float *)mx, (float *)l, (float *)alpha, w->pb);
         /* O^T[e][i] = O^T[e][i] alpha[i] + sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i],
          * P^T[2u+1][i]) */
-        p->k.pairs(w->pb, QT, w->st, QT, kn, lanes, 1.0f);
         keypair_gemm(p, w->fix, dv, kn, lanes, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot,
                      (const float *)alpha);
     }
