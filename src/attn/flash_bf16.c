@@ -69,8 +69,10 @@ enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, QT2 = QT / 2, KT2 = KT / 2, BF_M
  *          queries sq[r][0:L/2] and pairs of keys sk[u][0:L] (an odd kn pads with 0); dpt may
  *          be overwritten (with dS^T).
  *   smpairs: the online softmax step of a key chunk (ef_online_softmax with bf_exp2 on the kn
- *          rows and first nv vectors of st; mx, l, alpha: [QT] floats) with P^T written as
+ *          rows and first 16 nv lanes of st; mx, l, alpha: [QT] floats) with P^T written as
  *          pairs of keys, pb[u][0:16 nv] (the pairs function's layout), instead of into st.
+ *   exprows: backward's Pᵀ = 2^(Sᵀ - lse) in place on the kn rows and first 16 nv lanes of st,
+ *          and each row as pairs of queries into pq (rows QT2 apart; the rows function's layout).
  * A whole tile per call: these run once per chunk and are short. */
 typedef void (*bf_gemm_fn)(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptrdiff_t ats,
                            const uint32_t *B, ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc,
@@ -83,12 +85,14 @@ typedef void (*bf_ds_fn)(int kn, int L, const float *st, float *dpt, const float
                          uint32_t *sq, uint32_t *sk);
 typedef void (*bf_smpairs_fn)(float *st, int kn, int nv, float *mx, float *l, float *alpha,
                               uint32_t *pb);
+typedef void (*bf_exprows_fn)(float *st, int kn, int nv, const float *lse, uint32_t *pq);
 typedef struct bf_kernels {
     bf_gemm_fn gemm;
     bf_rows_fn rows;
     bf_pairs_fn pairs;
     bf_ds_fn ds;
     bf_smpairs_fn smpairs;
+    bf_exprows_fn exprows;
     int native;
 } bf_kernels;
 
@@ -213,14 +217,34 @@ static void gemm_emul(int R, int T, int L, const uint32_t *A, ptrdiff_t ars, ptr
         }
 }
 
+/* smpairs and exprows as two steps: the build's softmax with bf_exp2, then the conversion
+ * (the emulation's, or the native one where a build without AVX-512 runs the native kernels:
+ * their exponentials must then be the build's bf_exp2 too, whose rounding the emulation
+ * shares). */
+static inline void smpairs_split(bf_pairs_fn pairs, float *st, int kn, int nv, float *mx, float *l,
+                                 float *alpha, uint32_t *pb) {
+    ef_online_softmax(st, QT, kn, nv * 16 / EF_VL, (vf *)mx, (vf *)l, (vf *)alpha, bf_exp2);
+    pairs(pb, QT, st, QT, kn, nv * 16, 1.0f);
+}
+static inline void exprows_split(bf_rows_fn rows, float *st, int kn, int nv, const float *lse,
+                                 uint32_t *pq) {
+    for (int r = 0; r < kn; r++)
+        for (int x = 0; x < 16 * nv; x += EF_VL) {
+            float *ps = st + r * QT + x;
+            vf_store(ps, bf_exp2(vf_load(ps) - vf_load(lse + x)));
+        }
+    rows(pq, QT2, st, QT, kn, nv * 16, 1.0f);
+}
 static void smpairs_emul(float *st, int kn, int nv, float *mx, float *l, float *alpha,
                          uint32_t *pb) {
-    ef_online_softmax(st, QT, kn, nv, (vf *)mx, (vf *)l, (vf *)alpha, bf_exp2);
-    pairs_emul(pb, QT, st, QT, kn, nv * 16, 1.0f);
+    smpairs_split(pairs_emul, st, kn, nv, mx, l, alpha, pb);
+}
+static void exprows_emul(float *st, int kn, int nv, const float *lse, uint32_t *pq) {
+    exprows_split(rows_emul, st, kn, nv, lse, pq);
 }
 
-static const bf_kernels kernels_emul = {gemm_emul, rows_emul, pairs_emul, ds_emul, smpairs_emul,
-                                        0};
+static const bf_kernels kernels_emul = {gemm_emul,    rows_emul,    pairs_emul, ds_emul,
+                                        smpairs_emul, exprows_emul, 0};
 
 /* ---------------------------------------------------------------------------------------------
  * AVX512-BF16 (vdpbf16ps, vcvtne2ps2bf16), compiled for that target whatever the build's
@@ -376,6 +400,7 @@ BF_TARGET static void ds_native(int kn, int L, const float *st, float *dpt, cons
     }
 }
 
+#if defined(__AVX512F__) && EF_VL == 16 /* bf_exp2 is exp2_512: the fused kernels */
 /* ef_softmax_group for NV vectors from u0, in intrinsics, with P^T converted to pairs of keys as
  * it is made: the same operations on each lane in the same order (so the same bits as
  * ef_online_softmax followed by pairs_native), without storing P^T in fp32 and loading it
@@ -434,8 +459,37 @@ BF_TARGET static void smpairs_native(float *st, int kn, int nv, float *mx, float
     }
 }
 
-static const bf_kernels kernels_native = {gemm_native,  rows_native,    pairs_native,
-                                          ds_native,    smpairs_native, 1};
+/* Backward's exponentials with the conversion to pairs of queries as they are made: the
+ * operations of the exp loop and then rows_native, in one pass (the same bits). */
+BF_TARGET static void exprows_native(float *st, int kn, int nv, const float *lse, uint32_t *pq) {
+    for (int r = 0; r < kn; r++) {
+        float *ps = st + r * QT;
+        for (int u = 0; u < nv; u += 2) {
+            __m512 e0 = exp2_512(_mm512_loadu_ps(ps + u * 16) - _mm512_loadu_ps(lse + u * 16));
+            __m512 e1 = _mm512_setzero_ps();
+            _mm512_storeu_ps(ps + u * 16, e0);
+            if (u + 1 < nv) {
+                e1 = exp2_512(_mm512_loadu_ps(ps + u * 16 + 16) - _mm512_loadu_ps(lse + u * 16 + 16));
+                _mm512_storeu_ps(ps + u * 16 + 16, e1);
+            }
+            _mm512_mask_storeu_epi32(pq + r * QT2 + u * 8, u + 1 < nv ? 0xffff : 0x00ff,
+                                     (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+        }
+    }
+}
+
+#else
+static void smpairs_native(float *st, int kn, int nv, float *mx, float *l, float *alpha,
+                           uint32_t *pb) {
+    smpairs_split(pairs_native, st, kn, nv, mx, l, alpha, pb);
+}
+static void exprows_native(float *st, int kn, int nv, const float *lse, uint32_t *pq) {
+    exprows_split(rows_native, st, kn, nv, lse, pq);
+}
+#endif
+
+static const bf_kernels kernels_native = {gemm_native, rows_native,    pairs_native,  ds_native,
+                                          smpairs_native, exprows_native, 1};
 #endif
 
 int ef_bf16_cpu_native(void) {
@@ -693,7 +747,7 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
         p->k.gemm(kn, d2, lanes, w->kall + (size_t)j0 * d2, d2, 1, w->qb, QT, w->st, QT, 0, NULL);
         if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
         vf alpha[QV];
-        p->k.smpairs(w->st, kn, nv, (float *)mx, (float *)l, (float *)alpha, w->pb);
+        p->k.smpairs(w->st, kn, lanes / 16, (float *)mx, (float *)l, (float *)alpha, w->pb);
         /* O^T[e][i] = O^T[e][i] alpha[i] + sum_u (V[2u][e], V[2u+1][e]) . (P^T[2u][i],
          * P^T[2u+1][i]) */
         keypair_gemm(p, w->fix, dv, kn, lanes, w->vall + (size_t)j0 / 2 * dv, w->pb, w->ot,
@@ -789,13 +843,8 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             p->k.gemm(kn, d2, lanes, w->kall + (size_t)(j0 - klo) * d2, d2, 1, w->qb, QT, w->st, QT,
                       0, NULL);
             if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
-            for (int r = 0; r < kn; r++)
-                for (int u = 0; u < nv; u++) {
-                    float *ps = w->st + r * QT + u * EF_VL;
-                    vf_store(ps, bf_exp2(vf_load(ps) - vf_load(lse_use + u * EF_VL)));
-                }
+            p->k.exprows(w->st, kn, lanes / 16, lse_use, w->pq); /* and in pairs of queries */
             /* dV[j][e] += sum_i' (P^T[j][2i'], P^T[j][2i'+1]) . (dO[2i'][e], dO[2i'+1][e]) */
-            p->k.rows(w->pq, QT2, w->st, QT, kn, lanes, 1.0f);
             p->k.gemm(kn, l2, dvp, w->pq, QT2, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
                       dvp, 1, NULL);
             /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i] (pairs along e);  dS^T = P^T o (dP^T - delta)
