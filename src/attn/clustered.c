@@ -673,8 +673,13 @@ static void sort_members(cwork *w, int nv, int C) {
 
 /* Rows rows[0..nr) of x (n floats each, stride n) into dst (row stride ld >= n). */
 static void gather(float *dst, int ld, const float *x, int n, const int32_t *rows, int nr) {
-    for (int r = 0; r < nr; r++)
-        memcpy(dst + (size_t)r * ld, x + (size_t)rows[r] * n, sizeof(float) * n);
+    for (int r = 0; r < nr; r++) { /* short rows: an inline copy, not a call to memcpy each */
+        float *o = dst + (size_t)r * ld;
+        const float *s = x + (size_t)rows[r] * n;
+        int t = 0;
+        for (; t + EF_VL <= n; t += EF_VL) vf_storeu(o + t, vf_loadu(s + t));
+        for (; t < n; t++) o[t] = s[t];
+    }
 }
 
 /* P (nr x kb, row stride Kp) = row softmax of scale Qm KT^T, with ef_tile_gemm. */
