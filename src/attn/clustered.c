@@ -651,16 +651,12 @@ static void centroid_softmax(const ef_attn *a, cwork *w, int C, int mv) {
     for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1, NULL);
 }
 
-/* Top-kb of each centroid row (logits ordered as the probabilities) into w->tk; the slots of a
+/* Top-kb of centroid row c (logits ordered as the probabilities) into w->tk; the slots of a
  * row past kb are -1 (they go to `saved`, which is written in full). */
-static void select_topk(const ef_attn *a, cwork *w, int C, int mv, int kb) {
-    const cplan *p = a->impl;
-    int m = a->shape.kv_len;
-    for (int c = 0; c < C; c++) {
-        int32_t *tk = w->tk + (size_t)c * p->K;
-        topk_select(w->S + (size_t)c * m, mv, kb, tk);
-        for (int x = kb; x < p->K; x++) tk[x] = -1;
-    }
+static void select_topk(const cplan *p, cwork *w, int c, const float *row, int mv, int kb) {
+    int32_t *tk = w->tk + (size_t)c * p->K;
+    topk_select(row, mv, kb, tk);
+    for (int x = kb; x < p->K; x++) tk[x] = -1;
 }
 
 /* Members of every cluster in increasing query order: order[off[c] .. off[c+1]). */
@@ -738,10 +734,20 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     if (sa) memcpy(sa, w->asg, sizeof(int32_t) * nv);
     centroids(a, w, q, nv, C);
     if ((st = centroid_logits(a, w, k, C, mv))) return st;
-    if (p->improved && !cx->replay) select_topk(a, w, C, mv, kb);
-    /* E = exp(S - rowmax), unnormalised (A = E / rowsum): the 1 / rowsum scale the C x Dv
-     * products instead of the C x M probabilities */
-    for (int c = 0; c < C; c++) softmax_row(w->S + (size_t)c * m, mv, 1, w->rinv + c);
+    /* row by row, while the row is in cache (S is C x M, larger than L2): its top keys from
+     * the logits, then E = exp(S - rowmax), unnormalised (A = E / rowsum): the 1 / rowsum scale
+     * the C x Dv products instead of the C x M probabilities */
+    for (int c = 0; c < C; c++) {
+        float *row = w->S + (size_t)c * m;
+        if (p->improved && !cx->replay) select_topk(p, w, c, row, mv, kb);
+        softmax_row(row, mv, 1, w->rinv + c);
+        if (p->improved) { /* the mass of the top keys, then the row without them (below) */
+            const int32_t *tk = w->tk + (size_t)c * K;
+            double ms = 0;
+            for (int x = 0; x < kb; x++) ms += row[tk[x]], row[tk[x]] = 0;
+            w->mass[c] = (float)(ms * w->rinv[c]);
+        }
+    }
     if (!p->improved) {
         if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
         for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
@@ -750,14 +756,7 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
         return EF_OK;
     }
     if (sa) memcpy(sa + n, w->tk, sizeof(int32_t) * C * K);
-    /* bottom part: mass of the top keys, then the centroid attention without them */
-    for (int c = 0; c < C; c++) {
-        float *r = w->S + (size_t)c * m;
-        const int32_t *tk = w->tk + (size_t)c * K;
-        double ms = 0;
-        for (int x = 0; x < kb; x++) ms += r[tk[x]], r[tk[x]] = 0;
-        w->mass[c] = (float)(ms * w->rinv[c]);
-    }
+    /* bottom part: the centroid attention without the top keys */
     if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
     for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
     /* top part, per cluster in blocks of RB members: out = m_c P V_T + Vb_c */
