@@ -401,19 +401,17 @@ BF_TARGET static void ds_native(int kn, int L, const float *st, float *dpt, cons
 }
 
 #if defined(__AVX512F__) && EF_VL == 16 /* bf_exp2 is exp2_512: the fused kernels */
-/* ef_softmax_group for NV vectors from u0, in intrinsics, with P^T converted to pairs of keys as
+/* ef_softmax_group for the first NV vectors, in intrinsics, with P^T converted to pairs of keys as
  * it is made: the same operations on each lane in the same order (so the same bits as
  * ef_online_softmax followed by pairs_native), without storing P^T in fp32 and loading it
  * again. */
 BF_TARGET static inline __attribute__((always_inline)) void
-smpairs_nv(const int NV, int u0, float *st, int kn, float *mx, float *l, float *alpha,
-           uint32_t *pb) {
+smpairs_nv(const int NV, float *st, int kn, float *mx, float *l, float *alpha, uint32_t *pb) {
     const __m512i ix = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24,
                                         8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     __m512 tmax[4], use[4], sum[4];
-    st += u0 * 16, pb += u0 * 16;
 #pragma GCC unroll 4
-    for (int u = 0; u < NV; u++) tmax[u] = _mm512_loadu_ps(mx + (u0 + u) * 16);
+    for (int u = 0; u < NV; u++) tmax[u] = _mm512_loadu_ps(mx + u * 16);
     for (int r = 0; r < kn; r++)
 #pragma GCC unroll 4
         for (int u = 0; u < NV; u++)
@@ -422,8 +420,8 @@ smpairs_nv(const int NV, int u0, float *st, int kn, float *mx, float *l, float *
     for (int u = 0; u < NV; u++) {
         __mmask16 none = _mm512_cmp_ps_mask(tmax[u], _mm512_set1_ps(-__builtin_inff()), _CMP_EQ_OQ);
         use[u] = _mm512_mask_blend_ps(none, tmax[u], _mm512_setzero_ps());
-        __m512 al = exp2_512(_mm512_loadu_ps(mx + (u0 + u) * 16) - use[u]);
-        _mm512_storeu_ps(alpha + (u0 + u) * 16, al);
+        __m512 al = exp2_512(_mm512_loadu_ps(mx + u * 16) - use[u]);
+        _mm512_storeu_ps(alpha + u * 16, al);
         sum[u] = _mm512_setzero_ps();
     }
     for (int r = 0; r < kn; r += 2) {
@@ -443,19 +441,19 @@ smpairs_nv(const int NV, int u0, float *st, int kn, float *mx, float *l, float *
     }
 #pragma GCC unroll 4
     for (int u = 0; u < NV; u++) {
-        __m512 lv = _mm512_loadu_ps(l + (u0 + u) * 16), al = _mm512_loadu_ps(alpha + (u0 + u) * 16);
-        _mm512_storeu_ps(l + (u0 + u) * 16, lv * al + sum[u]);
-        _mm512_storeu_ps(mx + (u0 + u) * 16, tmax[u]);
+        __m512 lv = _mm512_loadu_ps(l + u * 16), al = _mm512_loadu_ps(alpha + u * 16);
+        _mm512_storeu_ps(l + u * 16, lv * al + sum[u]);
+        _mm512_storeu_ps(mx + u * 16, tmax[u]);
     }
 }
 
 BF_TARGET static void smpairs_native(float *st, int kn, int nv, float *mx, float *l, float *alpha,
                                      uint32_t *pb) {
     switch (nv) { /* nv <= QT / 16 = 4: one group */
-    case 1: smpairs_nv(1, 0, st, kn, mx, l, alpha, pb); break;
-    case 2: smpairs_nv(2, 0, st, kn, mx, l, alpha, pb); break;
-    case 3: smpairs_nv(3, 0, st, kn, mx, l, alpha, pb); break;
-    default: smpairs_nv(4, 0, st, kn, mx, l, alpha, pb); break;
+    case 1: smpairs_nv(1, st, kn, mx, l, alpha, pb); break;
+    case 2: smpairs_nv(2, st, kn, mx, l, alpha, pb); break;
+    case 3: smpairs_nv(3, st, kn, mx, l, alpha, pb); break;
+    default: smpairs_nv(4, st, kn, mx, l, alpha, pb); break;
     }
 }
 

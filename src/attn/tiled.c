@@ -172,7 +172,7 @@ typedef struct tiled_plan {
     int q0;              /* the grids' origin (positions before it form tiles of their own) */
     int qt, nv;          /* query tile height (lanes used, <= QT) and its vectors */
     int kt;              /* the key grid the pattern is asked about (chunk width, <= KT) */
-    int stride;          /* the pattern's stride (0 = none): the gathered pass */
+    int stride;          /* the pattern's stride (0 = none): the stride pass */
     int cgroup;          /* classes per stride-pass work item */
     int bwd_slots;       /* threads backward may use: (head, split) pairs are its work items */
     int splits;          /* key ranges per head in backward (> 1 only when heads are few) */
@@ -214,6 +214,10 @@ static void prefetch_rows(const float *x, size_t ld, int n, int r0, int r1) {
 
 /* Members of residue class r (positions r, r + s, ...) below `limit`. */
 static int class_count(int limit, int r, int s) { return limit > r ? (limit - r + s - 1) / s : 0; }
+/* Residue classes of the stride pass (the queries' residues). */
+static int stride_classes(const tiled_plan *p, const ef_attn_shape *s) {
+    return EF_MIN(p->stride, s->q_len);
+}
 
 static ef_status build_spans(ef_attn *a);
 
@@ -236,10 +240,10 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     p->q0 = pat->origin ? EF_MIN(pat->origin(a), EF_MIN(s->q_len, s->kv_len)) : 0;
     p->stride = pat->stride ? pat->stride(a) : 0;
     /* classes per stride-pass work item: up to 16, as long as each thread gets several items */
+    int ncls = stride_classes(p, s);
     p->cgroup = 16;
-    while (p->cgroup > 1 && (int64_t)s->batch * s->heads *
-                                    ((EF_MIN(p->stride, s->q_len) + p->cgroup - 1) / p->cgroup) <
-                                8 * a->slots)
+    while (p->cgroup > 1 &&
+           (int64_t)s->batch * s->heads * ((ncls + p->cgroup - 1) / p->cgroup) < 8 * a->slots)
         p->cgroup /= 2;
     /* a pattern of small blocks gets tiles of one block: no query tile holds two blocks */
     /* (blocks below the vector width share a tile anyway: the key grid is no finer than the
@@ -664,7 +668,7 @@ static int stride_tiles(const tiled_plan *p, const ef_attn_shape *s) { /* per cl
     return (class_count(s->q_len, 0, p->stride) + p->qt - 1) / p->qt;
 }
 static int stride_groups(const tiled_plan *p, const ef_attn_shape *s) { /* per head */
-    return (EF_MIN(p->stride, s->q_len) + p->cgroup - 1) / p->cgroup;
+    return (stride_classes(p, s) + p->cgroup - 1) / p->cgroup;
 }
 
 static void stride_forward(void *ctx, int64_t item, int tid) {
@@ -674,7 +678,7 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
     int tpc = stride_tiles(p, s), ng = stride_groups(p, s);
     int64_t bh = item / ((int64_t)ng * tpc);
     int rest = (int)(item % ((int64_t)ng * tpc)), g = rest / tpc, a0 = rest % tpc * p->qt;
-    int r1 = EF_MIN(EF_MIN(p->stride, s->q_len), (g + 1) * p->cgroup);
+    int r1 = EF_MIN(stride_classes(p, s), (g + 1) * p->cgroup);
     for (int r = g * p->cgroup; r < r1; r++) stride_forward_class(c, &p->ws[tid], bh, r, a0);
 }
 
@@ -903,7 +907,7 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
     const ef_attn_shape *s = &c->a->shape;
     tiled_plan *p = c->a->impl;
     int ng = stride_groups(p, s), g = (int)(item % ng);
-    int r1 = EF_MIN(EF_MIN(p->stride, s->q_len), (g + 1) * p->cgroup);
+    int r1 = EF_MIN(stride_classes(p, s), (g + 1) * p->cgroup);
     for (int r = g * p->cgroup; r < r1; r++) stride_backward_class(c, &p->ws[tid], item / ng, r);
 }
 
