@@ -258,12 +258,33 @@ static inline v8l min8(v8l a, v8l b) {
     return (lt & a) | (~lt & b);
 #endif
 }
+/* o[b] += sg * bit b of h, b < 64, sg = +-1 (vectorises as shifts by a lane index). */
+static inline void add_bits(int32_t *o, uint64_t h, int32_t sg) {
+    uint32_t lo = (uint32_t)h, hi = (uint32_t)(h >> 32);
+    for (int l = 0; l < 32; l++) o[l] += sg * (int32_t)((lo >> l) & 1);
+    for (int l = 0; l < 32; l++) o[32 + l] += sg * (int32_t)((hi >> l) & 1);
+}
+
+/* The members' counts of a clustering: cnt[c] and the number of members with bit b set,
+ * ones[c][b]. */
+typedef struct kcounts {
+    int32_t *cnt, *ones;
+} kcounts;
+
+/* Point i (code h) moves from cluster from to cluster to: the counts follow. */
+static inline void kcounts_move(const kcounts *k, uint64_t h, int32_t from, int32_t to) {
+    k->cnt[from]--, k->cnt[to]++;
+    add_bits(k->ones + (size_t)from * 64, h, -1);
+    add_bits(k->ones + (size_t)to * 64, h, 1);
+}
+
 enum { AV = 32, AU = AV / 8 };
 /* For the codes of points pts[0..np) (all points 0..np-1 when pts is NULL): the nearest among
  * centroids cl[0..nc) (ids in increasing order), lowest id among equals, compared as keys
- * (distance << 32 | id); with keep = 1 the current assignment asg[i] competes too. */
+ * (distance << 32 | id); with keep = 1 the current assignment asg[i] competes too. With kc,
+ * asg holds an assignment that kc counts, and kc follows each point that changes cluster. */
 static void assign_list(const uint64_t *hash, const int32_t *pts, int np, const uint64_t *cent,
-                        const int32_t *cl, int nc, int keep, int32_t *asg) {
+                        const int32_t *cl, int nc, int keep, int32_t *asg, const kcounts *kc) {
     for (int i0 = 0; i0 < np; i0 += AV) {
         int nb = EF_MIN(AV, np - i0);
         v8l x[AU], best[AU];
@@ -283,8 +304,12 @@ static void assign_list(const uint64_t *hash, const int32_t *pts, int np, const 
                 best[u] = min8(best[u], popcount8(x[u] ^ cc) << 32 | cv);
             }
         }
-        for (int r = 0; r < nb; r++)
-            asg[pts ? pts[i0 + r] : i0 + r] = (int32_t)(best[r / 8][r % 8] & 0xffffffff);
+        for (int r = 0; r < nb; r++) {
+            int i = pts ? pts[i0 + r] : i0 + r;
+            int32_t c = (int32_t)(best[r / 8][r % 8] & 0xffffffff);
+            if (kc && c != asg[i]) kcounts_move(kc, hash[i], asg[i], c);
+            asg[i] = c;
+        }
     }
 }
 
@@ -292,15 +317,16 @@ static void assign_list(const uint64_t *hash, const int32_t *pts, int np, const 
  * asg was computed (chg = NULL: all, or no earlier assignment). A code whose centroid did not
  * move was nearest to it among all the centroids that did not move either, so only the moved
  * ones can take it (the keys keep the lowest-id rule); a code whose centroid moved is scanned
- * against all. Exactly the assignment of a full scan; lists use `pts` (n ints) and `cl` (C). */
+ * against all. Exactly the assignment of a full scan; lists use `pts` (n ints) and `cl` (C).
+ * kc (or NULL) as assign_list's. */
 static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C, const char *chg,
-                       int32_t *asg, int32_t *pts, int32_t *cl) {
+                       int32_t *asg, int32_t *pts, int32_t *cl, const kcounts *kc) {
     int nc = 0;
     for (int c = 0; c < C; c++)
         if (!chg || chg[c]) cl[nc++] = c;
     if (!chg || nc == C) {
         for (int c = 0; c < C; c++) cl[c] = c;
-        assign_list(hash, NULL, n, cent, cl, C, 0, asg);
+        assign_list(hash, NULL, n, cent, cl, C, 0, asg, kc);
         return;
     }
     if (nc == 0) return;
@@ -312,15 +338,8 @@ static void assign_all(const uint64_t *hash, int n, const uint64_t *cent, int C,
     }
     int32_t *all = cl + nc; /* the full list after the moved ones */
     for (int c = 0; c < C; c++) all[c] = c;
-    assign_list(hash, pts + np, n - np, cent, cl, nc, 1, asg);
-    assign_list(hash, pts, nf, cent, all, C, 0, asg);
-}
-
-/* o[b] += bit b of h, b < 64 (vectorises as shifts by a lane index). */
-static void add_bits(int32_t *o, uint64_t h) {
-    uint32_t lo = (uint32_t)h, hi = (uint32_t)(h >> 32);
-    for (int l = 0; l < 32; l++) o[l] += (int32_t)((lo >> l) & 1);
-    for (int l = 0; l < 32; l++) o[32 + l] += (int32_t)((hi >> l) & 1);
+    assign_list(hash, pts + np, n - np, cent, cl, nc, 1, asg, kc);
+    assign_list(hash, pts, nf, cent, all, C, 0, asg, kc);
 }
 
 /* Test hook (declared again in tests/test_clustered.c; not part of the API). Lloyd's k-means
@@ -344,14 +363,19 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
         perm[i] = perm[j], perm[j] = t;
         cent[i] = hash[perm[i]];
     }
+    /* the counts: from scratch after the first assignment, then moved along with the points
+     * that change cluster (integers: the same counts) */
+    kcounts kc = {cnt, ones};
     for (int it = 0; it < iters; it++) {
-        assign_all(hash, n, cent, C, moved, asg, perm, cl);
-        memset(cnt, 0, sizeof(int32_t) * C);
-        memset(ones, 0, sizeof(int32_t) * C * 64);
-        for (int i = 0; i < n; i++) {
-            int c = asg[i];
-            cnt[c]++;
-            add_bits(ones + (size_t)c * 64, hash[i]);
+        assign_all(hash, n, cent, C, moved, asg, perm, cl, moved ? &kc : NULL);
+        if (!moved) {
+            memset(cnt, 0, sizeof(int32_t) * C);
+            memset(ones, 0, sizeof(int32_t) * C * 64);
+            for (int i = 0; i < n; i++) {
+                int c = asg[i];
+                cnt[c]++;
+                add_bits(ones + (size_t)c * 64, hash[i], 1);
+            }
         }
         for (int c = 0; c < C; c++) {
             uint64_t h = 0;
@@ -368,9 +392,11 @@ void ef_clustered_kmeans(const uint64_t *hash, int n, int bits, int C, int iters
         }
         moved = chg;
     }
-    assign_all(hash, n, cent, C, moved, asg, perm, cl);
-    memset(cnt, 0, sizeof(int32_t) * C);
-    for (int i = 0; i < n; i++) cnt[asg[i]]++;
+    assign_all(hash, n, cent, C, moved, asg, perm, cl, moved ? &kc : NULL);
+    if (!moved) {
+        memset(cnt, 0, sizeof(int32_t) * C);
+        for (int i = 0; i < n; i++) cnt[asg[i]]++;
+    }
 }
 
 /* Clusters the nv valid queries of head (b, h) into C clusters: w->asg[0..nv), w->cnt. */
