@@ -131,34 +131,6 @@ static inline uint32_t mask_bits(vi m) {
 #endif
 }
 
-/* Horizontal max / sum in a fixed tree order (the lane-wise max is vec.h's vf_max, the native
- * instruction). */
-#if EF_VL == 16
-#define HSTEPS(op)                                                                                 \
-    v = op(v, EF_SHUFFLE(v, ((vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})));        \
-    v = op(v, EF_SHUFFLE(v, ((vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11})));        \
-    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13})));        \
-    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})));
-#elif EF_VL == 8
-#define HSTEPS(op)                                                                                 \
-    v = op(v, EF_SHUFFLE(v, ((vi){4, 5, 6, 7, 0, 1, 2, 3})));                                      \
-    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1, 6, 7, 4, 5})));                                      \
-    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2, 5, 4, 7, 6})));
-#else
-#define HSTEPS(op)                                                                                 \
-    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1})));                                                  \
-    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2})));
-#endif
-static inline vf vadd_(vf a, vf b) { return a + b; }
-static inline float hmax(vf v) {
-    HSTEPS(vf_max)
-    return v[0];
-}
-static inline float hsum(vf v) {
-    HSTEPS(vadd_)
-    return v[0];
-}
-
 /* sum_t x_t^2 in double (no overflow or underflow for floats), in 8 lanes then a fixed order. */
 typedef double v8d __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
@@ -615,7 +587,7 @@ static void softmax_backward_row(const float *A, float *dA, int n) {
     for (int j = 0; j < nf; j += EF_VL) vs += vf_loadu(A + j) * vf_loadu(dA + j);
     float dl = 0;
     for (int j = nf; j < n; j++) dl += A[j] * dA[j];
-    dl += hsum(vs);
+    dl += vf_hsum(vs);
     vf vd = vf_set1(dl);
     for (int j = 0; j < nf; j += EF_VL)
         vf_storeu(dA + j, vf_loadu(A + j) * (vf_loadu(dA + j) - vd));
@@ -650,7 +622,7 @@ static void softmax_row(float *x, int n, float s, float *inv_out) {
         for (int j = nf; j < n; j++) x[j] *= s;
     }
     for (int j = 0; j < nf; j += EF_VL) vm = vf_max(vm, vf_loadu(x + j));
-    float mx = hmax(vm);
+    float mx = vf_hmax(vm);
     for (int j = nf; j < n; j++) mx = x[j] > mx ? x[j] : mx;
     vf sum_v = vf_set1(0), m = vf_set1(mx);
     for (int j = 0; j < nf; j += EF_VL) {
@@ -660,7 +632,7 @@ static void softmax_row(float *x, int n, float s, float *inv_out) {
     }
     float sum = 0;
     for (int j = nf; j < n; j++) x[j] = ef_expf(x[j] - mx), sum += x[j];
-    sum += hsum(sum_v);
+    sum += vf_hsum(sum_v);
     float inv = 1 / sum;
     if (inv_out) {
         *inv_out = inv;

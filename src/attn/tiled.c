@@ -44,6 +44,8 @@
 #include <string.h>
 
 enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, TILED_MAX_DIM = 256 };
+/* the row layout: tiles of at most ROW_QT queries, key chunks of at most RK keys */
+enum { ROW_QT = 16, RK = 128, RKV = RK / EF_VL };
 
 static int pad16(int x) { return (x + EF_VL - 1) / EF_VL * EF_VL; }
 
@@ -160,6 +162,10 @@ typedef struct tiled_ws { /* one per thread slot; every array 64-byte aligned */
     float *dk;            /* [rows][Dp]  dK accumulator of one key range (backward; NULL past
                              bwd_slots) */
     float *dv;            /* [rows][Dvp] dV accumulator of one key range (idem) */
+    float *kt, *vt;       /* one head's K and V in panels (row layout; vt backward): panel b =
+                             keys [b EF_VL, (b+1) EF_VL) transposed, [D][EF_VL] */
+    float *kpan;          /* [RKV][max(D, Dv)][EF_VL] panels of a chunk's unaligned vectors */
+    int64_t kt_bh;        /* the (batch, head) kt holds in this call; -1 = none */
 } tiled_ws;
 
 typedef struct ef_span {
@@ -173,6 +179,10 @@ typedef struct tiled_plan {
     int qt, nv;          /* query tile height (lanes used, <= QT) and its vectors */
     int kt;              /* the key grid the pattern is asked about (chunk width, <= KT) */
     int stride;          /* the pattern's stride (0 = none): the stride pass */
+    int rows;            /* tiles of at most ROW_QT queries use the row layout (below) */
+    int mp;              /* keys in kt, vt: kv_len rounded up to whole panels */
+    int fgroups;         /* row layout: forward work items per head (groups of tiles); 0 = a
+                            tile per item */
     int cgroup;          /* classes per stride-pass work item */
     int bwd_slots;       /* threads backward may use: (head, split) pairs are its work items */
     int splits;          /* key ranges per head in backward (> 1 only when heads are few) */
@@ -269,9 +279,20 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
                                 : (size_t)s->kv_len;
     if (p->stride) rows = EF_MAX(rows, (size_t)class_count(s->kv_len, 0, p->stride));
     size_t big[2] = {rows * p->dp, rows * p->dvp};
+    /* the row layout: query tiles of one vector group, head dimensions whole vectors (K, V and
+     * dO rows are read as vectors) */
+    p->rows = p->qt <= ROW_QT && d % EF_VL == 0 && dv % EF_VL == 0;
+    p->mp = pad16(s->kv_len);
+    if (p->rows) { /* at least 4 items per thread slot, else whole heads */
+        int64_t want = (4 * (int64_t)a->slots + bh - 1) / bh;
+        p->fgroups = (int)EF_MAX(1, EF_MIN((int64_t)p->ntiles, want));
+    }
+    size_t kvt[3] = {p->rows ? (size_t)d * p->mp : 0, p->rows ? (size_t)dv * p->mp : 0,
+                     p->rows ? (size_t)RK * EF_MAX(d, dv) : 0};
     size_t total = 0;
     for (int i = 0; i < NSMALL; i++) total += round16(small[i]) * a->slots;
     for (int i = 0; i < 2; i++) total += round16(big[i]) * p->bwd_slots;
+    total += (round16(kvt[0]) + round16(kvt[1]) + round16(kvt[2])) * a->slots;
     size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
     size_t lse_tmp = p->stride ? (size_t)bh * s->q_len : 0;
     total += round16(part) + round16(lse_tmp);
@@ -295,6 +316,11 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
         if (t < p->bwd_slots) {
             w->dk = cur, cur += round16(big[0]);
             w->dv = cur, cur += round16(big[1]);
+        }
+        if (p->rows) {
+            w->kt = cur, cur += round16(kvt[0]);
+            w->vt = cur, cur += round16(kvt[1]);
+            w->kpan = cur, cur += round16(kvt[2]);
         }
     }
     return build_spans(a);
@@ -426,9 +452,10 @@ EF_INLINE void transpose(vf *r, const tr_masks *m) {
     }
 }
 
-/* Transposed, scaled copy of n rows of q (ld floats apart) into qt[D][QT]; lanes n .. width-1
+/* Transposed, scaled copy of n rows of q (ld floats apart) into qt[D][ldt]; lanes n .. width-1
  * are zero (lanes past the tile height `width` are never read). */
-static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int width, float scale) {
+static void pack_t(float *qt, size_t ldt, const float *q, size_t ld, int d, int n, int width,
+                   float scale) {
     int i = 0, d_full = d / EF_VL * EF_VL;
     tr_masks m;
     if (n >= EF_VL) tr_init(&m);
@@ -439,15 +466,19 @@ static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int widt
             for (int x = 0; x < EF_VL; x++) r[x] = vf_loadu(q + (size_t)(i + x) * ld + t) * scale;
             transpose(r, &m);
 #pragma GCC unroll 16
-            for (int x = 0; x < EF_VL; x++) vf_store(qt + (size_t)(t + x) * QT + i, r[x]);
+            for (int x = 0; x < EF_VL; x++) vf_storeu(qt + (size_t)(t + x) * ldt + i, r[x]);
         }
         for (int x = i; x < i + EF_VL; x++)
-            for (int t = d_full; t < d; t++) qt[(size_t)t * QT + x] = q[(size_t)x * ld + t] * scale;
+            for (int t = d_full; t < d; t++) qt[(size_t)t * ldt + x] = q[(size_t)x * ld + t] * scale;
     }
     for (; i < n; i++) /* rows read in order: q may be rows of a residue class */
-        for (int t = 0; t < d; t++) qt[(size_t)t * QT + i] = q[(size_t)i * ld + t] * scale;
+        for (int t = 0; t < d; t++) qt[(size_t)t * ldt + i] = q[(size_t)i * ld + t] * scale;
     if (n < width)
-        for (int t = 0; t < d; t++) memset(qt + (size_t)t * QT + n, 0, sizeof(float) * (width - n));
+        for (int t = 0; t < d; t++) memset(qt + (size_t)t * ldt + n, 0, sizeof(float) * (width - n));
+}
+
+static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int width, float scale) {
+    pack_t(qt, QT, q, ld, d, n, width, scale);
 }
 
 /* The way back: out[i][t] (+)= xt[t][i] * rs[i] for rows i < n, t < d (out rows ld floats
@@ -512,6 +543,221 @@ static void mask_diagonal(float *st, int rows, int j0, int i0) {
 }
 
 /* ---------------------------------------------------------------------------------------------
+ * The row layout, for query tiles of at most ROW_QT queries (patterns of small blocks) whose key
+ * spans need no pattern mask. In the transposed layout such a tile fills one vector, and every
+ * product is a strip of one vector, which runs at 63-75 % of the FMA peak (docs/sparse.md). Here
+ * the queries are rows (broadcast operands) and the keys the lanes: S = Q K^T takes vectors of
+ * EF_VL consecutive keys from the head's K^T (converted once per thread and head; keys past
+ * kv_len read zeros), P V and dS K take the key rows by pointer, so a register tile is MK_RB
+ * queries x MK_NV key vectors (or value vectors) as in the dense tiles. A tile's keys run in
+ * chunks of up to RK (the vectors of its spans, in order), with an online softmax per row.
+ * ------------------------------------------------------------------------------------------- */
+/* C[r][v EF_VL + l] = sum_t A[r ars + t] Bv[v][t EF_VL + l]: key vectors from panels. */
+EF_INLINE void mkv(const int RB, const int NV, int T, const float *A, ptrdiff_t ars,
+                   const float *const *Bv, float *C, ptrdiff_t ldc) {
+    vf c[MK_RB][MK_NV];
+    const float *bp[MK_NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) bp[v] = Bv[v];
+#pragma GCC unroll 6
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) c[r][v] = vf_set1(0);
+    for (int t = 0; t < T; t++) {
+        vf b[MK_NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) b[v] = vf_load(bp[v] + t * EF_VL);
+#pragma GCC unroll 6
+        for (int r = 0; r < RB; r++) {
+            vf a = vf_set1(A[r * ars + t]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) c[r][v] += a * b[v];
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) vf_store(C + r * ldc + v * EF_VL, c[r][v]);
+}
+
+/* C[r][0:NV EF_VL] += sum_t A[r ars + t] Bp[t][0:NV EF_VL]: rows of B by pointer. */
+EF_INLINE void mkp(const int RB, const int NV, int T, const float *A, ptrdiff_t ars,
+                   const float *const *Bp, ptrdiff_t l0, float *C, ptrdiff_t ldc) {
+    vf c[MK_RB][MK_NV];
+#pragma GCC unroll 6
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) c[r][v] = vf_load(C + r * ldc + v * EF_VL);
+    for (int t = 0; t < T; t++) {
+        vf b[MK_NV];
+        const float *bt = Bp[t] + l0;
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) b[v] = vf_loadu(bt + v * EF_VL);
+#pragma GCC unroll 6
+        for (int r = 0; r < RB; r++) {
+            vf a = vf_set1(A[r * ars + t]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) c[r][v] += a * b[v];
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) vf_store(C + r * ldc + v * EF_VL, c[r][v]);
+}
+
+#define ROWS_SWITCH(CALL)                                                                          \
+    switch (R - r0) {                                                                              \
+    case 1: CALL(1); break;                                                                        \
+    case 2: CALL(2); break;                                                                        \
+    case 3: CALL(3); break;                                                                        \
+    ROWS_CASE_45(CALL)                                                                             \
+    default: CALL(MK_RB); break;                                                                   \
+    }
+#if MK_RB > 5
+#define ROWS_CASE_45(CALL)                                                                         \
+    case 4: CALL(4); break;                                                                        \
+    case 5: CALL(5); break;
+#else
+#define ROWS_CASE_45(CALL)
+#endif
+#define NV_SWITCH(CALL, RB)                                                                        \
+    switch (nv) {                                                                                  \
+    case 1: CALL(RB, 1); break;                                                                    \
+    NV_CASE_34(CALL, RB)                                                                           \
+    default: CALL(RB, 2); break;                                                                   \
+    }
+#if MK_NV >= 4
+#define NV_CASE_34(CALL, RB)                                                                       \
+    case 3: CALL(RB, 3); break;                                                                    \
+    case 4: CALL(RB, 4); break;
+#else
+#define NV_CASE_34(CALL, RB)
+#endif
+
+/* C[r][0:nvec EF_VL] = rows r < R of A (ars) times the key panels Bv[0..nvec), T deep. */
+static void rows_kv(int R, int T, const float *A, ptrdiff_t ars, const float *const *Bv, int nvec,
+                    float *C, ptrdiff_t ldc) {
+    for (int v0 = 0; v0 < nvec; v0 += MK_NV) {
+        int nv = EF_MIN(MK_NV, nvec - v0);
+        for (int r0 = 0; r0 < R; r0 += MK_RB) {
+#define MKV(RB, NV) mkv(RB, NV, T, A + r0 * ars, ars, Bv + v0, C + r0 * ldc + v0 * EF_VL, ldc)
+#define MKV_R(RB) NV_SWITCH(MKV, RB)
+            ROWS_SWITCH(MKV_R)
+#undef MKV_R
+#undef MKV
+        }
+    }
+}
+
+/* C[r][0:L] += rows r < R of A (ars) times the rows Bp[0..T) (L a multiple of EF_VL). */
+static void rows_pv(int R, int T, const float *A, ptrdiff_t ars, const float *const *Bp, int L,
+                    float *C, ptrdiff_t ldc) {
+    for (int l0 = 0; l0 < L; l0 += MK_NV * EF_VL) {
+        int nv = EF_MIN(MK_NV, (L - l0) / EF_VL);
+        for (int r0 = 0; r0 < R; r0 += MK_RB) {
+#define MKP(RB, NV) mkp(RB, NV, T, A + r0 * ars, ars, Bp, l0, C + r0 * ldc + l0, ldc)
+#define MKP_R(RB) NV_SWITCH(MKP, RB)
+            ROWS_SWITCH(MKP_R)
+#undef MKP_R
+#undef MKP
+        }
+    }
+}
+
+static const float row_zero[TILED_MAX_DIM] __attribute__((aligned(64)));
+
+/* Whether tile `it` of head h runs in the row layout: a row-layout plan, and no span that
+ * needs the pattern's mask (tile_mask works on transposed tiles). */
+static int tile_rows(const tiled_plan *p, const ef_span *sp, int nspans) {
+    if (!p->rows) return 0;
+    for (int x = 0; x < nspans; x++)
+        if (sp[x].masked) return 0;
+    return 1;
+}
+
+/* The key vectors of a tile, chunk by chunk: spans clipped to [lo, hi). */
+typedef struct key_iter {
+    const ef_span *sp;
+    int nspans, x, j, lo, hi;
+} key_iter;
+
+static void key_iter_init(key_iter *it, const ef_span *sp, int nspans, int lo, int hi) {
+    *it = (key_iter){sp, nspans, 0, nspans ? EF_MAX(sp[0].j0, lo) : 0, lo, hi};
+}
+
+/* The next chunk's vectors: off[v] = first key, cnt[v] = keys (1..EF_VL); returns their count
+ * (0 at the end). */
+static int key_iter_next(key_iter *it, int32_t *off, int32_t *cnt) {
+    int n = 0;
+    while (n < RKV && it->x < it->nspans) {
+        int end = EF_MIN(it->sp[it->x].j1, it->hi);
+        if (it->j >= end) {
+            if (++it->x < it->nspans) it->j = EF_MAX(it->sp[it->x].j0, it->lo);
+            continue;
+        }
+        off[n] = it->j, cnt[n] = EF_MIN(EF_VL, end - it->j);
+        it->j += cnt[n++];
+    }
+    return n;
+}
+
+/* Row r of a chunk's scores: -inf in the lanes past each vector's keys and, causal, where the
+ * key follows query i. */
+static void rows_mask(float *s, const int32_t *off, const int32_t *cnt, int nvec, int causal,
+                      int i) {
+    vi iota = vi_iota();
+    for (int v = 0; v < nvec; v++) {
+        vi hide = ~(iota < cnt[v]);
+        if (causal) hide |= iota + off[v] > i;
+        float *x = s + v * EF_VL;
+        vf_store(x, vf_select(hide, vf_set1(-__builtin_inff()), vf_load(x)));
+    }
+}
+
+/* The key rows of a chunk by lane, for the products over keys: lanes past a vector's keys get a
+ * zero row (their probabilities are 0, and 0 times a key's value could be NaN). */
+static void rows_ptrs(const float **bp, const float *x, size_t ld, const int32_t *off,
+                      const int32_t *cnt, int nvec) {
+    for (int v = 0; v < nvec; v++)
+        for (int l = 0; l < EF_VL; l++)
+            bp[v * EF_VL + l] = l < cnt[v] ? x + (size_t)(off[v] + l) * ld : row_zero;
+}
+
+/* x's rows [0, n) (d floats each, ld apart) in panels of EF_VL: panel b at dst + b d EF_VL holds
+ * rows b EF_VL .. transposed; rows past n are zero, up to m rows. */
+static void to_panels(float *dst, const float *x, size_t ld, int d, int n, int m) {
+    for (int r = 0; r < m; r += EF_VL)
+        pack_t(dst + (size_t)r * d, EF_VL, x + (size_t)r * ld, ld, d, EF_MAX(0, EF_MIN(EF_VL, n - r)),
+               EF_VL, 1.0f);
+}
+
+/* K (and with v, V) of head bh into the thread's panels (keys past kv_valid zero), unless they
+ * hold it already. */
+static void rows_convert(const tiled_plan *p, tiled_ws *w, const float *k, const float *v, int d,
+                         int dv, int kv_valid, int64_t bh) {
+    if (w->kt_bh == bh) return;
+    to_panels(w->kt, k, d, d, kv_valid, p->mp);
+    if (v) to_panels(w->vt, v, dv, dv, kv_valid, p->mp);
+    w->kt_bh = v ? -1 : bh; /* a backward item converts its own */
+}
+
+/* The panels of a chunk's key vectors: the head's panel where a vector starts on one, else one
+ * made in scratch (w->kpan) from the rows of x (d floats each, ld apart). */
+static void rows_panels(const float **bv, const float *pan, float *scratch, const float *x,
+                        size_t ld, int d, const int32_t *off, const int32_t *cnt, int nvec) {
+    for (int v = 0; v < nvec; v++) {
+        if (off[v] % EF_VL == 0) {
+            bv[v] = pan + (size_t)off[v] * d;
+        } else {
+            float *s = scratch + (size_t)v * d * EF_VL;
+            pack_t(s, EF_VL, x + (size_t)off[v] * ld, ld, d, cnt[v], EF_VL, 1.0f);
+            bv[v] = s;
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------
  * Forward
  * ------------------------------------------------------------------------------------------- */
 typedef struct tiled_call {
@@ -557,15 +803,78 @@ static void fwd_finish(const tiled_ws *w, const fwd_state *f, int qv, int dv, fl
         for (int i = 0; i < qv; i++) lse[(size_t)i * ldl] = ls[i];
 }
 
-static void forward_tile(void *ctx, int64_t item, int tid) {
-    const tiled_call *c = ctx;
+/* Forward of one tile in the row layout (tile_rows): qv query rows at i0 (q, out rows; lse
+ * entries or NULL), keys of the spans below kv_end. */
+static void forward_rows(const ef_attn *a, tiled_ws *w, const float *q, const float *k,
+                         const float *v, int i0, int qv, const ef_span *sp, int nspans, int kv_end,
+                         float *out, float *lse) {
+    const tiled_plan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim, dp = p->dp, dvp = p->dvp;
+    float *qs = w->qp, *orow = w->ot, *sr = w->st; /* [qv][Dp], [qv][Dvp], [qv][RK] */
+    /* the output rows for writing, the next tile's queries for reading: short tiles spent a
+     * third of their time waiting for both */
+    for (int i = 0; i < qv; i++) {
+        for (int t = 0; t < dv; t += 16) __builtin_prefetch(out + (size_t)i * dv + t, 1);
+        ef_prefetch(q + (size_t)(qv + i) * d, d);
+    }
+    for (int i = 0; i < qv; i++)
+        for (int t = 0; t < d; t += EF_VL)
+            vf_store(qs + (size_t)i * dp + t, vf_loadu(q + (size_t)i * d + t) * a->scale);
+    memset(orow, 0, sizeof(float) * (size_t)qv * dvp);
+    float mrow[ROW_QT], lrow[ROW_QT];
+    for (int i = 0; i < qv; i++) mrow[i] = -__builtin_inff(), lrow[i] = 0;
+    int32_t off[RKV], cnt[RKV];
+    const float *bp[RK], *bv[RKV];
+    key_iter ki;
+    key_iter_init(&ki, sp, nspans, 0, kv_end);
+    for (int nvec; (nvec = key_iter_next(&ki, off, cnt)) > 0;) {
+        /* S[i][key] = sum_t (scale q_i)[t] K^T[t][key] */
+        rows_panels(bv, w->kt, w->kpan, k, (size_t)d, d, off, cnt, nvec);
+        rows_kv(qv, d, qs, dp, bv, nvec, sr, RK);
+        /* lanes past a vector's keys, and (causal) keys after the tile's first query */
+        int need_mask = a->causal && off[nvec - 1] + cnt[nvec - 1] - 1 > i0;
+        for (int x = 0; x < nvec; x++) need_mask |= cnt[x] < EF_VL;
+        for (int i = 0; i < qv; i++) { /* the online softmax of row i */
+            float *s = sr + (size_t)i * RK;
+            if (need_mask) rows_mask(s, off, cnt, nvec, a->causal, i0 + i);
+            vf mv = vf_set1(-__builtin_inff());
+            for (int x = 0; x < nvec; x++) mv = vf_max(mv, vf_load(s + x * EF_VL));
+            float mx = EF_MAX(mrow[i], vf_hmax(mv));
+            float use = mx == -__builtin_inff() ? 0 : mx; /* exp(-inf - 0) = 0, never NaN */
+            vf sum = vf_set1(0);
+            for (int x = 0; x < nvec; x++) {
+                vf e = vf_exp_nonpos(vf_load(s + x * EF_VL) - use);
+                vf_store(s + x * EF_VL, e);
+                sum += e;
+            }
+            /* the rescale of the row's sum and output: none on its first keys (both are 0) or
+             * when the maximum stays */
+            if (mrow[i] != -__builtin_inff() && mx != mrow[i]) {
+                float al = vf_exp_nonpos(vf_set1(mrow[i] - use))[0];
+                float *o = orow + (size_t)i * dvp;
+                for (int t = 0; t < dv; t += EF_VL) vf_store(o + t, vf_load(o + t) * al);
+                lrow[i] *= al;
+            }
+            lrow[i] += vf_hsum(sum), mrow[i] = mx;
+        }
+        /* O[i] += sum_key P[i][key] V[key] */
+        rows_ptrs(bp, v, (size_t)dv, off, cnt, nvec);
+        rows_pv(qv, nvec * EF_VL, sr, RK, bp, dv, orow, dvp);
+    }
+    for (int i = 0; i < qv; i++) {
+        float inv = lrow[i] > 0 ? 1.0f / lrow[i] : 0.0f;
+        for (int t = 0; t < dv; t += EF_VL)
+            vf_storeu(out + (size_t)i * dv + t, vf_load(orow + (size_t)i * dvp + t) * inv);
+        if (lse) lse[i] = lrow[i] > 0 ? mrow[i] + logf(lrow[i]) : -__builtin_inff();
+    }
+}
+
+static void forward_one(const tiled_call *c, tiled_ws *w, int64_t bh, int it) {
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
     tiled_plan *p = a->impl;
-    tiled_ws *w = &p->ws[tid];
     int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim;
-    int64_t bh = item / p->ntiles;
-    int it = (int)(item % p->ntiles), b = (int)(bh / s->heads), i0, qn;
+    int b = (int)(bh / s->heads), i0, qn;
     tile_range(p, n, it, &i0, &qn);
     float *out = c->io->out + ((size_t)bh * n + i0) * dv;
     /* rows past q_lens[b] are padding: never read, output zeros, lse = -inf */
@@ -582,6 +891,14 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     int kv_end = ef_attn_kv_valid(a, c->io, b);
     if (a->causal) kv_end = EF_MIN(kv_end, i0 + qv);
 
+    int h = (int)(bh % s->heads), nspans;
+    const ef_span *sp = spans_of(p, h, it, &nspans);
+    if (tile_rows(p, sp, nspans)) {
+        rows_convert(p, w, k, NULL, d, dv, ef_attn_kv_valid(a, c->io, b), bh);
+        forward_rows(a, w, q, k, v, i0, qv, sp, nspans, kv_end, out,
+                     c->lse ? c->lse + (size_t)bh * n + i0 : NULL);
+        return;
+    }
     /* a short tile (the last one, a short q_len, the positions before the origin) computes
      * the vectors its queries fill, not the whole tile */
     int lanes = EF_MIN(p->qt, pad16(qv)), nv = lanes / EF_VL;
@@ -589,9 +906,6 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
     fwd_state f;
     for (int u = 0; u < QV; u++) f.mx[u] = vf_set1(-__builtin_inff()), f.l[u] = vf_set1(0);
     zero_lanes(w->ot, dv, lanes);
-
-    int h = (int)(bh % s->heads), nspans;
-    const ef_span *sp = spans_of(p, h, it, &nspans);
     for (int x = 0; x < nspans; x++)
         for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
             int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
@@ -601,6 +915,23 @@ static void forward_tile(void *ctx, int64_t item, int tid) {
             fwd_chunk(w, &f, v + (size_t)j0 * dv, dv, kn, dv, nv);
         }
     fwd_finish(w, &f, qv, dv, out, dv, c->lse ? c->lse + (size_t)bh * n + i0 : NULL, 1);
+}
+
+/* A forward work item: one tile, or (row layout) a group of a head's tiles, so that a thread
+ * converts a head's keys once and reads the next tile's queries while it computes one. */
+static void forward_tile(void *ctx, int64_t item, int tid) {
+    const tiled_call *c = ctx;
+    const tiled_plan *p = c->a->impl;
+    tiled_ws *w = &p->ws[tid];
+    if (!p->fgroups) {
+        forward_one(c, w, item / p->ntiles, (int)(item % p->ntiles));
+        return;
+    }
+    int64_t bh = item / p->fgroups;
+    int g = (int)(item % p->fgroups);
+    for (int it = (int)((int64_t)g * p->ntiles / p->fgroups);
+         it < (int)((int64_t)(g + 1) * p->ntiles / p->fgroups); it++)
+        forward_one(c, w, bh, it);
 }
 
 /* The masked scores of keys c0 .. c0+kn-1 of a residue class (k: the class's first key, rows
@@ -687,7 +1018,9 @@ ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
     tiled_plan *p = a->impl;
     tiled_call c = {a, io, saved ? saved : p->lse_tmp, NULL, NULL, NULL, NULL};
     int threads = ef_attn_threads(a);
-    ef_parallel_for((int64_t)s->batch * s->heads * p->ntiles, threads, forward_tile, &c);
+    for (int t = 0; t < a->slots; t++) p->ws[t].kt_bh = -1; /* the inputs are new */
+    ef_parallel_for((int64_t)s->batch * s->heads * (p->fgroups ? p->fgroups : p->ntiles), threads,
+                    forward_tile, &c);
     if (p->stride)
         ef_parallel_for((int64_t)s->batch * s->heads * stride_groups(p, s) * stride_tiles(p, s),
                         threads, stride_forward, &c);

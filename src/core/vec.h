@@ -92,6 +92,33 @@ EF_INLINE vf vf_max(vf a, vf b) {
     return vf_select(a > b, a, b);
 #endif
 }
+/* Horizontal max / sum in a fixed tree order (halves, then quarters, ...): the same result
+ * wherever it is called. */
+#if EF_VL == 16
+#define EF_HSTEPS(op)                                                                              \
+    v = op(v, EF_SHUFFLE(v, ((vi){8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7})));        \
+    v = op(v, EF_SHUFFLE(v, ((vi){4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11})));        \
+    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13})));        \
+    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14})));
+#elif EF_VL == 8
+#define EF_HSTEPS(op)                                                                              \
+    v = op(v, EF_SHUFFLE(v, ((vi){4, 5, 6, 7, 0, 1, 2, 3})));                                      \
+    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1, 6, 7, 4, 5})));                                      \
+    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2, 5, 4, 7, 6})));
+#else
+#define EF_HSTEPS(op)                                                                              \
+    v = op(v, EF_SHUFFLE(v, ((vi){2, 3, 0, 1})));                                                  \
+    v = op(v, EF_SHUFFLE(v, ((vi){1, 0, 3, 2})));
+#endif
+EF_INLINE vf ef_vadd_(vf a, vf b) { return a + b; }
+EF_INLINE float vf_hmax(vf v) {
+    EF_HSTEPS(vf_max)
+    return v[0];
+}
+EF_INLINE float vf_hsum(vf v) {
+    EF_HSTEPS(ef_vadd_)
+    return v[0];
+}
 EF_INLINE vi vi_iota(void) {
     vi r;
     for (int i = 0; i < EF_VL; i++) r[i] = i;
