@@ -732,11 +732,11 @@ static void to_panels(float *dst, const float *x, size_t ld, int d, int n, int m
                EF_VL, 1.0f);
 }
 
-/* K (and with v, V) of head bh into the thread's panels (keys past kv_valid zero), unless they
- * hold it already. */
+/* K of head bh into the thread's panels (keys past kv_valid zero), unless they hold it already
+ * (forward: kt_bh is reset by each call); with v (backward), K and V, always. */
 static void rows_convert(const tiled_plan *p, tiled_ws *w, const float *k, const float *v, int d,
                          int dv, int kv_valid, int64_t bh) {
-    if (w->kt_bh == bh) return;
+    if (!v && w->kt_bh == bh) return;
     to_panels(w->kt, k, d, d, kv_valid, p->mp);
     if (v) to_panels(w->vt, v, dv, dv, kv_valid, p->mp);
     w->kt_bh = v ? -1 : bh; /* a backward item converts its own */
@@ -1106,6 +1106,79 @@ static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, size_t ldk,
     ef_tile_gemm(d, kn, qt, k, 1, (ptrdiff_t)ldk, w->dpt, QT, w->dqt, QT, 1);
 }
 
+/* dacc[key] += sum_i A[i][key] B[i] over the runs of consecutive keys of a chunk's vectors: A
+ * [qv][RK] (lanes = the chunk's key slots), B [qv][ldb], dacc rows of the item's key range from
+ * klo, ld floats apart (dV += P^T dO, dK += dS^T (scale Q)). */
+static void rows_keygrad(int qv, const float *A, const float *B, int ldb, float *dacc, int ld,
+                         int klo, const int32_t *off, const int32_t *cnt, int nvec) {
+    for (int v = 0; v < nvec;) {
+        int u = v, keys = cnt[v];
+        while (u + 1 < nvec && cnt[u] == EF_VL && off[u + 1] == off[u] + EF_VL)
+            keys += cnt[++u];
+        tile_gemm(keys, qv, ldb, A + v * EF_VL, 1, RK, B, ldb, dacc + (size_t)(off[v] - klo) * ld,
+                  ld, 1, NULL);
+        v = u + 1;
+    }
+}
+
+/* Backward of one tile in the row layout (tile_rows): qv query rows at i0 (q, g = dO, o rows;
+ * lse entries), qn rows of dq written (rows past qv zero); keys of the spans in [klo, kv_end),
+ * whose dK, dV accumulate in w->dk, w->dv (rows from klo). The head's K and V are in panels. */
+static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const float *g,
+                          const float *o, const float *lse, const float *k, const float *v,
+                          int i0, int qv, int qn, const ef_span *sp, int nspans, int klo,
+                          int kv_end, float *dq) {
+    const tiled_plan *p = a->impl;
+    int d = a->shape.head_dim, dv = a->shape.v_dim, dp = p->dp, dvp = p->dvp;
+    float *qs = w->qp, *gs = w->dop, *dqr = w->dqt; /* [qv][Dp], [qv][Dvp], [qv][Dp] */
+    float *sr = w->st, *dpr = w->dpt;               /* [qv][RK] P, dP then dS */
+    float lse_use[ROW_QT], dl[ROW_QT];
+    for (int i = 0; i < qv; i++) {
+        const float *qi = q + (size_t)i * d, *gi = g + (size_t)i * dv;
+        for (int t = 0; t < d; t += EF_VL)
+            vf_store(qs + (size_t)i * dp + t, vf_loadu(qi + t) * a->scale);
+        for (int t = 0; t < dv; t += EF_VL) vf_store(gs + (size_t)i * dvp + t, vf_loadu(gi + t));
+        dl[i] = (float)dot_rows(gi, o + (size_t)i * dv, dv); /* delta_i = dO_i . O_i */
+        lse_use[i] = lse[i] != -__builtin_inff() ? lse[i] : __builtin_inff();
+    }
+    memset(dqr, 0, sizeof(float) * (size_t)qv * dp);
+    int32_t off[RKV], cnt[RKV];
+    const float *bp[RK], *bv[RKV];
+    key_iter ki;
+    key_iter_init(&ki, sp, nspans, klo, kv_end);
+    for (int nvec; (nvec = key_iter_next(&ki, off, cnt)) > 0;) {
+        /* P = exp(S - lse), S as forward */
+        rows_panels(bv, w->kt, w->kpan, k, (size_t)d, d, off, cnt, nvec);
+        rows_kv(qv, d, qs, dp, bv, nvec, sr, RK);
+        int need_mask = a->causal && off[nvec - 1] + cnt[nvec - 1] - 1 > i0;
+        for (int x = 0; x < nvec; x++) need_mask |= cnt[x] < EF_VL;
+        for (int i = 0; i < qv; i++) {
+            float *s = sr + (size_t)i * RK;
+            if (need_mask) rows_mask(s, off, cnt, nvec, a->causal, i0 + i);
+            for (int x = 0; x < nvec; x++)
+                vf_store(s + x * EF_VL, vf_exp_nonpos(vf_load(s + x * EF_VL) - lse_use[i]));
+        }
+        /* dP[i][key] = dO_i . V[key];  dS = P o (dP - delta) */
+        rows_panels(bv, w->vt, w->kpan, v, (size_t)dv, dv, off, cnt, nvec);
+        rows_kv(qv, dv, gs, dvp, bv, nvec, dpr, RK);
+        for (int i = 0; i < qv; i++)
+            for (int x = 0; x < nvec; x++) {
+                float *t = dpr + (size_t)i * RK + x * EF_VL;
+                vf_store(t, vf_load(sr + (size_t)i * RK + x * EF_VL) * (vf_load(t) - dl[i]));
+            }
+        /* dQ_i += sum_key dS[i][key] K[key] (times scale at the end) */
+        rows_ptrs(bp, k, (size_t)d, off, cnt, nvec);
+        rows_pv(qv, nvec * EF_VL, dpr, RK, bp, d, dqr, dp);
+        /* dV[key] += sum_i P[i][key] dO_i;  dK[key] += sum_i dS[i][key] (scale q_i) */
+        rows_keygrad(qv, sr, gs, dvp, w->dv, dvp, klo, off, cnt, nvec);
+        rows_keygrad(qv, dpr, qs, dp, w->dk, dp, klo, off, cnt, nvec);
+    }
+    for (int i = 0; i < qv; i++)
+        for (int t = 0; t < d; t += EF_VL)
+            vf_storeu(dq + (size_t)i * d + t, vf_load(dqr + (size_t)i * dp + t) * a->scale);
+    if (qn > qv) memset(dq + (size_t)qv * d, 0, sizeof(float) * (size_t)(qn - qv) * d);
+}
+
 static void backward_head(void *ctx, int64_t item, int tid) {
     const tiled_call *c = ctx;
     ef_attn *a = c->a;
@@ -1135,6 +1208,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     /* w->dk, w->dv hold rows [klo, khi) of this head's dK, dV */
     memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
     memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
+    if (p->rows) rows_convert(p, w, k, v, d, dv, kv_valid, bh);
     for (int it = 0; it < p->ntiles; it++) {
         int i0, qn;
         tile_range(p, n, it, &i0, &qn);
@@ -1146,16 +1220,22 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             memset(dq + (size_t)i0 * d, 0, sizeof(float) * (size_t)qn * d);
             continue;
         }
-        float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
-        bwd_pack(a, w, q + (size_t)i0 * d, d, g + (size_t)i0 * dv, dv, o + (size_t)i0 * dv, dv,
-                 lse + i0, 1, qv, lse_use, dl);
-        int lanes = EF_MIN(p->qt, pad16(qv)); /* as forward: the vectors the queries fill */
         /* the next tile's rows load while this one computes (short tiles waited for them) */
         for (int i = i0 + qn; i < EF_MIN(i0 + 2 * qn, q_valid); i++)
             ef_prefetch(q + (size_t)i * d, d), ef_prefetch(g + (size_t)i * dv, dv),
                 ef_prefetch(o + (size_t)i * dv, dv);
         int nspans, h = (int)(bh % s->heads);
         const ef_span *sp = spans_of(p, h, it, &nspans);
+        if (tile_rows(p, sp, nspans)) {
+            backward_rows(a, w, q + (size_t)i0 * d, g + (size_t)i0 * dv, o + (size_t)i0 * dv,
+                          lse + i0, k, v, i0, qv, qn, sp, nspans, klo, kv_end,
+                          dq + (size_t)i0 * d);
+            continue;
+        }
+        float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
+        bwd_pack(a, w, q + (size_t)i0 * d, d, g + (size_t)i0 * dv, dv, o + (size_t)i0 * dv, dv,
+                 lse + i0, 1, qv, lse_use, dl);
+        int lanes = EF_MIN(p->qt, pad16(qv)); /* as forward: the vectors the queries fill */
         for (int x = 0; x < nspans; x++)
             for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
                 int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
