@@ -1123,11 +1123,11 @@ static void rows_keygrad(int qv, const float *A, const float *B, int ldb, float 
 
 /* Backward of one tile in the row layout (tile_rows): qv query rows at i0 (q, g = dO, o rows;
  * lse entries), qn rows of dq written (rows past qv zero); keys of the spans in [klo, kv_end),
- * whose dK, dV accumulate in w->dk, w->dv (rows from klo). The head's K and V are in panels. */
+ * whose dK, dV accumulate in dka, dva (rows from klo). The head's K and V are in panels. */
 static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const float *g,
                           const float *o, const float *lse, const float *k, const float *v,
                           int i0, int qv, int qn, const ef_span *sp, int nspans, int klo,
-                          int kv_end, float *dq) {
+                          int kv_end, float *dq, float *dka, float *dva) {
     const tiled_plan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim, dp = p->dp, dvp = p->dvp;
     float *qs = w->qp, *gs = w->dop, *dqr = w->dqt; /* [qv][Dp], [qv][Dvp], [qv][Dp] */
@@ -1170,8 +1170,8 @@ static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const f
         rows_ptrs(bp, k, (size_t)d, off, cnt, nvec);
         rows_pv(qv, nvec * EF_VL, dpr, RK, bp, d, dqr, dp);
         /* dV[key] += sum_i P[i][key] dO_i;  dK[key] += sum_i dS[i][key] (scale q_i) */
-        rows_keygrad(qv, sr, gs, dvp, w->dv, dvp, klo, off, cnt, nvec);
-        rows_keygrad(qv, dpr, qs, dp, w->dk, dp, klo, off, cnt, nvec);
+        rows_keygrad(qv, sr, gs, dvp, dva, dvp, klo, off, cnt, nvec);
+        rows_keygrad(qv, dpr, qs, dp, dka, dp, klo, off, cnt, nvec);
     }
     for (int i = 0; i < qv; i++)
         for (int t = 0; t < d; t += EF_VL)
@@ -1205,9 +1205,15 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     float *dvo = c->dv + (size_t)bh * m * dv;
     int kv_valid = ef_attn_kv_valid(a, c->io, b), q_valid = ef_attn_q_valid(a, c->io, b);
 
-    /* w->dk, w->dv hold rows [klo, khi) of this head's dK, dV */
-    memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
-    memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
+    /* dka, dva hold rows [klo, khi) of this head's dK, dV: the output rows themselves where they
+     * need no padding and are aligned as the kernels' rows, else w->dk, w->dv, copied out at
+     * the end */
+    float *dka = w->dk, *dva = w->dv;
+    int direct = dp == d && dvp == dv && (uintptr_t)(dk + (size_t)klo * d) % 64 == 0 &&
+                 (uintptr_t)(dvo + (size_t)klo * dv) % 64 == 0;
+    if (direct) dka = dk + (size_t)klo * d, dva = dvo + (size_t)klo * dv;
+    memset(dka, 0, sizeof(float) * (size_t)(khi - klo) * dp);
+    memset(dva, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
     if (p->rows) rows_convert(p, w, k, v, d, dv, kv_valid, bh);
     for (int it = 0; it < p->ntiles; it++) {
         int i0, qn;
@@ -1229,7 +1235,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         if (tile_rows(p, sp, nspans)) {
             backward_rows(a, w, q + (size_t)i0 * d, g + (size_t)i0 * dv, o + (size_t)i0 * dv,
                           lse + i0, k, v, i0, qv, qn, sp, nspans, klo, kv_end,
-                          dq + (size_t)i0 * d);
+                          dq + (size_t)i0 * d, dka, dva);
             continue;
         }
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
@@ -1243,12 +1249,12 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                 if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, lanes / EF_VL);
                 if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
                 bwd_chunk(a, w, k + (size_t)j0 * d, d, v + (size_t)j0 * dv, dv, kn, lanes,
-                          lse_use, dl, w->dk + (size_t)(j0 - klo) * dp,
-                          w->dv + (size_t)(j0 - klo) * dvp);
+                          lse_use, dl, dka + (size_t)(j0 - klo) * dp,
+                          dva + (size_t)(j0 - klo) * dvp);
             }
         unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
     }
-    for (int j = klo; j < khi; j++) { /* keys past kv_valid stay at zero */
+    for (int j = klo; j < khi && !direct; j++) { /* keys past kv_valid stay at zero */
         memcpy(dk + (size_t)j * d, w->dk + (size_t)(j - klo) * dp, sizeof(float) * d);
         memcpy(dvo + (size_t)j * dv, w->dv + (size_t)(j - klo) * dvp, sizeof(float) * dv);
     }
