@@ -665,6 +665,47 @@ static void rows_pv(int R, int T, const float *A, ptrdiff_t ars, const float *co
     }
 }
 
+/* C[r][0:NV EF_VL] += sum_t A[t RK + r] B[t ldb + 0:NV EF_VL]: dK, dV over a run of keys (rows
+ * r) with a tile's queries (t) as the reduction; A's stride a compile-time RK. */
+EF_INLINE void mkg(const int RB, const int NV, int T, const float *A, const float *B,
+                   ptrdiff_t ldb, float *C, ptrdiff_t ldc) {
+    vf c[MK_RB][MK_NV];
+#pragma GCC unroll 6
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) c[r][v] = vf_load(C + r * ldc + v * EF_VL);
+    for (int t = 0; t < T; t++) {
+        vf b[MK_NV];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) b[v] = vf_load(B + t * ldb + v * EF_VL);
+#pragma GCC unroll 6
+        for (int r = 0; r < RB; r++) {
+            vf a = vf_set1(A[t * RK + r]);
+#pragma GCC unroll 4
+            for (int v = 0; v < NV; v++) c[r][v] += a * b[v];
+        }
+    }
+#pragma GCC unroll 6
+    for (int r = 0; r < RB; r++)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; v++) vf_store(C + r * ldc + v * EF_VL, c[r][v]);
+}
+
+/* C[r][0:L] += sum_t A[t RK + r] B[t][0:L] for rows r < R, t < T (L a multiple of EF_VL). */
+static void rows_grad(int R, int T, const float *A, const float *B, ptrdiff_t ldb, int L,
+                      float *C, ptrdiff_t ldc) {
+    for (int l0 = 0; l0 < L; l0 += MK_NV * EF_VL) {
+        int nv = EF_MIN(MK_NV, (L - l0) / EF_VL);
+        for (int r0 = 0; r0 < R; r0 += MK_RB) {
+#define MKG(RB, NV) mkg(RB, NV, T, A + r0, B + l0, ldb, C + r0 * ldc + l0, ldc)
+#define MKG_R(RB) NV_SWITCH(MKG, RB)
+            ROWS_SWITCH(MKG_R)
+#undef MKG_R
+#undef MKG
+        }
+    }
+}
+
 static const float row_zero[TILED_MAX_DIM] __attribute__((aligned(64)));
 
 /* Whether tile `it` of head h runs in the row layout: a row-layout plan, and no span that
@@ -1115,8 +1156,7 @@ static void rows_keygrad(int qv, const float *A, const float *B, int ldb, float 
         int u = v, keys = cnt[v];
         while (u + 1 < nvec && cnt[u] == EF_VL && off[u + 1] == off[u] + EF_VL)
             keys += cnt[++u];
-        tile_gemm(keys, qv, ldb, A + v * EF_VL, 1, RK, B, ldb, dacc + (size_t)(off[v] - klo) * ld,
-                  ld, 1, NULL);
+        rows_grad(keys, qv, A + v * EF_VL, B, ldb, ldb, dacc + (size_t)(off[v] - klo) * ld, ld);
         v = u + 1;
     }
 }
