@@ -46,6 +46,7 @@
 enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, TILED_MAX_DIM = 256 };
 /* the row layout: tiles of at most ROW_QT queries, key chunks of at most RK keys */
 enum { ROW_QT = 16, RK = 128, RKV = RK / EF_VL };
+enum { ZB = 16 }; /* keys per block of the backward's zeroing at first touch */
 
 static int pad16(int x) { return (x + EF_VL - 1) / EF_VL * EF_VL; }
 
@@ -162,6 +163,8 @@ typedef struct tiled_ws { /* one per thread slot; every array 64-byte aligned */
     float *dk;            /* [rows][Dp]  dK accumulator of one key range (backward; NULL past
                              bwd_slots) */
     float *dv;            /* [rows][Dvp] dV accumulator of one key range (idem) */
+    uint8_t *kz;          /* [rows / ZB + 2] backward: block b of ZB keys of the range is zeroed in
+                             the dK, dV accumulators (they are zeroed at first touch) */
     float *kt, *vt;       /* one head's K and V in panels (row layout; vt backward): panel b =
                              keys [b EF_VL, (b+1) EF_VL) transposed, [D][EF_VL] */
     float *kpan;          /* [RKV][max(D, Dv)][EF_VL] panels of a chunk's unaligned vectors */
@@ -278,7 +281,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     size_t rows = p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * p->kt
                                 : (size_t)s->kv_len;
     if (p->stride) rows = EF_MAX(rows, (size_t)class_count(s->kv_len, 0, p->stride));
-    size_t big[2] = {rows * p->dp, rows * p->dvp};
+    size_t big[3] = {rows * p->dp, rows * p->dvp, (rows / ZB + 2 + 3) / 4};
     /* the row layout: query tiles of one vector group, head dimensions whole vectors (K, V and
      * dO rows are read as vectors) */
     p->rows = p->qt <= ROW_QT && d % EF_VL == 0 && dv % EF_VL == 0;
@@ -291,7 +294,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
                      p->rows ? (size_t)RK * EF_MAX(d, dv) : 0};
     size_t total = 0;
     for (int i = 0; i < NSMALL; i++) total += round16(small[i]) * a->slots;
-    for (int i = 0; i < 2; i++) total += round16(big[i]) * p->bwd_slots;
+    for (int i = 0; i < 3; i++) total += round16(big[i]) * p->bwd_slots;
     total += (round16(kvt[0]) + round16(kvt[1]) + round16(kvt[2])) * a->slots;
     size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
     size_t lse_tmp = p->stride ? (size_t)bh * s->q_len : 0;
@@ -316,6 +319,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
         if (t < p->bwd_slots) {
             w->dk = cur, cur += round16(big[0]);
             w->dv = cur, cur += round16(big[1]);
+            w->kz = (uint8_t *)cur, cur += round16(big[2]);
         }
         if (p->rows) {
             w->kt = cur, cur += round16(kvt[0]);
@@ -1147,6 +1151,26 @@ static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, size_t ldk,
     ef_tile_gemm(d, kn, qt, k, 1, (ptrdiff_t)ldk, w->dpt, QT, w->dqt, QT, 1);
 }
 
+/* The dK, dV accumulators of keys [j0, j1) of a backward item's range [klo, khi) (rows from klo,
+ * ldk and ldv floats apart) are zeroed, block by block of ZB keys, before their first use:
+ * zeroing the whole range up front brought every line in once for the zeros and, evicted
+ * before its keys came up, once more for the sums. */
+typedef struct kzero {
+    uint8_t *done;
+    float *dk, *dv;
+    int ldk, ldv, klo, khi;
+} kzero;
+
+static void kzero_touch(const kzero *z, int j0, int j1) {
+    for (int b = (j0 - z->klo) / ZB; b <= (j1 - 1 - z->klo) / ZB; b++) {
+        if (z->done[b]) continue;
+        int r0 = b * ZB, r1 = EF_MIN(z->khi - z->klo, r0 + ZB);
+        memset(z->dk + (size_t)r0 * z->ldk, 0, sizeof(float) * (size_t)(r1 - r0) * z->ldk);
+        memset(z->dv + (size_t)r0 * z->ldv, 0, sizeof(float) * (size_t)(r1 - r0) * z->ldv);
+        z->done[b] = 1;
+    }
+}
+
 /* dacc[key] += sum_i A[i][key] B[i] over the runs of consecutive keys of a chunk's vectors: A
  * [qv][RK] (lanes = the chunk's key slots), B [qv][ldb], dacc rows of the item's key range from
  * klo, ld floats apart (dV += P^T dO, dK += dS^T (scale Q)). */
@@ -1163,11 +1187,11 @@ static void rows_keygrad(int qv, const float *A, const float *B, int ldb, float 
 
 /* Backward of one tile in the row layout (tile_rows): qv query rows at i0 (q, g = dO, o rows;
  * lse entries), qn rows of dq written (rows past qv zero); keys of the spans in [klo, kv_end),
- * whose dK, dV accumulate in dka, dva (rows from klo). The head's K and V are in panels. */
+ * whose dK, dV accumulate in z's rows (from klo). The head's K and V are in panels. */
 static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const float *g,
                           const float *o, const float *lse, const float *k, const float *v,
                           int i0, int qv, int qn, const ef_span *sp, int nspans, int klo,
-                          int kv_end, float *dq, float *dka, float *dva) {
+                          int kv_end, float *dq, const kzero *z) {
     const tiled_plan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim, dp = p->dp, dvp = p->dvp;
     float *qs = w->qp, *gs = w->dop, *dqr = w->dqt; /* [qv][Dp], [qv][Dvp], [qv][Dp] */
@@ -1210,8 +1234,9 @@ static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const f
         rows_ptrs(bp, k, (size_t)d, off, cnt, nvec);
         rows_pv(qv, nvec * EF_VL, dpr, RK, bp, d, dqr, dp);
         /* dV[key] += sum_i P[i][key] dO_i;  dK[key] += sum_i dS[i][key] (scale q_i) */
-        rows_keygrad(qv, sr, gs, dvp, dva, dvp, klo, off, cnt, nvec);
-        rows_keygrad(qv, dpr, qs, dp, dka, dp, klo, off, cnt, nvec);
+        for (int x = 0; x < nvec; x++) kzero_touch(z, off[x], off[x] + cnt[x]);
+        rows_keygrad(qv, sr, gs, dvp, z->dv, dvp, klo, off, cnt, nvec);
+        rows_keygrad(qv, dpr, qs, dp, z->dk, dp, klo, off, cnt, nvec);
     }
     for (int i = 0; i < qv; i++)
         for (int t = 0; t < d; t += EF_VL)
@@ -1252,8 +1277,9 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     int direct = dp == d && dvp == dv && (uintptr_t)(dk + (size_t)klo * d) % 64 == 0 &&
                  (uintptr_t)(dvo + (size_t)klo * dv) % 64 == 0;
     if (direct) dka = dk + (size_t)klo * d, dva = dvo + (size_t)klo * dv;
-    memset(dka, 0, sizeof(float) * (size_t)(khi - klo) * dp);
-    memset(dva, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
+    kzero z = {w->kz, dka, dva, dp, dvp, klo, khi};
+    int nzb = (khi - klo + ZB - 1) / ZB;
+    memset(w->kz, 0, (size_t)nzb);
     if (p->rows) rows_convert(p, w, k, v, d, dv, kv_valid, bh);
     for (int it = 0; it < p->ntiles; it++) {
         int i0, qn;
@@ -1275,7 +1301,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
         if (tile_rows(p, sp, nspans)) {
             backward_rows(a, w, q + (size_t)i0 * d, g + (size_t)i0 * dv, o + (size_t)i0 * dv,
                           lse + i0, k, v, i0, qv, qn, sp, nspans, klo, kv_end,
-                          dq + (size_t)i0 * d, dka, dva);
+                          dq + (size_t)i0 * d, &z);
             continue;
         }
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
@@ -1288,12 +1314,14 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                 ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
                 if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, lanes / EF_VL);
                 if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
+                kzero_touch(&z, j0, j0 + kn);
                 bwd_chunk(a, w, k + (size_t)j0 * d, d, v + (size_t)j0 * dv, dv, kn, lanes,
                           lse_use, dl, dka + (size_t)(j0 - klo) * dp,
                           dva + (size_t)(j0 - klo) * dvp);
             }
         unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
     }
+    for (int b = 0; b < nzb; b++) kzero_touch(&z, klo + b * ZB, klo + b * ZB + 1); /* unseen keys */
     for (int j = klo; j < khi && !direct; j++) { /* keys past kv_valid stay at zero */
         memcpy(dk + (size_t)j * d, w->dk + (size_t)(j - klo) * dp, sizeof(float) * d);
         memcpy(dvo + (size_t)j * dv, w->dv + (size_t)(j - klo) * dvp, sizeof(float) * dv);
