@@ -34,6 +34,9 @@
  * stride pass: each residue class (queries and keys r, r + s, ...) as a dense problem,
  * resuming the first pass's online softmax from its (out, lse); its backward adds the class
  * pairs' gradient terms with the same lse and delta.
+ * Tiles of at most 16 queries whose spans need no mask run in the row layout (below: queries
+ * as rows, keys as lanes, from per-thread panels of the head's K and V, D x N floats each per
+ * thread slot), where the transposed layout would leave one vector per product.
  */
 #include "attn/attn.h"
 #include "attn/softmax.h"
