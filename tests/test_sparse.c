@@ -962,6 +962,13 @@ static void row_layout(void) {
             const shape_case *sc = &shapes[(x + causal) % 3];
             check_mech(spec, sc->s, sc->has_lens ? sc->lens : NULL, NULL);
         }
+    /* q_len != kv_len (blocklocal takes it): rows past kv_len, keys past q_len */
+    static const shape_case rect[] = {{{2, 2, 150, 200, 16, 32}, {200, 111}, 1},
+                                      {{2, 2, 200, 150, 32, 16}, {64, 150}, 1}};
+    for (int x = 0; x < 2; x++)
+        for (int causal = 0; causal < 2; causal++)
+            check_mech(causal ? "blocklocal:block=16,causal=1" : "blocklocal:block=16", rect[x].s,
+                       rect[x].lens, NULL);
     ef_attn_shape s = {2, 3, 300, 300, 32, 16};
     int32_t lens[2] = {300, 170};
     for (int causal = 0; causal < 2; causal++) {
