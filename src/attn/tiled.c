@@ -672,39 +672,16 @@ static void rows_pv(int R, int T, const float *A, ptrdiff_t ars, const float *co
     }
 }
 
-/* C[r][0:NV EF_VL] += sum_t A[t RK + r] B[t ldb + 0:NV EF_VL]: dK, dV over a run of keys (rows
- * r) with a tile's queries (t) as the reduction; A's stride a compile-time RK. */
-EF_INLINE void mkg(const int RB, const int NV, int T, const float *A, const float *B,
-                   ptrdiff_t ldb, float *C, ptrdiff_t ldc) {
-    vf c[MK_RB][MK_NV];
-#pragma GCC unroll 6
-    for (int r = 0; r < RB; r++)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) c[r][v] = vf_load(C + r * ldc + v * EF_VL);
-    for (int t = 0; t < T; t++) {
-        vf b[MK_NV];
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) b[v] = vf_load(B + t * ldb + v * EF_VL);
-#pragma GCC unroll 6
-        for (int r = 0; r < RB; r++) {
-            vf a = vf_set1(A[t * RK + r]);
-#pragma GCC unroll 4
-            for (int v = 0; v < NV; v++) c[r][v] += a * b[v];
-        }
-    }
-#pragma GCC unroll 6
-    for (int r = 0; r < RB; r++)
-#pragma GCC unroll 4
-        for (int v = 0; v < NV; v++) vf_store(C + r * ldc + v * EF_VL, c[r][v]);
-}
-
-/* C[r][0:L] += sum_t A[t RK + r] B[t][0:L] for rows r < R, t < T (L a multiple of EF_VL). */
+/* C[r][0:L] += sum_t A[t RK + r] B[t][0:L] for rows r < R, t < T (L a multiple of EF_VL): dK, dV
+ * over a run of keys (rows) with a tile's queries (t) as the reduction. mk with A's strides
+ * constants, called directly: through tile_gemm's general loops (runtime strides, its
+ * dispatch) the short reduction spent a third of its time on spilled addresses. */
 static void rows_grad(int R, int T, const float *A, const float *B, ptrdiff_t ldb, int L,
                       float *C, ptrdiff_t ldc) {
     for (int l0 = 0; l0 < L; l0 += MK_NV * EF_VL) {
         int nv = EF_MIN(MK_NV, (L - l0) / EF_VL);
         for (int r0 = 0; r0 < R; r0 += MK_RB) {
-#define MKG(RB, NV) mkg(RB, NV, T, A + r0, B + l0, ldb, C + r0 * ldc + l0, ldc)
+#define MKG(RB, NV) mk(RB, NV, T, A + r0, 1, RK, B + l0, ldb, C + r0 * ldc + l0, ldc, 1, NULL)
 #define MKG_R(RB) NV_SWITCH(MKG, RB)
             ROWS_SWITCH(MKG_R)
 #undef MKG_R
@@ -748,6 +725,14 @@ static int key_iter_next(key_iter *it, int32_t *off, int32_t *cnt) {
         it->j += cnt[n++];
     }
     return n;
+}
+
+/* Whether a chunk's rows need rows_mask: a vector short of EF_VL keys, or (causal) a key after
+ * the tile's first query i0. */
+static int rows_need_mask(const int32_t *off, const int32_t *cnt, int nvec, int causal, int i0) {
+    int need = causal && off[nvec - 1] + cnt[nvec - 1] - 1 > i0;
+    for (int x = 0; x < nvec; x++) need |= cnt[x] < EF_VL;
+    return need;
 }
 
 /* Row r of a chunk's scores: -inf in the lanes past each vector's keys and, causal, where the
@@ -879,9 +864,7 @@ static void forward_rows(const ef_attn *a, tiled_ws *w, const float *q, const fl
         /* S[i][key] = sum_t (scale q_i)[t] K^T[t][key] */
         rows_panels(bv, w->kt, w->kpan, k, (size_t)d, d, off, cnt, nvec);
         rows_kv(qv, d, qs, dp, bv, nvec, sr, RK);
-        /* lanes past a vector's keys, and (causal) keys after the tile's first query */
-        int need_mask = a->causal && off[nvec - 1] + cnt[nvec - 1] - 1 > i0;
-        for (int x = 0; x < nvec; x++) need_mask |= cnt[x] < EF_VL;
+        int need_mask = rows_need_mask(off, cnt, nvec, a->causal, i0);
         for (int i = 0; i < qv; i++) { /* the online softmax of row i */
             float *s = sr + (size_t)i * RK;
             if (need_mask) rows_mask(s, off, cnt, nvec, a->causal, i0 + i);
@@ -1217,8 +1200,7 @@ static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const f
         /* P = exp(S - lse), S as forward */
         rows_panels(bv, w->kt, w->kpan, k, (size_t)d, d, off, cnt, nvec);
         rows_kv(qv, d, qs, dp, bv, nvec, sr, RK);
-        int need_mask = a->causal && off[nvec - 1] + cnt[nvec - 1] - 1 > i0;
-        for (int x = 0; x < nvec; x++) need_mask |= cnt[x] < EF_VL;
+        int need_mask = rows_need_mask(off, cnt, nvec, a->causal, i0);
         for (int i = 0; i < qv; i++) {
             float *s = sr + (size_t)i * RK;
             if (need_mask) rows_mask(s, off, cnt, nvec, a->causal, i0 + i);
