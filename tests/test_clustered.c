@@ -455,8 +455,11 @@ static void topk_exact(void) {
             for (int ties = 0; ties < 2; ties++) {
                 int n = ns[a], k = ks[b] > n ? n : ks[b];
                 ef_rng_normal(9, (uint64_t)(a * 10 + b), 0, (size_t)n, z);
-                for (int j = 0; j < n; j++) s[j] = ties ? (float)((int)(fabsf(z[j]) * 2) % 3) : z[j];
-                ef_clustered_topk(s, n, k, got);
+                float *sn = malloc(sizeof(float) * n); /* exactly n: a read past it fails ASan */
+                for (int j = 0; j < n; j++) sn[j] = ties ? (float)((int)(fabsf(z[j]) * 2) % 3) : z[j];
+                ef_clustered_topk(sn, n, k, got);
+                memcpy(s, sn, sizeof(float) * n);
+                free(sn);
                 memset(taken, 0, 4096);
                 for (int x = 0; x < k; x++) {
                     int best = -1;

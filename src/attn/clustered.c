@@ -414,48 +414,96 @@ static void heap_offer(const float *s, int j, int k, int32_t *idx, int *size) {
     idx[pos] = j;
 }
 
-/* The k-th largest of x[0..g) (1 <= k <= g, no NaN), reordering x: quickselect. */
-static float kth_largest(float *x, int g, int k) {
-    int lo = 0, hi = g - 1, want = k - 1;
-    while (lo < hi) {
-        float piv = x[lo + (hi - lo) / 2];
-        int i = lo, j = hi;
-        while (i <= j) { /* descending: larger values to the left */
-            while (x[i] > piv) i++;
-            while (x[j] < piv) j--;
-            if (i <= j) {
-                float t = x[i];
-                x[i] = x[j], x[j] = t;
-                i++, j--;
-            }
+/* r[i] = the rank of x[i] among x[0..m) (larger first, ties to the lower position): the count of
+ * j with x[j] > x[i], or x[j] == x[i] and j < i. No NaN; x holds m rounded up to EF_VL floats,
+ * -inf past m. Vectors of EF_VL i against each x[j] broadcast: m^2 / EF_VL steps, no branch. */
+static void ranks(const float *x, int m, int32_t *r) {
+    for (int i0 = 0; i0 < m; i0 += EF_VL) {
+        vf xi = vf_loadu(x + i0);
+        vi pos = vi_iota() + i0, cnt = pos - pos;
+        for (int j = 0; j < m; j++) {
+            vf xj = vf_set1(x[j]);
+            cnt -= (xj > xi) | ((xj == xi) & (pos > j)); /* true lanes are -1 */
         }
-        if (want <= j) hi = j;
-        else if (want >= i) lo = i;
-        else break;
+        memcpy(r + i0, &cnt, sizeof cnt);
     }
-    return x[want];
 }
 
-/* The k best keys go through a heap in index order, but only the candidates: a key whose value is
- * below some lower bound t0 of the k-th best value has k better keys and cannot be kept. t0 is
- * the k-th largest of G ~ 2k group maxima (disjoint groups: lane l of the vectors of block b;
- * each maximum is the value of a key of its group, so k keys are at least t0). Exactly the keys
- * the plain heap keeps; with Gaussian logits, 4096 keys and k = 32, a few dozen reach the heap
- * (the threshold rises to the worst kept key once it is full). */
-enum { TK_GROUPS = 128 };
+/* The k best keys are among the candidates, the keys at or above some lower bound t0 of the k-th
+ * best value. t0 is the k-th largest of G ~ 2k group maxima (disjoint groups: lane l of the
+ * vectors of block b; each maximum is the value of a key of its group, so k keys are at least
+ * t0). With Gaussian logits, 4096 keys and k = 32, a few dozen keys are candidates. They are
+ * ranked against each other (ranks above), and those of rank < k kept, in index order: no
+ * branch per key or per comparison (a heap and a quickselect spent most of their time on
+ * mispredicted branches). Past TK_RANK candidates (many ties), or with NaN logits, a heap in
+ * index order, which keeps the same keys. */
+enum { TK_GROUPS = 128, TK_RANK = 512 };
+
+/* The candidates >= t0 of s[0..n) ranked; 0 (nothing written) past TK_RANK of them or with a NaN
+ * among them. */
+static int topk_ranked(const float *s, int n, int k, float t0, int32_t *idx) {
+    float cv[TK_RANK + EF_VL];
+    int32_t ci[TK_RANK + EF_VL], rk[TK_RANK + EF_VL];
+    int m = 0, j = 0, kept = 0, nan = 0;
+    vf th = vf_set1(t0);
+    for (; j + EF_VL <= n; j += EF_VL) {
+        if (j + 4 * EF_VL <= n) { /* most keys are not candidates: 4 vectors per test */
+            vi below = (vf_loadu(s + j) < th) & (vf_loadu(s + j + EF_VL) < th) &
+                       (vf_loadu(s + j + 2 * EF_VL) < th) & (vf_loadu(s + j + 3 * EF_VL) < th);
+            if (!mask_bits(~below)) {
+                j += 3 * EF_VL;
+                continue;
+            }
+        }
+        uint32_t in = mask_bits(~(vf_loadu(s + j) < th)); /* >= t0, or NaN */
+        if (!in) continue;
+        if (m + __builtin_popcount(in) > TK_RANK) return 0;
+        for (; in; in &= in - 1) ci[m] = j + __builtin_ctz(in), cv[m] = s[ci[m]], m++;
+    }
+    for (; j < n; j++)
+        if (!(s[j] < t0)) {
+            if (m == TK_RANK) return 0;
+            ci[m] = j, cv[m++] = s[j];
+        }
+    for (int x = 0; x < m; x++) nan |= cv[x] != cv[x];
+    if (nan) return 0;
+    vf_storeu(cv + m, vf_set1(-__builtin_inff())); /* the last vector's lanes past m */
+    ranks(cv, m, rk);
+    for (int x = 0; x < m; x++) {
+        ci[kept] = ci[x]; /* kept <= x: in place */
+        kept += rk[x] < k;
+    }
+    if (kept != k) return 0; /* cannot happen: k keys are at least t0, and no NaN */
+    memcpy(idx, ci, sizeof(int32_t) * (size_t)k);
+    return 1;
+}
+
 static void topk_select(const float *s, int n, int k, int32_t *idx) {
     int size = 0, nb = EF_MIN((2 * k + EF_VL - 1) / EF_VL, TK_GROUPS / EF_VL);
     float t0 = -__builtin_inff();
     if (nb * EF_VL >= k && nb <= n / (2 * EF_VL)) { /* else every key is a candidate */
         float gm[TK_GROUPS];
+        int32_t gr[TK_GROUPS];
         int per = n / EF_VL / nb * EF_VL, nan = 0; /* block length, a multiple of EF_VL */
         for (int b = 0; b < nb; b++) {
-            vf m = vf_loadu(s + b * per);
-            for (int j = b * per + EF_VL; j < (b + 1) * per; j += EF_VL) m = vf_max(m, vf_loadu(s + j));
+            vf m = vf_loadu(s + b * per), m1 = m, m2 = m, m3 = m; /* 4 chains */
+            int j = b * per + EF_VL, e = (b + 1) * per;
+            for (; j + 4 * EF_VL <= e; j += 4 * EF_VL) {
+                m = vf_max(m, vf_loadu(s + j)), m1 = vf_max(m1, vf_loadu(s + j + EF_VL));
+                m2 = vf_max(m2, vf_loadu(s + j + 2 * EF_VL));
+                m3 = vf_max(m3, vf_loadu(s + j + 3 * EF_VL));
+            }
+            for (; j < e; j += EF_VL) m = vf_max(m, vf_loadu(s + j));
+            m = vf_max(vf_max(m, m1), vf_max(m2, m3));
             nan |= mask_bits(m != m) != 0;
             memcpy(gm + b * EF_VL, &m, sizeof m);
         }
-        if (!nan) t0 = kth_largest(gm, nb * EF_VL, k); /* NaN logits (NaN inputs): no bound */
+        if (!nan) { /* NaN logits (NaN inputs): no bound */
+            ranks(gm, nb * EF_VL, gr);
+            for (int g = 0; g < nb * EF_VL; g++)
+                if (gr[g] == k - 1) t0 = gm[g]; /* the k-th largest */
+            if (2 * k <= TK_RANK && topk_ranked(s, n, k, t0, idx)) return;
+        }
     }
     int j = 0;
     for (; j + EF_VL <= n; j += EF_VL) {
