@@ -249,6 +249,28 @@ typedef struct ef_tiled_pattern {
 void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats, const float *B,
                   ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc);
 
+/* The dK and dV accumulators of a backward work item's key range [klo, khi) (tiled.c,
+ * flash_bf16.c): the head's output rows themselves where they need no padding (D = Dp, Dv =
+ * Dvp) and are 64-byte aligned, else workspace rows (ldk = Dp, ldv = Dvp floats apart) copied
+ * out at the end. Either way a block of EF_ZB keys is zeroed just before its first use: zeroing
+ * the whole range up front brought every line in once for the zeros and, evicted before its
+ * keys came up, once more for the sums. */
+enum { EF_ZB = 16 };
+typedef struct ef_kacc {
+    float *dk, *dv;         /* row klo of the accumulators */
+    int ldk, ldv, klo, khi; /* row strides; the range */
+    uint8_t *done;          /* a byte per block of EF_ZB keys: zeroed already */
+    float *dk_out, *dv_out; /* the head's output rows (row 0), D and Dv floats apart */
+    int d, dvd, direct;     /* output widths; direct: the accumulators are the output rows */
+} ef_kacc;
+/* done: (khi - klo) / EF_ZB + 1 bytes; dk_ws, dv_ws: (khi - klo) rows of dp, dvp floats. */
+void ef_kacc_init(ef_kacc *z, float *dk_out, float *dv_out, int d, int dv, float *dk_ws,
+                  float *dv_ws, int dp, int dvp, uint8_t *done, int klo, int khi);
+/* Zeroes the untouched blocks of keys [j0, j1) (klo <= j0 < j1 <= khi). */
+void ef_kacc_touch(const ef_kacc *z, int j0, int j1);
+/* Zeroes the blocks no key of which was touched, and copies workspace rows out. */
+void ef_kacc_finish(const ef_kacc *z);
+
 /* Builds the spans and the workspace. `user` (may be NULL) is the pattern's own data, handed
  * back by ef_tiled_user and released with ef_free() by ef_tiled_destroy. On failure `user` is
  * still owned (and released) by the engine once ef_tiled_destroy runs. */

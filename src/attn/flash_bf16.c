@@ -524,7 +524,9 @@ typedef struct bf_ws { /* one per thread slot; pair arrays are uint32, 64-byte a
     uint32_t *vall;  /* [M2][Dv]   V, pairs of keys (forward: O^T += V^T P^T) */
     uint32_t *kpall; /* [M2][D]    K, pairs of keys (backward: dQ^T += K^T dS^T) */
     uint32_t *vnall; /* [M][Dv2]   V, pairs along Dv (backward: dP^T = V dO^T) */
-    float *dk, *dv;  /* [rows][Dp], [rows][Dvp] fp32 accumulators of one key range (backward) */
+    float *dk, *dv;  /* [rows][Dp], [rows][Dvp] fp32 accumulators of one key range (backward,
+                      * when the output rows cannot be: ef_kacc) */
+    uint8_t *kz;     /* [rows / EF_ZB + 2] ef_kacc's blocks zeroed already (backward) */
     int64_t conv_bh; /* forward: the (batch, head) kall, vall hold; -1 = none in this call */
 } bf_ws;
 
@@ -586,10 +588,10 @@ ef_status ef_bf16_init(ef_attn *a) {
                             (size_t)m2 * dv,      (size_t)m2 * d,        (size_t)m * p->dv2};
     size_t rows =
         p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * KT : (size_t)s->kv_len;
-    size_t big[2] = {rows * p->dp, rows * p->dvp};
+    size_t big[3] = {rows * p->dp, rows * p->dvp, (rows / EF_ZB + 2 + 3) / 4};
     size_t total = 0;
     for (int i = 0; i < NSMALL; i++) total += round16(small[i]) * a->slots;
-    for (int i = 0; i < 2; i++) total += round16(big[i]) * p->bwd_slots;
+    for (int i = 0; i < 3; i++) total += round16(big[i]) * p->bwd_slots;
     size_t part = (size_t)(p->splits - 1) * bh * s->q_len * d;
     total += round16(part);
     p->ws = ef_mem_calloc((size_t)a->slots, sizeof *p->ws);
@@ -614,6 +616,7 @@ ef_status ef_bf16_init(ef_attn *a) {
         if (t < p->bwd_slots) {
             w->dk = cur, cur += round16(big[0]);
             w->dv = cur, cur += round16(big[1]);
+            w->kz = (uint8_t *)cur, cur += round16(big[2]);
         }
     }
     return EF_OK;
@@ -798,8 +801,8 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     float *dvo = c->dv + (size_t)bh * m * dv;
     int kv_valid = ef_attn_kv_valid(a, c->io, b), q_valid = ef_attn_q_valid(a, c->io, b);
 
-    memset(w->dk, 0, sizeof(float) * (size_t)(khi - klo) * dp);
-    memset(w->dv, 0, sizeof(float) * (size_t)(khi - klo) * dvp);
+    ef_kacc z;
+    ef_kacc_init(&z, dk, dvo, d, dv, w->dk, w->dv, dp, dvp, w->kz, klo, khi);
     /* this range's valid keys, converted once: rows [klo, kend) */
     int kend = EF_MIN(khi, kv_valid);
     if (kend > klo) {
@@ -842,8 +845,9 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                       0, NULL);
             if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
             p->k.exprows(w->st, kn, lanes / 16, lse_use, w->pq); /* and in pairs of queries */
+            ef_kacc_touch(&z, j0, j0 + kn);
             /* dV[j][e] += sum_i' (P^T[j][2i'], P^T[j][2i'+1]) . (dO[2i'][e], dO[2i'+1][e]) */
-            p->k.gemm(kn, l2, dvp, w->pq, QT2, 1, w->dop, dvp, w->dv + (size_t)(j0 - klo) * dvp,
+            p->k.gemm(kn, l2, dvp, w->pq, QT2, 1, w->dop, dvp, z.dv + (size_t)(j0 - klo) * dvp,
                       dvp, 1, NULL);
             /* dP^T[j][i] = sum_e V[j][e] dO^T[e][i] (pairs along e);  dS^T = P^T o (dP^T - delta)
              */
@@ -851,7 +855,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                       w->dpt, QT, 0, NULL);
             p->k.ds(kn, lanes, w->st, w->dpt, dl, w->sq, w->sk);
             /* dK[j][t] += sum_i' (dS^T[j][2i'], dS^T[j][2i'+1]) . (sQ[2i'][t], sQ[2i'+1][t]) */
-            p->k.gemm(kn, l2, dp, w->sq, QT2, 1, w->qp, dp, w->dk + (size_t)(j0 - klo) * dp, dp, 1,
+            p->k.gemm(kn, l2, dp, w->sq, QT2, 1, w->qp, dp, z.dk + (size_t)(j0 - klo) * dp, dp, 1,
                       NULL);
             /* dQ^T[t][i] += sum_u (K[2u][t], K[2u+1][t]) . (dS^T[2u][i], dS^T[2u+1][i]) */
             keypair_gemm(p, w->fix, d, kn, lanes, w->kpall + (size_t)(j0 - klo) / 2 * d, w->sk,
@@ -861,10 +865,7 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             for (int t = 0; t < d; t++)
                 dq[(size_t)(i0 + i) * d + t] = w->dqt[(size_t)t * QT + i] * a->scale;
     }
-    for (int j = klo; j < khi; j++) { /* keys past kv_valid stay at zero */
-        memcpy(dk + (size_t)j * d, w->dk + (size_t)(j - klo) * dp, sizeof(float) * d);
-        memcpy(dvo + (size_t)j * dv, w->dv + (size_t)(j - klo) * dvp, sizeof(float) * dv);
-    }
+    ef_kacc_finish(&z); /* keys past kv_valid: zero */
 }
 
 ef_status ef_bf16_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,

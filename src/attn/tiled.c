@@ -49,7 +49,6 @@
 enum { QT = EF_QT, QV = QT / EF_VL, KT = EF_KT, TILED_MAX_DIM = 256 };
 /* the row layout: tiles of at most ROW_QT queries, key chunks of at most RK keys */
 enum { ROW_QT = 16, RK = 128, RKV = RK / EF_VL };
-enum { ZB = 16 }; /* keys per block of the backward's zeroing at first touch */
 
 static int pad16(int x) { return (x + EF_VL - 1) / EF_VL * EF_VL; }
 
@@ -166,8 +165,7 @@ typedef struct tiled_ws { /* one per thread slot; every array 64-byte aligned */
     float *dk;            /* [rows][Dp]  dK accumulator of one key range (backward; NULL past
                              bwd_slots) */
     float *dv;            /* [rows][Dvp] dV accumulator of one key range (idem) */
-    uint8_t *kz;          /* [rows / ZB + 2] backward: block b of ZB keys of the range is zeroed in
-                             the dK, dV accumulators (they are zeroed at first touch) */
+    uint8_t *kz;          /* [rows / EF_ZB + 2] backward: ef_kacc's blocks zeroed already */
     float *kt, *vt;       /* one head's K and V in panels (row layout; vt backward): panel b =
                              keys [b EF_VL, (b+1) EF_VL) transposed, [D][EF_VL] */
     float *kpan;          /* [RKV][max(D, Dv)][EF_VL] panels of a chunk's unaligned vectors */
@@ -284,7 +282,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
     size_t rows = p->splits > 1 ? (size_t)((nch + p->splits - 1) / p->splits) * p->kt
                                 : (size_t)s->kv_len;
     if (p->stride) rows = EF_MAX(rows, (size_t)class_count(s->kv_len, 0, p->stride));
-    size_t big[3] = {rows * p->dp, rows * p->dvp, (rows / ZB + 2 + 3) / 4};
+    size_t big[3] = {rows * p->dp, rows * p->dvp, (rows / EF_ZB + 2 + 3) / 4};
     /* the row layout: query tiles of one vector group, head dimensions whole vectors (K, V and
      * dO rows are read as vectors) */
     p->rows = p->qt <= ROW_QT && d % EF_VL == 0 && dv % EF_VL == 0;
@@ -1137,23 +1135,36 @@ static void bwd_chunk(const ef_attn *a, tiled_ws *w, const float *k, size_t ldk,
     ef_tile_gemm(d, kn, qt, k, 1, (ptrdiff_t)ldk, w->dpt, QT, w->dqt, QT, 1);
 }
 
-/* The dK, dV accumulators of keys [j0, j1) of a backward item's range [klo, khi) (rows from klo,
- * ldk and ldv floats apart) are zeroed, block by block of ZB keys, before their first use:
- * zeroing the whole range up front brought every line in once for the zeros and, evicted
- * before its keys came up, once more for the sums. */
-typedef struct kzero {
-    uint8_t *done;
-    float *dk, *dv;
-    int ldk, ldv, klo, khi;
-} kzero;
+void ef_kacc_init(ef_kacc *z, float *dk_out, float *dv_out, int d, int dv, float *dk_ws,
+                  float *dv_ws, int dp, int dvp, uint8_t *done, int klo, int khi) {
+    int direct = dp == d && dvp == dv && (uintptr_t)(dk_out + (size_t)klo * d) % 64 == 0 &&
+                 (uintptr_t)(dv_out + (size_t)klo * dv) % 64 == 0;
+    *z = (ef_kacc){direct ? dk_out + (size_t)klo * d : dk_ws,
+                   direct ? dv_out + (size_t)klo * dv : dv_ws,
+                   dp, dvp, klo, khi, done, dk_out, dv_out, d, dv, direct};
+    memset(done, 0, (size_t)(khi - klo + EF_ZB - 1) / EF_ZB);
+}
 
-static void kzero_touch(const kzero *z, int j0, int j1) {
-    for (int b = (j0 - z->klo) / ZB; b <= (j1 - 1 - z->klo) / ZB; b++) {
-        if (z->done[b]) continue;
-        int r0 = b * ZB, r1 = EF_MIN(z->khi - z->klo, r0 + ZB);
-        memset(z->dk + (size_t)r0 * z->ldk, 0, sizeof(float) * (size_t)(r1 - r0) * z->ldk);
-        memset(z->dv + (size_t)r0 * z->ldv, 0, sizeof(float) * (size_t)(r1 - r0) * z->ldv);
-        z->done[b] = 1;
+static void kacc_block(const ef_kacc *z, int b) {
+    int r0 = b * EF_ZB, r1 = EF_MIN(z->khi - z->klo, r0 + EF_ZB);
+    memset(z->dk + (size_t)r0 * z->ldk, 0, sizeof(float) * (size_t)(r1 - r0) * z->ldk);
+    memset(z->dv + (size_t)r0 * z->ldv, 0, sizeof(float) * (size_t)(r1 - r0) * z->ldv);
+    z->done[b] = 1;
+}
+
+void ef_kacc_touch(const ef_kacc *z, int j0, int j1) {
+    for (int b = (j0 - z->klo) / EF_ZB; b <= (j1 - 1 - z->klo) / EF_ZB; b++)
+        if (!z->done[b]) kacc_block(z, b);
+}
+
+void ef_kacc_finish(const ef_kacc *z) {
+    for (int b = 0; b < (z->khi - z->klo + EF_ZB - 1) / EF_ZB; b++)
+        if (!z->done[b]) kacc_block(z, b); /* keys no query saw (past kv_valid, say) */
+    for (int j = z->klo; j < z->khi && !z->direct; j++) {
+        memcpy(z->dk_out + (size_t)j * z->d, z->dk + (size_t)(j - z->klo) * z->ldk,
+               sizeof(float) * z->d);
+        memcpy(z->dv_out + (size_t)j * z->dvd, z->dv + (size_t)(j - z->klo) * z->ldv,
+               sizeof(float) * z->dvd);
     }
 }
 
@@ -1177,7 +1188,7 @@ static void rows_keygrad(int qv, const float *A, const float *B, int ldb, float 
 static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const float *g,
                           const float *o, const float *lse, const float *k, const float *v,
                           int i0, int qv, int qn, const ef_span *sp, int nspans, int klo,
-                          int kv_end, float *dq, const kzero *z) {
+                          int kv_end, float *dq, const ef_kacc *z) {
     const tiled_plan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim, dp = p->dp, dvp = p->dvp;
     float *qs = w->qp, *gs = w->dop, *dqr = w->dqt; /* [qv][Dp], [qv][Dvp], [qv][Dp] */
@@ -1219,7 +1230,7 @@ static void backward_rows(const ef_attn *a, tiled_ws *w, const float *q, const f
         rows_ptrs(bp, k, (size_t)d, off, cnt, nvec);
         rows_pv(qv, nvec * EF_VL, dpr, RK, bp, d, dqr, dp);
         /* dV[key] += sum_i P[i][key] dO_i;  dK[key] += sum_i dS[i][key] (scale q_i) */
-        for (int x = 0; x < nvec; x++) kzero_touch(z, off[x], off[x] + cnt[x]);
+        for (int x = 0; x < nvec; x++) ef_kacc_touch(z, off[x], off[x] + cnt[x]);
         rows_keygrad(qv, sr, gs, dvp, z->dv, dvp, klo, off, cnt, nvec);
         rows_keygrad(qv, dpr, qs, dp, z->dk, dp, klo, off, cnt, nvec);
     }
@@ -1255,16 +1266,8 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     float *dvo = c->dv + (size_t)bh * m * dv;
     int kv_valid = ef_attn_kv_valid(a, c->io, b), q_valid = ef_attn_q_valid(a, c->io, b);
 
-    /* dka, dva hold rows [klo, khi) of this head's dK, dV: the output rows themselves where they
-     * need no padding and are aligned as the kernels' rows, else w->dk, w->dv, copied out at
-     * the end */
-    float *dka = w->dk, *dva = w->dv;
-    int direct = dp == d && dvp == dv && (uintptr_t)(dk + (size_t)klo * d) % 64 == 0 &&
-                 (uintptr_t)(dvo + (size_t)klo * dv) % 64 == 0;
-    if (direct) dka = dk + (size_t)klo * d, dva = dvo + (size_t)klo * dv;
-    kzero z = {w->kz, dka, dva, dp, dvp, klo, khi};
-    int nzb = (khi - klo + ZB - 1) / ZB;
-    memset(w->kz, 0, (size_t)nzb);
+    ef_kacc z;
+    ef_kacc_init(&z, dk, dvo, d, dv, w->dk, w->dv, dp, dvp, w->kz, klo, khi);
     if (p->rows) rows_convert(p, w, k, v, d, dv, kv_valid, bh);
     for (int it = 0; it < p->ntiles; it++) {
         int i0, qn;
@@ -1299,18 +1302,14 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                 ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
                 if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, lanes / EF_VL);
                 if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
-                kzero_touch(&z, j0, j0 + kn);
+                ef_kacc_touch(&z, j0, j0 + kn);
                 bwd_chunk(a, w, k + (size_t)j0 * d, d, v + (size_t)j0 * dv, dv, kn, lanes,
-                          lse_use, dl, dka + (size_t)(j0 - klo) * dp,
-                          dva + (size_t)(j0 - klo) * dvp);
+                          lse_use, dl, z.dk + (size_t)(j0 - klo) * dp,
+                          z.dv + (size_t)(j0 - klo) * dvp);
             }
         unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
     }
-    for (int b = 0; b < nzb; b++) kzero_touch(&z, klo + b * ZB, klo + b * ZB + 1); /* unseen keys */
-    for (int j = klo; j < khi && !direct; j++) { /* keys past kv_valid stay at zero */
-        memcpy(dk + (size_t)j * d, w->dk + (size_t)(j - klo) * dp, sizeof(float) * d);
-        memcpy(dvo + (size_t)j * dv, w->dv + (size_t)(j - klo) * dvp, sizeof(float) * dv);
-    }
+    ef_kacc_finish(&z);
 }
 
 static void add_row(float *restrict dst, const float *restrict src, int n) {
