@@ -131,24 +131,6 @@ static inline uint32_t mask_bits(vi m) {
 #endif
 }
 
-/* sum_t x_t^2 in double (no overflow or underflow for floats), in 8 lanes then a fixed order. */
-typedef double v8d __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-static double sum_squares(const float *x, int n) {
-    v8d acc = {0};
-    int nf = n / 8 * 8;
-    for (int t = 0; t < nf; t += 8) {
-        v8f f;
-        memcpy(&f, x + t, sizeof f);
-        v8d y = __builtin_convertvector(f, v8d);
-        acc += y * y;
-    }
-    double s = 0;
-    for (int t = nf; t < n; t++) s += (double)x[t] * x[t];
-    for (int l = 0; l < 8; l++) s += acc[l];
-    return s;
-}
-
 /* Codes of nb <= HB queries q (rows of d) into out; hs holds HB x PLANE_ROW floats; pnorm the
  * head's plane norms (rounded up, zero past bits). */
 static void hash_block(const float *q, int nb, int d, const float *planes_t, const float *pnorm,
@@ -158,7 +140,7 @@ static void hash_block(const float *q, int nb, int d, const float *planes_t, con
     uint64_t keep = bits >= 64 ? ~0ull : (1ull << bits) - 1;
     for (int i = 0; i < nb; i++) {
         const float *qi = q + (size_t)i * d, *si = hs + (size_t)i * PLANE_ROW;
-        float qn = (float)(sqrt(sum_squares(qi, d)) * tolc);
+        float qn = (float)(sqrt(ef_dot_d(qi, qi, d)) * tolc);
         uint64_t pos = 0, unsure = 0;
         for (int u = 0; u < PLANE_ROW / EF_VL; u++) {
             vf x = vf_load(si + u * EF_VL);

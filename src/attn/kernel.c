@@ -36,6 +36,7 @@
  * The reference (ref=1, bottom of the file) shares no code with the fast path.
  */
 #include "attn/kernel.h"
+#include "core/vec.h"
 
 #include <float.h>
 #include <math.h>
@@ -108,6 +109,52 @@ static int fm_is_exp(const kplan *p) {
 /* Exponent features are shifted (stabilize=1 on an exp-type map). */
 static int fm_stab(const kplan *p) { return fm_is_exp(p) && p->stabilize; }
 
+/* Row helpers in vectors (a scalar tail): the largest of x[0..n) as the scalar loop
+ * `x > m ? x : m` from -inf finds it (NaN never taken); y = (x - s) with y's largest in *mx;
+ * y += x; y *= c. */
+static float row_max(const float *x, int n) {
+    vf m = vf_set1(-INFINITY);
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) m = vf_max(vf_loadu(x + t), m);
+    float r = vf_hmax(m);
+    for (; t < n; t++) r = x[t] > r ? x[t] : r;
+    return r;
+}
+/* The shift of a row of exponents, as the scalar chain s = s > x ? s : x from -inf gives it:
+ * a NaN resets the chain, so the result is the largest after the row's last NaN, or NaN when
+ * the last element is NaN. (A NaN or infinite input makes exponents NaN and -inf; which of
+ * them ends the row decides whether its outputs turn NaN: docs/hostile.md records the
+ * outcome, kept as it was.) */
+static float row_shift(const float *x, int n) {
+    int t = n;
+    while (t >= EF_VL) { /* the last vector holding a NaN */
+        vi nan = vf_loadu(x + t - EF_VL) != vf_loadu(x + t - EF_VL);
+        int any = 0;
+        for (int l = 0; l < EF_VL; l++) any |= nan[l];
+        if (any) break;
+        t -= EF_VL;
+    }
+    for (int j = t - 1; j >= 0 && j >= t - EF_VL; j--) /* its last NaN (or the head's) */
+        if (x[j] != x[j]) return j == n - 1 ? NAN : row_max(x + j + 1, n - j - 1);
+    return row_max(x, n);
+}
+static void row_add(float *restrict y, const float *restrict x, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) + vf_loadu(x + t));
+    for (; t < n; t++) y[t] += x[t];
+}
+static void row_scale(float *y, float c, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) * c);
+    for (; t < n; t++) y[t] *= c;
+}
+/* y += c x */
+static void row_axpy(float *restrict y, float c, const float *restrict x, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) + c * vf_loadu(x + t));
+    for (; t < n; t++) y[t] += c * x[t];
+}
+
 static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float *nrm, float *ph,
                         float *mx_out) {
     const kplan *p = a->impl;
@@ -125,9 +172,8 @@ static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float
     /* u = x^ W^T with x^ = xs x */
     TRY(ef_sgemm(0, 1, n, m, d, p->xs, x, d, p->W, d, 0.0f, u, m));
     for (int r = 0; r < n; r++) {
-        double s = 0;
-        for (int t = 0; t < d; t++) s += (double)x[(size_t)r * d + t] * x[(size_t)r * d + t];
-        nrm[r] = (float)(s * p->xs * p->xs * 0.5);
+        const float *xr = x + (size_t)r * d;
+        nrm[r] = (float)(ef_dot_d(xr, xr, d) * p->xs * p->xs * 0.5);
     }
     for (int r = 0; r < n; r++) {
         float *o = ph + (size_t)r * F;
@@ -136,9 +182,12 @@ static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float
         case KM_RELU:
             for (int f = 0; f < m; f++) o[f] = (ur[f] > 0 ? ur[f] : 0) + 1e-3f;
             break;
-        case KM_SOFTMAX:
-            for (int f = 0; f < m; f++) o[f] = ur[f] - nrm[r];
+        case KM_SOFTMAX: {
+            int f = 0;
+            for (; f + EF_VL <= m; f += EF_VL) vf_storeu(o + f, vf_loadu(ur + f) - nrm[r]);
+            for (; f < m; f++) o[f] = ur[f] - nrm[r];
             break;
+        }
         case KM_HYP:
             for (int f = 0; f < m; f++) o[f] = ur[f] - nrm[r], o[m + f] = -ur[f] - nrm[r];
             break;
@@ -146,8 +195,10 @@ static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float
             for (int f = 0; f < F; f++) o[f] = nrm[r];
             break;
         }
-        if (fm_is_exp(p))
-            for (int f = 0; f < F; f++) mx = o[f] > mx ? o[f] : mx;
+        if (fm_is_exp(p)) {
+            float rm = row_max(o, F);
+            mx = rm > mx ? rm : mx;
+        }
     }
     *mx_out = mx;
     return EF_OK;
@@ -174,9 +225,12 @@ static void fm_exp(const ef_attn *a, int n, const float *sh, const float *u, flo
         }
         if (p->kind == KM_RELU) continue;
         float s = p->stabilize ? sh[r] : 0;
-        for (int f = 0; f < F; f++) o[f] -= s;
-        ef_vexp(o, o, (size_t)F);
-        for (int f = 0; f < F; f++) o[f] *= norm;
+        int f = 0; /* o = exp(o - s) norm, as ef_vexp would (its tail: a padded vector) */
+        for (; f + EF_VL <= F; f += EF_VL)
+            vf_storeu(o + f, vf_exp(vf_loadu(o + f) - s) * norm);
+        for (; f < F; f++) o[f] -= s;
+        ef_vexp(o + (F / EF_VL) * EF_VL, o + (F / EF_VL) * EF_VL, (size_t)(F % EF_VL));
+        for (f = F / EF_VL * EF_VL; f < F; f++) o[f] *= norm;
         if (p->kind == KM_TRIG) {
             const float *ur = u + (size_t)r * m;
             for (int f = 0; f < m; f++) o[f] *= cosf(ur[f]), o[m + f] *= sinf(ur[f]);
@@ -207,9 +261,14 @@ static ef_status fm_backward(const ef_attn *a, const float *x, int n, const floa
         case KM_RELU:
             for (int f = 0; f < m; f++) du[f] = ur[f] > 0 ? g[f] : 0;
             break;
-        case KM_SOFTMAX:
-            for (int f = 0; f < m; f++) du[f] = g[f] * o[f], c -= du[f];
+        case KM_SOFTMAX: {
+            int f = 0;
+            for (; f + EF_VL <= m; f += EF_VL)
+                vf_storeu(du + f, vf_loadu(g + f) * vf_loadu(o + f));
+            for (; f < m; f++) du[f] = g[f] * o[f];
+            c = -ef_dot_d(g, o, m);
             break;
+        }
         case KM_HYP:
             for (int f = 0; f < m; f++) {
                 float pp = g[f] * o[f], pm = g[m + f] * o[m + f];
@@ -224,8 +283,11 @@ static ef_status fm_backward(const ef_attn *a, const float *x, int n, const floa
             break;
         }
         /* dx = xs (du W + c x^) = xs du W + c xs^2 x */
-        float cx = (float)c * p->xs * p->xs;
-        for (int t = 0; t < d; t++) dx[(size_t)r * d + t] = cx * x[(size_t)r * d + t];
+        float cx = (float)c * p->xs * p->xs, *dxr = dx + (size_t)r * d;
+        const float *xr = x + (size_t)r * d;
+        int t = 0;
+        for (; t + EF_VL <= d; t += EF_VL) vf_storeu(dxr + t, vf_loadu(xr + t) * cx);
+        for (; t < d; t++) dxr[t] = cx * xr[t];
     }
     return ef_sgemm(0, 0, n, d, m, p->xs, tmp, m, p->W, d, 1.0f, dx, d);
 }
@@ -255,10 +317,7 @@ static ef_status map_queries(const ef_attn *a, kwork *w, const float *x, int n) 
     float mx;
     TRY(fm_log(a, x, n, w->uq, w->nq, w->phq, &mx));
     for (int r = 0; r < n; r++) {
-        float s = fm_stab(p) ? -INFINITY : 0;
-        if (fm_stab(p))
-            for (int f = 0; f < p->F; f++) s = EF_MAX(s, w->phq[(size_t)r * p->F + f]);
-        w->shq[r] = s;
+        w->shq[r] = fm_stab(p) ? row_shift(w->phq + (size_t)r * p->F, p->F) : 0;
     }
     fm_exp(a, n, w->shq, w->uq, w->phq);
     return EF_OK;
@@ -274,12 +333,7 @@ static ef_status map_keys_own(const ef_attn *a, kwork *w, const float *x, int n)
     float mx;
     TRY(fm_log(a, x, n, w->uk, w->nk, w->phk, &mx));
     for (int r = 0; r < n; r++) {
-        float s = 0;
-        if (fm_stab(p)) {
-            s = -INFINITY;
-            for (int f = 0; f < p->F; f++) s = EF_MAX(s, w->phk[(size_t)r * p->F + f]);
-        }
-        w->shk[r] = s;
+        w->shk[r] = fm_stab(p) ? row_shift(w->phk + (size_t)r * p->F, p->F) : 0;
     }
     fm_exp(a, n, w->shk, w->uk, w->phk);
     return EF_OK;
@@ -301,13 +355,21 @@ static float chunk_prefix(kwork *w, int qn, int kval, float c_prev) {
 /* Multiplies A[r][j] by exp(s_j - P_r) for j <= r and sets it to 0 for j > r (assigned, never
  * multiplied: a later key's score cannot leak). */
 static void scale_intra(const kwork *w, float *A, int qn, int kn) {
-    for (int r = 0; r < qn; r++)
-        for (int j = 0; j < kn; j++) {
-            float *x = A + (size_t)r * KC + j;
-            *x = j > r || w->shk[j] == -INFINITY || w->pr[r] == -INFINITY
-                     ? 0
-                     : *x * expf(w->shk[j] - w->pr[r]);
-        }
+    for (int r = 0; r < qn; r++) {
+        float *x = A + (size_t)r * KC;
+        int j = 0;
+        if (w->pr[r] != -INFINITY) /* in vectors (vf_exp is ef_expf's function) */
+            for (; j + EF_VL <= kn; j += EF_VL) {
+                vf sk = vf_loadu(w->shk + j);
+                vi hide = (sk == -INFINITY) | (vi_iota() + j > r);
+                vf e = vf_exp(vf_select(hide, vf_set1(0), sk - w->pr[r]));
+                vf_storeu(x + j, vf_select(hide, vf_set1(0), vf_loadu(x + j) * e));
+            }
+        for (; j < kn; j++)
+            x[j] = j > r || w->shk[j] == -INFINITY || w->pr[r] == -INFINITY
+                       ? 0
+                       : x[j] * ef_expf(w->shk[j] - w->pr[r]);
+    }
 }
 
 /* Adds the chunk's kn (valid) keys to the state:
@@ -318,16 +380,14 @@ static ef_status state_add(const ef_attn *a, kwork *w, const float *v, int kn, f
     int F = p->F, dv = a->shape.v_dim;
     if (c_prev != c_new) {
         float resc = c_prev == -INFINITY ? 0 : expf(c_prev - c_new);
-        for (int x = 0; x < F * dv; x++) w->S[x] *= resc;
-        for (int f = 0; f < F; f++) w->z[f] *= resc;
+        row_scale(w->S, resc, F * dv);
+        row_scale(w->z, resc, F);
     }
-    for (int r = 0; r < kn; r++) {
-        float e = w->shk[r] == -INFINITY ? 0 : expf(w->shk[r] - c_new);
-        for (int f = 0; f < F; f++) w->phk[(size_t)r * F + f] *= e;
-    }
-    TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v, dv, 1.0f, w->S, dv));
     for (int r = 0; r < kn; r++)
-        for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
+        row_scale(w->phk + (size_t)r * F, w->shk[r] == -INFINITY ? 0 : expf(w->shk[r] - c_new),
+                  F);
+    TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v, dv, 1.0f, w->S, dv));
+    for (int r = 0; r < kn; r++) row_add(w->z, w->phk + (size_t)r * F, F);
     return EF_OK;
 }
 
@@ -379,9 +439,15 @@ static ef_status kcall_status(const kcall *c) {
 static void finish_rows(const ef_attn *a, kwork *w, int n, float *out, const float *den) {
     int dv = a->shape.v_dim;
     for (int r = 0; r < n; r++) {
-        float dn = den[r];
-        for (int e = 0; e < dv; e++)
-            out[(size_t)r * dv + e] = dn != 0 && dn != INFINITY ? w->num[(size_t)r * dv + e] / dn : 0;
+        float dn = den[r], *o = out + (size_t)r * dv;
+        const float *x = w->num + (size_t)r * dv;
+        if (dn == 0 || dn == INFINITY) {
+            memset(o, 0, sizeof(float) * dv);
+            continue;
+        }
+        int e = 0;
+        for (; e + EF_VL <= dv; e += EF_VL) vf_storeu(o + e, vf_loadu(x + e) / dn);
+        for (; e < dv; e++) o[e] = x[e] / dn;
     }
 }
 
@@ -419,13 +485,12 @@ static ef_status forward_one(kcall *c, int64_t bh, kwork *w) {
             float resc;
             TRY(map_keys(a, w, k + (size_t)j0 * d, kn, &kshift, &resc));
             if (resc != 1) {
-                for (int x = 0; x < F * dv; x++) w->S[x] *= resc;
-                for (int f = 0; f < F; f++) w->z[f] *= resc;
+                row_scale(w->S, resc, F * dv);
+                row_scale(w->z, resc, F);
             }
             TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S,
                          dv));
-            for (int r = 0; r < kn; r++)
-                for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
+            for (int r = 0; r < kn; r++) row_add(w->z, w->phk + (size_t)r * F, F);
         }
         if (shifts) shifts[0] = kshift;
         for (int i0 = 0; i0 < Q; i0 += KC) {
@@ -433,11 +498,9 @@ static ef_status forward_one(kcall *c, int64_t bh, kwork *w) {
             TRY(map_queries(a, w, q + (size_t)i0 * d, qn));
             TRY(ef_sgemm(0, 0, qn, dv, F, 1.0f, w->phq, F, w->S, dv, 0.0f, w->num, dv));
             float *den = den_all ? den_all + i0 : dbuf;
-            for (int r = 0; r < qn; r++) {
-                double acc = 0;
-                for (int f = 0; f < F; f++) acc += (double)w->phq[(size_t)r * F + f] * w->z[f];
-                den[r] = den_total(p, acc, (double)w->shq[r] + kshift);
-            }
+            for (int r = 0; r < qn; r++)
+                den[r] = den_total(p, ef_dot_d(w->phq + (size_t)r * F, w->z, F),
+                                   (double)w->shq[r] + kshift);
             finish_rows(a, w, qn, out + (size_t)i0 * dv, den);
         }
         return EF_OK;
@@ -455,10 +518,8 @@ static ef_status forward_one(kcall *c, int64_t bh, kwork *w) {
         TRY(ef_sgemm(0, 0, qn, dv, F, 1.0f, w->phq, F, w->S, dv, 0.0f, w->num, dv));
         float *den = den_all ? den_all + c0 : dbuf;
         for (int r = 0; r < qn; r++) {
-            double acc = 0;
-            for (int f = 0; f < F; f++) acc += (double)w->phq[(size_t)r * F + f] * w->z[f];
-            den[r] = (float)acc * w->rho[r];
-            for (int e = 0; e < dv; e++) w->num[(size_t)r * dv + e] *= w->rho[r];
+            den[r] = (float)ef_dot_d(w->phq + (size_t)r * F, w->z, F) * w->rho[r];
+            row_scale(w->num + (size_t)r * dv, w->rho[r], dv);
         }
         if (kn > 0) { /* intra-chunk: A = tril(Phi_q Phi_k^T) exp(s_j - P_r) */
             TRY(ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC));
@@ -567,13 +628,12 @@ static void grad_rows(const ef_attn *a, kwork *w, const float *g, const float *o
                       const float *den, int qn) {
     int dv = a->shape.v_dim;
     for (int r = 0; r < qn; r++) {
-        float inv = den[r] != 0 ? 1 / den[r] : 0;
-        double acc = 0;
-        for (int e = 0; e < dv; e++) {
-            w->G[(size_t)r * dv + e] = g[(size_t)r * dv + e] * inv;
-            acc += (double)g[(size_t)r * dv + e] * out[(size_t)r * dv + e];
-        }
-        w->dd[r] = (float)(-acc * inv);
+        float inv = den[r] != 0 ? 1 / den[r] : 0, *gr = w->G + (size_t)r * dv;
+        const float *gi = g + (size_t)r * dv;
+        int e = 0;
+        for (; e + EF_VL <= dv; e += EF_VL) vf_storeu(gr + e, vf_loadu(gi + e) * inv);
+        for (; e < dv; e++) gr[e] = gi[e] * inv;
+        w->dd[r] = (float)(-ef_dot_d(gi, out + (size_t)r * dv, dv) * inv);
     }
 }
 
@@ -592,13 +652,12 @@ static ef_status key_grads(const ef_attn *a, kwork *w, const float *k, const flo
     const kplan *p = a->impl;
     int dv = a->shape.v_dim, F = p->F;
     TRY(ef_sgemm(0, 1, kn, F, dv, 1.0f, v, dv, w->dS, dv, 0.0f, w->dph, F));
-    for (int r = 0; r < kn; r++)
-        for (int f = 0; f < F; f++) w->dph[(size_t)r * F + f] += w->dz[f];
+    for (int r = 0; r < kn; r++) row_add(w->dph + (size_t)r * F, w->dz, F);
     TRY(ef_sgemm(0, 0, kn, dv, F, 1.0f, w->phk, F, w->dS, dv, 0.0f, dvo, dv));
     if (intra) /* causal: key j entered the state at exp(s_j - c) */
         for (int r = 0; r < kn; r++) {
-            for (int f = 0; f < F; f++) w->dph[(size_t)r * F + f] *= w->ksc[r];
-            for (int e = 0; e < dv; e++) dvo[(size_t)r * dv + e] *= w->ksc[r];
+            row_scale(w->dph + (size_t)r * F, w->ksc[r], F);
+            row_scale(dvo + (size_t)r * dv, w->ksc[r], dv);
         }
     if (intra && qn > 0) {
         TRY(ef_sgemm(1, 0, kn, F, qn, 1.0f, w->dA, KC, w->phq, F, 1.0f, w->dph, F));
@@ -614,8 +673,12 @@ static ef_status intra_scores(const ef_attn *a, kwork *w, const float *v, int qn
     int dv = a->shape.v_dim, F = p->F;
     TRY(ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC));
     TRY(ef_sgemm(0, 1, qn, kn, dv, 1.0f, w->G, dv, v, dv, 0.0f, w->dA, KC));
-    for (int r = 0; r < qn; r++)
-        for (int j = 0; j < kn; j++) w->dA[(size_t)r * KC + j] += w->dd[r];
+    for (int r = 0; r < qn; r++) {
+        float *x = w->dA + (size_t)r * KC;
+        int j = 0;
+        for (; j + EF_VL <= kn; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) + w->dd[r]);
+        for (; j < kn; j++) x[j] += w->dd[r];
+    }
     scale_intra(w, w->A, qn, kn);
     scale_intra(w, w->dA, qn, kn);
     return EF_OK;
@@ -652,8 +715,7 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
             TRY(map_keys_fixed(a, w, k + (size_t)j0 * d, kn, shifts[0]));
             TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S,
                          dv));
-            for (int r = 0; r < kn; r++)
-                for (int f = 0; f < F; f++) w->z[f] += w->phk[(size_t)r * F + f];
+            for (int r = 0; r < kn; r++) row_add(w->z, w->phk + (size_t)r * F, F);
         }
         for (int i0 = 0; i0 < Q; i0 += KC) {
             int qn = EF_MIN(KC, Q - i0);
@@ -661,11 +723,10 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
             grad_rows(a, w, g + (size_t)i0 * dv, out + (size_t)i0 * dv, den + i0, qn);
             /* dPhi_q = G S^T + dd z^T;  dS += Phi_q^T G;  dz += Phi_q^T dd */
             TRY(ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F));
-            for (int r = 0; r < qn; r++)
-                for (int f = 0; f < F; f++) {
-                    w->dph[(size_t)r * F + f] += w->dd[r] * w->z[f];
-                    w->dz[f] += w->dd[r] * w->phq[(size_t)r * F + f];
-                }
+            for (int r = 0; r < qn; r++) {
+                row_axpy(w->dph + (size_t)r * F, w->dd[r], w->z, F);
+                row_axpy(w->dz, w->dd[r], w->phq + (size_t)r * F, F);
+            }
             TRY(ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv));
             TRY(fm_backward(a, q + (size_t)i0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
                             dq + (size_t)i0 * d));
@@ -689,10 +750,10 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
         grad_rows(a, w, g + (size_t)c0 * dv, out + (size_t)c0 * dv, den + c0, qn);
         /* dPhi_q = rho (G S^T + dd z^T) + (dA o E) Phi_k */
         TRY(ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F));
-        for (int r = 0; r < qn; r++)
-            for (int f = 0; f < F; f++)
-                w->dph[(size_t)r * F + f] =
-                    (w->dph[(size_t)r * F + f] + w->dd[r] * w->z[f]) * w->rho[r];
+        for (int r = 0; r < qn; r++) {
+            row_axpy(w->dph + (size_t)r * F, w->dd[r], w->z, F);
+            row_scale(w->dph + (size_t)r * F, w->rho[r], F);
+        }
         if (kn > 0) {
             TRY(intra_scores(a, w, v + (size_t)c0 * dv, qn, kn));
             TRY(ef_sgemm(0, 0, qn, F, kn, 1.0f, w->dA, KC, w->phk, F, 1.0f, w->dph, F));
@@ -722,17 +783,16 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
         if (ci == 0) break; /* no earlier keys to carry dS, dz to */
         if (prev != sh) {
             float resc = prev == -INFINITY ? 0 : expf(prev - sh);
-            for (int x = 0; x < F * dv; x++) w->dS[x] *= resc;
-            for (int f = 0; f < F; f++) w->dz[f] *= resc;
+            row_scale(w->dS, resc, F * dv);
+            row_scale(w->dz, resc, F);
         }
         /* this chunk's queries saw the state before it at exp(c_{c-1} - P_r) */
         for (int r = 0; r < qn; r++) {
-            for (int e = 0; e < dv; e++) w->G[(size_t)r * dv + e] *= w->rho[r];
+            row_scale(w->G + (size_t)r * dv, w->rho[r], dv);
             w->dd[r] *= w->rho[r];
         }
         TRY(ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv));
-        for (int r = 0; r < qn; r++)
-            for (int f = 0; f < F; f++) w->dz[f] += w->dd[r] * w->phq[(size_t)r * F + f];
+        for (int r = 0; r < qn; r++) row_axpy(w->dz, w->dd[r], w->phq + (size_t)r * F, F);
     }
     return EF_OK;
 }

@@ -119,6 +119,24 @@ EF_INLINE float vf_hsum(vf v) {
     EF_HSTEPS(ef_vadd_)
     return v[0];
 }
+/* sum_t x_t y_t in double (the products of floats exact there, no overflow or underflow): in 8
+ * double lanes, then the tail, then the lanes, in a fixed order. */
+typedef double ef_v8d __attribute__((vector_size(64)));
+typedef float ef_v8f __attribute__((vector_size(32)));
+EF_INLINE double ef_dot_d(const float *x, const float *y, int n) {
+    ef_v8d acc = {0};
+    int nf = n / 8 * 8;
+    for (int t = 0; t < nf; t += 8) {
+        ef_v8f a, b;
+        memcpy(&a, x + t, sizeof a);
+        memcpy(&b, y + t, sizeof b);
+        acc += __builtin_convertvector(a, ef_v8d) * __builtin_convertvector(b, ef_v8d);
+    }
+    double s = 0;
+    for (int t = nf; t < n; t++) s += (double)x[t] * y[t];
+    for (int l = 0; l < 8; l++) s += acc[l];
+    return s;
+}
 EF_INLINE vi vi_iota(void) {
     vi r;
     for (int i = 0; i < EF_VL; i++) r[i] = i;
