@@ -19,6 +19,7 @@
  * Time O(B H N M (D + Dv)), memory O(B H N M) when training.
  */
 #include "attn/attn.h"
+#include "core/vec.h"
 
 #include <math.h>
 #include <string.h>
@@ -61,28 +62,34 @@ static void softmax_rows(void *ctx, int64_t item, int tid) {
         /* columns past the valid keys, and padded rows, were not computed: zero them */
         int mv = i < c->q_valid ? c->kv_valid : 0, lim = ef_attn_row_limit(a, mv, i);
         memset(row + mv, 0, sizeof(float) * (size_t)(m - mv));
-        float mx = -INFINITY;
-        int seen = 0;
-        for (int j = 0; j < mv; j++) {
-            if (j >= lim || (a->ops->visible && !a->ops->visible(a, c->head, i, j)))
-                row[j] = -INFINITY;
-            else
-                seen = 1;
-            if (row[j] > mx) mx = row[j];
+        int seen = 0, j = 0;
+        if (a->ops->visible) {
+            for (; j < mv; j++) {
+                if (j >= lim || !a->ops->visible(a, c->head, i, j)) row[j] = -INFINITY;
+                else seen = 1;
+            }
+        } else { /* keys [0, lim) visible */
+            seen = lim > 0;
+            for (j = EF_MAX(lim, 0); j < mv; j++) row[j] = -INFINITY;
         }
         if (!seen) { /* nothing visible: zeros, and zero gradient downstream */
             memset(row, 0, sizeof(float) * mv);
             continue;
         }
-        /* visible scores that are all NaN or -inf (a NaN or infinite q or k) leave mx = -inf:
-         * row - mx is then NaN or +inf and the row's NaN propagates, as in flash, instead of
-         * passing for a row that sees no key */
-        for (int j = 0; j < mv; j++) row[j] -= mx;
-        ef_vexp(row, row, (size_t)mv);
-        double sum = 0;
-        for (int j = 0; j < mv; j++) sum += row[j];
-        float inv = (float)(1.0 / sum);
-        for (int j = 0; j < mv; j++) row[j] *= inv;
+        /* the largest score (NaN never taken); visible scores that are all NaN or -inf (a NaN
+         * or infinite q or k) leave mx = -inf: row - mx is then NaN or +inf and the row's NaN
+         * propagates, as in flash, instead of passing for a row that sees no key */
+        vf vm = vf_set1(-INFINITY);
+        for (j = 0; j + EF_VL <= mv; j += EF_VL) vm = vf_max(vf_loadu(row + j), vm);
+        float mx = vf_hmax(vm);
+        for (; j < mv; j++) mx = row[j] > mx ? row[j] : mx;
+        for (j = 0; j + EF_VL <= mv; j += EF_VL) /* vf_exp is ef_vexp's function */
+            vf_storeu(row + j, vf_exp(vf_loadu(row + j) - mx));
+        for (int t = j; t < mv; t++) row[t] -= mx;
+        ef_vexp(row + j, row + j, (size_t)(mv - j));
+        float inv = (float)(1.0 / ef_sum_d(row, mv));
+        for (j = 0; j + EF_VL <= mv; j += EF_VL) vf_storeu(row + j, vf_loadu(row + j) * inv);
+        for (; j < mv; j++) row[j] *= inv;
     }
 }
 
@@ -95,9 +102,18 @@ static void softmax_grad_rows(void *ctx, int64_t item, int tid) {
     for (int i = (int)(item * DENSE_ROWS_PER_ITEM); i < i1; i++) {
         const float *p = c->dp_p + (size_t)i * m;
         float *ds = c->ds + (size_t)i * m;
-        double delta = 0;
-        for (int j = 0; j < mv; j++) delta += (double)p[j] * ds[j];
-        for (int j = 0; j < mv; j++) ds[j] = (float)(p[j] * (ds[j] - delta) * a->scale);
+        double delta = ef_dot_d(p, ds, mv);
+        int j = 0; /* in double, 8 lanes at a time */
+        for (; j + 8 <= mv; j += 8) {
+            ef_v8f pf, df;
+            memcpy(&pf, p + j, sizeof pf);
+            memcpy(&df, ds + j, sizeof df);
+            ef_v8d r = __builtin_convertvector(pf, ef_v8d) *
+                       (__builtin_convertvector(df, ef_v8d) - delta) * (double)a->scale;
+            ef_v8f o = __builtin_convertvector(r, ef_v8f);
+            memcpy(ds + j, &o, sizeof o);
+        }
+        for (; j < mv; j++) ds[j] = (float)(p[j] * (ds[j] - delta) * a->scale);
     }
 }
 

@@ -137,6 +137,20 @@ EF_INLINE double ef_dot_d(const float *x, const float *y, int n) {
     for (int l = 0; l < 8; l++) s += acc[l];
     return s;
 }
+/* sum_t x_t in double: 8 double lanes, then the tail, then the lanes, in a fixed order. */
+EF_INLINE double ef_sum_d(const float *x, int n) {
+    ef_v8d acc = {0};
+    int nf = n / 8 * 8;
+    for (int t = 0; t < nf; t += 8) {
+        ef_v8f a;
+        memcpy(&a, x + t, sizeof a);
+        acc += __builtin_convertvector(a, ef_v8d);
+    }
+    double s = 0;
+    for (int t = nf; t < n; t++) s += x[t];
+    for (int l = 0; l < 8; l++) s += acc[l];
+    return s;
+}
 EF_INLINE vi vi_iota(void) {
     vi r;
     for (int i = 0; i < EF_VL; i++) r[i] = i;
