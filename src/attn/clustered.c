@@ -585,21 +585,7 @@ static void load_choices(const ef_attn *a, cwork *w, const int32_t *sa, int nv, 
     if (p->improved) memcpy(w->tk, sa + a->shape.q_len, sizeof(int32_t) * C * p->K);
 }
 
-/* y[0..n) += s x[0..n) (unaligned rows). */
-static void add_row(float *y, const float *x, float s, int n) {
-    int nf = n / EF_VL * EF_VL;
-    vf vs = vf_set1(s);
-    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) + vs * vf_loadu(x + j));
-    for (int j = nf; j < n; j++) y[j] += s * x[j];
-}
 
-/* y[0..n) *= s (unaligned). */
-static void scale_row(float *y, float s, int n) {
-    int nf = n / EF_VL * EF_VL;
-    vf vs = vf_set1(s);
-    for (int j = 0; j < nf; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) * vs);
-    for (int j = nf; j < n; j++) y[j] *= s;
-}
 
 /* y[0..n) = b + s x (unaligned rows). */
 static void mul_add_row(float *y, const float *b, const float *x, float s, int n) {
@@ -628,7 +614,7 @@ static void softmax_backward_row(const float *A, float *dA, int n) {
 static void centroids(const ef_attn *a, cwork *w, const float *q, int nv, int C) {
     int d = a->shape.head_dim;
     memset(w->qc, 0, sizeof(float) * C * d);
-    for (int i = 0; i < nv; i++) add_row(w->qc + (size_t)w->asg[i] * d, q + (size_t)i * d, 1, d);
+    for (int i = 0; i < nv; i++) ef_row_axpy(w->qc + (size_t)w->asg[i] * d, 1, q + (size_t)i * d, d);
     for (int c = 0; c < C; c++) {
         float inv = w->cnt[c] ? 1.0f / (float)w->cnt[c] : 0;
         for (int t = 0; t < d; t++) w->qc[(size_t)c * d + t] *= inv;
@@ -778,7 +764,7 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     }
     if (!p->improved) {
         if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
-        for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
+        for (int c = 0; c < C; c++) ef_row_scale(w->vb + (size_t)c * dv, w->rinv[c], dv);
         for (int i = 0; i < nv; i++)
             memcpy(out + (size_t)i * dv, w->vb + (size_t)w->asg[i] * dv, sizeof(float) * dv);
         return EF_OK;
@@ -786,7 +772,7 @@ static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {
     if (sa) memcpy(sa + n, w->tk, sizeof(int32_t) * C * K);
     /* bottom part: the centroid attention without the top keys */
     if ((st = ef_sgemm(0, 0, C, dv, mv, 1, w->S, m, v, dv, 0, w->vb, dv))) return st;
-    for (int c = 0; c < C; c++) scale_row(w->vb + (size_t)c * dv, w->rinv[c], dv);
+    for (int c = 0; c < C; c++) ef_row_scale(w->vb + (size_t)c * dv, w->rinv[c], dv);
     /* top part, per cluster in blocks of RB members: out = m_c P V_T + Vb_c */
     sort_members(w, nv, C);
     for (int c = 0; c < C; c++) {
@@ -896,12 +882,12 @@ static ef_status top_backward(const ef_attn *a, cwork *w, const float *q, const 
             ef_tile_gemm(kb, nr, dp, w->D1, 1, Kp, w->qm, dp, w->dkt, dp, acc);
             ef_tile_gemm(nr, kb, dp, w->D1, Kp, 1, w->kt, dp, w->om, dp, 0);
             for (int r = 0; r < nr; r++)
-                add_row(dq + (size_t)rows[r] * d, w->om + (size_t)r * dp, a->scale, d);
+                ef_row_axpy(dq + (size_t)rows[r] * d, a->scale, w->om + (size_t)r * dp, d);
         }
         w->dm[c] = (float)dm;
         for (int x = 0; x < kb; x++) {
-            add_row(dk + (size_t)tk[x] * d, w->dkt + (size_t)x * dp, a->scale, d);
-            add_row(dvv + (size_t)tk[x] * dv, w->dvt + (size_t)x * dvp, mc, dv);
+            ef_row_axpy(dk + (size_t)tk[x] * d, a->scale, w->dkt + (size_t)x * dp, d);
+            ef_row_axpy(dvv + (size_t)tk[x] * dv, mc, w->dvt + (size_t)x * dvp, dv);
         }
     }
     return EF_OK;
@@ -944,7 +930,7 @@ static ef_status backward_head(const cctx *cx, cwork *w, int64_t bh) {
     }
     /* G_c = sum of member dO; dA = G V^T (top columns: dm_c); dS = A (dA - rowsum(A dA)) */
     memset(w->G, 0, sizeof(float) * C * dv);
-    for (int i = 0; i < nv; i++) add_row(w->G + (size_t)w->asg[i] * dv, g + (size_t)i * dv, 1, dv);
+    for (int i = 0; i < nv; i++) ef_row_axpy(w->G + (size_t)w->asg[i] * dv, 1, g + (size_t)i * dv, dv);
     if ((st = ef_sgemm(0, 1, C, mv, dv, 1, w->G, dv, v, dv, 0, w->dP, m))) return st;
     for (int c = 0; c < C; c++) {
         float *A = w->S + (size_t)c * m, *dA = w->dP + (size_t)c * m;
@@ -961,7 +947,7 @@ static ef_status backward_head(const cctx *cx, cwork *w, int64_t bh) {
         float inv = w->cnt[c] ? 1.0f / (float)w->cnt[c] : 0;
         for (int t = 0; t < d; t++) w->dqc[(size_t)c * d + t] *= inv;
     }
-    for (int i = 0; i < nv; i++) add_row(dq + (size_t)i * d, w->dqc + (size_t)w->asg[i] * d, 1, d);
+    for (int i = 0; i < nv; i++) ef_row_axpy(dq + (size_t)i * d, 1, w->dqc + (size_t)w->asg[i] * d, d);
     return EF_OK;
 }
 

@@ -109,17 +109,6 @@ static int fm_is_exp(const kplan *p) {
 /* Exponent features are shifted (stabilize=1 on an exp-type map). */
 static int fm_stab(const kplan *p) { return fm_is_exp(p) && p->stabilize; }
 
-/* Row helpers in vectors (a scalar tail): the largest of x[0..n) as the scalar loop
- * `x > m ? x : m` from -inf finds it (NaN never taken); y = (x - s) with y's largest in *mx;
- * y += x; y *= c. */
-static float row_max(const float *x, int n) {
-    vf m = vf_set1(-INFINITY);
-    int t = 0;
-    for (; t + EF_VL <= n; t += EF_VL) m = vf_max(vf_loadu(x + t), m);
-    float r = vf_hmax(m);
-    for (; t < n; t++) r = x[t] > r ? x[t] : r;
-    return r;
-}
 /* The shift of a row of exponents, as the scalar chain s = s > x ? s : x from -inf gives it:
  * a NaN resets the chain, so the result is the largest after the row's last NaN, or NaN when
  * the last element is NaN. (A NaN or infinite input makes exponents NaN and -inf; which of
@@ -135,26 +124,9 @@ static float row_shift(const float *x, int n) {
         t -= EF_VL;
     }
     for (int j = t - 1; j >= 0 && j >= t - EF_VL; j--) /* its last NaN (or the head's) */
-        if (x[j] != x[j]) return j == n - 1 ? NAN : row_max(x + j + 1, n - j - 1);
-    return row_max(x, n);
+        if (x[j] != x[j]) return j == n - 1 ? NAN : ef_row_max(x + j + 1, n - j - 1);
+    return ef_row_max(x, n);
 }
-static void row_add(float *restrict y, const float *restrict x, int n) {
-    int t = 0;
-    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) + vf_loadu(x + t));
-    for (; t < n; t++) y[t] += x[t];
-}
-static void row_scale(float *y, float c, int n) {
-    int t = 0;
-    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) * c);
-    for (; t < n; t++) y[t] *= c;
-}
-/* y += c x */
-static void row_axpy(float *restrict y, float c, const float *restrict x, int n) {
-    int t = 0;
-    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) + c * vf_loadu(x + t));
-    for (; t < n; t++) y[t] += c * x[t];
-}
-
 static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float *nrm, float *ph,
                         float *mx_out) {
     const kplan *p = a->impl;
@@ -196,7 +168,7 @@ static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float
             break;
         }
         if (fm_is_exp(p)) {
-            float rm = row_max(o, F);
+            float rm = ef_row_max(o, F);
             mx = rm > mx ? rm : mx;
         }
     }
@@ -380,14 +352,14 @@ static ef_status state_add(const ef_attn *a, kwork *w, const float *v, int kn, f
     int F = p->F, dv = a->shape.v_dim;
     if (c_prev != c_new) {
         float resc = c_prev == -INFINITY ? 0 : expf(c_prev - c_new);
-        row_scale(w->S, resc, F * dv);
-        row_scale(w->z, resc, F);
+        ef_row_scale(w->S, resc, F * dv);
+        ef_row_scale(w->z, resc, F);
     }
     for (int r = 0; r < kn; r++)
-        row_scale(w->phk + (size_t)r * F, w->shk[r] == -INFINITY ? 0 : expf(w->shk[r] - c_new),
+        ef_row_scale(w->phk + (size_t)r * F, w->shk[r] == -INFINITY ? 0 : expf(w->shk[r] - c_new),
                   F);
     TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v, dv, 1.0f, w->S, dv));
-    for (int r = 0; r < kn; r++) row_add(w->z, w->phk + (size_t)r * F, F);
+    for (int r = 0; r < kn; r++) ef_row_add(w->z, w->phk + (size_t)r * F, F);
     return EF_OK;
 }
 
@@ -485,12 +457,12 @@ static ef_status forward_one(kcall *c, int64_t bh, kwork *w) {
             float resc;
             TRY(map_keys(a, w, k + (size_t)j0 * d, kn, &kshift, &resc));
             if (resc != 1) {
-                row_scale(w->S, resc, F * dv);
-                row_scale(w->z, resc, F);
+                ef_row_scale(w->S, resc, F * dv);
+                ef_row_scale(w->z, resc, F);
             }
             TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S,
                          dv));
-            for (int r = 0; r < kn; r++) row_add(w->z, w->phk + (size_t)r * F, F);
+            for (int r = 0; r < kn; r++) ef_row_add(w->z, w->phk + (size_t)r * F, F);
         }
         if (shifts) shifts[0] = kshift;
         for (int i0 = 0; i0 < Q; i0 += KC) {
@@ -519,7 +491,7 @@ static ef_status forward_one(kcall *c, int64_t bh, kwork *w) {
         float *den = den_all ? den_all + c0 : dbuf;
         for (int r = 0; r < qn; r++) {
             den[r] = (float)ef_dot_d(w->phq + (size_t)r * F, w->z, F) * w->rho[r];
-            row_scale(w->num + (size_t)r * dv, w->rho[r], dv);
+            ef_row_scale(w->num + (size_t)r * dv, w->rho[r], dv);
         }
         if (kn > 0) { /* intra-chunk: A = tril(Phi_q Phi_k^T) exp(s_j - P_r) */
             TRY(ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC));
@@ -652,12 +624,12 @@ static ef_status key_grads(const ef_attn *a, kwork *w, const float *k, const flo
     const kplan *p = a->impl;
     int dv = a->shape.v_dim, F = p->F;
     TRY(ef_sgemm(0, 1, kn, F, dv, 1.0f, v, dv, w->dS, dv, 0.0f, w->dph, F));
-    for (int r = 0; r < kn; r++) row_add(w->dph + (size_t)r * F, w->dz, F);
+    for (int r = 0; r < kn; r++) ef_row_add(w->dph + (size_t)r * F, w->dz, F);
     TRY(ef_sgemm(0, 0, kn, dv, F, 1.0f, w->phk, F, w->dS, dv, 0.0f, dvo, dv));
     if (intra) /* causal: key j entered the state at exp(s_j - c) */
         for (int r = 0; r < kn; r++) {
-            row_scale(w->dph + (size_t)r * F, w->ksc[r], F);
-            row_scale(dvo + (size_t)r * dv, w->ksc[r], dv);
+            ef_row_scale(w->dph + (size_t)r * F, w->ksc[r], F);
+            ef_row_scale(dvo + (size_t)r * dv, w->ksc[r], dv);
         }
     if (intra && qn > 0) {
         TRY(ef_sgemm(1, 0, kn, F, qn, 1.0f, w->dA, KC, w->phq, F, 1.0f, w->dph, F));
@@ -715,7 +687,7 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
             TRY(map_keys_fixed(a, w, k + (size_t)j0 * d, kn, shifts[0]));
             TRY(ef_sgemm(1, 0, F, dv, kn, 1.0f, w->phk, F, v + (size_t)j0 * dv, dv, 1.0f, w->S,
                          dv));
-            for (int r = 0; r < kn; r++) row_add(w->z, w->phk + (size_t)r * F, F);
+            for (int r = 0; r < kn; r++) ef_row_add(w->z, w->phk + (size_t)r * F, F);
         }
         for (int i0 = 0; i0 < Q; i0 += KC) {
             int qn = EF_MIN(KC, Q - i0);
@@ -724,8 +696,8 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
             /* dPhi_q = G S^T + dd z^T;  dS += Phi_q^T G;  dz += Phi_q^T dd */
             TRY(ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F));
             for (int r = 0; r < qn; r++) {
-                row_axpy(w->dph + (size_t)r * F, w->dd[r], w->z, F);
-                row_axpy(w->dz, w->dd[r], w->phq + (size_t)r * F, F);
+                ef_row_axpy(w->dph + (size_t)r * F, w->dd[r], w->z, F);
+                ef_row_axpy(w->dz, w->dd[r], w->phq + (size_t)r * F, F);
             }
             TRY(ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv));
             TRY(fm_backward(a, q + (size_t)i0 * d, qn, w->uq, w->phq, w->dph, w->tmp,
@@ -751,8 +723,8 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
         /* dPhi_q = rho (G S^T + dd z^T) + (dA o E) Phi_k */
         TRY(ef_sgemm(0, 1, qn, F, dv, 1.0f, w->G, dv, w->S, dv, 0.0f, w->dph, F));
         for (int r = 0; r < qn; r++) {
-            row_axpy(w->dph + (size_t)r * F, w->dd[r], w->z, F);
-            row_scale(w->dph + (size_t)r * F, w->rho[r], F);
+            ef_row_axpy(w->dph + (size_t)r * F, w->dd[r], w->z, F);
+            ef_row_scale(w->dph + (size_t)r * F, w->rho[r], F);
         }
         if (kn > 0) {
             TRY(intra_scores(a, w, v + (size_t)c0 * dv, qn, kn));
@@ -783,16 +755,16 @@ static ef_status backward_one(kcall *c, int64_t bh, kwork *w) {
         if (ci == 0) break; /* no earlier keys to carry dS, dz to */
         if (prev != sh) {
             float resc = prev == -INFINITY ? 0 : expf(prev - sh);
-            row_scale(w->dS, resc, F * dv);
-            row_scale(w->dz, resc, F);
+            ef_row_scale(w->dS, resc, F * dv);
+            ef_row_scale(w->dz, resc, F);
         }
         /* this chunk's queries saw the state before it at exp(c_{c-1} - P_r) */
         for (int r = 0; r < qn; r++) {
-            row_scale(w->G + (size_t)r * dv, w->rho[r], dv);
+            ef_row_scale(w->G + (size_t)r * dv, w->rho[r], dv);
             w->dd[r] *= w->rho[r];
         }
         TRY(ef_sgemm(1, 0, F, dv, qn, 1.0f, w->phq, F, w->G, dv, 1.0f, w->dS, dv));
-        for (int r = 0; r < qn; r++) row_axpy(w->dz, w->dd[r], w->phq + (size_t)r * F, F);
+        for (int r = 0; r < qn; r++) ef_row_axpy(w->dz, w->dd[r], w->phq + (size_t)r * F, F);
     }
     return EF_OK;
 }

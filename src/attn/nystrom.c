@@ -210,15 +210,6 @@ typedef struct rows_ctx {
  * the row alone, never on the thread that runs it. */
 enum { SUM_BLOCK = 64 };
 
-static float row_max(const float *x, int n) {
-    vf m = vf_set1(-INFINITY);
-    int j = 0;
-    for (; j + EF_VL <= n; j += EF_VL) m = vf_max(m, vf_loadu(x + j));
-    float r = -INFINITY;
-    for (int l = 0; l < EF_VL; l++) r = m[l] > r ? m[l] : r;
-    for (; j < n; j++) r = x[j] > r ? x[j] : r;
-    return r;
-}
 
 static double lanes_sum(vf acc) {
     double s = 0;
@@ -257,18 +248,7 @@ static double row_dot(const float *x, const float *y, int n) {
     return sum;
 }
 
-static void row_scale(float *x, int n, float a) {
-    int j = 0;
-    for (; j + EF_VL <= n; j += EF_VL) vf_storeu(x + j, vf_loadu(x + j) * a);
-    for (; j < n; j++) x[j] *= a;
-}
 
-/* y[j] += a * x[j] */
-static void row_axpy(float *y, const float *x, int n, float a) {
-    int j = 0;
-    for (; j + EF_VL <= n; j += EF_VL) vf_storeu(y + j, vf_loadu(y + j) + vf_loadu(x + j) * a);
-    for (; j < n; j++) y[j] += x[j] * a;
-}
 
 static void softmax_item(void *ctx, int64_t item, int tid) {
     (void)tid;
@@ -276,8 +256,8 @@ static void softmax_item(void *ctx, int64_t item, int tid) {
     int i1 = (int)EF_MIN((int64_t)c->rows, (item + 1) * ROWS_PER_ITEM);
     for (int i = (int)(item * ROWS_PER_ITEM); i < i1; i++) {
         float *row = c->x + (size_t)i * c->len;
-        double sum = row_exp_sum(row, c->len, row_max(row, c->len));
-        row_scale(row, c->len, (float)(1.0 / sum));
+        double sum = row_exp_sum(row, c->len, ef_row_max(row, c->len));
+        ef_row_scale(row, (float)(1.0 / sum), c->len);
     }
 }
 
@@ -318,8 +298,8 @@ static void seg_mean(const float *x, int len, int cnt, int d, float *y) {
         int j0 = seg_lo(r, len, cnt), j1 = seg_lo(r + 1, len, cnt);
         float *yr = y + (size_t)r * d;
         memset(yr, 0, sizeof(float) * d);
-        for (int j = j0; j < j1; j++) row_axpy(yr, x + (size_t)j * d, d, 1.0f);
-        row_scale(yr, d, 1.0f / (float)(j1 - j0));
+        for (int j = j0; j < j1; j++) ef_row_axpy(yr, 1.0f, x + (size_t)j * d, d);
+        ef_row_scale(yr, 1.0f / (float)(j1 - j0), d);
     }
 }
 
@@ -329,7 +309,7 @@ static void seg_mean_grad(const float *dy, int len, int cnt, int d, float *dx) {
         int j0 = seg_lo(r, len, cnt), j1 = seg_lo(r + 1, len, cnt);
         const float *gr = dy + (size_t)r * d;
         float inv = 1.0f / (float)(j1 - j0);
-        for (int j = j0; j < j1; j++) row_axpy(dx + (size_t)j * d, gr, d, inv);
+        for (int j = j0; j < j1; j++) ef_row_axpy(dx + (size_t)j * d, inv, gr, d);
     }
 }
 

@@ -1312,10 +1312,6 @@ static void backward_head(void *ctx, int64_t item, int tid) {
     ef_kacc_finish(&z);
 }
 
-static void add_row(float *restrict dst, const float *restrict src, int n) {
-    for (int t = 0; t < n; t++) dst[t] += src[t];
-}
-
 /* The stride pass's backward, added to the first pass's gradients, for (batch bh, residue r):
  * the class's queries tile by tile against its keys, read in place; dK, dV of the class
  * accumulate in w->dk, w->dv (row c = key r + c s) and are added at the end. Classes
@@ -1367,8 +1363,8 @@ static void stride_backward_class(const tiled_call *c, tiled_ws *w, int64_t bh, 
         if (j + AHEAD < nk)
             ef_prefetch(dk + (size_t)(j + AHEAD) * ldq, d),
                 ef_prefetch(dvo + (size_t)(j + AHEAD) * ldv, dv);
-        add_row(dk + (size_t)j * ldq, w->dk + (size_t)j * dp, d);
-        add_row(dvo + (size_t)j * ldv, w->dv + (size_t)j * dvp, dv);
+        ef_row_add(dk + (size_t)j * ldq, w->dk + (size_t)j * dp, d);
+        ef_row_add(dvo + (size_t)j * ldv, w->dv + (size_t)j * dvp, dv);
     }
 }
 

@@ -119,6 +119,32 @@ EF_INLINE float vf_hsum(vf v) {
     EF_HSTEPS(ef_vadd_)
     return v[0];
 }
+/* Rows of n floats (unaligned), in vectors with a scalar tail: y *= s; y += s x; y += x; the
+ * largest of x as `x > m ? x : m` from -inf finds it (a NaN is never taken). */
+EF_INLINE void ef_row_scale(float *y, float s, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) * s);
+    for (; t < n; t++) y[t] *= s;
+}
+EF_INLINE void ef_row_axpy(float *y, float s, const float *x, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) + s * vf_loadu(x + t));
+    for (; t < n; t++) y[t] += s * x[t];
+}
+EF_INLINE void ef_row_add(float *y, const float *x, int n) {
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) vf_storeu(y + t, vf_loadu(y + t) + vf_loadu(x + t));
+    for (; t < n; t++) y[t] += x[t];
+}
+EF_INLINE float ef_row_max(const float *x, int n) {
+    vf m = vf_set1(-__builtin_inff());
+    int t = 0;
+    for (; t + EF_VL <= n; t += EF_VL) m = vf_max(vf_loadu(x + t), m);
+    float r = vf_hmax(m);
+    for (; t < n; t++) r = x[t] > r ? x[t] : r;
+    return r;
+}
+
 /* sum_t x_t y_t in double (the products of floats exact there, no overflow or underflow): in 8
  * double lanes, then the tail, then the lanes, in a fixed order. */
 typedef double ef_v8d __attribute__((vector_size(64)));
