@@ -141,8 +141,20 @@ static ef_status fm_log(const ef_attn *a, const float *x, int n, float *u, float
         *mx_out = mx;
         return EF_OK;
     }
-    /* u = x^ W^T with x^ = xs x */
-    TRY(ef_sgemm(0, 1, n, m, d, p->xs, x, d, p->W, d, 0.0f, u, m));
+    /* u = x^ W^T with x^ = xs x; a single row (a decoding step) as m dot products, not a GEMM
+     * call (a library call and two system calls cost more than the products) */
+    if (n == 1)
+        for (int f = 0; f < m; f++) {
+            const float *wf = p->W + (size_t)f * d;
+            vf acc = vf_set1(0);
+            int t = 0;
+            for (; t + EF_VL <= d; t += EF_VL) acc += vf_loadu(x + t) * vf_loadu(wf + t);
+            float r = vf_hsum(acc);
+            for (; t < d; t++) r += x[t] * wf[t];
+            u[f] = p->xs * r;
+        }
+    else
+        TRY(ef_sgemm(0, 1, n, m, d, p->xs, x, d, p->W, d, 0.0f, u, m));
     for (int r = 0; r < n; r++) {
         const float *xr = x + (size_t)r * d;
         nrm[r] = (float)(ef_dot_d(xr, xr, d) * p->xs * p->xs * 0.5);
@@ -496,11 +508,7 @@ static ef_status forward_one(kcall *c, int64_t bh, kwork *w) {
         if (kn > 0) { /* intra-chunk: A = tril(Phi_q Phi_k^T) exp(s_j - P_r) */
             TRY(ef_sgemm(0, 1, qn, kn, F, 1.0f, w->phq, F, w->phk, F, 0.0f, w->A, KC));
             scale_intra(w, w->A, qn, kn);
-            for (int r = 0; r < qn; r++) {
-                double acc = 0;
-                for (int j = 0; j < kn; j++) acc += w->A[(size_t)r * KC + j];
-                den[r] += (float)acc;
-            }
+            for (int r = 0; r < qn; r++) den[r] += (float)ef_sum_d(w->A + (size_t)r * KC, kn);
             TRY(ef_sgemm(0, 0, qn, dv, kn, 1.0f, w->A, KC, v + (size_t)c0 * dv, dv, 1.0f, w->num,
                          dv));
         }
@@ -1212,22 +1220,35 @@ static ef_status step_one(ef_attn *a, kwork *w, float *S, const float *q, const 
     float *z = S + (size_t)F * dv, *shift = z + F, resc;
     TRY(map_keys(a, w, k, 1, shift, &resc));
     if (resc != 1) {
-        for (size_t x = 0; x < (size_t)F * dv; x++) S[x] *= resc;
-        for (int f = 0; f < F; f++) z[f] *= resc;
+        ef_row_scale(S, resc, F * dv);
+        ef_row_scale(z, resc, F);
     }
-    for (int f = 0; f < F; f++) {
-        float pk = w->phk[f];
-        z[f] += pk;
-        for (int e = 0; e < dv; e++) S[(size_t)f * dv + e] += pk * v[e];
-    }
+    ef_row_add(z, w->phk, F);
+    for (int f = 0; f < F; f++) ef_row_axpy(S + (size_t)f * dv, w->phk[f], v, dv);
     TRY(map_queries(a, w, q, 1));
-    double den = 0;
-    for (int f = 0; f < F; f++) den += (double)w->phq[f] * z[f];
-    float dn = den_total(p, den, (double)w->shq[0] + *shift), inv = dn != 0 ? 1 / dn : 0;
-    for (int e = 0; e < dv; e++) {
+    float dn = den_total(p, ef_dot_d(w->phq, z, F), (double)w->shq[0] + *shift);
+    float inv = dn != 0 ? 1 / dn : 0;
+    /* out[e] = sum_f phq[f] S[f][e] in double, f in order: 32 e at a time in 4 x 8 double
+     * lanes (registers), the rest one by one */
+    int e0 = 0;
+    for (; e0 + 32 <= dv; e0 += 32) {
+        ef_v8d acc[4] = {{0}};
+        for (int f = 0; f < F; f++) {
+            const float *sf = S + (size_t)f * dv + e0;
+            double pf = w->phq[f];
+            for (int u = 0; u < 4; u++) {
+                ef_v8f x;
+                memcpy(&x, sf + 8 * u, sizeof x);
+                acc[u] += pf * __builtin_convertvector(x, ef_v8d);
+            }
+        }
+        for (int u = 0; u < 4; u++)
+            for (int l = 0; l < 8; l++) out[e0 + 8 * u + l] = (float)acc[u][l] * inv;
+    }
+    for (; e0 < dv; e0++) {
         double acc = 0;
-        for (int f = 0; f < F; f++) acc += (double)w->phq[f] * S[(size_t)f * dv + e];
-        out[e] = (float)acc * inv;
+        for (int f = 0; f < F; f++) acc += (double)w->phq[f] * S[(size_t)f * dv + e0];
+        out[e0] = (float)acc * inv;
     }
     return EF_OK;
 }

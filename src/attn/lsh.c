@@ -1078,9 +1078,7 @@ static ef_status backward_one(ljob *j, int64_t item, lwork *w) {
             for (int r = 0; r < p->R; r++) sum += exp((double)lse[(size_t)r * n + i] - mx);
             w->m[i] = mx + (float)log(sum);
         }
-        double dl = 0;
-        for (int e = 0; e < dv; e++) dl += (double)g[(size_t)i * dv + e] * out[(size_t)i * dv + e];
-        w->delta[i] = (float)dl;
+        w->delta[i] = (float)ef_dot_d(g + (size_t)i * dv, out + (size_t)i * dv, dv);
     }
     memset(w->dkn, 0, sizeof(float) * valid * d);
     run_sorted(a, w, q, v, valid, bkt, g, NULL, NULL, dq, dvo);
@@ -1088,10 +1086,12 @@ static ef_status backward_one(ljob *j, int64_t item, lwork *w) {
     for (int i = 0; i < valid; i++) {
         if (w->nrm[i] == 0) continue;
         const float *k = w->xn + (size_t)i * d, *dk = w->dkn + (size_t)i * d;
-        double kd = 0;
-        for (int t = 0; t < d; t++) kd += (double)k[t] * dk[t];
-        float inv = 1.0f / w->nrm[i];
-        for (int t = 0; t < d; t++) dq[(size_t)i * d + t] += (dk[t] - k[t] * (float)kd) * inv;
+        float kd = (float)ef_dot_d(k, dk, d), inv = 1.0f / w->nrm[i];
+        float *dqi = dq + (size_t)i * d;
+        int t = 0;
+        for (; t + EF_VL <= d; t += EF_VL)
+            vf_storeu(dqi + t, vf_loadu(dqi + t) + (vf_loadu(dk + t) - vf_loadu(k + t) * kd) * inv);
+        for (; t < d; t++) dqi[t] += (dk[t] - k[t] * kd) * inv;
     }
     return EF_OK;
 }
