@@ -221,8 +221,10 @@ static void chunk_range(const tiled_plan *p, int m, int t, int *j0, int *len) {
 }
 
 /* Prefetches rows [r0, r1) (ld floats apart, n floats each) of x: the stride pass's rows are a
- * residue class, s rows apart, which the hardware prefetchers do not follow across pages. */
-static void prefetch_rows(const float *x, size_t ld, int n, int r0, int r1) {
+ * residue class, s rows apart, which the hardware prefetchers do not follow across pages.
+ * Always inlined, as prefetch_next (below): a call whose only effects are prefetches may be
+ * dropped. */
+EF_INLINE void prefetch_rows(const float *x, size_t ld, int n, int r0, int r1) {
     for (int r = r0; r < r1; r++) ef_prefetch(x + (size_t)r * ld, n);
 }
 
