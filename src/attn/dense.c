@@ -83,10 +83,7 @@ static void softmax_rows(void *ctx, int64_t item, int tid) {
         for (j = 0; j + EF_VL <= mv; j += EF_VL) vm = vf_max(vf_loadu(row + j), vm);
         float mx = vf_hmax(vm);
         for (; j < mv; j++) mx = row[j] > mx ? row[j] : mx;
-        for (j = 0; j + EF_VL <= mv; j += EF_VL) /* vf_exp is ef_vexp's function */
-            vf_storeu(row + j, vf_exp(vf_loadu(row + j) - mx));
-        for (int t = j; t < mv; t++) row[t] -= mx;
-        ef_vexp(row + j, row + j, (size_t)(mv - j));
+        ef_vexp_shift(row, (size_t)mv, mx, 1.0f);
         float inv = (float)(1.0 / ef_sum_d(row, mv));
         for (j = 0; j + EF_VL <= mv; j += EF_VL) vf_storeu(row + j, vf_loadu(row + j) * inv);
         for (; j < mv; j++) row[j] *= inv;

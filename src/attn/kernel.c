@@ -209,12 +209,7 @@ static void fm_exp(const ef_attn *a, int n, const float *sh, const float *u, flo
         }
         if (p->kind == KM_RELU) continue;
         float s = p->stabilize ? sh[r] : 0;
-        int f = 0; /* o = exp(o - s) norm, as ef_vexp would (its tail: a padded vector) */
-        for (; f + EF_VL <= F; f += EF_VL)
-            vf_storeu(o + f, vf_exp(vf_loadu(o + f) - s) * norm);
-        for (; f < F; f++) o[f] -= s;
-        ef_vexp(o + (F / EF_VL) * EF_VL, o + (F / EF_VL) * EF_VL, (size_t)(F % EF_VL));
-        for (f = F / EF_VL * EF_VL; f < F; f++) o[f] *= norm;
+        ef_vexp_shift(o, (size_t)F, s, norm);
         if (p->kind == KM_TRIG) {
             const float *ur = u + (size_t)r * m;
             for (int f = 0; f < m; f++) o[f] *= cosf(ur[f]), o[m + f] *= sinf(ur[f]);

@@ -929,7 +929,6 @@ static void forward_rows(const ef_attn *a, tiled_ws *w, const float *q, const fl
  * (blocklocal forward 5.7 -> 4.7 ms, one thread). Forward calls it for short tiles only.
  * Always inlined: as a function of its own, whose only effects are prefetches, GCC 12 judged it
  * free of side effects and dropped the calls. */
-
 EF_INLINE void prefetch_next(const tiled_call *c, int64_t bh, int h, int it, int bwd) {
     const ef_attn_shape *s = &c->a->shape;
     const tiled_plan *p = c->a->impl;

@@ -35,6 +35,8 @@ int ef_max_threads(void);
 /* y[i] = exp(x[i]) for n floats (in place allowed), with the kernels' vector exp: relative
  * error < 2e-7; exp(-inf) = 0 (vec.h). ef_expf is the same function on one value. */
 void ef_vexp(const float *x, float *y, size_t n);
+/* x[i] = exp(x[i] - s) * c in place, with ef_vexp's function (c = 1: exactly ef_vexp of x - s). */
+void ef_vexp_shift(float *x, size_t n, float s, float c);
 float ef_expf(float x);
 
 /* qsort's order on int32_t values, increasing. */
