@@ -222,7 +222,7 @@ static void chunk_range(const tiled_plan *p, int m, int t, int *j0, int *len) {
 
 /* Prefetches rows [r0, r1) (ld floats apart, n floats each) of x: the stride pass's rows are a
  * residue class, s rows apart, which the hardware prefetchers do not follow across pages.
- * Always inlined, as prefetch_next (below): a call whose only effects are prefetches may be
+ * Always inlined, as pf_issue (below): a call whose only effects are prefetches may be
  * dropped. */
 EF_INLINE void prefetch_rows(const float *x, size_t ld, int n, int r0, int r1) {
     for (int r = r0; r < r1; r++) ef_prefetch(x + (size_t)r * ld, n);
@@ -333,7 +333,7 @@ ef_status ef_tiled_init(ef_attn *a, const ef_tiled_pattern *pat, void *user) {
         }
     }
     ef_status st = build_spans(a);
-    if (st == EF_OK && short_tiles(p)) p->fgroups = fgroups; /* see prefetch_next */
+    if (st == EF_OK && short_tiles(p)) p->fgroups = fgroups; /* see next_tile_rows */
     return st;
 }
 
@@ -416,7 +416,7 @@ static const ef_span *spans_of(const tiled_plan *p, int head, int tile, int *cou
     return p->spans + p->off[cell];
 }
 
-/* Short tiles: at most SHORT_KEYS keys (prefetch_next). */
+/* Short tiles: at most SHORT_KEYS keys (next_tile_rows). */
 enum { SHORT_KEYS = 2 * KT };
 
 static int span_keys(const ef_span *sp, int nspans, int kv_end) {
@@ -924,31 +924,62 @@ static void forward_rows(const ef_attn *a, tiled_ws *w, const float *q, const fl
     }
 }
 
+/* Rows to prefetch, as byte ranges, issued a few lines at a time: a tile's prefetches in
+ * one burst stalled on the core's outstanding misses (row-layout forward 8 % slower). */
+enum { PF_RANGES = 24 };
+typedef struct pf_list {
+    const char *at[PF_RANGES];
+    int lines[PF_RANGES];
+    int n, cur, off, total, step;
+} pf_list;
+
+EF_INLINE void pf_add(pf_list *l, const float *x, size_t floats) {
+    if (l->n == PF_RANGES || floats == 0) return; /* more ranges are simply not prefetched */
+    l->at[l->n] = (const char *)x;
+    l->lines[l->n] = (int)((floats * sizeof(float) + 63) / 64);
+    l->total += l->lines[l->n++];
+}
+
+/* The next `lines` lines of the list (all that are left when lines < 0). Always inlined: a
+ * function whose only effects are prefetches may be judged free of side effects and dropped
+ * (GCC 12 did so). */
+EF_INLINE void pf_issue(pf_list *l, int lines) {
+    for (; l->cur < l->n && lines != 0; lines--) {
+        __builtin_prefetch(l->at[l->cur] + (size_t)l->off * 64);
+        if (++l->off == l->lines[l->cur]) l->off = 0, l->cur++;
+    }
+}
+
 /* The next tile's query rows (backward: and its dO and O rows) and, if it is short (at most
- * SHORT_KEYS keys, as `blocklocal`'s), its keys' K and V rows, prefetched while this tile
- * computes: a short tile reads rows that no other tile reads, and had waited for them
- * (blocklocal forward 5.7 -> 4.7 ms, one thread). Forward calls it for short tiles only.
- * Always inlined: as a function of its own, whose only effects are prefetches, GCC 12 judged it
- * free of side effects and dropped the calls. */
-EF_INLINE void prefetch_next(const tiled_call *c, int64_t bh, int h, int it, int bwd) {
+ * SHORT_KEYS keys, as `blocklocal`'s, and not in the row layout), its keys' K and V rows, into
+ * l, to be issued while this tile computes, spread over `steps` calls of pf_issue: a short
+ * tile reads rows that no other tile reads, and had waited for them (blocklocal forward 5.7 ->
+ * 4.7 ms, one thread). */
+EF_INLINE void next_tile_rows(const tiled_call *c, int64_t bh, int h, int it, int bwd, int steps,
+                              pf_list *l) {
     const ef_attn_shape *s = &c->a->shape;
     const tiled_plan *p = c->a->impl;
-    if (it + 1 >= p->ntiles) return;
-    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, i1, qn1, ns1;
-    tile_range(p, n, it + 1, &i1, &qn1);
-    const ef_span *sp1 = spans_of(p, h, it + 1, &ns1);
-    const float *k = c->io->k + (size_t)bh * m * d, *v = c->io->v + (size_t)bh * m * dv;
-    for (int i = i1; i < EF_MIN(i1 + qn1, n); i++) {
-        size_t r = (size_t)bh * n + i;
-        ef_prefetch(c->io->q + r * d, d);
-        if (bwd) ef_prefetch(c->dout + r * dv, dv), ef_prefetch(c->io->out + r * dv, dv);
+    l->n = l->cur = l->off = l->total = 0;
+    if (it + 1 < p->ntiles) {
+        int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, i1, qn1, ns1;
+        tile_range(p, n, it + 1, &i1, &qn1);
+        size_t r = (size_t)bh * n + i1, rows = (size_t)EF_MIN(qn1, n - i1);
+        pf_add(l, c->io->q + r * d, rows * d);
+        if (bwd) pf_add(l, c->dout + r * dv, rows * dv), pf_add(l, c->io->out + r * dv, rows * dv);
+        const ef_span *sp1 = spans_of(p, h, it + 1, &ns1);
+        /* a row-layout tile reads K and V through the thread's panels (and K rows only for
+         * dQ): prefetching its 128 K and V rows made bigbird:block=16's backward 2-5 % slower */
+        if (span_keys(sp1, ns1, m) <= SHORT_KEYS && !(p->rows && tile_rows(p, sp1, ns1))) {
+            const float *k = c->io->k + (size_t)bh * m * d, *v = c->io->v + (size_t)bh * m * dv;
+            for (int x = 0; x < ns1; x++) {
+                int j0 = sp1[x].j0, j1 = EF_MIN(sp1[x].j1, m);
+                if (j1 <= j0) continue;
+                pf_add(l, k + (size_t)j0 * d, (size_t)(j1 - j0) * d);
+                pf_add(l, v + (size_t)j0 * dv, (size_t)(j1 - j0) * dv);
+            }
+        }
     }
-    /* a row-layout tile reads K and V through the thread's panels (and K rows only for dQ):
-     * prefetching its 128 K and V rows made bigbird:block=16's backward 2-5 % slower */
-    if (span_keys(sp1, ns1, m) > SHORT_KEYS || (p->rows && tile_rows(p, sp1, ns1))) return;
-    for (int x = 0; x < ns1; x++)
-        for (int j = sp1[x].j0; j < EF_MIN(sp1[x].j1, m); j++)
-            ef_prefetch(k + (size_t)j * d, d), ef_prefetch(v + (size_t)j * dv, dv);
+    l->step = (l->total + steps - 1) / EF_MAX(steps, 1);
 }
 
 static void forward_one(const tiled_call *c, tiled_ws *w, int64_t bh, int it) {
@@ -984,7 +1015,10 @@ static void forward_one(const tiled_call *c, tiled_ws *w, int64_t bh, int it) {
     /* a short tile (the last one, a short q_len, the positions before the origin) computes
      * the vectors its queries fill, not the whole tile */
     int lanes = EF_MIN(p->qt, pad16(qv)), nv = lanes / EF_VL;
-    if (span_keys(sp, nspans, kv_end) <= SHORT_KEYS) prefetch_next(c, bh, h, it, 0);
+    int keys = span_keys(sp, nspans, kv_end);
+    pf_list pf = {.n = 0};
+    if (keys <= SHORT_KEYS) next_tile_rows(c, bh, h, it, 0, 1 + 2 * ((keys + KT - 1) / KT), &pf);
+    pf_issue(&pf, pf.step);
     pack_qt(w->qt, q, d, d, qv, lanes, a->scale);
     fwd_state f;
     for (int u = 0; u < QV; u++) f.mx[u] = vf_set1(-__builtin_inff()), f.l[u] = vf_set1(0);
@@ -993,10 +1027,13 @@ static void forward_one(const tiled_call *c, tiled_ws *w, int64_t bh, int it) {
         for (int j0 = sp[x].j0; j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
             int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
             ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+            pf_issue(&pf, pf.step);
             if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, nv);
             if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
             fwd_chunk(w, &f, v + (size_t)j0 * dv, dv, kn, dv, nv);
+            pf_issue(&pf, pf.step);
         }
+    pf_issue(&pf, -1);
     fwd_finish(w, &f, qv, dv, out, dv, c->lse ? c->lse + (size_t)bh * n + i0 : NULL, 1);
 }
 
@@ -1348,8 +1385,11 @@ static void backward_head(void *ctx, int64_t item, int tid) {
                           dq + (size_t)i0 * d, &z);
             continue;
         }
-        prefetch_next(c, bh, h, it, 1); /* short tiles had waited for their rows (row-layout
-                                           tiles prefetch their own, spread out) */
+        /* (row-layout tiles prefetch their own, above) */
+        pf_list pf;
+        int keys = span_keys(sp, nspans, kv_end) - span_keys(sp, nspans, klo);
+        next_tile_rows(c, bh, h, it, 1, 1 + 2 * ((keys + KT - 1) / KT), &pf);
+        pf_issue(&pf, pf.step);
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
         bwd_pack(a, w, q + (size_t)i0 * d, d, g + (size_t)i0 * dv, dv, o + (size_t)i0 * dv, dv,
                  lse + i0, 1, qv, lse_use, dl);
@@ -1358,13 +1398,16 @@ static void backward_head(void *ctx, int64_t item, int tid) {
             for (int j0 = EF_MAX(sp[x].j0, klo); j0 < EF_MIN(sp[x].j1, kv_end); j0 += KT) {
                 int kn = EF_MIN(KT, EF_MIN(sp[x].j1, kv_end) - j0);
                 ef_tile_gemm(kn, d, lanes, k + (size_t)j0 * d, d, 1, w->qt, QT, w->st, QT, 0);
+                pf_issue(&pf, pf.step);
                 if (a->causal && j0 + kn - 1 > i0) mask_causal(w->st, kn, j0, i0, lanes / EF_VL);
                 if (sp[x].masked) p->pat.tile_mask(a, h, i0, j0, kn, w->st);
                 ef_kacc_touch(&z, j0, j0 + kn);
                 bwd_chunk(a, w, k + (size_t)j0 * d, d, v + (size_t)j0 * dv, dv, kn, lanes,
                           lse_use, dl, z.dk + (size_t)(j0 - klo) * dp,
                           z.dv + (size_t)(j0 - klo) * dvp);
+                pf_issue(&pf, pf.step);
             }
+        pf_issue(&pf, -1);
         unpack_tile(dq + (size_t)i0 * d, d, w->dqt, d, qn, NULL, a->scale, 0);
     }
     ef_kacc_finish(&z);
