@@ -929,26 +929,37 @@ static void forward_rows(const ef_attn *a, tiled_ws *w, const float *q, const fl
 enum { PF_RANGES = 24 };
 typedef struct pf_list {
     const char *at[PF_RANGES];
-    int lines[PF_RANGES];
-    int n, cur, off, total, step;
+    int lines[PF_RANGES], rows[PF_RANGES]; /* lines per row, rows */
+    size_t ld[PF_RANGES];                  /* bytes from row to row */
+    int n, cur, row, off, total, step;
 } pf_list;
 
-EF_INLINE void pf_add(pf_list *l, const float *x, size_t floats) {
-    if (l->n == PF_RANGES || floats == 0) return; /* more ranges are simply not prefetched */
+/* rows of `floats` floats each, ld floats apart */
+EF_INLINE void pf_add_rows(pf_list *l, const float *x, size_t floats, size_t ld, int rows) {
+    if (l->n == PF_RANGES || floats == 0 || rows <= 0) return; /* more are not prefetched */
     l->at[l->n] = (const char *)x;
     l->lines[l->n] = (int)((floats * sizeof(float) + 63) / 64);
-    l->total += l->lines[l->n++];
+    l->rows[l->n] = rows;
+    l->ld[l->n] = ld * sizeof(float);
+    l->total += l->lines[l->n++] * rows;
 }
+EF_INLINE void pf_add(pf_list *l, const float *x, size_t floats) { pf_add_rows(l, x, floats, 0, 1); }
 
 /* The next `lines` lines of the list (all that are left when lines < 0). Always inlined: a
  * function whose only effects are prefetches may be judged free of side effects and dropped
  * (GCC 12 did so). */
 EF_INLINE void pf_issue(pf_list *l, int lines) {
     for (; l->cur < l->n && lines != 0; lines--) {
-        __builtin_prefetch(l->at[l->cur] + (size_t)l->off * 64);
-        if (++l->off == l->lines[l->cur]) l->off = 0, l->cur++;
+        __builtin_prefetch(l->at[l->cur] + l->row * l->ld[l->cur] + (size_t)l->off * 64);
+        if (++l->off == l->lines[l->cur]) {
+            l->off = 0;
+            if (++l->row == l->rows[l->cur]) l->row = 0, l->cur++;
+        }
     }
 }
+
+EF_INLINE void pf_init(pf_list *l) { l->n = l->cur = l->row = l->off = l->total = l->step = 0; }
+EF_INLINE void pf_steps(pf_list *l, int steps) { l->step = (l->total + steps - 1) / EF_MAX(steps, 1); }
 
 /* The next tile's query rows (backward: and its dO and O rows) and, if it is short (at most
  * SHORT_KEYS keys, as `blocklocal`'s, and not in the row layout), its keys' K and V rows, into
@@ -959,7 +970,7 @@ EF_INLINE void next_tile_rows(const tiled_call *c, int64_t bh, int h, int it, in
                               pf_list *l) {
     const ef_attn_shape *s = &c->a->shape;
     const tiled_plan *p = c->a->impl;
-    l->n = l->cur = l->off = l->total = 0;
+    pf_init(l);
     if (it + 1 < p->ntiles) {
         int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, i1, qn1, ns1;
         tile_range(p, n, it + 1, &i1, &qn1);
@@ -979,7 +990,7 @@ EF_INLINE void next_tile_rows(const tiled_call *c, int64_t bh, int h, int it, in
             }
         }
     }
-    l->step = (l->total + steps - 1) / EF_MAX(steps, 1);
+    pf_steps(l, steps);
 }
 
 static void forward_one(const tiled_call *c, tiled_ws *w, int64_t bh, int it) {
@@ -1016,7 +1027,8 @@ static void forward_one(const tiled_call *c, tiled_ws *w, int64_t bh, int it) {
      * the vectors its queries fill, not the whole tile */
     int lanes = EF_MIN(p->qt, pad16(qv)), nv = lanes / EF_VL;
     int keys = span_keys(sp, nspans, kv_end);
-    pf_list pf = {.n = 0};
+    pf_list pf;
+    pf_init(&pf);
     if (keys <= SHORT_KEYS) next_tile_rows(c, bh, h, it, 0, 1 + 2 * ((keys + KT - 1) / KT), &pf);
     pf_issue(&pf, pf.step);
     pack_qt(w->qt, q, d, d, qv, lanes, a->scale);
@@ -1067,13 +1079,40 @@ static void class_scores(const ef_attn *a, tiled_ws *w, const float *k, size_t l
         mask_diagonal(w->st, kn, c0, a0);
 }
 
+/* The rows of class r's tile a0 that its forward (bwd = 0) or backward (bwd = 1) reads first:
+ * its queries' q and out (backward: q, dO, O and dQ) rows and its first chunk's K and V rows,
+ * all s rows apart. */
+EF_INLINE void class_rows(const tiled_call *c, int64_t bh, int r, int a0, int bwd, pf_list *l) {
+    const ef_attn *a = c->a;
+    const ef_attn_shape *s = &a->shape;
+    const tiled_plan *p = a->impl;
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride;
+    int b = (int)(bh / s->heads);
+    int qv = EF_MIN(p->qt, class_count(ef_attn_q_valid(a, c->io, b), r, st) - a0);
+    int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
+    if (qv <= 0 || nk <= 0) return;
+    size_t first = (size_t)bh * n + r + (size_t)a0 * st, kr = (size_t)bh * m + r;
+    size_t ldq = (size_t)st * d, ldv = (size_t)st * dv;
+    pf_add_rows(l, c->io->q + first * d, d, ldq, qv);
+    pf_add_rows(l, c->io->out + first * dv, dv, ldv, qv);
+    if (bwd) {
+        pf_add_rows(l, c->dout + first * dv, dv, ldv, qv);
+        pf_add_rows(l, c->dq + first * d, d, ldq, qv);
+    }
+    pf_add_rows(l, c->io->k + kr * d, d, ldq, EF_MIN(KT, nk));
+    pf_add_rows(l, c->io->v + kr * dv, dv, ldv, EF_MIN(KT, nk));
+}
+
 /* The stride pass: query i also sees the keys j = i (mod s) with |i - j| >= s (causal:
  * j <= i - s). For (batch bh, residue r, class tile from a0): the queries r + (a0 + l) s of
  * class r, packed into a dense transposed tile, against the keys r + c s, read in place (rows
- * s apart, prefetched: the hardware does not follow such strides across pages); the online
+ * s apart, prefetched: the hardware does not follow such strides across pages; `own`: this
+ * class's in one burst, as the first of its work item; `next`: the next class's, issued a
+ * share at a time while this one computes, 6 % faster than a burst each); the online
  * softmax resumes from the first pass's result (running max = lse, sum = 1, O^T = out). In
  * class coordinates (a, c) the pattern is c != a (causal: c < a). */
-static void stride_forward_class(const tiled_call *c, tiled_ws *w, int64_t bh, int r, int a0) {
+static void stride_forward_class(const tiled_call *c, tiled_ws *w, int64_t bh, int r, int a0,
+                                 int own, pf_list *next) {
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
     const tiled_plan *p = a->impl;
@@ -1082,18 +1121,26 @@ static void stride_forward_class(const tiled_call *c, tiled_ws *w, int64_t bh, i
     int qv = EF_MIN(p->qt, class_count(ef_attn_q_valid(a, c->io, b), r, st) - a0);
     int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
     int c_end = a->causal ? EF_MIN(nk, a0 + qv - 1) : nk;
-    if (qv <= 0 || c_end <= 0) return;
+    if (qv <= 0 || c_end <= 0) {
+        pf_issue(next, -1);
+        return;
+    }
     int lanes = pad16(qv), nv = lanes / EF_VL; /* a short class fills fewer lanes */
     size_t first = (size_t)bh * n + r + (size_t)a0 * st; /* row of the tile's first query */
     const float *k = c->io->k + ((size_t)bh * m + r) * d;
     const float *v = c->io->v + ((size_t)bh * m + r) * dv;
     float *out = c->io->out + first * dv, *lse = c->lse + first;
-    prefetch_rows(c->io->q + first * d, (size_t)st * d, d, 0, qv);
-    prefetch_rows(out, (size_t)st * dv, dv, 0, qv);
-    prefetch_rows(k, (size_t)st * d, d, 0, EF_MIN(KT, c_end));
-    prefetch_rows(v, (size_t)st * dv, dv, 0, EF_MIN(KT, c_end));
+    if (own) {
+        prefetch_rows(c->io->q + first * d, (size_t)st * d, d, 0, qv);
+        prefetch_rows(out, (size_t)st * dv, dv, 0, qv);
+        prefetch_rows(k, (size_t)st * d, d, 0, EF_MIN(KT, c_end));
+        prefetch_rows(v, (size_t)st * dv, dv, 0, EF_MIN(KT, c_end));
+    }
+    pf_steps(next, 2 + 2 * ((c_end + KT - 1) / KT));
     pack_qt(w->qt, c->io->q + first * d, (size_t)st * d, d, qv, lanes, a->scale);
+    pf_issue(next, next->step);
     pack_qt(w->ot, out, (size_t)st * dv, dv, qv, lanes, 1.0f);
+    pf_issue(next, next->step);
     fwd_state f;
     float m0[QT] __attribute__((aligned(64)));
     for (int l = 0; l < QT; l++) m0[l] = l < qv ? lse[(size_t)l * st] : -__builtin_inff();
@@ -1106,8 +1153,11 @@ static void stride_forward_class(const tiled_call *c, tiled_ws *w, int64_t bh, i
         class_scores(a, w, k, (size_t)st * d, c0, kn, a0, lanes);
         prefetch_rows(k, (size_t)st * d, d, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
         prefetch_rows(v, (size_t)st * dv, dv, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
+        pf_issue(next, next->step);
         fwd_chunk(w, &f, v + (size_t)c0 * st * dv, (size_t)st * dv, kn, dv, nv);
+        pf_issue(next, next->step);
     }
+    pf_issue(next, -1);
     fwd_finish(w, &f, qv, dv, out, (size_t)st * dv, lse, st);
 }
 
@@ -1130,7 +1180,12 @@ static void stride_forward(void *ctx, int64_t item, int tid) {
     int64_t bh = item / ((int64_t)ng * tpc);
     int rest = (int)(item % ((int64_t)ng * tpc)), g = rest / tpc, a0 = rest % tpc * p->qt;
     int r1 = EF_MIN(stride_classes(p, s), (g + 1) * p->cgroup);
-    for (int r = g * p->cgroup; r < r1; r++) stride_forward_class(c, &p->ws[tid], bh, r, a0);
+    for (int r = g * p->cgroup; r < r1; r++) { /* each class prefetches the next one's rows */
+        pf_list next;
+        pf_init(&next);
+        if (r + 1 < r1) class_rows(c, bh, r + 1, a0, 0, &next);
+        stride_forward_class(c, &p->ws[tid], bh, r, a0, r == g * p->cgroup, &next);
+    }
 }
 
 ef_status ef_tiled_forward(ef_attn *a, const ef_attn_io *io, void *saved) {
@@ -1416,8 +1471,10 @@ static void backward_head(void *ctx, int64_t item, int tid) {
 /* The stride pass's backward, added to the first pass's gradients, for (batch bh, residue r):
  * the class's queries tile by tile against its keys, read in place; dK, dV of the class
  * accumulate in w->dk, w->dv (row c = key r + c s) and are added at the end. Classes
- * touch disjoint rows of dQ, dK and dV, so items are independent. */
-static void stride_backward_class(const tiled_call *c, tiled_ws *w, int64_t bh, int r) {
+ * touch disjoint rows of dQ, dK and dV, so items are independent. Rows prefetched as forward
+ * (`own`, `next`; tiles after a class's first prefetch their own). */
+static void stride_backward_class(const tiled_call *c, tiled_ws *w, int64_t bh, int r, int own,
+                                  pf_list *next) {
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
     const tiled_plan *p = a->impl;
@@ -1425,7 +1482,10 @@ static void stride_backward_class(const tiled_call *c, tiled_ws *w, int64_t bh, 
     int dp = p->dp, dvp = p->dvp, b = (int)(bh / s->heads);
     int nq = class_count(ef_attn_q_valid(a, c->io, b), r, st);
     int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
-    if (nq == 0 || nk == 0 || (a->causal && nq < 2)) return;
+    if (nq == 0 || nk == 0 || (a->causal && nq < 2)) {
+        pf_issue(next, -1);
+        return;
+    }
     size_t base_q = (size_t)bh * n + r, base_k = (size_t)bh * m + r;
     const float *k = c->io->k + base_k * d, *v = c->io->v + base_k * dv;
     size_t ldq = (size_t)st * d, ldv = (size_t)st * dv;
@@ -1437,21 +1497,27 @@ static void stride_backward_class(const tiled_call *c, tiled_ws *w, int64_t bh, 
         if (c_end <= 0) continue;
         size_t first = base_q + (size_t)a0 * st;
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
-        prefetch_rows(c->io->q + first * d, ldq, d, 0, qv);
-        prefetch_rows(c->dout + first * dv, ldv, dv, 0, qv);
-        prefetch_rows(c->io->out + first * dv, ldv, dv, 0, qv);
-        prefetch_rows(k, ldq, d, 0, EF_MIN(KT, c_end));
-        prefetch_rows(v, ldv, dv, 0, EF_MIN(KT, c_end));
-        prefetch_rows(c->dq + first * d, ldq, d, 0, qv);
+        if (own || a0 > 0) {
+            prefetch_rows(c->io->q + first * d, ldq, d, 0, qv);
+            prefetch_rows(c->dout + first * dv, ldv, dv, 0, qv);
+            prefetch_rows(c->io->out + first * dv, ldv, dv, 0, qv);
+            prefetch_rows(k, ldq, d, 0, EF_MIN(KT, c_end));
+            prefetch_rows(v, ldv, dv, 0, EF_MIN(KT, c_end));
+            prefetch_rows(c->dq + first * d, ldq, d, 0, qv);
+        }
+        if (a0 + p->qt >= nq) pf_steps(next, 1 + 2 * ((c_end + KT - 1) / KT)); /* last tile */
         bwd_pack(a, w, c->io->q + first * d, ldq, c->dout + first * dv, ldv,
                  c->io->out + first * dv, ldv, c->lse + first, st, qv, lse_use, dl);
+        pf_issue(next, next->step);
         for (int c0 = 0; c0 < c_end; c0 += KT) {
             int kn = EF_MIN(KT, c_end - c0);
             class_scores(a, w, k, ldq, c0, kn, a0, lanes);
             prefetch_rows(k, ldq, d, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
             prefetch_rows(v, ldv, dv, c0 + KT, EF_MIN(c0 + 2 * KT, c_end));
+            pf_issue(next, next->step);
             bwd_chunk(a, w, k + (size_t)c0 * ldq, ldq, v + (size_t)c0 * ldv, ldv, kn, lanes,
                       lse_use, dl, w->dk + (size_t)c0 * dp, w->dv + (size_t)c0 * dvp);
+            pf_issue(next, next->step);
         }
         float *dq = c->dq + first * d;
         unpack_tile(dq, ldq, w->dqt, d, qv, NULL, a->scale, 1);
@@ -1476,7 +1542,13 @@ static void stride_backward(void *ctx, int64_t item, int tid) {
     tiled_plan *p = c->a->impl;
     int ng = stride_groups(p, s), g = (int)(item % ng);
     int r1 = EF_MIN(stride_classes(p, s), (g + 1) * p->cgroup);
-    for (int r = g * p->cgroup; r < r1; r++) stride_backward_class(c, &p->ws[tid], item / ng, r);
+    for (int r = g * p->cgroup; r < r1; r++) { /* each class prefetches the next one's rows */
+        pf_list next;
+        pf_init(&next);
+        if (r + 1 < r1) class_rows(c, item / ng, r + 1, 0, 1, &next);
+        stride_backward_class(c, &p->ws[tid], item / ng, r, r == g * p->cgroup,
+                              &next);
+    }
 }
 
 ef_status ef_tiled_backward(ef_attn *a, const ef_attn_io *io, const void *saved, const float *dout,
