@@ -249,6 +249,12 @@ typedef struct ef_tiled_pattern {
 void ef_tile_gemm(int R, int T, int L, const float *A, ptrdiff_t ars, ptrdiff_t ats, const float *B,
                   ptrdiff_t ldb, float *C, ptrdiff_t ldc, int acc);
 
+/* The engine's transposed copy: dst[t*ldt + i] = src[i*ld + t] * scale for rows i < n and
+ * t < d, 16 x 16 blocks transposed in registers; lanes n .. width-1 of each dst row are zeroed
+ * (none when width <= n). */
+void ef_tile_pack_t(float *dst, size_t ldt, const float *src, size_t ld, int d, int n, int width,
+                    float scale);
+
 /* The dK and dV accumulators of a backward work item's key range [klo, khi) (tiled.c,
  * flash_bf16.c): the head's output rows themselves where they need no padding (D = Dp, Dv =
  * Dvp) and are 64-byte aligned, else workspace rows (ldk = Dp, ldv = Dvp floats apart) copied

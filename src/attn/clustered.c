@@ -709,12 +709,9 @@ static void gather_top(const ef_attn *a, cwork *w, const int32_t *tk, int kb, co
     const cplan *p = a->impl;
     int d = a->shape.head_dim, dv = a->shape.v_dim;
     gather(w->kt, p->dp, k, d, tk, kb);
-    for (int x = 0; x < kb; x++)
-        for (int t = 0; t < d; t++) w->ktT[(size_t)t * p->Kp + x] = w->kt[(size_t)x * p->dp + t];
+    ef_tile_pack_t(w->ktT, p->Kp, w->kt, p->dp, d, kb, kb, 1.0f);
     gather(w->vt, p->dvp, v, dv, tk, kb);
-    if (!all) return;
-    for (int x = 0; x < kb; x++)
-        for (int t = 0; t < dv; t++) w->vtT[(size_t)t * p->Kp + x] = w->vt[(size_t)x * p->dvp + t];
+    if (all) ef_tile_pack_t(w->vtT, p->Kp, w->vt, p->dvp, dv, kb, kb, 1.0f);
 }
 
 static ef_status forward_head(const cctx *cx, cwork *w, int64_t bh) {

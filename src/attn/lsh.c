@@ -559,11 +559,7 @@ static int tile_scores(const ef_attn *a, lwork *w, const ltile *t, vf *mx) {
     const int32_t *pr = t->pr;
     const lseg *seg = t->seg;
     const float *qs = w->Qs + (size_t)s0 * p->dp;
-    for (int t = 0; t < d; t++) {
-        float *qt = w->qt + (size_t)t * QW;
-        for (int l = 0; l < nq; l++) qt[l] = qs[(size_t)l * p->dp + t];
-        for (int l = nq; l < QW; l++) qt[l] = 0.0f;
-    }
+    ef_tile_pack_t(w->qt, QW, qs, p->dp, d, nq, QW, 1.0f);
     for (int x = 0; x < nseg; x++)
         ef_tile_gemm(seg[x].kn, d, QW, w->Ks + (size_t)seg[x].k0 * p->dp, p->dp, 1, w->qt, QW,
                      w->st + (size_t)seg[x].off * QW, QW, 0);
@@ -686,9 +682,8 @@ static void tile_backward(const ef_attn *a, lwork *w, const ltile *t) {
             Lq[l] = w->m[i], dl[l] = w->delta[i];
         } else
             Lq[l] = INFINITY, dl[l] = 0.0f;
-        for (int e = 0; e < dv; e++)
-            w->dot[(size_t)e * QW + l] = l < nq ? gs[(size_t)l * dvp + e] : 0.0f;
     }
+    ef_tile_pack_t(w->dot, QW, gs, dvp, dv, nq, QW, 1.0f);
     int nk = tile_scores(a, w, t, NULL);
     for (int x = 0; x < nk; x++)
         for (int u = 0; u < QV; u++) {

@@ -507,6 +507,11 @@ static void pack_t(float *qt, size_t ldt, const float *q, size_t ld, int d, int 
         for (int t = 0; t < d; t++) memset(qt + (size_t)t * ldt + n, 0, sizeof(float) * (width - n));
 }
 
+void ef_tile_pack_t(float *dst, size_t ldt, const float *src, size_t ld, int d, int n, int width,
+                    float scale) {
+    pack_t(dst, ldt, src, ld, d, n, width, scale);
+}
+
 static void pack_qt(float *qt, const float *q, size_t ld, int d, int n, int width, float scale) {
     pack_t(qt, QT, q, ld, d, n, width, scale);
 }
