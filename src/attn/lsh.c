@@ -595,7 +595,13 @@ static int tile_scores(const ef_attn *a, lwork *w, const ltile *t, vf *mx) {
                     uint64_t m = w->lw[(size_t)rr * nc + kj[rr]];
                     two |= one & m, one |= m;
                 }
-                for (uint64_t b = one & ~two; b; b &= b - 1) srow[__builtin_ctzll(b)] -= p->logc[2];
+                uint64_t b1 = one & ~two; /* lanes in one other round: a vector at a time */
+                for (int u = 0; b1 >> (u * EF_VL) && u < QV; u++) {
+                    int32_t mb = (int32_t)(b1 >> (u * EF_VL) & ((1u << EF_VL) - 1));
+                    vi hit = (((vi){0} + mb) >> vi_iota()) & 1;
+                    float *ps = srow + u * EF_VL;
+                    vf_store(ps, vf_load(ps) - vf_select(hit != 0, vf_set1(p->logc[2]), vf_set1(0)));
+                }
                 for (; two; two &= two - 1) { /* rare: count the rounds */
                     int l = __builtin_ctzll(two), cnt = 1;
                     for (int rr = 0; rr < R; rr++)
