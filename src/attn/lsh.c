@@ -596,7 +596,7 @@ static int tile_scores(const ef_attn *a, lwork *w, const ltile *t, vf *mx) {
                     two |= one & m, one |= m;
                 }
                 uint64_t b1 = one & ~two; /* lanes in one other round: a vector at a time */
-                for (int u = 0; b1 >> (u * EF_VL) && u < QV; u++) {
+                for (int u = 0; u < QV && b1 >> (u * EF_VL); u++) {
                     int32_t mb = (int32_t)(b1 >> (u * EF_VL) & ((1u << EF_VL) - 1));
                     vi hit = (((vi){0} + mb) >> vi_iota()) & 1;
                     float *ps = srow + u * EF_VL;
