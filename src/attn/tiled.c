@@ -1087,14 +1087,20 @@ static void class_scores(const ef_attn *a, tiled_ws *w, const float *k, size_t l
 /* The rows of class r's tile a0 that its forward (bwd = 0) or backward (bwd = 1) reads first:
  * its queries' q and out (backward: q, dO, O and dQ) rows and its first chunk's K and V rows,
  * all s rows apart. */
-EF_INLINE void class_rows(const tiled_call *c, int64_t bh, int r, int a0, int bwd, pf_list *l) {
+/* Class r's valid queries from a0 in one tile (*qv) and its valid keys (*nk). */
+static void class_size(const tiled_call *c, int64_t bh, int r, int a0, int *qv, int *nk) {
     const ef_attn *a = c->a;
-    const ef_attn_shape *s = &a->shape;
     const tiled_plan *p = a->impl;
-    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride;
-    int b = (int)(bh / s->heads);
-    int qv = EF_MIN(p->qt, class_count(ef_attn_q_valid(a, c->io, b), r, st) - a0);
-    int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
+    int b = (int)(bh / a->shape.heads), st = p->stride;
+    *qv = EF_MIN(p->qt, class_count(ef_attn_q_valid(a, c->io, b), r, st) - a0);
+    *nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
+}
+
+EF_INLINE void class_rows(const tiled_call *c, int64_t bh, int r, int a0, int bwd, pf_list *l) {
+    const ef_attn_shape *s = &c->a->shape;
+    const tiled_plan *p = c->a->impl;
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride, qv, nk;
+    class_size(c, bh, r, a0, &qv, &nk);
     if (qv <= 0 || nk <= 0) return;
     size_t first = (size_t)bh * n + r + (size_t)a0 * st, kr = (size_t)bh * m + r;
     size_t ldq = (size_t)st * d, ldv = (size_t)st * dv;
@@ -1121,10 +1127,8 @@ static void stride_forward_class(const tiled_call *c, tiled_ws *w, int64_t bh, i
     ef_attn *a = c->a;
     const ef_attn_shape *s = &a->shape;
     const tiled_plan *p = a->impl;
-    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride;
-    int b = (int)(bh / s->heads);
-    int qv = EF_MIN(p->qt, class_count(ef_attn_q_valid(a, c->io, b), r, st) - a0);
-    int nk = class_count(ef_attn_kv_valid(a, c->io, b), r, st);
+    int n = s->q_len, m = s->kv_len, d = s->head_dim, dv = s->v_dim, st = p->stride, qv, nk;
+    class_size(c, bh, r, a0, &qv, &nk);
     int c_end = a->causal ? EF_MIN(nk, a0 + qv - 1) : nk;
     if (qv <= 0 || c_end <= 0) {
         pf_issue(next, -1);
@@ -1135,11 +1139,11 @@ static void stride_forward_class(const tiled_call *c, tiled_ws *w, int64_t bh, i
     const float *k = c->io->k + ((size_t)bh * m + r) * d;
     const float *v = c->io->v + ((size_t)bh * m + r) * dv;
     float *out = c->io->out + first * dv, *lse = c->lse + first;
-    if (own) {
-        prefetch_rows(c->io->q + first * d, (size_t)st * d, d, 0, qv);
-        prefetch_rows(out, (size_t)st * dv, dv, 0, qv);
-        prefetch_rows(k, (size_t)st * d, d, 0, EF_MIN(KT, c_end));
-        prefetch_rows(v, (size_t)st * dv, dv, 0, EF_MIN(KT, c_end));
+    if (own) { /* this class's rows, in one burst: nothing to overlap them with yet */
+        pf_list mine;
+        pf_init(&mine);
+        class_rows(c, bh, r, a0, 0, &mine);
+        pf_issue(&mine, -1);
     }
     pf_steps(next, 2 + 2 * ((c_end + KT - 1) / KT));
     pack_qt(w->qt, c->io->q + first * d, (size_t)st * d, d, qv, lanes, a->scale);
@@ -1502,13 +1506,11 @@ static void stride_backward_class(const tiled_call *c, tiled_ws *w, int64_t bh, 
         if (c_end <= 0) continue;
         size_t first = base_q + (size_t)a0 * st;
         float lse_use[QT] __attribute__((aligned(64))), dl[QT] __attribute__((aligned(64)));
-        if (own || a0 > 0) {
-            prefetch_rows(c->io->q + first * d, ldq, d, 0, qv);
-            prefetch_rows(c->dout + first * dv, ldv, dv, 0, qv);
-            prefetch_rows(c->io->out + first * dv, ldv, dv, 0, qv);
-            prefetch_rows(k, ldq, d, 0, EF_MIN(KT, c_end));
-            prefetch_rows(v, ldv, dv, 0, EF_MIN(KT, c_end));
-            prefetch_rows(c->dq + first * d, ldq, d, 0, qv);
+        if (own || a0 > 0) { /* as forward */
+            pf_list mine;
+            pf_init(&mine);
+            class_rows(c, bh, r, a0, 1, &mine);
+            pf_issue(&mine, -1);
         }
         if (a0 + p->qt >= nq) pf_steps(next, 1 + 2 * ((c_end + KT - 1) / KT)); /* last tile */
         bwd_pack(a, w, c->io->q + first * d, ldq, c->dout + first * dv, ldv,
