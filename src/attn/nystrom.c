@@ -210,7 +210,6 @@ typedef struct rows_ctx {
  * the row alone, never on the thread that runs it. */
 enum { SUM_BLOCK = 64 };
 
-
 static double lanes_sum(vf acc) {
     double s = 0;
     for (int l = 0; l < EF_VL; l++) s += acc[l];
@@ -247,8 +246,6 @@ static double row_dot(const float *x, const float *y, int n) {
     for (; j < n; j++) sum += (double)x[j] * y[j];
     return sum;
 }
-
-
 
 static void softmax_item(void *ctx, int64_t item, int tid) {
     (void)tid;
